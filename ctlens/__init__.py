@@ -1,0 +1,31 @@
+"""ctlens: find the circuit a transformer uses for a task, fine-tune inside it, watch it change.
+
+The data flow, one module per stage::
+
+    load_model (model)  ->  attribute (attribution)  ->  Circuit (circuit)
+        ->  edge_mask / restrict_gradients (masking)  ->  CircuitTuner (tuning)  ->  viz
+"""
+
+from ctlens.attribution import EdgeScores, attribute, mean_activations
+from ctlens.data import TaskData
+from ctlens.graph import Graph, GraphSpec
+from ctlens.model import UnsupportedModelError, load_model
+from ctlens.types import Ablation, Method, Node, NodeKind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ablation",
+    "EdgeScores",
+    "Graph",
+    "GraphSpec",
+    "Method",
+    "Node",
+    "NodeKind",
+    "TaskData",
+    "UnsupportedModelError",
+    "attribute",
+    "load_model",
+    "mean_activations",
+    "__version__",
+]

@@ -1,0 +1,459 @@
+"""Edge attribution: score every edge of the graph for a task.
+
+For an edge s -> r the score is (DESIGN.md, the sign convention of EAP-IG and MIB)
+
+    score(s -> r) = mean over examples of  sum over positions of  (a_s^ref - a_s^clean) . dM/dx_r
+
+a first-order estimate of M(with that edge ablated) - M(clean), where a_s is the sender's
+output, x_r the receiver's input and M the task metric. Rank edges by |score|.
+
+Methods:
+
+- ``eap``: per batch, one reference forward (no grad) records a_s^ref, one clean forward
+  records a_s^clean and one backward gives every dM/dx_r. Sender outputs land in one
+  ``[n_senders, batch, pos, d_model]`` buffer; when a receiver's gradient arrives, a single
+  matrix product with the prefix of senders it may read fills its column(s) of the score
+  matrix. Parameters are frozen during the backward, so only activation gradients are
+  computed. No Python loop over examples, positions or edges.
+- ``eap-ig``: integrated gradients on the input embedding. The gradients are averaged over
+  ``steps`` inputs interpolated between the reference and the clean input
+  (alpha = 1/steps, 2/steps, ..., 1), then dotted with the same activation differences.
+- ``exact``: really patches every edge, one forward per edge (batched over senders): the
+  true M(edge ablated) - M(clean). Slow; for validating the others on small graphs.
+
+Ablations (what a_s^ref is): ``corrupt`` (the paired corrupted prompts, or the token tensor
+given as ``reference``), ``mean`` (the per-position mean of each sender over the clean
+prompts, padding excluded, or over the TaskData / tokens given as ``reference``, or a
+precomputed ``[n_senders, seq, d_model]`` tensor from `mean_activations`) and ``zero``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from ctlens.data import TaskData
+from ctlens.graph import Graph
+from ctlens.hooks import (
+    HookLayout,
+    SenderCallback,
+    eval_mode,
+    flat,
+    frozen_parameters,
+    model_device,
+    receiver_hooks,
+    sender_hooks,
+)
+from ctlens.types import Ablation, Method, NodeKind
+
+Reference = TaskData | torch.Tensor | None
+
+
+@dataclass
+class EdgeScores:
+    """Dense edge scores over a `Graph`: the single source of truth for later stages.
+
+    ``scores`` is fp32 ``[n_senders, n_receivers]``, 0 where the edge is invalid.
+    ``metadata`` records how they were computed (method, ablation, examples, timings).
+    """
+
+    scores: Float[torch.Tensor, "n_senders n_receivers"]
+    graph: Graph
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = (self.graph.n_senders, self.graph.n_receivers)
+        if tuple(self.scores.shape) != expected:
+            raise ValueError(f"scores have shape {tuple(self.scores.shape)}, expected {expected}")
+        self.scores = self.scores.detach().float().cpu() * self.graph.valid
+
+    def top(self, k: int) -> list[tuple[str, str, float]]:
+        """The ``k`` edges with the largest |score|, as ``(sender, receiver, score)``."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > self.graph.n_edges:
+            raise ValueError(
+                f"k={k} is larger than the number of valid edges ({self.graph.n_edges}); "
+                f"ask for at most {self.graph.n_edges}"
+            )
+        magnitude = self.scores.abs().masked_fill(~self.graph.valid, -1.0)
+        flat_index = magnitude.flatten().topk(k).indices
+        n_r = self.graph.n_receivers
+        return [
+            (
+                self.graph.senders[i // n_r],
+                self.graph.receivers[i % n_r],
+                float(self.scores.flatten()[i]),
+            )
+            for i in flat_index.tolist()
+        ]
+
+    def node_scores(self) -> dict[str, float]:
+        """Each sender's total effect: the sum of its outgoing edge scores.
+
+        Every sender feeds ``logits``, so to first order this equals ablating the node.
+        """
+        totals = self.scores.sum(1)
+        return {name: float(v) for name, v in zip(self.graph.senders, totals)}
+
+    def to_networkx(self) -> nx.DiGraph:
+        """`Graph.to_networkx` with a ``score`` on every (non-internal) edge."""
+        g = self.graph.to_networkx()
+        rows, cols = self.graph.valid.nonzero(as_tuple=True)
+        for i, j in zip(rows.tolist(), cols.tolist()):
+            g.edges[self.graph.senders[i], self.graph.receivers[j]]["score"] = float(
+                self.scores[i, j]
+            )
+        g.graph["metadata"] = dict(self.metadata)
+        return g
+
+    @classmethod
+    def from_networkx(cls, g: nx.DiGraph) -> EdgeScores:
+        """Inverse of `to_networkx`."""
+        graph = Graph.from_networkx(g)
+        scores = torch.zeros(graph.n_senders, graph.n_receivers)
+        for s, r, attrs in g.edges(data=True):
+            if not attrs.get("internal", False):
+                i, j = graph.edge_index(s, r)
+                scores[i, j] = float(attrs.get("score", 0.0))
+        return cls(scores, graph, dict(g.graph.get("metadata", {})))
+
+    def __repr__(self) -> str:
+        method = self.metadata.get("method", "?")
+        return f"EdgeScores({method}, {self.graph!r})"
+
+
+def attribute(
+    model: Any,
+    data: TaskData,
+    method: str | Method = "eap",
+    ablation: str | Ablation = "corrupt",
+    reference: Reference = None,
+    batch_size: int | None = 32,
+    steps: int = 5,
+    progress: bool = True,
+) -> EdgeScores:
+    """Score every edge of ``model``'s graph on ``data``. See the module docstring.
+
+    Args:
+        model: a bridge from `ctlens.load_model`.
+        data: the task examples and metric.
+        method: ``"eap"``, ``"eap-ig"`` or ``"exact"``.
+        ablation: ``"corrupt"``, ``"mean"`` or ``"zero"``.
+        reference: overrides the default reference: corrupt token ids ``[batch, seq]`` for
+            ``corrupt``; a `TaskData`, token ids or `mean_activations` output for ``mean``.
+        batch_size: examples per forward pass (``None``: all at once).
+        steps: integration steps for ``eap-ig``.
+        progress: show a progress bar.
+
+    Returns:
+        `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
+        the clean metric and, under corrupt ablation, the corrupt metric).
+    """
+    method = Method.parse(method)
+    ablation = Ablation.parse(ablation)
+    if not isinstance(data, TaskData):
+        raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
+    if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
+    graph = Graph.from_model(model)
+    data.check_vocab(model.cfg.d_vocab)
+    device = model_device(model)
+    start = time.perf_counter()
+
+    with eval_mode(model), frozen_parameters(model):
+        corrupt, means = _resolve_reference(model, graph, data, ablation, reference, batch_size)
+        scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device)
+        totals = {"clean": 0.0, "corrupt": 0.0}
+        batches = list(data.batches(batch_size))
+        bar = tqdm(batches, desc=f"attribute ({method.value})", disable=not progress, unit="batch")
+        offset = 0
+        for batch in bar:
+            rows = slice(offset, offset + len(batch))
+            offset += len(batch)
+            batch = batch.trimmed().to(device)
+            ref_tokens = None
+            if corrupt is not None:
+                ref_tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
+            delta, ref_logits = _reference_activations(model, graph, batch, ref_tokens, means)
+            if method is Method.EXACT:
+                _exact_batch(model, graph, batch, delta, ref_logits, scores, totals, len(data))
+            else:
+                n_steps = steps if method is Method.EAP_IG else 1
+                _gradient_batch(
+                    model, graph, batch, delta, ref_logits, scores, totals, len(data), n_steps
+                )
+            del delta, ref_logits
+
+    metadata: dict[str, Any] = {
+        "method": method.value,
+        "ablation": ablation.value,
+        "n_examples": len(data),
+        "metric": data.metric if isinstance(data.metric, str) else getattr(
+            data.metric, "__name__", "custom"
+        ),
+        "metric_clean": totals["clean"] / len(data),
+        "seconds": time.perf_counter() - start,
+        "model": getattr(model.cfg, "model_name", None),
+    }
+    if method is Method.EAP_IG:
+        metadata["steps"] = steps
+    if ablation is Ablation.CORRUPT:
+        metadata["metric_corrupt"] = totals["corrupt"] / len(data)
+    return EdgeScores(scores, graph, metadata)
+
+
+# ------------------------------------------------------------------------------ references
+
+
+@torch.no_grad()
+def mean_activations(
+    model: Any,
+    reference: TaskData | torch.Tensor,
+    batch_size: int | None = 32,
+) -> Float[torch.Tensor, "n_senders seq d_model"]:
+    """Each sender's mean output per position over ``reference``, padding excluded.
+
+    ``reference`` is a `TaskData` (its clean prompts and padding mask) or token ids
+    ``[n, seq]`` (all real tokens). The result can be passed as ``reference=`` wherever
+    ``ablation="mean"`` is used, so the means are computed once.
+    """
+    graph = Graph.from_model(model)
+    device = model_device(model)
+    if isinstance(reference, torch.Tensor):
+        if reference.dtype.is_floating_point:
+            raise TypeError("mean_activations takes token ids, not activations")
+        reference = TaskData(clean=reference, metric="logprob", correct=torch.zeros(
+            reference.shape[0], dtype=torch.long))
+    reference.check_vocab(model.cfg.d_vocab)
+    seq = reference.clean.shape[1]
+    total = torch.zeros(graph.n_senders, seq, model.cfg.d_model, device=device)
+    count = torch.zeros(seq, device=device)
+    with eval_mode(model):
+        for batch in reference.batches(batch_size):
+            batch = batch.trimmed().to(device)
+            assert batch.attention_mask is not None
+            p = batch.clean.shape[1]
+            mask = batch.attention_mask.float()
+
+            def record(rows: slice, act: torch.Tensor, p: int = p, mask: torch.Tensor = mask):
+                summed = torch.einsum("bpnd,bp->npd", flat(act).float(), mask)
+                total[rows, :p] += summed
+
+            model.run_with_hooks(batch.clean, fwd_hooks=sender_hooks(model, graph, record))
+            count[:p] += mask.sum(0)
+    return total / count.clamp(min=1)[None, :, None]
+
+
+def _resolve_reference(
+    model: Any,
+    graph: Graph,
+    data: TaskData,
+    ablation: Ablation,
+    reference: Reference,
+    batch_size: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Return ``(corrupt_tokens, means)``: at most one is set; both None for zero ablation."""
+    if ablation is Ablation.ZERO:
+        if reference is not None:
+            raise ValueError("zero ablation takes no reference; drop the reference argument")
+        return None, None
+    if ablation is Ablation.CORRUPT:
+        tokens = data.corrupt if reference is None else reference
+        if tokens is None:
+            raise ValueError(
+                "corrupt ablation needs corrupted prompts: build TaskData with corrupt=..., "
+                "pass reference=<corrupt token ids>, or use ablation='mean' or 'zero'"
+            )
+        if isinstance(tokens, TaskData) or tokens.shape != data.clean.shape:
+            raise ValueError(
+                f"the corrupt reference must be token ids of shape {tuple(data.clean.shape)}, "
+                "the same as the clean prompts"
+            )
+        vocab = model.cfg.d_vocab
+        if ((tokens < 0) | (tokens >= vocab)).any():
+            raise ValueError(f"corrupt holds token ids outside the vocabulary of {vocab}")
+        return tokens, None
+    if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
+        expected = (graph.n_senders, model.cfg.d_model)
+        if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
+            raise ValueError(
+                f"precomputed means must be [n_senders={expected[0]}, seq, "
+                f"d_model={expected[1]}] (from ctlens.attribution.mean_activations), got "
+                f"{tuple(reference.shape)}"
+            )
+        means = reference.to(model_device(model)).float()
+    else:
+        means = mean_activations(model, data if reference is None else reference, batch_size)
+    if means.shape[1] < data.clean.shape[1]:
+        raise ValueError(
+            f"the mean reference covers {means.shape[1]} positions but the data has "
+            f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
+        )
+    return None, means
+
+
+# ------------------------------------------------------------------------------ passes
+
+
+def _reference_activations(
+    model: Any,
+    graph: Graph,
+    batch: TaskData,
+    ref_tokens: torch.Tensor | None,
+    means: torch.Tensor | None,
+) -> tuple[Float[torch.Tensor, "n_senders batch pos d_model"], torch.Tensor | None]:
+    """``a^ref`` for every sender (one no-grad forward under corrupt ablation).
+
+    Returns the buffer and, under corrupt ablation, the reference run's logits.
+    """
+    b, p = batch.clean.shape
+    buffer = torch.zeros(graph.n_senders, b, p, model.cfg.d_model, device=batch.device)
+    ref_logits = None
+    if ref_tokens is not None:
+        with torch.no_grad():
+            ref_logits = model.run_with_hooks(
+                ref_tokens, fwd_hooks=sender_hooks(model, graph, _writer(buffer, +1.0))
+            )
+    elif means is not None:
+        buffer += means[:, None, :p]
+    return buffer, ref_logits
+
+
+def _writer(buffer: torch.Tensor, sign: float) -> SenderCallback:
+    """A sender callback that adds ``sign * activation`` (detached) into ``buffer``."""
+
+    def write(rows: slice, act: torch.Tensor) -> None:
+        buffer[rows] += sign * flat(act.detach()).float().permute(2, 0, 1, 3)
+
+    return write
+
+
+def _record_metrics(
+    batch: TaskData,
+    clean_logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    totals: dict[str, float],
+) -> None:
+    with torch.no_grad():
+        totals["clean"] += float(batch.metric_values(clean_logits, clean_logits).sum())
+        if ref_logits is not None:
+            totals["corrupt"] += float(batch.metric_values(ref_logits, clean_logits).sum())
+
+
+def _gradient_batch(
+    model: Any,
+    graph: Graph,
+    batch: TaskData,
+    delta: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    scores: torch.Tensor,
+    totals: dict[str, float],
+    n_total: int,
+    steps: int,
+) -> None:
+    """Accumulate ``delta . mean_alpha(dM/dx_r)`` into ``scores`` (EAP when steps == 1).
+
+    ``delta`` holds ``a^ref`` on entry. The first pass is the clean input (alpha = 1): its
+    sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
+    the backward reads it, and its logits serve as the reference distribution for ``kl``.
+    """
+    flat_delta = delta.reshape(graph.n_senders, -1)
+    clean_logits: torch.Tensor | None = None
+    layout = HookLayout.from_model(model)
+
+    def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+        def accumulate(grad: torch.Tensor) -> None:
+            g = flat(grad).float().permute(2, 0, 1, 3)
+            scores[:n_up, columns] += (flat_delta[:n_up] @ g.reshape(g.shape[0], -1).T) / steps
+
+        x.register_hook(accumulate)
+        return x
+
+    for step in range(steps, 0, -1):
+        shift = 1.0 - step / steps
+
+        def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
+            base = x.detach()
+            if shift:
+                base = base + shift * delta[0].to(base.dtype)
+            return base.requires_grad_(True)
+
+        hooks = [(layout.input_hooks[0], leaf), *receiver_hooks(model, graph, on_receiver)]
+        if clean_logits is None:
+            hooks += sender_hooks(model, graph, _writer(delta, -1.0))
+        with torch.enable_grad():
+            logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+            if clean_logits is None:
+                clean_logits = logits.detach()
+                _record_metrics(batch, clean_logits, ref_logits, totals)
+            values = batch.metric_values(logits, clean_logits)
+            values.sum().div(n_total).backward()
+        del logits, values
+
+
+@torch.no_grad()
+def _exact_batch(
+    model: Any,
+    graph: Graph,
+    batch: TaskData,
+    delta: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    scores: torch.Tensor,
+    totals: dict[str, float],
+    n_total: int,
+    max_copies: int = 64,
+) -> None:
+    """Patch each edge for real: ``scores[s, r] += sum_examples (M(s->r ablated) - M(clean))``.
+
+    ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
+    Then, for one receiver column at a time, the batch is repeated once per chunk of
+    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input.
+    """
+    b = len(batch)
+    clean_logits = model.run_with_hooks(
+        batch.clean, fwd_hooks=sender_hooks(model, graph, _writer(delta, -1.0))
+    )
+    _record_metrics(batch, clean_logits, ref_logits, totals)
+    clean_metric = batch.metric_values(clean_logits, clean_logits)
+    layout = HookLayout.from_model(model)
+    groups: list[tuple[str, slice]] = []
+    for layer in range(graph.spec.n_layers):
+        for kind in (NodeKind.Q, NodeKind.K, NodeKind.V):
+            groups.append((layout.qkv_in(layer, kind), graph.receiver_slice(layer, kind)))
+        groups.append((layout.mlp_in(layer), graph.receiver_slice(layer, NodeKind.MLP)))
+    groups.append((layout.logits_in, slice(graph.n_receivers - 1, graph.n_receivers)))
+
+    for hook_name, columns in groups:
+        for offset, column in enumerate(range(columns.start, columns.stop)):
+            n_up = graph.upstream[column]
+            for chunk in _chunks(range(n_up), max(1, max_copies)):
+                copies = len(chunk)
+                patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
+
+                def patch_hook(
+                    x: torch.Tensor, hook: Any, patch: torch.Tensor = patch, offset: int = offset
+                ) -> torch.Tensor:
+                    x = x.clone()
+                    view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
+                    view[:, :, :, offset] += patch.to(x.dtype)
+                    return x
+
+                tokens = batch.clean.repeat(copies, 1)
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, patch_hook)])
+                repeated = batch[torch.arange(b).repeat(copies)]
+                values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
+                effect = (values.view(copies, b) - clean_metric[None]).sum(1)
+                scores[chunk.start : chunk.stop, column] += effect / n_total
+
+
+def _chunks(items: range, size: int) -> Iterable[range]:
+    for start in range(items.start, items.stop, size):
+        yield range(start, min(start + size, items.stop))

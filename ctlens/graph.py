@@ -1,0 +1,278 @@
+"""The edge graph of a transformer: who writes to the residual stream, who reads it.
+
+A pre-norm transformer's residual stream is a sum. Every component that *writes* to it is a
+**sender**: ``input`` (token + position embedding), every attention head ``a{l}.h{h}`` (its
+own slice of the attention output, ``attn.hook_result``, without the shared bias b_O) and
+every MLP ``m{l}``. Every component that *reads* it, before its LayerNorm, is a
+**receiver**: each head's query, key and value inputs ``a{l}.h{h}.q/.k/.v`` (with
+grouped-query attention the keys and values are read once per KV head: ``a{l}.g{g}.k``),
+each MLP ``m{l}`` and the unembedding ``logits``. Because the stream is a plain sum, a
+receiver's input is exactly the sum of the outputs of the senders computed before it (plus
+constant biases), so "the edge s -> r" is well defined: the contribution of s to r's input.
+
+Storage is dense: ``Graph.valid`` is a bool ``[n_senders, n_receivers]`` tensor. Senders are
+ordered by the time they write and receivers by the time they read, so the senders that a
+receiver may read are always a *prefix* of the sender list (``Graph.upstream``). The
+attribution and masking code relies on that prefix to use one einsum per receiver hook.
+Node objects and networkx graphs are views built from these tensors, never the storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+import networkx as nx
+import torch
+from jaxtyping import Bool
+
+from ctlens.types import Node, NodeKind
+
+GRAPH_SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Everything that determines a graph: layer and head counts and the block layout.
+
+    ``parallel_attn_mlp`` is True for GPT-J / GPT-NeoX style blocks, where a layer's MLP reads
+    the same residual stream as that layer's heads (so it cannot read their outputs).
+    """
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    parallel_attn_mlp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1 or self.n_heads < 1 or self.n_kv_heads < 1:
+            raise ValueError(f"a graph needs at least one layer and one head, got {self}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def grouped(self) -> bool:
+        """True when keys and values are shared by groups of heads (grouped-query attention)."""
+        return self.n_kv_heads != self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, tagged with the spec version."""
+        return {"version": GRAPH_SPEC_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
+        """Inverse of `to_dict`; refuses specs written by an incompatible version."""
+        version = data.get("version", GRAPH_SPEC_VERSION)
+        if version != GRAPH_SPEC_VERSION:
+            raise ValueError(
+                f"graph spec version {version} is not supported (this ctlens reads version "
+                f"{GRAPH_SPEC_VERSION}); upgrade ctlens or re-create the file"
+            )
+        fields = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp")
+        missing = [f for f in fields[:3] if f not in data]
+        if missing:
+            raise ValueError(f"graph spec is missing {missing}; got keys {sorted(data)}")
+        return cls(**{f: data[f] for f in fields if f in data})
+
+
+class Graph:
+    """Senders, receivers and the validity mask of one model's edge graph.
+
+    Build it with `Graph.from_model` (a ctlens model) or `Graph(GraphSpec(...))`. Two graphs
+    are equal when their specs are equal.
+    """
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.spec = spec
+        L, H, K = spec.n_layers, spec.n_heads, spec.n_kv_heads
+        kv = "g" if spec.grouped else "h"
+
+        senders: list[Node] = [Node("input", NodeKind.INPUT)]
+        receivers: list[Node] = []
+        # write/read "times": a sender s feeds a receiver r iff write[s] < read[r]
+        write: list[int] = [0]
+        read: list[int] = []
+        for layer in range(L):
+            attn_time = 2 * layer + 1
+            mlp_read = attn_time if spec.parallel_attn_mlp else attn_time + 1
+            receivers += [Node(f"a{layer}.h{h}.q", NodeKind.Q, layer, h) for h in range(H)]
+            receivers += [Node(f"a{layer}.{kv}{g}.k", NodeKind.K, layer, g) for g in range(K)]
+            receivers += [Node(f"a{layer}.{kv}{g}.v", NodeKind.V, layer, g) for g in range(K)]
+            receivers.append(Node(f"m{layer}", NodeKind.MLP, layer))
+            read += [attn_time] * (H + 2 * K) + [mlp_read]
+            senders += [Node(f"a{layer}.h{h}", NodeKind.HEAD, layer, h) for h in range(H)]
+            senders.append(Node(f"m{layer}", NodeKind.MLP, layer))
+            write += [attn_time] * H + [2 * layer + 2]
+        receivers.append(Node("logits", NodeKind.LOGITS))
+        read.append(2 * L + 1)
+
+        self.sender_nodes: tuple[Node, ...] = tuple(senders)
+        self.receiver_nodes: tuple[Node, ...] = tuple(receivers)
+        write_t = torch.tensor(write)
+        read_t = torch.tensor(read)
+        self.valid: Bool[torch.Tensor, "n_senders n_receivers"] = write_t[:, None] < read_t[None]
+        # number of senders each receiver may read (a prefix of the sender list)
+        self.upstream: tuple[int, ...] = tuple(
+            int(n) for n in (write_t[:, None] < read_t[None]).sum(0)
+        )
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_model(cls, model: Any) -> Graph:
+        """The graph of a model returned by `ctlens.load_model` (reads ``model.cfg``)."""
+        cfg = model.cfg
+        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        return cls(
+            GraphSpec(
+                n_layers=cfg.n_layers,
+                n_heads=cfg.n_heads,
+                n_kv_heads=n_kv,
+                parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            )
+        )
+
+    # ----------------------------------------------------------------- names and counts
+
+    @cached_property
+    def senders(self) -> list[str]:
+        """Sender names in index order."""
+        return [n.name for n in self.sender_nodes]
+
+    @cached_property
+    def receivers(self) -> list[str]:
+        """Receiver names in index order."""
+        return [n.name for n in self.receiver_nodes]
+
+    @cached_property
+    def sender_index(self) -> dict[str, int]:
+        """Sender name -> row of the dense tensors."""
+        return {name: i for i, name in enumerate(self.senders)}
+
+    @cached_property
+    def receiver_index(self) -> dict[str, int]:
+        """Receiver name -> column of the dense tensors."""
+        return {name: i for i, name in enumerate(self.receivers)}
+
+    @property
+    def n_senders(self) -> int:
+        return len(self.sender_nodes)
+
+    @property
+    def n_receivers(self) -> int:
+        return len(self.receiver_nodes)
+
+    @cached_property
+    def n_edges(self) -> int:
+        """Number of valid edges."""
+        return int(self.valid.sum())
+
+    def sender_slice(self, layer: int) -> slice:
+        """Rows of layer ``layer``'s heads in the sender list."""
+        start = 1 + layer * (self.spec.n_heads + 1)
+        return slice(start, start + self.spec.n_heads)
+
+    def mlp_sender(self, layer: int) -> int:
+        """Row of MLP ``layer`` in the sender list."""
+        return 1 + layer * (self.spec.n_heads + 1) + self.spec.n_heads
+
+    def receiver_slice(self, layer: int, kind: NodeKind) -> slice:
+        """Columns of layer ``layer``'s q, k, v or MLP receivers."""
+        H, K = self.spec.n_heads, self.spec.n_kv_heads
+        start = layer * (H + 2 * K + 1)
+        offsets = {
+            NodeKind.Q: (0, H),
+            NodeKind.K: (H, K),
+            NodeKind.V: (H + K, K),
+            NodeKind.MLP: (H + 2 * K, 1),
+        }
+        offset, width = offsets[kind]
+        return slice(start + offset, start + offset + width)
+
+    def edge_index(self, sender: str, receiver: str) -> tuple[int, int]:
+        """Dense indices of edge ``sender -> receiver``; a clear error if it does not exist."""
+        if sender not in self.sender_index:
+            raise KeyError(f"{sender!r} is not a sender of this graph ({self._describe()})")
+        if receiver not in self.receiver_index:
+            raise KeyError(f"{receiver!r} is not a receiver of this graph ({self._describe()})")
+        i, j = self.sender_index[sender], self.receiver_index[receiver]
+        if not self.valid[i, j]:
+            raise ValueError(
+                f"{sender} -> {receiver} is not a valid edge: {receiver} reads the residual "
+                f"stream before {sender} writes to it"
+            )
+        return i, j
+
+    def edges(self) -> list[tuple[str, str]]:
+        """All valid edges as ``(sender, receiver)`` name pairs, sender-major."""
+        rows, cols = self.valid.nonzero(as_tuple=True)
+        return [(self.senders[i], self.receivers[j]) for i, j in zip(rows.tolist(), cols.tolist())]
+
+    def _describe(self) -> str:
+        s = self.spec
+        return f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
+
+    # ----------------------------------------------------------------- views
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The graph structure as a networkx ``DiGraph``.
+
+        Nodes carry ``kind``, ``layer``, ``head`` and ``role`` ("sender", "receiver" or
+        "both" for MLPs). Each valid edge carries ``internal=False``. So that path
+        algorithms see through attention heads, each q/k/v receiver also has an edge to the
+        head(s) it feeds, marked ``internal=True``. ``G.graph["spec"]`` holds the spec, so
+        `Graph.from_networkx` rebuilds the graph exactly.
+        """
+        g = nx.DiGraph(spec=self.spec.to_dict())
+        senders = set(self.senders)
+        receivers = set(self.receivers)
+        for node in (*self.sender_nodes, *self.receiver_nodes):
+            if node.name in g:
+                continue
+            role = (
+                "both"
+                if node.name in senders and node.name in receivers
+                else ("sender" if node.name in senders else "receiver")
+            )
+            g.add_node(node.name, kind=node.kind.value, layer=node.layer, head=node.head, role=role)
+        g.add_edges_from(self.edges(), internal=False)
+        group = self.spec.n_heads // self.spec.n_kv_heads
+        for node in self.receiver_nodes:
+            if node.kind is NodeKind.Q:
+                g.add_edge(node.name, f"a{node.layer}.h{node.head}", internal=True)
+            elif node.kind in (NodeKind.K, NodeKind.V):
+                for h in range(node.head * group, (node.head + 1) * group):  # type: ignore[operator]
+                    g.add_edge(node.name, f"a{node.layer}.h{h}", internal=True)
+        return g
+
+    @classmethod
+    def from_networkx(cls, g: nx.DiGraph) -> Graph:
+        """Rebuild a `Graph` from `to_networkx` output; checks that the nodes match the spec."""
+        if "spec" not in g.graph:
+            raise ValueError(
+                "this networkx graph has no graph['spec']; build it with Graph.to_networkx()"
+            )
+        graph = cls(GraphSpec.from_dict(g.graph["spec"]))
+        expected = set(graph.senders) | set(graph.receivers)
+        if set(g.nodes) != expected:
+            extra = sorted(set(g.nodes) - expected)[:5]
+            missing = sorted(expected - set(g.nodes))[:5]
+            raise ValueError(
+                f"networkx nodes do not match the spec: extra {extra}, missing {missing}"
+            )
+        return graph
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Graph) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+    def __repr__(self) -> str:
+        return (
+            f"Graph({self._describe()}: {self.n_senders} senders, "
+            f"{self.n_receivers} receivers, {self.n_edges} valid edges)"
+        )
