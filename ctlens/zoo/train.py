@@ -1,0 +1,160 @@
+"""Train a zoo model from scratch on the synthetic corpus (plain torch on the HF module).
+
+``python -m ctlens.zoo.train NAME [--seed S] [--steps N] [--out DIR]`` or
+``ctlens zoo train NAME``. Deterministic for a given seed and thread count: the weights are
+initialised from ``torch.manual_seed(seed)`` and batches come from ``random.Random(seed)``
+through :func:`ctlens.tasks.corpus.sample_rows`. The output directory gets ``config.json``,
+``model.safetensors``, ``tokenizer.json`` and ``training.json`` (recipe, final loss,
+accuracies on every task, wall time, a short history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ctlens.tasks.corpus import sample_rows
+from ctlens.tasks.tokenizer import PAD, TOKENIZER_PATH, word_to_id
+from ctlens.zoo.configs import Recipe, spec
+from ctlens.zoo.evaluate import evaluate
+
+MODELS_DIR: Path = Path(__file__).with_name("models")
+"""Where shipped zoo models live (``models/NAME/``)."""
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine)
+
+
+def train(
+    name: str,
+    seed: int | None = None,
+    steps: int | None = None,
+    out: Path | str | None = None,
+    threads: int | None = 2,
+    progress: bool = True,
+    eval_n: int = 256,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Train zoo model ``name``; save it to ``out`` (default: the shipped location).
+
+    Returns the model (eval mode) and the ``training.json`` record. ``seed``/``steps``
+    override the spec's recipe. ``threads`` sets ``torch.set_num_threads`` (None: leave it).
+    """
+    model_spec = spec(name)
+    recipe = model_spec.recipe
+    if seed is not None:
+        recipe = dataclasses.replace(recipe, seed=seed)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be positive, got {steps}")
+        recipe = dataclasses.replace(recipe, steps=steps)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out_dir = Path(out) if out is not None else MODELS_DIR / name
+
+    torch.manual_seed(recipe.seed)
+    model = model_spec.build()
+    model.train()
+    data_rng = random.Random(recipe.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=recipe.lr,
+        betas=recipe.betas,
+    )
+    pad = word_to_id()[PAD]
+    history: list[dict[str, float]] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(recipe.steps), desc=f"train {name}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        ids = sample_rows(data_rng, recipe.batch_size, recipe.context, recipe.mixture)
+        labels = ids.masked_fill(ids == pad, -100)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
+            quick = evaluate(model, n=64, seed=recipe.seed + step)
+            record = {
+                "step": step + 1,
+                "loss": sum(losses[-50:]) / len(losses[-50:]),
+                "seconds": round(time.perf_counter() - start, 1),
+                **{k: round(v, 4) for k, v in quick.items() if k != "induction_chance"},
+            }
+            history.append(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                agr=f"{quick['agreement_acc']:.2f}",
+                ioi=f"{quick['ioi_acc']:.2f}",
+                pro=f"{quick['pronoun_stereotype_acc']:.2f}",
+                ind=f"{quick['induction_logprob']:.2f}",
+            )
+    seconds = time.perf_counter() - start
+    model.eval()
+    metrics = evaluate(model, n=eval_n, seed=12345)
+    record: dict[str, Any] = {
+        "name": name,
+        "architecture": model_spec.architecture,
+        "recipe": {**dataclasses.asdict(recipe), "mixture": dict(recipe.mixture)},
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+        "train_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "eval": {"n": eval_n, "seed": 12345, **metrics},
+        "history": history,
+    }
+    save(model, out_dir, record)
+    return model, record
+
+
+def save(model: PreTrainedModel, out_dir: Path, record: dict[str, Any]) -> None:
+    """Write the HF directory (config + safetensors), the tokenizer and ``training.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    generation = out_dir / "generation_config.json"
+    if generation.exists():
+        generation.unlink()
+    shutil.copyfile(TOKENIZER_PATH, out_dir / "tokenizer.json")
+    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m ctlens.zoo.train NAME ...``)."""
+    from ctlens.zoo.cli import add_train_arguments, run_train
+
+    parser = argparse.ArgumentParser(prog="python -m ctlens.zoo.train", description=__doc__)
+    add_train_arguments(parser)
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
