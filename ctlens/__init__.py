@@ -7,6 +7,7 @@ The data flow, one module per stage::
 """
 
 from ctlens.attribution import EdgeScores, attribute, mean_activations
+from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, GraphSpec
 from ctlens.model import UnsupportedModelError, load_model
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Ablation",
+    "Circuit",
     "EdgeScores",
     "Graph",
     "GraphSpec",
