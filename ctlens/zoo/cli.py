@@ -23,7 +23,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="output directory (default: the shipped ctlens/zoo/models/NAME)"
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a small shared CPU more threads spin-wait)",
+    )
     parser.set_defaults(func=run_train)
 
 

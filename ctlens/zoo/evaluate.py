@@ -11,6 +11,7 @@ import math
 
 import torch
 from jaxtyping import Float, Int
+from transformers import PreTrainedModel
 
 from ctlens.tasks import generators
 from ctlens.tasks.corpus import general_rows
@@ -104,6 +105,49 @@ def evaluate(model: torch.nn.Module, n: int = 256, seed: int = 12345) -> dict[st
         return out
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def attention_patterns(
+    model: PreTrainedModel, ids: Int[torch.Tensor, "b s"]
+) -> Float[torch.Tensor, "layers heads b q k"]:
+    """Attention patterns of every head (runs eager attention, then restores the setting)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=ids, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.stack(out.attentions).transpose(1, 2).float()
+
+
+def induction_heads(
+    model: PreTrainedModel, n: int = 32, seed: int = 2024, length: int = 12
+) -> dict[str, tuple[int, int, float]]:
+    """Locate the induction head and the previous-token head from attention patterns alone.
+
+    On repeated random sequences, the induction score of a head is its attention from the
+    second copy's token ``x_i`` to the token after ``x_i``'s first occurrence; the
+    previous-token score is its attention from a token to the one just before it. The
+    induction head is the best-scoring head above layer 0; the previous-token head is the
+    best-scoring head in a lower layer. Returns ``{"induction": (layer, head, score),
+    "previous": (layer, head, score)}``.
+    """
+    batch = generators.induction(n, seed, length=length)
+    att = attention_patterns(model, batch.clean)
+    q = torch.arange(length + 1, 2 * length)
+    induction = att[:, :, :, q, q - length + 1].mean((-1, -2))
+    prev = att[:, :, :, q, q - 1].mean((-1, -2))
+    if induction.shape[0] < 2:
+        raise ValueError("an induction circuit needs at least two layers")
+    induction[0] = -1.0
+    layer, head = divmod(int(induction.argmax()), induction.shape[1])
+    prev[layer:] = -1.0
+    p_layer, p_head = divmod(int(prev.argmax()), prev.shape[1])
+    return {
+        "induction": (layer, head, float(induction[layer, head])),
+        "previous": (p_layer, p_head, float(prev[p_layer, p_head])),
+    }
 
 
 def passes(metrics: dict[str, float]) -> dict[str, bool]:

@@ -49,14 +49,15 @@ def train(
     seed: int | None = None,
     steps: int | None = None,
     out: Path | str | None = None,
-    threads: int | None = 2,
+    threads: int | None = 1,
     progress: bool = True,
     eval_n: int = 256,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Train zoo model ``name``; save it to ``out`` (default: the shipped location).
 
     Returns the model (eval mode) and the ``training.json`` record. ``seed``/``steps``
-    override the spec's recipe. ``threads`` sets ``torch.set_num_threads`` (None: leave it).
+    override the spec's recipe. ``threads`` sets ``torch.set_num_threads`` for the run (None:
+    leave it); the thread count and torch's global RNG are restored afterwards.
     """
     model_spec = spec(name)
     recipe = model_spec.recipe
@@ -66,12 +67,29 @@ def train(
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         recipe = dataclasses.replace(recipe, steps=steps)
-    if threads is not None:
-        torch.set_num_threads(threads)
     out_dir = Path(out) if out is not None else MODELS_DIR / name
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            model = model_spec.build()
+        return _fit(model, model_spec.architecture, name, recipe, out_dir, progress, eval_n)
+    finally:
+        torch.set_num_threads(previous_threads)
 
-    torch.manual_seed(recipe.seed)
-    model = model_spec.build()
+
+def _fit(
+    model: PreTrainedModel,
+    architecture: str,
+    name: str,
+    recipe: Recipe,
+    out_dir: Path,
+    progress: bool,
+    eval_n: int,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The training loop of :func:`train` (deterministic given the model and recipe)."""
     model.train()
     data_rng = random.Random(recipe.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -88,6 +106,7 @@ def train(
     history: list[dict[str, float]] = []
     losses: list[float] = []
     start = time.perf_counter()
+    start_cpu = time.process_time()
     bar = tqdm(range(recipe.steps), desc=f"train {name}", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
@@ -117,15 +136,17 @@ def train(
                 ind=f"{quick['induction_logprob']:.2f}",
             )
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - start_cpu
     model.eval()
     metrics = evaluate(model, n=eval_n, seed=12345)
     record: dict[str, Any] = {
         "name": name,
-        "architecture": model_spec.architecture,
+        "architecture": architecture,
         "recipe": {**dataclasses.asdict(recipe), "mixture": dict(recipe.mixture)},
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": sum(losses[-100:]) / len(losses[-100:]),
         "train_seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),

@@ -1,0 +1,231 @@
+"""Tests of ctlens.zoo: shipped models load offline, meet the task thresholds, and contain
+an induction circuit that attribution finds; training is seeded and the CLI works."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import ctlens
+from ctlens import zoo
+from ctlens.tasks import generators, to_taskdata
+from ctlens.tasks.language import vocabulary
+from ctlens.zoo.cli import add_zoo_commands
+from ctlens.zoo.evaluate import THRESHOLDS, evaluate, induction_heads, passes
+from ctlens.zoo.train import lr_at, train
+
+SHIPPED = ("tiny-gpt2", "tiny-llama")
+FRESH_SEED = 2024  # differs from training.json's evaluation seed (12345)
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    model, tok = zoo.load_hf(request.param)
+    return request.param, model, tok
+
+
+def test_names_and_unknown_name():
+    assert set(SHIPPED) <= set(zoo.names())
+    with pytest.raises(zoo.UnknownModelError) as err:
+        zoo.load_hf("tiny-gpt3")
+    message = str(err.value)
+    assert "tiny-gpt3" in message and all(name in message for name in SHIPPED)
+    assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
+    with pytest.raises(ValueError, match="available: tiny-gpt2, tiny-llama"):
+        ctlens.zoo.spec("nope")
+
+
+def test_shipped_files_small_fp32_and_offline(shipped):
+    name, model, tok = shipped
+    path = zoo.model_dir(name)
+    assert {p.name for p in path.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training.json",
+    }
+    size = (path / "model.safetensors").stat().st_size
+    assert 0.3e6 < size < 10e6, f"{name}: {size} bytes"
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f} == {torch.float32}
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+    cfg = model.config
+    drops = [getattr(cfg, k, 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
+    assert all(d == 0.0 for d in drops) and getattr(cfg, "attention_dropout", 0.0) == 0.0
+    assert cfg.vocab_size == len(vocabulary())
+    assert tok.get_vocab() == zoo.tokenizer().get_vocab()
+    assert tok("the nurse said that")["input_ids"][0] == tok.bos_token_id
+    # deterministic in eval mode (no dropout)
+    ids = tok(["when mary and john went to the store , john gave a drink to"], return_tensors="pt")
+    with torch.no_grad():
+        a, b = model(**ids).logits, model(**ids).logits
+    assert torch.equal(a, b)
+
+
+def test_architectures():
+    gpt2, _ = zoo.load_hf("tiny-gpt2")
+    llama, _ = zoo.load_hf("tiny-llama")
+    assert type(gpt2).__name__ == "GPT2LMHeadModel"
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    cfg = llama.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query attention
+    assert cfg.hidden_act == "silu" and type(llama.model.norm).__name__ == "LlamaRMSNorm"
+    assert type(gpt2.transformer.ln_f).__name__ == "LayerNorm"
+    assert gpt2.transformer.wpe.weight.shape[0] == gpt2.config.n_positions
+
+
+def test_thresholds_on_fresh_samples(shipped):
+    name, model, _ = shipped
+    metrics = evaluate(model, n=192, seed=FRESH_SEED)
+    failed = {k: metrics[k] for k, ok in passes(metrics).items() if not ok}
+    assert not failed, f"{name} misses {failed} (thresholds {THRESHOLDS})"
+    assert metrics["induction_logprob"] > metrics["induction_chance"] + 3
+
+
+def test_training_record_is_honest(shipped):
+    """training.json's accuracies are what the shipped weights really score."""
+    name, model, _ = shipped
+    record = zoo.training_record(name)
+    assert record["name"] == name and record["recipe"]["steps"] > 0
+    assert record["train_seconds"] > 0 and math.isfinite(record["final_loss"])
+    small = evaluate(model, n=record["eval"]["n"], seed=record["eval"]["seed"])
+    for key in ("agreement_acc", "ioi_acc", "pronoun_stereotype_acc", "induction_logprob"):
+        assert small[key] == pytest.approx(record["eval"][key], abs=1e-4), key
+
+
+def test_bridge_logits_match_hf(shipped):
+    name, model, tok = shipped
+    bridge = ctlens.load_model(f"zoo:{name}")
+    ids = tok(["the keys near the old cabinet"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        got = bridge(ids)
+    got = got.logits if hasattr(got, "logits") else got
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- induction circuit
+
+
+def test_induction_circuit(shipped):
+    name, model, _ = shipped
+    heads = induction_heads(model, seed=FRESH_SEED)
+    layer, head, ind_score = heads["induction"]
+    p_layer, p_head, prev_score = heads["previous"]
+    assert ind_score > 0.5, heads
+    uniform = 1 / 18  # attention to one earlier token if spread evenly over ~18 positions
+    assert prev_score > 4 * uniform, heads
+
+    bridge = ctlens.load_model(f"zoo:{name}")
+    data = to_taskdata(generators.induction(32, FRESH_SEED + 1))
+    scores = ctlens.attribute(bridge, data, method="eap", ablation="corrupt", progress=False)
+    k = math.ceil(0.05 * scores.graph.n_edges)
+    top = {(s, r) for s, r, _ in scores.top(k)}
+    cfg = model.config
+    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    n_kv = getattr(cfg, "num_key_value_heads", n_heads)
+    key = f"a{layer}.g{head // (n_heads // n_kv)}.k" if n_kv < n_heads else f"a{layer}.h{head}.k"
+    assert key in scores.graph.receivers
+    prev_node = f"a{p_layer}.h{p_head}"
+    direct = (prev_node, key) in top
+    via_mlp = [
+        f"m{m}"
+        for m in range(p_layer, layer)
+        if (prev_node, f"m{m}") in top and (f"m{m}", key) in top
+    ]
+    assert direct or via_mlp, (
+        f"{name}: no path {prev_node} -> {key} in the top {k} edges "
+        f"(heads from attention patterns: {heads})"
+    )
+
+
+# ---------------------------------------------------------------- training and CLI
+
+
+def test_lr_schedule():
+    recipe = zoo.spec("tiny-llama").recipe
+    assert lr_at(0, recipe) == pytest.approx(recipe.lr / recipe.warmup)
+    assert lr_at(recipe.warmup, recipe) == pytest.approx(recipe.lr)
+    assert lr_at(recipe.steps, recipe) == pytest.approx(recipe.lr * recipe.min_lr_ratio)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_training_is_seeded(tmp_path, name):
+    _, rec_a = train(name, seed=3, steps=3, out=tmp_path / "a", progress=False, eval_n=8)
+    train(name, seed=3, steps=3, out=tmp_path / "b", progress=False, eval_n=8)
+    train(name, seed=4, steps=3, out=tmp_path / "c", progress=False, eval_n=8)
+    a, b, c = (_weights(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert record["recipe"]["seed"] == 3 and record["recipe"]["steps"] == 3
+    assert record == rec_a
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (
+        zoo.model_dir(name) / "tokenizer.json"
+    ).read_text()
+
+
+def test_train_rejects_bad_arguments(tmp_path):
+    with pytest.raises(zoo.UnknownModelError, match="available"):
+        train("tiny-bert", steps=1, out=tmp_path)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        train("tiny-gpt2", steps=0, out=tmp_path)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctlens")
+    add_zoo_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli(tmp_path, capsys):
+    args = _parser().parse_args(["zoo", "list"])
+    assert args.func(args) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing and "shipped" in listing for name in SHIPPED)
+    out = tmp_path / "m"
+    args = _parser().parse_args(
+        ["zoo", "train", "tiny-gpt2", "--seed", "1", "--steps", "2", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == str(out) and "ioi_acc" in summary
+    model_loaded = type(zoo.load_hf("tiny-gpt2")[0]).from_pretrained(out)
+    assert model_loaded.config.n_layer == 3
+    args = _parser().parse_args(["zoo", "train", "nonexistent", "--steps", "1"])
+    assert args.func(args) == 2
+    assert "available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_retraining_reproduces_shipped_accuracies(tmp_path, name):
+    """Retrain with the shipped seed and recipe: the same accuracies (minutes per model)."""
+    record = zoo.training_record(name)
+    recipe = record["recipe"]
+    _, new = train(
+        name,
+        seed=recipe["seed"],
+        steps=recipe["steps"],
+        out=tmp_path / name,
+        threads=record["threads"],
+        progress=False,
+    )
+    for key in ("agreement_acc", "ioi_acc", "pronoun_stereotype_acc"):
+        assert new["eval"][key] == pytest.approx(record["eval"][key], abs=0.02), key
+    assert new["eval"]["induction_logprob"] == pytest.approx(
+        record["eval"]["induction_logprob"], abs=0.05
+    )
+    assert all(passes(new["eval"]).values())
