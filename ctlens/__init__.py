@@ -6,6 +6,7 @@ The data flow, one module per stage::
         ->  edge_mask / restrict_gradients (masking)  ->  CircuitTuner (tuning)  ->  viz
 """
 
+from ctlens import viz as viz
 from ctlens.attribution import EdgeScores, attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData

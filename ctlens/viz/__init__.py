@@ -1,0 +1,49 @@
+"""Plotly figures of circuits, circuit diffs and tuning runs, and an offline HTML report.
+
+- `plot_circuit` draws a `Circuit` (or the top edges of `EdgeScores`) on a layered layout:
+  ``input`` at the bottom, one row of heads per layer with the layer's MLP in a column to
+  the right, ``logits`` at the top. Edges end at q/k/v ports below each head (q left, k
+  centre, v right; dash q solid, k dashed, v dotted); width is |score|, colour the sign.
+- `plot_diff` puts two circuits on that layout: only in a (red), only in b (green), both
+  (grey), with counts and Jaccard similarities in the title.
+- `plot_evolution` shows a run's circuit snapshots on a slider above its metric curves.
+- `plot_node_scores` is a layer x head heatmap (plus an MLP column) of node scores.
+- `write_report` writes ``RUN_DIR/report.html``: all of the above plus config and metrics,
+  plotly.js inlined once, no network access needed. `read_run` reads a run directory
+  (docs/run-format.md) and says exactly what is wrong with a malformed one.
+
+Figures are plain ``plotly.graph_objects.Figure`` objects: they display inline in Jupyter
+and ``fig.write_html(path)`` exports them (plotly.js inlined by default).
+"""
+
+from ctlens.viz.cli import add_viz_commands
+from ctlens.viz.figures import (
+    diff_counts,
+    jaccard_series,
+    plot_circuit,
+    plot_diff,
+    plot_evolution,
+    plot_node_scores,
+)
+from ctlens.viz.layout import EdgeSet, Layout, as_edge_set
+from ctlens.viz.report import write_diff, write_figures, write_report
+from ctlens.viz.run import Run, RunFormatError, read_run
+
+__all__ = [
+    "EdgeSet",
+    "Layout",
+    "Run",
+    "RunFormatError",
+    "add_viz_commands",
+    "as_edge_set",
+    "diff_counts",
+    "jaccard_series",
+    "plot_circuit",
+    "plot_diff",
+    "plot_evolution",
+    "plot_node_scores",
+    "read_run",
+    "write_diff",
+    "write_figures",
+    "write_report",
+]

@@ -1,0 +1,213 @@
+"""One self-contained HTML report per run, and self-contained HTML for single figures.
+
+The file inlines plotly.js exactly once (in ``<head>``) and then each figure as a ``<div>``
+and a ``Plotly.newPlot`` call without its own copy of the library, so it opens offline, from
+an e-mail attachment or a file share, with no network request. It is written atomically (a
+temporary file in the same directory, then ``os.replace``), so a reader never sees half a
+report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from ctlens.viz.figures import (
+    PLOT_CONFIG,
+    plot_circuit,
+    plot_diff,
+    plot_evolution,
+    plot_node_scores,
+)
+from ctlens.viz.run import Run, read_run
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 0 auto; max-width: 1400px; padding: 1rem 2rem; color: #222; }
+h1 { font-size: 1.5rem; margin-bottom: .2rem; }
+h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+.sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; font-size: .85rem; }
+th, td { border: 1px solid #e2e2e2; padding: .2rem .55rem; text-align: right; }
+th { background: #f6f6f6; position: sticky; top: 0; }
+td.k, th.k { text-align: left; }
+.scroll { max-height: 28rem; overflow: auto; display: inline-block; }
+.summary td { text-align: left; }
+.note { color: #666; font-size: .85rem; }
+.fig { margin: .5rem 0 1.5rem 0; }
+"""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def figure_div(fig: go.Figure, div_id: str) -> str:
+    """A figure as a ``<div>`` plus script, relying on plotly.js already on the page."""
+    return fig.to_html(
+        full_html=False, include_plotlyjs=False, div_id=div_id, config=PLOT_CONFIG,
+        default_width="100%", default_height=f"{int(fig.layout.height or 500)}px",
+        auto_play=False,
+    )
+
+
+def html_page(title: str, body: str) -> str:
+    """A full HTML page with plotly.js inlined once in its head."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
+        f"{body}\n</body>\n</html>\n"
+    )
+
+
+def write_figures(
+    figures: Sequence[tuple[str, go.Figure]], out: str | Path, title: str = "ctlens"
+) -> Path:
+    """Write figures ``(heading, fig)`` into one self-contained HTML file, atomically."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for k, (heading, fig) in enumerate(figures):
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(f"<div class=\"fig\">{figure_div(fig, f'ctlens-fig-{k}')}</div>")
+    out = Path(out)
+    _atomic_write(out, html_page(title, "\n".join(parts)))
+    return out
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return html.escape(json.dumps(value, sort_keys=True))
+    return html.escape(str(value))
+
+
+def _config_table(config: dict[str, Any]) -> str:
+    if not config:
+        return "<p class=\"note\">run.json has no config.</p>"
+    rows = "".join(
+        f"<tr><td class=\"k\">{html.escape(str(k))}</td><td class=\"k\">{_cell(v)}</td></tr>"
+        for k, v in sorted(config.items())
+    )
+    return f"<table class=\"summary\"><tr><th class=\"k\">field</th><th class=\"k\">value</th>" \
+           f"</tr>{rows}</table>"
+
+
+def _metrics_table(run: Run) -> str:
+    keys = ["step", "target_metric", "general_loss", "circuit_edges", "params_moved"]
+    extra = sorted({k for row in run.metrics for k in row} - set(keys) - {"evals"})
+    evals = sorted({k for row in run.metrics for k in (row.get("evals") or {})})
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in [*keys, *extra]) + "".join(
+        f"<th>evals.{html.escape(k)}</th>" for k in evals
+    )
+    body = []
+    for row in run.metrics:
+        cells = [_cell(row.get(k, "")) for k in [*keys, *extra]]
+        cells += [_cell((row.get("evals") or {}).get(k, "")) for k in evals]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<div class=\"scroll\"><table><tr>{head}</tr>{''.join(body)}</table></div>"
+
+
+def _summary(run: Run) -> str:
+    first, last = run.metrics[0], run.metrics[-1]
+    info = run.info
+
+    def change(key: str) -> str:
+        a, b = first.get(key), last.get(key)
+        return f"{_cell(a)} → {_cell(b)}"
+
+    rows = [
+        ("model", info.get("model", "?")), ("task", info.get("task", "?")),
+        ("graph", run.graph._describe()), ("created", info.get("created", "?")),
+        ("ctlens version", info.get("ctlens_version", "?")),
+        ("evaluations", f"{len(run.metrics)} (steps {first['step']} → {last['step']})"),
+        ("circuit snapshots", f"{len(run.circuits)}"),
+        ("target metric", change("target_metric")), ("general loss", change("general_loss")),
+        ("circuit edges", change("circuit_edges")), ("params moved", change("params_moved")),
+    ]
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table class=\"summary\">{body}</table>"
+
+
+def write_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    top: int | None = 300,
+    max_frames: int = 40,
+) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``out``): the whole run in one offline HTML file.
+
+    Sections: a summary, the evolution figure (circuit slider and metric curves), the last
+    circuit, the diff of the first and last snapshots, node scores of the last snapshot, the
+    run's config and its metrics table. ``top`` and ``max_frames`` bound the size of the
+    drawn circuits (see `plot_evolution`). Returns the path written.
+    """
+    run = read_run(run_dir)
+    out_path = Path(out) if out is not None else run.path / "report.html"
+    first, last = run.steps[0], run.steps[-1]
+    last_circuit = run.circuits[last]
+    sections: list[str] = [
+        f"<h1>ctlens run: {html.escape(str(run.info.get('task', '?')))} on "
+        f"{html.escape(str(run.info.get('model', '?')))}</h1>",
+        f"<p class=\"sub\">{html.escape(str(run.path.resolve()))}</p>",
+        "<h2>Summary</h2>", _summary(run),
+        "<h2>Evolution</h2>",
+        "<p class=\"note\">Drag the slider or press ▶ to step through the circuit snapshots; "
+        "the dotted lines in the charts mark the step on show. Hover edges and nodes for "
+        "names and scores; click legend entries to hide edge classes.</p>",
+        f"<div class=\"fig\">"
+        f"{figure_div(plot_evolution(run, top=top, max_frames=max_frames), 'ctlens-evolution')}"
+        "</div>",
+        f"<h2>Circuit at step {last}</h2>",
+        f"<div class=\"fig\">"
+        f"{figure_div(plot_circuit(last_circuit, top=_top(last_circuit, top)), 'ctlens-circuit')}"
+        "</div>",
+    ]
+    if len(run.steps) > 1:
+        sections += [
+            f"<h2>Circuit change: step {first} → step {last}</h2>",
+            f"<div class=\"fig\">{figure_div(plot_diff(run, steps=(first, last)), 'ctlens-diff')}"
+            "</div>",
+        ]
+    if last_circuit.scores is not None:
+        sections += [
+            f"<h2>Node scores at step {last}</h2>",
+            f"<div class=\"fig\">{figure_div(plot_node_scores(last_circuit), 'ctlens-nodes')}"
+            "</div>",
+        ]
+    sections += [
+        "<h2>Config</h2>", _config_table(run.config),
+        "<h2>Metrics</h2>", _metrics_table(run),
+    ]
+    title = f"ctlens report: {run.info.get('task', '?')} on {run.info.get('model', '?')}"
+    _atomic_write(out_path, html_page(title, "\n".join(sections)))
+    return out_path
+
+
+def _top(circuit: Any, top: int | None) -> int | None:
+    """``top`` if the circuit has scores to rank by, else ``None`` (draw every edge)."""
+    return top if circuit.scores is not None else None
+
+
+def write_diff(a: Any, b: Any, out: str | Path) -> Path:
+    """`plot_diff` of two circuits (or saved-circuit paths) as one offline HTML file."""
+    fig = plot_diff(a, b)
+    return write_figures([("Circuit diff", fig)], out, title="ctlens circuit diff")
