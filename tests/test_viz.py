@@ -1,0 +1,514 @@
+"""ctlens.viz: figures hold the expected traces and counts; run directories are read (or
+refused) as docs/run-format.md says; the report is one offline HTML file; the CLI works.
+
+No model is needed: graphs come from `GraphSpec`, scores are random, and the run directory
+is written by `make_run` exactly as the format page describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+from plotly.offline import get_plotlyjs
+
+import ctlens
+from ctlens import Circuit, EdgeScores, Graph, GraphSpec, viz
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+def random_scores(graph: Graph, seed: int = 0) -> EdgeScores:
+    """Heavy-tailed random scores of both signs (0 where invalid)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(graph.n_senders, graph.n_receivers, generator=gen) ** 3
+    return EdgeScores(values, graph, {"method": "eap"})
+
+
+def make_run(
+    path: Path,
+    spec: GraphSpec | None = None,
+    steps: tuple[int, ...] = (0, 10, 20, 30),
+    top_n: int = 40,
+) -> Path:
+    """A run directory in format version 1: run.json, metrics.jsonl, circuits/step_*.json."""
+    spec = spec or GraphSpec(n_layers=3, n_heads=4, n_kv_heads=4)
+    graph = Graph(spec)
+    path.mkdir(parents=True, exist_ok=True)
+    run = {
+        "format": "ctlens-run", "version": 1, "model": "zoo:tiny-gpt2",
+        "task": "agreement-flip", "graph": spec.to_dict(),
+        "config": {"mode": "gradient", "top_n": top_n, "every_k": 1, "steps": steps[-1],
+                   "lr": 0.001, "seed": 0, "a_future_field": [1, 2]},
+        "created": "2026-11-21T07:00:00+00:00", "ctlens_version": "0.1.0",
+    }
+    (path / "run.json").write_text(json.dumps(run, indent=1))
+    (path / "circuits").mkdir(exist_ok=True)
+    base = random_scores(graph, seed=0).scores
+    rows = []
+    for k, step in enumerate(steps):
+        drift = random_scores(graph, seed=100 + k).scores
+        scores = EdgeScores(base + 0.6 * k * drift, graph, {"method": "eap"})
+        circuit = Circuit.from_scores(scores, top_n=top_n)
+        circuit.save(path / "circuits" / f"step_{step:06d}.json")
+        rows.append({
+            "step": step, "target_metric": 1.0 - 0.5 * k, "general_loss": 3.0 + 0.01 * k,
+            "circuit_edges": top_n, "params_moved": 0.0 if step == 0 else 0.05 * k,
+            "evals": {"ioi": 0.9 - 0.01 * k, "induction": 0.8}, "wall_time": 1.5 * k,
+            "train_loss": 2.0 - 0.1 * k, "circuit_file": f"circuits/step_{step:06d}.json",
+        })
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run")
+
+
+@pytest.fixture
+def graph() -> Graph:
+    return Graph(GraphSpec(n_layers=3, n_heads=4, n_kv_heads=4))
+
+
+def circuit_of(graph: Graph, seed: int, top_n: int) -> Circuit:
+    return Circuit.from_scores(random_scores(graph, seed), top_n=top_n)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def edge_line_traces(fig: go.Figure) -> list[go.Scatter]:
+    """The edge traces: lines with hover switched off and an arrow in their name."""
+    return [t for t in fig.data if t.mode == "lines" and "→" in (t.name or "")]
+
+
+def n_segments(trace: go.Scatter) -> int:
+    """Segments in a None/NaN-separated polyline (each edge is start, end, gap)."""
+    x = np.asarray(trace.x, dtype=float) if trace.x is not None else np.zeros(0)
+    return int(len(x) // 3)
+
+
+def hover_trace(fig: go.Figure, prefix: str = "") -> list[go.Scatter]:
+    return [
+        t for t in fig.data
+        if t.name == "edges" and t.text is not None and all(s.startswith(prefix) for s in t.text)
+    ]
+
+
+# ---------------------------------------------------------------------------- plot_circuit
+
+
+def test_plot_circuit_draws_every_edge_once_in_few_traces(graph: Graph) -> None:
+    circuit = circuit_of(graph, 0, 60)
+    fig = viz.plot_circuit(circuit)
+    lines = edge_line_traces(fig)
+    assert len(lines) == 32  # sign x (q, k, v, MLP/logits) x 4 width bins
+    assert sum(n_segments(t) for t in lines) == circuit.n_edges
+    assert len(fig.data) < 45
+    (hover,) = hover_trace(fig)
+    assert len(hover.text) == circuit.n_edges
+    names = {tuple(t.split("<br>")[0].split(" → ")) for t in hover.text}
+    assert names == set(circuit.edges)
+    # colour by sign: the positive-score traces hold exactly the positive edges
+    values = [circuit.scores[graph.edge_index(s, r)].item() for s, r in circuit.edges]
+    positive = sum(n_segments(t) for t in lines if t.name.startswith("positive"))
+    assert positive == sum(v > 0 for v in values)
+    assert all(t.line.color.startswith("rgba(33,102,172") for t in lines
+               if t.name.startswith("positive"))
+    # dash by receiver kind: dashed traces hold exactly the edges into k receivers
+    into_k = sum(r.endswith(".k") for _, r in circuit.edges)
+    assert sum(n_segments(t) for t in lines if t.line.dash == "dash") == into_k
+    assert sum(n_segments(t) for t in lines if t.line.dash == "dot") == sum(
+        r.endswith(".v") for _, r in circuit.edges
+    )
+    # width grows with |score|: the largest edge sits in the widest bin
+    widest = max(t.line.width for t in lines)
+    strongest = max(values, key=abs)
+    sign = "positive" if strongest > 0 else "negative"
+    assert any(n_segments(t) > 0 for t in lines
+               if t.line.width == widest and t.name.startswith(sign))
+    assert f"{circuit.n_edges} edges" in fig.layout.title.text
+    assert f"{len(circuit.components)} components" in fig.layout.title.text
+
+
+def test_plot_circuit_segments_end_at_the_right_ports(graph: Graph) -> None:
+    edges = [("input", "a1.h2.q"), ("a0.h1", "a2.h3.k"), ("m1", "logits"), ("a0.h0", "m0")]
+    scores = torch.zeros(graph.n_senders, graph.n_receivers)
+    for k, edge in enumerate(edges):
+        scores[graph.edge_index(*edge)] = (k + 1) * (-1) ** k
+    fig = viz.plot_circuit(Circuit.from_edges(graph, edges, scores=scores))
+    layout = viz.Layout(graph)
+    ends = set()
+    for t in edge_line_traces(fig):
+        x, y = np.asarray(t.x, dtype=float), np.asarray(t.y, dtype=float)
+        ends |= {(round(x[i + 1], 6), round(y[i + 1], 6)) for i in range(0, len(x), 3)}
+    expected = {
+        (round(float(layout.receiver_x[graph.receiver_index[r]]), 6),
+         round(float(layout.receiver_y[graph.receiver_index[r]]), 6))
+        for _, r in edges
+    }
+    assert ends == expected
+    q = graph.receiver_index["a1.h2.q"]
+    head = graph.sender_index["a1.h2"]
+    assert layout.receiver_x[q] < layout.sender_x[head]  # q port left of its head
+    assert layout.receiver_y[q] < layout.sender_y[head]  # and just below it
+    assert layout.sender_y[graph.sender_index["input"]] < layout.receiver_y[-1]  # logits on top
+
+
+def test_plot_circuit_from_edge_scores_takes_the_top_edges(graph: Graph) -> None:
+    scores = random_scores(graph, 3)
+    fig = viz.plot_circuit(scores, top=25)
+    assert sum(n_segments(t) for t in edge_line_traces(fig)) == 25
+    (hover,) = hover_trace(fig)
+    shown = {tuple(t.split("<br>")[0].split(" → ")) for t in hover.text}
+    assert shown == {(s, r) for s, r, _ in scores.top(25)}
+    default = viz.plot_circuit(scores)
+    assert sum(n_segments(t) for t in edge_line_traces(default)) == 200
+
+
+def test_plot_circuit_without_scores_is_grey_and_refuses_top(graph: Graph) -> None:
+    circuit = Circuit.from_edges(graph, circuit_of(graph, 1, 30).edges)
+    fig = viz.plot_circuit(circuit)
+    drawn = [t for t in edge_line_traces(fig) if n_segments(t)]
+    assert sum(n_segments(t) for t in drawn) == 30
+    assert all(t.name.startswith("unscored") for t in drawn)
+    (hover,) = hover_trace(fig)
+    assert all("score n/a" in t for t in hover.text)
+    with pytest.raises(ValueError, match="no scores"):
+        viz.plot_circuit(circuit, top=5)
+
+
+def test_plot_circuit_grouped_query_and_paths(tmp_path: Path) -> None:
+    graph = Graph(GraphSpec(n_layers=2, n_heads=4, n_kv_heads=2))
+    circuit = circuit_of(graph, 2, 50)
+    path = circuit.save(tmp_path / "c.json")
+    fig = viz.plot_circuit(path)
+    assert sum(n_segments(t) for t in edge_line_traces(fig)) == 50
+    layout = viz.Layout(graph)
+    k = graph.receiver_index["a1.g1.k"]  # feeds heads 2 and 3: centred under them
+    assert layout.receiver_x[k] == pytest.approx(2.5)
+    with pytest.raises(TypeError, match="Circuit"):
+        viz.plot_circuit(42)
+
+
+def test_plot_circuit_gpt2_small_size_is_fast() -> None:
+    import time
+
+    graph = Graph(GraphSpec(n_layers=12, n_heads=12, n_kv_heads=12))
+    circuit = circuit_of(graph, 0, 1000)
+    start = time.perf_counter()
+    fig = viz.plot_circuit(circuit)
+    assert time.perf_counter() - start < 10  # the benchmark's target is 2 s; CI is shared
+    assert len(fig.data) < 45
+    assert sum(n_segments(t) for t in edge_line_traces(fig)) == 1000
+
+
+# ---------------------------------------------------------------------------- plot_diff
+
+
+def test_plot_diff_counts_equal_the_set_differences(graph: Graph) -> None:
+    a, b = circuit_of(graph, 0, 50), circuit_of(graph, 1, 70)
+    only_a = set(a.edges) - set(b.edges)
+    only_b = set(b.edges) - set(a.edges)
+    both = set(a.edges) & set(b.edges)
+    assert only_a and only_b and both
+    fig = viz.plot_diff(a, b)
+    lines = edge_line_traces(fig)
+    assert len(lines) == 12
+
+    def drawn(prefix: str) -> int:
+        return sum(n_segments(t) for t in lines if t.name.startswith(prefix))
+
+    assert drawn("only in a") == len(only_a)
+    assert drawn("only in b") == len(only_b)
+    assert drawn("in both") == len(both)
+    hovered = {
+        p: {tuple(t.split("<br>")[1].split(" → ")) for t in hover_trace(fig, p)[0].text}
+        for p in ("only in a", "only in b", "in both")
+    }
+    assert hovered == {"only in a": only_a, "only in b": only_b, "in both": both}
+    title = fig.layout.title.text
+    jaccard = len(both) / len(only_a | only_b | both)
+    assert f"only in a {len(only_a)}" in title and f"only in b {len(only_b)}" in title
+    assert f"both {len(both)}" in title and f"edge Jaccard {jaccard:.3f}" in title
+    assert f"node Jaccard {a.node_jaccard(b):.3f}" in title
+    counts = viz.diff_counts(a, b)
+    ca, cb = set(a.components), set(b.components)
+    assert counts["edge_jaccard"] == pytest.approx(a.edge_jaccard(b))
+    assert counts["node_jaccard"] == pytest.approx(a.node_jaccard(b))
+    assert (counts["nodes_only_a"], counts["nodes_only_b"], counts["nodes_both"]) == (
+        len(ca - cb), len(cb - ca), len(ca & cb)
+    )
+
+
+def test_plot_diff_nodes_classified(graph: Graph) -> None:
+    a = Circuit.from_edges(graph, [("a0.h0", "logits"), ("a0.h1", "logits")])
+    b = Circuit.from_edges(graph, [("a0.h1", "logits"), ("a1.h2", "a2.h0.v")])
+    fig = viz.plot_diff(a, b)
+    groups = {t.name: set(t.hovertext) for t in fig.data if t.mode == "markers+text"
+              and t.name.startswith("nodes")}
+    assert groups["nodes only in a (1)"] == {"a0.h0"}
+    assert groups["nodes only in b (2)"] == {"a1.h2", "a2.h0"}
+    assert groups["nodes in both (2)"] == {"a0.h1"}  # and logits, drawn as the star
+
+
+def test_plot_diff_of_snapshots_paths_and_run(run_dir: Path) -> None:
+    files = sorted((run_dir / "circuits").glob("step_*.json"))
+    a, b = Circuit.load(files[0]), Circuit.load(files[-1])
+    expected = len(set(a.edges) - set(b.edges))
+    by_path = viz.plot_diff(files[0], files[-1])
+    assert "step_000000" in by_path.layout.title.text
+    by_run = viz.plot_diff(run_dir, steps=(0, 30))
+    assert "step 0" in by_run.layout.title.text and "step 30" in by_run.layout.title.text
+    for fig in (by_path, by_run):
+        only_a = [t for t in edge_line_traces(fig) if t.name.startswith("only in step")]
+        assert sum(n_segments(t) for t in only_a[:4]) == expected
+    default = viz.plot_diff(run_dir)
+    assert default.layout.title.text == by_run.layout.title.text
+    with pytest.raises(KeyError, match="available steps: 0, 10, 20, 30"):
+        viz.plot_diff(run_dir, steps=(0, 5))
+
+
+def test_plot_diff_refuses_circuits_of_different_graphs(graph: Graph) -> None:
+    other = Graph(GraphSpec(n_layers=2, n_heads=4, n_kv_heads=4))
+    with pytest.raises(ValueError, match="different graphs"):
+        viz.plot_diff(circuit_of(graph, 0, 10), circuit_of(other, 0, 10))
+    with pytest.raises(TypeError, match="two circuits"):
+        viz.plot_diff(circuit_of(graph, 0, 10))
+
+
+# ---------------------------------------------------------------------------- node scores
+
+
+def test_plot_node_scores_heatmap(graph: Graph) -> None:
+    scores = random_scores(graph, 4)
+    fig = viz.plot_node_scores(scores)
+    (heat,) = fig.data
+    z = np.asarray(heat.z, dtype=float)
+    assert z.shape == (3, 5)
+    assert list(heat.x) == ["h0", "h1", "h2", "h3", "MLP"]
+    nodes = scores.node_scores()
+    for layer in range(3):
+        for head in range(4):
+            assert z[layer, head] == pytest.approx(nodes[f"a{layer}.h{head}"], rel=1e-6)
+        assert z[layer, 4] == pytest.approx(nodes[f"m{layer}"], rel=1e-6)
+    assert heat.zmid == 0
+    assert f"input {nodes['input']:+.4g}" in fig.layout.title.text
+    # a circuit: sums of its own edges' scores; a mapping works too
+    circuit = circuit_of(graph, 4, 20)
+    zc = np.asarray(viz.plot_node_scores(circuit).data[0].z, dtype=float)
+    expected = (circuit.scores * circuit.mask).sum(1)
+    assert zc[1, 2] == pytest.approx(float(expected[graph.sender_index["a1.h2"]]), abs=1e-6)
+    zm = np.asarray(viz.plot_node_scores({"a0.h1": 2.0, "m1": -1.0}).data[0].z, dtype=float)
+    assert zm.shape == (2, 3) and zm[0, 1] == 2.0 and zm[1, 2] == -1.0
+    with pytest.raises(ValueError, match="not a sender name"):
+        viz.plot_node_scores({"a0.h1.q": 1.0})
+
+
+# ---------------------------------------------------------------------------- evolution
+
+
+def test_plot_evolution_frames_and_curves(run_dir: Path) -> None:
+    fig = viz.plot_evolution(run_dir)
+    run = viz.read_run(run_dir)
+    assert [f.name for f in fig.frames] == ["0", "10", "20", "30"]
+    assert [s.label for s in fig.layout.sliders[0].steps] == ["0", "10", "20", "30"]
+    n_circuit = len(fig.frames[0].data)
+    for frame, step in zip(fig.frames, run.steps, strict=True):
+        assert list(frame.traces) == list(range(n_circuit))
+        lines = [t for t in frame.data if t.mode == "lines" and "→" in (t.name or "")]
+        assert sum(n_segments(t) for t in lines) == run.circuits[step].n_edges
+        assert len(frame.layout.shapes) == 6
+        assert frame.layout.shapes[0].x0 == step
+    curves = {t.name: t for t in fig.data[n_circuit:]}
+    assert list(curves["target metric"].y) == [1.0, 0.5, 0.0, -0.5]
+    assert list(curves["params moved"].y) == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert set(curves) >= {"general loss", "circuit edges", "ioi", "induction",
+                           "edge Jaccard to first", "node Jaccard to previous"}
+    circuits = [run.circuits[s] for s in run.steps]
+    assert list(curves["edge Jaccard to first"].y) == pytest.approx(
+        [circuits[0].edge_jaccard(c) for c in circuits]
+    )
+    assert list(curves["node Jaccard to previous"].y) == pytest.approx(
+        [circuits[max(0, k - 1)].node_jaccard(c) for k, c in enumerate(circuits)]
+    )
+    limited = viz.plot_evolution(run_dir, top=10, max_frames=2)
+    assert [f.name for f in limited.frames] == ["0", "30"]
+    lines = [t for t in limited.frames[1].data if t.mode == "lines" and "→" in (t.name or "")]
+    assert sum(n_segments(t) for t in lines) == 10
+    assert "top 10 of 40" in limited.frames[1].layout.title.text
+
+
+# ---------------------------------------------------------------------------- bad run dirs
+
+
+def test_read_run(run_dir: Path) -> None:
+    run = viz.read_run(run_dir)
+    assert run.steps == [0, 10, 20, 30]
+    assert run.config["top_n"] == 40 and run.config["a_future_field"] == [1, 2]
+    assert [row["step"] for row in run.metrics] == [0, 10, 20, 30]
+    assert run.graph == Graph(GraphSpec(3, 4, 4))
+
+
+def test_no_snapshots_is_a_clear_error(run_dir: Path) -> None:
+    shutil.rmtree(run_dir / "circuits")
+    with pytest.raises(viz.RunFormatError, match="no circuit snapshots"):
+        viz.plot_evolution(run_dir)
+    (run_dir / "circuits").mkdir()
+    (run_dir / "circuits" / "notes.txt").write_text("x")
+    with pytest.raises(viz.RunFormatError, match=r"step_NNNNNN\.json"):
+        viz.write_report(run_dir)
+
+
+@pytest.mark.parametrize("missing", ["run.json", "metrics.jsonl"])
+def test_missing_files_are_clear_errors(run_dir: Path, missing: str) -> None:
+    (run_dir / missing).unlink()
+    with pytest.raises(viz.RunFormatError, match=f"{missing} is missing"):
+        viz.read_run(run_dir)
+    with pytest.raises(viz.RunFormatError, match=missing):
+        viz.write_report(run_dir)
+    assert not (run_dir / "report.html").exists()
+
+
+def test_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        viz.read_run(tmp_path / "nope")
+
+
+def test_snapshots_of_different_graphs_are_a_clear_error(run_dir: Path) -> None:
+    other = Graph(GraphSpec(n_layers=2, n_heads=4, n_kv_heads=4))
+    circuit_of(other, 0, 5).save(run_dir / "circuits" / "step_000040.json")
+    with pytest.raises(viz.RunFormatError, match="step_000040.json is a circuit of a different"):
+        viz.plot_evolution(run_dir)
+
+
+def test_malformed_metrics_and_run_json(run_dir: Path) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 40}\n')
+    with pytest.raises(viz.RunFormatError, match=r"line 5: missing required key\(s\)"):
+        viz.read_run(run_dir)
+    metrics.write_text(good.replace("}\n", "}\nnot json\n", 1))
+    with pytest.raises(viz.RunFormatError, match="line 2: not valid JSON"):
+        viz.read_run(run_dir)
+    metrics.write_text(good + '{"step": 40, "targ')  # a live run mid-append: tolerated
+    assert len(viz.read_run(run_dir).metrics) == 4
+    metrics.write_text(good)
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "version": 2}))
+    with pytest.raises(viz.RunFormatError, match="version 2"):
+        viz.read_run(run_dir)
+    (run_dir / "run.json").write_text(json.dumps({**info, "format": "something"}))
+    with pytest.raises(viz.RunFormatError, match="not a ctlens run"):
+        viz.read_run(run_dir)
+
+
+def test_nan_metrics_become_gaps(run_dir: Path) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[2]["general_loss"] = math.nan
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = viz.read_run(run_dir)
+    assert run.metric_series("general_loss")[0] == [0, 10, 30]
+
+
+# ---------------------------------------------------------------------------- report
+
+
+class _Links(HTMLParser):
+    """Collects src/href attributes and script tags (script bodies are not parsed as HTML)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.scripts += tag == "script"
+        self.urls += [v or "" for k, v in attrs if k in ("src", "href")]
+
+
+def test_write_report_is_one_self_contained_file(run_dir: Path) -> None:
+    path = viz.write_report(run_dir)
+    assert path == run_dir / "report.html"
+    text = path.read_text(encoding="utf-8")
+    plotlyjs = get_plotlyjs()
+    assert text.count(plotlyjs[:200]) == 1  # inlined once, not per figure
+    parser = _Links()
+    parser.feed(text)
+    assert not [u for u in parser.urls if u.startswith(("http://", "https://", "//"))]
+    for div in ("ctlens-evolution", "ctlens-circuit", "ctlens-diff", "ctlens-nodes"):
+        assert f'id="{div}"' in text
+    assert text.count("Plotly.newPlot(") == 4
+    assert "a_future_field" in text and "agreement-flip" in text  # config table
+    assert "evals.ioi" in text  # metrics table
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    out = viz.write_report(run_dir, out=run_dir.parent / "elsewhere" / "r.html", top=5)
+    assert out.is_file()
+
+
+def test_single_snapshot_report_and_unscored_circuits(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "one", steps=(0,))
+    for file in (run_dir / "circuits").iterdir():  # strip scores: the report still works
+        doc = json.loads(file.read_text())
+        doc["scores"] = None
+        doc["edges"] = [[s, r, None] for s, r, _ in doc["edges"]]
+        file.write_text(json.dumps(doc))
+    text = viz.write_report(run_dir).read_text(encoding="utf-8")
+    assert 'id="ctlens-evolution"' in text and 'id="ctlens-diff"' not in text
+    assert 'id="ctlens-nodes"' not in text
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctlens")
+    viz.add_viz_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_report_and_diff(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = _parser().parse_args(["report", str(run_dir), "-o", str(tmp_path / "r.html")])
+    assert args.func(args) == 0
+    assert (tmp_path / "r.html").is_file()
+    a, b = run_dir / "circuits" / "step_000000.json", run_dir / "circuits" / "step_000030.json"
+    args = _parser().parse_args(["diff", str(a), str(b), "-o", str(tmp_path / "d.html")])
+    assert args.func(args) == 0
+    ca, cb = Circuit.load(a), Circuit.load(b)
+    out = capsys.readouterr().out
+    assert f"only in A: {len(set(ca.edges) - set(cb.edges))} edges" in out
+    assert (tmp_path / "d.html").read_text(encoding="utf-8").count("Plotly.newPlot(") == 1
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["diff", str(a), str(b)])  # -o is required
+
+
+def test_main_cli_when_registered(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Through ``ctlens.cli.main`` once the lead's CLI registers the viz commands."""
+    from ctlens import cli
+
+    try:
+        cli.build_parser().parse_args(["report", str(run_dir)])
+    except SystemExit:
+        pytest.skip("ctlens.cli does not register the viz commands yet")
+    assert cli.main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.html").is_file()
+    shutil.rmtree(run_dir / "circuits")
+    assert cli.main(["report", str(run_dir)]) == 2
+    assert "no circuit snapshots" in capsys.readouterr().err
+
+
+def test_viz_is_exported() -> None:
+    assert ctlens.viz is viz
+    for name in ("plot_circuit", "plot_diff", "plot_evolution", "plot_node_scores",
+                 "write_report", "read_run", "add_viz_commands"):
+        assert callable(getattr(viz, name))
