@@ -1,0 +1,211 @@
+"""The bridge's weights in HuggingFace names: mapping, counting, saving, exporting.
+
+A TransformerBridge wraps the HF module *in place* (DESIGN.md, TransformerLens 4 facts): the
+module's parameter names gain ``_original_component`` segments, the bridge adds aliases
+(``attn.q`` / ``attn.k`` / ``attn.v`` are strided views of GPT-2's fused ``attn.c_attn``;
+``attn.qkv``, ``attn.o``, ``mlp.in`` ... alias real HF modules), and ``bridge.state_dict()``
+uses TransformerLens names. None of that is a loadable HF checkpoint.
+
+The mapping here is deliberate and checked: a fresh HF module of the same class and config
+(built on the meta device, no memory, no RNG use) gives the exact HF key set; each key is
+found among the bridge's parameter and buffer names with ``._original_component`` removed;
+every real storage of the bridge's parameters must be covered by a mapped key, otherwise
+`hf_state_dict` raises (a silently dropped parameter would make exports lossy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_SEGMENT = re.compile(r"\._original_component(?=\.|$)")
+
+
+class CheckpointMismatchError(ValueError):
+    """Saved weights do not fit the model (different architecture, size or names)."""
+
+
+def hf_module(model: Any) -> torch.nn.Module:
+    """The HF module a bridge wraps (``model`` itself if it is a plain HF module)."""
+    return getattr(model, "original_model", model)
+
+
+def _fresh_keys(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """HF state-dict keys and shapes of a fresh module of the same class and config."""
+    with torch.device("meta"):
+        fresh = type(module)(module.config)
+    return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+
+
+def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """Live tensors of ``model`` under their HF state-dict names (tied weights appear twice).
+
+    The tensors are the model's own (no copy): views for reading or for in-place copies.
+    Raises if a fresh HF key has no tensor, a shape differs, or a real parameter storage of
+    the model is not reachable through the mapped keys.
+    """
+    module = hf_module(model)
+    expected = _fresh_keys(module)
+    found: dict[str, torch.Tensor] = {}
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        key = _SEGMENT.sub("", name)
+        if key in expected and key not in found:
+            found[key] = tensor
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise RuntimeError(
+            f"cannot map the model's weights to HF names: no tensor for {missing[:5]} "
+            f"({len(missing)} missing). The bridge layout changed; update ctlens.tuning.weights"
+        )
+    for key, shape in expected.items():
+        if tuple(found[key].shape) != shape:
+            raise RuntimeError(f"{key}: bridge tensor {tuple(found[key].shape)} vs HF {shape}")
+    covered = {_storage_key(t) for t in found.values()}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if _storage_key(param) not in covered:
+            raise RuntimeError(
+                f"parameter {name} is not covered by any HF key; exporting would lose it"
+            )
+    return {k: found[k] for k in expected}
+
+
+def unique_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """`hf_state_dict` with tied duplicates dropped (the first name of each storage kept)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_state_dict(model).items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident not in seen:
+            seen.add(ident)
+            out[key] = tensor
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def real_parameters(model: Any) -> list[torch.Tensor]:
+    """One flat tensor per distinct parameter storage (views and tied weights counted once)."""
+    storages: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        key = _storage_key(p)
+        if key not in storages:
+            flat = torch.empty(0, dtype=p.dtype, device=p.device)
+            flat.set_(p.untyped_storage(), 0, (p.untyped_storage().nbytes() // p.element_size(),))
+            storages[key] = flat
+    return list(storages.values())
+
+
+def count_real_parameters(model: Any) -> int:
+    """Number of real parameters (GPT-2's q/k/v views and tied embeddings counted once)."""
+    return sum(t.numel() for t in real_parameters(model))
+
+
+def snapshot(model: Any) -> list[torch.Tensor]:
+    """Detached CPU copies of `real_parameters` (for `moved_fraction`)."""
+    return [t.detach().to("cpu", copy=True) for t in real_parameters(model)]
+
+
+def moved_fraction(model: Any, start: list[torch.Tensor]) -> float:
+    """Fraction of real parameters that differ (bitwise) from ``start``."""
+    now = real_parameters(model)
+    if len(now) != len(start):
+        raise ValueError("the snapshot does not belong to this model (storage count differs)")
+    moved = sum(int((a.detach().cpu() != b).sum()) for a, b in zip(now, start, strict=True))
+    total = sum(t.numel() for t in start)
+    return moved / max(1, total)
+
+
+# ---------------------------------------------------------------------- files
+
+
+def save_weights(model: Any, path: Path) -> None:
+    """Write the model's HF-named, de-duplicated weights to a safetensors file."""
+    tensors = {
+        k: v.detach().contiguous().clone().cpu() for k, v in unique_state_dict(model).items()
+    }
+    save_file(tensors, str(path))
+
+
+@torch.no_grad()
+def load_weights(model: Any, path: Path) -> None:
+    """Copy weights written by `save_weights` into ``model`` in place.
+
+    Raises `CheckpointMismatchError` (and changes nothing) when names or shapes differ.
+    """
+    saved = load_file(str(path))
+    target = unique_state_dict(model)
+    if set(saved) != set(target):
+        extra = sorted(set(saved) - set(target))[:3]
+        missing = sorted(set(target) - set(saved))[:3]
+        raise CheckpointMismatchError(
+            f"{path} does not match this model: unexpected {extra}, missing {missing}"
+        )
+    bad = [k for k in saved if saved[k].shape != target[k].shape]
+    if bad:
+        k = bad[0]
+        raise CheckpointMismatchError(
+            f"{path} does not match this model: {k} is {tuple(saved[k].shape)} in the file "
+            f"but {tuple(target[k].shape)} in the model"
+        )
+    for key, tensor in target.items():
+        tensor.copy_(saved[key])
+
+
+def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
+    """Write ``model`` as a plain HF model directory (``save_pretrained``), atomically.
+
+    The result loads with ``transformers.AutoModelForCausalLM.from_pretrained`` and with
+    `ctlens.load_model`. An existing directory at ``out_dir`` is replaced only once the new
+    one is complete.
+    """
+    out = Path(out_dir)
+    module = hf_module(model)
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in hf_state_dict(model).items()}
+    with torch.device("meta"):
+        fresh = type(module)(module.config)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    if getattr(module.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    fresh.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``; an existing ``dst`` is removed only afterwards."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
