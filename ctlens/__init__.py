@@ -11,6 +11,12 @@ from ctlens.attribution import EdgeScores, attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, GraphSpec
+from ctlens.masking import (
+    edge_mask,
+    faithfulness,
+    faithfulness_curve,
+    restrict_gradients,
+)
 from ctlens.model import UnsupportedModelError, load_model
 from ctlens.types import Ablation, Method, Node, NodeKind
 
@@ -28,6 +34,10 @@ __all__ = [
     "TaskData",
     "UnsupportedModelError",
     "attribute",
+    "edge_mask",
+    "faithfulness",
+    "faithfulness_curve",
+    "restrict_gradients",
     "load_model",
     "mean_activations",
     "__version__",

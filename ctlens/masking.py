@@ -1,0 +1,884 @@
+"""Enforce a circuit on a model: forward edge ablation, faithfulness and gradient restriction.
+
+**Forward edge masking** (`edge_mask`). The residual stream is a sum, so receiver r's input
+is ``x_r = sum over senders s before r of a_s`` (plus constant biases). Ablating every edge
+outside the circuit means replacing, for each receiver separately, the contribution of each
+excluded sender by its reference value::
+
+    x_r'  =  x_r  +  sum over s upstream of r, (s, r) not in circuit, of  (a_s^ref - a_s)
+
+Per forward pass, sender hooks write each sender's *live* output ``a_s`` into one
+``[n_senders, batch, pos, d_model]`` buffer (in graph order, so a receiver's upstream senders
+are a prefix of it). Each receiver hook then adds ``C_r - einsum(coef_r, A[:n])``: ``coef_r``
+is the 0/1 matrix of excluded edges into that hook's receivers (trimmed to the last sender
+that has one; hooks with no excluded edge are not installed at all) and ``C_r`` the same
+contraction of the detached reference activations, precomputed once for ``mean`` and
+``zero``, computed once per forward for ``corrupt``. One einsum per receiver hook, no loop
+over edges. Because ``a_s`` enters live, the gradient through an excluded edge cancels
+exactly (d x_r'/d a_s = 1 - 1 = 0), so a model trained under the mask trains the ablated
+function. Every receiver sees upstream senders that are themselves computed under the
+mask: the result is exactly the model with those edges removed.
+
+**Faithfulness** (`faithfulness`, `faithfulness_curve`) uses the same machinery: per batch,
+one plain forward (M_full), one masked forward per circuit, and one with the empty circuit
+(M_empty); faithfulness = (M_circuit - M_empty) / (M_full - M_empty) with every M the mean
+metric over the dataset. The curve uses MIB's grid (0.1 ... 100 % of valid edges, top-N by
+|score|, ``int(fraction * n_edges)`` edges, at least 1) and MIB's areas: with x the
+fraction of edges and f the faithfulness at each grid point, CPR = sum of trapezoids
+``(x_{i+1} - x_i) (f_i + f_{i+1}) / 2`` and CMD = the same over ``|1 - f|``. The
+integration starts at the first grid point (0.001), not at 0, exactly as MIB's evaluation
+does; x is not rescaled.
+
+**Gradient restriction** (`restrict_gradients`) lets only the parameters of circuit nodes
+change, slice by slice: a head that sends along a circuit edge -> its rows/columns of W_O;
+a q (k, v) receiver -> its head's (KV head's) slice of W_Q (W_K, W_V) and bias; b_O when any
+head of that layer sends; an MLP sender -> W_out, b_out; an MLP receiver -> W_in, the gate
+and b_in; ``input`` -> token and position embeddings and ``logits`` -> the unembedding only
+when asked; LayerNorms never. Gradients of frozen slices are zeroed by tensor hooks and,
+given the optimizer, frozen slices are copied back after every ``step`` (a step post-hook),
+so they stay bit-identical under momentum and weight decay. The parameter map is read from
+the bridge's components (``blocks[l].attn.q/k/v/o``, ``blocks[l].mlp.in/gate/out``,
+``embed``, ``pos_embed``, ``unembed``): ``nn.Linear`` weights are ``[out, in]`` and GPT-2's
+``Conv1D`` weights ``[in, out]``. On GPT-2 the bridge's q/k/v weights are strided views of
+the fused ``c_attn`` parameter; the views are what receive gradients, so they are the ones
+sliced, and the fused parameter (which shares their storage) is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import nn
+
+from ctlens.attribution import _resolve_reference, mean_activations
+from ctlens.circuit import Circuit
+from ctlens.data import TaskData
+from ctlens.graph import Graph
+from ctlens.hooks import (
+    HookLayout,
+    eval_mode,
+    flat,
+    model_device,
+    receiver_hooks,
+    sender_hooks,
+)
+from ctlens.types import Ablation, NodeKind
+
+MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""MIB's circuit-size grid, as fractions of the valid edges (0.1 % ... 100 %)."""
+
+
+# ============================================================================ forward masking
+
+
+@dataclass(frozen=True)
+class _GroupPlan:
+    """Precomputed ablation for one receiver hook (a group of receiver columns)."""
+
+    n_rows: int  # senders read (a prefix of the sender list); 0: nothing to ablate
+    coef: torch.Tensor | None  # [n_rows, n_cols] 0/1 excluded edges, model dtype
+    const: torch.Tensor | None  # mean ablation: [pos, n_cols, d_model] reference sum
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the hooks need to enforce one circuit."""
+
+    circuit: Circuit
+    groups: dict[int, _GroupPlan]  # first receiver column of the hook -> plan
+    n_rows: int  # senders that any hook reads
+
+
+class EdgeMask:
+    """The handle `edge_mask` yields; it holds the circuit and the ablation reference.
+
+    Methods change what the installed hooks do; they never add or remove hooks.
+
+    - `set_circuit(circuit)`: ablate the edges outside another circuit (same graph).
+    - `set_reference(tokens)` (corrupt ablation): record the reference activations of the
+      corrupt token ids ``[batch, seq]`` with one no-grad forward (eval mode). Every
+      following masked forward must have that same ``[batch, seq]`` shape; call it again
+      for each new batch.
+    - `set_means(reference)` (mean ablation): recompute the per-position means from a
+      `TaskData` or token ids, or take a precomputed ``[n_senders, seq, d_model]`` tensor
+      from `ctlens.mean_activations`.
+    - `paused()`: a context inside which forwards run unmasked.
+    """
+
+    def __init__(self, model: Any, circuit: Circuit, ablation: Ablation) -> None:
+        self.model = model
+        self.graph = Graph.from_model(model)
+        self.ablation = ablation
+        self.device = model_device(model)
+        self.dtype = next(model.parameters()).dtype
+        self.d_model = int(model.cfg.d_model)
+        self._means: Float[torch.Tensor, "n_senders pos d_model"] | None = None
+        self._ref: Float[torch.Tensor, "n_senders batch pos d_model"] | None = None
+        self._buffer: torch.Tensor | None = None  # live sender outputs of this forward
+        self._new_forward = False
+        self._paused = False
+        self._plan = self.plan(circuit)
+
+    @property
+    def circuit(self) -> Circuit:
+        """The circuit currently enforced."""
+        return self._plan.circuit
+
+    # -------------------------------------------------------------- public controls
+
+    def set_circuit(self, circuit: Circuit) -> None:
+        """Ablate every edge outside ``circuit`` from the next forward on."""
+        self._plan = self.plan(circuit)
+
+    def set_reference(self, tokens: torch.Tensor) -> None:
+        """Corrupt ablation: record ``a^ref`` from a no-grad, eval-mode forward on ``tokens``."""
+        if self.ablation is not Ablation.CORRUPT:
+            hint = " (use set_means)" if self.ablation is Ablation.MEAN else ""
+            raise ValueError(
+                f"set_reference is for corrupt ablation; this mask uses "
+                f"{self.ablation.value!r}{hint}"
+            )
+        tokens = _check_tokens(tokens, self.model, "the corrupt reference")
+        b, p = tokens.shape
+        buffer = torch.zeros(
+            self.graph.n_senders, b, p, self.d_model, device=self.device, dtype=self.dtype
+        )
+
+        def record(rows: slice, act: torch.Tensor) -> None:
+            buffer[rows] += flat(act.detach()).permute(2, 0, 1, 3).to(buffer.dtype)
+
+        hooks = sender_hooks(self.model, self.graph, record)
+        with torch.no_grad(), eval_mode(self.model), self.paused(), self.model.hooks(hooks):
+            self.model(tokens.to(self.device))
+        self._ref = buffer
+
+    def set_means(self, reference: TaskData | torch.Tensor, batch_size: int | None = 32) -> None:
+        """Mean ablation: (re)compute or set the per-position mean sender activations."""
+        if self.ablation is not Ablation.MEAN:
+            raise ValueError(
+                f"set_means is for mean ablation; this mask uses {self.ablation.value!r}"
+            )
+        if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
+            expected = (self.graph.n_senders, self.d_model)
+            if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
+                raise ValueError(
+                    f"precomputed means must be [n_senders={expected[0]}, seq, "
+                    f"d_model={expected[1]}] (from ctlens.mean_activations), got "
+                    f"{tuple(reference.shape)}"
+                )
+            means = reference
+        elif isinstance(reference, (TaskData, torch.Tensor)):
+            means = mean_activations(self.model, reference, batch_size)
+        else:
+            raise TypeError(
+                "mean ablation needs reference=<TaskData>, token ids [n, seq] or precomputed "
+                f"means from ctlens.mean_activations; got {type(reference).__name__}"
+            )
+        self._means = means.detach().to(self.device, self.dtype)
+        self._plan = self.plan(self._plan.circuit)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside: forwards run unmasked (the hooks stay installed but do nothing)."""
+        before = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """The ``(hook_name, fn)`` pairs this mask needs: sender outputs, receiver inputs."""
+        first_input = HookLayout.from_model(self.model).input_hooks[0]
+        hooks: list[tuple[str, Any]] = []
+        for name, fn in sender_hooks(self.model, self.graph, self._on_sender):
+            if name == first_input:
+                fn = self._marks_new_forward(fn)
+            hooks.append((name, fn))
+        hooks += receiver_hooks(self.model, self.graph, self._on_receiver)
+        return hooks
+
+    # -------------------------------------------------------------- planning
+
+    def plan(self, circuit: Circuit) -> _Plan:
+        """Precompute, per receiver hook, the excluded-edge matrix and reference constant."""
+        if not isinstance(circuit, Circuit):
+            raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+        graph = self.graph
+        if circuit.graph != graph:
+            raise ValueError(
+                f"the circuit belongs to another model's graph ({circuit.graph!r}); this "
+                f"model has {graph!r}. Use a circuit found on this model."
+            )
+        excluded = graph.valid & ~circuit.mask
+        groups: dict[int, _GroupPlan] = {}
+        columns_list = [
+            graph.receiver_slice(layer, kind)
+            for layer in range(graph.spec.n_layers)
+            for kind in (NodeKind.Q, NodeKind.K, NodeKind.V, NodeKind.MLP)
+        ]
+        columns_list.append(slice(graph.n_receivers - 1, graph.n_receivers))
+        for columns in columns_list:
+            block = excluded[: graph.upstream[columns.start], columns]
+            rows = block.any(1).nonzero()
+            n_rows = int(rows.max()) + 1 if len(rows) else 0
+            coef = const = None
+            if n_rows:
+                coef = block[:n_rows].to(self.device, self.dtype)
+                if self.ablation is Ablation.MEAN and self._means is not None:
+                    const = torch.einsum("sc,spd->pcd", coef, self._means[:n_rows])
+            groups[columns.start] = _GroupPlan(n_rows, coef, const)
+        n_rows = max(g.n_rows for g in groups.values())
+        return _Plan(circuit, groups, n_rows)
+
+    def use(self, plan: _Plan) -> None:
+        """Enforce a plan made by `plan` (lets callers switch circuits without replanning)."""
+        self._plan = plan
+
+    # -------------------------------------------------------------- hooks
+
+    def _marks_new_forward(self, fn: Any) -> Any:
+        def hook(activation: torch.Tensor, hook: Any) -> Any:
+            self._new_forward = True
+            return fn(activation, hook)
+
+        return hook
+
+    def _on_sender(self, rows: slice, act: torch.Tensor) -> None:
+        n_rows = self._plan.n_rows
+        if self._paused or n_rows == 0:
+            return
+        if rows.start == 0:
+            if self._new_forward:
+                self._new_forward = False
+                self._start_forward(act)
+                assert self._buffer is not None
+                self._buffer[0] = act
+            else:
+                assert self._buffer is not None
+                self._buffer[0] = self._buffer[0] + act
+            return
+        if rows.start >= n_rows:
+            return
+        assert self._buffer is not None
+        stop = min(rows.stop, n_rows)
+        self._buffer[rows.start : stop] = flat(act).permute(2, 0, 1, 3)[: stop - rows.start]
+
+    def _start_forward(self, act: torch.Tensor) -> None:
+        b, p = act.shape[:2]
+        if self.ablation is Ablation.CORRUPT:
+            if self._ref is None:
+                raise RuntimeError(
+                    "corrupt ablation has no reference activations: pass reference=<corrupt "
+                    "token ids> to edge_mask, or call mask.set_reference(corrupt_tokens) "
+                    "before each batch"
+                )
+            if tuple(self._ref.shape[1:3]) != (b, p):
+                raise RuntimeError(
+                    f"the corrupt reference was recorded for [batch, seq] = "
+                    f"{list(self._ref.shape[1:3])} but this forward has {[b, p]}; call "
+                    "mask.set_reference(corrupt_tokens) with this batch's corrupt tokens"
+                )
+        elif self.ablation is Ablation.MEAN:
+            assert self._means is not None
+            if p > self._means.shape[1]:
+                raise RuntimeError(
+                    f"the mean reference covers {self._means.shape[1]} positions but this "
+                    f"forward has {p}; call mask.set_means(...) with prompts at least as long"
+                )
+        self._buffer = torch.empty(
+            self._plan.n_rows, b, p, self.d_model, device=act.device, dtype=act.dtype
+        )
+
+    def _on_receiver(self, columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+        if self._paused:
+            return x
+        group = self._plan.groups[columns.start]
+        if group.n_rows == 0:
+            return x
+        assert self._buffer is not None and group.coef is not None
+        live = torch.einsum("sc,sbpd->bpcd", group.coef, self._buffer[: group.n_rows])
+        if self.ablation is Ablation.CORRUPT:
+            assert self._ref is not None
+            with torch.no_grad():
+                const = torch.einsum("sc,sbpd->bpcd", group.coef, self._ref[: group.n_rows])
+            delta = const.to(live.dtype) - live
+        elif self.ablation is Ablation.MEAN:
+            assert group.const is not None
+            delta = group.const[None, : x.shape[1]].to(live.dtype) - live
+        else:
+            delta = -live
+        return x + (delta[:, :, 0] if x.ndim == 3 else delta)
+
+
+@contextlib.contextmanager
+def edge_mask(
+    model: Any,
+    circuit: Circuit,
+    ablation: str | Ablation = "mean",
+    reference: TaskData | torch.Tensor | None = None,
+    batch_size: int | None = 32,
+) -> Iterator[EdgeMask]:
+    """Inside: ``model`` computes the function with every edge outside ``circuit`` ablated.
+
+    Gradients still flow (sender activations enter live, references detached), so a model
+    can be trained under the mask. See the module docstring for the algorithm.
+
+    Args:
+        model: a bridge from `ctlens.load_model`.
+        circuit: the edges to keep; a `Circuit` of this model's graph.
+        ablation: ``"mean"``, ``"zero"`` or ``"corrupt"``.
+        reference: ``mean``: a `TaskData` or token ids ``[n, seq]`` to average over, or the
+            ``[n_senders, seq, d_model]`` output of `ctlens.mean_activations` (required).
+            ``corrupt``: the corrupt token ids ``[batch, seq]`` of the first batch, or
+            ``None`` and call ``mask.set_reference(tokens)`` before each forward.
+            ``zero``: must be ``None``.
+        batch_size: batch size for computing means from a `TaskData` or token ids.
+
+    Yields:
+        An `EdgeMask` handle (``set_circuit``, ``set_reference``, ``set_means``,
+        ``paused``).
+
+    What it changes, and restores on exit (also when the body raises): it adds forward
+    hooks to the sender-output and receiver-input hook points and removes exactly those.
+    It does not touch parameters, ``requires_grad`` or the train/eval mode (the corrupt
+    reference forward runs in eval mode and restores the mode).
+    """
+    ablation = Ablation.parse(ablation)
+    mask = EdgeMask(model, circuit, ablation)
+    if ablation is Ablation.ZERO:
+        if reference is not None:
+            raise ValueError("zero ablation takes no reference; drop the reference argument")
+    elif ablation is Ablation.MEAN:
+        if reference is None:
+            raise ValueError(
+                "mean ablation needs a reference: pass reference=<TaskData or token ids to "
+                "average over> or reference=ctlens.mean_activations(model, data)"
+            )
+        mask.set_means(reference, batch_size)
+    elif reference is not None:
+        if isinstance(reference, TaskData):
+            raise TypeError(
+                "corrupt ablation takes the corrupt token ids as reference (e.g. data.corrupt), "
+                "not a TaskData"
+            )
+        mask.set_reference(reference)
+    with model.hooks(fwd_hooks=mask.hooks()):
+        yield mask
+
+
+# ============================================================================ faithfulness
+
+
+@dataclass(frozen=True)
+class FaithfulnessResult:
+    """The result of `faithfulness`.
+
+    ``faithfulness`` is ``(metric_circuit - metric_empty) / (metric_full - metric_empty)``;
+    each metric is the mean over all examples. NaN when ``metric_full == metric_empty``.
+    """
+
+    faithfulness: float
+    metric_circuit: float
+    metric_full: float
+    metric_empty: float
+    n_edges: int
+    n_total_edges: int
+    n_examples: int
+    ablation: str
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """The result of `faithfulness_curve`.
+
+    ``fractions[i]`` of the valid edges (``n_edges[i]`` edges) give ``faithfulness[i]`` and
+    raw ``metrics[i]``. ``cpr`` (area under the curve, higher is better) and ``cmd`` (area
+    of ``|1 - faithfulness|``, lower is better) use MIB's trapezoid rule over the fraction of
+    edges (module docstring).
+    """
+
+    fractions: tuple[float, ...]
+    n_edges: tuple[int, ...]
+    faithfulness: tuple[float, ...]
+    metrics: tuple[float, ...]
+    metric_full: float
+    metric_empty: float
+    cpr: float
+    cmd: float
+    ablation: str
+    n_examples: int
+    selection: dict[str, Any] = field(default_factory=dict)
+
+
+def _normalize(value: float, full: float, empty: float) -> float:
+    gap = full - empty
+    return float("nan") if gap == 0 else (value - empty) / gap
+
+
+def _evaluate(
+    model: Any,
+    data: TaskData,
+    circuits: Sequence[Circuit],
+    ablation: Ablation,
+    reference: TaskData | torch.Tensor | None,
+    batch_size: int | None,
+) -> tuple[float, list[float]]:
+    """Mean metric of the unmasked model and of each circuit, over ``data`` in batches.
+
+    One set of hooks serves all circuits: per batch, one plain forward, (corrupt) one
+    reference forward, then one masked forward per circuit with its precomputed plan.
+    """
+    if not isinstance(data, TaskData):
+        raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
+    graph = Graph.from_model(model)
+    data.check_vocab(model.cfg.d_vocab)
+    device = model_device(model)
+    full_total = 0.0
+    totals = [0.0] * len(circuits)
+    with eval_mode(model), torch.no_grad():
+        corrupt, means = _resolve_reference(model, graph, data, ablation, reference, batch_size)
+        mask = EdgeMask(model, circuits[0], ablation)
+        if means is not None:
+            mask.set_means(means)
+        plans = [mask.plan(c) for c in circuits]
+        offset = 0
+        with model.hooks(fwd_hooks=mask.hooks()):
+            for batch in data.batches(batch_size):
+                rows = slice(offset, offset + len(batch))
+                offset += len(batch)
+                batch = batch.trimmed().to(device)
+                with mask.paused():
+                    full_logits = model(batch.clean)
+                full_total += float(batch.metric_values(full_logits, full_logits).sum())
+                if corrupt is not None:
+                    mask.set_reference(corrupt[rows, : batch.clean.shape[1]].to(device))
+                for k, plan in enumerate(plans):
+                    mask.use(plan)
+                    logits = model(batch.clean)
+                    totals[k] += float(batch.metric_values(logits, full_logits).sum())
+    n = len(data)
+    return full_total / n, [t / n for t in totals]
+
+
+def faithfulness(
+    model: Any,
+    data: TaskData,
+    circuit: Circuit,
+    ablation: str | Ablation = "corrupt",
+    reference: TaskData | torch.Tensor | None = None,
+    batch_size: int | None = 32,
+) -> FaithfulnessResult:
+    """Run ``data`` with every edge outside ``circuit`` ablated exactly; compare to full/empty.
+
+    Args:
+        model: a bridge from `ctlens.load_model`.
+        data: the task examples and metric.
+        circuit: the circuit to keep.
+        ablation: ``"corrupt"`` (the paired corrupt prompts, or ``reference`` token ids of
+            the same shape as ``data.clean``), ``"mean"`` (means over the clean prompts, or
+            over ``reference``: a `TaskData`, token ids or precomputed means) or ``"zero"``.
+        reference: see ``ablation`` (the same meaning as in `ctlens.attribute`).
+        batch_size: examples per forward pass (``None``: all at once).
+
+    Returns:
+        A frozen `FaithfulnessResult`. Runs in eval mode without gradients and restores the
+        mode; the model is left unchanged.
+    """
+    ablation = Ablation.parse(ablation)
+    graph = Graph.from_model(model)
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+    empty = Circuit.empty(graph)
+    full, (m_circuit, m_empty) = _evaluate(
+        model, data, [circuit, empty], ablation, reference, batch_size
+    )
+    value = _normalize(m_circuit, full, m_empty)
+    if math.isnan(value):
+        warnings.warn(
+            "the full model and the empty circuit give the same metric, so faithfulness is "
+            "undefined (NaN); use a task or ablation that the metric separates",
+            stacklevel=2,
+        )
+    return FaithfulnessResult(
+        faithfulness=value,
+        metric_circuit=m_circuit,
+        metric_full=full,
+        metric_empty=m_empty,
+        n_edges=circuit.n_edges,
+        n_total_edges=graph.n_edges,
+        n_examples=len(data),
+        ablation=ablation.value,
+    )
+
+
+def faithfulness_curve(
+    model: Any,
+    data: TaskData,
+    scores: Any,
+    sizes: Sequence[float] | None = None,
+    ablation: str | Ablation = "corrupt",
+    reference: TaskData | torch.Tensor | None = None,
+    batch_size: int | None = 32,
+    method: str = "top_n",
+    prune: bool = False,
+) -> FaithfulnessCurve:
+    """Faithfulness of the top-|score| circuits over a grid of sizes, with CPR and CMD.
+
+    Args:
+        model, data, ablation, reference, batch_size: as in `faithfulness`.
+        scores: `ctlens.EdgeScores` of this model.
+        sizes: increasing fractions of the valid edges in (0, 1]; default MIB's grid
+            `MIB_FRACTIONS` (0.1 % ... 100 %). Each gives ``max(1, int(f * n_edges))`` edges.
+        method: ``"top_n"`` (default) or ``"greedy"`` (see `Circuit.from_scores`).
+        prune: prune each circuit (`Circuit.from_scores`).
+
+    Returns:
+        A frozen `FaithfulnessCurve`.
+    """
+    ablation = Ablation.parse(ablation)
+    graph = Graph.from_model(model)
+    if getattr(scores, "graph", None) != graph:
+        raise ValueError(
+            "scores must be ctlens.EdgeScores computed on this model (their graph differs or "
+            "they are not EdgeScores)"
+        )
+    fractions = tuple(float(f) for f in (MIB_FRACTIONS if sizes is None else sizes))
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"sizes must be fractions of the edges in (0, 1], got {fractions}")
+    if any(b <= a for a, b in zip(fractions, fractions[1:], strict=False)):
+        raise ValueError(f"sizes must be strictly increasing, got {fractions}")
+    if method not in ("top_n", "greedy"):
+        raise ValueError(f"method must be 'top_n' or 'greedy', got {method!r}")
+    counts = tuple(max(1, int(f * graph.n_edges)) for f in fractions)
+    circuits = [Circuit.from_scores(scores, method, top_n=n, prune=prune) for n in counts]
+    empty = Circuit.empty(graph)
+    full, metrics = _evaluate(model, data, [*circuits, empty], ablation, reference, batch_size)
+    m_empty = metrics.pop()
+    faith = tuple(_normalize(m, full, m_empty) for m in metrics)
+    cpr, cmd = curve_areas(fractions, faith)
+    return FaithfulnessCurve(
+        fractions=fractions,
+        n_edges=tuple(c.n_edges for c in circuits),
+        faithfulness=faith,
+        metrics=tuple(metrics),
+        metric_full=full,
+        metric_empty=m_empty,
+        cpr=cpr,
+        cmd=cmd,
+        ablation=ablation.value,
+        n_examples=len(data),
+        selection={"method": method, "prune": prune},
+    )
+
+
+def curve_areas(fractions: Sequence[float], faith: Sequence[float]) -> tuple[float, float]:
+    """MIB's CPR and CMD: trapezoid areas of ``f`` and ``|1 - f|`` over the edge fractions."""
+    if len(fractions) != len(faith):
+        raise ValueError("fractions and faithfulness values must have the same length")
+    cpr = cmd = 0.0
+    for i in range(len(fractions) - 1):
+        width = fractions[i + 1] - fractions[i]
+        cpr += width * (faith[i] + faith[i + 1]) / 2
+        cmd += width * (abs(1 - faith[i]) + abs(1 - faith[i + 1])) / 2
+    return cpr, cmd
+
+
+# ============================================================================ gradients
+
+
+@dataclass(frozen=True)
+class ParameterRule:
+    """Which entries of one parameter may change under a circuit (True = trainable)."""
+
+    name: str
+    parameter: nn.Parameter
+    trainable: Bool[torch.Tensor, "..."]
+
+    @property
+    def n_trainable(self) -> int:
+        return int(self.trainable.sum())
+
+
+def _orientation(module: nn.Module, where: str) -> int:
+    """The axis of ``module.weight`` that indexes outputs (0 for nn.Linear, 1 for Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return 0
+    if type(module).__name__ == "Conv1D":
+        return 1
+    raise ValueError(
+        f"{where} is a {type(module).__name__}; restrict_gradients knows nn.Linear and "
+        "transformers' Conv1D weights only"
+    )
+
+
+def _component(parent: Any, name: str, where: str) -> nn.Module | None:
+    child = getattr(parent, name, None)
+    if child is None:
+        return None
+    module = getattr(child, "original_component", None)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{where}.{name} exposes no original_component; is this a ctlens bridge?")
+    return module
+
+
+def parameter_rules(
+    model: Any,
+    circuit: Circuit,
+    train_embeddings: bool = False,
+    train_unembedding: bool = False,
+) -> list[ParameterRule]:
+    """The per-parameter trainable masks that `restrict_gradients` enforces.
+
+    Covers every parameter of ``model`` that can receive a gradient (each listed once);
+    parameters that only alias another one's storage (GPT-2's fused ``c_attn`` weight, whose
+    q/k/v views are what receive gradients) are not listed. A tied embedding/unembedding
+    weight is trainable when either side is.
+    """
+    graph = Graph.from_model(model)
+    if circuit.graph != graph:
+        raise ValueError(
+            f"the circuit belongs to another model's graph ({circuit.graph!r}); this model has "
+            f"{graph!r}. Use a circuit found on this model."
+        )
+    cfg = model.cfg
+    d_head = int(cfg.d_head)
+    spec = graph.spec
+    sends = circuit.mask.any(1)
+    reads = circuit.mask.any(0)
+    masks: dict[int, torch.Tensor] = {}
+    params: dict[int, nn.Parameter] = {}
+
+    def register(p: torch.Tensor | None) -> None:
+        """Map ``p`` (all entries frozen until `allow` opens some)."""
+        if p is not None and id(p) not in masks:
+            masks[id(p)] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            params[id(p)] = p  # type: ignore[assignment]
+
+    def allow(p: torch.Tensor | None, index: tuple[Any, ...] = (...,)) -> None:
+        """Make ``p[index]`` trainable."""
+        if p is not None:
+            register(p)
+            masks[id(p)][index] = True
+
+    def head_rows(index: int) -> slice:
+        return slice(index * d_head, (index + 1) * d_head)
+
+    for layer in range(spec.n_layers):
+        where = f"blocks[{layer}]"
+        block = model.blocks[layer]
+        attn = block.attn
+        q = _component(attn, "q", f"{where}.attn")
+        k = _component(attn, "k", f"{where}.attn")
+        v = _component(attn, "v", f"{where}.attn")
+        o = _component(attn, "o", f"{where}.attn")
+        if q is None or k is None or v is None or o is None:
+            raise ValueError(
+                f"{where}.attn lacks separate q/k/v/o components; restrict_gradients needs "
+                "the bridge's split attention projections"
+            )
+        for module, kind in ((q, NodeKind.Q), (k, NodeKind.K), (v, NodeKind.V)):
+            register(module.weight)
+            register(module.bias)
+            axis = _orientation(module, f"{where}.attn.{kind.value}")
+            columns = graph.receiver_slice(layer, kind)
+            for offset, on in enumerate(reads[columns].tolist()):
+                if on:
+                    rows = head_rows(offset)
+                    allow(module.weight, (rows,) if axis == 0 else (slice(None), rows))
+                    allow(module.bias, (rows,))
+        register(o.weight)
+        register(o.bias)
+        out_axis = _orientation(o, f"{where}.attn.o")
+        heads = sends[graph.sender_slice(layer)].tolist()
+        for h, on in enumerate(heads):
+            if on:
+                rows = head_rows(h)
+                allow(o.weight, (slice(None), rows) if out_axis == 0 else (rows,))
+        if any(heads):
+            allow(o.bias)
+        mlp = block.mlp
+        inputs = [_component(mlp, n, f"{where}.mlp") for n in ("in", "gate")]
+        output = _component(mlp, "out", f"{where}.mlp")
+        if inputs[0] is None or output is None:
+            raise ValueError(f"{where}.mlp lacks in/out components; cannot map MLP parameters")
+        mlp_read = bool(reads[graph.receiver_slice(layer, NodeKind.MLP)].any())
+        mlp_send = bool(sends[graph.mlp_sender(layer)])
+        for module in inputs:
+            if module is None:
+                continue
+            register(module.weight)
+            register(getattr(module, "bias", None))
+            if mlp_read:
+                allow(module.weight)
+                allow(getattr(module, "bias", None))
+        register(output.weight)
+        register(getattr(output, "bias", None))
+        if mlp_send:
+            allow(output.weight)
+            allow(getattr(output, "bias", None))
+
+    embeds = [_component(model, n, "model") for n in ("embed", "pos_embed")]
+    for module in embeds:
+        if module is not None:
+            register(module.weight)
+            if train_embeddings and bool(sends[0]):
+                allow(module.weight)
+    unembed = _component(model, "unembed", "model")
+    if unembed is not None:
+        register(unembed.weight)
+        register(getattr(unembed, "bias", None))
+        if train_unembedding and bool(reads[-1]):
+            allow(unembed.weight)
+            allow(getattr(unembed, "bias", None))
+
+    named = list(model.named_parameters())
+    listed = {id(p) for _, p in named}
+    if any(key not in listed for key in masks):
+        raise ValueError(
+            "restrict_gradients mapped a weight that model.named_parameters() does not list; "
+            "the bridge layout is not the one ctlens knows"
+        )
+    mapped_ranges = [_memory_range(params[key]) for key in params]
+    rules: list[ParameterRule] = []
+    for name, p in named:
+        if id(p) in masks:
+            rules.append(ParameterRule(name, p, masks[id(p)]))
+        elif _overlaps(_memory_range(p), mapped_ranges):
+            continue  # an alias (GPT-2's fused qkv): its mapped views carry the gradients
+        else:
+            frozen = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            rules.append(ParameterRule(name, p, frozen))
+    return rules
+
+
+def _memory_range(p: torch.Tensor) -> tuple[int, int, int]:
+    """``(storage id, first byte, last byte + 1)`` that ``p``'s elements can occupy."""
+    if p.numel() == 0:
+        return (p.untyped_storage().data_ptr(), 0, 0)
+    span = sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride(), strict=True))
+    start = p.data_ptr()
+    return (p.untyped_storage().data_ptr(), start, start + (span + 1) * p.element_size())
+
+
+def _overlaps(r: tuple[int, int, int], ranges: list[tuple[int, int, int]]) -> bool:
+    return any(r[0] == o[0] and r[1] < o[2] and o[1] < r[2] for o in ranges)
+
+
+class GradientRestriction:
+    """The handle `restrict_gradients` yields: which parameter entries may change."""
+
+    def __init__(self, rules: list[ParameterRule]) -> None:
+        self.rules = rules
+
+    @property
+    def n_trainable(self) -> int:
+        """Number of parameter entries that may change."""
+        return sum(r.n_trainable for r in self.rules)
+
+    @property
+    def n_total(self) -> int:
+        """Number of real parameter entries (aliases counted once)."""
+        return sum(r.parameter.numel() for r in self.rules)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: bool mask}`` of the entries that may change."""
+        return {r.name: r.trainable for r in self.rules}
+
+
+@contextlib.contextmanager
+def restrict_gradients(
+    model: Any,
+    circuit: Circuit,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_embeddings: bool = False,
+    train_unembedding: bool = False,
+) -> Iterator[GradientRestriction]:
+    """Inside: only the parameters of circuit nodes change (slice by slice, module docstring).
+
+    Args:
+        model: a bridge from `ctlens.load_model`.
+        circuit: a `Circuit` of this model's graph.
+        optimizer: if given, frozen entries of its parameters are copied back after every
+            ``optimizer.step()`` so they stay bit-identical under momentum and weight decay.
+            Without it, only gradients are masked (momentum or weight decay may still move
+            frozen entries).
+        train_embeddings: let the embeddings move when ``input`` sends along a circuit edge.
+        train_unembedding: let the unembedding move when ``logits`` is a circuit receiver.
+
+    Yields:
+        A `GradientRestriction` (``rules``, ``n_trainable``, ``trainable()``).
+
+    What it changes, and restores on exit (also when the body raises): parameters with no
+    trainable entry get ``requires_grad=False``; partially trainable ones get a gradient
+    hook that zeroes frozen entries; the optimizer gets a step post-hook. On exit the hooks
+    are removed and every ``requires_grad`` flag is restored. Parameter values, gradients
+    already stored and optimizer state are not touched on entry or exit.
+    """
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    rules = parameter_rules(model, circuit, train_embeddings, train_unembedding)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles: list[Any] = []
+    try:
+        for rule in rules:
+            p, keep = rule.parameter, rule.trainable
+            if not keep.any():
+                p.requires_grad_(False)
+            elif not keep.all():
+                scale = keep.to(p.dtype)
+                handles.append(p.register_hook(lambda g, scale=scale: g * scale))
+        if optimizer is not None:
+            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            saved = [
+                (r.parameter, r.trainable, r.parameter.detach().clone())
+                for r in rules
+                if id(r.parameter) in in_optimizer and not bool(r.trainable.all())
+            ]
+
+            def restore(opt: Any, args: Any, kwargs: Any) -> None:
+                with torch.no_grad():
+                    for p, keep, old in saved:
+                        p.copy_(torch.where(keep, p, old))
+
+            handles.append(optimizer.register_step_post_hook(restore))
+        yield GradientRestriction(rules)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check_tokens(tokens: Any, model: Any, name: str) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.ndim != 2:
+        raise TypeError(f"{name} must be token ids [batch, seq] (an integer tensor)")
+    vocab = int(model.cfg.d_vocab)
+    if ((tokens < 0) | (tokens >= vocab)).any():
+        raise ValueError(f"{name} holds token ids outside the vocabulary of {vocab}")
+    return tokens.long()
+
+
+__all__ = [
+    "MIB_FRACTIONS",
+    "EdgeMask",
+    "FaithfulnessCurve",
+    "FaithfulnessResult",
+    "GradientRestriction",
+    "ParameterRule",
+    "curve_areas",
+    "edge_mask",
+    "faithfulness",
+    "faithfulness_curve",
+    "parameter_rules",
+    "restrict_gradients",
+]
