@@ -276,6 +276,7 @@ def plot_circuit(
     top: int | None = None,
     title: str | None = None,
     height: int | None = None,
+    label: str | None = None,
 ) -> go.Figure:
     """Draw a circuit (or the strongest edges of `EdgeScores`) on the layered layout.
 
@@ -285,12 +286,13 @@ def plot_circuit(
             ``EdgeScores``).
         title: figure title (default: what was drawn and how many edges).
         height: figure height in pixels (default grows with the number of layers).
+        label: what to call the circuit in the default title (default "circuit").
 
     Edge width and opacity grow with |score| (four bins of |score| / max |score|), colour is
     the sign (blue positive, red negative, grey without scores), dash the receiver (q solid,
     k dashed, v dotted). Hover an edge's midpoint or a node for names and scores.
     """
-    es = as_edge_set(circuit, top=top)
+    es = as_edge_set(circuit, top=top, label=label)
     layout = Layout(es.graph)
     fig = go.Figure()
     fig.add_traces(_edge_traces(layout, es))
@@ -439,12 +441,13 @@ def plot_diff(
     _circuit_axes(fig, layout)
     if title is None:
         title = (
-            f"{ea.label} ({counts['edges_a']} edges) vs {eb.label} ({counts['edges_b']}): "
-            f"only in {ea.label} {counts['edges_only_a']}, only in {eb.label} "
-            f"{counts['edges_only_b']}, both {counts['edges_both']}<br>"
+            f"{ea.label} ({counts['edges_a']} edges) vs {eb.label} ({counts['edges_b']} edges): "
+            f"{counts['edges_only_a']} only in {ea.label}, {counts['edges_only_b']} only in "
+            f"{eb.label}, {counts['edges_both']} in both<br>"
             f"<sup>edge Jaccard {counts['edge_jaccard']:.3f} · node Jaccard "
-            f"{counts['node_jaccard']:.3f} (nodes: only {ea.label} {counts['nodes_only_a']}, "
-            f"only {eb.label} {counts['nodes_only_b']}, both {counts['nodes_both']})</sup>"
+            f"{counts['node_jaccard']:.3f} · nodes: {counts['nodes_only_a']} only in "
+            f"{ea.label}, {counts['nodes_only_b']} only in {eb.label}, "
+            f"{counts['nodes_both']} in both</sup>"
         )
     _style(fig, title, height or _circuit_height(layout))
     fig.update_layout(margin={"t": 90})
@@ -516,9 +519,10 @@ def plot_evolution(
               "Jaccard similarity", "fraction of parameters moved",
               "other tasks" if evals else "training loss"]
     fig = make_subplots(
-        rows=3, cols=3, specs=[[{"colspan": 3}, None, None], [{}, {}, {}], [{}, {}, {}]],
-        row_heights=[0.58, 0.21, 0.21], vertical_spacing=0.07, horizontal_spacing=0.07,
-        subplot_titles=titles,
+        rows=4, cols=3,
+        specs=[[{"colspan": 3}, None, None], [None, None, None], [{}, {}, {}], [{}, {}, {}]],
+        row_heights=[0.55, 0.06, 0.195, 0.195], vertical_spacing=0.045,
+        horizontal_spacing=0.07, subplot_titles=titles,
     )
 
     def frame_traces(step: int) -> list[go.Scatter]:
@@ -539,12 +543,13 @@ def plot_evolution(
     _circuit_axes(fig, layout, row=1, col=1)
 
     panels: list[tuple[int, int, dict[str, tuple[list[int], list[float]]]]] = [
-        (2, 1, {"target metric": run.metric_series("target_metric")}),
-        (2, 2, {"general loss": run.metric_series("general_loss")}),
-        (2, 3, {"circuit edges": run.metric_series("circuit_edges")}),
-        (3, 1, jaccard_series(run)),
-        (3, 2, {"params moved": run.metric_series("params_moved")}),
-        (3, 3, evals or {"train loss": run.metric_series("train_loss")}),
+        (3, 1, {"target metric": run.metric_series("target_metric")}),
+        (3, 2, {"general loss": run.metric_series("general_loss")}),
+        (3, 3, {"circuit edges": run.metric_series("circuit_edges")}),
+        (4, 1, jaccard_series(run)),
+        (4, 2, {"params moved": run.metric_series("params_moved")}),
+        (4, 3, {f"eval: {k}": v for k, v in evals.items()}
+         or {"train loss": run.metric_series("train_loss")}),
     ]
     for row, col, series in panels:
         for k, (name, (xs, ys)) in enumerate(series.items()):
@@ -555,8 +560,9 @@ def plot_evolution(
                            hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"),
                 row=row, col=col,
             )
-        fig.update_xaxes(title_text="step", title_standoff=2, row=row, col=col)
-    fig.update_yaxes(range=[-0.02, 1.02], row=3, col=1)
+        if row == 4:
+            fig.update_xaxes(title_text="step", title_standoff=2, row=row, col=col)
+    fig.update_yaxes(range=[-0.02, 1.02], row=4, col=1)
 
     axes = [(fig.get_subplot(r, c)) for r, c, _ in panels]
 
@@ -583,8 +589,12 @@ def plot_evolution(
         for s in steps
     ]
     fig.frames = frames
+    total_height = height or max(1100, _circuit_height(layout) + 600)
+    # slider and buttons sit in the empty second row, below the circuit's tick labels
+    below_circuit = fig.layout.yaxis.domain[0] - 28 / total_height
+    legend2_top = fig.get_subplot(3, 3).yaxis.domain[1]
     slider = {
-        "active": 0, "x": 0.08, "len": 0.9, "y": 0.44, "yanchor": "top",
+        "active": 0, "x": 0.08, "len": 0.9, "y": below_circuit, "yanchor": "top",
         "currentvalue": {"prefix": "snapshot at step ", "font": {"size": 12}},
         "pad": {"t": 0, "b": 0},
         "steps": [
@@ -595,7 +605,7 @@ def plot_evolution(
         ],
     }
     buttons = {
-        "type": "buttons", "direction": "left", "x": 0.0, "y": 0.44, "yanchor": "top",
+        "type": "buttons", "direction": "left", "x": 0.0, "y": below_circuit, "yanchor": "top",
         "xanchor": "left", "showactive": False, "pad": {"t": 0, "r": 6},
         "buttons": [
             {"label": "▶", "method": "animate",
@@ -605,12 +615,12 @@ def plot_evolution(
              "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]},
         ],
     }
-    _style(fig, frame_title(steps[0]), height or max(1100, _circuit_height(layout) + 600))
+    _style(fig, frame_title(steps[0]), total_height)
     fig.update_layout(
         sliders=[slider] if len(steps) > 1 else [], updatemenus=[buttons] if len(steps) > 1 else [],
         shapes=marker_shapes(steps[0]),
         legend={"x": 1.01, "y": 1.0, "yanchor": "top"},
-        legend2={"x": 1.01, "y": 0.38, "yanchor": "top", "font": {"size": 11}},
+        legend2={"x": 1.01, "y": legend2_top, "yanchor": "top", "font": {"size": 11}},
     )
     return fig
 

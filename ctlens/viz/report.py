@@ -52,6 +52,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -164,6 +165,7 @@ def write_report(
     out_path = Path(out) if out is not None else run.path / "report.html"
     first, last = run.steps[0], run.steps[-1]
     last_circuit = run.circuits[last]
+    last_fig = plot_circuit(last_circuit, top=_top(last_circuit, top), label=f"step {last}")
     sections: list[str] = [
         f"<h1>ctlens run: {html.escape(str(run.info.get('task', '?')))} on "
         f"{html.escape(str(run.info.get('model', '?')))}</h1>",
@@ -178,7 +180,7 @@ def write_report(
         "</div>",
         f"<h2>Circuit at step {last}</h2>",
         f"<div class=\"fig\">"
-        f"{figure_div(plot_circuit(last_circuit, top=_top(last_circuit, top)), 'ctlens-circuit')}"
+        f"{figure_div(last_fig, 'ctlens-circuit')}"
         "</div>",
     ]
     if len(run.steps) > 1:
