@@ -152,6 +152,7 @@ class CircuitTuner:
         self.means: torch.Tensor | None = None
         self.last_loss: float | None = None
         self._restriction: contextlib.ExitStack | None = None
+        self._rules: list[Any] = []
         self._lora: Any = None
 
     # ------------------------------------------------------------------ public API
@@ -363,19 +364,29 @@ class CircuitTuner:
         scheduler: Any,
         params: list[torch.nn.Parameter],
     ) -> None:
+        """One optimizer step, with discovery first when ``t % every_k == 0``.
+
+        On a discovery step the previous restriction is lifted before the forward (so every
+        parameter is in the autograd graph), the new circuit's restriction is entered after
+        the backward and applied to the gradients explicitly (`_mask_grads`); between
+        discoveries the restriction's gradient hooks do it.
+        """
         cfg = self.config
         local = self._local_rows(t)
         tokens = self.task.train_tokens[local]
         discover = cfg.uses_circuit and t % cfg.every_k == 0
         record = False
         if discover:
+            self._release()
             if cfg.mode == "random":
-                self._set_circuit(self._random_circuit(t), t)
+                self._set_circuit(self._random_circuit(t))
             elif cfg.discovery == "task":
-                self._set_circuit(self._select(self._task_scores(t), t), t)
+                self._set_circuit(self._select(self._task_scores(t), t))
+                if cfg.mode in ("forward", "both"):
+                    self.means = self._train_means(t)
             elif cfg.mode in ("forward", "both"):
-                # the circuit must be known before the (masked) training forward
-                self._set_circuit(self._select(self.batch_scores(t).scores, t), t)
+                # the circuit (and its means) must be known before the masked forward
+                self._set_circuit(self._select(self.batch_scores(t).scores, t))
             else:
                 record = True
         optimizer.zero_grad(set_to_none=True)
@@ -387,11 +398,10 @@ class CircuitTuner:
             loss, metric_sum = self._loss(logits, local)
             if record:
                 scores, backward_done = self._scores_from(rec, local, loss, metric_sum, True)
-                self._set_circuit(self._select(scores, t), t)
-                if backward_done:
-                    self._restrict_existing_grads()
-                else:
+                if not backward_done:
                     loss.backward()
+                self._set_circuit(self._select(scores, t))
+                self._mask_grads()
             else:
                 loss.backward()
         del logits, rec
@@ -566,39 +576,54 @@ class CircuitTuner:
 
     # ------------------------------------------------------------------ enforcement
 
-    def _set_circuit(self, circuit: Circuit, t: int) -> None:
+    def _set_circuit(self, circuit: Circuit) -> None:
+        """Make ``circuit`` the one in force; gradient modes enter its restriction."""
         self.circuit = circuit
         self._release()
         if self.config.mode in ("gradient", "both", "random"):
-            self._restriction = contextlib.ExitStack()
-            self._restriction.enter_context(self._restrict(circuit))
+            from ctlens.masking import restrict_gradients
 
-    def _restrict(self, circuit: Circuit) -> contextlib.AbstractContextManager[Any]:
-        from ctlens.masking import restrict_gradients  # type: ignore[import-not-found]
+            stack = contextlib.ExitStack()
+            with _hidden_bias_buffer(self.model):
+                self._rules = stack.enter_context(restrict_gradients(
+                    self.model, circuit, optimizer=self._optimizer_ref,
+                    train_embeddings=self.config.train_embeddings,
+                    train_unembedding=self.config.train_unembedding,
+                )).rules
+            self._restriction = stack
 
-        return restrict_gradients(
-            self.model, circuit, optimizer=self._optimizer_ref,
-            embeddings=self.config.train_embeddings, unembedding=self.config.train_unembedding,
-        )
-
-    def _restrict_existing_grads(self) -> None:
-        """Apply the restriction to gradients computed before the circuit was known."""
-        from ctlens.masking import mask_gradients  # type: ignore[import-not-found]
-
-        if self.config.mode in ("gradient", "both", "random") and self.circuit is not None:
-            mask_gradients(self.model, self.circuit)
+    def _mask_grads(self) -> None:
+        """Apply the restriction to gradients computed before it was entered."""
+        if self._restriction is None:
+            return
+        for rule in self._rules:
+            p, keep = rule.parameter, rule.trainable
+            if p.grad is None:
+                continue
+            if not bool(keep.any()):
+                p.grad = None
+            elif not bool(keep.all()):
+                p.grad.mul_(keep.to(p.grad.dtype))
 
     def _forward_mask(self) -> contextlib.AbstractContextManager[Any]:
         if self.config.mode not in ("forward", "both") or self.circuit is None:
             return contextlib.nullcontext()
-        from ctlens.masking import edge_mask  # type: ignore[import-not-found]
+        from ctlens.masking import edge_mask
 
         return edge_mask(self.model, self.circuit, ablation="mean", reference=self.means)
+
+    def _train_means(self, t: int) -> torch.Tensor:
+        """Per-position mean sender outputs over step ``t``'s global batch (forward modes)."""
+        rows = self._global_rows(t)
+        data = TaskData(clean=self.task.train_tokens[rows],
+                        attention_mask=self.task.train_attention_mask[rows], metric="kl")
+        return mean_activations(self.model, data, batch_size=self.config.batch_size)
 
     def _release(self) -> None:
         if self._restriction is not None:
             self._restriction.close()
             self._restriction = None
+            self._rules = []
 
     _optimizer_ref: torch.optim.Optimizer | None = None
 
@@ -737,8 +762,29 @@ class CircuitTuner:
 
             circuit = Circuit(self.graph, state["circuit_mask"], state["circuit_scores"],
                               json.loads(state["circuit_metadata"]), self.model_name)
-            self._set_circuit(circuit, step)
+            self._set_circuit(circuit)
         self.step = step
+
+
+@contextlib.contextmanager
+def _hidden_bias_buffer(model: Any) -> Any:
+    """Hide the bridge's zero unembedding-bias *buffer* while the restriction is planned.
+
+    The GPT-2 bridge gives ``lm_head`` a ``bias`` buffer (not a parameter);
+    `ctlens.masking.parameter_rules` (as of 2993f2c) registers it like a parameter and then
+    refuses the model. Rules are computed on entry only, so hiding the buffer for the
+    duration of the ``__enter__`` is enough; it is put back unchanged.
+    """
+    unembed = getattr(getattr(model, "unembed", None), "original_component", None)
+    buffers = getattr(unembed, "_buffers", {})
+    if "bias" not in buffers:
+        yield
+        return
+    value = buffers.pop("bias")
+    try:
+        yield
+    finally:
+        buffers["bias"] = value
 
 
 def _json_str(data: Any) -> str:

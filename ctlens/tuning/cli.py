@@ -1,0 +1,148 @@
+"""``ctlens tune``: a circuit-tuning run from the command line.
+
+``ctlens/cli.py`` calls `add_tune_commands` with its sub-parser collection. Every
+`TuneConfig` field has an option (``top_n`` -> ``--top-n``; booleans as ``--x/--no-x``;
+``none`` for optional numbers), so the command and the Python API cannot drift apart::
+
+    ctlens tune --model zoo:tiny-gpt2 --task agreement-flip --mode gradient --top-n 300 \\
+        --every-k 1 --steps 200 --out runs/flip
+
+Running the same command again on its ``--out`` directory resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any
+
+from ctlens.tuning.config import TuneConfig
+
+DEFAULT_MODEL = "zoo:tiny-gpt2"
+DEFAULT_TASK = "agreement-flip"
+
+_HELP: dict[str, str] = {
+    "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
+    "top_n": "edges in the circuit (the final N when a schedule is used)",
+    "top_n_start": "first N of the schedule (default: --top-n)",
+    "top_n_schedule": "N schedule from --top-n-start to --top-n",
+    "every_k": "re-discover the circuit every K optimizer steps",
+    "discovery": "batch: EAP on the training batch (paper); task: on the discovery pairs",
+    "batch_metric": "what batch discovery differentiates: the task metric or minus the loss",
+    "discovery_ablation": "ablation for --discovery task",
+    "discovery_batches": "batches of discovery pairs per task discovery",
+    "ema": "moving average of scores across rediscoveries (0: off)",
+    "train_embeddings": "let the input node's embeddings move when in the circuit",
+    "train_unembedding": "let the logits node's unembedding move when in the circuit",
+    "steps": "optimizer steps",
+    "batch_size": "training rows per step (global, across ranks)",
+    "lr": "learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay",
+    "betas": "AdamW betas",
+    "grad_clip": "gradient-norm clipping (none: off)",
+    "lr_schedule": "learning-rate decay after warm-up",
+    "warmup_steps": "linear warm-up steps",
+    "metric_beta": "add beta * |task metric| to the loss (the paper's de-biasing term)",
+    "lora_rank": "LoRA rank (--mode lora)",
+    "lora_alpha": "LoRA alpha (--mode lora)",
+    "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
+    "eval_examples": "examples per evaluation set (none: all)",
+    "save_every": "checkpoint every N steps",
+    "keep_checkpoints": "checkpoints kept on disk",
+    "seed": "seed of data order, random circuits and the task sample",
+    "export": "write the tuned model as an HF directory RUN/model at the end",
+    "progress": "show a progress bar",
+}
+
+
+def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``ctlens tune`` on ``subparsers``; returns its parser."""
+    p = subparsers.add_parser(
+        "tune",
+        help="circuit-tune a model on a task (resumes when --out holds the same run)",
+        description="Fine-tune a model only inside its task circuit, rediscovered every K "
+        "steps (arXiv 2502.06106), or run a baseline (full, random, lora). Writes a run "
+        "directory (docs/run-format.md): run.json, metrics.jsonl, circuits/, checkpoints/, "
+        "model/. Running the same command again resumes from the last checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="zoo:NAME, a local HF model directory or a hub name")
+    p.add_argument("--task", default=DEFAULT_TASK,
+                   help="task name (ctlens.tasks.names()) or a JSONL file")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different run in --out (only the run's own files)")
+    p.add_argument("--n", type=int, default=256, help="examples per discovery/eval set")
+    p.add_argument("--n-train", type=int, default=1024, help="training rows")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    hints = typing.get_type_hints(TuneConfig)
+    for field in dataclasses.fields(TuneConfig):
+        _add_field(p, field, hints[field.name])
+    p.set_defaults(func=run_tune)
+    return p
+
+
+def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
+    flag = "--" + field.name.replace("_", "-")
+    help_text = _HELP.get(field.name, field.name)
+    default = field.default
+    args = typing.get_args(hint)
+    if hint is bool:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                       help=help_text)
+    elif typing.get_origin(hint) is typing.Literal:
+        p.add_argument(flag, choices=list(args), default=default, help=help_text)
+    elif field.name == "betas":
+        p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
+                       help=help_text)
+    elif type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        p.add_argument(flag, type=_optional(inner), default=default,
+                       help=help_text + " (a number or 'none')")
+    else:
+        p.add_argument(flag, type=hint, default=default, help=help_text)
+
+
+def _optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> TuneConfig:
+    """The `TuneConfig` described by parsed ``ctlens tune`` arguments."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)}
+    values["betas"] = tuple(values["betas"])
+    return TuneConfig(**values)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Run ``ctlens tune``; prints the last evaluation and where the results are."""
+    import torch
+
+    import ctlens
+    from ctlens.tuning.runner import CircuitTuner
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    model = ctlens.load_model(args.model, device=args.device)
+    task = ctlens.tasks.load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+                             tokenizer=getattr(model, "tokenizer", None))
+    result = CircuitTuner(model, task, config, model_name=args.model).run(
+        args.out, overwrite=args.overwrite
+    )
+    summary = {k: result.metrics.get(k) for k in
+               ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
+    print(json.dumps(summary))
+    print(f"results in {result.out_dir} (metrics.jsonl, circuits/"
+          f"{', model/' if result.model_dir else ''}); plot with: ctlens report {result.out_dir}",
+          file=sys.stderr)
+    return 0
