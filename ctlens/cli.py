@@ -22,6 +22,8 @@ DEFAULT_TASK = "agreement"
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for the docs' CLI reference)."""
     from ctlens import __version__
+    from ctlens.tuning.cli import add_tune_commands
+    from ctlens.viz.cli import add_viz_commands
     from ctlens.zoo.cli import add_zoo_commands
 
     parser = argparse.ArgumentParser(
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctlens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_discover(commands)
+    add_tune_commands(commands)
+    add_viz_commands(commands)
     add_zoo_commands(commands)
     return parser
 
