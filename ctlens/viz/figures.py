@@ -98,41 +98,49 @@ def _edge_hover(
         for i, j, v in zip(rows.tolist(), cols.tolist(), values, strict=True)
     ]
     return go.Scatter(
-        x=mx, y=my, mode="markers", text=text, hoverinfo="text", name="edges",
+        x=mx, y=my, mode="markers", text=_strings(text), hoverinfo="text", name="edges",
         marker={"size": 8, "color": "rgba(0,0,0,0)"}, showlegend=False,
     )
 
 
+def _strings(items: list[str]) -> np.ndarray:
+    """Strings as an object array: plotly stores it as is instead of checking every item."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
 def _port_traces(layout: Layout, mask: torch.Tensor) -> list[go.Scatter]:
-    """The q/k/v ports that receive an edge of ``mask``, and their links to their heads."""
+    """The q, k and v ports that receive an edge of ``mask`` (one trace per kind, so the
+    marker symbol is a scalar), and one trace of links from each port to its head(s)."""
     g = layout.graph
     read = mask.any(0)
     n_in = mask.sum(0)
     symbols = {NodeKind.Q: "triangle-up", NodeKind.K: "square", NodeKind.V: "diamond"}
-    px: list[float] = []
-    py: list[float] = []
-    sym: list[str] = []
-    text: list[str] = []
+    ports: dict[NodeKind, list[int]] = {kind: [] for kind in symbols}
     lx: list[float | None] = []
     ly: list[float | None] = []
     for j, node in enumerate(g.receiver_nodes):
         if node.kind not in symbols or not read[j]:
             continue
+        ports[node.kind].append(j)
         x, y = float(layout.receiver_x[j]), float(layout.receiver_y[j])
-        px.append(x)
-        py.append(y)
-        sym.append(symbols[node.kind])
-        text.append(f"{node.name}<br>{int(n_in[j])} incoming edge(s)")
         for row in layout.port_owner[j]:
             lx += [x, float(layout.sender_x[row]), None]
             ly += [y, float(layout.sender_y[row]), None]
-    return [
-        go.Scatter(x=lx, y=ly, mode="lines", hoverinfo="skip", showlegend=False, name="ports",
+    traces = [
+        go.Scatter(x=np.array(lx, dtype=float), y=np.array(ly, dtype=float), mode="lines",
+                   hoverinfo="skip", showlegend=False, name="ports",
                    line={"color": "#999999", "width": 0.8}),
-        go.Scatter(x=px, y=py, mode="markers", text=text, hoverinfo="text", name="q/k/v ports",
-                   showlegend=False,
-                   marker={"symbol": sym, "size": 6, "color": "#666666", "line": {"width": 0}}),
     ]
+    for kind, cols in ports.items():
+        traces.append(go.Scatter(
+            x=layout.receiver_x[cols].numpy(), y=layout.receiver_y[cols].numpy(),
+            mode="markers", hoverinfo="text", name=f"{kind.value} ports", showlegend=False,
+            text=_strings([f"{g.receivers[j]}<br>{int(n_in[j])} incoming edge(s)" for j in cols]),
+            marker={"symbol": symbols[kind], "size": 6, "color": "#666666", "line": {"width": 0}},
+        ))
+    return traces
 
 
 def _node_traces(
@@ -158,8 +166,9 @@ def _node_traces(
         ]
         return go.Scatter(
             x=layout.sender_x[rows].numpy(), y=layout.sender_y[rows].numpy(),
-            mode="markers+text", text=labels, textposition="middle right",
-            textfont={"size": 10, "color": "#333333"}, hovertext=text, hoverinfo="text",
+            mode="markers+text", text=_strings(labels), textposition="middle right",
+            textfont={"size": 10, "color": "#333333"}, hovertext=_strings(text),
+            hoverinfo="text",
             name=name, showlegend=legend,
             marker={"symbol": [symbol[n.kind] for n in nodes], "size": size, "color": colour,
                     "line": {"width": 1, "color": "white"}},
@@ -253,11 +262,7 @@ def _node_hover(layout: Layout, es: EdgeSet) -> dict[int, str]:
     """Hover text per sender: name, edges out/in, and the summed score of its shown edges."""
     g = layout.graph
     out_edges = es.mask.sum(1)
-    in_edges = torch.zeros(g.n_senders, dtype=torch.long)
-    per_port = es.mask.sum(0)
-    for j, owners in enumerate(layout.port_owner):
-        for row in owners:
-            in_edges[row] += per_port[j]
+    in_edges = (es.mask.sum(0).float() @ layout.owner_matrix).long()
     total = (es.scores * es.mask).sum(1) if es.scores is not None else None
     text: dict[int, str] = {}
     for i, node in enumerate(g.sender_nodes):

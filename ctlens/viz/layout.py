@@ -123,6 +123,14 @@ class Layout:
                 owners.append([])
         return owners
 
+    @cached_property
+    def owner_matrix(self) -> torch.Tensor:
+        """fp32 ``[n_receivers, n_senders]``: 1 where the receiver is a port of that sender."""
+        owners = torch.zeros(self.graph.n_receivers, self.graph.n_senders)
+        for j, rows in enumerate(self.port_owner):
+            owners[j, rows] = 1.0
+        return owners
+
     @property
     def logits_xy(self) -> tuple[float, float]:
         return self.centre, self.top
@@ -189,12 +197,7 @@ class EdgeSet:
 
 def active_senders(layout: Layout, mask: torch.Tensor) -> torch.Tensor:
     """Bool per sender row: the node sends an edge of ``mask`` or owns a port that receives one."""
-    active = mask.any(1).clone()
-    received = mask.any(0).nonzero().flatten().tolist()
-    for j in received:
-        for row in layout.port_owner[j]:
-            active[row] = True
-    return active
+    return mask.any(1) | ((mask.any(0).float() @ layout.owner_matrix) > 0)
 
 
 def _dense_scores(obj: Any, graph: Graph) -> torch.Tensor | None:
