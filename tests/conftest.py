@@ -10,6 +10,10 @@ import ctlens
 
 VOCAB = 50
 
+# The tiny test models are latency-bound: on a small shared machine, intra-op threads only
+# add synchronisation waits (a 2-layer forward drops from ~0.8 s to a few ms with one thread).
+torch.set_num_threads(1)
+
 
 def tiny_gpt2_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
     """A 2-layer GPT-2 with 4 heads, d_model 32, no dropout."""
