@@ -18,6 +18,7 @@ from ctlens.masking import (
     restrict_gradients,
 )
 from ctlens.model import UnsupportedModelError, load_model
+from ctlens.tuning import CircuitTuner, TuneConfig
 from ctlens.types import Ablation, Method, Node, NodeKind
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ablation",
     "Circuit",
+    "CircuitTuner",
     "EdgeScores",
     "Graph",
     "GraphSpec",
@@ -32,6 +34,7 @@ __all__ = [
     "Node",
     "NodeKind",
     "TaskData",
+    "TuneConfig",
     "UnsupportedModelError",
     "attribute",
     "edge_mask",

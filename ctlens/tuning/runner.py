@@ -276,6 +276,8 @@ class CircuitTuner:
                     if rd.metrics.exists():
                         rd.truncate_metrics(-1)
                 else:
+                    # refuse a checkpoint of another model before touching anything
+                    W.check_weights(self.model, rd.checkpoint_dir(start) / "weights.safetensors")
                     rd.truncate_metrics(start)
                     wall = float(load_torch(rd.checkpoint_dir(start) / "state.pt")["wall_time"])
             rd.circuits.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,34 @@ def save_weights(model: Any, path: Path) -> None:
     save_file(tensors, str(path))
 
 
+def check_weights(model: Any, path: Path) -> None:
+    """Raise `CheckpointMismatchError` unless ``path`` holds weights that fit ``model``."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise CheckpointMismatchError(f"{path} is missing: the checkpoint is incomplete")
+    with safe_open(str(path), framework="pt") as handle:
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    _compare(path, shapes, unique_state_dict(model))
+
+
+def _compare(
+    path: Path, shapes: dict[str, tuple[int, ...]], target: dict[str, torch.Tensor]
+) -> None:
+    if set(shapes) != set(target):
+        extra = sorted(set(shapes) - set(target))[:3]
+        missing = sorted(set(target) - set(shapes))[:3]
+        raise CheckpointMismatchError(
+            f"{path} does not match this model: unexpected {extra}, missing {missing}"
+        )
+    for k, shape in shapes.items():
+        if shape != tuple(target[k].shape):
+            raise CheckpointMismatchError(
+                f"{path} does not match this model: {k} is {shape} in the file but "
+                f"{tuple(target[k].shape)} in the model"
+            )
+
+
 @torch.no_grad()
 def load_weights(model: Any, path: Path) -> None:
     """Copy weights written by `save_weights` into ``model`` in place.
@@ -146,19 +174,7 @@ def load_weights(model: Any, path: Path) -> None:
     """
     saved = load_file(str(path))
     target = unique_state_dict(model)
-    if set(saved) != set(target):
-        extra = sorted(set(saved) - set(target))[:3]
-        missing = sorted(set(target) - set(saved))[:3]
-        raise CheckpointMismatchError(
-            f"{path} does not match this model: unexpected {extra}, missing {missing}"
-        )
-    bad = [k for k in saved if saved[k].shape != target[k].shape]
-    if bad:
-        k = bad[0]
-        raise CheckpointMismatchError(
-            f"{path} does not match this model: {k} is {tuple(saved[k].shape)} in the file "
-            f"but {tuple(target[k].shape)} in the model"
-        )
+    _compare(path, {k: tuple(v.shape) for k, v in saved.items()}, target)
     for key, tensor in target.items():
         tensor.copy_(saved[key])
 

@@ -1,0 +1,79 @@
+"""A small hand-built task for the tuning tests, and a subprocess entry point.
+
+``python tests/tuning_toy.py '<json>'`` runs one `CircuitTuner` on the tiny GPT-2 with the
+toy task (used by the SIGKILL and data-parallel tests). JSON keys: ``out`` (run directory),
+``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module  # noqa: E402
+
+import ctlens  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    """Any object with these fields works with `CircuitTuner` (the `TuneTask` protocol)."""
+
+    discovery: ctlens.TaskData
+    train_tokens: torch.Tensor
+    train_target_mask: torch.Tensor
+    train_attention_mask: torch.Tensor
+    train_data: ctlens.TaskData
+    evals: Mapping[str, ctlens.TaskData]
+    target_eval: str
+    general_tokens: torch.Tensor | None = None
+    general_attention_mask: torch.Tensor | None = None
+    name: str = "toy"
+
+
+def toy_task(n: int = 24, seq: int = 8, seed: int = 3) -> ToyTask:
+    """Right-padded random rows whose last real token is the training target."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (n, seq), generator=gen)
+    lengths = torch.randint(seq - 2, seq + 1, (n,), generator=gen)
+    attention = torch.arange(seq)[None] < lengths[:, None]
+    tokens[~attention] = 0
+    target = torch.zeros_like(attention)
+    target[torch.arange(n), lengths - 1] = True
+    correct = tokens[torch.arange(n), lengths - 1]
+    wrong = correct % (VOCAB - 1) + 1
+    train = ctlens.TaskData(clean=tokens, correct=correct, wrong=wrong, positions=lengths - 2,
+                            attention_mask=attention)
+    return ToyTask(
+        discovery=random_task(12, 7, seed=seed),
+        train_tokens=tokens,
+        train_target_mask=target,
+        train_attention_mask=attention,
+        train_data=train,
+        evals={"toy": train[:8], "other": random_task(6, 7, seed=9)},
+        target_eval="toy",
+        general_tokens=torch.randint(1, VOCAB, (4, 12), generator=gen),
+    )
+
+
+def tiny_model(family: str = "gpt2", seed: int = 0):
+    build = tiny_gpt2_module if family == "gpt2" else tiny_llama_module
+    return ctlens.load_model(build(seed=seed))
+
+
+def main(spec: dict) -> None:
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    model = tiny_model(spec.get("family", "gpt2"))
+    config = ctlens.TuneConfig(**spec["config"])
+    ctlens.CircuitTuner(model, toy_task(), config).run(spec["out"])
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
