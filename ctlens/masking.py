@@ -657,14 +657,15 @@ def parameter_rules(
     params: dict[int, nn.Parameter] = {}
 
     def register(p: torch.Tensor | None) -> None:
-        """Map ``p`` (all entries frozen until `allow` opens some)."""
-        if p is not None and id(p) not in masks:
+        """Map ``p`` (all entries frozen until `allow` opens some); plain tensors that are
+        not parameters (the bridge's constant unembedding bias) are skipped."""
+        if isinstance(p, nn.Parameter) and id(p) not in masks:
             masks[id(p)] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
             params[id(p)] = p  # type: ignore[assignment]
 
     def allow(p: torch.Tensor | None, index: tuple[Any, ...] = (...,)) -> None:
         """Make ``p[index]`` trainable."""
-        if p is not None:
+        if isinstance(p, nn.Parameter):
             register(p)
             masks[id(p)][index] = True
 
