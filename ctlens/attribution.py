@@ -101,13 +101,13 @@ class EdgeScores:
         Every sender feeds ``logits``, so to first order this equals ablating the node.
         """
         totals = self.scores.sum(1)
-        return {name: float(v) for name, v in zip(self.graph.senders, totals)}
+        return {name: float(v) for name, v in zip(self.graph.senders, totals, strict=True)}
 
     def to_networkx(self) -> nx.DiGraph:
         """`Graph.to_networkx` with a ``score`` on every (non-internal) edge."""
         g = self.graph.to_networkx()
         rows, cols = self.graph.valid.nonzero(as_tuple=True)
-        for i, j in zip(rows.tolist(), cols.tolist()):
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
             g.edges[self.graph.senders[i], self.graph.receivers[j]]["score"] = float(
                 self.scores[i, j]
             )
@@ -196,9 +196,9 @@ def attribute(
         "method": method.value,
         "ablation": ablation.value,
         "n_examples": len(data),
-        "metric": data.metric if isinstance(data.metric, str) else getattr(
-            data.metric, "__name__", "custom"
-        ),
+        "metric": data.metric
+        if isinstance(data.metric, str)
+        else getattr(data.metric, "__name__", "custom"),
         "metric_clean": totals["clean"] / len(data),
         "seconds": time.perf_counter() - start,
         "model": getattr(model.cfg, "model_name", None),
@@ -230,8 +230,11 @@ def mean_activations(
     if isinstance(reference, torch.Tensor):
         if reference.dtype.is_floating_point:
             raise TypeError("mean_activations takes token ids, not activations")
-        reference = TaskData(clean=reference, metric="logprob", correct=torch.zeros(
-            reference.shape[0], dtype=torch.long))
+        reference = TaskData(
+            clean=reference,
+            metric="logprob",
+            correct=torch.zeros(reference.shape[0], dtype=torch.long),
+        )
     reference.check_vocab(model.cfg.d_vocab)
     seq = reference.clean.shape[1]
     total = torch.zeros(graph.n_senders, seq, model.cfg.d_model, device=device)

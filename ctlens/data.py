@@ -57,16 +57,18 @@ class TaskData:
 
     clean: Int[torch.Tensor, "batch seq"]
     corrupt: Int[torch.Tensor, "batch seq"] | None = None
-    correct: Int[torch.Tensor, "batch *P"] | None = None
-    wrong: Int[torch.Tensor, "batch *P"] | None = None
-    positions: Int[torch.Tensor, "batch *P"] | None = None
+    correct: Int[torch.Tensor, " batch *P"] | None = None
+    wrong: Int[torch.Tensor, " batch *P"] | None = None
+    positions: Int[torch.Tensor, " batch *P"] | None = None
     attention_mask: Bool[torch.Tensor, "batch seq"] | None = None
     metric: str | MetricFn = "logit_diff"
 
     def __post_init__(self) -> None:
         clean = _as_long(self.clean, "clean")
         if clean.ndim != 2:
-            raise ValueError(f"clean must be [batch, seq] token ids, got shape {tuple(clean.shape)}")
+            raise ValueError(
+                f"clean must be [batch, seq] token ids, got shape {tuple(clean.shape)}"
+            )
         if clean.shape[0] == 0 or clean.shape[1] == 0:
             raise ValueError(
                 f"TaskData is empty (clean has shape {tuple(clean.shape)}); "
@@ -120,10 +122,13 @@ class TaskData:
 
         if isinstance(self.metric, str) and self.metric not in BUILTIN_METRICS:
             raise ValueError(
-                f"unknown metric {self.metric!r}; choose one of {BUILTIN_METRICS} or pass a callable"
+                f"unknown metric {self.metric!r}; choose one of {BUILTIN_METRICS} "
+                "or pass a callable"
             )
         if not isinstance(self.metric, str) and not callable(self.metric):
-            raise TypeError(f"metric must be a name or a callable, got {type(self.metric).__name__}")
+            raise TypeError(
+                f"metric must be a name or a callable, got {type(self.metric).__name__}"
+            )
         needs_correct = self.metric in ("logit_diff", "prob_diff", "logprob")
         needs_wrong = self.metric in ("logit_diff", "prob_diff")
         for name, needed in (("correct", needs_correct), ("wrong", needs_wrong)):
@@ -281,7 +286,7 @@ class TaskData:
         corrupt_ids = None
         if corrupt_prompts is not None:
             corrupt_ids = [_encode(tokenizer, p) for p in corrupt_prompts]
-            for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
+            for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids, strict=True)):
                 if len(a) != len(b):
                     raise _UnitError(
                         i,
@@ -291,10 +296,14 @@ class TaskData:
                     )
         correct = wrong = None
         if answers is not None:
-            correct = [_answer_id(tokenizer, p, a, i) for i, (p, a) in enumerate(zip(prompts, answers))]
+            correct = [
+                _answer_id(tokenizer, p, a, i)
+                for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+            ]
         if wrong_answers is not None:
             wrong = [
-                _answer_id(tokenizer, p, a, i) for i, (p, a) in enumerate(zip(prompts, wrong_answers))
+                _answer_id(tokenizer, p, a, i)
+                for i, (p, a) in enumerate(zip(prompts, wrong_answers, strict=True))
             ]
 
         pad = getattr(tokenizer, "pad_token_id", None)

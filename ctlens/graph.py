@@ -209,7 +209,10 @@ class Graph:
     def edges(self) -> list[tuple[str, str]]:
         """All valid edges as ``(sender, receiver)`` name pairs, sender-major."""
         rows, cols = self.valid.nonzero(as_tuple=True)
-        return [(self.senders[i], self.receivers[j]) for i, j in zip(rows.tolist(), cols.tolist())]
+        return [
+            (self.senders[i], self.receivers[j])
+            for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
+        ]
 
     def _describe(self) -> str:
         s = self.spec

@@ -114,7 +114,9 @@ def receiver_hooks(
 
     for layer in range(layout.n_layers):
         for kind in (NodeKind.Q, NodeKind.K, NodeKind.V):
-            hooks.append((layout.qkv_in(layer, kind), make(graph.receiver_slice(layer, kind), False)))
+            hooks.append(
+                (layout.qkv_in(layer, kind), make(graph.receiver_slice(layer, kind), False))
+            )
         hooks.append((layout.mlp_in(layer), make(graph.receiver_slice(layer, NodeKind.MLP), True)))
     last = graph.n_receivers - 1
     hooks.append((layout.logits_in, make(slice(last, last + 1), True)))
@@ -144,7 +146,7 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in zip(params, before):
+        for p, flag in zip(params, before, strict=True):
             p.requires_grad_(flag)
 
 

@@ -132,7 +132,9 @@ def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no config.json; is it a HuggingFace model directory?")
+        raise FileNotFoundError(
+            f"{path} holds no config.json; is it a HuggingFace model directory?"
+        )
     module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     if tokenizer is None:
         try:
@@ -184,9 +186,16 @@ def _wrap(
 def _configure(bridge: Any) -> Any:
     """Switch on the hooks ctlens reads and check that they fire."""
     bridge.enable_compatibility_mode(no_processing=True)
-    bridge.set_use_attn_result(True)
-    bridge.set_use_split_qkv_input(True)
-    bridge.set_use_hook_mlp_in(True)
+    try:
+        bridge.set_use_attn_result(True)
+        bridge.set_use_split_qkv_input(True)
+        bridge.set_use_hook_mlp_in(True)
+    except (NotImplementedError, ValueError) as err:
+        arch = _architecture(bridge.original_model)
+        raise UnsupportedModelError(
+            f"{arch} cannot be analysed exactly: its TransformerLens bridge cannot expose "
+            f"per-head outputs and split q/k/v inputs ({err})"
+        ) from err
     bridge.eval()
     required = ("blocks.0.attn.hook_result", "blocks.0.hook_q_input", "blocks.0.hook_k_input")
     missing = [h for h in required if h not in bridge.hook_dict]

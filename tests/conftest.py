@@ -19,8 +19,16 @@ def tiny_gpt2_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2L
     """A 2-layer GPT-2 with 4 heads, d_model 32, no dropout."""
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=16,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config).to(dtype).eval()
 
@@ -29,14 +37,23 @@ def tiny_llama_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> Llam
     """A 2-layer Llama with 4 heads in 2 KV groups (grouped-query attention), d_model 32."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=16,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def random_task(n: int = 6, seq: int = 7, seed: int = 1, metric: str = "logit_diff") -> ctlens.TaskData:
+def random_task(
+    n: int = 6, seq: int = 7, seed: int = 1, metric: str = "logit_diff"
+) -> ctlens.TaskData:
     """Random clean/corrupt pairs of varying length (right-padded) with random answers."""
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randint(1, VOCAB, (n, seq), generator=gen)

@@ -23,7 +23,13 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
-from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import ctlens
 from ctlens.attribution import EdgeScores, mean_activations
@@ -48,7 +54,11 @@ class HFReference:
         else:
             self.blocks = list(module.model.layers)
             self.final_norm = module.model.norm
-            self.H, self.K, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+            self.H, self.K, self.d = (
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.hidden_size,
+            )
         self.L, self.dh = len(self.blocks), self.d // self.H
         kv = "h" if self.K == self.H else "g"
         self.senders = ["input"]
@@ -116,15 +126,27 @@ class HFReference:
 
             mine = {j: e for j, e in perturb.items() if self.rinfo[j][1] == layer}
             if self.gpt2:
-                handles.append(attn.c_attn.register_forward_hook(self._gpt2_qkv(layer, ln1, attn, mine, pre_ln)))
+                handles.append(
+                    attn.c_attn.register_forward_hook(
+                        self._gpt2_qkv(layer, ln1, attn, mine, pre_ln)
+                    )
+                )
             else:
                 for kind, proj in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj)):
-                    handles.append(proj.register_forward_hook(self._llama_proj(layer, kind, ln1, proj, mine, pre_ln)))
+                    handles.append(
+                        proj.register_forward_hook(
+                            self._llama_proj(layer, kind, ln1, proj, mine, pre_ln)
+                        )
+                    )
 
             def heads(mod, args, layer=layer, out_proj=out_proj):
                 z = args[0].unflatten(-1, (self.H, self.dh))
                 w = out_proj.weight
-                w = w.unflatten(0, (self.H, self.dh)) if self.gpt2 else w.T.unflatten(0, (self.H, self.dh))
+                w = (
+                    w.unflatten(0, (self.H, self.dh))
+                    if self.gpt2
+                    else w.T.unflatten(0, (self.H, self.dh))
+                )
                 result = torch.einsum("bphe,hed->hbpd", z, w)
                 for h in range(self.H):
                     acts[f"a{layer}.h{h}"] = result[h]
@@ -132,11 +154,15 @@ class HFReference:
             handles.append(out_proj.register_forward_pre_hook(heads))
             if residual_shift is not None and residual_shift[0] == layer:
                 shift = residual_shift[1]
-                handles.append(attn.register_forward_hook(lambda mod, a, out: (out[0] + shift, *out[1:])))
+                handles.append(
+                    attn.register_forward_hook(lambda mod, a, out, s=shift: (out[0] + s, *out[1:]))
+                )
             mlp_j = [j for j in mine if self.rinfo[j][0] == "mlp"]
             if mlp_j:
                 e = mine[mlp_j[0]]
-                handles.append(ln2.register_forward_pre_hook(lambda mod, args, e=e: (args[0] + e, *args[1:])))
+                handles.append(
+                    ln2.register_forward_pre_hook(lambda mod, args, e=e: (args[0] + e, *args[1:]))
+                )
 
             def mlp_out(mod, args, out, layer=layer):
                 acts[f"m{layer}"] = out
@@ -145,7 +171,11 @@ class HFReference:
         last = len(self.receivers) - 1
         if last in perturb:
             e = perturb[last]
-            handles.append(self.final_norm.register_forward_pre_hook(lambda mod, args: (args[0] + e, *args[1:])))
+            handles.append(
+                self.final_norm.register_forward_pre_hook(
+                    lambda mod, args: (args[0] + e, *args[1:])
+                )
+            )
         try:
             logits = self.m(tokens).logits
         finally:
@@ -160,7 +190,10 @@ class HFReference:
                 kind, _, i = self.rinfo[j]
                 if kind == "mlp":
                     continue
-                cols = slice("qkv".index(kind) * self.d + i * self.dh, "qkv".index(kind) * self.d + (i + 1) * self.dh)
+                cols = slice(
+                    "qkv".index(kind) * self.d + i * self.dh,
+                    "qkv".index(kind) * self.d + (i + 1) * self.dh,
+                )
                 new = attn.c_attn.forward(ln1.forward(pre_ln[layer] + e))
                 out[..., cols] = new[..., cols]
             return out
@@ -242,7 +275,9 @@ def make_metric(data: TaskData) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def build(family: str, dtype=torch.float64, seed: int = 0, **kw):
     """``(bridge, HFReference)`` over two identical copies of one random module."""
-    module = (tiny_gpt2_module if family == "gpt2" else tiny_llama_module)(seed=seed, dtype=dtype, **kw)
+    module = (tiny_gpt2_module if family == "gpt2" else tiny_llama_module)(
+        seed=seed, dtype=dtype, **kw
+    )
     return ctlens.load_model(copy.deepcopy(module)), HFReference(module)
 
 
@@ -269,7 +304,9 @@ def exact_float64_rmsnorm(monkeypatch):
     def forward(self, x):
         if x.dtype != torch.float64:
             return original(self, x)
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
 
@@ -294,7 +331,9 @@ def test_reference_senders_sum_to_receiver_inputs(pair):
         bridge_logits = model(tokens)
     torch.testing.assert_close(bridge_logits, logits)
     captured = {}
-    model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_in", lambda x, hook: captured.setdefault("x", x))])
+    model.run_with_hooks(
+        tokens, fwd_hooks=[("ln_final.hook_in", lambda x, hook: captured.setdefault("x", x))]
+    )
     bias = captured["x"] - acts.sum(0)  # sum of b_O over layers (GPT-2) or 0 (Llama)
     assert (bias - bias[:1, :1]).abs().max() < 1e-8  # Llama's rotary tables are fp32
 
@@ -302,7 +341,9 @@ def test_reference_senders_sum_to_receiver_inputs(pair):
 # ------------------------------------------------------------------------------ gradients
 
 
-@pytest.mark.parametrize("receiver", ["a1.h2.q", "a1.X1.k", "a0.X0.v", "a1.X0.v", "m0", "m1", "logits"])
+@pytest.mark.parametrize(
+    "receiver", ["a1.h2.q", "a1.X1.k", "a0.X0.v", "a1.X0.v", "m0", "m1", "logits"]
+)
 def test_receiver_gradient_matches_finite_difference(pair, receiver):
     """ctlens's receiver input gradient (via `receiver_hooks`) against a central difference."""
     model, ref = pair
@@ -320,12 +361,16 @@ def test_receiver_gradient_matches_finite_difference(pair, receiver):
 
     with frozen_parameters(model), torch.enable_grad():
         embed = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
-        logits = model.run_with_hooks(data.clean, fwd_hooks=embed + receiver_hooks(model, graph, keep))
+        logits = model.run_with_hooks(
+            data.clean, fwd_hooks=embed + receiver_hooks(model, graph, keep)
+        )
         start = max(c for c in inputs if c <= j)
         (grad,) = torch.autograd.grad(metric(logits), inputs[start])
     grad = grad[:, :, j - start] if grad.ndim == 4 else grad
 
-    u = torch.randn(*data.clean.shape, ref.d, dtype=torch.float64, generator=torch.Generator().manual_seed(j))
+    u = torch.randn(
+        *data.clean.shape, ref.d, dtype=torch.float64, generator=torch.Generator().manual_seed(j)
+    )
     eps = 1e-6
     with torch.no_grad():
         plus = float(metric(ref.run(data.clean, {j: eps * u})[0]))
@@ -394,14 +439,19 @@ def test_mean_reference_options_agree():
 def test_corrupt_reference_argument_overrides_data():
     model, ref = build("llama")
     data = random_task()
-    swapped = TaskData(clean=data.clean, corrupt=data.corrupt.flip(0) * data.attention_mask,
-                       correct=data.correct, wrong=data.wrong, attention_mask=data.attention_mask)
+    swapped = TaskData(
+        clean=data.clean,
+        corrupt=data.corrupt.flip(0) * data.attention_mask,
+        correct=data.correct,
+        wrong=data.wrong,
+        attention_mask=data.attention_mask,
+    )
     a = ctlens.attribute(model, data, reference=swapped.corrupt, progress=False)
     b = ctlens.attribute(model, swapped, progress=False)
     torch.testing.assert_close(a.scores, b.scores)
 
 
-# ------------------------------------------------------------------------------ TransformerLens oracle
+# ---------------------------------------------------------------------- TransformerLens oracle
 
 
 def tl_node_name(node) -> str:
@@ -419,7 +469,7 @@ def tl_node_name(node) -> str:
     }[kind]()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama-mha"])
+@pytest.mark.parametrize("family", ["gpt2", "llama-mha", "neox-parallel"])
 def test_eap_equals_transformer_lens_attribution_patch(family):
     """TL's denoising form with clean/corrupt swapped equals ctlens EAP (DESIGN.md)."""
     from transformer_lens.tools.analysis.attribution_patching import (
@@ -429,12 +479,40 @@ def test_eap_equals_transformer_lens_attribution_patch(family):
 
     if family == "gpt2":
         module = tiny_gpt2_module(dtype=torch.float64)
+    elif family == "neox-parallel":  # parallel attention + MLP: TL drops same-layer head -> MLP
+        torch.manual_seed(0)
+        module = (
+            GPTNeoXForCausalLM(
+                GPTNeoXConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=64,
+                    max_position_embeddings=16,
+                    use_parallel_residual=True,
+                )
+            )
+            .double()
+            .eval()
+        )
     else:  # TL refuses grouped-query attention; a Llama with as many KV heads as heads
         torch.manual_seed(0)
-        module = LlamaForCausalLM(LlamaConfig(
-            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=16,
-        )).double().eval()
+        module = (
+            LlamaForCausalLM(
+                LlamaConfig(
+                    num_hidden_layers=2,
+                    hidden_size=32,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    intermediate_size=64,
+                    vocab_size=VOCAB,
+                    max_position_embeddings=16,
+                )
+            )
+            .double()
+            .eval()
+        )
     model = ctlens.load_model(module)
     data = random_task(n=3, seq=6, seed=5)
     ours = ctlens.attribute(model, data, batch_size=2, progress=False)
@@ -444,7 +522,9 @@ def test_eap_equals_transformer_lens_attribution_patch(family):
     for i in range(len(data)):
         pos, good, bad = int(data.positions[i]), int(data.correct[i]), int(data.wrong[i])
         result = attribution_patch(
-            model, data.corrupt[i : i + 1], data.clean[i : i + 1],
+            model,
+            data.corrupt[i : i + 1],
+            data.clean[i : i + 1],
             lambda logits, pos=pos, good=good, bad=bad: logits[0, pos, good] - logits[0, pos, bad],
             EdgeAttributionConfig(granularity="edge"),
         )
@@ -452,6 +532,7 @@ def test_eap_equals_transformer_lens_attribution_patch(family):
             s, r = graph.edge_index(tl_node_name(writer), tl_node_name(reader))
             total[s, r] += value
     assert_scores_close(ours.scores, total / len(data))
+    assert graph.spec.parallel_attn_mlp == (family == "neox-parallel")
 
 
 # ------------------------------------------------------------------------------ exact
@@ -462,16 +543,31 @@ def test_exact_equals_hand_patched_edges(family):
     model, ref = build(family)
     data = random_task(n=5, seq=6, seed=2)
     ablation = "corrupt" if family == "gpt2" else "mean"
-    scores = ctlens.attribute(model, data, method="exact", ablation=ablation, batch_size=3, progress=False)
+    scores = ctlens.attribute(
+        model, data, method="exact", ablation=ablation, batch_size=3, progress=False
+    )
     graph = scores.graph
-    names = [("input", "a0.h1.q"), ("a0.h0", "a1.X1.k"), ("m0", "a1.X0.v"), ("a0.h3", "m0"),
-             ("input", "m1"), ("a1.h2", "logits"), ("m1", "logits"), ("input", "logits")]
+    names = [
+        ("input", "a0.h1.q"),
+        ("a0.h0", "a1.X1.k"),
+        ("m0", "a1.X0.v"),
+        ("a0.h3", "m0"),
+        ("input", "m1"),
+        ("a1.h2", "logits"),
+        ("m1", "logits"),
+        ("input", "logits"),
+    ]
     kv = "g" if family == "llama" else "h"
     edges = [graph.edge_index(s, r.replace("X", kv)) for s, r in names]
     expected = ref.exact(data, ablation, edges)
     got = [float(scores.scores[s, r]) for s, r in edges]
-    for (s, r), g, e in zip(edges, got, expected):
-        assert math.isclose(g, e, rel_tol=1e-5, abs_tol=1e-6), (graph.senders[s], graph.receivers[r], g, e)
+    for (s, r), g, e in zip(edges, got, expected, strict=True):
+        assert math.isclose(g, e, rel_tol=1e-5, abs_tol=1e-6), (
+            graph.senders[s],
+            graph.receivers[r],
+            g,
+            e,
+        )
     assert max(abs(e) for e in expected) > 1e-3
 
 
@@ -501,7 +597,11 @@ def test_edge_scores_views():
     s, r, v = top[0]
     assert scores.scores[graph.sender_index[s], graph.receiver_index[r]] == v
     assert len(scores.top(graph.n_edges)) == graph.n_edges
-    with pytest.raises(ValueError, match=rf"k={graph.n_edges + 1} is larger than the number of valid edges \({graph.n_edges}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"k={graph.n_edges + 1} is larger than the number of valid edges "
+        rf"\({graph.n_edges}\)",
+    ):
         scores.top(graph.n_edges + 1)
     with pytest.raises(ValueError, match="positive integer"):
         scores.top(0)
@@ -530,7 +630,7 @@ def test_node_score_is_node_ablation_to_first_order():
     assert scores.node_scores()["input"] == pytest.approx(float((delta[0] * grad).sum()), rel=1e-5)
 
 
-# ------------------------------------------------------------------------------ bad inputs and state
+# ---------------------------------------------------------------------- bad inputs and state
 
 
 def test_attribute_errors():
@@ -546,16 +646,21 @@ def test_attribute_errors():
         ctlens.attribute(model, data.clean)
     with pytest.raises(ValueError, match="zero ablation takes no reference"):
         ctlens.attribute(model, data, ablation="zero", reference=data.clean)
-    no_corrupt = TaskData(clean=data.clean, correct=data.correct, wrong=data.wrong,
-                          attention_mask=data.attention_mask)
-    with pytest.raises(ValueError, match="corrupt ablation needs corrupted prompts.*ablation='mean'"):
+    no_corrupt = TaskData(
+        clean=data.clean, correct=data.correct, wrong=data.wrong, attention_mask=data.attention_mask
+    )
+    with pytest.raises(
+        ValueError, match="corrupt ablation needs corrupted prompts.*ablation='mean'"
+    ):
         ctlens.attribute(model, no_corrupt)
     with pytest.raises(ValueError, match=r"corrupt reference must be token ids of shape \(6, 7\)"):
         ctlens.attribute(model, data, reference=data.clean[:, :3])
     big = TaskData(clean=data.clean + VOCAB, correct=data.correct, wrong=data.wrong)
     with pytest.raises(ValueError, match=f"outside the model's vocabulary of {VOCAB}"):
         ctlens.attribute(model, big)
-    with pytest.raises(ValueError, match="the mean reference covers 3 positions but the data has 7"):
+    with pytest.raises(
+        ValueError, match="the mean reference covers 3 positions but the data has 7"
+    ):
         ctlens.attribute(model, data, ablation="mean", reference=data.clean[:, :3])
     with pytest.raises(ValueError, match="precomputed means must be"):
         ctlens.attribute(model, data, ablation="mean", reference=torch.zeros(2, 7, 32))
@@ -569,8 +674,12 @@ def test_bad_metric_is_refused_and_model_state_restored(bad):
     frozen.requires_grad_(False)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     data = random_task()
-    metric = (lambda lg, b: lg[:, -1]) if bad == "vector" else (lambda lg, b: lg[:, -1, 0] * math.nan)
-    data = TaskData(clean=data.clean, corrupt=data.corrupt, attention_mask=data.attention_mask, metric=metric)
+    metric = (
+        (lambda lg, b: lg[:, -1]) if bad == "vector" else (lambda lg, b: lg[:, -1, 0] * math.nan)
+    )
+    data = TaskData(
+        clean=data.clean, corrupt=data.corrupt, attention_mask=data.attention_mask, metric=metric
+    )
     match = "returned shape" if bad == "vector" else "returned NaN"
     with pytest.raises(ValueError, match=match):
         ctlens.attribute(model, data, progress=False)

@@ -12,8 +12,21 @@ from transformers import PreTrainedTokenizerFast
 import ctlens
 from ctlens.data import TaskData
 
-WORDS = ["<pad>", "<bos>", "<unk>", "the", "capital", "of", "france", "italy", "is", "paris",
-         "rome", "big", "city"]
+WORDS = [
+    "<pad>",
+    "<bos>",
+    "<unk>",
+    "the",
+    "capital",
+    "of",
+    "france",
+    "italy",
+    "is",
+    "paris",
+    "rome",
+    "big",
+    "city",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +34,9 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with a BOS post-processor (like the zoo's), built offline."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -38,14 +53,17 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    bpe.train_from_iterator(["The capital of France is Paris. The capital of Italy is Rome."] * 50, trainer)
+    bpe.train_from_iterator(
+        ["The capital of France is Paris. The capital of Italy is Rome."] * 50, trainer
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
 
 
 def simple(n: int = 3, seq: int = 4, **kw) -> TaskData:
     clean = torch.arange(n * seq).view(n, seq) % 7 + 1
-    return TaskData(clean=clean, correct=torch.ones(n, dtype=torch.long),
-                    wrong=torch.full((n,), 2), **kw)
+    return TaskData(
+        clean=clean, correct=torch.ones(n, dtype=torch.long), wrong=torch.full((n,), 2), **kw
+    )
 
 
 # ---------------------------------------------------------------- construction and validation
@@ -53,8 +71,12 @@ def simple(n: int = 3, seq: int = 4, **kw) -> TaskData:
 
 def test_defaults_positions_and_mask():
     clean = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
-    data = TaskData(clean=clean, correct=torch.tensor([1, 2]), wrong=torch.tensor([3, 4]),
-                    attention_mask=clean != 0)
+    data = TaskData(
+        clean=clean,
+        correct=torch.tensor([1, 2]),
+        wrong=torch.tensor([3, 4]),
+        attention_mask=clean != 0,
+    )
     assert data.positions.tolist() == [3, 1]  # last real token of each example
     assert simple().attention_mask.all()
     assert data.positions_2d.shape == (2, 1)
@@ -62,14 +84,21 @@ def test_defaults_positions_and_mask():
 
 def test_shape_mismatch_says_how_to_fix():
     with pytest.raises(ValueError, match=r"same shape.*\(2, 4\) and \(2, 5\).*same token length"):
-        TaskData(clean=torch.ones(2, 4, dtype=torch.long), corrupt=torch.ones(2, 5, dtype=torch.long),
-                 correct=torch.ones(2, dtype=torch.long), wrong=torch.ones(2, dtype=torch.long))
+        TaskData(
+            clean=torch.ones(2, 4, dtype=torch.long),
+            corrupt=torch.ones(2, 5, dtype=torch.long),
+            correct=torch.ones(2, dtype=torch.long),
+            wrong=torch.ones(2, dtype=torch.long),
+        )
 
 
 def test_empty_data_is_refused():
     with pytest.raises(ValueError, match="empty.*at least one example"):
-        TaskData(clean=torch.zeros(0, 4, dtype=torch.long), correct=torch.zeros(0, dtype=torch.long),
-                 wrong=torch.zeros(0, dtype=torch.long))
+        TaskData(
+            clean=torch.zeros(0, 4, dtype=torch.long),
+            correct=torch.zeros(0, dtype=torch.long),
+            wrong=torch.zeros(0, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match="no prompts given"):
         TaskData.from_prompts(object(), [])
 
@@ -80,16 +109,26 @@ def test_empty_data_is_refused():
         ({"clean": torch.ones(4, dtype=torch.long)}, r"\[batch, seq\] token ids"),
         ({"clean": torch.ones(2, 3)}, "integer token ids"),
         ({"attention_mask": torch.tensor([[True, False, True]] * 2)}, "right-padded"),
-        ({"attention_mask": torch.tensor([[True] * 3, [False] * 3])}, "example 1 has no real tokens"),
-        ({"positions": torch.tensor([0, 3])}, r"example 1: metric position\(s\) \[3\] fall outside"),
+        (
+            {"attention_mask": torch.tensor([[True] * 3, [False] * 3])},
+            "example 1 has no real tokens",
+        ),
+        (
+            {"positions": torch.tensor([0, 3])},
+            r"example 1: metric position\(s\) \[3\] fall outside",
+        ),
         ({"metric": "accuracy"}, "unknown metric 'accuracy'"),
         ({"wrong": None}, "needs 'wrong' answer ids"),
         ({"correct": torch.ones(2, 2, dtype=torch.long)}, "one answer per metric position"),
     ],
 )
 def test_bad_fields_are_named(kwargs, message):
-    fields = {"clean": torch.ones(2, 3, dtype=torch.long), "correct": torch.ones(2, dtype=torch.long),
-              "wrong": torch.ones(2, dtype=torch.long), **kwargs}
+    fields = {
+        "clean": torch.ones(2, 3, dtype=torch.long),
+        "correct": torch.ones(2, dtype=torch.long),
+        "wrong": torch.ones(2, dtype=torch.long),
+        **kwargs,
+    }
     with pytest.raises((ValueError, TypeError), match=message):
         TaskData(**fields)
 
@@ -97,19 +136,29 @@ def test_bad_fields_are_named(kwargs, message):
 def test_token_outside_vocabulary():
     data = simple()
     data.check_vocab(8)
-    with pytest.raises(ValueError, match="token id 7, outside the model's vocabulary of 7.*own tokenizer"):
+    with pytest.raises(
+        ValueError, match="token id 7, outside the model's vocabulary of 7.*own tokenizer"
+    ):
         data.check_vocab(7)
     # padding ids are not checked (they are never read)
-    padded = TaskData(clean=torch.tensor([[1, 99]]), correct=torch.tensor([1]), wrong=torch.tensor([2]),
-                      attention_mask=torch.tensor([[True, False]]))
+    padded = TaskData(
+        clean=torch.tensor([[1, 99]]),
+        correct=torch.tensor([1]),
+        wrong=torch.tensor([2]),
+        attention_mask=torch.tensor([[True, False]]),
+    )
     padded.check_vocab(3)
 
 
 def test_batches_and_trimmed():
     clean = torch.tensor([[1, 2, 3], [1, 2, 0], [1, 0, 0]])
-    data = TaskData(clean=clean, corrupt=clean.flip(0).clamp(min=1) * (clean > 0),
-                    correct=torch.tensor([1, 2, 3]), wrong=torch.tensor([4, 5, 6]),
-                    attention_mask=clean > 0)
+    data = TaskData(
+        clean=clean,
+        corrupt=clean.flip(0).clamp(min=1) * (clean > 0),
+        correct=torch.tensor([1, 2, 3]),
+        wrong=torch.tensor([4, 5, 6]),
+        attention_mask=clean > 0,
+    )
     batches = list(data.batches(2))
     assert [len(b) for b in batches] == [2, 1]
     last = batches[1].trimmed()
@@ -139,8 +188,13 @@ def test_builtin_metrics_by_hand():
         "kl": (ref.softmax(-1) * (ref.log_softmax(-1) - at.log_softmax(-1))).sum(-1),
     }
     for name, value in expected.items():
-        got = TaskData(clean=data.clean, correct=data.correct, wrong=data.wrong,
-                       positions=data.positions, metric=name).metric_values(logits, clean_logits)
+        got = TaskData(
+            clean=data.clean,
+            correct=data.correct,
+            wrong=data.wrong,
+            positions=data.positions,
+            metric=name,
+        ).metric_values(logits, clean_logits)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, value.float(), rtol=1e-5, atol=1e-6)
     kl = TaskData(clean=data.clean, metric="kl")
@@ -154,10 +208,15 @@ def test_multi_position_metric_averages_positions():
     positions = torch.tensor([[1, 3], [0, 4]])
     correct = torch.tensor([[1, 2], [3, 4]])
     wrong = torch.tensor([[5, 6], [0, 1]])
-    data = TaskData(clean=torch.ones(2, 5, dtype=torch.long), positions=positions, correct=correct, wrong=wrong)
-    expected = torch.stack([
-        (logits[b, positions[b], correct[b]] - logits[b, positions[b], wrong[b]]).mean() for b in range(2)
-    ])
+    data = TaskData(
+        clean=torch.ones(2, 5, dtype=torch.long), positions=positions, correct=correct, wrong=wrong
+    )
+    expected = torch.stack(
+        [
+            (logits[b, positions[b], correct[b]] - logits[b, positions[b], wrong[b]]).mean()
+            for b in range(2)
+        ]
+    )
     torch.testing.assert_close(data.metric_values(logits), expected)
 
 
@@ -203,20 +262,34 @@ def test_from_prompts_word_level(word_tokenizer):
 
 def test_from_prompts_gpt2_like_bpe(bpe_tokenizer):
     data = TaskData.from_prompts(
-        bpe_tokenizer, ["The capital of France is"], ["The capital of Italy is"], ["Paris"], ["Rome"]
+        bpe_tokenizer,
+        ["The capital of France is"],
+        ["The capital of Italy is"],
+        ["Paris"],
+        ["Rome"],
     )
     assert bpe_tokenizer.decode(data.correct.tolist()) == " Paris"  # the leading space is added
     assert bpe_tokenizer.decode(data.wrong.tolist()) == " Rome"
     assert data.clean.shape == data.corrupt.shape == (1, 5)
-    with pytest.raises(ValueError, match=r"example 0: answer 'Berlin' is \d+ tokens .*exactly one token"):
-        TaskData.from_prompts(bpe_tokenizer, ["The capital of France is"], answers=["Berlin"],
-                              wrong_answers=["Rome"])
+    with pytest.raises(
+        ValueError, match=r"example 0: answer 'Berlin' is \d+ tokens .*exactly one token"
+    ):
+        TaskData.from_prompts(
+            bpe_tokenizer, ["The capital of France is"], answers=["Berlin"], wrong_answers=["Rome"]
+        )
 
 
 def test_from_prompts_errors(word_tokenizer):
-    with pytest.raises(ValueError, match="example 1: the clean prompt has 4 tokens but the corrupt prompt has 3"):
-        TaskData.from_prompts(word_tokenizer, ["the city", "the big city"], ["the rome", "the city"],
-                              ["is", "is"], ["of", "of"])
+    with pytest.raises(
+        ValueError, match="example 1: the clean prompt has 4 tokens but the corrupt prompt has 3"
+    ):
+        TaskData.from_prompts(
+            word_tokenizer,
+            ["the city", "the big city"],
+            ["the rome", "the city"],
+            ["is", "is"],
+            ["of", "of"],
+        )
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
         TaskData.from_prompts(word_tokenizer, ["the", "the"], answers=["is"])
     with pytest.raises(ValueError, match="no tokenizer"):
@@ -231,25 +304,41 @@ def write_jsonl(path, records):
 
 
 def test_from_jsonl(word_tokenizer, tmp_path):
-    rec = {"prompt": "the capital of france is", "corrupt_prompt": "the capital of italy is",
-           "answer": "paris", "wrong_answer": "rome"}
-    path = write_jsonl(tmp_path / "task.jsonl", [rec, "", {**rec, "answer": "rome", "wrong_answer": "paris"}])
+    rec = {
+        "prompt": "the capital of france is",
+        "corrupt_prompt": "the capital of italy is",
+        "answer": "paris",
+        "wrong_answer": "rome",
+    }
+    path = write_jsonl(
+        tmp_path / "task.jsonl", [rec, "", {**rec, "answer": "rome", "wrong_answer": "paris"}]
+    )
     data = TaskData.from_jsonl(path, word_tokenizer, metric="prob_diff")
     assert len(data) == 2 and data.metric == "prob_diff"
     assert data.correct.tolist() == [WORDS.index("paris"), WORDS.index("rome")]
 
 
 def test_from_jsonl_errors_name_the_line(word_tokenizer, tmp_path):
-    rec = {"prompt": "the city is", "corrupt_prompt": "the rome is", "answer": "big", "wrong_answer": "of"}
+    rec = {
+        "prompt": "the city is",
+        "corrupt_prompt": "the rome is",
+        "answer": "big",
+        "wrong_answer": "of",
+    }
     missing = {k: v for k, v in rec.items() if k != "wrong_answer"}
     path = write_jsonl(tmp_path / "a.jsonl", [rec, missing])
-    with pytest.raises(ValueError, match=r"a.jsonl, line 2: missing field\(s\) \['wrong_answer'\]; every line needs"):
+    with pytest.raises(
+        ValueError,
+        match=r"a.jsonl, line 2: missing field\(s\) \['wrong_answer'\]; every line needs",
+    ):
         TaskData.from_jsonl(path, word_tokenizer)
     path = write_jsonl(tmp_path / "b.jsonl", [rec, "{not json"])
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         TaskData.from_jsonl(path, word_tokenizer)
     path = write_jsonl(tmp_path / "c.jsonl", [rec, rec, {**rec, "corrupt_prompt": "the is"}])
-    with pytest.raises(ValueError, match="line 3: the clean prompt has 4 tokens but the corrupt prompt has 3"):
+    with pytest.raises(
+        ValueError, match="line 3: the clean prompt has 4 tokens but the corrupt prompt has 3"
+    ):
         TaskData.from_jsonl(path, word_tokenizer)
     path = write_jsonl(tmp_path / "d.jsonl", [{**rec, "answer": "big city"}])
     with pytest.raises(ValueError, match="line 1: answer 'big city' is 2 tokens"):

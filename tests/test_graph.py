@@ -65,7 +65,9 @@ def test_from_model_reads_gqa_config(tiny_model, family):
 )
 def test_counts_match_closed_form(spec, edges):
     graph = Graph(spec)
-    expected = closed_form_edges(spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_attn_mlp)
+    expected = closed_form_edges(
+        spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_attn_mlp
+    )
     assert graph.n_edges == expected
     if edges is not None:
         assert graph.n_edges == edges
@@ -128,7 +130,10 @@ def test_slices_name_the_right_nodes():
 
 def test_edge_index_errors_name_the_problem():
     graph = Graph(GraphSpec(2, 2, 2))
-    assert graph.edge_index("a0.h1", "m1") == (graph.sender_index["a0.h1"], graph.receiver_index["m1"])
+    assert graph.edge_index("a0.h1", "m1") == (
+        graph.sender_index["a0.h1"],
+        graph.receiver_index["m1"],
+    )
     with pytest.raises(KeyError, match="not a sender"):
         graph.edge_index("a9.h0", "logits")
     with pytest.raises(KeyError, match="not a receiver"):
