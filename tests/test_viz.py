@@ -92,7 +92,8 @@ def edge_line_traces(fig: go.Figure) -> list[go.Scatter]:
 
 
 def n_segments(trace: go.Scatter) -> int:
-    """Segments in a None/NaN-separated polyline (each edge is start, end, gap)."""
+    """Segments in a None/NaN-separated polyline (each edge is start, end, gap; a lone NaN
+    point only keeps a legend entry)."""
     x = np.asarray(trace.x, dtype=float) if trace.x is not None else np.zeros(0)
     return int(len(x) // 3)
 
@@ -138,6 +139,11 @@ def test_plot_circuit_draws_every_edge_once_in_few_traces(graph: Graph) -> None:
                if t.line.width == widest and t.name.startswith(sign))
     assert f"{circuit.n_edges} edges" in fig.layout.title.text
     assert f"{len(circuit.components)} components" in fig.layout.title.text
+    legend = [t.name for t in lines if t.showlegend]
+    assert len(legend) == len(set(legend)) == len({
+        ("positive" if v > 0 else "negative", r.split(".")[-1] if r.count(".") == 2 else "resid")
+        for (_, r), v in zip(circuit.edges, values, strict=True)
+    })
 
 
 def test_plot_circuit_segments_end_at_the_right_ports(graph: Graph) -> None:
@@ -150,7 +156,7 @@ def test_plot_circuit_segments_end_at_the_right_ports(graph: Graph) -> None:
     ends = set()
     for t in edge_line_traces(fig):
         x, y = np.asarray(t.x, dtype=float), np.asarray(t.y, dtype=float)
-        ends |= {(round(x[i + 1], 6), round(y[i + 1], 6)) for i in range(0, len(x), 3)}
+        ends |= {(round(x[i + 1], 6), round(y[i + 1], 6)) for i in range(0, len(x) - 2, 3)}
     expected = {
         (round(float(layout.receiver_x[graph.receiver_index[r]]), 6),
          round(float(layout.receiver_y[graph.receiver_index[r]]), 6))
@@ -327,6 +333,7 @@ def test_plot_evolution_frames_and_curves(run_dir: Path) -> None:
         assert list(frame.traces) == list(range(n_circuit))
         lines = [t for t in frame.data if t.mode == "lines" and "→" in (t.name or "")]
         assert sum(n_segments(t) for t in lines) == run.circuits[step].n_edges
+        assert sum(bool(t.showlegend) for t in lines) == 8  # a legend that does not change
         assert len(frame.layout.shapes) == 6
         assert frame.layout.shapes[0].x0 == step
     curves = {t.name: t for t in fig.data[n_circuit:]}

@@ -44,6 +44,7 @@ INACTIVE = "#d9d9d9"
 #: line widths and opacities of the |score| bins (bin k holds |s| / max |s| in [k/4, (k+1)/4))
 WIDTHS = (0.7, 1.4, 2.6, 4.2)
 OPACITY = (0.35, 0.5, 0.7, 0.9)
+LEGEND_BIN = 2
 CLASS_LABEL = {"q": "q input (solid)", "k": "k input (dashed)", "v": "v input (dotted)",
                "resid": "MLP / logits input"}
 _CLASS_DASH = {"q": DASH[NodeKind.Q], "k": DASH[NodeKind.K], "v": DASH[NodeKind.V],
@@ -213,12 +214,16 @@ def _score_bins(values: torch.Tensor, max_abs: float) -> torch.Tensor:
     return (values.abs() / max_abs * len(WIDTHS)).long().clamp(0, len(WIDTHS) - 1)
 
 
-def _edge_traces(layout: Layout, es: EdgeSet, max_abs: float | None = None) -> list[go.Scatter]:
+def _edge_traces(
+    layout: Layout, es: EdgeSet, max_abs: float | None = None, all_legend: bool = False
+) -> list[go.Scatter]:
     """A fixed list of ``2 x 4 x 4`` line traces (sign x receiver class x width bin).
 
     Always the same traces in the same order, empty ones included, so animation frames can
-    replace them one for one. Without scores every edge is drawn grey, in the thinnest bin
-    of the "positive" slot, and named "unscored".
+    replace them one for one. Without scores every edge is drawn grey, in the "positive"
+    slot, and named "unscored". Each (sign, class) has one legend entry, carried by its
+    third width bin so the swatch is visible; ``all_legend`` keeps entries for empty classes
+    too (animation frames need a legend that does not change).
     """
     rows, cols = es.mask.nonzero(as_tuple=True)
     cls = _receiver_class_index(layout)[cols]
@@ -240,17 +245,17 @@ def _edge_traces(layout: Layout, es: EdgeSet, max_abs: float | None = None) -> l
             label = "unscored"
         for c, cname in enumerate(RECEIVER_CLASSES):
             select_cls = (negative == bool(sign)) & (cls == c)
-            first_nonempty = True
             for b in range(len(WIDTHS)):
                 select = select_cls & (bins == b)
                 x, y = _line_xy(layout, rows[select], cols[select])
-                show = bool(select.any()) and first_nonempty
-                first_nonempty = first_nonempty and not show
+                legend = b == LEGEND_BIN and (all_legend or bool(select_cls.any()))
+                if legend and not len(x):
+                    x, y = np.array([np.nan]), np.array([np.nan])  # keeps the legend entry
                 traces.append(
                     go.Scatter(
                         x=x, y=y, mode="lines", hoverinfo="skip",
                         name=f"{label} → {CLASS_LABEL[cname]}",
-                        legendgroup=f"{sign}-{cname}", showlegend=show,
+                        legendgroup=f"{sign}-{cname}", showlegend=legend,
                         line={"color": _rgba(colour, OPACITY[b]), "width": WIDTHS[b],
                               "dash": _CLASS_DASH[cname]},
                     )
@@ -533,7 +538,7 @@ def plot_evolution(
     def frame_traces(step: int) -> list[go.Scatter]:
         es = sets[step]
         rows, cols = es.mask.nonzero(as_tuple=True)
-        traces = _edge_traces(layout, es, max_abs)
+        traces = _edge_traces(layout, es, max_abs, all_legend=True)
         traces += _port_traces(layout, es.mask)
         traces.append(_edge_hover(layout, rows, cols, es.scores))
         active = active_senders(layout, es.mask)
@@ -708,7 +713,7 @@ def plot_node_scores(
         colorbar={"title": {"text": "score"}},
     )
     if z.size <= 400:
-        heat.update(texttemplate="%{z:.2f}", textfont={"size": 9})
+        heat.update(texttemplate="%{z:.3g}", textfont={"size": 9})
     fig = go.Figure(heat)
     if title is None:
         label = "input" in table and f" · input {table['input']:+.4g}" or ""
