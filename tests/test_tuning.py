@@ -318,3 +318,21 @@ def test_cli_options_mirror_the_config() -> None:
     assert dataclasses.asdict(defaults) == dataclasses.asdict(TuneConfig())
     with pytest.raises(ValueError, match="lr must be a positive"):
         config_from_args(parser.parse_args(["tune", "--out", "x", "--lr", "0"]))
+
+
+@pytest.mark.skipif(not ctlens.zoo.names(), reason="no zoo model shipped yet")
+def test_cli_tune_on_a_zoo_model_resumes(tmp_path: Path, capsys) -> None:
+    from ctlens.cli import main
+
+    name = "zoo:" + ctlens.zoo.names()[0]
+    argv = ["tune", "--model", name, "--task", "agreement-flip", "--mode", "gradient",
+            "--top-n", "50", "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+            "--save-every", "1", "--eval-examples", "8", "--n", "16", "--n-train", "16",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["step"] == 2 and first["circuit_edges"] == 50
+    assert main(argv) == 0  # the same command again resumes (here: already complete)
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again == first
+    assert (tmp_path / "run" / "model" / "config.json").is_file()

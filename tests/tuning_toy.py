@@ -69,10 +69,33 @@ def tiny_model(family: str = "gpt2", seed: int = 0):
 
 
 def main(spec: dict) -> None:
+    """Run one tuner; with ``ddp`` ({"rank", "world", "port", "dump"}) as one gloo rank.
+
+    A DDP rank first writes its all-reduced batch scores of step 0 and, after the run, its
+    weights to ``dump/rank{r}.pt``.
+    """
     torch.set_num_threads(int(spec.get("threads", 1)))
     model = tiny_model(spec.get("family", "gpt2"))
     config = ctlens.TuneConfig(**spec["config"])
-    ctlens.CircuitTuner(model, toy_task(), config).run(spec["out"])
+    ddp = spec.get("ddp")
+    if ddp is None:
+        ctlens.CircuitTuner(model, toy_task(), config).run(spec["out"])
+        return
+    import torch.distributed as dist
+
+    from ctlens.tuning import weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ddp['port']}",
+                            rank=ddp["rank"], world_size=ddp["world"])
+    try:
+        tuner = ctlens.CircuitTuner(model, toy_task(), config)
+        scores = tuner.batch_scores(0).scores
+        tuner.run(spec["out"])
+        state = {k: v.detach().clone() for k, v in weights.unique_state_dict(model).items()}
+        torch.save({"scores": scores, "weights": state},
+                   Path(ddp["dump"]) / f"rank{ddp['rank']}.pt")
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
