@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from tuning_toy import tiny_model, toy_task
 
 import ctlens
+import ctlens.zoo
 from ctlens.tuning import CheckpointMismatchError, RunConflictError, TuneConfig
 from ctlens.tuning import weights as W
 from ctlens.tuning.runner import CircuitTuner

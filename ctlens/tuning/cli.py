@@ -128,6 +128,7 @@ def run_tune(args: argparse.Namespace) -> int:
     import torch
 
     import ctlens
+    import ctlens.tasks
     from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:

@@ -209,6 +209,25 @@ class CircuitTuner:
             last = records[-1] if records else {}
         return RunResult(rd.root, last, model_dir)
 
+    def time_steps(self, n_steps: int, warmup: int = 2) -> list[float]:
+        """Seconds per optimizer step for ``n_steps`` steps after ``warmup`` untimed ones.
+
+        Trains the model in memory (no run directory, no evaluation): a benchmark helper.
+        """
+        optimizer, params = self._optimizer()
+        self._optimizer_ref = optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.config.lr_factor)
+        times = []
+        try:
+            for t in range(warmup + n_steps):
+                start = time.perf_counter()
+                self._train_step(t, optimizer, scheduler, params)
+                if t >= warmup:
+                    times.append(time.perf_counter() - start)
+        finally:
+            self._release()
+        return times
+
     def batch_scores(self, step: int = 0) -> EdgeScores:
         """Edge scores of ``"batch"`` discovery on step ``step``'s training batch (no update).
 
@@ -641,11 +660,13 @@ class CircuitTuner:
         if self._lora is not None:
             self._lora.mirror()
         with eval_mode(self.model):
-            evals = {}
+            evals, accuracy = {}, {}
             for name, data in self.task.evals.items():
-                evals[name] = self._metric_mean(data)
+                evals[name], accuracy[name] = self._metric_mean(data)
             target = evals.pop(self.target_eval)
+            target_accuracy = accuracy.pop(self.target_eval)
             general = self._general_loss()
+            masked = self._masked_target()
         circuit = self.circuit if self.circuit is not None else self._monitor_circuit(step)
         record: dict[str, Any] = {
             "step": step,
@@ -656,7 +677,16 @@ class CircuitTuner:
             "evals": evals,
             "wall_time": time.perf_counter() - started,
             "lr": cfg.lr * cfg.lr_factor(max(step - 1, 0)),
+            "top_n": cfg.top_n_at(max(step - 1, 0)),
+            "trainable_fraction": self._trainable_fraction(),
         }
+        if target_accuracy is not None:
+            record["target_accuracy"] = target_accuracy
+        known = {k: v for k, v in accuracy.items() if v is not None}
+        if known:
+            record["evals_accuracy"] = known
+        if masked is not None:
+            record["target_metric_masked"] = masked
         if self.last_loss is not None and step > 0:
             record["train_loss"] = self.last_loss
         if circuit is not None:
@@ -683,15 +713,40 @@ class CircuitTuner:
         circuit.model_name = self.model_name
         return circuit
 
-    def _metric_mean(self, data: TaskData) -> float:
+    def _metric_mean(self, data: TaskData) -> tuple[float, float | None]:
+        """Mean metric over an evaluation set and, for difference metrics, the fraction > 0."""
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
-        total = 0.0
+        values = []
         for batch in data.batches(max(32, self.config.batch_size)):
             batch = batch.trimmed()
             logits = self.model(batch.clean)
-            total += float(batch.metric_values(logits, logits).sum())
-        return total / len(data)
+            values.append(batch.metric_values(logits, logits).float().cpu())
+        v = torch.cat(values)
+        accuracy = float((v > 0).float().mean()) if data.metric in ("logit_diff", "prob_diff") \
+            else None
+        return float(v.mean()), accuracy
+
+    def _masked_target(self) -> float | None:
+        """Forward modes: the target metric with the circuit enforced (means: the eval set)."""
+        if self.config.mode not in ("forward", "both") or self.circuit is None:
+            return None
+        from ctlens.masking import edge_mask
+
+        data = self.task.evals[self.target_eval]
+        if self.config.eval_examples is not None:
+            data = data[: self.config.eval_examples]
+        with edge_mask(self.model, self.circuit, ablation="mean", reference=data):
+            return self._metric_mean(data)[0]
+
+    def _trainable_fraction(self) -> float:
+        """Fraction of real parameters the optimizer may change under the current setting."""
+        total = W.count_real_parameters(self.model)
+        if self._lora is not None:
+            return sum(p.numel() for p in self._lora.parameters()) / total
+        if self._restriction is not None and self._rules:
+            return sum(r.n_trainable for r in self._rules) / total
+        return 1.0
 
     def _general_loss(self) -> float:
         tokens = getattr(self.task, "general_tokens", None)
