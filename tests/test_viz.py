@@ -206,6 +206,14 @@ def test_plot_circuit_grouped_query_and_paths(tmp_path: Path) -> None:
         viz.plot_circuit(42)
 
 
+def test_plot_circuit_parallel_blocks() -> None:
+    graph = Graph(GraphSpec(n_layers=2, n_heads=4, n_kv_heads=4, parallel_attn_mlp=True))
+    circuit = circuit_of(graph, 5, 40)
+    fig = viz.plot_circuit(circuit)
+    assert sum(n_segments(t) for t in edge_line_traces(fig)) == 40
+    assert viz.diff_counts(circuit, circuit)["edge_jaccard"] == 1.0
+
+
 def test_plot_circuit_gpt2_small_size_is_fast() -> None:
     import time
 

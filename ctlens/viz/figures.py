@@ -160,6 +160,8 @@ def _node_traces(
     traces: list[go.Scatter] = []
 
     def trace(rows: list[int], name: str, colour: str, size: int, legend: bool) -> go.Scatter:
+        # heads first: the legend shows the first point's symbol
+        rows = sorted(rows, key=lambda i: g.sender_nodes[i].kind is not NodeKind.HEAD)
         nodes = [g.sender_nodes[i] for i in rows]
         labels = [n.name if n.kind is not NodeKind.HEAD else "" for n in nodes]
         text = [
