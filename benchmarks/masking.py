@@ -1,0 +1,140 @@
+"""Benchmark: forward edge masking and faithfulness on the GPT-2-small shape.
+
+Measures, on a randomly initialised GPT-2 small (12 layers, d_model 768, 12 heads, vocab
+50257, built locally; no download), batch 16 x 32 tokens:
+
+- the forward time under `ctlens.edge_mask` (mean ablation) divided by the plain forward
+  time (target <= 1.5), for a paper-sized circuit (top 1000 edges of random scores) and the
+  empty circuit (every edge ablated), with and without autograd;
+- the time of `ctlens.faithfulness` over 256 examples (batch size 32, corrupt ablation).
+
+Each time is the median of several runs (the machine may be shared). Prints a table and,
+when ``benchmarks/_report.py`` exists, writes the "masking" section of docs/benchmarks.md.
+
+Run: ``python benchmarks/masking.py [--repeats 7] [--threads N] [--no-report]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import ctlens
+from ctlens import Circuit, EdgeScores, Graph, TaskData
+
+BATCH, SEQ, VOCAB = 16, 32, 50257
+
+
+def build_model() -> object:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=12, n_embd=768, n_head=12, vocab_size=VOCAB, n_positions=1024,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return ctlens.load_model(GPT2LMHeadModel(config).eval())
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def task(n: int, seed: int = 0) -> TaskData:
+    gen = torch.Generator().manual_seed(seed)
+    return TaskData(
+        clean=torch.randint(0, VOCAB, (n, SEQ), generator=gen),
+        corrupt=torch.randint(0, VOCAB, (n, SEQ), generator=gen),
+        correct=torch.randint(0, VOCAB, (n,), generator=gen),
+        wrong=torch.randint(0, VOCAB, (n,), generator=gen),
+    )
+
+
+def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
+    model = build_model()
+    graph = Graph.from_model(model)
+    tokens = task(BATCH).clean
+    gen = torch.Generator().manual_seed(1)
+    scores = EdgeScores(torch.randn(graph.n_senders, graph.n_receivers, generator=gen), graph)
+    circuits = {
+        "top 1000 edges": Circuit.from_scores(scores, "top_n", top_n=1000),
+        "empty": Circuit.empty(graph),
+    }
+    means = ctlens.mean_activations(model, task(64, seed=2).clean)
+    rows: list[tuple[str, float, str]] = []
+    for grad in (False, True):
+        mode = "with autograd" if grad else "no grad"
+
+        def forward(grad: bool = grad) -> None:
+            with torch.set_grad_enabled(grad):
+                model(tokens)
+
+        plain = median_seconds(forward, repeats)
+        rows.append((f"plain forward ({mode})", plain, ""))
+        for label, circuit in circuits.items():
+            with ctlens.edge_mask(model, circuit, "mean", reference=means):
+                masked = median_seconds(forward, repeats)
+            rows.append((f"edge_mask mean, {label} ({mode})", masked, f"{masked / plain:.2f}x"))
+    data = task(256, seed=3)
+    circuit = circuits["top 1000 edges"]
+    faith = median_seconds(
+        lambda: ctlens.faithfulness(model, data, circuit, "corrupt", batch_size=32),
+        max(1, repeats // 3),
+        warmup=1,
+    )
+    rows.append(("faithfulness, 256 examples (batch 32, corrupt)", faith, ""))
+    env = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"{platform.processor() or platform.machine()}, median of {repeats} runs"
+    )
+    return rows, env
+
+
+def table(rows: list[tuple[str, float, str]], env: str) -> str:
+    lines = [
+        f"GPT-2-small shape (random weights), batch {BATCH} x {SEQ} tokens; {env}.",
+        "",
+        "| measurement | seconds | vs plain |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {sec:.4f} | {ratio} |" for name, sec, ratio in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-report", action="store_true", help="do not write docs")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, env = run(args.repeats)
+    markdown = table(rows, env)
+    sys.stdout.write(markdown + "\n")
+    if args.no_report:
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from _report import write_section  # type: ignore[import-not-found]
+    except ImportError:
+        sys.stderr.write("benchmarks/_report.py not found; docs/benchmarks.md not updated\n")
+        return
+    write_section("masking", markdown)
+
+
+if __name__ == "__main__":
+    main()
