@@ -155,7 +155,7 @@ class RunDir:
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
-                if p.name.startswith(".") and ".tmp" in p.name or p.name.startswith(".tmp-"):
+                if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def new_checkpoint_tmp(self) -> Path:

@@ -236,7 +236,7 @@ class CircuitTuner:
         """
         local = self._local_rows(step)
         tokens = self.task.train_tokens[local]
-        with eval_mode(self.model):
+        with _eval(self.model):
             logits, record = self._forward(tokens, record=True)
             loss, metric_sum = self._loss(logits, local)
             scores, _ = self._scores_from(record, local, loss, metric_sum, False)
@@ -411,7 +411,7 @@ class CircuitTuner:
             else:
                 record = True
         optimizer.zero_grad(set_to_none=True)
-        with eval_mode(self.model), self._forward_mask():
+        with _eval(self.model), self._forward_mask():
             if self._lora is not None:
                 logits, rec = self._lora.logits(tokens), None
             else:
@@ -659,7 +659,7 @@ class CircuitTuner:
         cfg = self.config
         if self._lora is not None:
             self._lora.mirror()
-        with eval_mode(self.model):
+        with _eval(self.model):
             evals, accuracy = {}, {}
             for name, data in self.task.evals.items():
                 evals[name], accuracy[name] = self._metric_mean(data)
@@ -821,6 +821,20 @@ class CircuitTuner:
                               json.loads(state["circuit_metadata"]), self.model_name)
             self._set_circuit(circuit)
         self.step = step
+
+
+@contextlib.contextmanager
+def _eval(model: Any) -> Any:
+    """`ctlens.hooks.eval_mode`, skipped when the model is already in eval mode.
+
+    Switching a bridge's mode walks hundreds of hook modules; the tuner would pay that twice
+    per step for nothing (`load_model` returns models in eval mode).
+    """
+    if not model.training:
+        yield
+        return
+    with eval_mode(model):
+        yield
 
 
 @contextlib.contextmanager
