@@ -117,6 +117,12 @@ def png_pixels(path: Path) -> tuple[int, int, bytes]:
     return width, height, bytes(out)
 
 
+@pytest.fixture(autouse=True)
+def _needs_chromium() -> None:
+    """Skip, saying why, before building anything when there is no browser."""
+    chromium()
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from test_viz import make_run
