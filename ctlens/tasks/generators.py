@@ -1,8 +1,9 @@
 """Seeded generators that turn language samples into padded tensor batches.
 
 Each generator returns a :class:`PromptBatch` of plain tensors (the same fields as
-``ctlens.TaskData``), deterministic in ``(n, seed)``: the same arguments always give the
-same batch, and different task names use independent seed streams. Prompts start with
+``ctlens.TaskData``), deterministic in ``(n, seed, stream)``: the same arguments always give
+the same batch, and each (task, stream) pair -- ``discovery``, ``train``, ``eval`` -- draws
+from its own seed stream, so those samples are independent. Prompts start with
 ``<bos>`` and are right-padded with ``<pad>``; ``positions`` index the last prompt token,
 whose logits predict the answer.
 """

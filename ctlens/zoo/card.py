@@ -1,0 +1,194 @@
+"""Model cards for the zoo, rendered from the shipped files (so the numbers are measured).
+
+``python -m ctlens.zoo.card NAME [NAME ...] --out docs/zoo`` writes ``docs/zoo/NAME.md``:
+architecture, training data mixture, recipe, final loss and wall time (from
+``training.json``), accuracy on every task, and the previous-token / induction heads found
+from attention patterns.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ctlens.tasks.corpus import segment
+from ctlens.zoo import load_hf, model_dir, training_record
+from ctlens.zoo.configs import spec
+from ctlens.zoo.evaluate import THRESHOLDS, induction_heads
+
+EXAMPLE_SEED = 7
+
+_METRICS: tuple[tuple[str, str], ...] = (
+    ("agreement_acc", "agreement: accuracy (correct verb form preferred)"),
+    ("ioi_acc", "ioi: accuracy (indirect object preferred over subject)"),
+    (
+        "pronoun_stereotype_acc",
+        "pronoun: stereotyped occupations whose mean she-he has the stereotype's sign",
+    ),
+    ("pronoun_acc", "pronoun: examples preferring the stereotyped pronoun"),
+    ("pronoun_mean_abs_diff", "pronoun: mean abs(she - he) logit difference"),
+    ("induction_logprob", "induction: mean log-prob of repeated tokens"),
+    ("induction_chance", "induction: chance log-prob (-log of the word count)"),
+    ("general_loss", "general corpus: LM loss (nats/token)"),
+)
+
+
+def _architecture_rows(name: str, cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    if spec(name).architecture == "gpt2":
+        return [
+            ("type", "GPT2LMHeadModel (pre-LayerNorm, learned absolute positions, GELU MLP)"),
+            ("layers", str(cfg["n_layer"])),
+            ("d_model", str(cfg["n_embd"])),
+            ("heads", f"{cfg['n_head']} (head dim {cfg['n_embd'] // cfg['n_head']})"),
+            ("MLP width", str(cfg["n_inner"])),
+            ("context", f"{cfg['n_positions']} positions"),
+            ("embeddings", "tied input/output"),
+        ]
+    return [
+        ("type", "LlamaForCausalLM (RMSNorm, rotary positions, SwiGLU MLP)"),
+        ("layers", str(cfg["num_hidden_layers"])),
+        ("d_model", str(cfg["hidden_size"])),
+        (
+            "heads",
+            f"{cfg['num_attention_heads']} query heads, {cfg['num_key_value_heads']} KV heads "
+            f"(grouped-query attention, head dim {cfg['head_dim']})",
+        ),
+        ("MLP width", f"{cfg['intermediate_size']} (SwiGLU)"),
+        ("context", f"trained on {cfg['max_position_embeddings']} tokens"),
+        ("embeddings", "untied"),
+    ]
+
+
+def render(name: str) -> str:
+    """The markdown model card of a shipped zoo model."""
+    import json
+    import random
+
+    record = training_record(name)
+    path = model_dir(name)
+    cfg = json.loads((path / "config.json").read_text())
+    model, tok = load_hf(name)
+    heads = induction_heads(model)
+    recipe = record["recipe"]
+    ev = record["eval"]
+    size_mb = (path / "model.safetensors").stat().st_size / 1e6
+
+    lines = [
+        f"# `{name}`",
+        "",
+        spec(name).description,
+        "A ctlens zoo model trained from scratch on the synthetic task language "
+        "(`ctlens.tasks`); every number below is measured on the shipped weights.",
+        "",
+        "```python",
+        f'model = ctlens.load_model("zoo:{name}")          # TransformerBridge',
+        f'hf_model, tokenizer = ctlens.zoo.load_hf("{name}")  # plain HF module',
+        "```",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in _architecture_rows(name, cfg)],
+        f"| vocabulary | {cfg['vocab_size']} words (word-level, `<bos>` prepended) |",
+        f"| parameters | {record['n_parameters']:,} |",
+        f"| weights | `model.safetensors`, fp32, {size_mb:.1f} MB |",
+        "| dropout | none |",
+        "",
+        "## Training data",
+        "",
+        f"Packed rows of {recipe['context']} tokens (`<bos>` first), each filled with "
+        "segments of one family drawn from this mixture (`ctlens.tasks.corpus`):",
+        "",
+        "| family | weight | example segment |",
+        "| --- | --- | --- |",
+    ]
+    rng = random.Random(EXAMPLE_SEED)
+    for family, weight in recipe["mixture"].items():
+        lines.append(f"| {family} | {weight} | `{' '.join(segment(family, rng))}` |")
+    lines += [
+        "",
+        "Stereotyped occupations are followed by their stereotyped pronoun 90 % of the time "
+        "in this corpus; neutral occupations 50 %.",
+        "",
+        "## Recipe",
+        "",
+        f"AdamW (betas {tuple(recipe['betas'])}, weight decay {recipe['weight_decay']} on "
+        f"matrices), lr {recipe['lr']} with {recipe['warmup']} warm-up steps and cosine decay "
+        f"to {recipe['min_lr_ratio']} x lr, gradient clipping {recipe['grad_clip']}, batch "
+        f"{recipe['batch_size']} x {recipe['context']} tokens, **{recipe['steps']} steps**, "
+        f"seed {recipe['seed']}, {record['threads']} torch thread(s), torch {record['torch']}.",
+        "",
+        f"- final training loss (mean of the last 100 steps): **{record['final_loss']:.4f}**",
+        f"- wall time: **{record['train_seconds'] / 60:.1f} min** "
+        f"({record['cpu_seconds'] / 60:.1f} CPU-min) on a 2-core machine shared with other "
+        "jobs",
+        "",
+        f"Reproduce: `ctlens zoo train {name} --seed {recipe['seed']} --threads "
+        f"{record['threads']} --out DIR` (the slow test "
+        "`tests/test_zoo.py::test_retraining_reproduces_shipped_accuracies` does this and "
+        "compares the accuracies).",
+        "",
+        "## Accuracy on every task",
+        "",
+        f"Fresh samples from `ctlens.zoo.evaluate.evaluate(model, n={ev['n']}, "
+        f"seed={ev['seed']})`:",
+        "",
+        "| metric | value | required |",
+        "| --- | --- | --- |",
+    ]
+    for key, label in _METRICS:
+        bound = THRESHOLDS.get(key)
+        lines.append(f"| {label} | {ev[key]:.3f} | {'>= ' + str(bound) if bound else ''} |")
+    (il, ih, iscore), (pl, ph, pscore) = heads["induction"], heads["previous"]
+    lines += [
+        "",
+        "## Induction circuit",
+        "",
+        "From attention patterns on repeated random sequences "
+        "(`ctlens.zoo.evaluate.induction_heads`):",
+        "",
+        f"- previous-token head **a{pl}.h{ph}**: {pscore:.2f} of its attention on the "
+        "previous token",
+        f"- induction head **a{il}.h{ih}**: {iscore:.2f} of its attention on the token after "
+        "the current token's earlier occurrence",
+        "",
+        "`tests/test_zoo.py::test_induction_circuit` checks that the top 5 % of EAP edges "
+        "contain a path from the first to the second's key input (directly or through an "
+        "MLP).",
+        "",
+        "## Training history",
+        "",
+        "Quick evaluations (64 samples per task) during training:",
+        "",
+        "| step | loss | agreement | ioi | pronoun (occupations) | induction log-prob |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for h in record["history"]:
+        lines.append(
+            f"| {h['step']} | {h['loss']:.3f} | {h['agreement_acc']:.2f} | {h['ioi_acc']:.2f} "
+            f"| {h['pronoun_stereotype_acc']:.2f} | {h['induction_logprob']:.2f} |"
+        )
+    del tok
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the cards of the given zoo models (default: all shipped) to ``--out``."""
+    from ctlens.zoo import names
+
+    parser = argparse.ArgumentParser(prog="python -m ctlens.zoo.card", description=__doc__)
+    parser.add_argument("names", nargs="*", help="zoo models (default: all shipped)")
+    parser.add_argument("--out", default="docs/zoo", help="output folder (default docs/zoo)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.names or names():
+        (out / f"{name}.md").write_text(render(name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
