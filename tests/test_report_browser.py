@@ -46,7 +46,10 @@ def run_browser(page: Path, work: Path, *extra: str) -> subprocess.CompletedProc
     profile = work / f"profile-{len(list(work.glob('profile-*')))}"
     cmd = [chromium(), *FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1000",
            "--virtual-time-budget=15000", *extra, page.resolve().as_uri()]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"chromium did not finish within 300 s on {page.name} (an overloaded machine?)")
 
 
 def page_requests(net_log: Path) -> list[str]:
