@@ -774,10 +774,40 @@ def _overlaps(r: tuple[int, int, int], ranges: list[tuple[int, int, int]]) -> bo
 
 
 class GradientRestriction:
-    """The handle `restrict_gradients` yields: which parameter entries may change."""
+    """The handle `restrict_gradients` yields: which parameter entries may change.
 
-    def __init__(self, rules: list[ParameterRule]) -> None:
-        self.rules = rules
+    `set_circuit` switches to another circuit in place (after rediscovery) without leaving
+    the context: gradient masks and ``requires_grad`` flags are updated and the frozen
+    entries are re-snapshotted at their current values.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        circuit: Circuit,
+        optimizer: torch.optim.Optimizer | None,
+        train_embeddings: bool,
+        train_unembedding: bool,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.train_embeddings = train_embeddings
+        self.train_unembedding = train_unembedding
+        self.rules: list[ParameterRule] = []
+        self._flags = {id(p): p.requires_grad for p in model.parameters()}
+        self._scales: dict[int, torch.Tensor | None] = {}  # None: gradient passes unchanged
+        self._saved: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._handles: list[Any] = []
+        self.set_circuit(circuit)
+        for rule in self.rules:
+            p = rule.parameter
+            if self._flags[id(p)]:  # hooks need requires_grad while registering
+                flag = p.requires_grad
+                p.requires_grad_(True)
+                self._handles.append(p.register_hook(self._grad_hook(id(p))))
+                p.requires_grad_(flag)
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(self._restore))
 
     @property
     def n_trainable(self) -> int:
@@ -792,6 +822,45 @@ class GradientRestriction:
     def trainable(self) -> dict[str, torch.Tensor]:
         """``{parameter name: bool mask}`` of the entries that may change."""
         return {r.name: r.trainable for r in self.rules}
+
+    def set_circuit(self, circuit: Circuit) -> None:
+        """Restrict to ``circuit`` from now on (same model graph)."""
+        rules = parameter_rules(self.model, circuit, self.train_embeddings, self.train_unembedding)
+        if self.rules and [id(r.parameter) for r in rules] != [id(r.parameter) for r in self.rules]:
+            raise RuntimeError("the model's parameters changed inside restrict_gradients")
+        self.rules = rules
+        in_optimizer = set()
+        if self.optimizer is not None:
+            in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        saved = []
+        for rule in rules:
+            p, keep = rule.parameter, rule.trainable
+            key = id(p)
+            everything, nothing = bool(keep.all()), not bool(keep.any())
+            self._scales[key] = None if everything or nothing else keep.to(p.dtype)
+            p.requires_grad_(self._flags[key] and not nothing)
+            if key in in_optimizer and not everything:
+                saved.append((p, keep, p.detach().clone()))
+        self._saved = saved
+
+    def _grad_hook(self, key: int) -> Any:
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            scale = self._scales[key]
+            return None if scale is None else grad * scale
+
+        return hook
+
+    def _restore(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for p, keep, old in self._saved:
+                p.copy_(torch.where(keep, p, old))
+
+    def _close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for p in self.model.parameters():
+            p.requires_grad_(self._flags.get(id(p), p.requires_grad))
 
 
 @contextlib.contextmanager
@@ -815,10 +884,11 @@ def restrict_gradients(
         train_unembedding: let the unembedding move when ``logits`` is a circuit receiver.
 
     Yields:
-        A `GradientRestriction` (``rules``, ``n_trainable``, ``trainable()``).
+        A `GradientRestriction` (``rules``, ``n_trainable``, ``trainable()``,
+        ``set_circuit(circuit)``).
 
     What it changes, and restores on exit (also when the body raises): parameters with no
-    trainable entry get ``requires_grad=False``; partially trainable ones get a gradient
+    trainable entry get ``requires_grad=False``; every mapped parameter gets a gradient
     hook that zeroes frozen entries; the optimizer gets a step post-hook. On exit the hooks
     are removed and every ``requires_grad`` flag is restored. Parameter values, gradients
     already stored and optimizer state are not touched on entry or exit.
@@ -827,37 +897,13 @@ def restrict_gradients(
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    rules = parameter_rules(model, circuit, train_embeddings, train_unembedding)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    handles: list[Any] = []
+    restriction = GradientRestriction(
+        model, circuit, optimizer, train_embeddings, train_unembedding
+    )
     try:
-        for rule in rules:
-            p, keep = rule.parameter, rule.trainable
-            if not keep.any():
-                p.requires_grad_(False)
-            elif not keep.all():
-                scale = keep.to(p.dtype)
-                handles.append(p.register_hook(lambda g, scale=scale: g * scale))
-        if optimizer is not None:
-            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            saved = [
-                (r.parameter, r.trainable, r.parameter.detach().clone())
-                for r in rules
-                if id(r.parameter) in in_optimizer and not bool(r.trainable.all())
-            ]
-
-            def restore(opt: Any, args: Any, kwargs: Any) -> None:
-                with torch.no_grad():
-                    for p, keep, old in saved:
-                        p.copy_(torch.where(keep, p, old))
-
-            handles.append(optimizer.register_step_post_hook(restore))
-        yield GradientRestriction(rules)
+        yield restriction
     finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        restriction._close()
 
 
 def _check_tokens(tokens: Any, model: Any, name: str) -> torch.Tensor:

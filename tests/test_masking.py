@@ -507,3 +507,30 @@ def test_restrict_gradients_restores_on_error_and_checks_inputs(tiny_model) -> N
         ctlens.restrict_gradients(tiny_model, Circuit.empty(graph), optimizer="adam"),
     ):  # type: ignore[arg-type]
         pass
+
+
+def test_restrict_gradients_set_circuit_in_place(tiny_model) -> None:
+    graph = Graph.from_model(tiny_model)
+    first, second = random_circuit(graph, 0.05, seed=8), random_circuit(graph, 0.05, seed=9)
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        logits = tiny_model(torch.randint(1, VOCAB, (2, 5), generator=gen))
+        opt.zero_grad()
+        logits.pow(2).mean().backward()
+        opt.step()
+
+    with ctlens.restrict_gradients(tiny_model, first, optimizer=opt) as restriction:
+        for _ in range(3):
+            step()
+        restriction.set_circuit(second)
+        keep = {r.name: r.trainable for r in restriction.rules}
+        before = snapshot(tiny_model)
+        for _ in range(3):
+            step()
+    after = snapshot(tiny_model)
+    for name, mask in keep.items():
+        assert torch.equal(after[name][~mask], before[name][~mask]), name
+    assert any(not torch.equal(after[n], before[n]) for n in keep)
+    assert len(opt._optimizer_step_post_hooks) == 0
