@@ -162,8 +162,9 @@ def test_induction_batch():
     first, second = batch.clean[:, 1:11], batch.clean[:, 11:]
     assert torch.equal(first, second)
     assert torch.equal(batch.correct, batch.clean[:, 12:21])
+    assert torch.equal(batch.corrupt[:, 11:], second)  # same tokens at the scored positions
     for row in batch.corrupt:
-        assert not set(row[11:].tolist()) & set(row[1:11].tolist())
+        assert not set(row[11:].tolist()) & set(row[1:11].tolist())  # nothing repeats
     assert batch.metric == "logprob" and batch.wrong is None
     with pytest.raises(ValueError, match="length"):
         generators.induction(2, 0, length=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 import ctlens
 from ctlens import zoo
@@ -52,8 +52,7 @@ def test_shipped_files_small_fp32_and_offline(shipped):
     }
     size = (path / "model.safetensors").stat().st_size
     assert 0.3e6 < size < 10e6, f"{name}: {size} bytes"
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.float32}
+    assert {t.dtype for t in load_file(path / "model.safetensors").values()} == {torch.float32}
     assert not model.training
     assert not any(m.training for m in model.modules())
     cfg = model.config
@@ -125,7 +124,9 @@ def test_induction_circuit(shipped):
 
     bridge = ctlens.load_model(f"zoo:{name}")
     data = to_taskdata(generators.induction(32, FRESH_SEED + 1))
-    scores = ctlens.attribute(bridge, data, method="eap", ablation="corrupt", progress=False)
+    # EAP-IG: the induction log-prob is saturated (about -0.02 on tiny-llama), where plain
+    # EAP's linear estimate under-rates the paths that produce it
+    scores = ctlens.attribute(bridge, data, method="eap-ig", ablation="corrupt", progress=False)
     k = math.ceil(0.05 * scores.graph.n_edges)
     top = {(s, r) for s, r, _ in scores.top(k)}
     cfg = model.config
@@ -157,8 +158,7 @@ def test_lr_schedule():
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f}
+    return load_file(path / "model.safetensors")
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -171,7 +171,7 @@ def test_training_is_seeded(tmp_path, name):
     assert not all(torch.equal(a[k], c[k]) for k in a)
     record = json.loads((tmp_path / "a" / "training.json").read_text())
     assert record["recipe"]["seed"] == 3 and record["recipe"]["steps"] == 3
-    assert record == rec_a
+    assert record == json.loads(json.dumps(rec_a))
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (
         zoo.model_dir(name) / "tokenizer.json"
     ).read_text()

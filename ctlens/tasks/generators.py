@@ -154,7 +154,10 @@ def induction(n: int, seed: int = 0, stream: str = "eval", length: int = 12) -> 
 
     ``positions[b] = L+1 .. 2L-1`` (the second copy's tokens except the last) and
     ``correct[b, i]`` is the token that follows, which repeats the first copy. The corrupt
-    row keeps the first copy and replaces the second with fresh words, so nothing repeats.
+    row replaces the *first* copy with fresh words and keeps the second, so its second half
+    repeats nothing, while the tokens at the scored positions are the same as in the clean
+    row: every clean/corrupt difference lies in the earlier occurrence, which is what the
+    previous-token head -> induction head (key) path reads.
     """
     if n < 1:
         raise ValueError(f"n must be a positive number of examples, got {n}")
@@ -168,7 +171,7 @@ def induction(n: int, seed: int = 0, stream: str = "eval", length: int = 12) -> 
         first = induction_sequence(rng, 2 * length)
         half, other = first[:length], first[length:]
         clean_rows.append([bos, *encode_words(half + half)])
-        corrupt_rows.append([bos, *encode_words(half + other)])
+        corrupt_rows.append([bos, *encode_words(other + half)])
     clean, mask = pad_rows(clean_rows)
     corrupt, _ = pad_rows(corrupt_rows)
     positions = torch.arange(length + 1, 2 * length).expand(n, -1).clone()

@@ -44,12 +44,20 @@ def write_tokenizer(path: Path = TOKENIZER_PATH) -> Path:
 
 
 def wrap(tokenizer_file: Path | str) -> PreTrainedTokenizerFast:
-    """Wrap a tokenizer JSON of this language as a transformers fast tokenizer."""
+    """Wrap a tokenizer JSON of this language as a transformers fast tokenizer.
+
+    ``add_bos_token=True`` and ``name_or_path`` are recorded because TransformerLens reads
+    them when it attaches the tokenizer to a bridge (the post-processor already adds BOS,
+    exactly once).
+    """
+    path = Path(tokenizer_file)
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file),
+        tokenizer_file=str(path),
+        name_or_path=str(path.parent),
         bos_token=BOS,
         pad_token=PAD,
         unk_token=UNK,
+        add_bos_token=True,
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
