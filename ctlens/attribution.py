@@ -45,11 +45,14 @@ from ctlens.hooks import (
     HookLayout,
     SenderCallback,
     eval_mode,
+    final_logits,
     flat,
     frozen_parameters,
     model_device,
     receiver_hooks,
+    run_to_final_residual,
     sender_hooks,
+    supports_truncated_forward,
 )
 from ctlens.types import Ablation, Method, NodeKind
 
@@ -182,13 +185,14 @@ def attribute(
             ref_tokens = None
             if corrupt is not None:
                 ref_tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
-            delta, ref_logits = _reference_activations(model, graph, batch, ref_tokens, means)
+            run = _Runner(model, batch)
+            delta, ref_logits = _reference_activations(model, graph, run, ref_tokens, means)
             if method is Method.EXACT:
-                _exact_batch(model, graph, batch, delta, ref_logits, scores, totals, len(data))
+                _exact_batch(model, graph, run, delta, ref_logits, scores, totals, len(data))
             else:
                 n_steps = steps if method is Method.EAP_IG else 1
                 _gradient_batch(
-                    model, graph, batch, delta, ref_logits, scores, totals, len(data), n_steps
+                    model, graph, run, delta, ref_logits, scores, totals, len(data), n_steps
                 )
             del delta, ref_logits
 
@@ -250,7 +254,7 @@ def mean_activations(
                 summed = torch.einsum("bpnd,bp->npd", flat(act).float(), mask)
                 total[rows, :p] += summed
 
-            model.run_with_hooks(batch.clean, fwd_hooks=sender_hooks(model, graph, record))
+            run_to_final_residual(model, batch.clean, sender_hooks(model, graph, record))
             count[:p] += mask.sum(0)
     return total / count.clamp(min=1)[None, :, None]
 
@@ -306,10 +310,56 @@ def _resolve_reference(
 # ------------------------------------------------------------------------------ passes
 
 
+class _Runner:
+    """Forward passes for one batch, returning only the logits its metric reads.
+
+    With a built-in metric the forward stops at the final residual stream and the logits
+    are computed at the metric positions only (``[batch, P, vocab]``; the unembedding is
+    the largest matrix product of a large-vocabulary model, and its backward the largest
+    of the backward pass); ``self.metric_batch`` is the batch re-indexed to match. A custom
+    metric callable sees the full ``[batch, seq, vocab]`` logits.
+    """
+
+    def __init__(self, model: Any, batch: TaskData) -> None:
+        self.model = model
+        self.batch = batch
+        self.truncated = isinstance(batch.metric, str) and supports_truncated_forward(model)
+        self.metric_batch = _at_positions(batch) if self.truncated else batch
+
+    def __call__(
+        self, tokens: torch.Tensor, hooks: list[tuple[str, Any]], batch: TaskData | None = None
+    ) -> torch.Tensor:
+        """Logits for ``tokens`` (rows of ``batch``, default: this runner's batch)."""
+        batch = self.batch if batch is None else batch
+        if not self.truncated:
+            return self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        residual = run_to_final_residual(self.model, tokens, hooks)
+        rows = torch.arange(residual.shape[0], device=residual.device)[:, None]
+        return final_logits(self.model, residual[rows, batch.positions_2d.to(residual.device)])
+
+    def metric_rows(self, index: torch.Tensor) -> TaskData:
+        """The metric batch for examples ``index`` of this batch."""
+        return self.metric_batch[index]
+
+
+def _at_positions(batch: TaskData) -> TaskData:
+    """``batch`` re-indexed for logits taken at its metric positions (``[batch, P, vocab]``)."""
+    n, n_pos = batch.positions_2d.shape
+    positions = torch.arange(n_pos, device=batch.device).expand(n, n_pos)
+    assert batch.positions is not None
+    return TaskData(
+        clean=torch.zeros(n, n_pos, dtype=torch.long, device=batch.device),
+        correct=batch.correct,
+        wrong=batch.wrong,
+        positions=positions if batch.positions.ndim == 2 else positions[:, 0],
+        metric=batch.metric,
+    )
+
+
 def _reference_activations(
     model: Any,
     graph: Graph,
-    batch: TaskData,
+    run: _Runner,
     ref_tokens: torch.Tensor | None,
     means: torch.Tensor | None,
 ) -> tuple[Float[torch.Tensor, "n_senders batch pos d_model"], torch.Tensor | None]:
@@ -317,14 +367,12 @@ def _reference_activations(
 
     Returns the buffer and, under corrupt ablation, the reference run's logits.
     """
-    b, p = batch.clean.shape
-    buffer = torch.zeros(graph.n_senders, b, p, model.cfg.d_model, device=batch.device)
+    b, p = run.batch.clean.shape
+    buffer = torch.zeros(graph.n_senders, b, p, model.cfg.d_model, device=run.batch.device)
     ref_logits = None
     if ref_tokens is not None:
         with torch.no_grad():
-            ref_logits = model.run_with_hooks(
-                ref_tokens, fwd_hooks=sender_hooks(model, graph, _writer(buffer, +1.0))
-            )
+            ref_logits = run(ref_tokens, sender_hooks(model, graph, _writer(buffer, +1.0)))
     elif means is not None:
         buffer += means[:, None, :p]
     return buffer, ref_logits
@@ -354,7 +402,7 @@ def _record_metrics(
 def _gradient_batch(
     model: Any,
     graph: Graph,
-    batch: TaskData,
+    run: _Runner,
     delta: torch.Tensor,
     ref_logits: torch.Tensor | None,
     scores: torch.Tensor,
@@ -370,6 +418,7 @@ def _gradient_batch(
     """
     flat_delta = delta.reshape(graph.n_senders, -1)
     clean_logits: torch.Tensor | None = None
+    batch = run.metric_batch
     layout = HookLayout.from_model(model)
 
     def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +442,7 @@ def _gradient_batch(
         if clean_logits is None:
             hooks += sender_hooks(model, graph, _writer(delta, -1.0))
         with torch.enable_grad():
-            logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+            logits = run(run.batch.clean, hooks)
             if clean_logits is None:
                 clean_logits = logits.detach()
                 _record_metrics(batch, clean_logits, ref_logits, totals)
@@ -406,7 +455,7 @@ def _gradient_batch(
 def _exact_batch(
     model: Any,
     graph: Graph,
-    batch: TaskData,
+    run: _Runner,
     delta: torch.Tensor,
     ref_logits: torch.Tensor | None,
     scores: torch.Tensor,
@@ -420,12 +469,11 @@ def _exact_batch(
     Then, for one receiver column at a time, the batch is repeated once per chunk of
     senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input.
     """
+    batch = run.batch
     b = len(batch)
-    clean_logits = model.run_with_hooks(
-        batch.clean, fwd_hooks=sender_hooks(model, graph, _writer(delta, -1.0))
-    )
-    _record_metrics(batch, clean_logits, ref_logits, totals)
-    clean_metric = batch.metric_values(clean_logits, clean_logits)
+    clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0)))
+    _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
+    clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
     layout = HookLayout.from_model(model)
     groups: list[tuple[str, slice]] = []
     for layer in range(graph.spec.n_layers):
@@ -449,9 +497,9 @@ def _exact_batch(
                     view[:, :, :, offset] += patch.to(x.dtype)
                     return x
 
-                tokens = batch.clean.repeat(copies, 1)
-                logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, patch_hook)])
-                repeated = batch[torch.arange(b).repeat(copies)]
+                index = torch.arange(b).repeat(copies)
+                logits = run(batch.clean[index], [(hook_name, patch_hook)], batch[index])
+                repeated = run.metric_rows(index)
                 values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
                 effect = (values.view(copies, b) - clean_metric[None]).sum(1)
                 scores[chunk.start : chunk.stop, column] += effect / n_total

@@ -123,6 +123,45 @@ def receiver_hooks(
     return hooks
 
 
+class _StopForward(Exception):
+    """Raised by the last hook of `run_to_final_residual` to skip the unembedding."""
+
+
+def run_to_final_residual(
+    model: Any, tokens: torch.Tensor, fwd_hooks: list[tuple[str, Callable[..., Any]]]
+) -> torch.Tensor:
+    """Run ``model`` with ``fwd_hooks`` up to the final residual stream and return it.
+
+    The forward stops at the logits receiver's input (``ln_final.hook_in``, after any hook of
+    ``fwd_hooks`` there has run), so the unembedding, the most expensive matrix product of
+    a large-vocabulary model, is never computed for positions no metric reads. Get logits
+    at chosen positions with `final_logits`. Hooks are removed on the way out.
+    """
+    captured: list[torch.Tensor] = []
+
+    def stop(x: torch.Tensor, hook: Any) -> None:
+        captured.append(x)
+        raise _StopForward
+
+    with contextlib.suppress(_StopForward):
+        model.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (HookLayout.logits_in, stop)])
+    if not captured:
+        raise RuntimeError(
+            f"{HookLayout.logits_in} never fired; is this a ctlens.load_model bridge?"
+        )
+    return captured[0]
+
+
+def final_logits(model: Any, residual: torch.Tensor) -> torch.Tensor:
+    """Logits from final-residual vectors ``[..., d_model]`` (final norm, then unembedding)."""
+    return model.unembed(model.ln_final(residual))
+
+
+def supports_truncated_forward(model: Any) -> bool:
+    """True when the bridge exposes ``ln_final`` and ``unembed`` for `final_logits`."""
+    return all(hasattr(model, name) for name in ("ln_final", "unembed"))
+
+
 def flat(x: torch.Tensor) -> torch.Tensor:
     """View a ``[b, p, d]`` activation as ``[b, p, 1, d]`` so every group has a node axis."""
     return x[:, :, None] if x.ndim == 3 else x
