@@ -8,7 +8,8 @@ Measures, on a randomly initialised GPT-2 small (12 layers, d_model 768, 12 head
   empty circuit (every edge ablated), with and without autograd;
 - the time of `ctlens.faithfulness` over 256 examples (batch size 32, corrupt ablation).
 
-Each time is the median of several runs (the machine may be shared). Prints a table and,
+Plain and masked forwards are interleaved and each time is the median of several runs (the
+machine may be shared); the ratio is the median of the per-pair ratios. Prints a table and,
 when ``benchmarks/_report.py`` exists, writes the "masking" section of docs/benchmarks.md.
 
 Run: ``python benchmarks/masking.py [--repeats 7] [--threads N] [--no-report]``
@@ -17,6 +18,7 @@ Run: ``python benchmarks/masking.py [--repeats 7] [--threads N] [--no-report]``
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -29,6 +31,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import ctlens
 from ctlens import Circuit, EdgeScores, Graph, TaskData
+from ctlens.masking import EdgeMask
+from ctlens.types import Ablation
 
 BATCH, SEQ, VOCAB = 16, 32, 50257
 
@@ -42,15 +46,27 @@ def build_model() -> object:
     return ctlens.load_model(GPT2LMHeadModel(config).eval())
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(
+    plain: Callable[[], object], other: Callable[[], object], repeats: int
+) -> tuple[float, float, float]:
+    """Median plain time, median other time and median of the per-pair ratios.
+
+    The two are interleaved (plain, other, plain, other, ...) after one warm-up each, so a
+    change in machine load affects both alike.
+    """
+    plain(), other()
+    a, b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        a.append(seconds(plain))
+        b.append(seconds(other))
+    ratios = [y / x for x, y in zip(a, b, strict=True)]
+    return statistics.median(a), statistics.median(b), statistics.median(ratios)
 
 
 def task(n: int, seed: int = 0) -> TaskData:
@@ -82,23 +98,31 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
             with torch.set_grad_enabled(grad):
                 model(tokens)
 
-        plain = median_seconds(forward, repeats)
-        rows.append((f"plain forward ({mode})", plain, ""))
         for label, circuit in circuits.items():
-            with ctlens.edge_mask(model, circuit, "mean", reference=means):
-                masked = median_seconds(forward, repeats)
-            rows.append((f"edge_mask mean, {label} ({mode})", masked, f"{masked / plain:.2f}x"))
+            # the hooks edge_mask installs; entering them is not timed
+            mask = EdgeMask(model, circuit, Ablation.MEAN)
+            mask.set_means(means)
+            hooks = mask.hooks()
+
+            def masked(hooks: list = hooks, forward: Callable[[], None] = forward) -> None:
+                with model.hooks(fwd_hooks=hooks):
+                    forward()
+
+            plain_s, masked_s, ratio = paired(forward, masked, repeats)
+            rows.append((f"plain forward ({mode})", plain_s, ""))
+            rows.append((f"edge_mask mean, {label} ({mode})", masked_s, f"{ratio:.2f}x"))
     data = task(256, seed=3)
     circuit = circuits["top 1000 edges"]
-    faith = median_seconds(
-        lambda: ctlens.faithfulness(model, data, circuit, "corrupt", batch_size=32),
-        max(1, repeats // 3),
-        warmup=1,
+    runs = max(1, repeats // 3)
+    faith = statistics.median(
+        seconds(lambda: ctlens.faithfulness(model, data, circuit, "corrupt", batch_size=32))
+        for _ in range(runs)
     )
-    rows.append(("faithfulness, 256 examples (batch 32, corrupt)", faith, ""))
+    rows.append((f"faithfulness, 256 examples (batch 32, corrupt; median of {runs})", faith, ""))
     env = (
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"{platform.processor() or platform.machine()}, median of {repeats} runs"
+        f"{platform.processor() or platform.machine()}, {repeats} interleaved runs, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     return rows, env
 
@@ -107,7 +131,7 @@ def table(rows: list[tuple[str, float, str]], env: str) -> str:
     lines = [
         f"GPT-2-small shape (random weights), batch {BATCH} x {SEQ} tokens; {env}.",
         "",
-        "| measurement | seconds | vs plain |",
+        "| measurement | seconds (median) | vs plain (median of paired ratios) |",
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {sec:.4f} | {ratio} |" for name, sec, ratio in rows]

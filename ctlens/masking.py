@@ -83,8 +83,8 @@ class _GroupPlan:
     """Precomputed ablation for one receiver hook (a group of receiver columns)."""
 
     n_rows: int  # senders read (a prefix of the sender list); 0: nothing to ablate
-    coef: torch.Tensor | None  # [n_rows, n_cols] 0/1 excluded edges, model dtype
-    const: torch.Tensor | None  # mean ablation: [pos, n_cols, d_model] reference sum
+    coef_t: torch.Tensor | None  # [n_cols, n_rows] 0/1 excluded edges, model dtype
+    const: torch.Tensor | None  # mean ablation: [n_cols, pos, d_model] reference sum
 
 
 @dataclass(frozen=True)
@@ -229,12 +229,12 @@ class EdgeMask:
             block = excluded[: graph.upstream[columns.start], columns]
             rows = block.any(1).nonzero()
             n_rows = int(rows.max()) + 1 if len(rows) else 0
-            coef = const = None
+            coef_t = const = None
             if n_rows:
-                coef = block[:n_rows].to(self.device, self.dtype)
+                coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
                 if self.ablation is Ablation.MEAN and self._means is not None:
-                    const = torch.einsum("sc,spd->pcd", coef, self._means[:n_rows])
-            groups[columns.start] = _GroupPlan(n_rows, coef, const)
+                    const = torch.einsum("cs,spd->cpd", coef_t, self._means[:n_rows])
+            groups[columns.start] = _GroupPlan(n_rows, coef_t, const)
         n_rows = max(g.n_rows for g in groups.values())
         return _Plan(circuit, groups, n_rows)
 
@@ -293,9 +293,17 @@ class EdgeMask:
                     f"the mean reference covers {self._means.shape[1]} positions but this "
                     f"forward has {p}; call mask.set_means(...) with prompts at least as long"
                 )
-        self._buffer = torch.empty(
-            self._plan.n_rows, b, p, self.d_model, device=act.device, dtype=act.dtype
+        shape = (self._plan.n_rows, b, p, self.d_model)
+        old = self._buffer
+        reusable = (
+            old is not None
+            and not torch.is_grad_enabled()  # no autograd graph can still refer to it
+            and tuple(old.shape) == shape
+            and old.dtype == act.dtype
+            and old.device == act.device
         )
+        if not reusable:
+            self._buffer = torch.empty(shape, device=act.device, dtype=act.dtype)
 
     def _on_receiver(self, columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
         if self._paused:
@@ -303,18 +311,21 @@ class EdgeMask:
         group = self._plan.groups[columns.start]
         if group.n_rows == 0:
             return x
-        assert self._buffer is not None and group.coef is not None
-        live = torch.einsum("sc,sbpd->bpcd", group.coef, self._buffer[: group.n_rows])
+        assert self._buffer is not None and group.coef_t is not None
+        n, (b, p) = group.n_rows, x.shape[:2]
+        # one matrix product: [cols, n] @ [n, batch * pos * d_model]
+        live = (group.coef_t @ self._buffer[:n].reshape(n, -1)).view(-1, b, p, self.d_model)
         if self.ablation is Ablation.CORRUPT:
             assert self._ref is not None
             with torch.no_grad():
-                const = torch.einsum("sc,sbpd->bpcd", group.coef, self._ref[: group.n_rows])
-            delta = const.to(live.dtype) - live
+                ref = group.coef_t @ self._ref[:n].reshape(n, -1).to(live.dtype)
+            delta = ref.view_as(live) - live
         elif self.ablation is Ablation.MEAN:
             assert group.const is not None
-            delta = group.const[None, : x.shape[1]].to(live.dtype) - live
+            delta = group.const[:, None, :p].to(live.dtype) - live
         else:
             delta = -live
+        delta = delta.permute(1, 2, 0, 3)  # [batch, pos, cols, d_model]
         return x + (delta[:, :, 0] if x.ndim == 3 else delta)
 
 
