@@ -285,6 +285,14 @@ def test_jsonl_task_loads(tmp_path, tok):
     assert task.discovery.correct.tolist() == encode_words(["is", "she"])
     # training rows: prompt + answer, target at the answer
     assert task.train_tokens[task.train_target_mask].tolist() == encode_words(["is", "she"])
+    td = task.train_data
+    assert torch.equal(task.train_tokens[torch.arange(2), td.positions + 1], td.correct)
+    width = task.discovery.clean.shape[1]
+    prompt_part = task.train_tokens[:, :width]
+    assert torch.equal(
+        prompt_part[task.discovery.attention_mask],
+        task.discovery.clean[task.discovery.attention_mask],
+    )
     assert {"agreement", "ioi"} <= set(task.evals)  # zoo tokenizer: built-in evals attached
     assert task.general_tokens is not None
 

@@ -272,21 +272,17 @@ def load_jsonl(
     data = TaskData.from_jsonl(path, tokenizer)
     _check_unknown_words(path, tokenizer, data)
     ctlens_vocab = _is_ctlens_tokenizer(tokenizer)
-    tokens_list = []
-    assert data.attention_mask is not None and data.positions is not None
+    assert data.attention_mask is not None and data.correct is not None
+    # training rows: the prompt followed by its answer, the answer being the only target
     lengths = data.attention_mask.sum(1)
-    width = int(lengths.max()) + 1
+    rows = torch.arange(len(data))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens = torch.full((len(data), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(data), width), dtype=torch.bool)
-    for i in range(len(data)):
-        length = int(lengths[i])
-        tokens[i, :length] = data.clean[i, :length]
-        tokens[i, length] = data.correct[i]  # type: ignore[index]
-        attention[i, : length + 1] = True
-        tokens_list.append(length)
+    tokens = torch.full((len(data), int(lengths.max()) + 1), pad, dtype=torch.long)
+    tokens[:, : data.clean.shape[1]] = torch.where(data.attention_mask, data.clean, pad)
+    tokens[rows, lengths] = data.correct
+    attention = torch.arange(tokens.shape[1])[None, :] <= lengths[:, None]
     target_mask = torch.zeros_like(attention)
-    target_mask[torch.arange(len(data)), torch.tensor(tokens_list)] = True
+    target_mask[rows, lengths] = True
     train_data = TaskData(
         clean=tokens,
         correct=data.correct,
