@@ -158,6 +158,7 @@ class TaskData:
 
     @property
     def device(self) -> torch.device:
+        """The device of the token tensors."""
         return self.clean.device
 
     def to(self, device: torch.device | str) -> TaskData:

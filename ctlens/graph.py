@@ -159,10 +159,12 @@ class Graph:
 
     @property
     def n_senders(self) -> int:
+        """Number of senders (rows of the dense tensors)."""
         return len(self.sender_nodes)
 
     @property
     def n_receivers(self) -> int:
+        """Number of receivers (columns of the dense tensors)."""
         return len(self.receiver_nodes)
 
     @cached_property

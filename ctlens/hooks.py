@@ -15,7 +15,13 @@ Receiver inputs are the tensors each component reads *before* its LayerNorm: per
 attention), ``hook_mlp_in`` for MLPs and ``ln_final.hook_in`` for the logits. The tensor a
 hook receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
 the skip connection also uses; the receiver callbacks therefore always get a fresh copy, so
-a gradient taken on it belongs to that receiver alone (DESIGN.md, the MLP pitfall).
+a gradient taken on it belongs to that receiver alone (DESIGN.md, the MLP pitfall). The q/k/v
+inputs need no copy: the bridge forks the residual stream into a new contiguous
+``[batch, pos, heads, d]`` tensor per hook (checked by finite differences in
+tests/test_attribution.py).
+
+`run_to_final_residual` and `final_logits` let a pass stop at the final residual stream and
+unembed only the positions a metric reads.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class HookLayout:
 
     @classmethod
     def from_model(cls, model: Any) -> HookLayout:
+        """The layout of a `ctlens.load_model` bridge (token and, if any, position embedding)."""
         hooks = model.hook_dict
         inputs = tuple(name for name in ("hook_embed", "hook_pos_embed") if name in hooks)
         if "hook_embed" not in inputs:
@@ -54,18 +61,22 @@ class HookLayout:
 
     @staticmethod
     def head_out(layer: int) -> str:
+        """Per-head outputs of layer ``layer``: ``[batch, pos, n_heads, d_model]``, no b_O."""
         return f"blocks.{layer}.attn.hook_result"
 
     @staticmethod
     def mlp_out(layer: int) -> str:
+        """Output of MLP ``layer``: ``[batch, pos, d_model]``."""
         return f"blocks.{layer}.hook_mlp_out"
 
     @staticmethod
     def qkv_in(layer: int, kind: NodeKind) -> str:
+        """Per-head (per KV head for k/v under GQA) pre-LN q/k/v inputs of layer ``layer``."""
         return f"blocks.{layer}.hook_{kind.value}_input"
 
     @staticmethod
     def mlp_in(layer: int) -> str:
+        """Pre-LN input of MLP ``layer`` (the residual stream itself: copy before patching)."""
         return f"blocks.{layer}.hook_mlp_in"
 
     logits_in = "ln_final.hook_in"
@@ -201,8 +212,10 @@ def eval_mode(model: Any) -> Iterator[None]:
 
 
 def model_device(model: Any) -> torch.device:
+    """The device of the model's (first) parameter."""
     return next(model.parameters()).device
 
 
 def model_dtype(model: Any) -> torch.dtype:
+    """The dtype of the model's (first) parameter."""
     return next(model.parameters()).dtype
