@@ -252,6 +252,16 @@ def test_unknown_task_lists_names():
         tasks.load("sentiment")
     with pytest.raises(ValueError, match="n must be positive"):
         tasks.load("ioi", n=0)
+    assert tasks.load("ioi", tokenizer=tasks.tokenizer(), **SMALL).name == "ioi"
+
+
+def test_builtin_task_rejects_foreign_tokenizer():
+    class Foreign:
+        def get_vocab(self) -> dict[str, int]:
+            return {"hello": 0}
+
+    with pytest.raises(ValueError, match="another one"):
+        tasks.load("ioi", tokenizer=Foreign())
 
 
 # ---------------------------------------------------------------- JSONL

@@ -180,6 +180,12 @@ def load(
             f"unknown task {name!r}; built-in tasks: {', '.join(names())} "
             "(or pass a path ending in .jsonl with tokenizer=...)"
         )
+    if tokenizer is not None and not _is_ctlens_tokenizer(tokenizer):
+        raise ValueError(
+            f"built-in task {name!r} is written in ctlens's word-level vocabulary, but the "
+            "given tokenizer has another one; use a zoo model (ctlens.load_model('zoo:...')) "
+            "or drop tokenizer= (it is only needed for JSONL files)"
+        )
     for label, value in (("n", n), ("n_train", n_train), ("n_general", n_general)):
         if value < 1:
             raise ValueError(f"{label} must be positive, got {value}")
