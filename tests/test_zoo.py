@@ -229,3 +229,40 @@ def test_retraining_reproduces_shipped_accuracies(tmp_path, name):
         record["eval"]["induction_logprob"], abs=0.05
     )
     assert all(passes(new["eval"]).values())
+
+
+def test_task_bundles_score_as_expected_on_shipped_model():
+    """The Task bundles' TaskData are wired right: a trained model scores them as it should."""
+    from ctlens import tasks
+    from ctlens.data import TaskData
+
+    model, _ = zoo.load_hf("tiny-llama")
+
+    def values(data: TaskData, corrupt: bool = False) -> torch.Tensor:
+        ids = data.corrupt if corrupt else data.clean
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=data.attention_mask.long()).logits
+        return data.metric_values(logits)
+
+    flip = tasks.load("agreement-flip", n=64, n_train=16, n_general=8)
+    assert (values(flip.evals["agreement"]) > 0).float().mean() > 0.95
+    assert (values(flip.evals["agreement-flip"]) < 0).float().mean() > 0.95
+    assert values(flip.discovery).mean() < 0 < values(flip.discovery, corrupt=True).mean()
+    ioi = tasks.load("ioi", n=64, n_train=16, n_general=8)
+    assert values(ioi.discovery).mean() > 2 > values(ioi.discovery, corrupt=True).mean()
+    induction = tasks.load("induction", n=32, n_train=16, n_general=8)
+    assert values(induction.discovery).mean() > -1 > -3 > values(induction.discovery, True).mean()
+    general = tasks.load("general", n=16, n_train=16, n_general=16)
+    assert -2.5 < values(general.evals["general"]).mean() < -1.0
+    # training rows: the model gives its own verb form far more probability than the flip's
+    def target_logp(task: tasks.Task) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=task.train_tokens).logits
+        ids = task.train_tokens[:, 1:, None]
+        logp = logits[:, :-1].log_softmax(-1).gather(2, ids)[..., 0]
+        return logp[task.train_target_mask[:, 1:]]
+
+    same = dict(n=8, n_train=64, n_general=8, seed=3)
+    own = target_logp(tasks.load("agreement", **same))
+    flipped = target_logp(tasks.load("agreement-flip", **same))
+    assert (own - flipped > 2).float().mean() > 0.95
