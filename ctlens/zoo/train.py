@@ -34,6 +34,9 @@ from ctlens.zoo.evaluate import evaluate
 MODELS_DIR: Path = Path(__file__).with_name("models")
 """Where shipped zoo models live (``models/NAME/``)."""
 
+EVAL_SEED = 12345
+"""Seed of the final evaluation recorded in ``training.json`` (tests use other seeds)."""
+
 
 def lr_at(step: int, recipe: Recipe) -> float:
     """Learning rate at ``step``: linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
@@ -121,15 +124,15 @@ def _fit(
         losses.append(float(loss.detach()))
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             quick = evaluate(model, n=64, seed=recipe.seed + step)
-            record = {
+            entry = {
                 "step": step + 1,
                 "loss": sum(losses[-50:]) / len(losses[-50:]),
                 "seconds": round(time.perf_counter() - start, 1),
                 **{k: round(v, 4) for k, v in quick.items() if k != "induction_chance"},
             }
-            history.append(record)
+            history.append(entry)
             bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
+                loss=f"{entry['loss']:.3f}",
                 agr=f"{quick['agreement_acc']:.2f}",
                 ioi=f"{quick['ioi_acc']:.2f}",
                 pro=f"{quick['pronoun_stereotype_acc']:.2f}",
@@ -138,7 +141,7 @@ def _fit(
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - start_cpu
     model.eval()
-    metrics = evaluate(model, n=eval_n, seed=12345)
+    metrics = evaluate(model, n=eval_n, seed=EVAL_SEED)
     record: dict[str, Any] = {
         "name": name,
         "architecture": architecture,
@@ -150,7 +153,7 @@ def _fit(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "eval": {"n": eval_n, "seed": 12345, **metrics},
+        "eval": {"n": eval_n, "seed": EVAL_SEED, **metrics},
         "history": history,
     }
     save(model, out_dir, record)
