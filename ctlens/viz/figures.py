@@ -54,6 +54,14 @@ PLOT_CONFIG: dict[str, Any] = {"displaylogo": False, "responsive": True}
 
 # ---------------------------------------------------------------------------- helpers
 
+Trace = dict[str, Any]
+
+
+def scatter(**props: Any) -> Trace:
+    """A scatter trace as a plain dict: plotly validates it once, when it joins a figure or
+    frame (a ``go.Scatter`` would be validated on creation and again when added)."""
+    return {"type": "scatter", **props}
+
 
 def _rgba(hex_colour: str, alpha: float) -> str:
     r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
@@ -87,7 +95,7 @@ def _fmt(value: float | None) -> str:
 def _edge_hover(
     layout: Layout, rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor | None,
     prefix: str = "",
-) -> go.Scatter:
+) -> Trace:
     """Invisible markers at the edge midpoints carrying each edge's name and score."""
     g = layout.graph
     mx = ((layout.sender_x[rows] + layout.receiver_x[cols]) / 2).numpy()
@@ -98,7 +106,7 @@ def _edge_hover(
         f"{prefix}{senders[i]} → {receivers[j]}<br>score {_fmt(v)}"
         for i, j, v in zip(rows.tolist(), cols.tolist(), values, strict=True)
     ]
-    return go.Scatter(
+    return scatter(
         x=mx, y=my, mode="markers", text=_strings(text), hoverinfo="text", name="edges",
         marker={"size": 8, "color": "rgba(0,0,0,0)"}, showlegend=False,
     )
@@ -111,7 +119,7 @@ def _strings(items: list[str]) -> np.ndarray:
     return out
 
 
-def _port_traces(layout: Layout, mask: torch.Tensor) -> list[go.Scatter]:
+def _port_traces(layout: Layout, mask: torch.Tensor) -> list[Trace]:
     """The q, k and v ports that receive an edge of ``mask`` (one trace per kind, so the
     marker symbol is a scalar), and one trace of links from each port to its head(s)."""
     g = layout.graph
@@ -130,12 +138,12 @@ def _port_traces(layout: Layout, mask: torch.Tensor) -> list[go.Scatter]:
             lx += [x, float(layout.sender_x[row]), None]
             ly += [y, float(layout.sender_y[row]), None]
     traces = [
-        go.Scatter(x=np.array(lx, dtype=float), y=np.array(ly, dtype=float), mode="lines",
+        scatter(x=np.array(lx, dtype=float), y=np.array(ly, dtype=float), mode="lines",
                    hoverinfo="skip", showlegend=False, name="ports",
                    line={"color": "#999999", "width": 0.8}),
     ]
     for kind, cols in ports.items():
-        traces.append(go.Scatter(
+        traces.append(scatter(
             x=layout.receiver_x[cols].numpy(), y=layout.receiver_y[cols].numpy(),
             mode="markers", hoverinfo="text", name=f"{kind.value} ports", showlegend=False,
             text=_strings([f"{g.receivers[j]}<br>{int(n_in[j])} incoming edge(s)" for j in cols]),
@@ -148,7 +156,7 @@ def _node_traces(
     layout: Layout,
     groups: Sequence[tuple[str, torch.Tensor, str]],
     hover: Mapping[int, str] | None = None,
-) -> list[go.Scatter]:
+) -> list[Trace]:
     """Sender nodes split into groups ``(name, bool[n_senders], colour)``; the rest faint.
 
     Heads are circles, MLPs squares, ``input`` a diamond; ``logits`` is drawn as a star in
@@ -157,9 +165,9 @@ def _node_traces(
     g = layout.graph
     symbol = {NodeKind.INPUT: "diamond", NodeKind.HEAD: "circle", NodeKind.MLP: "square"}
     covered = torch.zeros(g.n_senders, dtype=torch.bool)
-    traces: list[go.Scatter] = []
+    traces: list[Trace] = []
 
-    def trace(rows: list[int], name: str, colour: str, size: int, legend: bool) -> go.Scatter:
+    def trace(rows: list[int], name: str, colour: str, size: int, legend: bool) -> Trace:
         # heads first: the legend shows the first point's symbol
         rows = sorted(rows, key=lambda i: g.sender_nodes[i].kind is not NodeKind.HEAD)
         nodes = [g.sender_nodes[i] for i in rows]
@@ -167,7 +175,7 @@ def _node_traces(
         text = [
             (hover or {}).get(i, g.sender_nodes[i].name) for i in rows
         ]
-        return go.Scatter(
+        return scatter(
             x=layout.sender_x[rows].numpy(), y=layout.sender_y[rows].numpy(),
             mode="markers+text", text=_strings(labels), textposition="middle right",
             textfont={"size": 10, "color": "#333333"}, hovertext=_strings(text),
@@ -185,7 +193,7 @@ def _node_traces(
     traces.append(trace(rest, "not in circuit", INACTIVE, 8, False))
     lx, ly = layout.logits_xy
     traces.append(
-        go.Scatter(
+        scatter(
             x=[lx], y=[ly], mode="markers+text", text=["logits"], textposition="middle right",
             hovertext=["logits"], hoverinfo="text", showlegend=False, name="logits",
             marker={"symbol": "star", "size": 16,
@@ -218,7 +226,7 @@ def _score_bins(values: torch.Tensor, max_abs: float) -> torch.Tensor:
 
 def _edge_traces(
     layout: Layout, es: EdgeSet, max_abs: float | None = None, all_legend: bool = False
-) -> list[go.Scatter]:
+) -> list[Trace]:
     """A fixed list of ``2 x 4 x 4`` line traces (sign x receiver class x width bin).
 
     Always the same traces in the same order, empty ones included, so animation frames can
@@ -238,7 +246,7 @@ def _edge_traces(
     else:
         bins = torch.full((len(rows),), 1, dtype=torch.long)
         negative = torch.zeros(len(rows), dtype=torch.bool)
-    traces: list[go.Scatter] = []
+    traces: list[Trace] = []
     for sign, (label, colour) in enumerate(
         [("positive score", POSITIVE if es.scores is not None else UNSCORED),
          ("negative score", NEGATIVE)]
@@ -254,7 +262,7 @@ def _edge_traces(
                 if legend and not len(x):
                     x, y = np.array([np.nan]), np.array([np.nan])  # keeps the legend entry
                 traces.append(
-                    go.Scatter(
+                    scatter(
                         x=x, y=y, mode="lines", hoverinfo="skip",
                         name=f"{label} → {CLASS_LABEL[cname]}",
                         legendgroup=f"{sign}-{cname}", showlegend=legend,
@@ -434,7 +442,7 @@ def plot_diff(
         for c, cname in enumerate(RECEIVER_CLASSES):
             select = cls == c
             x, y = _line_xy(layout, rows[select], cols[select])
-            fig.add_trace(go.Scatter(
+            fig.add_trace(scatter(
                 x=x, y=y, mode="lines", hoverinfo="skip", name=f"{name} → {CLASS_LABEL[cname]}",
                 legendgroup=name, showlegend=bool(select.any()),
                 line={"color": _rgba(colour, 0.75), "width": width, "dash": _CLASS_DASH[cname]},
@@ -537,7 +545,7 @@ def plot_evolution(
         horizontal_spacing=0.07, subplot_titles=titles,
     )
 
-    def frame_traces(step: int) -> list[go.Scatter]:
+    def frame_traces(step: int) -> list[Trace]:
         es = sets[step]
         rows, cols = es.mask.nonzero(as_tuple=True)
         traces = _edge_traces(layout, es, max_abs, all_legend=True)
@@ -566,7 +574,7 @@ def plot_evolution(
     for row, col, series in panels:
         for k, (name, (xs, ys)) in enumerate(series.items()):
             fig.add_trace(
-                go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, legend="legend2",
+                scatter(x=xs, y=ys, mode="lines+markers", name=name, legend="legend2",
                            showlegend=len(series) > 1, marker={"size": 4},
                            line={"color": _LINE_COLOURS[k % len(_LINE_COLOURS)], "width": 1.6},
                            hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"),
