@@ -18,7 +18,8 @@ script resumes or reuses them). Writes docs/experiments.md with whatever the num
 Run::
 
     python benchmarks/circuit_tuning.py speed [--gpt2-small] [--steps 10] [--rounds 3]
-    python benchmarks/circuit_tuning.py experiment [--model zoo:tiny-gpt2] [--steps 150]
+    python benchmarks/circuit_tuning.py experiment [--model zoo:tiny-gpt2] [--steps 60] \
+        [--part main|sweep|all]
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +134,28 @@ def speed(args: argparse.Namespace) -> None:
 # ============================================================================ experiment
 
 
-def _run(model_name: str, task: Any, cfg: ctlens.TuneConfig, out: Path) -> dict[str, Any]:
-    """One run (resumed or reused when ``out`` already holds it); its metrics records."""
-    model = ctlens.load_model(model_name)
+def _run(model_name: str, task: Any, cfg: ctlens.TuneConfig, out: Path) -> None:
+    """One run; resumed, or skipped when ``out`` already holds it complete."""
     done = out / "metrics.jsonl"
-    if not (done.is_file() and any(json.loads(x)["step"] == cfg.steps
-                                   for x in done.read_text().splitlines())):
-        ctlens.CircuitTuner(model, task, cfg, model_name=model_name).run(out)
-    records = [json.loads(x) for x in done.read_text().splitlines()]
-    return {"first": records[0], "last": records[-1], "records": records}
+    if done.is_file() and any(json.loads(x)["step"] == cfg.steps
+                              for x in done.read_text().splitlines()):
+        return
+    model = ctlens.load_model(model_name)
+    ctlens.CircuitTuner(model, task, cfg, model_name=model_name).run(out)
+
+
+def _collect(out: Path) -> dict[str, dict[str, Any]]:
+    """Every complete run under ``out``: first/last metrics records and its config."""
+    results: dict[str, dict[str, Any]] = {}
+    for run in sorted(out.glob("*/run.json")):
+        doc = json.loads(run.read_text())
+        cfg = ctlens.TuneConfig.from_dict(doc["config"])
+        lines = (run.parent / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+        if not records or records[-1]["step"] != cfg.steps:
+            continue
+        results[run.parent.name] = {"first": records[0], "last": records[-1], "config": cfg}
+    return results
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -153,51 +166,37 @@ def experiment(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     probe = ctlens.load_model(args.model)
-    graph = ctlens.Graph.from_model(probe)
-    n_edges = graph.n_edges
+    n_edges = ctlens.Graph.from_model(probe).n_edges
     task = ctlens.tasks.load("agreement-flip", n=args.n, n_train=args.n_train, seed=0)
     sizes = [max(1, round(f * n_edges)) for f in (0.05, 0.15, 0.40)]
     base = dict(steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                 save_every=args.steps, eval_examples=args.n, progress=False, seed=0)
     lrs = [float(x) for x in args.lrs.split(",")]
-    modes = ["gradient", "forward", "full", "random", "lora"]
-    results: dict[str, dict[str, Any]] = {}
 
     def record(key: str, cfg: ctlens.TuneConfig) -> None:
-        start = time.perf_counter()
-        results[key] = _run(args.model, task, cfg, out / key)
-        results[key]["seconds"] = time.perf_counter() - start
-        results[key]["config"] = cfg
-        print(key, json.dumps({k: results[key]["last"].get(k) for k in
+        _run(args.model, task, cfg, out / key)
+        last = _collect(out).get(key, {}).get("last", {})
+        print(key, json.dumps({k: last.get(k) for k in
                                ("target_metric", "general_loss", "params_moved")}), flush=True)
-        _write(args, results, n_edges, sizes)
+        _write(args, n_edges, sizes)
 
-    for mode in modes:
-        if mode == "lora":
-            try:
-                import peft  # noqa: F401
-            except ImportError:
-                continue
-        for lr in lrs:
-            cfg = ctlens.TuneConfig(mode=mode, lr=lr, top_n=sizes[1], every_k=1, **base)
-            record(f"{mode}-lr{lr:g}", cfg)
-    best_lr = _best_lr(results, "gradient", lrs)
-    for k in (1, 4, 16):
-        for n in sizes:
-            key = f"sweep-k{k}-n{n}"
-            if k == 1 and n == sizes[1]:
-                results[key] = results[f"gradient-lr{best_lr:g}"]
-                continue
-            cfg = ctlens.TuneConfig(mode="gradient", lr=best_lr, top_n=n, every_k=k, **base)
-            record(key, cfg)
-    _write(args, results, n_edges, sizes)
-
-
-def _best_lr(results: dict[str, Any], mode: str, lrs: list[float]) -> float:
-    """The learning rate whose run ends with the highest target metric."""
-    scored = [(results[f"{mode}-lr{lr:g}"]["last"]["target_metric"], lr)
-              for lr in lrs if f"{mode}-lr{lr:g}" in results]
-    return max(scored)[1]
+    if args.part in ("main", "all"):
+        for mode in ("gradient", "forward", "full", "random", "lora"):
+            if mode == "lora":
+                try:
+                    import peft  # noqa: F401
+                except ImportError:
+                    continue
+            for lr in lrs:
+                cfg = ctlens.TuneConfig(mode=mode, lr=lr, top_n=sizes[1], every_k=1, **base)
+                record(f"{mode}-lr{lr:g}", cfg)
+    if args.part in ("sweep", "all"):
+        for k in (1, 4, 16):
+            for n in sizes:
+                cfg = ctlens.TuneConfig(mode="gradient", lr=args.sweep_lr, top_n=n, every_k=k,
+                                        **base)
+                record(f"sweep-k{k}-n{n}", cfg)
+    _write(args, n_edges, sizes)
 
 
 def _row(key: str, res: dict[str, Any]) -> list[str]:
@@ -257,9 +256,12 @@ def _top_edges(circuit: ctlens.Circuit, k: int = 10) -> list[str]:
     return out
 
 
-def _write(args: argparse.Namespace, results: dict[str, Any], n_edges: int,
-           sizes: list[int]) -> None:
-    main_keys = [k for k in results if not k.startswith("sweep-")]
+def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
+    results = _collect(Path(args.out))
+    order = {m: i for i, m in enumerate(("gradient", "forward", "full", "random", "lora"))}
+    main_keys = sorted((k for k in results if not k.startswith("sweep-")),
+                       key=lambda k: (order.get(results[k]["config"].mode, 9),
+                                      results[k]["config"].lr))
     header = ["mode", "lr", "target: logit(wrong) - logit(right), start -> end",
               "target acc (flipped)", "general LM loss, start -> end",
               "other tasks' accuracy at the end", "params moved", "wall s"]
@@ -271,7 +273,8 @@ def _write(args: argparse.Namespace, results: dict[str, Any], n_edges: int,
             if res is None:
                 continue
             last = res["last"]
-            sweep.append([k, n, f"{last['target_metric']:+.2f}", _fmt(last.get("target_accuracy")),
+            sweep.append([k, n, f"{last['target_metric']:+.2f}",
+                          _fmt(last.get("target_accuracy")),
                           f"{last['general_loss']:.3f}", f"{last['params_moved']:.3f}",
                           f"{last['wall_time']:.0f}"])
     first = results[main_keys[0]]["first"] if main_keys else None
@@ -281,7 +284,7 @@ def _write(args: argparse.Namespace, results: dict[str, Any], n_edges: int,
         "Written by `python benchmarks/circuit_tuning.py experiment` (re-run it to refresh; "
         "the numbers below are whatever that run measured, on a shared 2-core CPU).",
         "",
-        "**Setup.** Model `" + args.model + f"` ({n_edges} valid edges). Task "
+        "**Setup.** Model `" + (args.label or args.model) + f"` ({n_edges} valid edges). Task "
         "`agreement-flip` (the paper's subject-verb *disagreement*: train the model to "
         "produce the wrong verb number; the target metric is logit(wrong form) - "
         "logit(correct form) on held-out prompts, and its accuracy the fraction of prompts "
@@ -362,6 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n-train", type=int, default=1024)
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--out", default="/tmp/ctlens-experiments")
+    e.add_argument("--label", default=None,
+                   help="how docs/experiments.md names the model (default: --model)")
+    e.add_argument("--part", choices=["main", "sweep", "all"], default="all",
+                   help="main: modes x learning rates; sweep: K x N (run both in parallel)")
+    e.add_argument("--sweep-lr", type=float, default=1e-3, help="learning rate of the sweep")
     e.set_defaults(func=experiment)
     args = parser.parse_args(argv)
     args.func(args)
