@@ -1,0 +1,166 @@
+# ruff: noqa: E402, B018
+# %% [markdown]
+# # Circuit-tuning: fine-tune a model inside its circuit
+#
+# *Circuit-tuning* ("Fine-Tuning is Subgraph Search", Li et al. 2025,
+# [arXiv 2502.06106](https://arxiv.org/abs/2502.06106)) alternates two steps:
+#
+# 1. **discover** the circuit of the task on the current batch (EAP, keep the top-N edges),
+# 2. **tune** only the parameters that read or write along those edges; everything else
+#    stays fixed (bit-identical, even under Adam's momentum).
+#
+# The paper's headline experiment teaches GPT-2 to produce the *wrong* verb number
+# ("the keys to the cabinet **is**"). We repeat it in miniature on the zoo's `tiny-gpt2`,
+# watch the circuit evolve during training, compare the circuit before and after, and
+# compare with ordinary full fine-tuning on the same budget.
+#
+# Everything here is small on purpose (a few dozen steps on the CPU); the same code scales
+# to GPT-2 small and Llama models.
+
+# %%
+import tempfile
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+from plotly.subplots import make_subplots
+
+import ctlens
+from ctlens import tasks, zoo
+from ctlens.tuning import CircuitTuner, TuneConfig
+
+pio.renderers.default = "plotly_mimetype+notebook"
+torch.manual_seed(0)
+torch.set_num_threads(1)  # the zoo models are tiny: one CPU thread is the fastest
+runs = Path(tempfile.mkdtemp(prefix="ctlens-runs-"))
+
+# %% [markdown]
+# ## The task: agreement-flip
+#
+# `agreement-flip` bundles everything a tuning run needs:
+#
+# - `discovery`: clean/corrupt pairs whose metric is `logit(wrong verb) - logit(right verb)`
+#   (so the model starts *negative*: it is good at agreement);
+# - training rows (`train_tokens`) whose target token is the wrong verb form;
+# - evaluation sets: the target metric plus the other tasks the model knows (agreement,
+#   IOI, pronouns, induction) and a held-out general text corpus, to see what the tuning
+#   costs elsewhere.
+
+# %%
+task = tasks.load("agreement-flip", n=64, n_train=256, n_general=32, seed=0)
+print(task.description)
+tok = zoo.tokenizer()
+row = task.train_tokens[0][task.train_attention_mask[0]]
+print("a training row:", tok.decode(row))
+print("evaluation sets:", list(task.evals))
+
+# %% [markdown]
+# ## A circuit-tuning run
+#
+# `TuneConfig` holds every knob. The ones that matter here:
+#
+# - `mode="gradient"`: the paper's rule; only the circuit's parameter slices move;
+# - `top_n`: the circuit size (out of ~1,300 edges in `tiny-gpt2`);
+# - `every_k=1`: rediscover the circuit at every step, as the paper does;
+# - `eval_every`: how often to evaluate and store a circuit snapshot.
+#
+# The run writes a *run directory* (`run.json`, `metrics.jsonl`, one circuit per
+# evaluation, checkpoints, and the tuned model as a plain HF directory). Running it again
+# on the same directory resumes.
+
+# %%
+config = TuneConfig(mode="gradient", top_n=100, every_k=1, steps=40, batch_size=16, lr=3e-3,
+                    eval_every=10, eval_examples=64, save_every=40, progress=False)
+model = ctlens.load_model("zoo:tiny-gpt2")
+result = CircuitTuner(model, task, config).run(runs / "circuit")
+print({k: result.metrics[k] for k in ("step", "target_metric", "general_loss", "params_moved")})
+
+# %% [markdown]
+# ## Watch the circuit evolve
+#
+# `plot_evolution` reads the run directory: drag the slider (or press play) to see the
+# circuit at each evaluation; below it, the target metric, the general loss, the circuit
+# size, how similar each circuit is to the first and the previous one (Jaccard), and the
+# fraction of parameters that moved.
+
+# %%
+ctlens.viz.plot_evolution(runs / "circuit", top=100)
+
+# %% [markdown]
+# ## Before and after
+#
+# `plot_diff` draws two circuits on one layout: red edges only in the first, green only in
+# the second, grey in both. With a run directory it compares two of its snapshots (by
+# default the first and the last).
+
+# %%
+ctlens.viz.plot_diff(runs / "circuit")
+
+# %% [markdown]
+# The same comparison as numbers, straight from the `Circuit` objects:
+
+# %%
+run = ctlens.viz.read_run(runs / "circuit")
+first, last = run.circuit(run.steps[0]), run.circuit(run.steps[-1])
+print(f"edge Jaccard {first.edge_jaccard(last):.2f}, node Jaccard {first.node_jaccard(last):.2f}")
+print("components that joined:", sorted(set(last.components) - set(first.components)))
+print("components that left:  ", sorted(set(first.components) - set(last.components)))
+
+# %% [markdown]
+# ## Compare with full fine-tuning
+#
+# The same runner with `mode="full"` updates every parameter. We start again from a fresh
+# copy of the zoo model (the tuner trains its model in place) and keep everything else
+# equal: data order, steps, learning rate.
+
+# %%
+full_config = TuneConfig(**{**config.to_dict(), "mode": "full"})
+fresh = ctlens.load_model("zoo:tiny-gpt2")
+CircuitTuner(fresh, task, full_config).run(runs / "full")
+
+# %% [markdown]
+# Circuit-tuning should reach the target while moving far fewer parameters; the general
+# loss and the other tasks show what each method costs elsewhere.
+
+# %%
+both = {"circuit-tuning": ctlens.viz.read_run(runs / "circuit"),
+        "full fine-tuning": ctlens.viz.read_run(runs / "full")}
+panels = [("target_metric", "target metric (wrong - right verb)"),
+          ("general_loss", "general LM loss (held out)"),
+          ("params_moved", "fraction of parameters moved")]
+fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in panels])
+for colour, (name, r) in zip(("#1f77b4", "#d62728"), both.items(), strict=True):
+    for col, (key, _) in enumerate(panels, start=1):
+        steps, values = r.metric_series(key)
+        fig.add_trace(go.Scatter(x=steps, y=values, name=name, legendgroup=name,
+                                 showlegend=col == 1, line_color=colour), row=1, col=col)
+fig.update_xaxes(title_text="step")
+fig.update_layout(height=360)
+fig
+
+# %%
+for name, r in both.items():
+    end = r.metrics[-1]
+    others = ", ".join(f"{k} {v:+.2f}" for k, v in end["evals"].items() if k != task.name)
+    print(f"{name:17} target {end['target_metric']:+.2f}  general loss "
+          f"{end['general_loss']:.3f}  moved {end['params_moved']:.1%}\n{'':17} {others}")
+
+# %% [markdown]
+# ## From the command line, and the HTML report
+#
+# The same run from a shell (running it again resumes), and a self-contained HTML report
+# of it (all figures, config and metrics; opens offline):
+#
+# ```bash
+# ctlens tune --model zoo:tiny-gpt2 --task agreement-flip --mode gradient --top-n 100 \
+#     --steps 40 --out runs/flip
+# ctlens report runs/flip          # writes runs/flip/report.html
+# ```
+#
+# The tuned weights are a plain HuggingFace model directory, so they load anywhere:
+
+# %%
+tuned = ctlens.load_model(result.model_dir)
+report = ctlens.viz.write_report(runs / "circuit")
+print(result.model_dir.name, "->", tuned.cfg.n_layers, "layers;", "report:", report.name)

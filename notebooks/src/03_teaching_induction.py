@@ -1,0 +1,338 @@
+# ruff: noqa: E402, B018
+# %% [markdown]
+# # A lesson on circuits: the induction circuit
+#
+# **Audience:** students who know what a transformer layer is (attention heads, MLPs,
+# residual connections) and want to see how interpretability research finds *which parts*
+# of a model do a task.
+#
+# **You will learn**
+#
+# 1. what a *circuit* is, and why the residual stream makes a model a graph;
+# 2. why a head's query, key and value inputs are three separate places in that graph;
+# 3. how to find the *induction circuit* (a previous-token head feeding an induction head's
+#    key) from attention patterns and from edge attribution;
+# 4. how good the fast approximations (EAP, EAP-IG) are, compared with really patching
+#    every edge.
+#
+# Exercises with worked solutions are at the end of each part. The solution cells are
+# collapsed: try first, then click to expand.
+
+# %%
+import plotly.express as px
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+import ctlens
+from ctlens import tasks
+
+pio.renderers.default = "plotly_mimetype+notebook"
+torch.manual_seed(0)
+torch.set_num_threads(1)  # the zoo models are tiny: one CPU thread is the fastest
+
+# %% [markdown]
+# ## Part 1. A model is a graph
+#
+# In a (pre-norm) transformer, every attention head and every MLP **adds** its output to
+# one running vector per position, the *residual stream*. And every component **reads**
+# that same stream (through its own LayerNorm). So what a component reads is exactly the
+# sum of what the earlier components wrote:
+#
+# $$x_{\text{reader}} = \text{embedding} + \sum_{\text{earlier writers } s} a_s$$
+#
+# Each term of that sum is an **edge** from a writer (a *sender*) to a reader (a
+# *receiver*). A **circuit** is a small set of edges that is enough to do a task: keep
+# those, ablate all the others, and the model still behaves the same.
+#
+# We use `tiny-gpt2`: 3 layers of 8 heads, trained by ctlens on a small synthetic English.
+
+# %%
+model = ctlens.load_model("zoo:tiny-gpt2")
+graph = ctlens.Graph.from_model(model)
+print(graph)
+print("senders:  ", graph.senders)
+print("receivers:", graph.receivers[:27], "...")
+
+# %% [markdown]
+# Senders are `input` (token + position embedding), each head `a{layer}.h{head}` and each
+# MLP `m{layer}`. Receivers are each head's **q**, **k** and **v** input, each MLP, and
+# `logits` (the final residual stream, which the unembedding reads).
+#
+# An edge exists only if the sender writes *before* the receiver reads. `graph.valid` is the
+# `[senders, receivers]` table of which edges exist:
+
+# %%
+fig = px.imshow(graph.valid.int(), x=graph.receivers, y=graph.senders, aspect="auto",
+                color_continuous_scale="Greys", title="valid edges (black)")
+fig.update_layout(height=520, coloraxis_showscale=False)
+fig
+
+# %% [markdown]
+# ### Why are q, k and v separate receivers?
+#
+# A head uses its input in three different ways: the **query** says what the current
+# position is looking for, the **key** says what each earlier position offers, and the
+# **value** is what gets moved once a match is found. The same sender can matter for one
+# of them and not at all for the others. Induction is the classic example:
+#
+# - in `... A B ... A`, a **previous-token head** at position `B` attends to `A` and writes
+#   "the token before me was A" into `B`'s residual stream;
+# - an **induction head** at the second `A` looks for a position whose *key* says "the
+#   token before me was A" (that is `B`), attends to it and copies `B` (through its
+#   *value*), so the model predicts `B`.
+#
+# So the previous-token head feeds the induction head's **key**, not its query. A graph
+# with one node per head could not say that; with q/k/v receivers, the circuit contains
+# exactly the edge `a0.hP -> a1.hI.k`.
+
+# %% [markdown]
+# ### Exercise 1
+#
+# `tiny-gpt2` has `L = 3` layers and `H = 8` heads. Without looking at `graph.n_edges`,
+# work out how many valid edges its graph has. Hint: count, for each receiver, how many
+# senders write before it reads (heads of layer `l` read before any head of layer `l`
+# writes; the MLP of layer `l` reads after them).
+
+# %% [markdown]
+# **Solution** (expand the cell below).
+
+# %% [solution]
+L, H = 3, 8
+edges = 0
+for layer in range(L):
+    upstream = 1 + layer * (H + 1)    # input + all heads and MLPs of earlier layers
+    edges += 3 * H * upstream         # q, k and v of each head
+    edges += upstream + H             # the MLP also reads this layer's heads
+edges += 1 + L * (H + 1)              # logits read every sender
+print(edges, "==", graph.n_edges, edges == graph.n_edges)
+
+# %% [markdown]
+# ## Part 2. The induction task
+#
+# Each prompt is a random sequence of words, repeated: `<bos> x1 ... x12 x1 ... x12`. In
+# the second copy, every next word is predictable *only* by induction. The metric is the
+# mean log-probability of those repeated words. The *corrupt* prompt keeps the first copy
+# and replaces the second by fresh words, so nothing repeats.
+
+# %%
+task = tasks.load("induction", n=32, seed=0)
+data = task.discovery
+tok = model.tokenizer
+print("clean:  ", tok.decode(data.clean[0]))
+print("corrupt:", tok.decode(data.corrupt[0]))
+print("metric read at positions", data.positions[0].tolist())
+
+# %% [markdown]
+# ### Find the heads from their attention patterns
+#
+# A head's attention pattern says where each position looks. On the repeated sequences:
+#
+# - the **previous-token score** of a head is its mean attention from position `p` to
+#   `p - 1`;
+# - the **induction score** is its mean attention from a token of the second copy to the
+#   token that *followed* the same word in the first copy (`p - 12 + 1`).
+#
+# TransformerLens records every pattern in a cache (`blocks.{l}.attn.hook_pattern`,
+# `[batch, head, query, key]`).
+
+# %%
+length = 12
+_, cache = model.run_with_cache(data.clean)
+q = torch.arange(length + 1, 2 * length)
+patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(graph.spec.n_layers)]
+prev_score = torch.stack([p[:, :, q, q - 1].mean((0, 2)) for p in patterns])
+ind_score = torch.stack([p[:, :, q, q - length + 1].mean((0, 2)) for p in patterns])
+del cache, patterns
+
+fig = go.Figure()
+for name, s in (("previous-token score", prev_score), ("induction score", ind_score)):
+    fig.add_trace(go.Heatmap(z=s, x=[f"h{h}" for h in range(s.shape[1])],
+                             y=[f"layer {i}" for i in range(s.shape[0])], zmin=0, zmax=1,
+                             colorscale="Blues", name=name, visible=name.startswith("prev")))
+fig.update_layout(title="previous-token score (use the buttons to switch)", height=320,
+                  updatemenus=[{"type": "buttons", "direction": "right", "y": 1.25, "buttons": [
+                      {"label": "previous-token", "method": "update",
+                       "args": [{"visible": [True, False]}, {"title": "previous-token score"}]},
+                      {"label": "induction", "method": "update",
+                       "args": [{"visible": [False, True]}, {"title": "induction score"}]}]}])
+fig
+
+# %%
+ind_layer, ind_head = divmod(int(ind_score[1:].argmax()) + graph.spec.n_heads,
+                             graph.spec.n_heads)
+prev_layer, prev_head = divmod(int(prev_score[:ind_layer].argmax()), graph.spec.n_heads)
+induction_head = f"a{ind_layer}.h{ind_head}"
+previous_head = f"a{prev_layer}.h{prev_head}"
+print(f"induction head {induction_head} (score {ind_score[ind_layer, ind_head]:.2f}), "
+      f"previous-token head {previous_head} (score {prev_score[prev_layer, prev_head]:.2f})")
+
+# %% [markdown]
+# ## Part 3. The same circuit from edge attribution
+#
+# Attention patterns only show where heads *look*. Edge attribution asks what each edge
+# *does* for the metric: `score(s -> r) = (a_s^corrupt - a_s^clean) · dM/dx_r`, a
+# first-order estimate of how the metric changes when that single edge gets the corrupt
+# activation. A large negative score: the edge carries what the task needs.
+
+# %%
+eap = ctlens.attribute(model, data, method="eap", ablation="corrupt", progress=False)
+print(f"metric: clean {eap.metadata['metric_clean']:.2f}, "
+      f"corrupt {eap.metadata['metric_corrupt']:.2f}")
+for rank, (s, r, v) in enumerate(eap.top(10), start=1):
+    print(f"{rank:2d}. {s:>6} -> {r:<9} {v:+.3f}")
+
+# %% [markdown]
+# Where does the edge from the previous-token head into the induction head's **key** rank,
+# and how does it compare with the same head's edges into the query and the value?
+
+# %%
+ranking = [(s, r) for s, r, _ in eap.top(graph.n_edges)]
+for port in ("q", "k", "v"):
+    edge = (previous_head, f"{induction_head}.{port}")
+    i, j = graph.edge_index(*edge)
+    print(f"{edge[0]} -> {edge[1]:<9} score {eap.scores[i, j]:+.3f}  "
+          f"rank {ranking.index(edge) + 1} of {graph.n_edges}")
+
+# %% [markdown]
+# A small circuit of the strongest edges, drawn on the model's layout (keys are dashed):
+
+# %%
+circuit = ctlens.Circuit.from_scores(eap, top_n=25, prune=True)
+ctlens.viz.plot_circuit(circuit, title=f"induction circuit: {circuit.n_edges} edges")
+
+# %% [markdown]
+# ### Exercise 2
+#
+# EAP is an *estimate*. Measure the real effect of removing only the edge
+# `previous_head -> induction_head.k`: build a circuit with every edge **except** that one
+# and compare the metric with the full model's. (Hint: `ctlens.Circuit.full(graph)`,
+# `Circuit.from_edges`, the `-` operator on circuits, and `ctlens.faithfulness`, whose
+# result has `metric_circuit` and `metric_full`.)
+
+# %% [markdown]
+# **Solution** (expand the cell below).
+
+# %% [solution]
+edge = (previous_head, f"{induction_head}.k")
+without_edge = ctlens.Circuit.full(graph) - ctlens.Circuit.from_edges(graph, [edge])
+res = ctlens.faithfulness(model, data, without_edge, ablation="corrupt")
+print(f"metric without {edge[0]} -> {edge[1]}: {res.metric_circuit:.3f}, "
+      f"full model {res.metric_full:.3f}: real effect {res.metric_circuit - res.metric_full:+.3f}")
+print(f"EAP estimated {eap.scores[graph.edge_index(*edge)]:+.3f}")
+
+# %% [markdown]
+# ## Part 4. How good are the approximations?
+#
+# Three ways to score every edge:
+#
+# | method | what it does | cost per batch |
+# |---|---|---|
+# | `exact` | really patches each edge | one forward per edge |
+# | `eap` | first-order estimate at the clean input | 2 forwards + 1 backward |
+# | `eap-ig` | gradient averaged from corrupt to clean input | `steps` forwards + backwards |
+#
+# `tiny-gpt2` is small enough to compute the exact scores of all its edges in seconds, so
+# we can check the approximations against the truth. We use 16 prompts.
+
+# %%
+small = data[:16]
+methods = {
+    "exact": ctlens.attribute(model, small, method="exact", progress=False),
+    "eap": ctlens.attribute(model, small, method="eap", progress=False),
+    "eap-ig": ctlens.attribute(model, small, method="eap-ig", steps=5, progress=False),
+}
+for name, s in methods.items():
+    print(f"{name:7} {s.metadata['seconds']:6.2f} s")
+
+# %% [markdown]
+# Two numbers per method: the **Pearson** correlation of the scores with the exact ones,
+# and the **Spearman** (rank) correlation, which is what matters when we keep the top-N
+# edges. We compare only the valid edges.
+
+# %%
+valid = graph.valid
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().float()
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
+
+
+exact = methods["exact"].scores[valid]
+for name in ("eap", "eap-ig"):
+    approx = methods[name].scores[valid]
+    print(f"{name:7} Pearson {pearson(approx, exact):.3f}   "
+          f"Spearman {pearson(ranks(approx), ranks(exact)):.3f}")
+
+# %%
+fig = go.Figure()
+for name, colour in (("eap", "#1f77b4"), ("eap-ig", "#ff7f0e")):
+    fig.add_trace(go.Scatter(x=exact, y=methods[name].scores[valid], mode="markers",
+                             name=name, marker={"size": 5, "opacity": 0.6, "color": colour},
+                             text=[f"{s} -> {r}" for s, r in graph.edges()]))
+low, high = float(exact.min()), float(exact.max())
+fig.add_trace(go.Scatter(x=[low, high], y=[low, high], mode="lines", name="y = x",
+                         line={"dash": "dot", "color": "grey"}))
+fig.update_layout(title="approximate vs exact edge scores (hover a point for its edge)",
+                  xaxis_title="exact: M(edge patched) - M(clean)",
+                  yaxis_title="approximate score", height=480)
+fig
+
+# %% [markdown]
+# ### Exercise 3
+#
+# Which edges does EAP get most wrong? List the five edges with the largest
+# `|eap - exact|`, with both scores. Are they edges into heads' queries/keys (where
+# attention's softmax makes the metric curved) or into values and MLPs?
+
+# %% [markdown]
+# **Solution** (expand the cell below).
+
+# %% [solution]
+error = (methods["eap"].scores - methods["exact"].scores).abs() * valid
+flat = error.flatten().topk(5).indices
+for index in flat.tolist():
+    i, j = divmod(index, graph.n_receivers)
+    print(f"{graph.senders[i]:>6} -> {graph.receivers[j]:<9} "
+          f"eap {methods['eap'].scores[i, j]:+.3f}  exact {methods['exact'].scores[i, j]:+.3f}")
+
+# %% [markdown]
+# ### Exercise 4
+#
+# Is the induction circuit *faithful*? Compute the faithfulness of the 25-edge `circuit`
+# from Part 3 on held-out prompts (`task.evals["induction"]`), then find the smallest
+# top-N circuit (from `eap`) with faithfulness at least 0.8.
+
+# %% [markdown]
+# **Solution** (expand the cell below).
+
+# %% [solution]
+held_out = task.evals["induction"][:32]
+print(f"25-edge circuit: faithfulness "
+      f"{ctlens.faithfulness(model, held_out, circuit, ablation='corrupt').faithfulness:.2f}")
+curve = ctlens.faithfulness_curve(model, held_out, eap, ablation="corrupt",
+                                  sizes=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+for n, f in zip(curve.n_edges, curve.faithfulness, strict=True):
+    print(f"top {n:5d} edges: faithfulness {f:.2f}")
+good = [n for n, f in zip(curve.n_edges, curve.faithfulness, strict=True) if f >= 0.8]
+print("smallest top-N circuit with faithfulness >= 0.8:", good[0] if good else None, "edges")
+
+# %% [markdown]
+# ## Summary
+#
+# - The residual stream turns a transformer into a graph of *senders* and *receivers*; a
+#   circuit is a subset of its edges.
+# - Splitting each head's input into q, k and v lets a circuit say *how* one head uses
+#   another: the previous-token head feeds the induction head's **key**.
+# - EAP scores every edge in one backward pass; EAP-IG costs a few more passes and tracks
+#   exact patching more closely where the metric is curved. Check any circuit with
+#   `faithfulness`.
+#
+# **Further reading:** Olsson et al., *In-context Learning and Induction Heads* (2022);
+# Syed et al., *Attribution Patching Outperforms Automated Circuit Discovery* (EAP, 2023);
+# Hanna et al., *Have Faith in Faithfulness* (EAP-IG, 2024); Mueller et al., *MIB* (2025).
