@@ -181,7 +181,7 @@ def experiment(args: argparse.Namespace) -> None:
         _write(args, n_edges, sizes)
 
     if args.part in ("main", "all"):
-        for mode in ("gradient", "forward", "full", "random", "lora"):
+        for mode in args.modes.split(","):
             if mode == "lora":
                 try:
                     import peft  # noqa: F401
@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--out", default="/tmp/ctlens-experiments")
     e.add_argument("--label", default=None,
                    help="how docs/experiments.md names the model (default: --model)")
+    e.add_argument("--modes", default="gradient,forward,full,random,lora",
+                   help="modes of the main grid (comma-separated)")
     e.add_argument("--part", choices=["main", "sweep", "all"], default="all",
                    help="main: modes x learning rates; sweep: K x N (run both in parallel)")
     e.add_argument("--sweep-lr", type=float, default=1e-3, help="learning rate of the sweep")
