@@ -714,3 +714,31 @@ def test_sender_hooks_report_every_sender_once():
 
     model.run_with_hooks(tokens, fwd_hooks=sender_hooks(model, graph, record))
     torch.testing.assert_close(seen, ref.senders_of(tokens))
+
+
+def test_truncated_forward_matches_full_logits(pair):
+    """`run_to_final_residual` + `final_logits` at chosen positions = the full forward's."""
+    from ctlens.hooks import final_logits, run_to_final_residual
+
+    model, _ = pair
+    data = random_task()
+    with torch.no_grad():
+        full = model(data.clean)
+        residual = run_to_final_residual(model, data.clean, [])
+        rows = torch.arange(len(data))[:, None]
+        at = final_logits(model, residual[rows, data.positions_2d])
+        torch.testing.assert_close(at, full[rows, data.positions_2d])
+        torch.testing.assert_close(model(data.clean), full)  # the stopped forward left no state
+    assert not any(h.fwd_hooks for h in model.hook_dict.values())
+    custom = TaskData(
+        clean=data.clean,
+        corrupt=data.corrupt,
+        attention_mask=data.attention_mask,
+        metric=lambda logits, batch: make_metric(batch)(logits),  # the batch mean
+        correct=data.correct,
+        wrong=data.wrong,
+    )
+    # a custom metric sees full logits (no truncation) and gives the same scores
+    a = ctlens.attribute(model, custom, progress=False)
+    b = ctlens.attribute(model, data, progress=False)
+    assert_scores_close(a.scores, b.scores)
