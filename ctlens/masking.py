@@ -78,6 +78,40 @@ MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 
 # ============================================================================ forward masking
 
 
+class _LiveSum(torch.autograd.Function):
+    """``coef_t @ A`` where ``A`` holds detached copies of live sender outputs.
+
+    Forward: one matrix product on the shared buffer. Backward: ``coef_t.T @ grad`` gives
+    the gradient of every buffer row; each live activation gets its rows back (reshaped to
+    its own layout). The buffer itself never enters the autograd graph, so no in-place
+    write into it is recorded and no full-buffer copy appears in the backward pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        coef_t: torch.Tensor,
+        rows: torch.Tensor,
+        parts: list[tuple[int, int, torch.Tensor]],
+        *acts: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(coef_t)
+        ctx.layout = [(start, stop, act.shape, act.ndim) for start, stop, act in parts]
+        ctx.rows_shape = rows.shape
+        return coef_t @ rows.reshape(rows.shape[0], -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (coef_t,) = ctx.saved_tensors
+        rows_grad = (coef_t.T @ grad).view(ctx.rows_shape)  # [n, batch, pos, d_model]
+        grads: list[torch.Tensor | None] = [None, None, None]
+        for start, stop, shape, ndim in ctx.layout:
+            g = rows_grad[start:stop]
+            g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
+            grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
+        return tuple(grads)
+
+
 @dataclass(frozen=True)
 class _GroupPlan:
     """Precomputed ablation for one receiver hook (a group of receiver columns)."""
@@ -121,7 +155,9 @@ class EdgeMask:
         self.d_model = int(model.cfg.d_model)
         self._means: Float[torch.Tensor, "n_senders pos d_model"] | None = None
         self._ref: Float[torch.Tensor, "n_senders batch pos d_model"] | None = None
-        self._buffer: torch.Tensor | None = None  # live sender outputs of this forward
+        self._buffer: torch.Tensor | None = None  # this forward's sender outputs (detached)
+        self._parts: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, live)
+        self._input_seen = False  # the input sender's first hook has written this forward
         self._new_forward = False
         self._paused = False
         self._plan = self.plan(circuit)
@@ -228,7 +264,7 @@ class EdgeMask:
         for columns in columns_list:
             block = excluded[: graph.upstream[columns.start], columns]
             rows = block.any(1).nonzero()
-            n_rows = int(rows.max()) + 1 if len(rows) else 0
+            n_rows = self._group_end(int(rows.max())) if len(rows) else 0
             coef_t = const = None
             if n_rows:
                 coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
@@ -237,6 +273,19 @@ class EdgeMask:
             groups[columns.start] = _GroupPlan(n_rows, coef_t, const)
         n_rows = max(g.n_rows for g in groups.values())
         return _Plan(circuit, groups, n_rows)
+
+    def _group_end(self, row: int) -> int:
+        """End of the sender group (input, a layer's heads, an MLP) holding ``row``, so that
+        a hook reads whole groups and each live activation maps to whole buffer rows."""
+        if row == 0:
+            return 1
+        per_layer = self.graph.spec.n_heads + 1
+        layer, offset = divmod(row - 1, per_layer)
+        return (
+            1
+            + layer * per_layer
+            + (self.graph.spec.n_heads if offset < per_layer - 1 else per_layer)
+        )
 
     def use(self, plan: _Plan) -> None:
         """Enforce a plan made by `plan` (lets callers switch circuits without replanning)."""
@@ -253,23 +302,21 @@ class EdgeMask:
 
     def _on_sender(self, rows: slice, act: torch.Tensor) -> None:
         n_rows = self._plan.n_rows
-        if self._paused or n_rows == 0:
+        if self._paused or n_rows == 0 or rows.start >= n_rows:
             return
-        if rows.start == 0:
-            if self._new_forward:
-                self._new_forward = False
-                self._start_forward(act)
-                assert self._buffer is not None
-                self._buffer[0] = act
+        if rows.start == 0 and self._new_forward:
+            self._new_forward = False
+            self._start_forward(act)
+        buffer = self._buffer
+        assert buffer is not None
+        with torch.no_grad():
+            if rows.start == 0 and self._input_seen:
+                buffer[0] += act  # the position embedding joins the token embedding
             else:
-                assert self._buffer is not None
-                self._buffer[0] = self._buffer[0] + act
-            return
-        if rows.start >= n_rows:
-            return
-        assert self._buffer is not None
-        stop = min(rows.stop, n_rows)
-        self._buffer[rows.start : stop] = flat(act).permute(2, 0, 1, 3)[: stop - rows.start]
+                buffer[rows] = flat(act).permute(2, 0, 1, 3)
+            self._input_seen = self._input_seen or rows.start == 0
+        if act.requires_grad:
+            self._parts.append((rows.start, rows.stop, act))
 
     def _start_forward(self, act: torch.Tensor) -> None:
         b, p = act.shape[:2]
@@ -293,16 +340,11 @@ class EdgeMask:
                     f"the mean reference covers {self._means.shape[1]} positions but this "
                     f"forward has {p}; call mask.set_means(...) with prompts at least as long"
                 )
+        self._parts = []
+        self._input_seen = False
         shape = (self._plan.n_rows, b, p, self.d_model)
-        old = self._buffer
-        reusable = (
-            old is not None
-            and not torch.is_grad_enabled()  # no autograd graph can still refer to it
-            and tuple(old.shape) == shape
-            and old.dtype == act.dtype
-            and old.device == act.device
-        )
-        if not reusable:
+        old = self._buffer  # holds detached copies only, so no autograd graph needs it
+        if old is None or tuple(old.shape) != shape or old.dtype != act.dtype:
             self._buffer = torch.empty(shape, device=act.device, dtype=act.dtype)
 
     def _on_receiver(self, columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
@@ -314,7 +356,14 @@ class EdgeMask:
         assert self._buffer is not None and group.coef_t is not None
         n, (b, p) = group.n_rows, x.shape[:2]
         # one matrix product: [cols, n] @ [n, batch * pos * d_model]
-        live = (group.coef_t @ self._buffer[:n].reshape(n, -1)).view(-1, b, p, self.d_model)
+        parts = [part for part in self._parts if part[0] < n]
+        if parts and torch.is_grad_enabled():
+            flat_live = _LiveSum.apply(
+                group.coef_t, self._buffer[:n], parts, *[a for *_, a in parts]
+            )
+        else:
+            flat_live = group.coef_t @ self._buffer[:n].reshape(n, -1)
+        live = flat_live.view(-1, b, p, self.d_model)
         if self.ablation is Ablation.CORRUPT:
             assert self._ref is not None
             with torch.no_grad():
