@@ -74,19 +74,43 @@ def induction_path_ranks(name: str, heads: dict[str, tuple[int, int, float]]) ->
     scores = ctlens.attribute(bridge, data, method="eap-ig", ablation="corrupt", progress=False)
     n_edges = scores.graph.n_edges
     order = {(s, r): i + 1 for i, (s, r, _) in enumerate(scores.top(n_edges))}
-    (il, ih, _), (pl, ph, _) = heads["induction"], heads["previous"]
+    il, ih, _ = heads["induction"]
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     key = f"a{il}.g{ih // (cfg.n_heads // n_kv)}.k" if n_kv < cfg.n_heads else f"a{il}.h{ih}.k"
-    prev = f"a{pl}.h{ph}"
-    edges = [(prev, key)] + [
-        edge for m in range(pl, il) for edge in ((prev, f"m{m}"), (f"m{m}", key))
-    ]
+    edges: list[tuple[str, str]] = []
+    for pl, ph, _ in heads["previous_heads"]:
+        prev = f"a{pl}.h{ph}"
+        edges.append((prev, key))
+        edges += [edge for m in range(pl, il) for edge in ((prev, f"m{m}"), (f"m{m}", key))]
+    top5 = math.ceil(0.05 * n_edges)
+    paths = []
+    for pl, ph, _ in heads["previous_heads"]:
+        prev = f"a{pl}.h{ph}"
+        if order[(prev, key)] <= top5:
+            paths.append(f"{prev} -> {key}")
+        for m in range(pl, il):
+            if max(order[(prev, f"m{m}")], order[(f"m{m}", key)]) <= top5:
+                paths.append(f"{prev} -> m{m} -> {key}")
     return {
         "n_edges": n_edges,
-        "top5": math.ceil(0.05 * n_edges),
-        "ranks": {f"{s} -> {r}": order[(s, r)] for s, r in edges},
+        "top5": top5,
+        "ranks": {f"{s} -> {r}": order[(s, r)] for s, r in dict.fromkeys(edges)},
+        "paths": paths,
     }
+
+
+def _reproduction_lines(record: dict[str, Any]) -> list[str]:
+    """A sentence on a recorded retraining check, if ``training.json`` holds one."""
+    rep = record.get("reproduction")
+    if not rep:
+        return []
+    same = "bit-identical weights" if rep.get("identical_weights") else "different weights"
+    return [
+        f"Checked on {rep['date']}: `{rep['command']}` gave {same} and the same evaluation "
+        f"({rep['train_seconds'] / 60:.1f} min wall, {rep['cpu_seconds'] / 60:.1f} CPU-min).",
+        "",
+    ]
 
 
 def render(name: str) -> str:
@@ -160,6 +184,7 @@ def render(name: str) -> str:
         "`tests/test_zoo.py::test_retraining_reproduces_shipped_accuracies` does this and "
         "compares the accuracies).",
         "",
+        *_reproduction_lines(record),
         "## Accuracy on every task",
         "",
         f"Fresh samples from `ctlens.zoo.evaluate.evaluate(model, n={ev['n']}, "
@@ -171,7 +196,7 @@ def render(name: str) -> str:
     for key, label in _METRICS:
         bound = THRESHOLDS.get(key)
         lines.append(f"| {label} | {ev[key]:.3f} | {'>= ' + str(bound) if bound else ''} |")
-    (il, ih, iscore), (pl, ph, pscore) = heads["induction"], heads["previous"]
+    il, ih, iscore = heads["induction"]
     lines += [
         "",
         "## Induction circuit",
@@ -179,10 +204,13 @@ def render(name: str) -> str:
         "From attention patterns on repeated random sequences "
         "(`ctlens.zoo.evaluate.induction_heads`):",
         "",
-        f"- previous-token head **a{pl}.h{ph}**: {pscore:.2f} of its attention on the "
-        "previous token",
         f"- induction head **a{il}.h{ih}**: {iscore:.2f} of its attention on the token after "
         "the current token's earlier occurrence",
+        *[
+            f"- previous-token head **a{pl}.h{ph}**: {score:.2f} of its attention on the "
+            "previous token"
+            for pl, ph, score in heads["previous_heads"]
+        ],
         "",
         f"Edge ranks by |EAP-IG score| (5 steps, corrupt ablation: the first copy replaced by "
         f"fresh words) on {PATH_EXAMPLES} induction prompts, out of {circuit['n_edges']} edges "
@@ -190,9 +218,10 @@ def render(name: str) -> str:
         "",
         *[f"- `{edge}`: rank {rank}" for edge, rank in circuit["ranks"].items()],
         "",
-        "`tests/test_zoo.py::test_induction_circuit` checks that the top 5 % of edges contain "
-        "a path from the previous-token head to the induction head's key input, directly or "
-        "through an MLP.",
+        "Paths from a previous-token head to the induction head's key input within the top "
+        f"5 %: {', '.join(f'`{p}`' for p in circuit['paths']) or 'none'}. "
+        "`tests/test_zoo.py::test_induction_circuit` requires at least one (directly or "
+        "through an MLP).",
         "",
         "## Training history",
         "",

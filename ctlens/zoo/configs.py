@@ -111,7 +111,7 @@ SPECS: Mapping[str, ModelSpec] = MappingProxyType(
                 "n_inner": 512,
                 "layer_norm_epsilon": 1e-5,
             },
-            recipe=Recipe(steps=6000),
+            recipe=Recipe(steps=8000),
             description="GPT-2-style: LayerNorm, learned absolute positions, GELU MLP, "
             "tied embeddings.",
         ),

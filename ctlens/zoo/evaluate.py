@@ -8,6 +8,7 @@ TransformerBridge's, and it is faster).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -121,17 +122,26 @@ def attention_patterns(
     return torch.stack(out.attentions).transpose(1, 2).float()
 
 
+PREVIOUS_TOKEN_THRESHOLD = 0.3
+"""A head counts as a previous-token head when at least this share of its attention (about
+5x the uniform share on these ~18-token prompts) lands on the previous token."""
+
+Head = tuple[int, int, float]
+
+
 def induction_heads(
     model: PreTrainedModel, n: int = 32, seed: int = 2024, length: int = 12
-) -> dict[str, tuple[int, int, float]]:
-    """Locate the induction head and the previous-token head from attention patterns alone.
+) -> dict[str, Any]:
+    """Locate the induction head and the previous-token heads from attention patterns alone.
 
     On repeated random sequences, the induction score of a head is its attention from the
     second copy's token ``x_i`` to the token after ``x_i``'s first occurrence; the
     previous-token score is its attention from a token to the one just before it. The
-    induction head is the best-scoring head above layer 0; the previous-token head is the
-    best-scoring head in a lower layer. Returns ``{"induction": (layer, head, score),
-    "previous": (layer, head, score)}``.
+    induction head is the best-scoring head above layer 0. Previous-token heads are the
+    heads below its layer whose score reaches :data:`PREVIOUS_TOKEN_THRESHOLD` (a model may
+    have several, e.g. diffuse ones in layer 0 and a sharp one later). Returns
+    ``{"induction": (layer, head, score), "previous": best (layer, head, score),
+    "previous_heads": [(layer, head, score), ...] best first}``.
     """
     batch = generators.induction(n, seed, length=length)
     att = attention_patterns(model, batch.clean)
@@ -143,10 +153,13 @@ def induction_heads(
     induction[0] = -1.0
     layer, head = divmod(int(induction.argmax()), induction.shape[1])
     prev[layer:] = -1.0
-    p_layer, p_head = divmod(int(prev.argmax()), prev.shape[1])
+    n_heads = prev.shape[1]
+    order = prev.flatten().argsort(descending=True).tolist()
+    ranked: list[Head] = [(i // n_heads, i % n_heads, float(prev.flatten()[i])) for i in order]
     return {
         "induction": (layer, head, float(induction[layer, head])),
-        "previous": (p_layer, p_head, float(prev[p_layer, p_head])),
+        "previous": ranked[0],
+        "previous_heads": [h for h in ranked if h[2] >= PREVIOUS_TOKEN_THRESHOLD],
     }
 
 
