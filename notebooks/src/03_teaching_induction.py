@@ -45,19 +45,23 @@ torch.set_num_threads(1)  # the zoo models are tiny: one CPU thread is the faste
 # *receiver*). A **circuit** is a small set of edges that is enough to do a task: keep
 # those, ablate all the others, and the model still behaves the same.
 #
-# We use `tiny-gpt2`: 3 layers of 8 heads, trained by ctlens on a small synthetic English.
+# We use `tiny-llama`, a 3-layer Llama-style model trained by ctlens on a small synthetic
+# English. Each layer has 8 query heads; pairs of them share one key and one value
+# projection (*grouped-query attention*, 4 key/value groups), as in today's large models.
 
 # %%
-model = ctlens.load_model("zoo:tiny-gpt2")
+model = ctlens.load_model("zoo:tiny-llama")
 graph = ctlens.Graph.from_model(model)
 print(graph)
 print("senders:  ", graph.senders)
-print("receivers:", graph.receivers[:27], "...")
+print("receivers:", graph.receivers[:17], "...")
 
 # %% [markdown]
-# Senders are `input` (token + position embedding), each head `a{layer}.h{head}` and each
-# MLP `m{layer}`. Receivers are each head's **q**, **k** and **v** input, each MLP, and
-# `logits` (the final residual stream, which the unembedding reads).
+# Senders are `input` (the token embedding; positions enter through rotary embeddings
+# inside attention), each head `a{layer}.h{head}` and each MLP `m{layer}`. Receivers are
+# each head's **q** input (`a{layer}.h{head}.q`), each key/value group's **k** and **v**
+# input (`a{layer}.g{group}.k`, shared by heads `2g` and `2g+1`), each MLP, and `logits`
+# (the final residual stream, which the unembedding reads).
 #
 # An edge exists only if the sender writes *before* the receiver reads. `graph.valid` is the
 # `[senders, receivers]` table of which edges exist:
@@ -84,25 +88,26 @@ fig
 #
 # So the previous-token head feeds the induction head's **key**, not its query. A graph
 # with one node per head could not say that; with q/k/v receivers, the circuit contains
-# exactly the edge `a0.hP -> a1.hI.k`.
+# exactly the edge from the previous-token head into the key input of the induction head's
+# group, e.g. `a1.h7 -> a2.g0.k`.
 
 # %% [markdown]
 # ### Exercise 1
 #
-# `tiny-gpt2` has `L = 3` layers and `H = 8` heads. Without looking at `graph.n_edges`,
-# work out how many valid edges its graph has. Hint: count, for each receiver, how many
-# senders write before it reads (heads of layer `l` read before any head of layer `l`
-# writes; the MLP of layer `l` reads after them).
+# `tiny-llama` has `L = 3` layers, `H = 8` query heads and `K = 4` key/value groups. Without
+# looking at `graph.n_edges`, work out how many valid edges its graph has. Hint: count, for
+# each receiver, how many senders write before it reads (heads of layer `l` read before any
+# head of layer `l` writes; the MLP of layer `l` reads after them).
 
 # %% [markdown]
 # **Solution** (expand the cell below).
 
 # %% [solution]
-L, H = 3, 8
+L, H, K = 3, 8, 4
 edges = 0
 for layer in range(L):
     upstream = 1 + layer * (H + 1)    # input + all heads and MLPs of earlier layers
-    edges += 3 * H * upstream         # q, k and v of each head
+    edges += (H + 2 * K) * upstream   # H queries, K keys and K values
     edges += upstream + H             # the MLP also reads this layer's heads
 edges += 1 + L * (H + 1)              # logits read every sender
 print(edges, "==", graph.n_edges, edges == graph.n_edges)
@@ -112,8 +117,9 @@ print(edges, "==", graph.n_edges, edges == graph.n_edges)
 #
 # Each prompt is a random sequence of words, repeated: `<bos> x1 ... x12 x1 ... x12`. In
 # the second copy, every next word is predictable *only* by induction. The metric is the
-# mean log-probability of those repeated words. The *corrupt* prompt keeps the first copy
-# and replaces the second by fresh words, so nothing repeats.
+# mean log-probability of those repeated words. The *corrupt* prompt replaces the **first**
+# copy by fresh words: the tokens where the metric is read are unchanged, but there is
+# nothing earlier to copy from.
 
 # %%
 task = tasks.load("induction", n=32, seed=0)
@@ -164,6 +170,9 @@ ind_layer, ind_head = divmod(int(ind_score[1:].argmax()) + graph.spec.n_heads,
 prev_layer, prev_head = divmod(int(prev_score[:ind_layer].argmax()), graph.spec.n_heads)
 induction_head = f"a{ind_layer}.h{ind_head}"
 previous_head = f"a{prev_layer}.h{prev_head}"
+group = ind_head // (graph.spec.n_heads // graph.spec.n_kv_heads)
+ports = {"q": f"{induction_head}.q", "k": f"a{ind_layer}.g{group}.k",
+         "v": f"a{ind_layer}.g{group}.v"}
 print(f"induction head {induction_head} (score {ind_score[ind_layer, ind_head]:.2f}), "
       f"previous-token head {previous_head} (score {prev_score[prev_layer, prev_head]:.2f})")
 
@@ -188,24 +197,29 @@ for rank, (s, r, v) in enumerate(eap.top(10), start=1):
 
 # %%
 ranking = [(s, r) for s, r, _ in eap.top(graph.n_edges)]
-for port in ("q", "k", "v"):
-    edge = (previous_head, f"{induction_head}.{port}")
+for receiver in ports.values():
+    edge = (previous_head, receiver)
     i, j = graph.edge_index(*edge)
     print(f"{edge[0]} -> {edge[1]:<9} score {eap.scores[i, j]:+.3f}  "
           f"rank {ranking.index(edge) + 1} of {graph.n_edges}")
 
 # %% [markdown]
-# A small circuit of the strongest edges, drawn on the model's layout (keys are dashed):
+# The key edge is among the strongest few percent of the edges, but its score looks small
+# next to the top ones. Keep that in mind: EAP is a *linear* estimate, and Exercise 2 checks
+# it by really removing the edge.
+#
+# A circuit of the strongest edges, drawn on the model's layout (keys are dashed, values
+# dotted; hover an edge for its score):
 
 # %%
-circuit = ctlens.Circuit.from_scores(eap, top_n=25, prune=True)
+circuit = ctlens.Circuit.from_scores(eap, top_n=40, prune=True)
 ctlens.viz.plot_circuit(circuit, title=f"induction circuit: {circuit.n_edges} edges")
 
 # %% [markdown]
 # ### Exercise 2
 #
 # EAP is an *estimate*. Measure the real effect of removing only the edge
-# `previous_head -> induction_head.k`: build a circuit with every edge **except** that one
+# `previous_head -> ports["k"]`: build a circuit with every edge **except** that one
 # and compare the metric with the full model's. (Hint: `ctlens.Circuit.full(graph)`,
 # `Circuit.from_edges`, the `-` operator on circuits, and `ctlens.faithfulness`, whose
 # result has `metric_circuit` and `metric_full`.)
@@ -214,12 +228,19 @@ ctlens.viz.plot_circuit(circuit, title=f"induction circuit: {circuit.n_edges} ed
 # **Solution** (expand the cell below).
 
 # %% [solution]
-edge = (previous_head, f"{induction_head}.k")
+edge = (previous_head, ports["k"])
 without_edge = ctlens.Circuit.full(graph) - ctlens.Circuit.from_edges(graph, [edge])
 res = ctlens.faithfulness(model, data, without_edge, ablation="corrupt")
 print(f"metric without {edge[0]} -> {edge[1]}: {res.metric_circuit:.3f}, "
       f"full model {res.metric_full:.3f}: real effect {res.metric_circuit - res.metric_full:+.3f}")
 print(f"EAP estimated {eap.scores[graph.edge_index(*edge)]:+.3f}")
+
+# %% [markdown]
+# In `tiny-llama` the real effect is far larger than EAP's estimate. Why? The induction head
+# puts almost all of its attention on one token: its softmax is *saturated*, and the
+# gradient of a saturated softmax is close to zero, even though removing the key signal
+# moves the attention somewhere else entirely. A first-order estimate at the clean input
+# cannot see that. Part 4 measures how often this happens.
 
 # %% [markdown]
 # ## Part 4. How good are the approximations?
@@ -232,7 +253,7 @@ print(f"EAP estimated {eap.scores[graph.edge_index(*edge)]:+.3f}")
 # | `eap` | first-order estimate at the clean input | 2 forwards + 1 backward |
 # | `eap-ig` | gradient averaged from corrupt to clean input | `steps` forwards + backwards |
 #
-# `tiny-gpt2` is small enough to compute the exact scores of all its edges in seconds, so
+# `tiny-llama` is small enough to compute the exact scores of all its edges in seconds, so
 # we can check the approximations against the truth. We use 16 prompts.
 
 # %%
@@ -284,6 +305,23 @@ fig.update_layout(title="approximate vs exact edge scores (hover a point for its
 fig
 
 # %% [markdown]
+# EAP-IG evaluates the gradient at several points between the corrupt and the clean input,
+# so it sees the attention change that a single gradient at the clean input misses; it
+# tracks the exact values more closely (Pearson). Ranks are a harder test: most edges have
+# tiny effects, and their order is noise for every method. What matters for a circuit is
+# whether the few large edges come out on top.
+#
+# And the edge this lesson is about: where does each method rank the previous-token head's
+# edge into the induction head's key?
+
+# %%
+i, j = graph.edge_index(previous_head, ports["k"])
+for name, s in methods.items():
+    magnitude = s.scores.abs().masked_fill(~valid, -1.0)
+    rank = int((magnitude > magnitude[i, j]).sum()) + 1
+    print(f"{name:7} score {s.scores[i, j]:+.3f}, rank {rank:3d} of {graph.n_edges}")
+
+# %% [markdown]
 # ### Exercise 3
 #
 # Which edges does EAP get most wrong? List the five edges with the largest
@@ -304,23 +342,21 @@ for index in flat.tolist():
 # %% [markdown]
 # ### Exercise 4
 #
-# Is the induction circuit *faithful*? Compute the faithfulness of the 25-edge `circuit`
-# from Part 3 on held-out prompts (`task.evals["induction"]`), then find the smallest
-# top-N circuit (from `eap`) with faithfulness at least 0.8.
+# Which scores select the most *faithful* circuits? For each of the three methods, compute
+# the faithfulness curve of its top-N circuits on held-out prompts (`task.evals["induction"]`)
+# with `ctlens.faithfulness_curve(model, held_out, scores, sizes=...)`, and compare their
+# CPR (area under the curve: higher is better).
 
 # %% [markdown]
 # **Solution** (expand the cell below).
 
 # %% [solution]
 held_out = task.evals["induction"][:32]
-print(f"25-edge circuit: faithfulness "
-      f"{ctlens.faithfulness(model, held_out, circuit, ablation='corrupt').faithfulness:.2f}")
-curve = ctlens.faithfulness_curve(model, held_out, eap, ablation="corrupt",
-                                  sizes=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
-for n, f in zip(curve.n_edges, curve.faithfulness, strict=True):
-    print(f"top {n:5d} edges: faithfulness {f:.2f}")
-good = [n for n, f in zip(curve.n_edges, curve.faithfulness, strict=True) if f >= 0.8]
-print("smallest top-N circuit with faithfulness >= 0.8:", good[0] if good else None, "edges")
+sizes = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+print("edges:   " + "".join(f"{max(1, int(f * graph.n_edges)):>6}" for f in sizes) + "     CPR")
+for name, s in methods.items():
+    curve = ctlens.faithfulness_curve(model, held_out, s, sizes=sizes, ablation="corrupt")
+    print(f"{name:8} " + "".join(f"{f:6.2f}" for f in curve.faithfulness) + f"   {curve.cpr:.3f}")
 
 # %% [markdown]
 # ## Summary
