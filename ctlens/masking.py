@@ -177,8 +177,11 @@ class EdgeMask:
         """Ablate every edge outside ``circuit`` from the next forward on."""
         self._plan = self.plan(circuit)
 
-    def set_reference(self, tokens: torch.Tensor) -> None:
-        """Corrupt ablation: record ``a^ref`` from a no-grad, eval-mode forward on ``tokens``."""
+    def set_reference(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Corrupt ablation: record ``a^ref`` from a no-grad, eval-mode forward on ``tokens``.
+
+        Returns that forward's logits (the corrupt run: every edge ablated).
+        """
         if self.ablation is not Ablation.CORRUPT:
             hint = " (use set_means)" if self.ablation is Ablation.MEAN else ""
             raise ValueError(
@@ -196,8 +199,9 @@ class EdgeMask:
 
         hooks = sender_hooks(self.model, self.graph, record)
         with torch.no_grad(), eval_mode(self.model), self.paused(), self.model.hooks(hooks):
-            self.model(tokens.to(self.device))
+            logits = self.model(tokens.to(self.device))
         self._ref = buffer
+        return logits
 
     def set_means(self, reference: TaskData | torch.Tensor, batch_size: int | None = 32) -> None:
         """Mean ablation: (re)compute or set the per-position mean sender activations."""
@@ -498,7 +502,10 @@ def _evaluate(
     """Mean metric of the unmasked model and of each circuit, over ``data`` in batches.
 
     One set of hooks serves all circuits: per batch, one plain forward, (corrupt) one
-    reference forward, then one masked forward per circuit with its precomputed plan.
+    reference forward, then one masked forward per circuit with its precomputed plan. Under
+    corrupt ablation the empty circuit is the corrupt run itself (every receiver reads the
+    corrupt senders plus the same biases), so its metric comes from the reference forward;
+    `tests/test_masking.py` checks that identity on the masked forward.
     """
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
@@ -522,11 +529,16 @@ def _evaluate(
                 with mask.paused():
                     full_logits = model(batch.clean)
                 full_total += float(batch.metric_values(full_logits, full_logits).sum())
+                ref_logits = None
                 if corrupt is not None:
-                    mask.set_reference(corrupt[rows, : batch.clean.shape[1]].to(device))
+                    tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
+                    ref_logits = mask.set_reference(tokens)
                 for k, plan in enumerate(plans):
-                    mask.use(plan)
-                    logits = model(batch.clean)
+                    if ref_logits is not None and plan.circuit.n_edges == 0:
+                        logits = ref_logits  # every edge ablated = the corrupt run itself
+                    else:
+                        mask.use(plan)
+                        logits = model(batch.clean)
                     totals[k] += float(batch.metric_values(logits, full_logits).sum())
     n = len(data)
     return full_total / n, [t / n for t in totals]
