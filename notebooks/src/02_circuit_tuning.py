@@ -28,7 +28,6 @@ from plotly.subplots import make_subplots
 
 import ctlens
 from ctlens import tasks, zoo
-from ctlens.tuning import CircuitTuner, TuneConfig
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.manual_seed(0)
@@ -58,10 +57,10 @@ print("evaluation sets:", list(task.evals))
 # %% [markdown]
 # ## A circuit-tuning run
 #
-# `TuneConfig` holds every knob. The ones that matter here:
+# `ctlens.TuneConfig` holds every knob. The ones that matter here:
 #
 # - `mode="gradient"`: the paper's rule; only the circuit's parameter slices move;
-# - `top_n`: the circuit size (out of ~1,300 edges in `tiny-gpt2`);
+# - `top_n`: the circuit size (50 of the 802 edges of `tiny-gpt2`);
 # - `every_k=1`: rediscover the circuit at every step, as the paper does;
 # - `eval_every`: how often to evaluate and store a circuit snapshot.
 #
@@ -70,11 +69,13 @@ print("evaluation sets:", list(task.evals))
 # on the same directory resumes.
 
 # %%
-config = TuneConfig(mode="gradient", top_n=100, every_k=1, steps=40, batch_size=16, lr=3e-3,
-                    eval_every=10, eval_examples=64, save_every=40, progress=False)
+config = ctlens.TuneConfig(mode="gradient", top_n=50, every_k=1, steps=40, batch_size=16,
+                           lr=1e-3, eval_every=10, eval_examples=64, save_every=40,
+                           progress=False)
 model = ctlens.load_model("zoo:tiny-gpt2")
-result = CircuitTuner(model, task, config).run(runs / "circuit")
-print({k: result.metrics[k] for k in ("step", "target_metric", "general_loss", "params_moved")})
+result = ctlens.CircuitTuner(model, task, config).run(runs / "circuit")
+print({k: round(result.metrics[k], 3) for k in ("step", "target_metric", "general_loss",
+                                             "trainable_fraction", "params_moved")})
 
 # %% [markdown]
 # ## Watch the circuit evolve
@@ -85,7 +86,7 @@ print({k: result.metrics[k] for k in ("step", "target_metric", "general_loss", "
 # fraction of parameters that moved.
 
 # %%
-ctlens.viz.plot_evolution(runs / "circuit", top=100)
+ctlens.viz.plot_evolution(runs / "circuit", top=50)
 
 # %% [markdown]
 # ## Before and after
@@ -115,13 +116,16 @@ print("components that left:  ", sorted(set(first.components) - set(last.compone
 # equal: data order, steps, learning rate.
 
 # %%
-full_config = TuneConfig(**{**config.to_dict(), "mode": "full"})
+full_config = ctlens.TuneConfig(**{**config.to_dict(), "mode": "full"})
 fresh = ctlens.load_model("zoo:tiny-gpt2")
-CircuitTuner(fresh, task, full_config).run(runs / "full")
+full_result = ctlens.CircuitTuner(fresh, task, full_config).run(runs / "full")
 
 # %% [markdown]
-# Circuit-tuning should reach the target while moving far fewer parameters; the general
-# loss and the other tasks show what each method costs elsewhere.
+# Both reach the target. The interesting question is what each costs elsewhere: the
+# general loss on held-out text and the other tasks the model knew. Note also the fraction
+# of parameters that *moved* by the end: the circuit changes at every step, so over a run
+# circuit-tuning touches more parameters than any single circuit holds
+# (`trainable_fraction` in the metrics is the share of one step's circuit).
 
 # %%
 both = {"circuit-tuning": ctlens.viz.read_run(runs / "circuit"),

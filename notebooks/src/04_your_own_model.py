@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ctlens
 from ctlens import tasks, zoo
-from ctlens.tuning import CircuitTuner, TuneConfig, export_hf
+from ctlens.tuning import export_hf
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.manual_seed(0)
@@ -144,18 +144,21 @@ except ValueError as err:
     print("ValueError:", err)
 
 # %% [markdown]
-# Can the zoo model do this task it was never trained on? Attribute it, select a circuit
-# and check its faithfulness, exactly as in the quickstart.
+# Can the zoo model do this task it was never trained on? Before looking for a circuit,
+# check the metric on the clean and the corrupt prompts: a model that solves the task has
+# a clearly positive logit difference on the clean prompts and a negative one on the
+# corrupt prompts (there the right answer is the other place).
 
 # %%
 model = ctlens.load_model("zoo:tiny-llama")
 scores = ctlens.attribute(model, data, progress=False)
-print(f"metric: clean {scores.metadata['metric_clean']:+.2f}, "
+print(f"logit difference: clean {scores.metadata['metric_clean']:+.2f}, "
       f"corrupt {scores.metadata['metric_corrupt']:+.2f}")
-circuit = ctlens.Circuit.from_scores(scores, top_n=40, prune=True)
-print(circuit, "faithfulness:",
-      round(ctlens.faithfulness(model, data, circuit).faithfulness, 2))
-ctlens.viz.plot_circuit(circuit, title="where-was-X circuit in tiny-llama")
+
+# %% [markdown]
+# If both are close to 0, the model cannot tell which place goes with which name: it never
+# saw this construction. A circuit search would then be meaningless (faithfulness divides
+# by `M_full - M_empty`, which is about 0). So we need a model that does the task.
 
 # %% [markdown]
 # ## 3. Your own HF model
@@ -198,10 +201,10 @@ print(ctlens.Graph.from_model(reloaded) == own_graph)
 # %%
 test = ctlens.TaskData.from_jsonl(workdir / "where_test.jsonl", tokenizer=tok)
 before = ctlens.attribute(bridge, test, progress=False).metadata["metric_clean"]
-config = TuneConfig(mode="full", steps=150, batch_size=16, lr=3e-3, eval_every=50,
-                    eval_examples=48, export=False, progress=False,
-                    top_n=40)  # the size of the circuit snapshots it records
-CircuitTuner(bridge, where, config).run(workdir / "train-mine")
+config = ctlens.TuneConfig(mode="full", steps=150, batch_size=16, lr=3e-3, eval_every=50,
+                           eval_examples=48, export=False, progress=False,
+                           top_n=40)  # the size of the circuit snapshots it records
+ctlens.CircuitTuner(bridge, where, config).run(workdir / "train-mine")
 after = ctlens.attribute(bridge, test, progress=False)
 print(f"held-out logit difference: before training {before:+.2f}, "
       f"after {after.metadata['metric_clean']:+.2f}")
