@@ -150,8 +150,11 @@ def _collect(out: Path) -> dict[str, dict[str, Any]]:
     for run in sorted(out.glob("*/run.json")):
         doc = json.loads(run.read_text())
         cfg = ctlens.TuneConfig.from_dict(doc["config"])
-        lines = (run.parent / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(x) for x in lines]
+        try:  # another process may be writing this run right now
+            lines = (run.parent / "metrics.jsonl").read_text().splitlines()
+            records = [json.loads(x) for x in lines]
+        except (OSError, json.JSONDecodeError):
+            continue
         if not records or records[-1]["step"] != cfg.steps:
             continue
         results[run.parent.name] = {"first": records[0], "last": records[-1], "config": cfg}
@@ -214,6 +217,7 @@ def _row(key: str, res: dict[str, Any]) -> list[str]:
         f"{first['general_loss']:.3f} -> {last['general_loss']:.3f}",
         others,
         f"{last['params_moved']:.3f}",
+        _fmt(last.get("trainable_fraction"), 3),
         f"{last['wall_time']:.0f}",
     ]
 
@@ -264,7 +268,8 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
                                       results[k]["config"].lr))
     header = ["mode", "lr", "target: logit(wrong) - logit(right), start -> end",
               "target acc (flipped)", "general LM loss, start -> end",
-              "other tasks' accuracy at the end", "params moved", "wall s"]
+              "other tasks' accuracy at the end", "params moved", "trainable at the end",
+              "wall s"]
     rows = [_row(k, results[k]) for k in main_keys]
     sweep = []
     for k in (1, 4, 16):
@@ -276,6 +281,7 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
             sweep.append([k, n, f"{last['target_metric']:+.2f}",
                           _fmt(last.get("target_accuracy")),
                           f"{last['general_loss']:.3f}", f"{last['params_moved']:.3f}",
+                          _fmt(last.get("trainable_fraction"), 3),
                           f"{last['wall_time']:.0f}"])
     first = results[main_keys[0]]["first"] if main_keys else None
     parts = [
@@ -299,7 +305,9 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         "set of the same size every step and restricts gradients like `gradient`; `lora` "
         "trains rank-8 adapters on every attention and MLP projection. Params moved = "
         "fraction of the model's real parameters (shared storage once) that differ from the "
-        "start at the end.",
+        "start at the end; trainable at the end = the fraction the last step's circuit "
+        "lets the optimizer change (with K = 1 the circuit changes every step, so the "
+        "parameters moved over a run are the union of many circuits' parameters).",
         "",
     ]
     if first is not None:
@@ -316,7 +324,7 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         parts += [
             "## Sweep: rediscovery interval K and circuit size N (mode gradient)", "",
             markdown_table(["K", "N", "target at end", "target acc", "general LM loss",
-                            "params moved", "wall s"], sweep), "",
+                            "params moved", "trainable at the end", "wall s"], sweep), "",
         ]
     gradient_keys = [k for k in main_keys if k.startswith("gradient-")]
     if gradient_keys:
