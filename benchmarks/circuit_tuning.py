@@ -194,7 +194,7 @@ def experiment(args: argparse.Namespace) -> None:
                 cfg = ctlens.TuneConfig(mode=mode, lr=lr, top_n=sizes[1], every_k=1, **base)
                 record(f"{mode}-lr{lr:g}", cfg)
     if args.part in ("sweep", "all"):
-        for k in (1, 4, 16):
+        for k in (int(x) for x in args.ks.split(",")):
             for n in sizes:
                 cfg = ctlens.TuneConfig(mode="gradient", lr=args.sweep_lr, top_n=n, every_k=k,
                                         **base)
@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="modes of the main grid (comma-separated)")
     e.add_argument("--part", choices=["main", "sweep", "all"], default="all",
                    help="main: modes x learning rates; sweep: K x N (run both in parallel)")
+    e.add_argument("--ks", default="1,4,16", help="rediscovery intervals of the sweep")
     e.add_argument("--sweep-lr", type=float, default=1e-3, help="learning rate of the sweep")
     e.set_defaults(func=experiment)
     args = parser.parse_args(argv)
