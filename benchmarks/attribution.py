@@ -222,7 +222,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def correlation(seeds: int = 3) -> str:
+def correlation(
+    seeds: int = 3,
+    families: tuple[str, ...] = ("gpt2", "llama"),
+    ablations: tuple[str, ...] = ("corrupt", "mean"),
+) -> str:
     """Agreement of EAP and EAP-IG with exact edge patching on small random models.
 
     Returns a markdown table: Pearson and Spearman correlation over all valid edges and
@@ -265,8 +269,8 @@ def correlation(seeds: int = 3) -> str:
         return ctlens.load_model(LlamaForCausalLM(config))
 
     rows = []
-    for family in ("gpt2", "llama"):
-        for ablation in ("corrupt", "mean"):
+    for family in families:
+        for ablation in ablations:
             stats: dict[str, list[float]] = {}
             for seed in range(seeds):
                 model = build(family, seed)
@@ -337,6 +341,17 @@ def main() -> None:
     parser.add_argument("--skip-scale", action="store_true", help="skip the Llama-shaped runs")
     parser.add_argument("--no-report", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument(
+        "--parts",
+        default="timing,memory,scale",
+        help="comma-separated parts to measure (timing, memory, scale); the others are read "
+        "from --results",
+    )
+    parser.add_argument(
+        "--results",
+        help="JSON file of raw results: parts not measured are read from it, "
+        "measured parts are written to it",
+    )
+    parser.add_argument(
         "--correlation",
         action="store_true",
         help="only measure agreement with exact patching on small models",
@@ -352,16 +367,26 @@ def main() -> None:
 
     batch, seq = (4, 16) if args.quick else (16, 32)
     common = {"quick": args.quick, "batch": batch, "seq": seq, "threads": args.threads}
-    print("timing (one process, alternating rounds)...", flush=True)
-    timing = run_worker(
-        {
-            **common,
-            "job": "timing",
-            "repeats": args.repeats,
-            "tl_examples": args.tl_examples,
-            "tl_repeats": 2,
-        }
-    )
+    parts = set(args.parts.split(","))
+    saved: dict[str, Any] = {}
+    if args.results and Path(args.results).is_file():
+        saved = json.loads(Path(args.results).read_text())
+    if "timing" in parts:
+        print("timing (one process, alternating rounds)...", flush=True)
+        timing = run_worker(
+            {
+                **common,
+                "job": "timing",
+                "repeats": args.repeats,
+                "tl_examples": args.tl_examples,
+                "tl_repeats": 2,
+            }
+        )
+        timing["tl_examples"] = args.tl_examples
+        saved["timing"] = timing
+    timing = saved["timing"]
+    args.tl_examples = timing.get("tl_examples", args.tl_examples)
+    args.repeats = len(timing["rounds"])
     rounds = timing["rounds"]
     med = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
     tl_full = statistics.median(timing["tl"]) * batch / args.tl_examples
@@ -370,17 +395,20 @@ def main() -> None:
         "eap-ig/baseline": statistics.median(r["eap-ig"] / r["baseline"] for r in rounds),
         "eap/tl": med["eap"] / tl_full,
     }
-    print("memory (one fresh process per operation)...", flush=True)
-    memory = {
-        op: run_worker({**common, "job": "memory", "op": op})
-        for op in ("baseline", "eap", "eap-ig")
-    }
+    if "memory" in parts:
+        print("memory (one fresh process per operation)...", flush=True)
+        saved["memory"] = {
+            op: run_worker({**common, "job": "memory", "op": op})
+            for op in ("baseline", "eap", "eap-ig")
+        }
+    memory = saved["memory"]
     ratio["mem eap/baseline"] = (
         memory["eap"]["peak_delta_mib"] / memory["baseline"]["peak_delta_mib"]
     )
 
-    scale_rows = []
-    if not args.skip_scale:
+    scale_rows = saved.get("scale", [])
+    if not args.skip_scale and "scale" in parts:
+        scale_rows = []
         shapes = [(48, 32, 8)] if not args.quick else [(4, 8, 2)]
         if args.stretch:
             shapes.append((80, 64, 8))
@@ -413,6 +441,9 @@ def main() -> None:
                     [f"{layers} x {heads} / {kv}", "-", "failed", str(err)[-200:], ""]
                 )
 
+        saved["scale"] = scale_rows
+    if args.results:
+        Path(args.results).write_text(json.dumps(saved, indent=1))
     markdown = report(args, timing, med, tl_full, ratio, memory, scale_rows, batch, seq)
     print(markdown)
     if not args.no_report and not args.quick:
