@@ -69,6 +69,12 @@ def paired(
     return statistics.median(a), statistics.median(b), statistics.median(ratios)
 
 
+def progress(rows: list[tuple[str, float, str]]) -> None:
+    for name, sec, ratio in rows:
+        sys.stderr.write(f"{name}: {sec:.4f} s {ratio}\n")
+    sys.stderr.flush()
+
+
 def task(n: int, seed: int = 0) -> TaskData:
     gen = torch.Generator().manual_seed(seed)
     return TaskData(
@@ -111,6 +117,7 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
             plain_s, masked_s, ratio = paired(forward, masked, repeats)
             rows.append((f"plain forward ({mode})", plain_s, ""))
             rows.append((f"edge_mask mean, {label} ({mode})", masked_s, f"{ratio:.2f}x"))
+            progress(rows[-2:])
     data = task(256, seed=3)
     circuit = circuits["top 1000 edges"]
     runs = max(1, repeats // 3)
@@ -119,6 +126,7 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
         for _ in range(runs)
     )
     rows.append((f"faithfulness, 256 examples (batch 32, corrupt; median of {runs})", faith, ""))
+    progress(rows[-1:])
     env = (
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"{platform.processor() or platform.machine()}, {repeats} interleaved runs, "
