@@ -185,6 +185,10 @@ for node, count in on_paths.most_common(6):
     print(f"{node:>6} lies on {count:4d} of {len(paths)} paths")
 
 # %% [markdown]
+# When MLPs top this list, the task's information flows mostly through them; the heads
+# high on the list are the ones that move the subject's number to the last position,
+# where the verb is predicted.
+#
 # networkx also finds the *strongest* route: the longest path in the DAG when each edge is
 # weighted by its |score| (internal edges weigh 0).
 
