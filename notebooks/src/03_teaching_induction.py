@@ -340,6 +340,13 @@ for index in flat.tolist():
           f"eap {methods['eap'].scores[i, j]:+.3f}  exact {methods['exact'].scores[i, j]:+.3f}")
 
 # %% [markdown]
+# **Discussion.** In `tiny-llama` the largest misses are not only in queries and keys:
+# single edges from `m0` into value inputs have exact effects many times their EAP
+# estimates. Patching one edge changes its receiver's input by a large vector, and
+# everything downstream (normalisation, MLPs, the saturated attention of later heads)
+# responds nonlinearly. A first-order estimate is reliable for small changes only.
+
+# %% [markdown]
 # ### Exercise 4
 #
 # Which scores select the most *faithful* circuits? For each of the three methods, compute
