@@ -305,11 +305,12 @@ fig.update_layout(title="approximate vs exact edge scores (hover a point for its
 fig
 
 # %% [markdown]
-# EAP-IG evaluates the gradient at several points between the corrupt and the clean input,
-# so it sees the attention change that a single gradient at the clean input misses; it
-# tracks the exact values more closely (Pearson). Ranks are a harder test: most edges have
-# tiny effects, and their order is noise for every method. What matters for a circuit is
-# whether the few large edges come out on top.
+# The large exact effects lie far above the diagonal: both approximations underestimate
+# them, EAP much more than EAP-IG. EAP-IG evaluates the gradient at several points between
+# the corrupt and the clean input, so it sees the attention change that a single gradient
+# at the clean input misses; it tracks the exact values more closely (Pearson). Ranks are a
+# harder test: most edges have tiny effects, and their order is noise for every method.
+# What matters for a circuit is whether the few large edges come out on top.
 #
 # And the edge this lesson is about: where does each method rank the previous-token head's
 # edge into the induction head's key?
