@@ -157,7 +157,8 @@ def _collect(out: Path) -> dict[str, dict[str, Any]]:
             continue
         if not records or records[-1]["step"] != cfg.steps:
             continue
-        results[run.parent.name] = {"first": records[0], "last": records[-1], "config": cfg}
+        results[run.parent.name] = {"first": records[0], "last": records[-1], "config": cfg,
+                                    "records": records}
     return results
 
 
@@ -202,6 +203,17 @@ def experiment(args: argparse.Namespace) -> None:
     _write(args, n_edges, sizes)
 
 
+MATCH = 0.9
+
+
+def _matched(res: dict[str, Any]) -> str:
+    """Step and general LM loss at the first evaluation with target accuracy >= MATCH."""
+    for r in res["records"]:
+        if (r.get("target_accuracy") or 0.0) >= MATCH:
+            return f"step {r['step']}: {r['general_loss']:.3f}"
+    return "not reached"
+
+
 def _row(key: str, res: dict[str, Any]) -> list[str]:
     first, last = res["first"], res["last"]
     cfg = res["config"]
@@ -215,6 +227,7 @@ def _row(key: str, res: dict[str, Any]) -> list[str]:
         f"{first['target_metric']:+.2f} -> {last['target_metric']:+.2f}",
         _fmt(last.get("target_accuracy")),
         f"{first['general_loss']:.3f} -> {last['general_loss']:.3f}",
+        _matched(res),
         others,
         f"{last['params_moved']:.3f}",
         _fmt(last.get("trainable_fraction"), 3),
@@ -268,6 +281,7 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
                                       results[k]["config"].lr))
     header = ["mode", "lr", "target: logit(wrong) - logit(right), start -> end",
               "target acc (flipped)", "general LM loss, start -> end",
+              f"general LM loss when target acc first >= {MATCH}",
               "other tasks' accuracy at the end", "params moved", "trainable at the end",
               "wall s"]
     rows = [_row(k, results[k]) for k in main_keys]
@@ -280,7 +294,8 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
             last = res["last"]
             sweep.append([k, n, f"{last['target_metric']:+.2f}",
                           _fmt(last.get("target_accuracy")),
-                          f"{last['general_loss']:.3f}", f"{last['params_moved']:.3f}",
+                          f"{last['general_loss']:.3f}", _matched(res),
+                          f"{last['params_moved']:.3f}",
                           _fmt(last.get("trainable_fraction"), 3),
                           f"{last['wall_time']:.0f}"])
     first = results[main_keys[0]]["first"] if main_keys else None
@@ -324,7 +339,8 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         parts += [
             "## Sweep: rediscovery interval K and circuit size N (mode gradient)", "",
             markdown_table(["K", "N", "target at end", "target acc", "general LM loss",
-                            "params moved", "trainable at the end", "wall s"], sweep), "",
+                            f"general LM loss when target acc first >= {MATCH}", "params moved",
+                            "trainable at the end", "wall s"], sweep), "",
         ]
     gradient_keys = [k for k in main_keys if k.startswith("gradient-")]
     if gradient_keys:
