@@ -140,7 +140,7 @@ for colour, (name, r) in zip(("#1f77b4", "#d62728"), both.items(), strict=True):
         fig.add_trace(go.Scatter(x=steps, y=values, name=name, legendgroup=name,
                                  showlegend=col == 1, line_color=colour), row=1, col=col)
 fig.update_xaxes(title_text="step")
-fig.update_layout(height=360)
+fig.update_layout(height=380, title="circuit-tuning vs full fine-tuning (same data, steps and lr)")
 fig
 
 # %%
