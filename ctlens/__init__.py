@@ -6,7 +6,9 @@ The data flow, one module per stage::
         ->  edge_mask / restrict_gradients (masking)  ->  CircuitTuner (tuning)  ->  viz
 """
 
+from ctlens import tasks as tasks
 from ctlens import viz as viz
+from ctlens import zoo as zoo
 from ctlens.attribution import EdgeScores, attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
@@ -43,5 +45,8 @@ __all__ = [
     "restrict_gradients",
     "load_model",
     "mean_activations",
+    "tasks",
+    "viz",
+    "zoo",
     "__version__",
 ]
