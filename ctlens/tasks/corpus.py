@@ -3,7 +3,7 @@
 Each row starts with ``<bos>`` and is filled, up to the context length, with segments of one
 family drawn from the mixture (e.g. several IOI sentences, or several repeated random
 sequences); the last segment is truncated at the context edge. The held-out ``general``
-corpus is the same distribution drawn from a disjoint seed stream.
+corpus is the same distribution drawn from a separate (independent) seed stream.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ DEFAULT_MIXTURE: Mapping[str, float] = MappingProxyType(
 FAMILIES: tuple[str, ...] = ("agreement", "ioi", "pronoun", "induction", "filler")
 
 GENERAL_SEED_OFFSET = 1_000_003
-"""Added to a seed to draw held-out general text disjoint from training streams."""
+"""Added to a seed to draw held-out general text from a stream separate from training."""
 
 
 def segment(family: str, rng: random.Random) -> list[str]:
@@ -82,5 +82,5 @@ def sample_rows(
 
 
 def general_rows(n: int, context: int = 64, seed: int = 0) -> Int[torch.Tensor, "n context"]:
-    """Held-out general corpus (the pretraining mixture, from a disjoint seed stream)."""
+    """Held-out general corpus (the pretraining mixture, from a separate seed stream)."""
     return sample_rows(random.Random(seed + GENERAL_SEED_OFFSET), n, context)
