@@ -4,7 +4,7 @@
 (:func:`names` lists them), or from a user's JSONL file
 (``load("my_task.jsonl", tokenizer=tok)``, fields ``prompt``, ``corrupt_prompt``,
 ``answer``, ``wrong_answer``). Everything is a deterministic function of ``(name, n, seed)``;
-discovery, training and evaluation samples come from disjoint seed streams.
+discovery, training and evaluation samples come from separate seed streams.
 """
 
 from __future__ import annotations
