@@ -25,6 +25,12 @@ Ablations (what a_s^ref is): ``corrupt`` (the paired corrupted prompts, or the t
 given as ``reference``), ``mean`` (the per-position mean of each sender over the clean
 prompts, padding excluded, or over the TaskData / tokens given as ``reference``, or a
 precomputed ``[n_senders, seq, d_model]`` tensor from `mean_activations`) and ``zero``.
+
+With a built-in metric every pass stops at the final residual stream and unembeds only the
+metric positions (`ctlens.hooks.run_to_final_residual`); a custom metric callable gets the
+full ``[batch, seq, vocab]`` logits. The model's mode and ``requires_grad`` flags are
+restored on exit, also on error. Checked against independent oracles in
+tests/test_attribution.py; see docs/attribution.md.
 """
 
 from __future__ import annotations
