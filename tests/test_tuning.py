@@ -321,6 +321,7 @@ def test_cli_options_mirror_the_config() -> None:
         config_from_args(parser.parse_args(["tune", "--out", "x", "--lr", "0"]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ctlens.zoo.names(), reason="no zoo model shipped yet")
 def test_cli_tune_on_a_zoo_model_resumes(tmp_path: Path, capsys) -> None:
     from ctlens.cli import main
