@@ -31,7 +31,7 @@ import plotly.io as pio
 import torch
 
 import ctlens
-from ctlens import tasks, zoo
+from ctlens import tasks, zoo  # task bundles and the model zoo
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.manual_seed(0)

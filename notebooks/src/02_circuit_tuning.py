@@ -27,7 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 import ctlens
-from ctlens import tasks, zoo
+from ctlens import tasks, zoo  # task bundles and the model zoo
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.manual_seed(0)

@@ -25,7 +25,7 @@ import plotly.io as pio
 import torch
 
 import ctlens
-from ctlens import tasks
+from ctlens import tasks  # the task bundles
 
 pio.renderers.default = "plotly_mimetype+notebook"
 torch.manual_seed(0)

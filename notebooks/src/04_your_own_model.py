@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ctlens
-from ctlens import tasks, zoo
+from ctlens import tasks, zoo  # task bundles and the model zoo
 from ctlens.tuning import export_hf
 
 pio.renderers.default = "plotly_mimetype+notebook"
