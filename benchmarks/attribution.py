@@ -12,9 +12,9 @@ What is measured (issue 2's targets):
   time(EAP) / time(TransformerLens 4.3 ``attribution_patch`` at edge granularity). TL's
   sweep is a loop over examples, so it is timed on ``--tl-examples`` examples and scaled
   linearly to the batch (said so in the table).
-- Timings: one process runs ``--repeats`` rounds of [baseline, EAP, EAP-IG] after a warm-up
-  round; each ratio is the median of the per-round ratios (the machine is shared, so
-  ratios taken within a round are steadier than absolute times).
+- Timings: one process runs ``--repeats`` rounds of [baseline, EAP, EAP-IG, TL] after a
+  warm-up round (TL not warmed up); each ratio is the median of the per-round ratios (the
+  machine is shared, so ratios taken within a round are steadier than absolute times).
 - Memory: each measurement runs in a fresh subprocess that builds the model, resets the
   kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the operation once and
   reports peak RSS minus RSS after the build (what the operation added).
@@ -172,17 +172,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         rounds = []
         for _ in range(spec["repeats"]):
             times = {}
-            for name in names:
+            for name in [*names, "tl"]:
                 start = time.perf_counter()
                 ops[name]()
                 times[name] = time.perf_counter() - start
             rounds.append(times)
-        tl_times = []
-        for _ in range(spec["tl_repeats"]):
-            start = time.perf_counter()
-            ops["tl"]()
-            tl_times.append(time.perf_counter() - start)
-        return {"rounds": rounds, "tl": tl_times, "threads": torch.get_num_threads()}
+        return {"rounds": rounds, "threads": torch.get_num_threads()}
 
     if spec["job"] == "memory":
         op = ops[spec["op"]]
@@ -379,7 +374,6 @@ def main() -> None:
                 "job": "timing",
                 "repeats": args.repeats,
                 "tl_examples": args.tl_examples,
-                "tl_repeats": 2,
             }
         )
         timing["tl_examples"] = args.tl_examples
@@ -389,11 +383,12 @@ def main() -> None:
     args.repeats = len(timing["rounds"])
     rounds = timing["rounds"]
     med = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
-    tl_full = statistics.median(timing["tl"]) * batch / args.tl_examples
+    scale_tl = batch / args.tl_examples
+    tl_full = med["tl"] * scale_tl
     ratio = {
         "eap/baseline": statistics.median(r["eap"] / r["baseline"] for r in rounds),
         "eap-ig/baseline": statistics.median(r["eap-ig"] / r["baseline"] for r in rounds),
-        "eap/tl": med["eap"] / tl_full,
+        "eap/tl": statistics.median(r["eap"] / (r["tl"] * scale_tl) for r in rounds),
     }
     if "memory" in parts:
         print("memory (one fresh process per operation)...", flush=True)
