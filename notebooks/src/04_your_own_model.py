@@ -169,11 +169,11 @@ print(f"logit difference: clean {scores.metadata['metric_clean']:+.2f}, "
 # `tokenizer=`; `dtype=` and `device=` are optional.
 
 # %%
-config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-mine = LlamaForCausalLM(config)
+hf_config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+mine = LlamaForCausalLM(hf_config)
 bridge = ctlens.load_model(mine, tokenizer=tok)
 own_graph = ctlens.Graph.from_model(bridge)
 print(own_graph)
@@ -208,6 +208,13 @@ ctlens.CircuitTuner(bridge, where, config).run(workdir / "train-mine")
 after = ctlens.attribute(bridge, test, progress=False)
 print(f"held-out logit difference: before training {before:+.2f}, "
       f"after {after.metadata['metric_clean']:+.2f}")
+
+# %% [markdown]
+# Now the model does the task, so its circuit means something: select the strongest edges,
+# check their faithfulness on the held-out prompts, and draw them. How does a 2-layer model
+# bind a name to its place?
+
+# %%
 own_circuit = ctlens.Circuit.from_scores(after, top_n=20, prune=True)
 faith = ctlens.faithfulness(bridge, test, own_circuit).faithfulness
 print(own_circuit, f"faithfulness {faith:.2f}")
