@@ -83,12 +83,12 @@ MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 
 
 
 class _LiveSum(torch.autograd.Function):
-    """``coef_t @ A`` where ``A`` holds detached copies of live sender outputs.
+    """``coef_t @ rows`` where ``rows`` holds detached copies of live sender outputs.
 
-    Forward: one matrix product on the shared buffer. Backward: ``coef_t.T @ grad`` gives
-    the gradient of every buffer row; each live activation gets its rows back (reshaped to
-    its own layout). The buffer itself never enters the autograd graph, so no in-place
-    write into it is recorded and no full-buffer copy appears in the backward pass.
+    Forward: one matrix product on rows of the shared buffer. Backward: ``coef_t.T @ grad``
+    gives the gradient of every row used; each live activation gets its rows back, reshaped
+    to its own layout. The buffer never enters the autograd graph, so no in-place write into
+    it is recorded and the backward costs one product per hook.
     """
 
     @staticmethod
@@ -96,21 +96,26 @@ class _LiveSum(torch.autograd.Function):
         ctx: Any,
         coef_t: torch.Tensor,
         rows: torch.Tensor,
-        parts: list[tuple[int, int, torch.Tensor]],
+        maps: list[tuple[torch.Tensor, torch.Tensor, int]],
         *acts: torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(coef_t)
-        ctx.layout = [(start, stop, act.shape, act.ndim) for start, stop, act in parts]
+        ctx.maps = maps
+        ctx.layout = [(act.shape, act.ndim) for act in acts]
         ctx.rows_shape = rows.shape
-        return coef_t @ rows.reshape(rows.shape[0], -1)
+        return coef_t @ rows.reshape(rows.shape[0], rows[0].numel() if len(rows) else 0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (coef_t,) = ctx.saved_tensors
-        rows_grad = (coef_t.T @ grad).view(ctx.rows_shape)  # [n, batch, pos, d_model]
+        rows_grad = (coef_t.T @ grad).view(ctx.rows_shape)  # [m, batch, pos, d_model]
         grads: list[torch.Tensor | None] = [None, None, None]
-        for start, stop, shape, ndim in ctx.layout:
-            g = rows_grad[start:stop]
+        for (positions, local, n_local), (shape, ndim) in zip(ctx.maps, ctx.layout, strict=True):
+            if len(local) == n_local:  # every row of this sender group was used, in order
+                g = rows_grad[positions[0] : positions[0] + n_local]
+            else:
+                g = rows_grad.new_zeros((n_local, *rows_grad.shape[1:]))
+                g[local] = rows_grad[positions]
             g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
             grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
         return tuple(grads)
@@ -118,11 +123,25 @@ class _LiveSum(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class _GroupPlan:
-    """Precomputed ablation for one receiver hook (a group of receiver columns)."""
+    """Precomputed ablation for one receiver hook (a group of receiver columns).
 
-    n_rows: int  # senders read (a prefix of the sender list); 0: nothing to ablate
-    coef_t: torch.Tensor | None  # [n_cols, n_rows] 0/1 excluded edges, model dtype
-    const: torch.Tensor | None  # mean ablation: [n_cols, pos, d_model] reference sum
+    Two equivalent forms; `EdgeMask.plan` picks the one that reads fewer sender rows:
+
+    - ``excluded``: ``x' = x + C - coef_t @ A[:n]`` with ``coef_t`` the excluded edges and
+      ``rows`` the prefix ``0..n``;
+    - ``kept``: ``x' = x - S_n + C + coef_t @ A[rows]`` with ``coef_t`` the circuit's (kept)
+      edges, ``rows`` the senders that have one, and ``S_n`` the live sum of all ``n``
+      upstream senders. Because ``x - S_n`` is the constant biases, this equals the
+      excluded form; it reads only the circuit's rows, which is cheap for small circuits.
+    """
+
+    kind: str  # "none", "excluded" or "kept"
+    n_upstream: int  # senders this hook may read (a prefix of the sender list)
+    rows: torch.Tensor | None  # sender rows used (None: the prefix 0..n_rows)
+    n_rows: int
+    coef_t: torch.Tensor | None  # [n_cols, n_rows] 0/1, model dtype
+    const: torch.Tensor | None  # mean ablation: [n_cols, pos, d_model]
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]]  # sender group start -> rows
 
 
 @dataclass(frozen=True)
@@ -131,7 +150,12 @@ class _Plan:
 
     circuit: Circuit
     groups: dict[int, _GroupPlan]  # first receiver column of the hook -> plan
-    n_rows: int  # senders that any hook reads
+    n_rows: int  # buffer rows any hook reads
+    n_prefix: int  # senders whose running sum a "kept" hook needs (0: none)
+
+    @property
+    def active(self) -> bool:
+        return self.n_rows > 0 or self.n_prefix > 0
 
 
 class EdgeMask:
@@ -161,9 +185,16 @@ class EdgeMask:
         self._ref: Float[torch.Tensor, "n_senders batch pos d_model"] | None = None
         self._buffer: torch.Tensor | None = None  # this forward's sender outputs (detached)
         self._parts: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, live)
-        self._input_seen = False  # the input sender's first hook has written this forward
         self._new_forward = False
         self._paused = False
+        self._prefix: dict[int, torch.Tensor] = {}  # n -> live sum of senders 0..n
+        self._ref_prefix: dict[int, torch.Tensor] = {}  # n -> sum of reference senders 0..n
+        spec = self.graph.spec
+        self._sender_groups = [(0, 1)]
+        for layer in range(spec.n_layers):
+            heads = self.graph.sender_slice(layer)
+            mlp = self.graph.mlp_sender(layer)
+            self._sender_groups += [(heads.start, heads.stop), (mlp, mlp + 1)]
         self._plan = self.plan(circuit)
 
     @property
@@ -201,6 +232,11 @@ class EdgeMask:
         with torch.no_grad(), eval_mode(self.model), self.paused(), self.model.hooks(hooks):
             logits = self.model(tokens.to(self.device))
         self._ref = buffer
+        running = torch.zeros_like(buffer[0])
+        self._ref_prefix = {}
+        for start, stop in self._sender_groups:
+            running = running + buffer[start:stop].sum(0)
+            self._ref_prefix[stop] = running
         return logits
 
     def set_means(self, reference: TaskData | torch.Tensor, batch_size: int | None = 32) -> None:
@@ -270,17 +306,57 @@ class EdgeMask:
         ]
         columns_list.append(slice(graph.n_receivers - 1, graph.n_receivers))
         for columns in columns_list:
-            block = excluded[: graph.upstream[columns.start], columns]
-            rows = block.any(1).nonzero()
-            n_rows = self._group_end(int(rows.max())) if len(rows) else 0
-            coef_t = const = None
-            if n_rows:
-                coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
-                if self.ablation is Ablation.MEAN and self._means is not None:
-                    const = torch.einsum("cs,spd->cpd", coef_t, self._means[:n_rows])
-            groups[columns.start] = _GroupPlan(n_rows, coef_t, const)
-        n_rows = max(g.n_rows for g in groups.values())
-        return _Plan(circuit, groups, n_rows)
+            n_up = graph.upstream[columns.start]
+            block = excluded[:n_up, columns]
+            dropped = block.any(1).nonzero()[:, 0]
+            if not len(dropped):
+                groups[columns.start] = _GroupPlan("none", n_up, None, 0, None, None, {})
+                continue
+            n_excluded = self._group_end(int(dropped.max()))
+            kept = circuit.mask[:n_up, columns]
+            kept_rows = kept.any(1).nonzero()[:, 0]
+            if len(kept_rows) + 2 < n_excluded:
+                groups[columns.start] = self._kept_plan(n_up, kept, kept_rows)
+            else:
+                groups[columns.start] = self._excluded_plan(n_up, block, n_excluded)
+        n_rows = max(
+            (self._group_end(int(g.rows.max())) if g.rows is not None and len(g.rows) else g.n_rows)
+            if g.kind != "none"
+            else 0
+            for g in groups.values()
+        )
+        n_prefix = max((g.n_upstream for g in groups.values() if g.kind == "kept"), default=0)
+        return _Plan(circuit, groups, n_rows, n_prefix)
+
+    def _maps(self, rows: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
+        """For each sender group: positions in ``rows`` of its rows and their local index."""
+        maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        for start, stop in self._sender_groups:
+            hits = [(k, r - start) for k, r in enumerate(rows) if start <= r < stop]
+            if hits:
+                positions = torch.tensor([k for k, _ in hits])
+                local = torch.tensor([j for _, j in hits])
+                maps[start] = (positions, local, stop - start)
+        return maps
+
+    def _excluded_plan(self, n_up: int, block: torch.Tensor, n_rows: int) -> _GroupPlan:
+        coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
+        const = None
+        if self.ablation is Ablation.MEAN and self._means is not None:
+            const = torch.einsum("cs,spd->cpd", coef_t, self._means[:n_rows])
+        return _GroupPlan(
+            "excluded", n_up, None, n_rows, coef_t, const, self._maps(list(range(n_rows)))
+        )
+
+    def _kept_plan(self, n_up: int, kept: torch.Tensor, rows: torch.Tensor) -> _GroupPlan:
+        coef_t = kept[rows].T.contiguous().to(self.device, self.dtype)
+        const = None
+        if self.ablation is Ablation.MEAN and self._means is not None:
+            means = self._means
+            const = means[:n_up].sum(0)[None] - torch.einsum("cs,spd->cpd", coef_t, means[rows])
+        return _GroupPlan(
+            "kept", n_up, rows.to(self.device), len(rows), coef_t, const, self._maps(rows.tolist())
+        )
 
     def _group_end(self, row: int) -> int:
         """End of the sender group (input, a layer's heads, an MLP) holding ``row``, so that
@@ -309,20 +385,28 @@ class EdgeMask:
         return hook
 
     def _on_sender(self, rows: slice, act: torch.Tensor) -> None:
-        n_rows = self._plan.n_rows
-        if self._paused or n_rows == 0 or rows.start >= n_rows:
+        plan = self._plan
+        if self._paused or not plan.active:
             return
-        if rows.start == 0 and self._new_forward:
+        first_input = rows.start == 0 and self._new_forward
+        if first_input:
             self._new_forward = False
             self._start_forward(act)
+        if rows.start < plan.n_prefix:  # running sum of the live sender outputs
+            total = act if act.ndim == 3 else act.sum(2)
+            if rows.start == 0:
+                self._prefix[1] = total if first_input else self._prefix[1] + total
+            else:
+                self._prefix[rows.stop] = self._prefix[rows.start] + total
+        if rows.start >= plan.n_rows:
+            return
         buffer = self._buffer
         assert buffer is not None
         with torch.no_grad():
-            if rows.start == 0 and self._input_seen:
+            if rows.start == 0 and not first_input:
                 buffer[0] += act  # the position embedding joins the token embedding
             else:
                 buffer[rows] = flat(act).permute(2, 0, 1, 3)
-            self._input_seen = self._input_seen or rows.start == 0
         if act.requires_grad:
             self._parts.append((rows.start, rows.stop, act))
 
@@ -349,7 +433,7 @@ class EdgeMask:
                     f"forward has {p}; call mask.set_means(...) with prompts at least as long"
                 )
         self._parts = []
-        self._input_seen = False
+        self._prefix = {}
         shape = (self._plan.n_rows, b, p, self.d_model)
         old = self._buffer  # holds detached copies only, so no autograd graph needs it
         if old is None or tuple(old.shape) != shape or old.dtype != act.dtype:
@@ -359,31 +443,45 @@ class EdgeMask:
         if self._paused:
             return x
         group = self._plan.groups[columns.start]
-        if group.n_rows == 0:
+        if group.kind == "none":
             return x
         assert self._buffer is not None and group.coef_t is not None
-        n, (b, p) = group.n_rows, x.shape[:2]
-        # one matrix product: [cols, n] @ [n, batch * pos * d_model]
-        parts = [part for part in self._parts if part[0] < n]
-        if parts and torch.is_grad_enabled():
-            flat_live = _LiveSum.apply(
-                group.coef_t, self._buffer[:n], parts, *[a for *_, a in parts]
-            )
+        b, p = x.shape[:2]
+        n = group.n_rows
+        if group.rows is None:
+            rows = self._buffer[:n]
+            ref_rows = None if self._ref is None else self._ref[:n]
         else:
-            flat_live = group.coef_t @ self._buffer[:n].reshape(n, -1)
-        live = flat_live.view(-1, b, p, self.d_model)
+            rows = self._buffer.index_select(0, group.rows)
+            ref_rows = None if self._ref is None else self._ref.index_select(0, group.rows)
+        parts = [part for part in self._parts if part[0] in group.maps]
+        if parts and torch.is_grad_enabled():
+            maps = [group.maps[start] for start, _, _ in parts]
+            product = _LiveSum.apply(group.coef_t, rows, maps, *[a for *_, a in parts])
+        else:
+            product = group.coef_t @ rows.reshape(n, b * p * self.d_model)
+        live = product.view(-1, b, p, self.d_model)  # [cols, batch, pos, d_model]
+        const: torch.Tensor | float = 0.0
         if self.ablation is Ablation.CORRUPT:
-            assert self._ref is not None
+            assert ref_rows is not None
             with torch.no_grad():
-                ref = group.coef_t @ self._ref[:n].reshape(n, -1).to(live.dtype)
-            delta = ref.view_as(live) - live
+                ref_flat = ref_rows.reshape(n, b * p * self.d_model).to(live.dtype)
+                const = (group.coef_t @ ref_flat).view_as(live)
+                if group.kind == "kept":
+                    const = self._ref_prefix[group.n_upstream][None].to(live.dtype) - const
         elif self.ablation is Ablation.MEAN:
             assert group.const is not None
-            delta = group.const[:, None, :p].to(live.dtype) - live
-        else:
-            delta = -live
-        delta = delta.permute(1, 2, 0, 3)  # [batch, pos, cols, d_model]
-        return x + (delta[:, :, 0] if x.ndim == 3 else delta)
+            const = group.const[:, None, :p].to(live.dtype)
+        if group.kind == "excluded":
+            delta = (const - live).permute(1, 2, 0, 3)  # [batch, pos, cols, d_model]
+            return x + (delta[:, :, 0] if x.ndim == 3 else delta)
+        biases = x - (
+            self._prefix[group.n_upstream]
+            if x.ndim == 3
+            else self._prefix[group.n_upstream][:, :, None]
+        )
+        delta = (const + live).permute(1, 2, 0, 3)
+        return biases + (delta[:, :, 0] if x.ndim == 3 else delta)
 
 
 @contextlib.contextmanager

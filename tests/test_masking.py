@@ -177,9 +177,11 @@ def slow_masked_forward(model, circuit: Circuit, clean: torch.Tensor, corrupt: t
     return model.run_with_hooks(clean, fwd_hooks=hooks)
 
 
-def test_edge_mask_matches_slow_rebuild_values_and_gradients(tiny_model, task) -> None:
+@pytest.mark.parametrize("fraction", [0.05, 0.4, 0.9])
+def test_edge_mask_matches_slow_rebuild_values_and_gradients(tiny_model, task, fraction) -> None:
+    """Small circuits use the "kept" form (x - S_n + ...), large ones the "excluded" form."""
     graph = Graph.from_model(tiny_model)
-    circuit = random_circuit(graph, seed=1)
+    circuit = random_circuit(graph, fraction, seed=1)
 
     def grads(fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
         tiny_model.zero_grad(set_to_none=True)
@@ -192,8 +194,10 @@ def test_edge_mask_matches_slow_rebuild_values_and_gradients(tiny_model, task) -
     slow_logits, slow_grads = grads(
         lambda: slow_masked_forward(tiny_model, circuit, task.clean, task.corrupt)
     )
-    with ctlens.edge_mask(tiny_model, circuit, "corrupt", reference=task.corrupt):
+    with ctlens.edge_mask(tiny_model, circuit, "corrupt", reference=task.corrupt) as mask:
         fast_logits, fast_grads = grads(lambda: tiny_model(task.clean))
+        kinds = {group.kind for group in mask._plan.groups.values()}
+    assert ("kept" if fraction < 0.5 else "excluded") in kinds  # both forms are exercised
     tiny_model.zero_grad(set_to_none=True)
     assert_same(fast_logits, slow_logits, tiny_model)
     assert len(fast_grads) == len(slow_grads) > 0
