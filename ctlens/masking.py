@@ -9,19 +9,26 @@ excluded sender by its reference value::
 
 Per forward pass, sender hooks copy each sender's output ``a_s`` (detached) into one
 ``[n_senders, batch, pos, d_model]`` buffer, in graph order, so a receiver's upstream
-senders are a prefix of it, and keep the live tensors. Each receiver hook then adds
-``C_r - coef_r @ A[:n]``: ``coef_r`` is the 0/1 matrix of excluded edges into that hook's
-receivers (trimmed after the last sender group that has one; hooks with no excluded edge
-do nothing) and ``C_r`` the same product with the detached reference activations,
-precomputed once for ``mean`` (and zero for ``zero``), computed once per forward for
-``corrupt``. One matrix product per receiver hook, no loop over edges. With autograd on,
-the product is a small custom autograd function whose backward hands ``coef_r.T @ grad``
-back to the live sender outputs, so ``a_s`` enters live: the gradient through an
-excluded edge cancels exactly (d x_r'/d a_s = 1 - 1 = 0) and a model trained under the
-mask trains the ablated function, while the shared buffer never enters the autograd graph
-(no in-place writes are recorded, the backward costs one product per hook). Every
-receiver sees upstream senders that are themselves computed under the mask: the result is
-exactly the model with those edges removed.
+senders are a prefix of it, and keep the live tensors. Each receiver hook then applies one
+of two equivalent forms, whichever reads fewer sender rows (chosen once per circuit):
+
+- *excluded form*: ``x_r' = x_r + C_r - coef_r @ A[:n]``, with ``coef_r`` the 0/1 matrix of
+  excluded edges into that hook's receivers (trimmed after the last sender group that has
+  one) and ``C_r`` the same product on the detached reference;
+- *kept form*: ``x_r' = (x_r - S_n) + R_n + K_r @ (A - A^ref)[rows]``, with ``S_n`` the
+  live running sum of all ``n`` upstream senders (so ``x_r - S_n`` is the constant biases),
+  ``R_n`` the same sum over the reference, and ``K_r`` the circuit's own (kept) edges,
+  restricted to the senders that have one. Small circuits read only their own senders.
+
+Reference terms are precomputed once for ``mean`` (zero for ``zero``) and computed once per
+forward for ``corrupt``. One matrix product per receiver hook, no loop over edges; hooks
+with no excluded edge do nothing. With autograd on, the product is a small custom autograd
+function whose backward hands ``coef.T @ grad`` back to the live sender outputs, so
+``a_s`` enters live: the gradient through an excluded edge cancels exactly
+(d x_r'/d a_s = 1 - 1 = 0) and a model trained under the mask trains the ablated
+function, while the shared buffer never enters the autograd graph. Every receiver sees
+upstream senders that are themselves computed under the mask: the result is exactly the
+model with those edges removed.
 
 **Faithfulness** (`faithfulness`, `faithfulness_curve`) uses the same machinery: per batch,
 one plain forward (M_full), one masked forward per circuit, and one with the empty circuit
