@@ -113,6 +113,28 @@ def _reproduction_lines(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _seed_lines(record: dict[str, Any]) -> list[str]:
+    """Results of recorded runs with other seeds (``training.json`` key ``seed_checks``)."""
+    checks = record.get("seed_checks") or []
+    lines = []
+    for check in checks:
+        ev = check["eval"]
+        lines.append(
+            f"- seed {check['seed']}: agreement {ev['agreement_acc']:.3f}, ioi "
+            f"{ev['ioi_acc']:.3f}, pronoun (occupations) {ev['pronoun_stereotype_acc']:.3f}, "
+            f"induction log-prob {ev['induction_logprob']:.3f}, final loss "
+            f"{check['final_loss']:.4f}"
+            + (
+                f"; induction path in the top 5 %: `{check['induction_paths_top5'][0]}`"
+                if check.get("induction_paths_top5")
+                else ""
+            )
+        )
+    if lines:
+        lines = ["The same recipe with other seeds (same evaluation):", "", *lines, ""]
+    return lines
+
+
 def render(name: str) -> str:
     """The markdown model card of a shipped zoo model."""
     import json
@@ -185,6 +207,7 @@ def render(name: str) -> str:
         "compares the accuracies).",
         "",
         *_reproduction_lines(record),
+        *_seed_lines(record),
         "## Accuracy on every task",
         "",
         f"Fresh samples from `ctlens.zoo.evaluate.evaluate(model, n={ev['n']}, "
