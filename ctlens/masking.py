@@ -479,16 +479,16 @@ class EdgeMask:
         elif self.ablation is Ablation.MEAN:
             assert group.const is not None
             const = group.const[:, None, :p].to(live.dtype)
+        # update x in place: it is a fresh tensor (the bridge forks q/k/v inputs, and
+        # receiver_hooks copies the MLP and logits inputs), so no one else reads it
+        view = x.unsqueeze(0) if x.ndim == 3 else x.permute(2, 0, 1, 3)  # [cols, b, p, d]
         if group.kind == "excluded":
-            delta = (const - live).permute(1, 2, 0, 3)  # [batch, pos, cols, d_model]
-            return x + (delta[:, :, 0] if x.ndim == 3 else delta)
-        biases = x - (
-            self._prefix[group.n_upstream]
-            if x.ndim == 3
-            else self._prefix[group.n_upstream][:, :, None]
-        )
-        delta = (const + live).permute(1, 2, 0, 3)
-        return biases + (delta[:, :, 0] if x.ndim == 3 else delta)
+            view.sub_(live)
+        else:
+            view.sub_(self._prefix[group.n_upstream]).add_(live)
+        if isinstance(const, torch.Tensor):
+            view.add_(const)
+        return x
 
 
 @contextlib.contextmanager
