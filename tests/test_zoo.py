@@ -110,6 +110,15 @@ def test_bridge_logits_match_hf(shipped):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_model_directory_loads_with_the_word_level_tokenizer(shipped):
+    """A zoo directory loaded as a plain HF directory keeps the shipped tokenizer."""
+    name, _, tok = shipped
+    bridge = ctlens.load_model(zoo.model_dir(name))
+    text = "the keys near the old cabinet"
+    assert bridge.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
+    assert bridge.tokenizer.pad_token_id == tok.pad_token_id
+
+
 # ---------------------------------------------------------------- induction circuit
 
 

@@ -17,6 +17,7 @@ import math
 import platform
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ctlens.tasks.corpus import sample_rows
-from ctlens.tasks.tokenizer import PAD, TOKENIZER_PATH, word_to_id
+from ctlens.tasks.tokenizer import PAD, TOKENIZER_PATH, word_to_id, wrap
 from ctlens.zoo.configs import Recipe, spec
 from ctlens.zoo.evaluate import evaluate
 
@@ -168,7 +169,19 @@ def save(model: PreTrainedModel, out_dir: Path, record: dict[str, Any]) -> None:
     if generation.exists():
         generation.unlink()
     shutil.copyfile(TOKENIZER_PATH, out_dir / "tokenizer.json")
+    write_tokenizer_config(out_dir)
     (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def write_tokenizer_config(out_dir: Path) -> None:
+    """Write ``tokenizer_config.json`` beside ``tokenizer.json``.
+
+    Without it, ``AutoTokenizer`` (and so ``ctlens.load_model(out_dir)``) guesses a tokenizer
+    from the model type (GPT-2's BPE for tiny-gpt2) instead of the shipped word-level one.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        wrap(out_dir / "tokenizer.json").save_pretrained(tmp)
+        shutil.copyfile(Path(tmp) / "tokenizer_config.json", out_dir / "tokenizer_config.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
