@@ -303,7 +303,11 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         "# Experiments: the paper's controlled experiment, reproduced small",
         "",
         "Written by `python benchmarks/circuit_tuning.py experiment` (re-run it to refresh; "
-        "the numbers below are whatever that run measured, on a shared 2-core CPU).",
+        "the numbers below are whatever that run measured, on a shared 2-core CPU). "
+        f"This page: `--steps {args.steps} --eval-every {getattr(args, 'eval_every', '?')} "
+        f"--n {args.n} --lrs {getattr(args, 'lrs', '?')} --sweep-lr "
+        f"{getattr(args, 'sweep_lr', '?')}`, the grid split over four processes with "
+        "`--part`, `--modes` and `--ks` (runs are independent and deterministic).",
         "",
         "**Setup.** Model `" + (args.label or args.model) + f"` ({n_edges} valid edges). Task "
         "`agreement-flip` (the paper's subject-verb *disagreement*: train the model to "
@@ -320,7 +324,9 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         "set of the same size every step and restricts gradients like `gradient`; `lora` "
         "trains rank-8 adapters on every attention and MLP projection. Params moved = "
         "fraction of the model's real parameters (shared storage once) that differ from the "
-        "start at the end; trainable at the end = the fraction the last step's circuit "
+        "start at the end; wall s = seconds of the run, measured with four runs in parallel on "
+        "a shared 2-core CPU, so not comparable across rows (see docs/benchmarks.md for "
+        "controlled step timings); trainable at the end = the fraction the last step's circuit "
         "lets the optimizer change (with K = 1 the circuit changes every step, so the "
         "parameters moved over a run are the union of many circuits' parameters).",
         "",
@@ -342,6 +348,17 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
                             f"general LM loss when target acc first >= {MATCH}", "params moved",
                             "trainable at the end", "wall s"], sweep), "",
         ]
+    twin = results.get(f"sweep-k1-n{sizes[1]}")
+    for key in main_keys:
+        res = results[key]
+        if twin is not None and key.startswith("gradient-") and \
+                res["config"].semantic_dict() == twin["config"].semantic_dict():
+            same = [a["target_metric"] for a in res["records"]] == \
+                [b["target_metric"] for b in twin["records"]]
+            parts += [f"Determinism check: the sweep's K = 1, N = {sizes[1]} run and `{key}` "
+                      "have the same configuration and ran in different processes; their "
+                      f"metrics are {'identical' if same else 'DIFFERENT'} at every "
+                      "evaluation.", ""]
     gradient_keys = [k for k in main_keys if k.startswith("gradient-")]
     if gradient_keys:
         best = max(gradient_keys, key=lambda k: results[k]["last"]["target_metric"])
@@ -366,6 +383,22 @@ def _reading(results: dict[str, Any], keys: list[str]) -> list[str]:
             f" general LM loss {delta:+.3f} from the start, "
             f"{best['last']['params_moved']:.1%} of parameters moved."
         )
+    lines.append("")
+    lines.append(f"At matched target accuracy (first evaluation with accuracy >= {MATCH}), "
+                 "the lowest general LM loss each mode reached (start: "
+                 f"{results[keys[0]]['first']['general_loss']:.3f}):" if keys else "")
+    for mode, runs in by_mode.items():
+        reached = []
+        for r in runs:
+            hit = next((x for x in r["records"] if (x.get("target_accuracy") or 0) >= MATCH),
+                       None)
+            if hit is not None:
+                reached.append((hit["general_loss"], hit["step"], r["config"].lr))
+        if reached:
+            loss, step, lr = min(reached)
+            lines.append(f"- `{mode}`: {loss:.3f} (lr {lr:g}, step {step})")
+        else:
+            lines.append(f"- `{mode}`: accuracy {MATCH} not reached in any run")
     return lines
 
 
