@@ -1,8 +1,7 @@
 """CircuitTuner across processes: SIGKILL then resume, and 2-rank data parallelism (gloo).
 
-Marked slow only because each subprocess imports torch, transformers and TransformerLens
-(several seconds each on a shared 2-core machine); the runs themselves are a few seconds.
-The fast suite covers resume in-process (`test_tuning.py::test_resume_is_bit_identical`).
+Each test takes about 15 s on an idle 2-core machine, most of it subprocesses importing
+torch, transformers and TransformerLens (longer when the machine is busy).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from tuning_toy import tiny_model, toy_task
@@ -49,7 +47,6 @@ def _checkpoints(root: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("step_*")) if folder.is_dir() else []
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     reference = _start(tmp_path / "a", CONFIG)
     killed = _start(tmp_path / "b", CONFIG)
@@ -87,7 +84,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_rank_data_parallel_matches_single_process(tmp_path: Path) -> None:
     config = {**CONFIG, "steps": 3, "eval_every": 3, "save_every": 3, "batch_size": 6,
               "ema": 0.0, "export": False}

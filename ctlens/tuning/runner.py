@@ -605,12 +605,11 @@ class CircuitTuner:
             from ctlens.masking import restrict_gradients
 
             stack = contextlib.ExitStack()
-            with _hidden_bias_buffer(self.model):
-                self._rules = stack.enter_context(restrict_gradients(
-                    self.model, circuit, optimizer=self._optimizer_ref,
-                    train_embeddings=self.config.train_embeddings,
-                    train_unembedding=self.config.train_unembedding,
-                )).rules
+            self._rules = stack.enter_context(restrict_gradients(
+                self.model, circuit, optimizer=self._optimizer_ref,
+                train_embeddings=self.config.train_embeddings,
+                train_unembedding=self.config.train_unembedding,
+            )).rules
             self._restriction = stack
 
     def _mask_grads(self) -> None:
@@ -835,27 +834,6 @@ def _eval(model: Any) -> Any:
         return
     with eval_mode(model):
         yield
-
-
-@contextlib.contextmanager
-def _hidden_bias_buffer(model: Any) -> Any:
-    """Hide the bridge's zero unembedding-bias *buffer* while the restriction is planned.
-
-    The GPT-2 bridge gives ``lm_head`` a ``bias`` buffer (not a parameter);
-    `ctlens.masking.parameter_rules` (as of 2993f2c) registers it like a parameter and then
-    refuses the model. Rules are computed on entry only, so hiding the buffer for the
-    duration of the ``__enter__`` is enough; it is put back unchanged.
-    """
-    unembed = getattr(getattr(model, "unembed", None), "original_component", None)
-    buffers = getattr(unembed, "_buffers", {})
-    if "bias" not in buffers:
-        yield
-        return
-    value = buffers.pop("bias")
-    try:
-        yield
-    finally:
-        buffers["bias"] = value
 
 
 def _json_str(data: Any) -> str:
