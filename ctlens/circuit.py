@@ -49,12 +49,9 @@ imported by summing scores over the group and taking the union of membership.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,6 +61,7 @@ import networkx as nx
 import torch
 from jaxtyping import Bool, Float
 
+from ctlens.files import atomic_write_text
 from ctlens.graph import Graph, GraphSpec
 from ctlens.types import NodeKind
 
@@ -484,7 +482,7 @@ class Circuit:
                 f"cannot save circuit: its metadata or scores are not plain JSON ({err}); "
                 "keep metadata to str/int/float/bool/list/dict and finite numbers"
             ) from None
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
         return path
 
     @classmethod
@@ -556,7 +554,7 @@ class Circuit:
     def to_mib_json(self, path: str | Path) -> Path:
         """Write `to_mib_dict` to ``path`` atomically."""
         path = Path(path)
-        _atomic_write(path, json.dumps(self.to_mib_dict(), allow_nan=False))
+        atomic_write_text(path, json.dumps(self.to_mib_dict(), allow_nan=False))
         return path
 
     @classmethod
@@ -783,19 +781,3 @@ def mib_to_ctlens_edge(graph: Graph, name: str) -> tuple[str, str]:
         else:
             receiver = f"a{layer}.h{head}.{letter}"
     return sender, receiver
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ctlens.files import atomic_write_text
 from ctlens.tuning.weights import write_json_atomic
 
 FORMAT = "ctlens-run"
@@ -129,9 +130,7 @@ class RunDir:
     def truncate_metrics(self, max_step: int) -> None:
         """Keep only records with ``step <= max_step`` (rewritten atomically)."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= max_step]
-        tmp = self.metrics.with_name(f".{self.metrics.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.metrics)
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ------------------------------------------------------------------ checkpoints
 

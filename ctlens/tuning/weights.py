@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctlens.files import atomic_write_text
+
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
 
 
@@ -221,7 +223,5 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically (`ctlens.files.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from ctlens.files import atomic_write_text
 from ctlens.viz.figures import (
     PLOT_CONFIG,
     plot_circuit,
@@ -44,19 +43,6 @@ td.k, th.k { text-align: left; }
 .note { color: #666; font-size: .85rem; }
 .fig { margin: .5rem 0 1.5rem 0; }
 """
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def figure_div(fig: go.Figure, div_id: str) -> str:
@@ -87,7 +73,7 @@ def write_figures(
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(f"<div class=\"fig\">{figure_div(fig, f'ctlens-fig-{k}')}</div>")
     out = Path(out)
-    _atomic_write(out, html_page(title, "\n".join(parts)))
+    atomic_write_text(out, html_page(title, "\n".join(parts)))
     return out
 
 
@@ -200,7 +186,7 @@ def write_report(
         "<h2>Metrics</h2>", _metrics_table(run),
     ]
     title = f"ctlens report: {run.info.get('task', '?')} on {run.info.get('model', '?')}"
-    _atomic_write(out_path, html_page(title, "\n".join(sections)))
+    atomic_write_text(out_path, html_page(title, "\n".join(sections)))
     return out_path
 
 
