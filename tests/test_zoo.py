@@ -219,9 +219,13 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", ["tiny-llama"])
 def test_retraining_reproduces_shipped_accuracies(tmp_path, name):
-    """Retrain with the shipped seed and recipe: the same accuracies (minutes per model)."""
+    """Retrain with the shipped seed and recipe: the same accuracies (about 15 minutes).
+
+    CI retrains tiny-llama only, to stay within its time budget; tiny-gpt2's bit-identical
+    retrain (about 20 minutes) is recorded in its training.json and model card.
+    """
     record = zoo.training_record(name)
     recipe = record["recipe"]
     _, new = train(
