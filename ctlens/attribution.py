@@ -178,7 +178,7 @@ def attribute(
     start = time.perf_counter()
 
     with eval_mode(model), frozen_parameters(model):
-        corrupt, means = _resolve_reference(model, graph, data, ablation, reference, batch_size)
+        corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
         scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device)
         totals = {"clean": 0.0, "corrupt": 0.0}
         batches = list(data.batches(batch_size))
@@ -265,7 +265,7 @@ def mean_activations(
     return total / count.clamp(min=1)[None, :, None]
 
 
-def _resolve_reference(
+def resolve_reference(
     model: Any,
     graph: Graph,
     data: TaskData,
@@ -273,7 +273,13 @@ def _resolve_reference(
     reference: Reference,
     batch_size: int | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Return ``(corrupt_tokens, means)``: at most one is set; both None for zero ablation."""
+    """Turn ``ablation`` + ``reference`` into what the passes need, checking both.
+
+    Returns ``(corrupt_tokens, means)``: the corrupt token ids (corrupt ablation), the
+    per-position sender means ``[n_senders, seq, d_model]`` (mean ablation), or neither
+    (zero ablation). Shared by `attribute`, `ctlens.faithfulness` and `ctlens.edge_mask`, so
+    the three read ``reference=`` the same way.
+    """
     if ablation is Ablation.ZERO:
         if reference is not None:
             raise ValueError("zero ablation takes no reference; drop the reference argument")

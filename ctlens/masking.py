@@ -68,7 +68,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import nn
 
-from ctlens.attribution import _resolve_reference, mean_activations
+from ctlens.attribution import mean_activations, resolve_reference
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -620,7 +620,7 @@ def _evaluate(
     full_total = 0.0
     totals = [0.0] * len(circuits)
     with eval_mode(model), torch.no_grad():
-        corrupt, means = _resolve_reference(model, graph, data, ablation, reference, batch_size)
+        corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
         mask = EdgeMask(model, circuits[0], ablation)
         if means is not None:
             mask.set_means(means)
@@ -714,12 +714,16 @@ def faithfulness_curve(
     """Faithfulness of the top-|score| circuits over a grid of sizes, with CPR and CMD.
 
     Args:
-        model, data, ablation, reference, batch_size: as in `faithfulness`.
+        model: a bridge from `ctlens.load_model`.
+        data: the task examples and metric.
         scores: `ctlens.EdgeScores` of this model.
         sizes: increasing fractions of the valid edges in (0, 1]; default MIB's grid
             `MIB_FRACTIONS` (0.1 % ... 100 %). Each gives ``max(1, int(f * n_edges))`` edges.
         method: ``"top_n"`` (default) or ``"greedy"`` (see `Circuit.from_scores`).
         prune: prune each circuit (`Circuit.from_scores`).
+        ablation: ``"corrupt"``, ``"mean"`` or ``"zero"``, as in `faithfulness`.
+        reference: overrides the default reference, as in `faithfulness`.
+        batch_size: examples per forward pass (``None``: all at once).
 
     Returns:
         A frozen `FaithfulnessCurve`.
