@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import ctlens
 
@@ -33,14 +40,16 @@ def tiny_gpt2_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2L
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
-def tiny_llama_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A 2-layer Llama with 4 heads in 2 KV groups (grouped-query attention), d_model 32."""
+def tiny_llama_module(
+    seed: int = 0, dtype: torch.dtype = torch.float32, n_kv_heads: int = 2
+) -> LlamaForCausalLM:
+    """A 2-layer Llama with 4 heads, d_model 32; 2 KV groups (grouped-query) by default."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         num_hidden_layers=2,
         hidden_size=32,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=n_kv_heads,
         intermediate_size=64,
         vocab_size=VOCAB,
         max_position_embeddings=16,
@@ -49,6 +58,23 @@ def tiny_llama_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> Llam
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_neox_module(
+    parallel: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> GPTNeoXForCausalLM:
+    """A 2-layer GPT-NeoX, d_model 32; parallel attention + MLP blocks by default."""
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        use_parallel_residual=parallel,
+    )
+    return GPTNeoXForCausalLM(config).to(dtype).eval()
 
 
 def random_task(

@@ -22,13 +22,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
+from conftest import (
+    VOCAB,
+    random_task,
+    tiny_gpt2_module,
+    tiny_llama_module,
+    tiny_neox_module,
+)
 from transformers import (
     GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 import ctlens
@@ -480,39 +482,9 @@ def test_eap_equals_transformer_lens_attribution_patch(family):
     if family == "gpt2":
         module = tiny_gpt2_module(dtype=torch.float64)
     elif family == "neox-parallel":  # parallel attention + MLP: TL drops same-layer head -> MLP
-        torch.manual_seed(0)
-        module = (
-            GPTNeoXForCausalLM(
-                GPTNeoXConfig(
-                    vocab_size=VOCAB,
-                    hidden_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=4,
-                    intermediate_size=64,
-                    max_position_embeddings=16,
-                    use_parallel_residual=True,
-                )
-            )
-            .double()
-            .eval()
-        )
+        module = tiny_neox_module(dtype=torch.float64)
     else:  # TL refuses grouped-query attention; a Llama with as many KV heads as heads
-        torch.manual_seed(0)
-        module = (
-            LlamaForCausalLM(
-                LlamaConfig(
-                    num_hidden_layers=2,
-                    hidden_size=32,
-                    num_attention_heads=4,
-                    num_key_value_heads=4,
-                    intermediate_size=64,
-                    vocab_size=VOCAB,
-                    max_position_embeddings=16,
-                )
-            )
-            .double()
-            .eval()
-        )
+        module = tiny_llama_module(dtype=torch.float64, n_kv_heads=4)
     model = ctlens.load_model(module)
     data = random_task(n=3, seq=6, seed=5)
     ours = ctlens.attribute(model, data, batch_size=2, progress=False)

@@ -6,12 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
+from conftest import (
+    VOCAB,
+    random_task,
+    tiny_gpt2_module,
+    tiny_llama_module,
+    tiny_neox_module,
+)
 from transformers import (
     GPTJConfig,
     GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
     OPTConfig,
     OPTForCausalLM,
 )
@@ -20,21 +24,6 @@ import ctlens
 from ctlens.model import UnsupportedModelError
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 40, 49, 0]])
-
-
-def tiny_neox(parallel: bool = True) -> GPTNeoXForCausalLM:
-    torch.manual_seed(0)
-    return GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=16,
-            use_parallel_residual=parallel,
-        )
-    ).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -129,10 +118,10 @@ def test_bridge_without_split_hooks_is_refused():
 
 
 def test_parallel_block_model_uses_parallel_validity():
-    model = ctlens.load_model(tiny_neox(parallel=True))
+    model = ctlens.load_model(tiny_neox_module(parallel=True))
     graph = ctlens.Graph.from_model(model)
     assert graph.spec.parallel_attn_mlp and graph.n_edges == 110 - 2 * 4
-    sequential = ctlens.Graph.from_model(ctlens.load_model(tiny_neox(parallel=False)))
+    sequential = ctlens.Graph.from_model(ctlens.load_model(tiny_neox_module(parallel=False)))
     assert not sequential.spec.parallel_attn_mlp and sequential.n_edges == 110
 
 
