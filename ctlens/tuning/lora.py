@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctlens.tuning.weights import hf_module, hf_state_dict
+from ctlens.tuning.weights import hf_state_dict, plain_hf_copy
 
 _PREFIX = "base_model.model."
 
@@ -44,16 +44,9 @@ class LoraBackend:
 
     def __init__(self, model: Any, rank: int, alpha: float) -> None:
         peft = _require_peft()
-        source = hf_module(model)
-        state = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
-        with torch.device("meta"):
-            module = type(source)(source.config)
-        module.load_state_dict(state, strict=True, assign=True)
-        if getattr(source.config, "tie_word_embeddings", False):
-            module.tie_weights()
-        module.eval()
+        module = plain_hf_copy(model)
         targets = target_modules(module)
-        self.fan_in_fan_out = type(source).__name__.startswith("GPT2")
+        self.fan_in_fan_out = type(module).__name__.startswith("GPT2")
         config = peft.LoraConfig(
             r=rank,
             lora_alpha=alpha,

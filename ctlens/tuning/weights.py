@@ -181,6 +181,26 @@ def load_weights(model: Any, path: Path) -> None:
         tensor.copy_(saved[key])
 
 
+def plain_hf_copy(model: Any, device: str | torch.device | None = None) -> torch.nn.Module:
+    """A fresh, unwrapped HF module holding a copy of the bridge's current weights.
+
+    Built on the meta device and filled from `hf_state_dict` (contiguous copies, on
+    ``device`` if given), with tied embeddings re-tied; in eval mode. Used to export and to
+    wrap a model in LoRA without touching the bridge.
+    """
+    source = hf_module(model)
+    state = {
+        k: v.detach().contiguous().clone().to(device or v.device)
+        for k, v in hf_state_dict(model).items()
+    }
+    with torch.device("meta"):
+        fresh = type(source)(source.config)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    if getattr(source.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    return fresh.eval()
+
+
 def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
     """Write ``model`` as a plain HF model directory (``save_pretrained``), atomically.
 
@@ -189,14 +209,7 @@ def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> 
     one is complete.
     """
     out = Path(out_dir)
-    module = hf_module(model)
-    state = {k: v.detach().contiguous().clone().cpu() for k, v in hf_state_dict(model).items()}
-    with torch.device("meta"):
-        fresh = type(module)(module.config)
-    fresh.load_state_dict(state, strict=True, assign=True)
-    if getattr(module.config, "tie_word_embeddings", False):
-        fresh.tie_weights()
-    fresh.eval()
+    fresh = plain_hf_copy(model, device="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
