@@ -178,11 +178,6 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, None] if x.ndim == 3 else x
 
 
-def unflat(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of `flat` for a tensor shaped like ``like``."""
-    return x[:, :, 0] if like.ndim == 3 else x
-
-
 @contextlib.contextmanager
 def frozen_parameters(model: Any) -> Iterator[None]:
     """Inside: no parameter requires grad (so backward computes activation grads only).
@@ -214,8 +209,3 @@ def eval_mode(model: Any) -> Iterator[None]:
 def model_device(model: Any) -> torch.device:
     """The device of the model's (first) parameter."""
     return next(model.parameters()).device
-
-
-def model_dtype(model: Any) -> torch.dtype:
-    """The dtype of the model's (first) parameter."""
-    return next(model.parameters()).dtype
