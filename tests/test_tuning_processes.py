@@ -116,3 +116,24 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(v, single_weights[k].detach(), atol=1e-4, rtol=1e-4)
     doc = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert doc["world_size"] == 2
+
+
+def test_error_on_rank_zero_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 0 refuses the output directory; rank 1 must fail too, not wait forever."""
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone's notes\n")
+    config = {**CONFIG, "steps": 2, "export": False}
+    port = _free_port()
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    procs = [
+        _start(out, config, ddp={"rank": r, "world": 2, "port": port, "dump": str(dump)})
+        for r in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
+    assert procs[0].returncode != 0 and "RunConflictError" in outputs[0], outputs[0][-2000:]
+    assert procs[1].returncode != 0 and "RankFailedError" in outputs[1], outputs[1][-2000:]
+    assert "rank 0 failed while preparing the run directory" in outputs[1]
+    assert (out / "notes.txt").read_text() == "someone's notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

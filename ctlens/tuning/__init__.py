@@ -12,6 +12,7 @@ Run directories follow ``docs/run-format.md`` (format version 1).
 """
 
 from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.distributed import RankFailedError
 from ctlens.tuning.rundir import RunConflictError
 from ctlens.tuning.runner import CircuitTuner, RunResult, TuneTask
 from ctlens.tuning.weights import CheckpointMismatchError, count_real_parameters, export_hf
@@ -19,6 +20,7 @@ from ctlens.tuning.weights import CheckpointMismatchError, count_real_parameters
 __all__ = [
     "CheckpointMismatchError",
     "CircuitTuner",
+    "RankFailedError",
     "RunConflictError",
     "RunResult",
     "TuneConfig",

@@ -5,14 +5,27 @@ and metrics are normalised by *global* counts, and gradients, activation sums an
 scores are summed with ``all_reduce``. Summing per-rank contributions normalised by global
 counts gives exactly the single-process quantity on the concatenated batch (up to float
 summation order), so every rank selects the same circuit and takes the same step.
+
+Only rank 0 touches the run directory. Its file work runs through :meth:`World.on_main`,
+which tells the other ranks whether it succeeded: an error on rank 0 (a refused output
+directory, a full disk) then stops every rank with an error instead of leaving them
+waiting forever at the next collective.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class RankFailedError(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in work that only it does."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +67,6 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t)
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank."""
         if not self.active:
@@ -65,3 +74,28 @@ class World:
         t = torch.tensor([value], dtype=torch.long)
         dist.broadcast(t, src=0)
         return int(t)
+
+    def on_main(self, what: str, work: Callable[[], T]) -> T | None:
+        """Run ``work`` on rank 0 only, then tell every rank whether it succeeded.
+
+        Returns ``work()``'s result on rank 0 and None elsewhere. When ``work`` raises,
+        rank 0 re-raises its error and every other rank raises :class:`RankFailedError`
+        naming ``what``. Also a synchronisation point: no rank returns before rank 0 is done.
+        """
+        if not self.active:
+            return work()
+        result: T | None = None
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                result = work()
+            except BaseException as exc:  # reported to the other ranks, then re-raised
+                error = exc
+        failed = self.broadcast_int(int(error is not None))
+        if error is not None:
+            raise error
+        if failed:
+            raise RankFailedError(
+                f"rank 0 failed while {what}; its error message is in rank 0's output"
+            )
+        return result

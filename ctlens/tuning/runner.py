@@ -37,6 +37,7 @@ end with identical weights; only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -185,22 +186,20 @@ class CircuitTuner:
         )
         try:
             if start_step == 0 and 0 not in done:
-                last = self._evaluate(rd, 0, initial, started, bar)
+                last = self._evaluate_on_main(rd, 0, initial, started, bar)
             for t in range(start_step, cfg.steps):
                 self.step = t
                 self._train_step(t, optimizer, scheduler, params)
                 s = t + 1
                 bar.update(1)
                 if s % cfg.eval_every == 0 or s == cfg.steps:
-                    last = self._evaluate(rd, s, initial, started, bar)
+                    last = self._evaluate_on_main(rd, s, initial, started, bar)
                 if s % cfg.save_every == 0 or s == cfg.steps:
-                    self._save_checkpoint(rd, s, optimizer, scheduler, started)
-            model_dir = None
-            if cfg.export and self.world.is_main:
-                if self._lora is not None:
-                    self._lora.mirror()
-                model_dir = W.export_hf(self.model, rd.model)
-            self.world.barrier()
+                    save = functools.partial(
+                        self._save_checkpoint, rd, s, optimizer, scheduler, started
+                    )
+                    self.world.on_main(f"saving the checkpoint of step {s}", save)
+            model_dir = self.world.on_main("exporting the model", lambda: self._export(rd))
         finally:
             bar.close()
             self._release()
@@ -246,64 +245,72 @@ class CircuitTuner:
     # ------------------------------------------------------------------ set-up
 
     def _prepare(self, rd: RunDir, overwrite: bool) -> tuple[int, float]:
-        """Check or create the run directory; return ``(start_step, wall_time_so_far)``."""
-        doc = self._run_doc()
-        start = 0
-        wall = 0.0
-        if self.world.is_main:
-            existing = None
-            try:
-                existing = rd.read_run()
-            except RunConflictError:
-                if not overwrite:
-                    raise
-            if existing is not None and not self._same_run(existing, doc):
-                if not overwrite:
-                    raise RunConflictError(
-                        f"{rd.root} holds a different run ({_diff(existing, doc)}); choose "
-                        "another output directory or pass overwrite=True (--overwrite) to "
-                        "replace it"
-                    )
-                rd.clear()
-                existing = None
-            if existing is None:
-                foreign = rd.foreign_entries()
-                if foreign and not overwrite:
-                    raise RunConflictError(
-                        f"{rd.root} is not empty and holds no ctlens run ({foreign[:3]}); "
-                        "choose an empty or new directory, or pass overwrite=True"
-                    )
-                if overwrite:
-                    rd.clear()
-                rd.root.mkdir(parents=True, exist_ok=True)
-                rd.clean_temporaries()
-                rd.checkpoints.mkdir(exist_ok=True)
-                W.save_weights(self.model, tmp := rd.checkpoints / ".initial.tmp.safetensors")
-                tmp.replace(rd.initial_weights)
-                rd.write_run(doc)
-            else:
-                rd.clean_temporaries()
-                steps = rd.checkpoint_steps()
-                start = steps[-1] if steps else 0
-                if start > self.config.steps:
-                    raise RunConflictError(
-                        f"{rd.root} has a checkpoint past steps={self.config.steps}"
-                    )
-                if start == 0:
-                    # killed before the first checkpoint: restart from the saved start weights
-                    W.load_weights(self.model, rd.initial_weights)
-                    if rd.metrics.exists():
-                        rd.truncate_metrics(-1)
-                else:
-                    # refuse a checkpoint of another model before touching anything
-                    W.check_weights(self.model, rd.checkpoint_dir(start) / "weights.safetensors")
-                    rd.truncate_metrics(start)
-                    wall = float(load_torch(rd.checkpoint_dir(start) / "state.pt")["wall_time"])
-            rd.circuits.mkdir(parents=True, exist_ok=True)
+        """Check or create the run directory; return ``(start_step, wall_time_so_far)``.
+
+        Rank 0 does the file work; an error there stops every rank (``World.on_main``).
+        """
+        prepared = self.world.on_main(
+            "preparing the run directory", lambda: self._prepare_files(rd, overwrite)
+        )
+        start, wall = prepared if prepared is not None else (0, 0.0)
         start = self.world.broadcast_int(start)
-        self.world.barrier()
         if self.world.active and start == 0 and not self.world.is_main:
             W.load_weights(self.model, rd.initial_weights)
+        return start, wall
+
+    def _prepare_files(self, rd: RunDir, overwrite: bool) -> tuple[int, float]:
+        """Rank 0's part of :meth:`_prepare`: refuse, create, clear or resume ``rd``."""
+        doc = self._run_doc()
+        start, wall = 0, 0.0
+        existing = None
+        try:
+            existing = rd.read_run()
+        except RunConflictError:
+            if not overwrite:
+                raise
+        if existing is not None and not self._same_run(existing, doc):
+            if not overwrite:
+                raise RunConflictError(
+                    f"{rd.root} holds a different run ({_diff(existing, doc)}); choose "
+                    "another output directory or pass overwrite=True (--overwrite) to "
+                    "replace it"
+                )
+            rd.clear()
+            existing = None
+        if existing is None:
+            foreign = rd.foreign_entries()
+            if foreign and not overwrite:
+                raise RunConflictError(
+                    f"{rd.root} is not empty and holds no ctlens run ({foreign[:3]}); "
+                    "choose an empty or new directory, or pass overwrite=True"
+                )
+            if overwrite:
+                rd.clear()
+            rd.root.mkdir(parents=True, exist_ok=True)
+            rd.clean_temporaries()
+            rd.checkpoints.mkdir(exist_ok=True)
+            W.save_weights(self.model, tmp := rd.checkpoints / ".initial.tmp.safetensors")
+            tmp.replace(rd.initial_weights)
+            rd.write_run(doc)
+        else:
+            rd.clean_temporaries()
+            steps = rd.checkpoint_steps()
+            start = steps[-1] if steps else 0
+            if start > self.config.steps:
+                raise RunConflictError(
+                    f"{rd.root} has a checkpoint past steps={self.config.steps}"
+                )
+            if start == 0:
+                # killed before the first checkpoint: restart from the saved start weights
+                W.load_weights(self.model, rd.initial_weights)
+                if rd.metrics.exists():
+                    rd.truncate_metrics(-1)
+            else:
+                # refuse a checkpoint of another model before touching anything
+                W.check_weights(self.model, rd.checkpoint_dir(start) / "weights.safetensors")
+                rd.truncate_metrics(start)
+                wall = float(load_torch(rd.checkpoint_dir(start) / "state.pt")["wall_time"])
+        rd.circuits.mkdir(parents=True, exist_ok=True)
         return start, wall
 
     def _run_doc(self) -> dict[str, Any]:
@@ -649,12 +656,20 @@ class CircuitTuner:
 
     # ------------------------------------------------------------------ evaluation
 
+    def _evaluate_on_main(
+        self, rd: RunDir, step: int, initial: list[torch.Tensor], started: float, bar: Any
+    ) -> dict[str, Any]:
+        """:meth:`_evaluate` on rank 0 (an empty dict elsewhere); its errors stop every rank."""
+        record = self.world.on_main(
+            f"evaluating step {step}", lambda: self._evaluate(rd, step, initial, started, bar)
+        )
+        return record if record is not None else {}
+
     @torch.no_grad()
     def _evaluate(
         self, rd: RunDir, step: int, initial: list[torch.Tensor], started: float, bar: Any
     ) -> dict[str, Any]:
-        if not self.world.is_main:
-            return {}
+        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl."""
         cfg = self.config
         if self._lora is not None:
             self._lora.mirror()
@@ -773,9 +788,7 @@ class CircuitTuner:
         self, rd: RunDir, step: int, optimizer: torch.optim.Optimizer, scheduler: Any,
         started: float,
     ) -> None:
-        if not self.world.is_main:
-            self.world.barrier()
-            return
+        """Write checkpoint ``step`` atomically (rank 0 only, through ``World.on_main``)."""
         tmp = rd.new_checkpoint_tmp()
         W.save_weights(self.model, tmp / "weights.safetensors")
         state: dict[str, Any] = {
@@ -797,7 +810,14 @@ class CircuitTuner:
             self.circuit.save(tmp / "circuit.json")
         save_torch(state, tmp / "state.pt")
         rd.commit_checkpoint(tmp, step, self.config.keep_checkpoints)
-        self.world.barrier()
+
+    def _export(self, rd: RunDir) -> Path | None:
+        """Export the tuned model as a plain HF directory when ``config.export``."""
+        if not self.config.export:
+            return None
+        if self._lora is not None:
+            self._lora.mirror()
+        return W.export_hf(self.model, rd.model)
 
     def _load_checkpoint(
         self, rd: RunDir, step: int, optimizer: torch.optim.Optimizer, scheduler: Any
