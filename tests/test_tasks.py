@@ -182,6 +182,16 @@ def test_corpus_rows_mixture():
         sample_rows(random.Random(0), 2, 16, {"poetry": 1.0})
 
 
+@pytest.mark.parametrize("family", ["agreement", "pronoun", "ioi", "filler"])
+def test_article_a_never_precedes_a_vowel(family):
+    """English-like means no "a apple" or "a old" in any sentence family."""
+    rng = random.Random(7)
+    for _ in range(2000):
+        words = segment(family, rng)
+        for article, word in zip(words, words[1:], strict=False):
+            assert not (article == "a" and word[0] in "aeiou"), " ".join(words)
+
+
 # ---------------------------------------------------------------- Task bundles
 
 

@@ -67,6 +67,8 @@ ADJECTIVES: tuple[str, ...] = (
     "young",
     "quiet",
 )
+A_ADJECTIVES: tuple[str, ...] = tuple(a for a in ADJECTIVES if a[0] not in "aeiou")
+"""Adjectives that may follow the article ``a`` (no "a old")."""
 PREPOSITIONS: tuple[str, ...] = ("to", "near", "behind", "of", "with", "under", "beside", "above")
 
 TRANSITIVE_VERBS: tuple[tuple[str, str], ...] = (
@@ -144,7 +146,7 @@ OBJECTS: tuple[str, ...] = (
     "letter",
     "gift",
     "ring",
-    "apple",
+    "cake",
     "flower",
     "pen",
     "bag",
@@ -335,7 +337,7 @@ def agreement_example(rng: random.Random, max_attractors: int = 2) -> Example:
     verb = rng.choice(AGREEMENT_VERBS)
     answer, wrong = (verb[1], verb[0]) if plural else (verb[0], verb[1])
     if verb[0] == "has":
-        rest: list[str] = ["a", rng.choice(ADJECTIVES), rng.choice(OBJECTS), "."]
+        rest: list[str] = ["a", rng.choice(A_ADJECTIVES), rng.choice(OBJECTS), "."]
     else:
         rest = rng.choice(PREDICATES).split()
     return Example(
@@ -447,7 +449,7 @@ def filler_sentence(rng: random.Random) -> list[str]:
     if kind == 1:
         return [rng.choice(NAMES), "went", "to", "the", rng.choice(PLACES), "."]
     if kind == 2:
-        return [rng.choice(NAMES), "had", "a", rng.choice(ADJECTIVES), rng.choice(OBJECTS), "."]
+        return [rng.choice(NAMES), "had", "a", rng.choice(A_ADJECTIVES), rng.choice(OBJECTS), "."]
     if kind == 3:
         occ = rng.choice(ALL_OCCUPATIONS)
         return ["the", occ, "saw", *_noun_phrase(rng, rng.random() < 0.5), "."]

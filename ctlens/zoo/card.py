@@ -62,14 +62,19 @@ def _architecture_rows(name: str, cfg: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def induction_path_ranks(name: str, heads: dict[str, tuple[int, int, float]]) -> dict[str, Any]:
-    """Ranks (by |EAP-IG score|) of the previous-token -> induction-key path edges."""
+def induction_path_ranks(
+    source: str | Path, heads: dict[str, tuple[int, int, float]]
+) -> dict[str, Any]:
+    """Ranks (by |EAP-IG score|) of the previous-token -> induction-key path edges.
+
+    ``source``: anything :func:`ctlens.load_model` takes (``"zoo:NAME"``, a model directory).
+    """
     import math
 
     import ctlens
     from ctlens.tasks import generators, to_taskdata
 
-    bridge = ctlens.load_model(f"zoo:{name}")
+    bridge = ctlens.load_model(source)
     data = to_taskdata(generators.induction(PATH_EXAMPLES, 2025))
     scores = ctlens.attribute(bridge, data, method="eap-ig", ablation="corrupt", progress=False)
     n_edges = scores.graph.n_edges
@@ -145,7 +150,7 @@ def render(name: str) -> str:
     cfg = json.loads((path / "config.json").read_text())
     model, tok = load_hf(name)
     heads = induction_heads(model)
-    circuit = induction_path_ranks(name, heads)
+    circuit = induction_path_ranks(f"zoo:{name}", heads)
     recipe = record["recipe"]
     ev = record["eval"]
     size_mb = (path / "model.safetensors").stat().st_size / 1e6
@@ -198,11 +203,11 @@ def render(name: str) -> str:
         "",
         f"- final training loss (mean of the last 100 steps): **{record['final_loss']:.4f}**",
         f"- wall time: **{record['train_seconds'] / 60:.1f} min** "
-        f"({record['cpu_seconds'] / 60:.1f} CPU-min) on a 2-core machine shared with other "
-        "jobs",
+        f"({record['cpu_seconds'] / 60:.1f} CPU-min) with {record['threads']} torch threads on "
+        f"a 2-core {record['machine']} machine (the quick evaluations included)",
         "",
-        f"Reproduce: `ctlens zoo train {name} --seed {recipe['seed']} --threads "
-        f"{record['threads']} --out DIR` (the slow test "
+        f"Reproduce: `ctlens zoo train {name} --out DIR` (the recipe fixes the seed and the "
+        "thread count; the slow test "
         "`tests/test_zoo.py::test_retraining_reproduces_shipped_accuracies` does this and "
         "compares the accuracies).",
         "",

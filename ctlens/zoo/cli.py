@@ -26,8 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (default 1: on a small shared CPU more threads spin-wait)",
+        default=None,
+        help="torch CPU threads (default: the recipe's, 2); the weights depend on it, so keep "
+        "the recipe's to reproduce the shipped ones",
     )
     parser.set_defaults(func=run_train)
 

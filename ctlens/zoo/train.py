@@ -53,15 +53,16 @@ def train(
     seed: int | None = None,
     steps: int | None = None,
     out: Path | str | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
     progress: bool = True,
     eval_n: int = 256,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Train zoo model ``name``; save it to ``out`` (default: the shipped location).
 
-    Returns the model (eval mode) and the ``training.json`` record. ``seed``/``steps``
-    override the spec's recipe. ``threads`` sets ``torch.set_num_threads`` for the run (None:
-    leave it); the thread count and torch's global RNG are restored afterwards.
+    Returns the model (eval mode) and the ``training.json`` record. ``seed``, ``steps`` and
+    ``threads`` (torch CPU threads) override the spec's recipe; the same recipe gives
+    bit-identical weights on the same machine and torch build. The caller's thread count and
+    torch's global RNG are restored afterwards.
     """
     model_spec = spec(name)
     recipe = model_spec.recipe
@@ -71,11 +72,14 @@ def train(
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         recipe = dataclasses.replace(recipe, steps=steps)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        recipe = dataclasses.replace(recipe, threads=threads)
     out_dir = Path(out) if out is not None else MODELS_DIR / name
     previous_threads = torch.get_num_threads()
     try:
-        if threads is not None:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(recipe.threads)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(recipe.seed)
             model = model_spec.build()

@@ -89,7 +89,8 @@ fig
 # So the previous-token head feeds the induction head's **key**, not its query. A graph
 # with one node per head could not say that; with q/k/v receivers, the circuit contains
 # exactly the edge from the previous-token head into the key input of the induction head's
-# group, e.g. `a1.h7 -> a2.g0.k`.
+# group, e.g. `a0.h5 -> a1.g1.k` in `tiny-llama`, or a path through an MLP on the way,
+# `a0.h5 -> m0 -> a1.g1.k` (its model card lists both, with their ranks).
 
 # %% [markdown]
 # ### Exercise 1
