@@ -162,6 +162,17 @@ def _collect(out: Path) -> dict[str, dict[str, Any]]:
     return results
 
 
+def _model_label(model: str) -> str:
+    """``zoo:NAME`` with the sha256 prefix of its shipped weights (other models as given)."""
+    if not model.startswith("zoo:"):
+        return model
+    import hashlib
+
+    weights = ctlens.zoo.model_dir(model[4:]) / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    return f"{model} (model.safetensors sha256 {digest})"
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -306,10 +317,11 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         "the numbers below are whatever that run measured, on a shared 2-core CPU). "
         f"This page: `--steps {args.steps} --eval-every {getattr(args, 'eval_every', '?')} "
         f"--n {args.n} --lrs {getattr(args, 'lrs', '?')} --sweep-lr "
-        f"{getattr(args, 'sweep_lr', '?')}`, the grid split over four processes with "
-        "`--part`, `--modes` and `--ks` (runs are independent and deterministic).",
+        f"{getattr(args, 'sweep_lr', '?')}`; runs are independent and deterministic, so the "
+        "grid may be split over processes with `--part`, `--modes` and `--ks`.",
         "",
-        "**Setup.** Model `" + (args.label or args.model) + f"` ({n_edges} valid edges). Task "
+        "**Setup.** Model `" + (args.label or _model_label(args.model)) + f"` ({n_edges} valid "
+        "edges). Task "
         "`agreement-flip` (the paper's subject-verb *disagreement*: train the model to "
         "produce the wrong verb number; the target metric is logit(wrong form) - "
         "logit(correct form) on held-out prompts, and its accuracy the fraction of prompts "
