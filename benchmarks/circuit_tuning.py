@@ -336,9 +336,9 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
         "set of the same size every step and restricts gradients like `gradient`; `lora` "
         "trains rank-8 adapters on every attention and MLP projection. Params moved = "
         "fraction of the model's real parameters (shared storage once) that differ from the "
-        "start at the end; wall s = seconds of the run, measured with four runs in parallel on "
-        "a shared 2-core CPU, so not comparable across rows (see docs/benchmarks.md for "
-        "controlled step timings); trainable at the end = the fraction the last step's circuit "
+        "start at the end; wall s = seconds of the run on a 2-core CPU shared with other jobs, "
+        "so only roughly comparable across rows (see docs/benchmarks.md for controlled step "
+        "timings); trainable at the end = the fraction the last step's circuit "
         "lets the optimizer change (with K = 1 the circuit changes every step, so the "
         "parameters moved over a run are the union of many circuits' parameters).",
         "",
@@ -368,7 +368,8 @@ def _write(args: argparse.Namespace, n_edges: int, sizes: list[int]) -> None:
             same = [a["target_metric"] for a in res["records"]] == \
                 [b["target_metric"] for b in twin["records"]]
             parts += [f"Determinism check: the sweep's K = 1, N = {sizes[1]} run and `{key}` "
-                      "have the same configuration and ran in different processes; their "
+                      "have the same configuration and are separate runs, each from a fresh "
+                      "model load into its own run directory; their "
                       f"metrics are {'identical' if same else 'DIFFERENT'} at every "
                       "evaluation.", ""]
     gradient_keys = [k for k in main_keys if k.startswith("gradient-")]
