@@ -112,8 +112,9 @@ def _reproduction_lines(record: dict[str, Any]) -> list[str]:
         return []
     same = "bit-identical weights" if rep.get("identical_weights") else "different weights"
     return [
-        f"Checked on {rep['date']}: `{rep['command']}` gave {same} and the same evaluation "
-        f"({rep['train_seconds'] / 60:.1f} min wall, {rep['cpu_seconds'] / 60:.1f} CPU-min).",
+        f"Checked on {rep['date']} with `scripts/zoo_check.py`: `{rep['command']}` gave "
+        f"{same} and {'the same' if rep.get('identical_eval') else 'a different'} "
+        "evaluation.",
         "",
     ]
 
