@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -122,8 +123,8 @@ def speed(args: argparse.Namespace) -> None:
         "cheaper than full fine-tuning. `batch_metric=\"loss\"` differentiates minus the "
         "training loss instead, sharing the optimizer's backward. Random-init weights (speed "
         f"does not depend on training); median of {args.rounds} interleaved rounds of "
-        f"{args.steps} steps; torch threads {args.threads}; {platform.processor() or 'cpu'}, "
-        "CPU shared with other jobs.\n\n"
+        f"{args.steps} steps; torch threads {args.threads}; {platform.processor() or 'cpu'}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs when it finished.\n\n"
         + markdown_table(header, rows)
     )
     if not args.no_report:
