@@ -24,11 +24,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ctlens.files import atomic_write_text
 from ctlens.zoo import model_dir, training_record
 from ctlens.zoo.card import induction_path_ranks
 from ctlens.zoo.evaluate import induction_heads
-from ctlens.zoo.train import train
+from ctlens.zoo.train import train, write_record
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -69,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "induction_paths_top5": paths,
             })
             record["seed_checks"] = sorted(checks, key=lambda c: c["seed"])
-    atomic_write_text(model_dir(args.name) / "training.json", json.dumps(record, indent=1) + "\n")
+    write_record(model_dir(args.name), record)
     print(json.dumps({k: record[k] for k in ("reproduction", "seed_checks") if k in record},
                      indent=1))
     return 0

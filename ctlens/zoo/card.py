@@ -83,20 +83,18 @@ def induction_path_ranks(
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     key = f"a{il}.g{ih // (cfg.n_heads // n_kv)}.k" if n_kv < cfg.n_heads else f"a{il}.h{ih}.k"
+    top5 = math.ceil(0.05 * n_edges)
     edges: list[tuple[str, str]] = []
+    paths: list[str] = []
     for pl, ph, _ in heads["previous_heads"]:
         prev = f"a{pl}.h{ph}"
         edges.append((prev, key))
-        edges += [edge for m in range(pl, il) for edge in ((prev, f"m{m}"), (f"m{m}", key))]
-    top5 = math.ceil(0.05 * n_edges)
-    paths = []
-    for pl, ph, _ in heads["previous_heads"]:
-        prev = f"a{pl}.h{ph}"
         if order[(prev, key)] <= top5:
             paths.append(f"{prev} -> {key}")
-        for m in range(pl, il):
-            if max(order[(prev, f"m{m}")], order[(f"m{m}", key)]) <= top5:
-                paths.append(f"{prev} -> m{m} -> {key}")
+        for mlp in (f"m{m}" for m in range(pl, il)):
+            edges += [(prev, mlp), (mlp, key)]
+            if max(order[(prev, mlp)], order[(mlp, key)]) <= top5:
+                paths.append(f"{prev} -> {mlp} -> {key}")
     return {
         "n_edges": n_edges,
         "top5": top5,

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ctlens.files import atomic_write_text
 from ctlens.tasks.corpus import sample_rows
 from ctlens.tasks.tokenizer import PAD, TOKENIZER_PATH, word_to_id, wrap
 from ctlens.zoo.configs import Recipe, spec
@@ -174,7 +175,12 @@ def save(model: PreTrainedModel, out_dir: Path, record: dict[str, Any]) -> None:
         generation.unlink()
     shutil.copyfile(TOKENIZER_PATH, out_dir / "tokenizer.json")
     write_tokenizer_config(out_dir)
-    (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_record(out_dir, record)
+
+
+def write_record(out_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``training.json`` (the record `ctlens.zoo.training_record` reads) atomically."""
+    atomic_write_text(out_dir / "training.json", json.dumps(record, indent=1) + "\n")
 
 
 def write_tokenizer_config(out_dir: Path) -> None:
