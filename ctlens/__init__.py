@@ -9,7 +9,7 @@ The data flow, one module per stage::
 from ctlens import tasks as tasks
 from ctlens import viz as viz
 from ctlens import zoo as zoo
-from ctlens.attribution import EdgeScores, attribute, mean_activations
+from ctlens.attribution import attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, GraphSpec
@@ -20,6 +20,7 @@ from ctlens.masking import (
     restrict_gradients,
 )
 from ctlens.model import UnsupportedModelError, load_model
+from ctlens.scores import EdgeScores
 from ctlens.tuning import CircuitTuner, TuneConfig
 from ctlens.types import Ablation, Method, Node, NodeKind
 

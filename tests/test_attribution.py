@@ -34,10 +34,11 @@ from transformers import (
 )
 
 import ctlens
-from ctlens.attribution import EdgeScores, mean_activations
+from ctlens.attribution import mean_activations
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import frozen_parameters, receiver_hooks, sender_hooks
+from ctlens.scores import EdgeScores
 
 # ------------------------------------------------------------------------------ the oracle
 

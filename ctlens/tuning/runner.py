@@ -48,11 +48,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
-from ctlens.attribution import EdgeScores, attribute, mean_activations
+from ctlens.attribution import attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import eval_mode, flat, receiver_hooks, sender_hooks
+from ctlens.scores import EdgeScores
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.distributed import World

@@ -652,7 +652,7 @@ _NODE = re.compile(r"^(?:a(\d+)\.h(\d+)|m(\d+)|input)$")
 
 def _node_score_table(scores: Any) -> tuple[dict[str, float], str]:
     """``{sender: score}`` and a description, from EdgeScores, a Circuit or a mapping."""
-    from ctlens.attribution import EdgeScores
+    from ctlens.scores import EdgeScores
 
     if isinstance(scores, EdgeScores):
         return scores.node_scores(), "total effect (sum of outgoing edge scores)"

@@ -221,7 +221,7 @@ def as_edge_set(obj: Any, top: int | None = None, label: str | None = None) -> E
     """
     from pathlib import Path
 
-    from ctlens.attribution import EdgeScores
+    from ctlens.scores import EdgeScores
 
     if isinstance(obj, EdgeSet):
         result = obj

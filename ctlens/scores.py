@@ -1,0 +1,90 @@
+"""Dense edge scores over a `Graph`: what `ctlens.attribute` returns and later stages read.
+
+``EdgeScores.scores`` (fp32 ``[n_senders, n_receivers]``, 0 where an edge is invalid) is the
+single source of truth; the networkx view and the top-k list are computed from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from jaxtyping import Float
+
+from ctlens.graph import Graph
+
+
+@dataclass
+class EdgeScores:
+    """Dense edge scores over a `Graph`: the single source of truth for later stages.
+
+    ``scores`` is fp32 ``[n_senders, n_receivers]``, 0 where the edge is invalid.
+    ``metadata`` records how they were computed (method, ablation, examples, timings).
+    """
+
+    scores: Float[torch.Tensor, "n_senders n_receivers"]
+    graph: Graph
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        expected = (self.graph.n_senders, self.graph.n_receivers)
+        if tuple(self.scores.shape) != expected:
+            raise ValueError(f"scores have shape {tuple(self.scores.shape)}, expected {expected}")
+        self.scores = self.scores.detach().float().cpu() * self.graph.valid
+
+    def top(self, k: int) -> list[tuple[str, str, float]]:
+        """The ``k`` edges with the largest |score|, as ``(sender, receiver, score)``."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > self.graph.n_edges:
+            raise ValueError(
+                f"k={k} is larger than the number of valid edges ({self.graph.n_edges}); "
+                f"ask for at most {self.graph.n_edges}"
+            )
+        magnitude = self.scores.abs().masked_fill(~self.graph.valid, -1.0)
+        flat_index = magnitude.flatten().topk(k).indices
+        n_r = self.graph.n_receivers
+        return [
+            (
+                self.graph.senders[i // n_r],
+                self.graph.receivers[i % n_r],
+                float(self.scores.flatten()[i]),
+            )
+            for i in flat_index.tolist()
+        ]
+
+    def node_scores(self) -> dict[str, float]:
+        """Each sender's total effect: the sum of its outgoing edge scores.
+
+        Every sender feeds ``logits``, so to first order this equals ablating the node.
+        """
+        totals = self.scores.sum(1)
+        return {name: float(v) for name, v in zip(self.graph.senders, totals, strict=True)}
+
+    def to_networkx(self) -> nx.DiGraph:
+        """`Graph.to_networkx` with a ``score`` on every (non-internal) edge."""
+        g = self.graph.to_networkx()
+        rows, cols = self.graph.valid.nonzero(as_tuple=True)
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+            g.edges[self.graph.senders[i], self.graph.receivers[j]]["score"] = float(
+                self.scores[i, j]
+            )
+        g.graph["metadata"] = dict(self.metadata)
+        return g
+
+    @classmethod
+    def from_networkx(cls, g: nx.DiGraph) -> EdgeScores:
+        """Inverse of `to_networkx`."""
+        graph = Graph.from_networkx(g)
+        scores = torch.zeros(graph.n_senders, graph.n_receivers)
+        for s, r, attrs in g.edges(data=True):
+            if not attrs.get("internal", False):
+                i, j = graph.edge_index(s, r)
+                scores[i, j] = float(attrs.get("score", 0.0))
+        return cls(scores, graph, dict(g.graph.get("metadata", {})))
+
+    def __repr__(self) -> str:
+        method = self.metadata.get("method", "?")
+        return f"EdgeScores({method}, {self.graph!r})"
