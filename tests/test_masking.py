@@ -278,6 +278,86 @@ def test_edge_mask_bad_inputs(tiny_model, task) -> None:
     assert all(len(hp.fwd_hooks) == 0 for hp in tiny_model.hook_dict.values())
 
 
+# ------------------------------------------------------------------ one reference resolver
+
+
+def _entry_points(model, data):
+    """attribute, faithfulness and edge_mask, each called with (ablation, reference)."""
+    empty = Circuit.empty(Graph.from_model(model))
+
+    def mask(ablation, reference):
+        with ctlens.edge_mask(model, empty, ablation, reference):
+            pass
+
+    return {
+        "attribute": lambda a, r: ctlens.attribute(
+            model, data, ablation=a, reference=r, progress=False
+        ),
+        "faithfulness": lambda a, r: ctlens.faithfulness(model, data, empty, a, r),
+        "edge_mask": mask,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ablation", "bad", "error", "match"),
+    [
+        ("zero", "clean", ValueError, "zero ablation takes no reference"),
+        ("corrupt", "task", TypeError, "not a TaskData"),
+        ("corrupt", "float", TypeError, r"token ids \[batch, seq\]"),
+        ("corrupt", "vocab", ValueError, "outside the vocabulary"),
+        ("mean", "means", ValueError, "precomputed means must be"),
+        ("mean", "text", TypeError, "mean ablation needs reference="),
+    ],
+)
+def test_one_resolver_reads_reference_alike_everywhere(
+    tiny_model, task, ablation, bad, error, match
+) -> None:
+    reference = {
+        "clean": task.clean,
+        "task": task,
+        "float": task.corrupt.double(),
+        "vocab": task.corrupt + VOCAB,
+        "means": torch.zeros(2, task.clean.shape[1], 32),
+        "text": "some prompts",
+    }[bad]
+    for name, call in _entry_points(tiny_model, task).items():
+        with pytest.raises(error, match=match):
+            call(ablation, reference)
+        assert all(len(hp.fwd_hooks) == 0 for hp in tiny_model.hook_dict.values()), name
+
+
+def test_mean_default_is_the_task_and_edge_mask_says_what_to_pass(tiny_model, task) -> None:
+    """faithfulness' default mean reference (the clean prompts) is what edge_mask computes
+    from reference=task; edge_mask, which has no task, asks for one instead of guessing."""
+    graph = Graph.from_model(tiny_model)
+    circuit = random_circuit(graph, seed=5)
+    result = ctlens.faithfulness(tiny_model, task, circuit, "mean", batch_size=None)
+    with torch.no_grad(), ctlens.edge_mask(tiny_model, circuit, "mean", reference=task):
+        masked = task.metric_values(tiny_model(task.clean)).mean().item()
+    assert result.metric_circuit == pytest.approx(masked, abs=1e-6)
+    assert masked != pytest.approx(result.metric_full, abs=1e-6)  # the mask did something
+    with (
+        pytest.raises(ValueError, match=r"needs a reference.*mean_activations\(model, data\)"),
+        ctlens.edge_mask(tiny_model, circuit, "mean"),
+    ):
+        pass
+
+
+def test_mean_over_one_example_is_refused_not_silently_zero(tiny_model, task) -> None:
+    """The mean of one prompt is that prompt: every a_ref - a_clean would be 0."""
+    one = task[:1]
+    graph = Graph.from_model(tiny_model)
+    for name, call in _entry_points(tiny_model, one).items():
+        if name == "edge_mask":
+            continue  # no task data there: its reference is always explicit
+        with pytest.raises(ValueError, match="mean ablation over one example"):
+            call("mean", None)
+        with pytest.raises(ValueError, match="mean ablation over one example"):
+            call("mean", one.clean)
+    other = ctlens.attribute(tiny_model, one, ablation="mean", reference=task[1:], progress=False)
+    assert bool(other.scores[graph.valid].abs().gt(0).any())
+
+
 # ------------------------------------------------------------------ faithfulness
 
 
