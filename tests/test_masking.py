@@ -60,11 +60,43 @@ def receiver_hook(graph: Graph, receiver: str) -> tuple[str, int | None]:
 # ------------------------------------------------------------------ edge_mask: forward values
 
 
-def test_full_circuit_is_the_plain_model(tiny_model, task) -> None:
+def every_sender_replaced(model, tokens: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """A plain forward with every sender's output replaced by ``means`` ``[n_senders, p, d]``:
+    the empty circuit, computed without ctlens' masking hooks."""
+    graph = Graph.from_model(model)
+    layout = HookLayout.from_model(model)
+
+    def put(value: torch.Tensor):
+        return lambda act, hook: value.expand_as(act).to(act.dtype).clone()
+
+    hooks = [(layout.input_hooks[0], put(means[0][None]))]
+    hooks += [(name, put(torch.zeros(1))) for name in layout.input_hooks[1:]]
+    for layer in range(graph.spec.n_layers):
+        heads = means[graph.sender_slice(layer)].permute(1, 0, 2)[None]  # [1, p, H, d]
+        hooks.append((layout.head_out(layer), put(heads)))
+        hooks.append((layout.mlp_out(layer), put(means[graph.mlp_sender(layer)][None])))
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", "corrupt"])
+def test_full_circuit_is_the_plain_model_and_the_hooks_are_live(
+    tiny_model, task, ablation
+) -> None:
+    """Keeping every edge changes nothing under any ablation. So that this is not a mask
+    that never ran, the same installed hooks, switched to the empty circuit, must give the
+    independently computed empty-circuit model (zero: every sender output replaced by 0)."""
     graph = Graph.from_model(tiny_model)
     plain = tiny_model(task.clean)
-    with ctlens.edge_mask(tiny_model, Circuit.full(graph), "zero"):
+    reference = {"zero": None, "mean": task, "corrupt": task.corrupt}[ablation]
+    with ctlens.edge_mask(tiny_model, Circuit.full(graph), ablation, reference) as mask:
+        assert sum(len(hp.fwd_hooks) for hp in tiny_model.hook_dict.values()) > 0
         assert torch.equal(tiny_model(task.clean), plain)
+        mask.set_circuit(Circuit.empty(graph))
+        empty = tiny_model(task.clean)
+    assert not torch.allclose(empty, plain)
+    if ablation == "zero":
+        zeros = torch.zeros(graph.n_senders, task.clean.shape[1], tiny_model.cfg.d_model)
+        assert_same(empty, every_sender_replaced(tiny_model, task.clean, zeros), tiny_model)
 
 
 def test_empty_circuit_corrupt_is_the_corrupt_run(tiny_model, task) -> None:
@@ -77,18 +109,7 @@ def test_empty_circuit_corrupt_is_the_corrupt_run(tiny_model, task) -> None:
 def test_empty_circuit_mean_is_every_sender_replaced_by_its_mean(tiny_model, task) -> None:
     graph = Graph.from_model(tiny_model)
     means = ctlens.mean_activations(tiny_model, task).to(torch.float64)
-    layout = HookLayout.from_model(tiny_model)
-
-    def put(value: torch.Tensor):
-        return lambda act, hook: value.expand_as(act).to(act.dtype).clone()
-
-    hooks = [(layout.input_hooks[0], put(means[0][None]))]
-    hooks += [(name, put(torch.zeros(1))) for name in layout.input_hooks[1:]]
-    for layer in range(graph.spec.n_layers):
-        heads = means[graph.sender_slice(layer)].permute(1, 0, 2)[None]  # [1, p, H, d]
-        hooks.append((layout.head_out(layer), put(heads)))
-        hooks.append((layout.mlp_out(layer), put(means[graph.mlp_sender(layer)][None])))
-    expected = tiny_model.run_with_hooks(task.clean, fwd_hooks=hooks)
+    expected = every_sender_replaced(tiny_model, task.clean, means)
     with ctlens.edge_mask(tiny_model, Circuit.empty(graph), "mean", reference=means):
         masked = tiny_model(task.clean)
     assert_same(masked, expected, tiny_model)
@@ -222,6 +243,7 @@ def test_edge_mask_controls_and_restoration(tiny_model, task) -> None:
         with pytest.raises(RuntimeError, match="set_reference"):
             tiny_model(task.clean[:2])
         masked = tiny_model(task.clean)
+        assert not torch.allclose(masked, plain)  # the mask is live, so paused() means something
         with mask.paused():
             assert torch.equal(tiny_model(task.clean), plain)
         mask.set_circuit(Circuit.full(graph))
