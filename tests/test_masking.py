@@ -4,8 +4,6 @@ per-receiver rebuild of every input, and TransformerLens 4.3's own faithfulness 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
@@ -488,7 +486,8 @@ def test_faithfulness_curve_mib_grid_and_areas(tiny_model, task) -> None:
         ctlens.faithfulness_curve(tiny_model, task, other)
 
 
-def test_faithfulness_nan_when_undefined(tiny_model, task) -> None:
+def test_faithfulness_says_why_when_full_and_empty_agree(tiny_model, task) -> None:
+    """corrupt == clean: M_full == M_empty, so the ratio would be 0 / 0."""
     graph = Graph.from_model(tiny_model)
     same = ctlens.TaskData(
         clean=task.clean,
@@ -497,9 +496,12 @@ def test_faithfulness_nan_when_undefined(tiny_model, task) -> None:
         wrong=task.wrong,
         attention_mask=task.attention_mask,
     )
-    with pytest.warns(UserWarning, match="undefined"):
-        result = ctlens.faithfulness(tiny_model, same, random_circuit(graph))
-    assert math.isnan(result.faithfulness)
+    scores = EdgeScores(torch.ones(graph.n_senders, graph.n_receivers), graph)
+    why = r"faithfulness is undefined on this data.*same metric.*does not separate"
+    with pytest.raises(ValueError, match=why):
+        ctlens.faithfulness(tiny_model, same, random_circuit(graph))
+    with pytest.raises(ValueError, match=why):
+        ctlens.faithfulness_curve(tiny_model, same, scores, sizes=(0.5, 1.0))
 
 
 # ------------------------------------------------------------------ restrict_gradients
