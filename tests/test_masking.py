@@ -256,6 +256,37 @@ def test_edge_mask_controls_and_restoration(tiny_model, task) -> None:
     tiny_model.eval()
 
 
+def test_mixed_train_eval_modes_come_back_module_by_module(tiny_model, task) -> None:
+    """Passes run in eval mode, then every module gets its own mode back, not the
+    top-level one (issue 16: a model with some modules in eval mode came back all in train)."""
+    graph = Graph.from_model(tiny_model)
+    tiny_model.train()
+    tiny_model.blocks[0].eval()
+    tiny_model.ln_final.eval()
+    modes = {name: m.training for name, m in tiny_model.named_modules()}
+    assert set(modes.values()) == {True, False}
+
+    def unchanged() -> bool:
+        return modes == {name: m.training for name, m in tiny_model.named_modules()}
+
+    seen: list[bool] = []
+    probe = ("blocks.0.hook_mlp_in", lambda x, hook: seen.append(tiny_model.training))
+    with tiny_model.hooks(fwd_hooks=[probe]):
+        ctlens.attribute(tiny_model, task, progress=False)
+    assert seen and not any(seen)  # the passes themselves ran in eval mode
+    assert unchanged()
+    ctlens.faithfulness(tiny_model, task, random_circuit(graph))
+    assert unchanged()
+    ctlens.mean_activations(tiny_model, task)
+    assert unchanged()
+    with ctlens.edge_mask(tiny_model, random_circuit(graph), "corrupt", task.corrupt) as mask:
+        assert unchanged()
+        mask.set_reference(task.corrupt)
+        assert unchanged()
+    assert unchanged()
+    tiny_model.eval()
+
+
 def test_edge_mask_bad_inputs(tiny_model, task) -> None:
     graph = Graph.from_model(tiny_model)
     other = Circuit.empty(Graph(ctlens.GraphSpec(5, 2, 2)))
