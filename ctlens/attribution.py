@@ -398,6 +398,87 @@ def _record_metrics(
             totals["corrupt"] += float(batch.metric_values(ref_logits, clean_logits).sum())
 
 
+class EapKernel:
+    """The one EAP kernel: ``scores[s, r] += sum over batch and positions of delta_s . dL/dx_r``.
+
+    Shared by `attribute` (methods ``eap`` and ``eap-ig``) and the tuner's ``"batch"``
+    discovery (`ctlens.tuning.discovery`), so both compute edge scores the same way and
+    attribution's oracle tests cover the tuner's default path too.
+
+    ``delta`` is a ``[n_senders, batch, pos, d_model]`` buffer of sender activations: the
+    hooks of :meth:`sender_hooks` add ``sign * a_s`` into it during a forward pass, and the
+    caller completes it to ``a_s^ref - a_s^clean`` before the backward (`attribute` fills
+    ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
+    adds the batch means afterwards). The hooks of :meth:`receiver_hooks` register, on each
+    receiver group's input, a gradient hook that multiplies the prefix of senders the
+    receiver may read with that gradient (one matrix product per receiver group) and adds
+    ``sign * product / passes`` into ``scores``: the scores of every backward pass through
+    those inputs accumulate, until :meth:`close` removes the hooks.
+
+    Args:
+        graph: the model's graph.
+        delta: the activation buffer described above (read at backward time).
+        scores: ``[n_senders, n_receivers]`` fp32 accumulator.
+        passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
+        sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        delta: Float[torch.Tensor, "n_senders batch pos d_model"],
+        scores: Float[torch.Tensor, "n_senders n_receivers"],
+        passes: int = 1,
+        sign: float = 1.0,
+    ) -> None:
+        self.graph = graph
+        self.delta = delta
+        self.scores = scores
+        self.passes = passes
+        self.sign = sign
+        self.inputs: list[torch.Tensor] = []
+        self._flat = delta.view(graph.n_senders, -1)
+        self._handles: list[Any] = []
+
+    def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
+        """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
+        return sender_hooks(model, self.graph, _writer(self.delta, sign))
+
+    def receiver_hooks(self, model: Any) -> list[tuple[str, Any]]:
+        """Forward hooks that make every receiver group's input score its edges on backward.
+
+        An input that does not require grad (frozen parameters, no grad-carrying leaf) is
+        replaced by a detached leaf that does; the inputs are kept in ``self.inputs`` for
+        ``torch.autograd.grad``.
+        """
+
+        def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            self.inputs.append(x)
+            self._handles.append(x.register_hook(self._accumulate(columns, n_up)))
+            return x
+
+        return receiver_hooks(model, self.graph, on_receiver)
+
+    def _accumulate(self, columns: slice, n_up: int) -> Any:
+        def accumulate(grad: torch.Tensor) -> None:
+            g = flat(grad).float().permute(2, 0, 1, 3)
+            product = self._flat[:n_up] @ g.reshape(g.shape[0], -1).T
+            if self.sign != 1.0:
+                product = self.sign * product
+            self.scores[:n_up, columns] += product / self.passes
+
+        return accumulate
+
+    def close(self) -> None:
+        """Remove the gradient hooks: later backward passes no longer add to ``scores``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.inputs = []
+
+
 def _gradient_batch(
     model: Any,
     graph: Graph,
@@ -415,39 +496,34 @@ def _gradient_batch(
     sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
     the backward reads it, and its logits serve as the reference distribution for ``kl``.
     """
-    flat_delta = delta.reshape(graph.n_senders, -1)
+    kernel = EapKernel(graph, delta, scores, passes=steps)
     clean_logits: torch.Tensor | None = None
     batch = run.metric_batch
     layout = HookLayout.from_model(model)
+    try:
+        for step in range(steps, 0, -1):
+            shift = 1.0 - step / steps
 
-    def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
-        def accumulate(grad: torch.Tensor) -> None:
-            g = flat(grad).float().permute(2, 0, 1, 3)
-            scores[:n_up, columns] += (flat_delta[:n_up] @ g.reshape(g.shape[0], -1).T) / steps
+            def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
+                base = x.detach()
+                if shift:
+                    base = base + shift * delta[0].to(base.dtype)
+                return base.requires_grad_(True)
 
-        x.register_hook(accumulate)
-        return x
-
-    for step in range(steps, 0, -1):
-        shift = 1.0 - step / steps
-
-        def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
-            base = x.detach()
-            if shift:
-                base = base + shift * delta[0].to(base.dtype)
-            return base.requires_grad_(True)
-
-        hooks = [(layout.input_hooks[0], leaf), *receiver_hooks(model, graph, on_receiver)]
-        if clean_logits is None:
-            hooks += sender_hooks(model, graph, _writer(delta, -1.0))
-        with torch.enable_grad():
-            logits = run(run.batch.clean, hooks)
+            hooks = [(layout.input_hooks[0], leaf), *kernel.receiver_hooks(model)]
             if clean_logits is None:
-                clean_logits = logits.detach()
-                _record_metrics(batch, clean_logits, ref_logits, totals)
-            values = batch.metric_values(logits, clean_logits)
-            values.sum().div(n_total).backward()
-        del logits, values
+                hooks += kernel.sender_hooks(model, -1.0)
+            with torch.enable_grad():
+                logits = run(run.batch.clean, hooks)
+                if clean_logits is None:
+                    clean_logits = logits.detach()
+                    _record_metrics(batch, clean_logits, ref_logits, totals)
+                values = batch.metric_values(logits, clean_logits)
+                values.sum().div(n_total).backward()
+            kernel.close()
+            del logits, values
+    finally:
+        kernel.close()
 
 
 @torch.no_grad()
