@@ -59,7 +59,7 @@ from ctlens.hooks import (
     supports_truncated_forward,
 )
 from ctlens.scores import EdgeScores
-from ctlens.types import Ablation, Method, NodeKind
+from ctlens.types import Ablation, Method
 
 Reference = TaskData | torch.Tensor | None
 
@@ -73,6 +73,7 @@ def attribute(
     batch_size: int | None = 32,
     steps: int = 5,
     progress: bool = True,
+    graph: Graph | None = None,
 ) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``data``. See the module docstring.
 
@@ -86,6 +87,8 @@ def attribute(
         batch_size: examples per forward pass (``None``: all at once).
         steps: integration steps for ``eap-ig``.
         progress: show a progress bar.
+        graph: the graph to score, e.g. ``Graph.from_model(model, mlp_groups=48)`` for
+            neuron-group MLP nodes (default: the model's graph with one node per MLP).
 
     Returns:
         `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
@@ -97,7 +100,7 @@ def attribute(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
-    graph = Graph.from_model(model)
+    graph = _check_graph(model, graph)
     data.check_vocab(model.cfg.d_vocab)
     device = model_device(model)
     start = time.perf_counter()
@@ -153,14 +156,16 @@ def mean_activations(
     model: Any,
     reference: TaskData | torch.Tensor,
     batch_size: int | None = 32,
+    graph: Graph | None = None,
 ) -> Float[torch.Tensor, "n_senders seq d_model"]:
     """Each sender's mean output per position over ``reference``, padding excluded.
 
     ``reference`` is a `TaskData` (its clean prompts and padding mask) or token ids
     ``[n, seq]`` (all real tokens). The result can be passed as ``reference=`` wherever
-    ``ablation="mean"`` is used, so the means are computed once.
+    ``ablation="mean"`` is used, so the means are computed once. ``graph`` selects the
+    senders (default: the model's graph with one node per MLP).
     """
-    graph = Graph.from_model(model)
+    graph = _check_graph(model, graph)
     device = model_device(model)
     if isinstance(reference, torch.Tensor):
         if reference.dtype.is_floating_point:
@@ -235,13 +240,27 @@ def resolve_reference(
             )
         means = reference.to(model_device(model)).float()
     else:
-        means = mean_activations(model, data if reference is None else reference, batch_size)
+        means = mean_activations(
+            model, data if reference is None else reference, batch_size, graph=graph
+        )
     if means.shape[1] < data.clean.shape[1]:
         raise ValueError(
             f"the mean reference covers {means.shape[1]} positions but the data has "
             f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
         )
     return None, means
+
+
+def _check_graph(model: Any, graph: Graph | None) -> Graph:
+    """``graph``, or the model's one-group graph; refuses a graph of another model."""
+    if graph is None:
+        return Graph.from_model(model)
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
+    own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
+    if own != graph:
+        raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
+    return graph
 
 
 # ------------------------------------------------------------------------------ passes
@@ -404,42 +423,41 @@ def _exact_batch(
 
     ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
     Then, for one receiver column at a time, the batch is repeated once per chunk of
-    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input.
+    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (a
+    neuron group's own copy of the MLP input on a grouped graph).
     """
     batch = run.batch
     b = len(batch)
     clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0)))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
-    layout = HookLayout.from_model(model)
-    groups: list[tuple[str, slice]] = []
-    for layer in range(graph.spec.n_layers):
-        for kind in (NodeKind.Q, NodeKind.K, NodeKind.V):
-            groups.append((layout.qkv_in(layer, kind), graph.receiver_slice(layer, kind)))
-        groups.append((layout.mlp_in(layer), graph.receiver_slice(layer, NodeKind.MLP)))
-    groups.append((layout.logits_in, slice(graph.n_receivers - 1, graph.n_receivers)))
+    for column in range(graph.n_receivers):
+        n_up = graph.upstream[column]
+        for chunk in _chunks(range(n_up), max(1, max_copies)):
+            copies = len(chunk)
+            patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
 
-    for hook_name, columns in groups:
-        for offset, column in enumerate(range(columns.start, columns.stop)):
-            n_up = graph.upstream[column]
-            for chunk in _chunks(range(n_up), max(1, max_copies)):
-                copies = len(chunk)
-                patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
-
-                def patch_hook(
-                    x: torch.Tensor, hook: Any, patch: torch.Tensor = patch, offset: int = offset
-                ) -> torch.Tensor:
-                    x = x.clone()
-                    view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
-                    view[:, :, :, offset] += patch.to(x.dtype)
+            def patch_column(
+                columns: slice,
+                n_up: int,
+                x: torch.Tensor,
+                patch: torch.Tensor = patch,
+                column: int = column,
+            ) -> torch.Tensor:
+                if not columns.start <= column < columns.stop:
                     return x
+                x = x.clone()
+                view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
+                view[:, :, :, column - columns.start] += patch.to(x.dtype)
+                return x
 
-                index = torch.arange(b).repeat(copies)
-                logits = run(batch.clean[index], [(hook_name, patch_hook)], batch[index])
-                repeated = run.metric_rows(index)
-                values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
-                effect = (values.view(copies, b) - clean_metric[None]).sum(1)
-                scores[chunk.start : chunk.stop, column] += effect / n_total
+            index = torch.arange(b).repeat(copies)
+            hooks = receiver_hooks(model, graph, patch_column)
+            logits = run(batch.clean[index], hooks, batch[index])
+            repeated = run.metric_rows(index)
+            values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
+            effect = (values.view(copies, b) - clean_metric[None]).sum(1)
+            scores[chunk.start : chunk.stop, column] += effect / n_total
 
 
 def _chunks(items: range, size: int) -> Iterable[range]:
