@@ -372,17 +372,13 @@ def _gradient_batch(
     sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
     the backward reads it, and its logits serve as the reference distribution for ``kl``.
     """
-    flat_delta = delta.reshape(graph.n_senders, -1)
+    contraction = _Contraction(delta.reshape(graph.n_senders, -1), scores, 1.0 / steps)
     clean_logits: torch.Tensor | None = None
     batch = run.metric_batch
     layout = HookLayout.from_model(model)
 
     def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
-        def accumulate(grad: torch.Tensor) -> None:
-            g = flat(grad).float().permute(2, 0, 1, 3)
-            scores[:n_up, columns] += (flat_delta[:n_up] @ g.reshape(g.shape[0], -1).T) / steps
-
-        x.register_hook(accumulate)
+        x.register_hook(lambda grad: contraction.add(columns, n_up, grad))
         return x
 
     for step in range(steps, 0, -1):
@@ -404,7 +400,50 @@ def _gradient_batch(
                 _record_metrics(batch, clean_logits, ref_logits, totals)
             values = batch.metric_values(logits, clean_logits)
             values.sum().div(n_total).backward()
+        contraction.flush()
         del logits, values
+
+
+class _Contraction:
+    """``scores[:n_up, columns] += scale * delta[:n_up] . grad`` for receivers, in bulk.
+
+    Receiver gradients arrive one hook at a time during the backward. Each product reads the
+    whole upstream prefix of the sender buffer, so the gradients are gathered until they
+    fill a quarter of the buffer's size, then scored with one matrix product over the
+    longest prefix among them (gradients arrive latest layer first, so that is the first).
+    With many senders (neuron-group graphs) this reads the buffer a few times per backward
+    instead of once per receiver hook.
+    """
+
+    def __init__(self, flat_delta: torch.Tensor, scores: torch.Tensor, scale: float) -> None:
+        self.delta = flat_delta
+        self.scores = scores
+        self.scale = scale
+        self.capacity = max(16, flat_delta.shape[0] // 4)
+        self.pending: list[tuple[slice, int, torch.Tensor]] = []
+        self.width = 0
+
+    def add(self, columns: slice, n_up: int, grad: torch.Tensor) -> None:
+        """Queue one receiver hook's gradient ``[b, p, (cols), d]``."""
+        g = flat(grad).float().permute(2, 0, 1, 3).reshape(columns.stop - columns.start, -1)
+        self.pending.append((columns, n_up, g))
+        self.width += g.shape[0]
+        if self.width >= self.capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score every queued gradient with one matrix product."""
+        if not self.pending:
+            return
+        n_up = max(n for _, n, _ in self.pending)
+        grads = torch.cat([g for *_, g in self.pending]) if len(self.pending) > 1 else None
+        product = self.delta[:n_up] @ (self.pending[0][2] if grads is None else grads).T
+        offset = 0
+        for columns, n, g in self.pending:
+            width = g.shape[0]
+            self.scores[:n, columns] += product[:n, offset : offset + width] * self.scale
+            offset += width
+        self.pending, self.width = [], 0
 
 
 @torch.no_grad()

@@ -63,6 +63,8 @@ from jaxtyping import Bool, Float
 
 from ctlens.files import atomic_write_text
 from ctlens.graph import Graph, GraphSpec
+from ctlens.mlp_groups import coarsen_matrix
+from ctlens.sizes import edge_count
 from ctlens.types import NodeKind
 
 SCHEMA_VERSION = 1
@@ -156,7 +158,7 @@ class Circuit:
         cls,
         scores: Any,
         method: str = "top_n",
-        top_n: int | None = None,
+        top_n: int | float | None = None,
         threshold: float | None = None,
         prune: bool = False,
     ) -> Circuit:
@@ -165,7 +167,8 @@ class Circuit:
         Args:
             scores: an `ctlens.EdgeScores`.
             method: ``"top_n"``, ``"threshold"`` or ``"greedy"``.
-            top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges).
+            top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges),
+                or a fraction of the valid edges as a float in (0, 1) (`ctlens.sizes`).
             threshold: minimum |score| for ``threshold``.
             prune: afterwards drop edges on no ``input -> logits`` path (may leave fewer
                 than ``top_n`` edges).
@@ -177,6 +180,8 @@ class Circuit:
         if method in ("top_n", "greedy"):
             if threshold is not None:
                 raise ValueError(f"method {method!r} takes top_n, not threshold")
+            if isinstance(top_n, float) and not isinstance(top_n, bool):
+                top_n = edge_count(top_n, graph.n_edges)
             _check_top_n(top_n, graph)
             assert top_n is not None
             if method == "top_n":
@@ -253,6 +258,18 @@ class Circuit:
                 found.add(node.name)
         order = {n: i for i, n in enumerate([*self.graph.senders, "logits"])}
         return sorted(found, key=order.__getitem__)
+
+    def coarsen(self) -> Circuit:
+        """This circuit on the one-group graph: an MLP edge is in it when any group edge is.
+
+        Scores, if any, are summed over groups (as `EdgeScores.coarsen`).
+        """
+        if self.graph.spec.mlp_groups == 1:
+            return self
+        graph, counts = coarsen_matrix(self.graph, self.mask.float())
+        scores = None if self.scores is None else coarsen_matrix(self.graph, self.scores)[1]
+        metadata = {**self.metadata, "coarsened_from_mlp_groups": self.graph.spec.mlp_groups}
+        return Circuit(graph, counts > 0, scores, metadata, self.model_name)
 
     def edge_scores(self) -> dict[tuple[str, str], float | None]:
         """``{(sender, receiver): score}`` for the circuit edges (``None`` without scores)."""
@@ -511,7 +528,14 @@ class Circuit:
 
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` unless the circuit belongs to ``model``'s graph."""
-        graph = Graph.from_model(model)
+        groups = self.graph.spec.mlp_groups
+        try:
+            graph = Graph.from_model(model, mlp_groups=groups)
+        except ValueError as err:
+            raise ValueError(
+                f"this circuit splits each MLP into {groups} neuron groups, which this model "
+                f"cannot: {err}"
+            ) from None
         if graph != self.graph:
             raise ValueError(
                 f"this circuit belongs to another model's graph ({self.graph!r}, model "
@@ -529,8 +553,18 @@ class Circuit:
     # ------------------------------------------------------------------ MIB / EAP-IG
 
     def to_mib_dict(self) -> dict[str, Any]:
-        """An EAP-IG / MIB-style ``{cfg, nodes, edges}`` document (see module docstring)."""
+        """An EAP-IG / MIB-style ``{cfg, nodes, edges}`` document (see module docstring).
+
+        MIB names one node per MLP and has no edge names for neuron groups, so a grouped
+        circuit is refused: export ``circuit.coarsen()`` instead.
+        """
         spec = self.graph.spec
+        if spec.mlp_groups != 1:
+            raise ValueError(
+                f"this circuit splits each MLP into {spec.mlp_groups} neuron groups; MIB's edge "
+                "format has one node per MLP and no names for groups of neurons. Export "
+                "circuit.coarsen() (an MLP is in it when any of its groups is) instead"
+            )
         group = spec.n_heads // spec.n_kv_heads
         edges: dict[str, dict[str, Any]] = {}
         rows, cols = self.graph.valid.nonzero(as_tuple=True)
@@ -638,7 +672,7 @@ def _check_top_n(top_n: Any, graph: Graph) -> None:
     if not 1 <= top_n <= graph.n_edges:
         raise ValueError(
             f"top_n={top_n} is out of range: choose between 1 and the number of valid edges "
-            f"({graph.n_edges})"
+            f"({graph.n_edges}), or a fraction of them such as 0.05"
         )
 
 
@@ -663,7 +697,9 @@ def _feeders(graph: Graph) -> dict[int, list[int]]:
         heads = graph.sender_slice(layer)
         for h in range(spec.n_heads):
             out[heads.start + h] = [q.start + h, k.start + h // group, v.start + h // group]
-        out[graph.mlp_sender(layer)] = [graph.receiver_slice(layer, NodeKind.MLP).start]
+        senders, mlp_in = graph.mlp_senders(layer), graph.receiver_slice(layer, NodeKind.MLP)
+        for g in range(spec.mlp_groups):  # each group's own input
+            out[senders.start + g] = [mlp_in.start + g]
     out[0] = []
     return out
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ctlens.graph import Graph
 
@@ -123,24 +124,35 @@ def receiver_hooks(
     neurons read copy ``j`` only.
     """
     parts = mlp_parts(model, layer)
-    state: dict[str, torch.Tensor] = {}
+    projections = [(parts.w_in, parts.b_in)]
+    if parts.w_gate is not None:
+        projections.append((parts.w_gate, parts.b_gate))
+    state: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def pre_activations(copies: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        normed = parts.norm(copies)
+        return tuple(group_linear(normed, weight, bias) for weight, bias in projections)
 
     def read(x: torch.Tensor, hook: Any) -> None:
         copies = transform(x[:, :, None].repeat(1, 1, groups, 1))
-        state["normed"] = parts.norm(copies)
+        if torch.is_grad_enabled():
+            # keep only the copies for the backward; the normed copies are recomputed
+            state["pre"] = checkpoint(pre_activations, copies, use_reentrant=False)
+        else:
+            state["pre"] = pre_activations(copies)
 
-    def project(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+    def project(index: int) -> Callable[..., torch.Tensor]:
         def hook(pre: torch.Tensor, hook: Any) -> torch.Tensor:
-            return group_linear(state["normed"], weight, bias).to(pre.dtype)
+            return state["pre"][index].to(pre.dtype)
 
         return hook
 
     hooks: list[Hook] = [
         (f"blocks.{layer}.hook_mlp_in", read),
-        (f"blocks.{layer}.mlp.in.hook_out", project(parts.w_in, parts.b_in)),
+        (f"blocks.{layer}.mlp.in.hook_out", project(0)),
     ]
     if parts.w_gate is not None:
-        hooks.append((f"blocks.{layer}.mlp.gate.hook_out", project(parts.w_gate, parts.b_gate)))
+        hooks.append((f"blocks.{layer}.mlp.gate.hook_out", project(1)))
     return hooks
 
 

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 
 from ctlens.graph import Graph
+from ctlens.mlp_groups import coarsen_matrix
 
 
 @dataclass
@@ -70,8 +71,6 @@ class EdgeScores:
         the one-group graph directly; under ``zero`` ablation the one-group scores also
         ablate b_out, and ``exact`` group scores only sum (docs/attribution.md).
         """
-        from ctlens.mlp_groups import coarsen_matrix
-
         if self.graph.spec.mlp_groups == 1:
             return self
         graph, scores = coarsen_matrix(self.graph, self.scores)

@@ -10,6 +10,7 @@ exact score.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -296,3 +297,88 @@ def test_exact_coarsening_is_a_sum_of_group_effects():
     assert coarse.scores[i, j].item() == pytest.approx(one.scores[i, j].item(), rel=1e-5)
     i, j = one.graph.edge_index("m0", "m1")
     assert coarse.scores[i, j].item() != pytest.approx(one.scores[i, j].item(), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ circuits
+
+
+def grouped_scores(groups: int = GROUPS) -> ctlens.EdgeScores:
+    model = ctlens.load_model(tiny_gpt2_module())
+    graph = Graph.from_model(model, mlp_groups=groups)
+    return ctlens.attribute(model, random_task(), progress=False, graph=graph)
+
+
+def test_circuit_coarsen_keeps_an_mlp_when_any_group_is_in():
+    scores = grouped_scores()
+    graph = scores.graph
+    circuit = ctlens.Circuit.from_edges(
+        graph, [("m0.n2", "logits"), ("m0.n1", "m1.n3"), ("a0.h1", "m1.n0")], scores.scores
+    )
+    coarse = circuit.coarsen()
+    assert coarse.graph == Graph(GraphSpec(2, 4, 4))
+    assert sorted(coarse.edges) == [("a0.h1", "m1"), ("m0", "logits"), ("m0", "m1")]
+    torch.testing.assert_close(coarse.scores, scores.coarsen().scores)
+
+
+def test_grouped_circuit_files_round_trip_and_check_the_grouping(tmp_path):
+    scores = grouped_scores()
+    circuit = ctlens.Circuit.from_scores(scores, top_n=40)
+    path = circuit.save(tmp_path / "c.json")
+    assert json.loads(path.read_text())["graph"]["mlp_groups"] == 4
+    model = ctlens.load_model(tiny_gpt2_module())
+    loaded = ctlens.Circuit.load(path, model=model)
+    assert loaded == circuit and loaded.graph.spec.mlp_groups == 4
+    # one-group files stay as they were: no mlp_groups key at all
+    plain = ctlens.Circuit.from_scores(scores.coarsen(), top_n=10).save(tmp_path / "p.json")
+    assert "mlp_groups" not in json.loads(plain.read_text())["graph"]
+    # a model whose MLP width the grouping does not divide: a clear error
+    odd = ctlens.load_model(tiny_gpt2_module())
+    odd.cfg.d_mlp = 130
+    with pytest.raises(ValueError, match="4 neuron groups.*130"):
+        loaded.check_model(odd)
+
+
+def test_grouped_circuit_refuses_names_of_another_grouping():
+    graph = Graph(GraphSpec(2, 4, 4, mlp_groups=4))
+    with pytest.raises(KeyError, match="m1.n7"):
+        ctlens.Circuit.from_edges(graph, [("m1.n7", "logits")])
+    with pytest.raises(KeyError, match="m0"):
+        ctlens.Circuit.from_edges(graph, [("m0", "logits")])
+
+
+def test_selection_and_pruning_on_grouped_graphs():
+    scores = grouped_scores()
+    graph = scores.graph
+    greedy = ctlens.Circuit.from_scores(scores, method="greedy", top_n=30)
+    assert greedy.n_edges == 30
+    # greedy grows from logits: a receiver is opened only once its own component (a head,
+    # or that very MLP group, not its siblings) has joined as a sender
+    senders = {s for s, _ in greedy.edges}
+    for _, receiver in greedy.edges:
+        owner = receiver if receiver.startswith("m") else receiver.rsplit(".", 1)[0]
+        assert receiver == "logits" or owner in senders, receiver
+    pruned = ctlens.Circuit.from_scores(scores, top_n=60, prune=True)
+    assert ctlens.Circuit.from_networkx(pruned.to_networkx()) == pruned
+    assert torch.equal(ctlens.circuit.prune_mask(graph, pruned.mask), pruned.mask)
+    # a group's own input leads only to that group
+    circuit = ctlens.Circuit.from_edges(graph, [("input", "m0.n1"), ("m0.n2", "logits")])
+    assert ctlens.circuit.prune_mask(graph, circuit.mask).sum() == 0
+
+
+def test_top_n_takes_a_fraction_of_the_valid_edges():
+    scores = grouped_scores()
+    n = scores.graph.n_edges
+    circuit = ctlens.Circuit.from_scores(scores, top_n=0.1)
+    assert circuit.n_edges == round(0.1 * n)
+    for bad in (0.0, 1.0, 1.5, -3, float("nan")):
+        with pytest.raises(ValueError, match="top_n"):
+            ctlens.Circuit.from_scores(scores, top_n=bad)
+
+
+def test_mib_export_refuses_groups_and_accepts_the_coarse_circuit(tmp_path):
+    circuit = ctlens.Circuit.from_scores(grouped_scores(), top_n=20)
+    with pytest.raises(ValueError, match=r"coarsen\(\)"):
+        circuit.to_mib_json(tmp_path / "mib.json")
+    assert not (tmp_path / "mib.json").exists()
+    path = circuit.coarsen().to_mib_json(tmp_path / "mib.json")
+    assert ctlens.Circuit.from_mib_json(path).n_edges == circuit.coarsen().n_edges
