@@ -47,28 +47,18 @@ def _add_discover(commands: argparse._SubParsersAction) -> None:
         description="Score every edge of a model's graph on a task with EAP, EAP-IG or exact "
         "patching, print the strongest edges and nodes, and optionally save the circuit.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"model (default {DEFAULT_MODEL}): zoo:NAME, a local HF directory or a hub name",
-    )
-    p.add_argument(
-        "--task",
-        default=DEFAULT_TASK,
-        help=f"task name or JSONL file (default {DEFAULT_TASK}; see ctlens.tasks.names())",
-    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}): "
+                   "zoo:NAME, a local HF directory or a hub name")
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"task name or JSONL file "
+                   f"(default {DEFAULT_TASK}; see ctlens.tasks.names())")
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig", "exact"])
     p.add_argument("--ablation", default="corrupt", choices=["corrupt", "mean", "zero"])
     p.add_argument("--n", type=int, default=128, help="examples to attribute on (default 128)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per pass (default 32)")
     p.add_argument("--steps", type=int, default=5, help="integration steps for eap-ig")
     p.add_argument("--top", type=int, default=20, help="edges to print (default 20)")
-    p.add_argument(
-        "--top-n",
-        type=int,
-        default=None,
-        help="edges to keep in the saved circuit (default: --top)",
-    )
+    p.add_argument("--top-n", type=int, default=None,
+                   help="edges to keep in the saved circuit (default: --top)")
     p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="write the circuit as JSON to this path")
@@ -96,13 +86,8 @@ def _run_discover(args: argparse.Namespace) -> int:
         data = task.discovery
     with _phase(f"attributing ({args.method}, {args.ablation} ablation)"):
         scores = ctlens.attribute(
-            model,
-            data,
-            method=args.method,
-            ablation=args.ablation,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            progress=False,
+            model, data, method=args.method, ablation=args.ablation,
+            batch_size=args.batch_size, steps=args.steps, progress=False,
         )
     graph = scores.graph
     meta = scores.metadata

@@ -69,18 +69,13 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "model/. Running the same command again resumes from the last checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="zoo:NAME, a local HF model directory or a hub name"
-    )
-    p.add_argument(
-        "--task", default=DEFAULT_TASK, help="task name (ctlens.tasks.names()) or a JSONL file"
-    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="zoo:NAME, a local HF model directory or a hub name")
+    p.add_argument("--task", default=DEFAULT_TASK,
+                   help="task name (ctlens.tasks.names()) or a JSONL file")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a different run in --out (only the run's own files)",
-    )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different run in --out (only the run's own files)")
     p.add_argument("--n", type=int, default=256, help="examples per discovery/eval set")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
@@ -98,18 +93,17 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     default = field.default
     args = typing.get_args(hint)
     if hint is bool:
-        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                       help=help_text)
     elif typing.get_origin(hint) is typing.Literal:
         p.add_argument(flag, choices=list(args), default=default, help=help_text)
     elif field.name == "betas":
-        p.add_argument(
-            flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"), help=help_text
-        )
+        p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
+                       help=help_text)
     elif type(None) in args:
         inner = next(a for a in args if a is not type(None))
-        p.add_argument(
-            flag, type=_optional(inner), default=default, help=help_text + " (a number or 'none')"
-        )
+        p.add_argument(flag, type=_optional(inner), default=default,
+                       help=help_text + " (a number or 'none')")
     else:
         p.add_argument(flag, type=hint, default=default, help=help_text)
 
@@ -141,24 +135,15 @@ def run_tune(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     model = ctlens.load_model(args.model, device=args.device)
-    task = ctlens.tasks.load(
-        args.task,
-        n=args.n,
-        seed=config.seed,
-        n_train=args.n_train,
-        tokenizer=getattr(model, "tokenizer", None),
-    )
+    task = ctlens.tasks.load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+                             tokenizer=getattr(model, "tokenizer", None))
     result = CircuitTuner(model, task, config, model_name=args.model).run(
         args.out, overwrite=args.overwrite
     )
-    summary = {
-        k: result.metrics.get(k)
-        for k in ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")
-    }
+    summary = {k: result.metrics.get(k) for k in
+               ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))
-    print(
-        f"results in {result.out_dir} (metrics.jsonl, circuits/"
-        f"{', model/' if result.model_dir else ''}); plot with: ctlens report {result.out_dir}",
-        file=sys.stderr,
-    )
+    print(f"results in {result.out_dir} (metrics.jsonl, circuits/"
+          f"{', model/' if result.model_dir else ''}); plot with: ctlens report {result.out_dir}",
+          file=sys.stderr)
     return 0

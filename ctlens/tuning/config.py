@@ -102,17 +102,8 @@ class TuneConfig:
         _choice("discovery", self.discovery, DISCOVERIES)
         _choice("batch_metric", self.batch_metric, BATCH_METRICS)
         _choice("discovery_ablation", self.discovery_ablation, ("corrupt", "mean", "zero"))
-        for name in (
-            "steps",
-            "every_k",
-            "top_n",
-            "batch_size",
-            "eval_every",
-            "save_every",
-            "discovery_batches",
-            "lora_rank",
-            "keep_checkpoints",
-        ):
+        for name in ("steps", "every_k", "top_n", "batch_size", "eval_every", "save_every",
+                     "discovery_batches", "lora_rank", "keep_checkpoints"):
             _positive_int(name, getattr(self, name))
         if self.top_n_start is not None:
             _positive_int("top_n_start", self.top_n_start)

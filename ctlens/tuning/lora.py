@@ -84,7 +84,7 @@ class LoraBackend:
         for name, layer in self.model.named_modules():
             if not isinstance(layer, LoraLayer):
                 continue
-            key = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+            key = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
             base = layer.get_base_layer().weight
             delta = layer.get_delta_weight("default")
             live[f"{key}.weight"].copy_(base + delta.to(base.dtype))

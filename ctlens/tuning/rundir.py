@@ -104,11 +104,8 @@ class RunDir:
         """Entries of the directory that a run does not own (hidden temporaries excluded)."""
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.name not in OWNED and not p.name.startswith(".")
-        )
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.name not in OWNED and not p.name.startswith("."))
 
     # ------------------------------------------------------------------ metrics
 

@@ -240,11 +240,8 @@ class CircuitTuner:
             logits, record = self._forward(tokens, record=True)
             loss, metric_sum = self._loss(logits, local)
             scores, _ = self._scores_from(record, local, loss, metric_sum, False)
-        return EdgeScores(
-            scores,
-            self.graph,
-            {"method": "eap", "ablation": "mean", "discovery": "batch", "step": step},
-        )
+        return EdgeScores(scores, self.graph, {"method": "eap", "ablation": "mean",
+                                               "discovery": "batch", "step": step})
 
     # ------------------------------------------------------------------ set-up
 
@@ -301,7 +298,9 @@ class CircuitTuner:
             steps = rd.checkpoint_steps()
             start = steps[-1] if steps else 0
             if start > self.config.steps:
-                raise RunConflictError(f"{rd.root} has a checkpoint past steps={self.config.steps}")
+                raise RunConflictError(
+                    f"{rd.root} has a checkpoint past steps={self.config.steps}"
+                )
             if start == 0:
                 # killed before the first checkpoint: restart from the saved start weights
                 W.load_weights(self.model, rd.initial_weights)
@@ -497,9 +496,8 @@ class CircuitTuner:
             loss = loss + cfg.metric_beta * math.copysign(1.0, mean) * metric_sum / n_rows
         if self.extra_loss is not None:
             if batch is None:
-                batch = TaskData(
-                    clean=tokens, attention_mask=task.train_attention_mask[local], metric="kl"
-                )
+                batch = TaskData(clean=tokens, attention_mask=task.train_attention_mask[local],
+                                 metric="kl")
             loss = loss + self.extra_loss(logits, batch) * len(local) / n_rows
         return loss, metric_sum
 
@@ -545,11 +543,9 @@ class CircuitTuner:
                     h.remove()
         else:
             assert metric_sum is not None
-            grads = list(
-                torch.autograd.grad(
-                    metric_sum / n_rows, xs, retain_graph=training, allow_unused=True
-                )
-            )
+            grads = list(torch.autograd.grad(
+                metric_sum / n_rows, xs, retain_graph=training, allow_unused=True
+            ))
         mask = self.task.train_attention_mask[local].to(acts.device).float()
         total = torch.einsum("nbpd,bp->npd", acts, mask)
         count = mask.sum(0)
@@ -581,12 +577,8 @@ class CircuitTuner:
             reference = mean_activations(self.model, chosen, batch_size=cfg.batch_size)
         local = self.world.shard(torch.arange(want))
         result = attribute(
-            self.model,
-            chosen[local],
-            ablation=cfg.discovery_ablation,
-            reference=reference,
-            batch_size=cfg.batch_size,
-            progress=False,
+            self.model, chosen[local], ablation=cfg.discovery_ablation, reference=reference,
+            batch_size=cfg.batch_size, progress=False,
         )
         scores = result.scores * (len(local) / want)
         return self.world.sum_(scores)
@@ -608,13 +600,8 @@ class CircuitTuner:
         noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
         n = self.config.top_n_at(t)
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
-        return Circuit(
-            self.graph,
-            circuit.mask,
-            None,
-            {"step": t, "top_n": n, "mode": "random"},
-            self.model_name,
-        )
+        return Circuit(self.graph, circuit.mask, None,
+                       {"step": t, "top_n": n, "mode": "random"}, self.model_name)
 
     # ------------------------------------------------------------------ enforcement
 
@@ -626,15 +613,11 @@ class CircuitTuner:
             from ctlens.masking import restrict_gradients
 
             stack = contextlib.ExitStack()
-            self._rules = stack.enter_context(
-                restrict_gradients(
-                    self.model,
-                    circuit,
-                    optimizer=self._optimizer_ref,
-                    train_embeddings=self.config.train_embeddings,
-                    train_unembedding=self.config.train_unembedding,
-                )
-            ).rules
+            self._rules = stack.enter_context(restrict_gradients(
+                self.model, circuit, optimizer=self._optimizer_ref,
+                train_embeddings=self.config.train_embeddings,
+                train_unembedding=self.config.train_unembedding,
+            )).rules
             self._restriction = stack
 
     def _mask_grads(self) -> None:
@@ -660,11 +643,8 @@ class CircuitTuner:
     def _train_means(self, t: int) -> torch.Tensor:
         """Per-position mean sender outputs over step ``t``'s global batch (forward modes)."""
         rows = self._global_rows(t)
-        data = TaskData(
-            clean=self.task.train_tokens[rows],
-            attention_mask=self.task.train_attention_mask[rows],
-            metric="kl",
-        )
+        data = TaskData(clean=self.task.train_tokens[rows],
+                        attention_mask=self.task.train_attention_mask[rows], metric="kl")
         return mean_activations(self.model, data, batch_size=self.config.batch_size)
 
     def _release(self) -> None:
@@ -740,9 +720,8 @@ class CircuitTuner:
         if cfg.eval_examples is not None:
             data = data[: cfg.eval_examples]
         ablation = cfg.discovery_ablation
-        scores = attribute(
-            self.model, data, ablation=ablation, batch_size=cfg.batch_size, progress=False
-        )
+        scores = attribute(self.model, data, ablation=ablation, batch_size=cfg.batch_size,
+                           progress=False)
         n = cfg.top_n_at(0) if step == 0 else cfg.top_n_at(step - 1)
         circuit = Circuit.from_scores(scores, top_n=n)
         circuit.metadata = {"step": step, "top_n": n, "mode": cfg.mode, "discovery": "monitor"}
@@ -759,9 +738,8 @@ class CircuitTuner:
             logits = self.model(batch.clean)
             values.append(batch.metric_values(logits, logits).float().cpu())
         v = torch.cat(values)
-        accuracy = (
-            float((v > 0).float().mean()) if data.metric in ("logit_diff", "prob_diff") else None
-        )
+        accuracy = float((v > 0).float().mean()) if data.metric in ("logit_diff", "prob_diff") \
+            else None
         return float(v.mean()), accuracy
 
     def _masked_target(self) -> float | None:
@@ -808,11 +786,7 @@ class CircuitTuner:
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(
-        self,
-        rd: RunDir,
-        step: int,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
+        self, rd: RunDir, step: int, optimizer: torch.optim.Optimizer, scheduler: Any,
         started: float,
     ) -> None:
         """Write checkpoint ``step`` atomically (rank 0 only, through ``World.on_main``)."""
@@ -863,13 +837,8 @@ class CircuitTuner:
         if state["circuit_mask"] is not None:
             import json
 
-            circuit = Circuit(
-                self.graph,
-                state["circuit_mask"],
-                state["circuit_scores"],
-                json.loads(state["circuit_metadata"]),
-                self.model_name,
-            )
+            circuit = Circuit(self.graph, state["circuit_mask"], state["circuit_scores"],
+                              json.loads(state["circuit_metadata"]), self.model_name)
             self._set_circuit(circuit)
         self.step = step
 
@@ -908,17 +877,8 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def _check_task(task: Any) -> None:
-    missing = [
-        name
-        for name in (
-            "discovery",
-            "train_tokens",
-            "train_target_mask",
-            "train_attention_mask",
-            "evals",
-        )
-        if not hasattr(task, name)
-    ]
+    missing = [name for name in ("discovery", "train_tokens", "train_target_mask",
+                                 "train_attention_mask", "evals") if not hasattr(task, name)]
     if missing:
         raise TypeError(
             f"the task lacks {missing}; pass a ctlens.tasks.Task or an object with the "

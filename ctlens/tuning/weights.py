@@ -57,10 +57,8 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
     module = hf_module(model)
     expected = _fresh_keys(module)
     found: dict[str, torch.Tensor] = {}
-    named = [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
     for name, tensor in named:
         key = _SEGMENT.sub("", name)
         if key in expected and key not in found:

@@ -51,21 +51,12 @@ def add_viz_commands(subparsers: Any) -> None:
         "scores, config and metrics.",
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by the tuner")
-    report.add_argument(
-        "-o", "--out", default=None, help="output file (default RUN_DIR/report.html)"
-    )
-    report.add_argument(
-        "--top",
-        type=int,
-        default=300,
-        help="edges drawn per circuit, strongest first (default 300)",
-    )
-    report.add_argument(
-        "--max-frames",
-        type=int,
-        default=40,
-        help="circuit snapshots in the evolution slider (default 40)",
-    )
+    report.add_argument("-o", "--out", default=None,
+                        help="output file (default RUN_DIR/report.html)")
+    report.add_argument("--top", type=int, default=300,
+                        help="edges drawn per circuit, strongest first (default 300)")
+    report.add_argument("--max-frames", type=int, default=40,
+                        help="circuit snapshots in the evolution slider (default 40)")
     report.set_defaults(func=run_report)
 
     diff = subparsers.add_parser(

@@ -45,18 +45,10 @@ INACTIVE = "#d9d9d9"
 WIDTHS = (0.7, 1.4, 2.6, 4.2)
 OPACITY = (0.35, 0.5, 0.7, 0.9)
 LEGEND_BIN = 2
-CLASS_LABEL = {
-    "q": "q input (solid)",
-    "k": "k input (dashed)",
-    "v": "v input (dotted)",
-    "resid": "MLP / logits input",
-}
-_CLASS_DASH = {
-    "q": DASH[NodeKind.Q],
-    "k": DASH[NodeKind.K],
-    "v": DASH[NodeKind.V],
-    "resid": DASH[NodeKind.MLP],
-}
+CLASS_LABEL = {"q": "q input (solid)", "k": "k input (dashed)", "v": "v input (dotted)",
+               "resid": "MLP / logits input"}
+_CLASS_DASH = {"q": DASH[NodeKind.Q], "k": DASH[NodeKind.K], "v": DASH[NodeKind.V],
+               "resid": DASH[NodeKind.MLP]}
 PLOT_CONFIG: dict[str, Any] = {"displaylogo": False, "responsive": True}
 
 
@@ -101,10 +93,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _edge_hover(
-    layout: Layout,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scores: torch.Tensor | None,
+    layout: Layout, rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor | None,
     prefix: str = "",
 ) -> Trace:
     """Invisible markers at the edge midpoints carrying each edge's name and score."""
@@ -118,14 +107,8 @@ def _edge_hover(
         for i, j, v in zip(rows.tolist(), cols.tolist(), values, strict=True)
     ]
     return scatter(
-        x=mx,
-        y=my,
-        mode="markers",
-        text=_strings(text),
-        hoverinfo="text",
-        name="edges",
-        marker={"size": 8, "color": "rgba(0,0,0,0)"},
-        showlegend=False,
+        x=mx, y=my, mode="markers", text=_strings(text), hoverinfo="text", name="edges",
+        marker={"size": 8, "color": "rgba(0,0,0,0)"}, showlegend=False,
     )
 
 
@@ -155,36 +138,17 @@ def _port_traces(layout: Layout, mask: torch.Tensor) -> list[Trace]:
             lx += [x, float(layout.sender_x[row]), None]
             ly += [y, float(layout.sender_y[row]), None]
     traces = [
-        scatter(
-            x=np.array(lx, dtype=float),
-            y=np.array(ly, dtype=float),
-            mode="lines",
-            hoverinfo="skip",
-            showlegend=False,
-            name="ports",
-            line={"color": "#999999", "width": 0.8},
-        ),
+        scatter(x=np.array(lx, dtype=float), y=np.array(ly, dtype=float), mode="lines",
+                   hoverinfo="skip", showlegend=False, name="ports",
+                   line={"color": "#999999", "width": 0.8}),
     ]
     for kind, cols in ports.items():
-        traces.append(
-            scatter(
-                x=layout.receiver_x[cols].numpy(),
-                y=layout.receiver_y[cols].numpy(),
-                mode="markers",
-                hoverinfo="text",
-                name=f"{kind.value} ports",
-                showlegend=False,
-                text=_strings(
-                    [f"{g.receivers[j]}<br>{int(n_in[j])} incoming edge(s)" for j in cols]
-                ),
-                marker={
-                    "symbol": symbols[kind],
-                    "size": 6,
-                    "color": "#666666",
-                    "line": {"width": 0},
-                },
-            )
-        )
+        traces.append(scatter(
+            x=layout.receiver_x[cols].numpy(), y=layout.receiver_y[cols].numpy(),
+            mode="markers", hoverinfo="text", name=f"{kind.value} ports", showlegend=False,
+            text=_strings([f"{g.receivers[j]}<br>{int(n_in[j])} incoming edge(s)" for j in cols]),
+            marker={"symbol": symbols[kind], "size": 6, "color": "#666666", "line": {"width": 0}},
+        ))
     return traces
 
 
@@ -208,24 +172,17 @@ def _node_traces(
         rows = sorted(rows, key=lambda i: g.sender_nodes[i].kind is not NodeKind.HEAD)
         nodes = [g.sender_nodes[i] for i in rows]
         labels = [n.name if n.kind is not NodeKind.HEAD else "" for n in nodes]
-        text = [(hover or {}).get(i, g.sender_nodes[i].name) for i in rows]
+        text = [
+            (hover or {}).get(i, g.sender_nodes[i].name) for i in rows
+        ]
         return scatter(
-            x=layout.sender_x[rows].numpy(),
-            y=layout.sender_y[rows].numpy(),
-            mode="markers+text",
-            text=_strings(labels),
-            textposition="middle right",
-            textfont={"size": 10, "color": "#333333"},
-            hovertext=_strings(text),
+            x=layout.sender_x[rows].numpy(), y=layout.sender_y[rows].numpy(),
+            mode="markers+text", text=_strings(labels), textposition="middle right",
+            textfont={"size": 10, "color": "#333333"}, hovertext=_strings(text),
             hoverinfo="text",
-            name=name,
-            showlegend=legend,
-            marker={
-                "symbol": [symbol[n.kind] for n in nodes],
-                "size": size,
-                "color": colour,
-                "line": {"width": 1, "color": "white"},
-            },
+            name=name, showlegend=legend,
+            marker={"symbol": [symbol[n.kind] for n in nodes], "size": size, "color": colour,
+                    "line": {"width": 1, "color": "white"}},
         )
 
     for name, members, colour in groups:
@@ -237,24 +194,17 @@ def _node_traces(
     lx, ly = layout.logits_xy
     traces.append(
         scatter(
-            x=[lx],
-            y=[ly],
-            mode="markers+text",
-            text=["logits"],
-            textposition="middle right",
-            hovertext=["logits"],
-            hoverinfo="text",
-            showlegend=False,
-            name="logits",
-            marker={"symbol": "star", "size": 16, "color": groups[0][2] if groups else INACTIVE},
+            x=[lx], y=[ly], mode="markers+text", text=["logits"], textposition="middle right",
+            hovertext=["logits"], hoverinfo="text", showlegend=False, name="logits",
+            marker={"symbol": "star", "size": 16,
+                    "color": groups[0][2] if groups else INACTIVE},
         )
     )
     return traces
 
 
-def _circuit_axes(
-    fig: go.Figure, layout: Layout, row: int | None = None, col: int | None = None
-) -> None:
+def _circuit_axes(fig: go.Figure, layout: Layout, row: int | None = None,
+                  col: int | None = None) -> None:
     H = layout.graph.spec.n_heads
     (x0, x1), (y0, y1) = layout.axis_ranges()
     yvals, ytext = layout.layer_ticks()
@@ -262,18 +212,10 @@ def _circuit_axes(
     xvals = [float(h) for h in range(0, H, step)] + [layout.mlp_x]
     xtext = [f"h{h}" for h in range(0, H, step)] + ["MLP"]
     kw: dict[str, Any] = {} if row is None else {"row": row, "col": col}
-    fig.update_xaxes(
-        range=[x0, x1], tickvals=xvals, ticktext=xtext, showgrid=False, zeroline=False, **kw
-    )
-    fig.update_yaxes(
-        range=[y0, y1],
-        tickvals=yvals,
-        ticktext=ytext,
-        showgrid=True,
-        gridcolor="#f0f0f0",
-        zeroline=False,
-        **kw,
-    )
+    fig.update_xaxes(range=[x0, x1], tickvals=xvals, ticktext=xtext, showgrid=False,
+                     zeroline=False, **kw)
+    fig.update_yaxes(range=[y0, y1], tickvals=yvals, ticktext=ytext, showgrid=True,
+                     gridcolor="#f0f0f0", zeroline=False, **kw)
 
 
 def _score_bins(values: torch.Tensor, max_abs: float) -> torch.Tensor:
@@ -306,10 +248,8 @@ def _edge_traces(
         negative = torch.zeros(len(rows), dtype=torch.bool)
     traces: list[Trace] = []
     for sign, (label, colour) in enumerate(
-        [
-            ("positive score", POSITIVE if es.scores is not None else UNSCORED),
-            ("negative score", NEGATIVE),
-        ]
+        [("positive score", POSITIVE if es.scores is not None else UNSCORED),
+         ("negative score", NEGATIVE)]
     ):
         if es.scores is None and sign == 0:
             label = "unscored"
@@ -323,18 +263,11 @@ def _edge_traces(
                     x, y = np.array([np.nan]), np.array([np.nan])  # keeps the legend entry
                 traces.append(
                     scatter(
-                        x=x,
-                        y=y,
-                        mode="lines",
-                        hoverinfo="skip",
+                        x=x, y=y, mode="lines", hoverinfo="skip",
                         name=f"{label} → {CLASS_LABEL[cname]}",
-                        legendgroup=f"{sign}-{cname}",
-                        showlegend=legend,
-                        line={
-                            "color": _rgba(colour, OPACITY[b]),
-                            "width": WIDTHS[b],
-                            "dash": _CLASS_DASH[cname],
-                        },
+                        legendgroup=f"{sign}-{cname}", showlegend=legend,
+                        line={"color": _rgba(colour, OPACITY[b]), "width": WIDTHS[b],
+                              "dash": _CLASS_DASH[cname]},
                     )
                 )
     return traces
@@ -387,9 +320,8 @@ def plot_circuit(
     fig.add_traces(_port_traces(layout, es.mask))
     fig.add_trace(_edge_hover(layout, rows, cols, es.scores))
     active = active_senders(layout, es.mask)
-    fig.add_traces(
-        _node_traces(layout, [("in circuit", active, "#333333")], _node_hover(layout, es))
-    )
+    fig.add_traces(_node_traces(layout, [("in circuit", active, "#333333")],
+                                _node_hover(layout, es)))
     _circuit_axes(fig, layout)
     if title is None:
         title = f"{es.label}: {es.n_edges} edges, {int(active.sum()) + 1} components"
@@ -403,11 +335,8 @@ def _circuit_height(layout: Layout) -> int:
 
 def _style(fig: go.Figure, title: str, height: int) -> None:
     fig.update_layout(
-        title={"text": title, "x": 0.01, "xanchor": "left"},
-        height=height,
-        template="plotly_white",
-        hovermode="closest",
-        margin={"l": 60, "r": 20, "t": 60, "b": 40},
+        title={"text": title, "x": 0.01, "xanchor": "left"}, height=height,
+        template="plotly_white", hovermode="closest", margin={"l": 60, "r": 20, "t": 60, "b": 40},
         legend={"orientation": "v", "x": 1.01, "y": 1, "font": {"size": 11}},
     )
 
@@ -468,10 +397,8 @@ def _diff_counts(layout: Layout, ma: torch.Tensor, mb: torch.Tensor) -> dict[str
     nodes_union = int((na | nb).sum()) + max(la, lb)
     nodes_both = int((na & nb).sum()) + min(la, lb)
     return {
-        "edges_a": int(ma.sum()),
-        "edges_b": int(mb.sum()),
-        "edges_only_a": int((ma & ~mb).sum()),
-        "edges_only_b": int((mb & ~ma).sum()),
+        "edges_a": int(ma.sum()), "edges_b": int(mb.sum()),
+        "edges_only_a": int((ma & ~mb).sum()), "edges_only_b": int((mb & ~ma).sum()),
         "edges_both": int((ma & mb).sum()),
         "nodes_only_a": int((na & ~nb).sum()) + max(0, la - lb),
         "nodes_only_b": int((nb & ~na).sum()) + max(0, lb - la),
@@ -515,33 +442,22 @@ def plot_diff(
         for c, cname in enumerate(RECEIVER_CLASSES):
             select = cls == c
             x, y = _line_xy(layout, rows[select], cols[select])
-            fig.add_trace(
-                scatter(
-                    x=x,
-                    y=y,
-                    mode="lines",
-                    hoverinfo="skip",
-                    name=f"{name} → {CLASS_LABEL[cname]}",
-                    legendgroup=name,
-                    showlegend=bool(select.any()),
-                    line={"color": _rgba(colour, 0.75), "width": width, "dash": _CLASS_DASH[cname]},
-                )
-            )
+            fig.add_trace(scatter(
+                x=x, y=y, mode="lines", hoverinfo="skip", name=f"{name} → {CLASS_LABEL[cname]}",
+                legendgroup=name, showlegend=bool(select.any()),
+                line={"color": _rgba(colour, 0.75), "width": width, "dash": _CLASS_DASH[cname]},
+            ))
     fig.add_traces(_port_traces(layout, ma | mb))
     for name, mask, _, _ in classes:
         rows, cols = mask.nonzero(as_tuple=True)
         fig.add_trace(_edge_hover(layout, rows, cols, scores, prefix=f"{name}<br>"))
     na, nb = _components(layout, ma), _components(layout, mb)
-    fig.add_traces(
-        _node_traces(
-            layout,
-            [
-                (f"nodes in both ({counts['nodes_both']})", na & nb, "#555555"),
-                (f"nodes only in {ea.label} ({counts['nodes_only_a']})", na & ~nb, ONLY_A),
-                (f"nodes only in {eb.label} ({counts['nodes_only_b']})", nb & ~na, ONLY_B),
-            ],
-        )
-    )
+    fig.add_traces(_node_traces(
+        layout,
+        [(f"nodes in both ({counts['nodes_both']})", na & nb, "#555555"),
+         (f"nodes only in {ea.label} ({counts['nodes_only_a']})", na & ~nb, ONLY_A),
+         (f"nodes only in {eb.label} ({counts['nodes_only_b']})", nb & ~na, ONLY_B)],
+    ))
     _circuit_axes(fig, layout)
     if title is None:
         title = (
@@ -567,10 +483,8 @@ def jaccard_series(run: Run) -> dict[str, tuple[list[int], list[float]]]:
     steps = run.steps
     masks = [run.circuits[s].mask for s in steps]
     out: dict[str, tuple[list[int], list[float]]] = {
-        "edge Jaccard to first": (steps, []),
-        "node Jaccard to first": (steps, []),
-        "edge Jaccard to previous": (steps, []),
-        "node Jaccard to previous": (steps, []),
+        "edge Jaccard to first": (steps, []), "node Jaccard to first": (steps, []),
+        "edge Jaccard to previous": (steps, []), "node Jaccard to previous": (steps, []),
     }
     for k, mask in enumerate(masks):
         first = _diff_counts(layout, masks[0], mask)
@@ -616,31 +530,19 @@ def plot_evolution(
     for s in steps:
         es = as_edge_set(run.circuits[s], label=f"step {s}")
         sets[s] = es.strongest(top if es.scores is not None else None)
-    max_abs = (
-        max(
-            (float((e.scores * e.mask).abs().max()) for e in sets.values() if e.scores is not None),
-            default=1.0,
-        )
-        or 1.0
-    )
+    max_abs = max(
+        (float((e.scores * e.mask).abs().max()) for e in sets.values() if e.scores is not None),
+        default=1.0,
+    ) or 1.0
     evals = run.eval_series()
-    titles = [
-        "",
-        "target metric",
-        "general loss (held-out LM)",
-        "circuit size (edges)",
-        "Jaccard similarity",
-        "fraction of parameters moved",
-        "other tasks" if evals else "training loss",
-    ]
+    titles = ["", "target metric", "general loss (held-out LM)", "circuit size (edges)",
+              "Jaccard similarity", "fraction of parameters moved",
+              "other tasks" if evals else "training loss"]
     fig = make_subplots(
-        rows=4,
-        cols=3,
+        rows=4, cols=3,
         specs=[[{"colspan": 3}, None, None], [None, None, None], [{}, {}, {}], [{}, {}, {}]],
-        row_heights=[0.55, 0.06, 0.195, 0.195],
-        vertical_spacing=0.045,
-        horizontal_spacing=0.07,
-        subplot_titles=titles,
+        row_heights=[0.55, 0.06, 0.195, 0.195], vertical_spacing=0.045,
+        horizontal_spacing=0.07, subplot_titles=titles,
     )
 
     def frame_traces(step: int) -> list[Trace]:
@@ -650,7 +552,8 @@ def plot_evolution(
         traces += _port_traces(layout, es.mask)
         traces.append(_edge_hover(layout, rows, cols, es.scores))
         active = active_senders(layout, es.mask)
-        traces += _node_traces(layout, [("in circuit", active, "#333333")], _node_hover(layout, es))
+        traces += _node_traces(layout, [("in circuit", active, "#333333")],
+                               _node_hover(layout, es))
         return traces
 
     first = frame_traces(steps[0])
@@ -665,29 +568,17 @@ def plot_evolution(
         (3, 3, {"circuit edges": run.metric_series("circuit_edges")}),
         (4, 1, jaccard_series(run)),
         (4, 2, {"params moved": run.metric_series("params_moved")}),
-        (
-            4,
-            3,
-            {f"eval: {k}": v for k, v in evals.items()}
-            or {"train loss": run.metric_series("train_loss")},
-        ),
+        (4, 3, {f"eval: {k}": v for k, v in evals.items()}
+         or {"train loss": run.metric_series("train_loss")}),
     ]
     for row, col, series in panels:
         for k, (name, (xs, ys)) in enumerate(series.items()):
             fig.add_trace(
-                scatter(
-                    x=xs,
-                    y=ys,
-                    mode="lines+markers",
-                    name=name,
-                    legend="legend2",
-                    showlegend=len(series) > 1,
-                    marker={"size": 4},
-                    line={"color": _LINE_COLOURS[k % len(_LINE_COLOURS)], "width": 1.6},
-                    hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
-                ),
-                row=row,
-                col=col,
+                scatter(x=xs, y=ys, mode="lines+markers", name=name, legend="legend2",
+                           showlegend=len(series) > 1, marker={"size": 4},
+                           line={"color": _LINE_COLOURS[k % len(_LINE_COLOURS)], "width": 1.6},
+                           hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"),
+                row=row, col=col,
             )
         if row == 4:
             fig.update_xaxes(title_text="step", title_standoff=2, row=row, col=col)
@@ -700,36 +591,21 @@ def plot_evolution(
         for ax in axes:
             xref = ax.xaxis.plotly_name.replace("axis", "")
             yref = ax.yaxis.plotly_name.replace("axis", "")
-            shapes.append(
-                {
-                    "type": "line",
-                    "x0": step,
-                    "x1": step,
-                    "xref": xref,
-                    "yref": f"{yref} domain",
-                    "y0": 0,
-                    "y1": 1,
-                    "line": {"color": "#888888", "width": 1, "dash": "dot"},
-                }
-            )
+            shapes.append({"type": "line", "x0": step, "x1": step, "xref": xref,
+                           "yref": f"{yref} domain", "y0": 0, "y1": 1,
+                           "line": {"color": "#888888", "width": 1, "dash": "dot"}})
         return shapes
 
     def frame_title(step: int) -> str:
         es = sets[step]
         full = run.circuits[step].n_edges
         shown = f"top {es.n_edges} of {full}" if es.n_edges < full else f"{full}"
-        return (
-            f"{run.info.get('model', 'model')} · {run.info.get('task', 'task')} · "
-            f"step {step}: {shown} circuit edges"
-        )
+        return f"{run.info.get('model', 'model')} · {run.info.get('task', 'task')} · " \
+               f"step {step}: {shown} circuit edges"
 
     frames = [
-        go.Frame(
-            name=str(s),
-            data=frame_traces(s),
-            traces=list(range(n_circuit)),
-            layout={"shapes": marker_shapes(s), "title": {"text": frame_title(s)}},
-        )
+        go.Frame(name=str(s), data=frame_traces(s), traces=list(range(n_circuit)),
+                 layout={"shapes": marker_shapes(s), "title": {"text": frame_title(s)}})
         for s in steps
     ]
     fig.frames = frames
@@ -738,62 +614,30 @@ def plot_evolution(
     below_circuit = fig.layout.yaxis.domain[0] - 28 / total_height
     legend2_top = fig.get_subplot(3, 3).yaxis.domain[1]
     slider = {
-        "active": 0,
-        "x": 0.08,
-        "len": 0.9,
-        "y": below_circuit,
-        "yanchor": "top",
+        "active": 0, "x": 0.08, "len": 0.9, "y": below_circuit, "yanchor": "top",
         "currentvalue": {"prefix": "snapshot at step ", "font": {"size": 12}},
         "pad": {"t": 0, "b": 0},
         "steps": [
-            {
-                "label": str(s),
-                "method": "animate",
-                "args": [
-                    [str(s)],
-                    {
-                        "mode": "immediate",
-                        "frame": {"duration": 0, "redraw": True},
-                        "transition": {"duration": 0},
-                    },
-                ],
-            }
+            {"label": str(s), "method": "animate",
+             "args": [[str(s)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
+                                 "transition": {"duration": 0}}]}
             for s in steps
         ],
     }
     buttons = {
-        "type": "buttons",
-        "direction": "left",
-        "x": 0.0,
-        "y": below_circuit,
-        "yanchor": "top",
-        "xanchor": "left",
-        "showactive": False,
-        "pad": {"t": 0, "r": 6},
+        "type": "buttons", "direction": "left", "x": 0.0, "y": below_circuit, "yanchor": "top",
+        "xanchor": "left", "showactive": False, "pad": {"t": 0, "r": 6},
         "buttons": [
-            {
-                "label": "▶",
-                "method": "animate",
-                "args": [
-                    None,
-                    {
-                        "frame": {"duration": 700, "redraw": True},
-                        "fromcurrent": True,
-                        "transition": {"duration": 0},
-                    },
-                ],
-            },
-            {
-                "label": "❚❚",
-                "method": "animate",
-                "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}],
-            },
+            {"label": "▶", "method": "animate",
+             "args": [None, {"frame": {"duration": 700, "redraw": True}, "fromcurrent": True,
+                             "transition": {"duration": 0}}]},
+            {"label": "❚❚", "method": "animate",
+             "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]},
         ],
     }
     _style(fig, frame_title(steps[0]), total_height)
     fig.update_layout(
-        sliders=[slider] if len(steps) > 1 else [],
-        updatemenus=[buttons] if len(steps) > 1 else [],
+        sliders=[slider] if len(steps) > 1 else [], updatemenus=[buttons] if len(steps) > 1 else [],
         shapes=marker_shapes(steps[0]),
         legend={"x": 1.01, "y": 1.0, "yanchor": "top"},
         legend2={"x": 1.01, "y": legend2_top, "yanchor": "top", "font": {"size": 11}},
@@ -817,10 +661,8 @@ def _node_score_table(scores: Any) -> tuple[dict[str, float], str]:
             raise ValueError("this circuit has no scores; pass the EdgeScores it came from")
         dense = scores.scores * scores.mask
         names = scores.graph.senders
-        return (
-            {n: float(v) for n, v in zip(names, dense.sum(1).tolist(), strict=True)},
-            "sum of the node's outgoing circuit-edge scores",
-        )
+        return ({n: float(v) for n, v in zip(names, dense.sum(1).tolist(), strict=True)},
+                "sum of the node's outgoing circuit-edge scores")
     if isinstance(scores, Mapping):
         return {str(k): float(v) for k, v in scores.items()}, "node score"
     raise TypeError(
@@ -875,16 +717,8 @@ def plot_node_scores(
     xlabels = [f"h{h}" for h in range(n_heads)] + ["MLP"]
     ylabels = [f"L{layer}" for layer in range(n_layers)]
     heat = go.Heatmap(
-        z=z,
-        x=xlabels,
-        y=ylabels,
-        customdata=text,
-        colorscale="RdBu",
-        zmid=0.0,
-        zmin=-bound or -1.0,
-        zmax=bound or 1.0,
-        xgap=1,
-        ygap=1,
+        z=z, x=xlabels, y=ylabels, customdata=text, colorscale="RdBu", zmid=0.0,
+        zmin=-bound or -1.0, zmax=bound or 1.0, xgap=1, ygap=1,
         hovertemplate="%{customdata}: %{z:+.4g}<extra></extra>",
         colorbar={"title": {"text": "score"}},
     )

@@ -36,13 +36,8 @@ from ctlens.types import NodeKind
 PORT_DY = 0.35
 PORT_DX = 0.27
 #: edge dash per receiver kind; MLP and logits receivers are solid lines to the node itself
-DASH = {
-    NodeKind.Q: "solid",
-    NodeKind.K: "dash",
-    NodeKind.V: "dot",
-    NodeKind.MLP: "solid",
-    NodeKind.LOGITS: "solid",
-}
+DASH = {NodeKind.Q: "solid", NodeKind.K: "dash", NodeKind.V: "dot", NodeKind.MLP: "solid",
+        NodeKind.LOGITS: "solid"}
 #: the receiver classes figures draw as separate traces (MLP and logits share one)
 RECEIVER_CLASSES: tuple[str, ...] = ("q", "k", "v", "resid")
 

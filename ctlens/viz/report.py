@@ -48,12 +48,8 @@ td.k, th.k { text-align: left; }
 def figure_div(fig: go.Figure, div_id: str) -> str:
     """A figure as a ``<div>`` plus script, relying on plotly.js already on the page."""
     return fig.to_html(
-        full_html=False,
-        include_plotlyjs=False,
-        div_id=div_id,
-        config=PLOT_CONFIG,
-        default_width="100%",
-        default_height=f"{int(fig.layout.height or 500)}px",
+        full_html=False, include_plotlyjs=False, div_id=div_id, config=PLOT_CONFIG,
+        default_width="100%", default_height=f"{int(fig.layout.height or 500)}px",
         auto_play=False,
     )
 
@@ -61,9 +57,9 @@ def figure_div(fig: go.Figure, div_id: str) -> str:
 def html_page(title: str, body: str) -> str:
     """A full HTML page with plotly.js inlined once in its head."""
     return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n"
-        f'<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n'
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n"
         f"{body}\n</body>\n</html>\n"
     )
 
@@ -75,7 +71,7 @@ def write_figures(
     parts = [f"<h1>{html.escape(title)}</h1>"]
     for k, (heading, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        parts.append(f'<div class="fig">{figure_div(fig, f"ctlens-fig-{k}")}</div>')
+        parts.append(f"<div class=\"fig\">{figure_div(fig, f'ctlens-fig-{k}')}</div>")
     out = Path(out)
     atomic_write_text(out, html_page(title, "\n".join(parts)))
     return out
@@ -91,15 +87,13 @@ def _cell(value: Any) -> str:
 
 def _config_table(config: dict[str, Any]) -> str:
     if not config:
-        return '<p class="note">run.json has no config.</p>'
+        return "<p class=\"note\">run.json has no config.</p>"
     rows = "".join(
-        f'<tr><td class="k">{html.escape(str(k))}</td><td class="k">{_cell(v)}</td></tr>'
+        f"<tr><td class=\"k\">{html.escape(str(k))}</td><td class=\"k\">{_cell(v)}</td></tr>"
         for k, v in sorted(config.items())
     )
-    return (
-        f'<table class="summary"><tr><th class="k">field</th><th class="k">value</th>'
-        f"</tr>{rows}</table>"
-    )
+    return f"<table class=\"summary\"><tr><th class=\"k\">field</th><th class=\"k\">value</th>" \
+           f"</tr>{rows}</table>"
 
 
 def _metrics_table(run: Run) -> str:
@@ -114,7 +108,7 @@ def _metrics_table(run: Run) -> str:
         cells = [_cell(row.get(k, "")) for k in [*keys, *extra]]
         cells += [_cell((row.get("evals") or {}).get(k, "")) for k in evals]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>'
+    return f"<div class=\"scroll\"><table><tr>{head}</tr>{''.join(body)}</table></div>"
 
 
 def _summary(run: Run) -> str:
@@ -126,22 +120,18 @@ def _summary(run: Run) -> str:
         return f"{_cell(a)} → {_cell(b)}"
 
     rows = [
-        ("model", info.get("model", "?")),
-        ("task", info.get("task", "?")),
-        ("graph", run.graph._describe()),
-        ("created", info.get("created", "?")),
+        ("model", info.get("model", "?")), ("task", info.get("task", "?")),
+        ("graph", run.graph._describe()), ("created", info.get("created", "?")),
         ("ctlens version", info.get("ctlens_version", "?")),
         ("evaluations", f"{len(run.metrics)} (steps {first['step']} → {last['step']})"),
         ("circuit snapshots", f"{len(run.circuits)}"),
-        ("target metric", change("target_metric")),
-        ("general loss", change("general_loss")),
-        ("circuit edges", change("circuit_edges")),
-        ("params moved", change("params_moved")),
+        ("target metric", change("target_metric")), ("general loss", change("general_loss")),
+        ("circuit edges", change("circuit_edges")), ("params moved", change("params_moved")),
     ]
     body = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
-    return f'<table class="summary">{body}</table>'
+    return f"<table class=\"summary\">{body}</table>"
 
 
 def write_report(
@@ -165,35 +155,35 @@ def write_report(
     sections: list[str] = [
         f"<h1>ctlens run: {html.escape(str(run.info.get('task', '?')))} on "
         f"{html.escape(str(run.info.get('model', '?')))}</h1>",
-        f'<p class="sub">{html.escape(str(run.path.resolve()))}</p>',
-        "<h2>Summary</h2>",
-        _summary(run),
+        f"<p class=\"sub\">{html.escape(str(run.path.resolve()))}</p>",
+        "<h2>Summary</h2>", _summary(run),
         "<h2>Evolution</h2>",
-        '<p class="note">Drag the slider or press ▶ to step through the circuit snapshots; '
+        "<p class=\"note\">Drag the slider or press ▶ to step through the circuit snapshots; "
         "the dotted lines in the charts mark the step on show. Hover edges and nodes for "
         "names and scores; click legend entries to hide edge classes.</p>",
-        f'<div class="fig">'
+        f"<div class=\"fig\">"
         f"{figure_div(plot_evolution(run, top=top, max_frames=max_frames), 'ctlens-evolution')}"
         "</div>",
         f"<h2>Circuit at step {last}</h2>",
-        f'<div class="fig">{figure_div(last_fig, "ctlens-circuit")}</div>',
+        f"<div class=\"fig\">"
+        f"{figure_div(last_fig, 'ctlens-circuit')}"
+        "</div>",
     ]
     if len(run.steps) > 1:
         sections += [
             f"<h2>Circuit change: step {first} → step {last}</h2>",
-            f'<div class="fig">{figure_div(plot_diff(run, steps=(first, last)), "ctlens-diff")}'
+            f"<div class=\"fig\">{figure_div(plot_diff(run, steps=(first, last)), 'ctlens-diff')}"
             "</div>",
         ]
     if last_circuit.scores is not None:
         sections += [
             f"<h2>Node scores at step {last}</h2>",
-            f'<div class="fig">{figure_div(plot_node_scores(last_circuit), "ctlens-nodes")}</div>',
+            f"<div class=\"fig\">{figure_div(plot_node_scores(last_circuit), 'ctlens-nodes')}"
+            "</div>",
         ]
     sections += [
-        "<h2>Config</h2>",
-        _config_table(run.config),
-        "<h2>Metrics</h2>",
-        _metrics_table(run),
+        "<h2>Config</h2>", _config_table(run.config),
+        "<h2>Metrics</h2>", _metrics_table(run),
     ]
     title = f"ctlens report: {run.info.get('task', '?')} on {run.info.get('model', '?')}"
     atomic_write_text(out_path, html_page(title, "\n".join(sections)))

@@ -20,12 +20,7 @@ from ctlens.graph import Graph, GraphSpec
 RUN_FORMAT = "ctlens-run"
 RUN_VERSION = 1
 METRIC_KEYS: tuple[str, ...] = (
-    "step",
-    "target_metric",
-    "general_loss",
-    "circuit_edges",
-    "params_moved",
-    "evals",
+    "step", "target_metric", "general_loss", "circuit_edges", "params_moved", "evals",
     "wall_time",
 )
 _SNAPSHOT = re.compile(r"^step_(\d+)\.json$")
@@ -125,8 +120,8 @@ def _read_info(path: Path) -> dict[str, Any]:
         raise RunFormatError(f"{run_json} is not valid JSON ({err}); it may be truncated") from err
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
         raise RunFormatError(
-            f'{run_json} is not a ctlens run description (expected "format": '
-            f'"{RUN_FORMAT}", got {info.get("format") if isinstance(info, dict) else info!r})'
+            f"{run_json} is not a ctlens run description (expected \"format\": "
+            f"\"{RUN_FORMAT}\", got {info.get('format') if isinstance(info, dict) else info!r})"
         )
     if info.get("version") != RUN_VERSION:
         raise RunFormatError(
@@ -134,7 +129,7 @@ def _read_info(path: Path) -> dict[str, Any]:
             f"version {RUN_VERSION}: use the ctlens version that wrote the run"
         )
     if "graph" not in info:
-        raise RunFormatError(f'{run_json} has no "graph" spec; it was not written by ctlens')
+        raise RunFormatError(f"{run_json} has no \"graph\" spec; it was not written by ctlens")
     return info
 
 
