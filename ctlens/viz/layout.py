@@ -169,13 +169,6 @@ class EdgeSet:
     def n_edges(self) -> int:
         return int(self.mask.sum())
 
-    def edge_list(self) -> list[tuple[str, str]]:
-        """The edges as ``(sender, receiver)`` name pairs, sender-major."""
-        rows, cols = self.mask.nonzero(as_tuple=True)
-        g = self.graph
-        pairs = zip(rows.tolist(), cols.tolist(), strict=True)
-        return [(g.senders[i], g.receivers[j]) for i, j in pairs]
-
     def strongest(self, top: int | None) -> EdgeSet:
         """The same set restricted to its ``top`` edges by |score| (all of them if ``None``)."""
         if top is None or top >= self.n_edges:

@@ -19,14 +19,11 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from ctlens.files import atomic_write_text
-from ctlens.viz.figures import (
-    PLOT_CONFIG,
-    plot_circuit,
-    plot_diff,
-    plot_evolution,
-    plot_node_scores,
-)
+from ctlens.viz.evolution import plot_evolution
+from ctlens.viz.figures import plot_circuit, plot_diff
+from ctlens.viz.nodes import plot_node_scores
 from ctlens.viz.run import Run, read_run
+from ctlens.viz.traces import PLOT_CONFIG
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;

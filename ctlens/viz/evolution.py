@@ -1,0 +1,207 @@
+"""`plot_evolution`: a run's circuit snapshots on a slider above its metric curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from ctlens.viz.figures import diff_mask_counts
+from ctlens.viz.layout import Layout, active_senders, as_edge_set
+from ctlens.viz.run import Run, read_run
+from ctlens.viz.traces import (
+    Trace,
+    circuit_axes,
+    circuit_height,
+    edge_hover,
+    edge_traces,
+    node_hover,
+    node_traces,
+    port_traces,
+    scatter,
+    style,
+)
+
+
+def jaccard_series(run: Run) -> dict[str, tuple[list[int], list[float]]]:
+    """Edge and node Jaccard of every snapshot to the first and to the previous snapshot."""
+    layout = Layout(run.graph)
+    steps = run.steps
+    masks = [run.circuits[s].mask for s in steps]
+    out: dict[str, tuple[list[int], list[float]]] = {
+        "edge Jaccard to first": (steps, []), "node Jaccard to first": (steps, []),
+        "edge Jaccard to previous": (steps, []), "node Jaccard to previous": (steps, []),
+    }
+    for k, mask in enumerate(masks):
+        first = diff_mask_counts(layout, masks[0], mask)
+        prev = diff_mask_counts(layout, masks[max(0, k - 1)], mask)
+        out["edge Jaccard to first"][1].append(first["edge_jaccard"])
+        out["node Jaccard to first"][1].append(first["node_jaccard"])
+        out["edge Jaccard to previous"][1].append(prev["edge_jaccard"])
+        out["node Jaccard to previous"][1].append(prev["node_jaccard"])
+    return out
+
+
+def _frame_steps(steps: list[int], max_frames: int) -> list[int]:
+    """At most ``max_frames`` steps, evenly spread, always with the first and the last."""
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be at least 2, got {max_frames}")
+    if len(steps) <= max_frames:
+        return steps
+    picks = np.linspace(0, len(steps) - 1, max_frames).round().astype(int)
+    return [steps[i] for i in sorted(set(picks.tolist()))]
+
+
+_LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
+def plot_evolution(
+    run_dir: str | Path | Run,
+    top: int | None = 300,
+    max_frames: int = 40,
+    height: int | None = None,
+) -> go.Figure:
+    """A run's circuit over time (slider and play button) above its metric curves.
+
+    The top panel shows one circuit snapshot per slider position (its ``top`` edges by
+    |score|, at most ``max_frames`` snapshots evenly spread, edge widths on one scale for
+    all frames). Below: target metric, general loss, circuit size, node/edge Jaccard to the
+    first and the previous snapshot, fraction of parameters moved, and the other tasks'
+    metrics; a dotted line marks the step on show.
+    """
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
+    layout = Layout(run.graph)
+    steps = _frame_steps(run.steps, max_frames)
+    sets = {}
+    for s in steps:
+        es = as_edge_set(run.circuits[s], label=f"step {s}")
+        sets[s] = es.strongest(top if es.scores is not None else None)
+    max_abs = max(
+        (float((e.scores * e.mask).abs().max()) for e in sets.values() if e.scores is not None),
+        default=1.0,
+    ) or 1.0
+    evals = run.eval_series()
+    titles = ["", "target metric", "general loss (held-out LM)", "circuit size (edges)",
+              "Jaccard similarity", "fraction of parameters moved",
+              "other tasks" if evals else "training loss"]
+    fig = make_subplots(
+        rows=4, cols=3,
+        specs=[[{"colspan": 3}, None, None], [None, None, None], [{}, {}, {}], [{}, {}, {}]],
+        row_heights=[0.55, 0.06, 0.195, 0.195], vertical_spacing=0.045,
+        horizontal_spacing=0.07, subplot_titles=titles,
+    )
+
+    def frame_traces(step: int) -> list[Trace]:
+        es = sets[step]
+        rows, cols = es.mask.nonzero(as_tuple=True)
+        traces = edge_traces(layout, es, max_abs, all_legend=True)
+        traces += port_traces(layout, es.mask)
+        traces.append(edge_hover(layout, rows, cols, es.scores))
+        active = active_senders(layout, es.mask)
+        traces += node_traces(layout, [("in circuit", active, "#333333")],
+                              node_hover(layout, es))
+        return traces
+
+    first = frame_traces(steps[0])
+    n_circuit = len(first)
+    for trace in first:
+        fig.add_trace(trace, row=1, col=1)
+    circuit_axes(fig, layout, row=1, col=1)
+    axes = _metric_panels(fig, run, evals)
+
+    def frame_title(step: int) -> str:
+        es = sets[step]
+        full = run.circuits[step].n_edges
+        shown = f"top {es.n_edges} of {full}" if es.n_edges < full else f"{full}"
+        return f"{run.info.get('model', 'model')} · {run.info.get('task', 'task')} · " \
+               f"step {step}: {shown} circuit edges"
+
+    fig.frames = [
+        go.Frame(name=str(s), data=frame_traces(s), traces=list(range(n_circuit)),
+                 layout={"shapes": _step_markers(axes, s), "title": {"text": frame_title(s)}})
+        for s in steps
+    ]
+    total_height = height or max(1100, circuit_height(layout) + 600)
+    style(fig, frame_title(steps[0]), total_height)
+    # slider and buttons sit in the empty second row, below the circuit's tick labels
+    below_circuit = fig.layout.yaxis.domain[0] - 28 / total_height
+    slider, buttons = _animation_controls(steps, below_circuit)
+    fig.update_layout(
+        sliders=[slider] if len(steps) > 1 else [], updatemenus=[buttons] if len(steps) > 1 else [],
+        shapes=_step_markers(axes, steps[0]),
+        legend={"x": 1.01, "y": 1.0, "yanchor": "top"},
+        legend2={"x": 1.01, "y": fig.get_subplot(3, 3).yaxis.domain[1], "yanchor": "top",
+                 "font": {"size": 11}},
+    )
+    return fig
+
+
+Series = dict[str, tuple[list[int], list[float]]]
+
+
+def _metric_panels(fig: go.Figure, run: Run, evals: Series) -> list[Any]:
+    """Draw the six metric charts in rows 3 and 4; return their subplot axes."""
+    panels: list[tuple[int, int, Series]] = [
+        (3, 1, {"target metric": run.metric_series("target_metric")}),
+        (3, 2, {"general loss": run.metric_series("general_loss")}),
+        (3, 3, {"circuit edges": run.metric_series("circuit_edges")}),
+        (4, 1, jaccard_series(run)),
+        (4, 2, {"params moved": run.metric_series("params_moved")}),
+        (4, 3, {f"eval: {k}": v for k, v in evals.items()}
+         or {"train loss": run.metric_series("train_loss")}),
+    ]
+    for row, col, series in panels:
+        for k, (name, (xs, ys)) in enumerate(series.items()):
+            fig.add_trace(
+                scatter(x=xs, y=ys, mode="lines+markers", name=name, legend="legend2",
+                        showlegend=len(series) > 1, marker={"size": 4},
+                        line={"color": _LINE_COLOURS[k % len(_LINE_COLOURS)], "width": 1.6},
+                        hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"),
+                row=row, col=col,
+            )
+        if row == 4:
+            fig.update_xaxes(title_text="step", title_standoff=2, row=row, col=col)
+    fig.update_yaxes(range=[-0.02, 1.02], row=4, col=1)
+    return [fig.get_subplot(r, c) for r, c, _ in panels]
+
+
+def _step_markers(axes: list[Any], step: int) -> list[dict[str, Any]]:
+    """A dotted vertical line at ``step`` in each metric chart."""
+    shapes = []
+    for ax in axes:
+        xref = ax.xaxis.plotly_name.replace("axis", "")
+        yref = ax.yaxis.plotly_name.replace("axis", "")
+        shapes.append({"type": "line", "x0": step, "x1": step, "xref": xref,
+                       "yref": f"{yref} domain", "y0": 0, "y1": 1,
+                       "line": {"color": "#888888", "width": 1, "dash": "dot"}})
+    return shapes
+
+
+def _animation_controls(steps: list[int], y: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The snapshot slider and the play/pause buttons, both top-anchored at ``y``."""
+    slider = {
+        "active": 0, "x": 0.08, "len": 0.9, "y": y, "yanchor": "top",
+        "currentvalue": {"prefix": "snapshot at step ", "font": {"size": 12}},
+        "pad": {"t": 0, "b": 0},
+        "steps": [
+            {"label": str(s), "method": "animate",
+             "args": [[str(s)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True},
+                                 "transition": {"duration": 0}}]}
+            for s in steps
+        ],
+    }
+    buttons = {
+        "type": "buttons", "direction": "left", "x": 0.0, "y": y, "yanchor": "top",
+        "xanchor": "left", "showactive": False, "pad": {"t": 0, "r": 6},
+        "buttons": [
+            {"label": "▶", "method": "animate",
+             "args": [None, {"frame": {"duration": 700, "redraw": True}, "fromcurrent": True,
+                             "transition": {"duration": 0}}]},
+            {"label": "❚❚", "method": "animate",
+             "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]},
+        ],
+    }
+    return slider, buttons
