@@ -189,3 +189,9 @@ def coarsen_matrix(
     summed = torch.zeros(coarse.n_senders, coarse.n_receivers, dtype=matrix.dtype)
     summed.index_add_(1, cols, out)
     return coarse, summed
+
+
+def groups_of(obj: Any) -> int:
+    """The ``mlp_groups`` of the graph of ``obj`` (a `Circuit`, `EdgeScores`); 1 if none."""
+    graph = getattr(obj, "graph", None)
+    return graph.spec.mlp_groups if isinstance(graph, Graph) else 1

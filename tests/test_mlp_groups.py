@@ -382,3 +382,118 @@ def test_mib_export_refuses_groups_and_accepts_the_coarse_circuit(tmp_path):
     assert not (tmp_path / "mib.json").exists()
     path = circuit.coarsen().to_mib_json(tmp_path / "mib.json")
     assert ctlens.Circuit.from_mib_json(path).n_edges == circuit.coarsen().n_edges
+
+
+# ------------------------------------------------------------------------------ masking
+
+
+def refined(coarse: ctlens.Circuit, graph: Graph) -> ctlens.Circuit:
+    """Every group edge whose one-group edge is in ``coarse``."""
+    from ctlens.mlp_groups import coarse_indices
+
+    rows, cols = coarse_indices(graph)
+    return ctlens.Circuit(graph, coarse.mask[rows][:, cols] & graph.valid)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("ablation", ["corrupt", "mean"])
+def test_a_circuit_of_whole_mlps_masks_the_same_on_both_graphs(family, ablation):
+    model, _ = pair(family)
+    task = random_task()
+    one = ctlens.attribute(model, task, ablation=ablation, progress=False)
+    coarse = ctlens.Circuit.from_scores(one, top_n=25)
+    grouped = refined(coarse, Graph.from_model(model, mlp_groups=GROUPS))
+    assert grouped.coarsen() == coarse
+    a = ctlens.faithfulness(model, task, coarse, ablation=ablation)
+    b = ctlens.faithfulness(model, task, grouped, ablation=ablation)
+    # mean_activations accumulates in float32, so group means sum to the MLP mean to ~1e-7
+    rel = 1e-9 if ablation == "corrupt" else 1e-5
+    assert b.metric_circuit == pytest.approx(a.metric_circuit, rel=rel, abs=1e-12)
+    assert b.metric_empty == pytest.approx(a.metric_empty, rel=rel, abs=1e-12)
+    assert b.n_total_edges == grouped.graph.n_edges
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ablating_one_group_edge_equals_independent_patching(family):
+    model, module = pair(family)
+    task = random_task(n=4)
+    graph = Graph.from_model(model, mlp_groups=GROUPS)
+    for edge in EDGES:
+        circuit = ctlens.Circuit(graph, graph.valid.clone())
+        circuit.mask[graph.edge_index(*edge)] = False
+        # (faithfulness reports float32 metrics; edge_mask plus a float64 metric is exact)
+        with torch.no_grad():
+            base = metric(task, model(task.clean))
+            with ctlens.edge_mask(model, circuit, ablation="corrupt", reference=task.corrupt):
+                masked = metric(task, model(task.clean))
+        _, effect = group_edge_effects(module, task, edge, eps=1e-4)
+        assert abs(effect) > 1e-7
+        assert masked - base == pytest.approx(effect, rel=1e-6)
+
+
+def adamw_steps(model, circuit, steps: int = 4) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    with ctlens.restrict_gradients(model, circuit, optimizer=opt):
+        for _ in range(steps):
+            tokens = torch.randint(1, 50, (3, 6), generator=gen)
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def named(model, tensor) -> str:
+    return next(n for n, p in model.named_parameters() if p is tensor)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_group_nodes_move_only_their_neurons(family):
+    model, _ = pair(family)
+    graph = Graph.from_model(model, mlp_groups=GROUPS)
+    mlp = model.blocks[1].mlp if family == "llama" else model.blocks[0].mlp
+    edge = ("input", "m1.n2") if family == "llama" else ("m0.n1", "logits")
+    circuit = ctlens.Circuit.from_edges(graph, [edge])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adamw_steps(model, circuit)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    if family == "llama":  # receiver group 2: its rows of gate_proj and up_proj, nothing else
+        width = 64 // GROUPS
+        rows = slice(2 * width, 3 * width)
+        weights = [getattr(mlp, k).original_component.weight for k in ("gate", "in")]
+        assert changed == {named(model, w) for w in weights}
+        for w in weights:
+            diff = w.detach() != before[named(model, w)]
+            assert diff[rows].all() and int(diff.sum()) == diff[rows].numel()
+    else:  # sender group 1: its rows of c_proj (Conv1D [d_mlp, d]) and b_out
+        width = 128 // GROUPS
+        out = mlp.out.original_component
+        assert changed == {named(model, out.weight), named(model, out.bias)}
+        diff = out.weight.detach() != before[named(model, out.weight)]
+        assert diff[width : 2 * width].all() and int(diff.sum()) == diff[width : 2 * width].numel()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grouped_circuit_frozen_slices_bit_identical_under_adamw(family):
+    model, _ = pair(family)
+    graph = Graph.from_model(model, mlp_groups=GROUPS)
+    gen = torch.Generator().manual_seed(5)
+    mask = (torch.rand(graph.valid.shape, generator=gen) < 0.03) & graph.valid
+    circuit = ctlens.Circuit(graph, mask)
+    rules = {r.name: r.trainable for r in ctlens.masking.parameter_rules(model, circuit)}
+    one_group = {
+        r.name: r.trainable for r in ctlens.masking.parameter_rules(model, circuit.coarsen())
+    }
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adamw_steps(model, circuit, steps=20)
+    trainable = 0
+    for name, keep in rules.items():
+        after = dict(model.named_parameters())[name].detach()
+        assert torch.equal(after[~keep], before[name][~keep]), name
+        assert bool((after[keep] != before[name][keep]).all()), name
+        assert not (keep & ~one_group[name]).any(), name  # never more than the whole MLPs
+        trainable += int(keep.sum())
+    assert trainable < sum(int(k.sum()) for k in one_group.values())
