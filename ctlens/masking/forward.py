@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ctlens.attribution import mean_activations
+from ctlens.attribution import resolve_reference
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -194,7 +194,11 @@ class EdgeMask:
                 f"set_reference is for corrupt ablation; this mask uses "
                 f"{self.ablation.value!r}{hint}"
             )
-        tokens = _check_tokens(tokens, self.model, "the corrupt reference")
+        if tokens is None:
+            raise TypeError("set_reference needs the corrupt token ids [batch, seq], got None")
+        checked = resolve_reference(self.model, self.graph, None, Ablation.CORRUPT, tokens, None)
+        assert checked[0] is not None
+        tokens = checked[0].long()
         b, p = tokens.shape
         buffer = torch.zeros(
             self.graph.n_senders, b, p, self.d_model, device=self.device, dtype=self.dtype
@@ -215,27 +219,18 @@ class EdgeMask:
         return logits
 
     def set_means(self, reference: TaskData | torch.Tensor, batch_size: int | None = 32) -> None:
-        """Mean ablation: (re)compute or set the per-position mean sender activations."""
+        """Mean ablation: (re)compute or set the per-position mean sender activations.
+
+        ``reference`` is read by `ctlens.attribution.resolve_reference`, as everywhere.
+        """
         if self.ablation is not Ablation.MEAN:
             raise ValueError(
                 f"set_means is for mean ablation; this mask uses {self.ablation.value!r}"
             )
-        if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
-            expected = (self.graph.n_senders, self.d_model)
-            if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
-                raise ValueError(
-                    f"precomputed means must be [n_senders={expected[0]}, seq, "
-                    f"d_model={expected[1]}] (from ctlens.mean_activations), got "
-                    f"{tuple(reference.shape)}"
-                )
-            means = reference
-        elif isinstance(reference, (TaskData, torch.Tensor)):
-            means = mean_activations(self.model, reference, batch_size, graph=self.graph)
-        else:
-            raise TypeError(
-                "mean ablation needs reference=<TaskData>, token ids [n, seq] or precomputed "
-                f"means from ctlens.mean_activations; got {type(reference).__name__}"
-            )
+        _, means = resolve_reference(
+            self.model, self.graph, None, Ablation.MEAN, reference, batch_size
+        )
+        assert means is not None
         self._means = means.detach().to(self.device, self.dtype)
         self._plan = self.plan(self._plan.circuit)
 
@@ -474,8 +469,11 @@ def edge_mask(
         model: a bridge from `ctlens.load_model`.
         circuit: the edges to keep; a `Circuit` of this model's graph.
         ablation: ``"mean"``, ``"zero"`` or ``"corrupt"``.
-        reference: ``mean``: a `TaskData` or token ids ``[n, seq]`` to average over, or the
-            ``[n_senders, seq, d_model]`` output of `ctlens.mean_activations` (required).
+        reference: read by `ctlens.attribution.resolve_reference`, the same resolver
+            `ctlens.attribute` and `ctlens.faithfulness` use. ``mean``: a `TaskData` or token
+            ids ``[n, seq]`` to average over, or the ``[n_senders, seq, d_model]`` output of
+            `ctlens.mean_activations`; required, because where `attribute` defaults to the
+            task's clean prompts, a mask has no task data (the error says what to pass).
             ``corrupt``: the corrupt token ids ``[batch, seq]`` of the first batch, or
             ``None`` and call ``mask.set_reference(tokens)`` before each forward.
             ``zero``: must be ``None``.
@@ -492,35 +490,13 @@ def edge_mask(
     """
     ablation = Ablation.parse(ablation)
     mask = EdgeMask(model, circuit, ablation)
-    if ablation is Ablation.ZERO:
-        if reference is not None:
-            raise ValueError("zero ablation takes no reference; drop the reference argument")
-    elif ablation is Ablation.MEAN:
-        if reference is None:
-            raise ValueError(
-                "mean ablation needs a reference: pass reference=<TaskData or token ids to "
-                "average over> or reference=ctlens.mean_activations(model, data)"
-            )
-        mask.set_means(reference, batch_size)
-    elif reference is not None:
-        if isinstance(reference, TaskData):
-            raise TypeError(
-                "corrupt ablation takes the corrupt token ids as reference (e.g. data.corrupt), "
-                "not a TaskData"
-            )
-        mask.set_reference(reference)
+    corrupt, means = resolve_reference(model, mask.graph, None, ablation, reference, batch_size)
+    if means is not None:
+        mask.set_means(means)
+    if corrupt is not None:
+        mask.set_reference(corrupt)
     with model.hooks(fwd_hooks=mask.hooks()):
         yield mask
-
-
-
-def _check_tokens(tokens: Any, model: Any, name: str) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.ndim != 2:
-        raise TypeError(f"{name} must be token ids [batch, seq] (an integer tensor)")
-    vocab = int(model.cfg.d_vocab)
-    if ((tokens < 0) | (tokens >= vocab)).any():
-        raise ValueError(f"{name} holds token ids outside the vocabulary of {vocab}")
-    return tokens.long()
 
 
 
