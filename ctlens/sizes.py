@@ -59,6 +59,6 @@ def parse_size(text: str) -> Size:
                 f"{text!r} is not a number of edges (e.g. 300) or a fraction (e.g. 0.05)"
             ) from None
     try:
-        return check_size(value, "size")
+        return check_size(value, "value")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None

@@ -497,3 +497,22 @@ def test_grouped_circuit_frozen_slices_bit_identical_under_adamw(family):
         assert not (keep & ~one_group[name]).any(), name  # never more than the whole MLPs
         trainable += int(keep.sum())
     assert trainable < sum(int(k.sum()) for k in one_group.values())
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def test_discover_command_takes_mlp_groups_and_a_fraction(tmp_path, capsys):
+    from ctlens.cli import main
+
+    out = tmp_path / "c.json"
+    argv = ["discover", "--model", "zoo:tiny-gpt2", "--n", "4", "--top", "3"]
+    assert main([*argv, "--mlp-groups", "8", "--top-n", "0.01", "--out", str(out)]) == 0
+    circuit = ctlens.Circuit.load(out)
+    assert circuit.graph.spec.mlp_groups == 8
+    assert circuit.n_edges == round(0.01 * circuit.graph.n_edges)
+    assert main([*argv, "--mlp-groups", "7"]) == 2
+    assert "choose a divisor" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--top-n", "1.5"])
+    assert exit_info.value.code == 2
