@@ -21,13 +21,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
 from jaxtyping import Bool
 
 from ctlens.types import Node, NodeKind
+
+if TYPE_CHECKING:
+    from ctlens.hooks import HookRef, Role
 
 GRAPH_SPEC_VERSION = 1
 
@@ -36,14 +39,18 @@ GRAPH_SPEC_VERSION = 1
 class GraphSpec:
     """Everything that determines a graph: layer and head counts and the block layout.
 
-    ``parallel_attn_mlp`` is True for GPT-J / GPT-NeoX style blocks, where a layer's MLP reads
-    the same residual stream as that layer's heads (so it cannot read their outputs).
+    ``parallel_attn_mlp`` is True for GPT-NeoX style blocks, where a layer's MLP reads the
+    same residual stream as that layer's heads (so it cannot read their outputs).
+    ``approximate`` is ``"frozen-norm"`` for models loaded with that opt-in (Gemma 2/3,
+    OLMo-2): senders are then shares of normalised sublayer outputs (docs/attribution.md),
+    and scores, circuits and runs on such a graph say so through its spec.
     """
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
     parallel_attn_mlp: bool = False
+    approximate: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.n_heads < 1 or self.n_kv_heads < 1:
@@ -52,6 +59,10 @@ class GraphSpec:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.approximate not in (None, "frozen-norm"):
+            raise ValueError(
+                f"unknown approximation {self.approximate!r}; expected None or 'frozen-norm'"
+            )
 
     @property
     def grouped(self) -> bool:
@@ -59,8 +70,11 @@ class GraphSpec:
         return self.n_kv_heads != self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, tagged with the spec version."""
-        return {"version": GRAPH_SPEC_VERSION, **asdict(self)}
+        """A JSON-ready dict, tagged with the spec version (``approximate`` only when set)."""
+        data = {"version": GRAPH_SPEC_VERSION, **asdict(self)}
+        if data["approximate"] is None:
+            del data["approximate"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
@@ -71,7 +85,7 @@ class GraphSpec:
                 f"graph spec version {version} is not supported (this ctlens reads version "
                 f"{GRAPH_SPEC_VERSION}); upgrade ctlens or re-create the file"
             )
-        fields = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp")
+        fields = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "approximate")
         missing = [f for f in fields[:3] if f not in data]
         if missing:
             raise ValueError(f"graph spec is missing {missing}; got keys {sorted(data)}")
@@ -124,6 +138,8 @@ class Graph:
     @classmethod
     def from_model(cls, model: Any) -> Graph:
         """The graph of a model returned by `ctlens.load_model` (reads ``model.cfg``)."""
+        from ctlens.model import approximation
+
         cfg = model.cfg
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         return cls(
@@ -132,6 +148,7 @@ class Graph:
                 n_heads=cfg.n_heads,
                 n_kv_heads=n_kv,
                 parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+                approximate=approximation(model),
             )
         )
 
@@ -216,9 +233,42 @@ class Graph:
             for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
         ]
 
+    def hook_name(self, node: str | Node, role: Role | None = None) -> HookRef:
+        """The TransformerLens hook ``node`` writes (sender) or reads (receiver).
+
+        Returns a `ctlens.hooks.HookRef` ``(name, index)``: e.g. ``a3.h5`` ->
+        ``("blocks.3.attn.hook_result", 5)``, ``a3.g1.k`` -> ``("blocks.3.hook_k_input", 1)``,
+        ``m3`` as a receiver -> ``("blocks.3.hook_mlp_in", None)``. ``ref.take(cache[ref.name])``
+        is the node's activation in a ``run_with_cache`` result. An MLP is both a sender and a
+        receiver: pass ``role="sender"`` or ``role="receiver"``. Under the frozen-norm
+        linearisation an MLP sender is ``blocks.{l}.ln2_post.hook_out``, and a head's sender
+        output is its ``hook_result`` slice times ``w_eff / blocks.{l}.ln1_post.hook_scale``
+        (`ctlens.hooks.frozen_norm_hooks`).
+        """
+        from ctlens.hooks import node_hook
+
+        name = node.name if isinstance(node, Node) else node
+        both = (("sender", self.sender_index), ("receiver", self.receiver_index))
+        roles = [r for r, index in both if name in index]
+        if not roles:
+            raise KeyError(f"{name!r} is not a node of this graph ({self._describe()})")
+        if role is None:
+            if len(roles) > 1:
+                raise ValueError(
+                    f"{name} is both a sender and a receiver; pass role='sender' (the hook it "
+                    "writes) or role='receiver' (the hook it reads)"
+                )
+            role = roles[0]  # type: ignore[assignment]
+        if role not in roles:
+            raise ValueError(f"{name} is not a {role} of this graph; it is a {roles[0]}")
+        nodes = self.sender_nodes if role == "sender" else self.receiver_nodes
+        index = self.sender_index if role == "sender" else self.receiver_index
+        return node_hook(nodes[index[name]], role, self.spec.approximate)  # type: ignore[arg-type]
+
     def _describe(self) -> str:
         s = self.spec
-        return f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
+        text = f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
+        return text + (f", {s.approximate}" if s.approximate else "")
 
     # ----------------------------------------------------------------- views
 
@@ -226,10 +276,13 @@ class Graph:
         """The graph structure as a networkx ``DiGraph``.
 
         Nodes carry ``kind``, ``layer``, ``head`` and ``role`` ("sender", "receiver" or
-        "both" for MLPs). Each valid edge carries ``internal=False``. So that path
-        algorithms see through attention heads, each q/k/v receiver also has an edge to the
-        head(s) it feeds, marked ``internal=True``. ``G.graph["spec"]`` holds the spec, so
-        `Graph.from_networkx` rebuilds the graph exactly.
+        "both" for MLPs), and the TransformerLens hooks they use (`hook_name`): senders
+        ``hook_out`` / ``hook_out_index`` (what they write), receivers ``hook_in`` /
+        ``hook_in_index`` (what they read); an index is the node's slot on the hook's head
+        axis, or None for a whole activation. Each valid edge carries ``internal=False``. So
+        that path algorithms see through attention heads, each q/k/v receiver also has an
+        edge to the head(s) it feeds, marked ``internal=True``. ``G.graph["spec"]`` holds the
+        spec, so `Graph.from_networkx` rebuilds the graph exactly.
         """
         g = nx.DiGraph(spec=self.spec.to_dict())
         senders = set(self.senders)
@@ -243,6 +296,12 @@ class Graph:
                 else ("sender" if node.name in senders else "receiver")
             )
             g.add_node(node.name, kind=node.kind.value, layer=node.layer, head=node.head, role=role)
+            if node.name in senders:
+                out = self.hook_name(node.name, "sender")
+                g.nodes[node.name].update(hook_out=out.name, hook_out_index=out.index)
+            if node.name in receivers:
+                into = self.hook_name(node.name, "receiver")
+                g.nodes[node.name].update(hook_in=into.name, hook_in_index=into.index)
         g.add_edges_from(self.edges(), internal=False)
         group = self.spec.n_heads // self.spec.n_kv_heads
         for node in self.receiver_nodes:
@@ -268,6 +327,15 @@ class Graph:
             raise ValueError(
                 f"networkx nodes do not match the spec: extra {extra}, missing {missing}"
             )
+        rebuilt = graph.to_networkx().nodes
+        for name, attrs in g.nodes(data=True):
+            for key in ("hook_out", "hook_out_index", "hook_in", "hook_in_index"):
+                if key in attrs and attrs[key] != rebuilt[name].get(key):
+                    raise ValueError(
+                        f"node {name} says {key}={attrs[key]!r} but this spec puts it at "
+                        f"{rebuilt[name].get(key)!r}; the graph was edited or comes from "
+                        "another ctlens version"
+                    )
         return graph
 
     def __eq__(self, other: object) -> bool:
