@@ -713,7 +713,7 @@ def test_frozen_norm_masks_reproduce_the_reference_and_exact(name):
             empty = model(data.clean)
     torch.testing.assert_close(empty, corrupt, rtol=1e-9, atol=1e-9)
     scores = ctlens.attribute(model, data, method="exact", ablation="corrupt", progress=False)
-    assert scores.graph.spec.approximate == "frozen-norm"
+    assert scores.metadata["approximate"] == "frozen-norm"
     for edge in [("a0.h1", "a1.h2.q"), ("a0.h3", "m0"), ("a1.h0", "logits"), ("m0", "logits")]:
         s, r = graph.edge_index(*edge)
         keep = graph.valid.clone()
