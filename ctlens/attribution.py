@@ -59,7 +59,7 @@ from ctlens.hooks import (
     supports_truncated_forward,
 )
 from ctlens.scores import EdgeScores
-from ctlens.types import Ablation, Method, NodeKind
+from ctlens.types import Ablation, Method
 
 Reference = TaskData | torch.Tensor | None
 
@@ -73,6 +73,7 @@ def attribute(
     batch_size: int | None = 32,
     steps: int = 5,
     progress: bool = True,
+    graph: Graph | None = None,
 ) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``data``. See the module docstring.
 
@@ -86,6 +87,8 @@ def attribute(
         batch_size: examples per forward pass (``None``: all at once).
         steps: integration steps for ``eap-ig``.
         progress: show a progress bar.
+        graph: the graph to score, e.g. ``Graph.from_model(model, mlp_groups=48)`` for
+            neuron-group MLP nodes (default: the model's graph with one node per MLP).
 
     Returns:
         `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
@@ -97,7 +100,7 @@ def attribute(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
-    graph = Graph.from_model(model)
+    graph = _check_graph(model, graph)
     data.check_vocab(model.cfg.d_vocab)
     device = model_device(model)
     start = time.perf_counter()
@@ -154,14 +157,16 @@ def mean_activations(
     model: Any,
     reference: TaskData | torch.Tensor,
     batch_size: int | None = 32,
+    graph: Graph | None = None,
 ) -> Float[torch.Tensor, "n_senders seq d_model"]:
     """Each sender's mean output per position over ``reference``, padding excluded.
 
     ``reference`` is a `TaskData` (its clean prompts and padding mask) or token ids
     ``[n, seq]`` (all real tokens). The result can be passed as ``reference=`` wherever
-    ``ablation="mean"`` is used, so the means are computed once.
+    ``ablation="mean"`` is used, so the means are computed once. ``graph`` selects the
+    senders (default: the model's graph with one node per MLP).
     """
-    graph = Graph.from_model(model)
+    graph = _check_graph(model, graph)
     device = model_device(model)
     if isinstance(reference, torch.Tensor):
         if reference.dtype.is_floating_point:
@@ -194,55 +199,129 @@ def mean_activations(
 def resolve_reference(
     model: Any,
     graph: Graph,
-    data: TaskData,
+    data: TaskData | None,
     ablation: Ablation,
     reference: Reference,
     batch_size: int | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Turn ``ablation`` + ``reference`` into what the passes need, checking both.
 
+    The one reader of ``ablation=`` / ``reference=``, shared by `attribute`,
+    `ctlens.faithfulness` and `ctlens.edge_mask`, so all three follow the same rules:
+
+    - ``zero``: ``reference`` must be None.
+    - ``corrupt``: ``reference`` is corrupt token ids; the default is ``data.corrupt``. With
+      ``data`` they must have the clean prompts' shape. Without ``data`` (`edge_mask`, which
+      sees no task) the default is "none yet": the caller records one per batch.
+    - ``mean``: ``reference`` is a `TaskData` or token ids to average over (padding
+      excluded) or precomputed `mean_activations`; the default is ``data``'s clean prompts.
+      Without ``data`` there is no default, and the error says what to pass. The default
+      over a single example is refused: the mean of one prompt is that prompt's own
+      activations, so every ablation would be a no-op and every score 0.
+
     Returns ``(corrupt_tokens, means)``: the corrupt token ids (corrupt ablation), the
-    per-position sender means ``[n_senders, seq, d_model]`` (mean ablation), or neither
-    (zero ablation). Shared by `attribute`, `ctlens.faithfulness` and `ctlens.edge_mask`, so
-    the three read ``reference=`` the same way.
+    per-position sender means ``[n_senders, seq, d_model]`` (mean ablation: fp32 when
+    computed here, precomputed ones keep their dtype), or neither.
     """
     if ablation is Ablation.ZERO:
         if reference is not None:
             raise ValueError("zero ablation takes no reference; drop the reference argument")
         return None, None
     if ablation is Ablation.CORRUPT:
-        tokens = data.corrupt if reference is None else reference
-        if tokens is None:
-            raise ValueError(
-                "corrupt ablation needs corrupted prompts: build TaskData with corrupt=..., "
-                "pass reference=<corrupt token ids>, or use ablation='mean' or 'zero'"
-            )
-        if isinstance(tokens, TaskData) or tokens.shape != data.clean.shape:
-            raise ValueError(
-                f"the corrupt reference must be token ids of shape {tuple(data.clean.shape)}, "
-                "the same as the clean prompts"
-            )
-        vocab = model.cfg.d_vocab
-        if ((tokens < 0) | (tokens >= vocab)).any():
-            raise ValueError(f"corrupt holds token ids outside the vocabulary of {vocab}")
-        return tokens, None
+        return _corrupt_reference(model, data, reference), None
+    if reference is None and data is None:
+        raise ValueError(
+            "mean ablation needs a reference here: there are no task prompts to average over "
+            "by default, so pass reference=<TaskData or token ids to average over> or "
+            "reference=ctlens.mean_activations(model, data)"
+        )
     if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
         expected = (graph.n_senders, model.cfg.d_model)
         if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
             raise ValueError(
                 f"precomputed means must be [n_senders={expected[0]}, seq, "
-                f"d_model={expected[1]}] (from ctlens.attribution.mean_activations), got "
+                f"d_model={expected[1]}] (from ctlens.mean_activations), got "
                 f"{tuple(reference.shape)}"
             )
-        means = reference.to(model_device(model)).float()
+        means = reference.detach().to(model_device(model))
     else:
-        means = mean_activations(model, data if reference is None else reference, batch_size)
-    if means.shape[1] < data.clean.shape[1]:
+        source = data if reference is None else reference
+        if not isinstance(source, (TaskData, torch.Tensor)):
+            raise TypeError(
+                "mean ablation needs reference=<TaskData>, token ids [n, seq] or precomputed "
+                f"means from ctlens.mean_activations; got {type(source).__name__}"
+            )
+        if data is not None and _is_one_clean_prompt(source, data):
+            raise ValueError(
+                "mean ablation over one example: the mean of a single prompt is that "
+                "prompt's own activations, so ablating to it changes nothing and every edge "
+                "would score 0. Use more examples, pass reference=<other prompts to average "
+                "over>, or use ablation='corrupt' or 'zero'"
+            )
+        means = mean_activations(model, source, batch_size, graph=graph)
+    if data is not None and means.shape[1] < data.clean.shape[1]:
         raise ValueError(
             f"the mean reference covers {means.shape[1]} positions but the data has "
             f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
         )
     return None, means
+
+
+def _check_graph(model: Any, graph: Graph | None) -> Graph:
+    """``graph``, or the model's one-group graph; refuses a graph of another model."""
+    if graph is None:
+        return Graph.from_model(model)
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
+    own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
+    if own != graph:
+        raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
+    return graph
+
+
+def _corrupt_reference(
+    model: Any, data: TaskData | None, reference: Reference
+) -> torch.Tensor | None:
+    """The corrupt token ids that `resolve_reference` hands on (None: recorded later)."""
+    tokens = reference if reference is not None else None if data is None else data.corrupt
+    if tokens is None:
+        if data is None:
+            return None
+        raise ValueError(
+            "corrupt ablation needs corrupted prompts: build TaskData with corrupt=..., "
+            "pass reference=<corrupt token ids>, or use ablation='mean' or 'zero'"
+        )
+    if isinstance(tokens, TaskData):
+        raise TypeError(
+            "corrupt ablation takes the corrupt token ids as reference (e.g. data.corrupt), "
+            "not a TaskData"
+        )
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point:
+        raise TypeError("the corrupt reference must be token ids [batch, seq] (an integer tensor)")
+    if data is not None and tokens.shape != data.clean.shape:
+        raise ValueError(
+            f"the corrupt reference must be token ids of shape {tuple(data.clean.shape)}, "
+            "the same as the clean prompts"
+        )
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"the corrupt reference must be token ids [batch, seq], got shape "
+            f"{tuple(tokens.shape)}"
+        )
+    vocab = model.cfg.d_vocab
+    if ((tokens < 0) | (tokens >= vocab)).any():
+        raise ValueError(f"corrupt holds token ids outside the vocabulary of {vocab}")
+    return tokens
+
+
+def _is_one_clean_prompt(source: TaskData | torch.Tensor, data: TaskData) -> bool:
+    """True when a mean over ``source`` would be the mean over ``data``'s single prompt."""
+    tokens = source.clean if isinstance(source, TaskData) else source
+    return (
+        len(tokens) == 1
+        and tokens.shape == data.clean.shape
+        and torch.equal(tokens.cpu(), data.clean.cpu())
+    )
 
 
 # ------------------------------------------------------------------------------ passes
@@ -337,6 +416,116 @@ def _record_metrics(
             totals["corrupt"] += float(batch.metric_values(ref_logits, clean_logits).sum())
 
 
+class EapKernel:
+    """The one EAP kernel: ``scores[s, r] += sum over batch and positions of delta_s . dL/dx_r``.
+
+    Shared by `attribute` (methods ``eap`` and ``eap-ig``) and the tuner's ``"batch"``
+    discovery (`ctlens.tuning.discovery`), so both compute edge scores the same way and
+    attribution's oracle tests cover the tuner's default path too.
+
+    ``delta`` is a ``[n_senders, batch, pos, d_model]`` buffer of sender activations: the
+    hooks of :meth:`sender_hooks` add ``sign * a_s`` into it during a forward pass, and the
+    caller completes it to ``a_s^ref - a_s^clean`` before the backward (`attribute` fills
+    ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
+    adds the batch means afterwards). The hooks of :meth:`receiver_hooks` register, on each
+    receiver group's input, a gradient hook that multiplies the prefix of senders the
+    receiver may read with that gradient (queued, several receiver groups per matrix
+    product: :meth:`flush`) and adds ``sign * product / passes`` into ``scores``: the scores
+    of every backward pass through those inputs accumulate, until :meth:`close` flushes and
+    removes the hooks.
+
+    Args:
+        graph: the model's graph.
+        delta: the activation buffer described above (read at backward time).
+        scores: ``[n_senders, n_receivers]`` fp32 accumulator.
+        passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
+        sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        delta: Float[torch.Tensor, "n_senders batch pos d_model"],
+        scores: Float[torch.Tensor, "n_senders n_receivers"],
+        passes: int = 1,
+        sign: float = 1.0,
+    ) -> None:
+        self.graph = graph
+        self.delta = delta
+        self.scores = scores
+        self.passes = passes
+        self.sign = sign
+        self.inputs: list[torch.Tensor] = []
+        self._flat = delta.view(graph.n_senders, -1)
+        self._handles: list[Any] = []
+        self._pending: list[tuple[slice, int, torch.Tensor]] = []
+        self._pending_width = 0
+        self._capacity = max(16, graph.n_senders // 4)
+
+    def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
+        """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
+        return sender_hooks(model, self.graph, _writer(self.delta, sign))
+
+    def receiver_hooks(self, model: Any) -> list[tuple[str, Any]]:
+        """Forward hooks that make every receiver group's input score its edges on backward.
+
+        An input that does not require grad (frozen parameters, no grad-carrying leaf) is
+        replaced by a detached leaf that does; the inputs are kept in ``self.inputs`` for
+        ``torch.autograd.grad``.
+        """
+
+        def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            self.inputs.append(x)
+            self._handles.append(x.register_hook(self._accumulate(columns, n_up)))
+            return x
+
+        return receiver_hooks(model, self.graph, on_receiver)
+
+    def _accumulate(self, columns: slice, n_up: int) -> Any:
+        def accumulate(grad: torch.Tensor) -> None:
+            width = columns.stop - columns.start
+            g = flat(grad).float().permute(2, 0, 1, 3).reshape(width, -1)
+            self._pending.append((columns, n_up, g))
+            self._pending_width += width
+            if self._pending_width >= self._capacity:
+                self.flush()
+
+        return accumulate
+
+    def flush(self) -> None:
+        """Score the queued receiver gradients with one matrix product.
+
+        Each product reads the whole upstream prefix of the sender buffer, so gradients are
+        queued until they fill a quarter of the buffer's rows and then multiplied with the
+        longest prefix among them (gradients arrive latest layer first). With many senders
+        (neuron-group graphs) the buffer is read a few times per backward instead of once
+        per receiver hook. `close` flushes too.
+        """
+        if not self._pending:
+            return
+        n_up = max(n for _, n, _ in self._pending)
+        grads = [g for *_, g in self._pending]
+        product = self._flat[:n_up] @ (grads[0] if len(grads) == 1 else torch.cat(grads)).T
+        scale = self.sign / self.passes
+        offset = 0
+        for columns, n, g in self._pending:
+            width = g.shape[0]
+            self.scores[:n, columns] += product[:n, offset : offset + width] * scale
+            offset += width
+        self._pending, self._pending_width = [], 0
+
+    def close(self) -> None:
+        """Score what is queued and remove the gradient hooks: later backward passes no
+        longer add to ``scores``."""
+        self.flush()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.inputs = []
+
+
 def _gradient_batch(
     model: Any,
     graph: Graph,
@@ -354,39 +543,34 @@ def _gradient_batch(
     sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
     the backward reads it, and its logits serve as the reference distribution for ``kl``.
     """
-    flat_delta = delta.reshape(graph.n_senders, -1)
+    kernel = EapKernel(graph, delta, scores, passes=steps)
     clean_logits: torch.Tensor | None = None
     batch = run.metric_batch
     layout = HookLayout.from_model(model)
+    try:
+        for step in range(steps, 0, -1):
+            shift = 1.0 - step / steps
 
-    def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
-        def accumulate(grad: torch.Tensor) -> None:
-            g = flat(grad).float().permute(2, 0, 1, 3)
-            scores[:n_up, columns] += (flat_delta[:n_up] @ g.reshape(g.shape[0], -1).T) / steps
+            def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
+                base = x.detach()
+                if shift:
+                    base = base + shift * delta[0].to(base.dtype)
+                return base.requires_grad_(True)
 
-        x.register_hook(accumulate)
-        return x
-
-    for step in range(steps, 0, -1):
-        shift = 1.0 - step / steps
-
-        def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
-            base = x.detach()
-            if shift:
-                base = base + shift * delta[0].to(base.dtype)
-            return base.requires_grad_(True)
-
-        hooks = [(layout.input_hooks[0], leaf), *receiver_hooks(model, graph, on_receiver)]
-        if clean_logits is None:
-            hooks += sender_hooks(model, graph, _writer(delta, -1.0))
-        with torch.enable_grad():
-            logits = run(run.batch.clean, hooks)
+            hooks = [(layout.input_hooks[0], leaf), *kernel.receiver_hooks(model)]
             if clean_logits is None:
-                clean_logits = logits.detach()
-                _record_metrics(batch, clean_logits, ref_logits, totals)
-            values = batch.metric_values(logits, clean_logits)
-            values.sum().div(n_total).backward()
-        del logits, values
+                hooks += kernel.sender_hooks(model, -1.0)
+            with torch.enable_grad():
+                logits = run(run.batch.clean, hooks)
+                if clean_logits is None:
+                    clean_logits = logits.detach()
+                    _record_metrics(batch, clean_logits, ref_logits, totals)
+                values = batch.metric_values(logits, clean_logits)
+                values.sum().div(n_total).backward()
+            kernel.close()
+            del logits, values
+    finally:
+        kernel.close()
 
 
 @torch.no_grad()
@@ -405,42 +589,41 @@ def _exact_batch(
 
     ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
     Then, for one receiver column at a time, the batch is repeated once per chunk of
-    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input.
+    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (a
+    neuron group's own copy of the MLP input on a grouped graph).
     """
     batch = run.batch
     b = len(batch)
     clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0)))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
-    layout = HookLayout.from_model(model)
-    groups: list[tuple[str, slice]] = []
-    for layer in range(graph.spec.n_layers):
-        for kind in (NodeKind.Q, NodeKind.K, NodeKind.V):
-            groups.append((layout.qkv_in(layer, kind), graph.receiver_slice(layer, kind)))
-        groups.append((layout.mlp_in(layer), graph.receiver_slice(layer, NodeKind.MLP)))
-    groups.append((layout.logits_in, slice(graph.n_receivers - 1, graph.n_receivers)))
+    for column in range(graph.n_receivers):
+        n_up = graph.upstream[column]
+        for chunk in _chunks(range(n_up), max(1, max_copies)):
+            copies = len(chunk)
+            patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
 
-    for hook_name, columns in groups:
-        for offset, column in enumerate(range(columns.start, columns.stop)):
-            n_up = graph.upstream[column]
-            for chunk in _chunks(range(n_up), max(1, max_copies)):
-                copies = len(chunk)
-                patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
-
-                def patch_hook(
-                    x: torch.Tensor, hook: Any, patch: torch.Tensor = patch, offset: int = offset
-                ) -> torch.Tensor:
-                    x = x.clone()
-                    view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
-                    view[:, :, :, offset] += patch.to(x.dtype)
+            def patch_column(
+                columns: slice,
+                n_up: int,
+                x: torch.Tensor,
+                patch: torch.Tensor = patch,
+                column: int = column,
+            ) -> torch.Tensor:
+                if not columns.start <= column < columns.stop:
                     return x
+                x = x.clone()
+                view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
+                view[:, :, :, column - columns.start] += patch.to(x.dtype)
+                return x
 
-                index = torch.arange(b).repeat(copies)
-                logits = run(batch.clean[index], [(hook_name, patch_hook)], batch[index])
-                repeated = run.metric_rows(index)
-                values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
-                effect = (values.view(copies, b) - clean_metric[None]).sum(1)
-                scores[chunk.start : chunk.stop, column] += effect / n_total
+            index = torch.arange(b).repeat(copies)
+            hooks = receiver_hooks(model, graph, patch_column)
+            logits = run(batch.clean[index], hooks, batch[index])
+            repeated = run.metric_rows(index)
+            values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
+            effect = (values.view(copies, b) - clean_metric[None]).sum(1)
+            scores[chunk.start : chunk.stop, column] += effect / n_total
 
 
 def _chunks(items: range, size: int) -> Iterable[range]:

@@ -4,7 +4,8 @@ This is the only module that knows hook names. It maps each group of graph nodes
 hook point and gives two building blocks that attribution, faithfulness and masking share:
 
 - `sender_hooks`: forward hooks that hand each sender group's output (``[batch, pos, d]``
-  for ``input`` and MLPs, ``[batch, pos, heads, d]`` for heads) to a callback together with
+  for ``input`` and MLPs, ``[batch, pos, heads, d]`` for heads, ``[batch, pos, G, d]`` for
+  the neuron groups of a graph built with ``mlp_groups=G``) to a callback together with
   the rows it occupies in the graph's sender list;
 - `receiver_hooks`: forward hooks that hand each receiver group's input to a callback with
   its columns and the number of senders it may read (always a prefix of the sender list),
@@ -12,8 +13,9 @@ hook point and gives two building blocks that attribution, faithfulness and mask
 
 Receiver inputs are the tensors each component reads *before* its LayerNorm: per-head
 ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` (per KV head under grouped-query
-attention), ``hook_mlp_in`` for MLPs and ``ln_final.hook_in`` for the logits. The tensor a
-hook receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
+attention), ``hook_mlp_in`` for MLPs (repeated into one copy per neuron group on a grouped
+graph, see `ctlens.mlp_groups`) and ``ln_final.hook_in`` for the logits. The tensor a hook
+receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
 the skip connection also uses; the receiver callbacks therefore always get a fresh copy, so
 a gradient taken on it belongs to that receiver alone (DESIGN.md, the MLP pitfall). The q/k/v
 inputs need no copy: the bridge forks the residual stream into a new contiguous
@@ -29,10 +31,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import torch
 
+from ctlens import mlp_groups
 from ctlens.graph import Graph
 from ctlens.types import Node, NodeKind
 
@@ -105,6 +109,23 @@ class HookRef(NamedTuple):
         return activation if self.index is None else activation[:, :, self.index]
 
 
+class NeuronGroupRef(HookRef):
+    """The hook of an MLP neuron-group sender ``m{l}.n{j}``: the MLP's post-activation
+    neurons (``mlp.out.hook_in``), of which group ``index`` holds the j-th of ``groups``
+    equal blocks. The group's residual output is its neurons times its rows of W_out."""
+
+    groups: int
+
+    def __new__(cls, name: str, index: int, groups: int) -> NeuronGroupRef:
+        ref = super().__new__(cls, name, index)
+        ref.groups = groups
+        return ref
+
+    def take(self, activation: torch.Tensor) -> torch.Tensor:
+        """The group's neurons ``[..., d_mlp / groups]``."""
+        return activation.unflatten(-1, (self.groups, -1))[..., self.index, :]
+
+
 # (role, kind) -> the hook of a node of that kind; one entry per node kind, so new kinds of
 # node (MLP neuron groups, say) add a line here.
 _NODE_HOOKS: dict[tuple[str, NodeKind], Callable[[Node], HookRef]] = {
@@ -125,8 +146,14 @@ _FROZEN_NORM_HOOKS: dict[tuple[str, NodeKind], Callable[[Node], HookRef]] = {
 }
 
 
-def node_hook(node: Node, role: Role, approximate: str | None = None) -> HookRef:
+def node_hook(
+    node: Node, role: Role, approximate: str | None = None, mlp_groups: int = 1
+) -> HookRef:
     """The hook a sender node writes or a receiver node reads (see `Graph.hook_name`)."""
+    if node.kind is NodeKind.MLP and mlp_groups != 1:
+        if role == "receiver":  # every group reads the whole MLP input
+            return HookRef(HookLayout.mlp_in(node.layer))  # type: ignore[arg-type]
+        return NeuronGroupRef(f"blocks.{node.layer}.mlp.out.hook_in", node.head, mlp_groups)
     if approximate == "frozen-norm" and (role, node.kind) in _FROZEN_NORM_HOOKS:
         return _FROZEN_NORM_HOOKS[(role, node.kind)](node)
     try:
@@ -158,10 +185,14 @@ def sender_hooks(
         hooks.append((name, make(slice(0, 1))))
     if graph.spec.approximate == "frozen-norm":
         return hooks + frozen_norm_hooks(model, graph, callback)
+    groups = graph.spec.mlp_groups
     for layer in range(layout.n_layers):
         hooks.append((layout.head_out(layer), make(graph.sender_slice(layer))))
-        mlp = graph.mlp_sender(layer)
-        hooks.append((layout.mlp_out(layer), make(slice(mlp, mlp + 1))))
+        if groups == 1:
+            hooks.append((layout.mlp_out(layer), make(graph.mlp_senders(layer))))
+        else:
+            report = partial(callback, graph.mlp_senders(layer))
+            hooks.append(mlp_groups.sender_hook(model, layer, groups, report))
     return hooks
 
 
@@ -231,7 +262,12 @@ def receiver_hooks(
             hooks.append(
                 (layout.qkv_in(layer, kind), make(graph.receiver_slice(layer, kind), False))
             )
-        hooks.append((layout.mlp_in(layer), make(graph.receiver_slice(layer, NodeKind.MLP), True)))
+        columns = graph.receiver_slice(layer, NodeKind.MLP)
+        if graph.spec.mlp_groups == 1:
+            hooks.append((layout.mlp_in(layer), make(columns, True)))
+        else:
+            transform = partial(callback, columns, graph.upstream[columns.start])
+            hooks += mlp_groups.receiver_hooks(model, layer, graph.spec.mlp_groups, transform)
     last = graph.n_receivers - 1
     hooks.append((layout.logits_in, make(slice(last, last + 1), True)))
     return hooks
@@ -300,13 +336,19 @@ def frozen_parameters(model: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
-    """Inside: the model is in eval mode (no dropout). On exit the previous mode returns."""
-    was_training = model.training
+    """Inside: every module of the model is in eval mode (no dropout).
+
+    On exit each module gets its own previous mode back: a model may mix train and eval
+    submodules (a frozen part kept in eval, say), and ``model.train(flag)`` would overwrite
+    all of them with the top-level mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def model_device(model: Any) -> torch.device:

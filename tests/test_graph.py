@@ -214,6 +214,11 @@ def test_hook_names_of_each_node_kind():
         graph.hook_name("logits", role="sender")
     with pytest.raises(KeyError, match="'a9.h0' is not a node"):
         graph.hook_name("a9.h0")
+    grouped = Graph(GraphSpec(2, 4, 4, mlp_groups=4))
+    assert grouped.hook_name("m1.n3", role="sender") == ("blocks.1.mlp.out.hook_in", 3)
+    assert grouped.hook_name("m1.n3", role="receiver") == ("blocks.1.hook_mlp_in", None)
+    with pytest.raises(ValueError, match="not supported under the frozen-norm"):
+        GraphSpec(2, 4, 4, mlp_groups=2, approximate="frozen-norm")
 
 
 def test_networkx_nodes_carry_hook_names_and_round_trip():
@@ -234,12 +239,15 @@ def test_networkx_nodes_carry_hook_names_and_round_trip():
         Graph.from_networkx(g)
 
 
-def test_hook_names_read_what_ctlens_records(tiny_model):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hook_names_read_what_ctlens_records(tiny_model, groups):
     """``run_with_cache`` on each node's hook gives the activation ctlens's own sender and
-    receiver hooks see, for every node."""
-    from ctlens.hooks import receiver_hooks, sender_hooks
+    receiver hooks see, for every node (an MLP group sender: its neurons times its rows of
+    W_out)."""
+    from ctlens.hooks import NeuronGroupRef, receiver_hooks, sender_hooks
+    from ctlens.mlp_groups import mlp_parts
 
-    graph = Graph.from_model(tiny_model)
+    graph = Graph.from_model(tiny_model, mlp_groups=groups)
     tokens = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 40, 49, 1]])
     sent = torch.zeros(graph.n_senders, *tokens.shape, tiny_model.cfg.d_model, dtype=torch.float64)
     read: dict[int, torch.Tensor] = {}
@@ -261,9 +269,15 @@ def test_hook_names_read_what_ctlens_records(tiny_model):
             fwd_hooks=sender_hooks(tiny_model, graph, on_sender)
             + receiver_hooks(tiny_model, graph, on_receiver),
         )
-    for i, node in enumerate(graph.senders):
+    for i, node in enumerate(graph.sender_nodes):
         ref = graph.hook_name(node, "sender")
-        torch.testing.assert_close(ref.take(cache[ref.name]), sent[i], rtol=0, atol=1e-12)
+        got = ref.take(cache[ref.name])
+        if isinstance(ref, NeuronGroupRef):
+            assert ref.name == f"blocks.{node.layer}.mlp.out.hook_in" and ref.groups == groups
+            w_out = mlp_parts(tiny_model, node.layer).w_out
+            width = w_out.shape[0] // groups
+            got = got @ w_out[node.head * width : (node.head + 1) * width]
+        torch.testing.assert_close(got, sent[i], rtol=0, atol=1e-12)
     for j, node in enumerate(graph.receivers):
         ref = graph.hook_name(node, "receiver")
-        torch.testing.assert_close(ref.take(cache[ref.name]), read[j], rtol=0, atol=0)
+        torch.testing.assert_close(ref.take(cache[ref.name]), read[j], rtol=0, atol=1e-12)

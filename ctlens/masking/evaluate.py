@@ -13,8 +13,6 @@ not rescaled.
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +25,7 @@ from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import eval_mode, model_device
 from ctlens.masking.forward import EdgeMask
+from ctlens.mlp_groups import groups_of
 from ctlens.types import Ablation
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -38,7 +37,8 @@ class FaithfulnessResult:
     """The result of `faithfulness`.
 
     ``faithfulness`` is ``(metric_circuit - metric_empty) / (metric_full - metric_empty)``;
-    each metric is the mean over all examples. NaN when ``metric_full == metric_empty``.
+    each metric is the mean over all examples. Never NaN: when ``metric_full`` and
+    ``metric_empty`` agree, `faithfulness` raises instead (the error says why).
     """
 
     faithfulness: float
@@ -74,9 +74,26 @@ class FaithfulnessCurve:
     selection: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_separates(full: float, empty: float, ablation: Ablation, n_examples: int) -> None:
+    """Refuse a faithfulness whose denominator ``M_full - M_empty`` is zero.
+
+    Equal up to a relative 1e-6 (metrics are fp32 means) counts as zero: the ratio would be
+    NaN or rounding noise blown up, and either way it says nothing about the circuit.
+    """
+    if abs(full - empty) > 1e-6 * max(1.0, abs(full), abs(empty)):
+        return
+    raise ValueError(
+        f"faithfulness is undefined on this data: the full model and the empty circuit give "
+        f"the same metric (M_full = {full:.6g}, M_empty = {empty:.6g}; {ablation.value} "
+        f"ablation, {n_examples} examples), so (M_circuit - M_empty) / (M_full - M_empty) "
+        "divides by zero. The task does not separate the model from its fully ablated "
+        "version here: check that the model solves the task and that the reference changes "
+        "the answer (corrupt prompts that differ from the clean ones, or another ablation)"
+    )
+
+
 def _normalize(value: float, full: float, empty: float) -> float:
-    gap = full - empty
-    return float("nan") if gap == 0 else (value - empty) / gap
+    return (value - empty) / (full - empty)
 
 
 def _evaluate(
@@ -97,7 +114,7 @@ def _evaluate(
     """
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(circuits[0]))
     data.check_vocab(model.cfg.d_vocab)
     device = model_device(model)
     full_total = 0.0
@@ -153,24 +170,24 @@ def faithfulness(
         batch_size: examples per forward pass (``None``: all at once).
 
     Returns:
-        A frozen `FaithfulnessResult`. Runs in eval mode without gradients and restores the
-        mode; the model is left unchanged.
+        A frozen `FaithfulnessResult`. Runs in eval mode without gradients and restores
+        every module's own mode; the model is left unchanged.
+
+    Raises:
+        ValueError: when the full model and the empty circuit give the same metric on
+            ``data`` (up to a relative 1e-6): faithfulness would divide by zero, because the
+            task does not separate the model from its fully ablated version on this data.
     """
     ablation = Ablation.parse(ablation)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
     if not isinstance(circuit, Circuit):
         raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
     empty = Circuit.empty(graph)
     full, (m_circuit, m_empty) = _evaluate(
         model, data, [circuit, empty], ablation, reference, batch_size
     )
+    _check_separates(full, m_empty, ablation, len(data))
     value = _normalize(m_circuit, full, m_empty)
-    if math.isnan(value):
-        warnings.warn(
-            "the full model and the empty circuit give the same metric, so faithfulness is "
-            "undefined (NaN); use a task or ablation that the metric separates",
-            stacklevel=2,
-        )
     return FaithfulnessResult(
         faithfulness=value,
         metric_circuit=m_circuit,
@@ -210,9 +227,12 @@ def faithfulness_curve(
 
     Returns:
         A frozen `FaithfulnessCurve`.
+
+    Raises:
+        ValueError: when the full model and the empty circuit agree, as in `faithfulness`.
     """
     ablation = Ablation.parse(ablation)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(scores))
     if getattr(scores, "graph", None) != graph:
         raise ValueError(
             "scores must be ctlens.EdgeScores computed on this model (their graph differs or "
@@ -230,6 +250,7 @@ def faithfulness_curve(
     empty = Circuit.empty(graph)
     full, metrics = _evaluate(model, data, [*circuits, empty], ablation, reference, batch_size)
     m_empty = metrics.pop()
+    _check_separates(full, m_empty, ablation, len(data))
     faith = tuple(_normalize(m, full, m_empty) for m in metrics)
     cpr, cmd = curve_areas(fractions, faith)
     return FaithfulnessCurve(

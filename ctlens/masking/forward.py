@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ctlens.attribution import mean_activations
+from ctlens.attribution import resolve_reference
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -53,6 +53,7 @@ from ctlens.hooks import (
     receiver_hooks,
     sender_hooks,
 )
+from ctlens.mlp_groups import groups_of
 from ctlens.types import Ablation, NodeKind
 
 
@@ -150,7 +151,7 @@ class EdgeMask:
 
     def __init__(self, model: Any, circuit: Circuit, ablation: Ablation) -> None:
         self.model = model
-        self.graph = Graph.from_model(model)
+        self.graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
         self.ablation = ablation
         self.device = model_device(model)
         self.dtype = next(model.parameters()).dtype
@@ -167,8 +168,8 @@ class EdgeMask:
         self._sender_groups = [(0, 1)]
         for layer in range(spec.n_layers):
             heads = self.graph.sender_slice(layer)
-            mlp = self.graph.mlp_sender(layer)
-            self._sender_groups += [(heads.start, heads.stop), (mlp, mlp + 1)]
+            mlp = self.graph.mlp_senders(layer)
+            self._sender_groups += [(heads.start, heads.stop), (mlp.start, mlp.stop)]
         self._plan = self.plan(circuit)
 
     @property
@@ -193,7 +194,11 @@ class EdgeMask:
                 f"set_reference is for corrupt ablation; this mask uses "
                 f"{self.ablation.value!r}{hint}"
             )
-        tokens = _check_tokens(tokens, self.model, "the corrupt reference")
+        if tokens is None:
+            raise TypeError("set_reference needs the corrupt token ids [batch, seq], got None")
+        checked = resolve_reference(self.model, self.graph, None, Ablation.CORRUPT, tokens, None)
+        assert checked[0] is not None
+        tokens = checked[0].long()
         b, p = tokens.shape
         buffer = torch.zeros(
             self.graph.n_senders, b, p, self.d_model, device=self.device, dtype=self.dtype
@@ -214,27 +219,18 @@ class EdgeMask:
         return logits
 
     def set_means(self, reference: TaskData | torch.Tensor, batch_size: int | None = 32) -> None:
-        """Mean ablation: (re)compute or set the per-position mean sender activations."""
+        """Mean ablation: (re)compute or set the per-position mean sender activations.
+
+        ``reference`` is read by `ctlens.attribution.resolve_reference`, as everywhere.
+        """
         if self.ablation is not Ablation.MEAN:
             raise ValueError(
                 f"set_means is for mean ablation; this mask uses {self.ablation.value!r}"
             )
-        if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
-            expected = (self.graph.n_senders, self.d_model)
-            if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
-                raise ValueError(
-                    f"precomputed means must be [n_senders={expected[0]}, seq, "
-                    f"d_model={expected[1]}] (from ctlens.mean_activations), got "
-                    f"{tuple(reference.shape)}"
-                )
-            means = reference
-        elif isinstance(reference, (TaskData, torch.Tensor)):
-            means = mean_activations(self.model, reference, batch_size)
-        else:
-            raise TypeError(
-                "mean ablation needs reference=<TaskData>, token ids [n, seq] or precomputed "
-                f"means from ctlens.mean_activations; got {type(reference).__name__}"
-            )
+        _, means = resolve_reference(
+            self.model, self.graph, None, Ablation.MEAN, reference, batch_size
+        )
+        assert means is not None
         self._means = means.detach().to(self.device, self.dtype)
         self._plan = self.plan(self._plan.circuit)
 
@@ -333,17 +329,15 @@ class EdgeMask:
         )
 
     def _group_end(self, row: int) -> int:
-        """End of the sender group (input, a layer's heads, an MLP) holding ``row``, so that
-        a hook reads whole groups and each live activation maps to whole buffer rows."""
+        """End of the sender group (input, a layer's heads, an MLP or its neuron groups) holding
+        ``row``, so that a hook reads whole groups and each live activation maps to whole
+        buffer rows."""
         if row == 0:
             return 1
-        per_layer = self.graph.spec.n_heads + 1
+        heads = self.graph.spec.n_heads
+        per_layer = heads + self.graph.spec.mlp_groups
         layer, offset = divmod(row - 1, per_layer)
-        return (
-            1
-            + layer * per_layer
-            + (self.graph.spec.n_heads if offset < per_layer - 1 else per_layer)
-        )
+        return 1 + layer * per_layer + (heads if offset < heads else per_layer)
 
     def use(self, plan: _Plan) -> None:
         """Enforce a plan made by `plan` (lets callers switch circuits without replanning)."""
@@ -475,8 +469,11 @@ def edge_mask(
         model: a bridge from `ctlens.load_model`.
         circuit: the edges to keep; a `Circuit` of this model's graph.
         ablation: ``"mean"``, ``"zero"`` or ``"corrupt"``.
-        reference: ``mean``: a `TaskData` or token ids ``[n, seq]`` to average over, or the
-            ``[n_senders, seq, d_model]`` output of `ctlens.mean_activations` (required).
+        reference: read by `ctlens.attribution.resolve_reference`, the same resolver
+            `ctlens.attribute` and `ctlens.faithfulness` use. ``mean``: a `TaskData` or token
+            ids ``[n, seq]`` to average over, or the ``[n_senders, seq, d_model]`` output of
+            `ctlens.mean_activations`; required, because where `attribute` defaults to the
+            task's clean prompts, a mask has no task data (the error says what to pass).
             ``corrupt``: the corrupt token ids ``[batch, seq]`` of the first batch, or
             ``None`` and call ``mask.set_reference(tokens)`` before each forward.
             ``zero``: must be ``None``.
@@ -493,35 +490,13 @@ def edge_mask(
     """
     ablation = Ablation.parse(ablation)
     mask = EdgeMask(model, circuit, ablation)
-    if ablation is Ablation.ZERO:
-        if reference is not None:
-            raise ValueError("zero ablation takes no reference; drop the reference argument")
-    elif ablation is Ablation.MEAN:
-        if reference is None:
-            raise ValueError(
-                "mean ablation needs a reference: pass reference=<TaskData or token ids to "
-                "average over> or reference=ctlens.mean_activations(model, data)"
-            )
-        mask.set_means(reference, batch_size)
-    elif reference is not None:
-        if isinstance(reference, TaskData):
-            raise TypeError(
-                "corrupt ablation takes the corrupt token ids as reference (e.g. data.corrupt), "
-                "not a TaskData"
-            )
-        mask.set_reference(reference)
+    corrupt, means = resolve_reference(model, mask.graph, None, ablation, reference, batch_size)
+    if means is not None:
+        mask.set_means(means)
+    if corrupt is not None:
+        mask.set_reference(corrupt)
     with model.hooks(fwd_hooks=mask.hooks()):
         yield mask
-
-
-
-def _check_tokens(tokens: Any, model: Any, name: str) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.ndim != 2:
-        raise TypeError(f"{name} must be token ids [batch, seq] (an integer tensor)")
-    vocab = int(model.cfg.d_vocab)
-    if ((tokens < 0) | (tokens >= vocab)).any():
-        raise ValueError(f"{name} holds token ids outside the vocabulary of {vocab}")
-    return tokens.long()
 
 
 

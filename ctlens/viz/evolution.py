@@ -13,11 +13,16 @@ from ctlens.viz.figures import diff_mask_counts
 from ctlens.viz.layout import Layout, active_senders, as_edge_set
 from ctlens.viz.run import Run, read_run
 from ctlens.viz.traces import (
+    EDGE_BUDGET,
+    LEGEND_TITLE,
     Trace,
+    budget_buttons,
     circuit_axes,
     circuit_height,
     edge_hover,
+    edge_labels,
     edge_traces,
+    hidden_edge_traces,
     node_hover,
     node_traces,
     port_traces,
@@ -55,7 +60,14 @@ def _frame_steps(steps: list[int], max_frames: int) -> list[int]:
     return [steps[i] for i in sorted(set(picks.tolist()))]
 
 
-_LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+#: curve colours: other tasks get their own set, unlike the Jaccard curves (blues, see below)
+_TASK_COLOURS = ("#d95f02", "#7570b3", "#1b9e77", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
+_JACCARD_STYLE = {
+    "edge Jaccard to first": ("#08519c", "solid"), "node Jaccard to first": ("#08519c", "dash"),
+    "edge Jaccard to previous": ("#6baed6", "solid"),
+    "node Jaccard to previous": ("#6baed6", "dash"),
+}
+_GOAL = {"maximize": "goal: higher ↑", "minimize": "goal: lower ↓", "zero": "goal: 0"}
 
 
 def plot_evolution(
@@ -63,14 +75,17 @@ def plot_evolution(
     top: int | None = 300,
     max_frames: int = 40,
     height: int | None = None,
+    budget: int | None = EDGE_BUDGET,
 ) -> go.Figure:
     """A run's circuit over time (slider and play button) above its metric curves.
 
     The top panel shows one circuit snapshot per slider position (its ``top`` edges by
     |score|, at most ``max_frames`` snapshots evenly spread, edge widths on one scale for
-    all frames). Below: target metric, general loss, circuit size, node/edge Jaccard to the
-    first and the previous snapshot, fraction of parameters moved, and the other tasks'
-    metrics; a dotted line marks the step on show.
+    all frames; the ``budget`` strongest drawn at first, the rest behind "all edges").
+    Below: target metric (its title says which direction is the goal, when the run or its
+    built-in task records it), general loss, circuit size, node/edge Jaccard to the first
+    and the previous snapshot, fraction of parameters moved, and the other tasks' metrics;
+    a dotted line marks the step on show. Jaccard and other tasks have legends of their own.
     """
     run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     layout = Layout(run.graph)
@@ -84,22 +99,26 @@ def plot_evolution(
         default=1.0,
     ) or 1.0
     evals = run.eval_series()
-    titles = ["", "target metric", "general loss (held-out LM)", "circuit size (edges)",
+    goal = _GOAL.get(target_objective(run) or "", "")
+    titles = ["", f"target metric ({goal})" if goal else "target metric",
+              "general loss (held-out LM)", "circuit size (edges)",
               "Jaccard similarity", "fraction of parameters moved",
               "other tasks" if evals else "training loss"]
     fig = make_subplots(
         rows=4, cols=3,
         specs=[[{"colspan": 3}, None, None], [None, None, None], [{}, {}, {}], [{}, {}, {}]],
-        row_heights=[0.55, 0.06, 0.195, 0.195], vertical_spacing=0.045,
-        horizontal_spacing=0.07, subplot_titles=titles,
+        row_heights=[0.55, 0.06, 0.195, 0.195], vertical_spacing=0.06,
+        horizontal_spacing=0.08, subplot_titles=titles,
     )
 
     def frame_traces(step: int) -> list[Trace]:
         es = sets[step]
         rows, cols = es.mask.nonzero(as_tuple=True)
-        traces = edge_traces(layout, es, max_abs, all_legend=True)
+        traces = edge_traces(layout, es, max_abs, all_legend=True,
+                             budget=budget if es.scores is not None else None)
         traces += port_traces(layout, es.mask)
         traces.append(edge_hover(layout, rows, cols, es.scores))
+        traces.append(edge_labels(layout, es))
         active = active_senders(layout, es.mask)
         traces += node_traces(layout, [("in circuit", active, "#333333")],
                               node_hover(layout, es))
@@ -119,53 +138,104 @@ def plot_evolution(
         return f"{run.info.get('model', 'model')} · {run.info.get('task', 'task')} · " \
                f"step {step}: {shown} circuit edges"
 
+    def frame_data(step: int) -> list[Trace]:
+        # no "visible" in frames: the "show all" choice survives moving the slider
+        return [{k: v for k, v in t.items() if k != "visible"} for t in frame_traces(step)]
+
     fig.frames = [
-        go.Frame(name=str(s), data=frame_traces(s), traces=list(range(n_circuit)),
+        go.Frame(name=str(s), data=frame_data(s), traces=list(range(n_circuit)),
                  layout={"shapes": _step_markers(axes, s), "title": {"text": frame_title(s)}})
         for s in steps
     ]
-    total_height = height or max(1100, circuit_height(layout) + 600)
+    total_height = height or max(1250, circuit_height(layout) + 750)
     style(fig, frame_title(steps[0]), total_height)
     # slider and buttons sit in the empty second row, below the circuit's tick labels
     below_circuit = fig.layout.yaxis.domain[0] - 28 / total_height
     slider, buttons = _animation_controls(steps, below_circuit)
+    menus = [buttons] if len(steps) > 1 else []
+    if budget is not None and any(e.scores is not None and e.n_edges > budget
+                                  for e in sets.values()):
+        menus.append(budget_buttons(hidden_edge_traces(first), budget, None, 1.0, 1.01))
+    fig.update_layout(margin={"t": 90, "b": 150})
     fig.update_layout(
-        sliders=[slider] if len(steps) > 1 else [], updatemenus=[buttons] if len(steps) > 1 else [],
+        sliders=[slider] if len(steps) > 1 else [], updatemenus=menus,
         shapes=_step_markers(axes, steps[0]),
-        legend={"x": 1.01, "y": 1.0, "yanchor": "top"},
-        legend2={"x": 1.01, "y": fig.get_subplot(3, 3).yaxis.domain[1], "yanchor": "top",
-                 "font": {"size": 11}},
+        legend={"x": 1.01, "y": 1.0, "yanchor": "top", "title": {"text": LEGEND_TITLE}},
+        **_panel_legends(fig, total_height),
     )
     return fig
+
+
+def target_objective(run: Run) -> str | None:
+    """Which direction of the target metric is the goal: the run's record, else the
+    built-in task's (``"maximize"`` or ``"zero"``), else None (a task ctlens does not know)."""
+    recorded = run.info.get("objective") or run.config.get("objective")
+    if recorded:
+        return str(recorded)
+    from ctlens import tasks
+
+    name = run.info.get("task")
+    if name not in tasks.names():
+        return None
+    return tasks.load(str(name), n=8, n_train=8, n_general=8).objective
+
+
+def _panel_legends(fig: go.Figure, total_height: int) -> dict[str, Any]:
+    """The Jaccard legend under its chart, the other tasks' legend under theirs."""
+    margin = fig.layout.margin
+    plot_px = total_height - (margin.t or 0) - (margin.b or 0)
+    out = {}
+    for name, col in (("legend2", 1), ("legend3", 3)):
+        ax = fig.get_subplot(4, col)
+        out[name] = {"x": ax.xaxis.domain[0], "xanchor": "left", "yanchor": "top",
+                     "y": ax.yaxis.domain[0] - 42 / plot_px, "font": {"size": 11},
+                     "bgcolor": "rgba(255,255,255,0)"}
+    return out
 
 
 Series = dict[str, tuple[list[int], list[float]]]
 
 
 def _metric_panels(fig: go.Figure, run: Run, evals: Series) -> list[Any]:
-    """Draw the six metric charts in rows 3 and 4; return their subplot axes."""
-    panels: list[tuple[int, int, Series]] = [
-        (3, 1, {"target metric": run.metric_series("target_metric")}),
-        (3, 2, {"general loss": run.metric_series("general_loss")}),
-        (3, 3, {"circuit edges": run.metric_series("circuit_edges")}),
-        (4, 1, jaccard_series(run)),
-        (4, 2, {"params moved": run.metric_series("params_moved")}),
-        (4, 3, {f"eval: {k}": v for k, v in evals.items()}
-         or {"train loss": run.metric_series("train_loss")}),
+    """Draw the six metric charts in rows 3 and 4 (every axis titled); return their axes."""
+    others = ({f"eval: {k}": v for k, v in evals.items()}
+              or {"train loss": run.metric_series("train_loss")})
+    panels: list[tuple[int, int, Series, str]] = [
+        (3, 1, {"target metric": run.metric_series("target_metric")}, "target metric"),
+        (3, 2, {"general loss": run.metric_series("general_loss")}, "LM loss (nats)"),
+        (3, 3, {"circuit edges": run.metric_series("circuit_edges")}, "edges"),
+        (4, 1, jaccard_series(run), "Jaccard"),
+        (4, 2, {"params moved": run.metric_series("params_moved")}, "fraction"),
+        (4, 3, others, "metric" if evals else "loss"),
     ]
-    for row, col, series in panels:
+    for row, col, series, ytitle in panels:
+        own = {(4, 1): "legend2", (4, 3): "legend3"}.get((row, col))
         for k, (name, (xs, ys)) in enumerate(series.items()):
+            single = ("#1f4e79", "solid") if len(series) == 1 else None
+            colour, dash = _JACCARD_STYLE.get(name) or single or (_TASK_COLOURS[k % 7], "solid")
             fig.add_trace(
-                scatter(x=xs, y=ys, mode="lines+markers", name=name, legend="legend2",
-                        showlegend=len(series) > 1, marker={"size": 4},
-                        line={"color": _LINE_COLOURS[k % len(_LINE_COLOURS)], "width": 1.6},
+                scatter(x=xs, y=ys, mode="lines+markers", name=name, legend=own or "legend",
+                        showlegend=own is not None and len(series) > 1, marker={"size": 4},
+                        line={"color": colour, "width": 1.6, "dash": dash},
                         hovertemplate=f"{name}<br>step %{{x}}: %{{y:.4g}}<extra></extra>"),
                 row=row, col=col,
             )
-        if row == 4:
-            fig.update_xaxes(title_text="step", title_standoff=2, row=row, col=col)
+        fig.update_xaxes(title_text="step", title_standoff=4, row=row, col=col)
+        fig.update_yaxes(title_text=ytitle, title_standoff=4, row=row, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], row=4, col=1)
-    return [fig.get_subplot(r, c) for r, c, _ in panels]
+    fig.update_yaxes(**_integer_axis(run.metric_series("circuit_edges")[1]), row=3, col=3)
+    return [fig.get_subplot(r, c) for r, c, _, _ in panels]
+
+
+def _integer_axis(values: list[float]) -> dict[str, Any]:
+    """A y axis from 0 to a little above the largest count, ticks on round integers (a
+    constant count would otherwise get a range of +-0.5 around it and fractional ticks)."""
+    top = max((v for v in values if np.isfinite(v)), default=1.0)
+    top = max(1.0, float(top))
+    raw = top / 4
+    magnitude = 10 ** int(np.floor(np.log10(raw))) if raw >= 1 else 1
+    dtick = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    return {"range": [0, top * 1.15], "dtick": max(1, int(dtick)), "tickformat": "d"}
 
 
 def _step_markers(axes: list[Any], step: int) -> list[dict[str, Any]]:

@@ -26,12 +26,18 @@ from ctlens.viz.traces import (
     BOTH,
     CLASS_DASH,
     CLASS_LABEL,
+    EDGE_BUDGET,
+    EDGE_LABELS,
+    LEGEND_TITLE,
     ONLY_A,
     ONLY_B,
+    budget_buttons,
     circuit_axes,
     circuit_height,
     edge_hover,
+    edge_labels,
     edge_traces,
+    hidden_edge_traces,
     line_xy,
     node_hover,
     node_traces,
@@ -42,8 +48,6 @@ from ctlens.viz.traces import (
     style,
 )
 
-# ---------------------------------------------------------------------------- plot_circuit
-
 
 def plot_circuit(
     circuit: Any,
@@ -51,37 +55,55 @@ def plot_circuit(
     title: str | None = None,
     height: int | None = None,
     label: str | None = None,
+    budget: int | None = EDGE_BUDGET,
+    labels: int = EDGE_LABELS,
 ) -> go.Figure:
     """Draw a circuit (or the strongest edges of `EdgeScores`) on the layered layout.
 
     Args:
         circuit: a `ctlens.Circuit`, `ctlens.EdgeScores` or the path of a saved circuit.
-        top: draw only the ``top`` edges by |score| (default: every circuit edge; 200 for
-            ``EdgeScores``).
+        top: include only the ``top`` edges by |score| (default: every circuit edge; 200
+            for ``EdgeScores``).
         title: figure title (default: what was drawn and how many edges).
         height: figure height in pixels (default grows with the number of layers).
         label: what to call the circuit in the default title (default "circuit").
+        budget: how many of the strongest edges are drawn at first; the rest are hidden
+            behind the "all N edges" button and their legend entry (None: draw all).
+        labels: how many of the strongest edges get a text label.
 
-    Edge width and opacity grow with |score| (four bins of |score| / max |score|), colour is
-    the sign (blue positive, red negative, grey without scores), dash the receiver (q solid,
-    k dashed, v dotted). Hover an edge's midpoint or a node for names and scores.
+    Colour says what an edge does to the metric (score = M(edge ablated) - M(clean)): blue
+    edges raise it (score < 0, ablating them lowers the metric), red edges lower it (score
+    > 0), grey edges carry no score. Width and opacity grow with |score| (thirds of |score|
+    / max |score|), dash says the receiver (q solid, k dashed, v dotted). Hover an edge's
+    midpoint or a node for names and scores.
     """
     es = as_edge_set(circuit, top=top, label=label)
     layout = Layout(es.graph)
     fig = go.Figure()
-    fig.add_traces(edge_traces(layout, es))
+    edges = edge_traces(layout, es, budget=budget if es.scores is not None else None)
+    fig.add_traces(edges)
     rows, cols = es.mask.nonzero(as_tuple=True)
     fig.add_traces(port_traces(layout, es.mask))
     fig.add_trace(edge_hover(layout, rows, cols, es.scores))
+    fig.add_trace(edge_labels(layout, es, labels))
     active = active_senders(layout, es.mask)
     fig.add_traces(node_traces(layout, [("in circuit", active, "#333333")],
-                                node_hover(layout, es)))
+                               node_hover(layout, es)))
     circuit_axes(fig, layout)
+    shown = es.n_edges
+    if es.scores is not None and budget is not None and es.n_edges > budget:
+        shown = budget
+        fig.update_layout(updatemenus=[
+            budget_buttons(hidden_edge_traces(edges), budget, es.n_edges, 1.0, 1.01)
+        ])
     if title is None:
         title = f"{es.label}: {es.n_edges} edges, {int(active.sum()) + 1} components"
+        if shown < es.n_edges:
+            title += f"<br><sup>the {shown} strongest drawn; the rest behind 'all " \
+                     f"{es.n_edges} edges' or the legend</sup>"
     style(fig, title, height or circuit_height(layout))
+    fig.update_layout(legend_title_text=LEGEND_TITLE, margin={"t": 90})
     return fig
-
 
 
 # ---------------------------------------------------------------------------- plot_diff
@@ -174,13 +196,13 @@ def plot_diff(
     counts = diff_mask_counts(layout, ma, mb)
     scores = eb.scores if eb.scores is not None else ea.scores
     classes = [
-        (f"only in {ea.label}", ma & ~mb, ONLY_A, 2.2),
-        (f"only in {eb.label}", mb & ~ma, ONLY_B, 2.2),
-        ("in both", ma & mb, BOTH, 1.2),
+        (f"only in {ea.label}", ma & ~mb, ONLY_A, 2.2, 0.8),
+        (f"only in {eb.label}", mb & ~ma, ONLY_B, 2.2, 0.8),
+        ("in both", ma & mb, BOTH, 0.9, 0.35),  # faint: the change is what the figure shows
     ]
     cls_index = receiver_class_index(layout)
     fig = go.Figure()
-    for name, mask, colour, width in classes:
+    for name, mask, colour, width, alpha in classes:
         rows, cols = mask.nonzero(as_tuple=True)
         cls = cls_index[cols]
         for c, cname in enumerate(RECEIVER_CLASSES):
@@ -189,10 +211,10 @@ def plot_diff(
             fig.add_trace(scatter(
                 x=x, y=y, mode="lines", hoverinfo="skip", name=f"{name} → {CLASS_LABEL[cname]}",
                 legendgroup=name, showlegend=bool(select.any()),
-                line={"color": rgba(colour, 0.75), "width": width, "dash": CLASS_DASH[cname]},
+                line={"color": rgba(colour, alpha), "width": width, "dash": CLASS_DASH[cname]},
             ))
     fig.add_traces(port_traces(layout, ma | mb))
-    for name, mask, _, _ in classes:
+    for name, mask, *_ in classes:
         rows, cols = mask.nonzero(as_tuple=True)
         fig.add_trace(edge_hover(layout, rows, cols, scores, prefix=f"{name}<br>"))
     na, nb = _components(layout, ma), _components(layout, mb)

@@ -137,7 +137,7 @@ class Layout:
 
     def axis_ranges(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """x and y ranges that show every node with a margin."""
-        return (-1.0, self.mlp_x + 1.0), (-0.6, self.top + 0.6)
+        return (-1.0, self.mlp_x + 1.0), (-0.6, self.top + 0.9)
 
     def layer_ticks(self) -> tuple[list[float], list[str]]:
         """y tick positions and labels: input, each layer's heads and MLP, logits."""

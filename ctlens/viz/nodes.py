@@ -46,8 +46,9 @@ def plot_node_scores(
 
     ``scores`` is `EdgeScores` (uses `EdgeScores.node_scores`), a circuit with scores (sums
     its edges per sender) or a ``{node: score}`` mapping (``a{l}.h{h}``, ``m{l}``,
-    ``input``). Blue is positive, red negative, white zero; the ``input`` score is in the
-    title.
+    ``input``). The colours follow the edge figures: a node score is M(node ablated) -
+    M(clean), so blue (< 0) nodes raise the metric, red (> 0) lower it, white is zero; the
+    ``input`` score is in the title.
     """
     table, what = _node_score_table(scores)
     if graph is None:
@@ -82,18 +83,20 @@ def plot_node_scores(
     xlabels = [f"h{h}" for h in range(n_heads)] + ["MLP"]
     ylabels = [f"L{layer}" for layer in range(n_layers)]
     heat = go.Heatmap(
-        z=z, x=xlabels, y=ylabels, customdata=text, colorscale="RdBu", zmid=0.0,
+        z=z, x=xlabels, y=ylabels, customdata=text, colorscale="RdBu_r", zmid=0.0,
         zmin=-bound or -1.0, zmax=bound or 1.0, xgap=1, ygap=1,
         hovertemplate="%{customdata}: %{z:+.4g}<extra></extra>",
-        colorbar={"title": {"text": "score"}},
+        colorbar={"title": {"text": "score<br>blue: raises M<br>red: lowers M",
+                            "font": {"size": 12}}},
     )
     if z.size <= 400:
-        heat.update(texttemplate="%{z:.3g}", textfont={"size": 9})
+        heat.update(texttemplate="%{z:.3g}", textfont={"size": 13})
     fig = go.Figure(heat)
     if title is None:
         label = "input" in table and f" · input {table['input']:+.4g}" or ""
         title = f"node scores: {what}{label}"
-    fig.update_xaxes(side="bottom", showgrid=False)
-    fig.update_yaxes(showgrid=False)
-    style(fig, title, height or int(min(900, max(320, 34 * n_layers + 160))))
+    fig.update_xaxes(side="bottom", showgrid=False, title_text="head (MLP: the layer's MLP)",
+                     tickfont={"size": 12})
+    fig.update_yaxes(showgrid=False, title_text="layer", tickfont={"size": 12})
+    style(fig, title, height or int(min(900, max(320, 44 * n_layers + 180))))
     return fig

@@ -18,24 +18,34 @@ import torch
 from ctlens.types import NodeKind
 from ctlens.viz.layout import DASH, RECEIVER_CLASSES, EdgeSet, Layout, receiver_class
 
-POSITIVE = "#2166ac"  # blue: ablating the edge raises the metric (score > 0)
-NEGATIVE = "#b2182b"  # red: ablating the edge lowers the metric (score < 0)
+#: The sign convention (docs/concepts.md): score = M(edge ablated) - M(clean). A negative
+#: score means ablating the edge lowers the metric, so the edge *raises* it: blue, the colour
+#: figures use for "supports the metric"; a positive score (the edge lowers the metric) red.
+RAISES = "#2166ac"
+LOWERS = "#c0392b"
+SIGN_LABEL = ("raises metric (score < 0)", "lowers metric (score > 0)")
+CONVENTION = "score = M(edge ablated) − M(clean)"
+LEGEND_TITLE = f"<b>edge colour</b>: {CONVENTION}<br>"
 UNSCORED = "#555555"
 ONLY_A = "#d62728"
 ONLY_B = "#2ca02c"
 BOTH = "#8c8c8c"
 INACTIVE = "#d9d9d9"
-#: line widths and opacities of the |score| bins (bin k holds |s| / max |s| in [k/4, (k+1)/4))
-WIDTHS = (0.7, 1.4, 2.6, 4.2)
-OPACITY = (0.35, 0.5, 0.7, 0.9)
+#: line widths and opacities of the edge bins. Bin 0 holds the edges beyond the figure's edge
+#: budget (hidden until "show all"); bins 1-3 the budget's edges by |s| / max |s| in thirds.
+WIDTHS = (0.6, 1.2, 2.4, 4.2)
+OPACITY = (0.3, 0.45, 0.7, 0.95)
 LEGEND_BIN = 2
+HIDDEN_BIN = 0
+#: how many edges a circuit figure draws at first (the rest behind "show all")
+EDGE_BUDGET = 40
+#: how many of the strongest edges get a text label
+EDGE_LABELS = 5
 CLASS_LABEL = {"q": "q input (solid)", "k": "k input (dashed)", "v": "v input (dotted)",
                "resid": "MLP / logits input"}
 CLASS_DASH = {"q": DASH[NodeKind.Q], "k": DASH[NodeKind.K], "v": DASH[NodeKind.V],
-               "resid": DASH[NodeKind.MLP]}
+              "resid": DASH[NodeKind.MLP]}
 PLOT_CONFIG: dict[str, Any] = {"displaylogo": False, "responsive": True}
-
-
 
 Trace = dict[str, Any]
 
@@ -72,7 +82,10 @@ def receiver_class_index(layout: Layout) -> torch.Tensor:
 
 
 def fmt_score(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.4g}"
+    """A score with its sign and what the sign means (see `RAISES`)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:+.4g} ({'raises' if value <= 0 else 'lowers'} metric)"
 
 
 def edge_hover(
@@ -177,7 +190,7 @@ def node_traces(
     lx, ly = layout.logits_xy
     traces.append(
         scatter(
-            x=[lx], y=[ly], mode="markers+text", text=["logits"], textposition="middle right",
+            x=[lx], y=[ly], mode="markers+text", text=["logits"], textposition="top center",
             hovertext=["logits"], hoverinfo="text", showlegend=False, name="logits",
             marker={"symbol": "star", "size": 16,
                     "color": groups[0][2] if groups else INACTIVE},
@@ -201,22 +214,38 @@ def circuit_axes(fig: go.Figure, layout: Layout, row: int | None = None,
                      gridcolor="#f0f0f0", zeroline=False, **kw)
 
 
-def score_bins(values: torch.Tensor, max_abs: float) -> torch.Tensor:
-    if max_abs <= 0:
-        return torch.zeros(len(values), dtype=torch.long)
-    return (values.abs() / max_abs * len(WIDTHS)).long().clamp(0, len(WIDTHS) - 1)
+def edge_bins(values: torch.Tensor, max_abs: float, budget: int | None) -> torch.Tensor:
+    """Bin per edge: `HIDDEN_BIN` beyond the ``budget`` strongest by |score|, else 1-3 by
+    |score| / ``max_abs`` in thirds (the strongest edges widest and most opaque)."""
+    magnitude = values.abs()
+    bins = 1 + (magnitude / max_abs * 3).long().clamp(0, 2) if max_abs > 0 else (
+        torch.ones(len(values), dtype=torch.long))
+    if budget is not None and len(values) > budget:
+        order = magnitude.argsort(descending=True, stable=True)
+        bins[order[budget:]] = HIDDEN_BIN
+    return bins
+
+
+def edge_sign(values: torch.Tensor) -> torch.Tensor:
+    """Colour slot per edge: 0 for a score <= 0 (the edge raises the metric), 1 for > 0."""
+    return (values > 0).long()
 
 
 def edge_traces(
-    layout: Layout, es: EdgeSet, max_abs: float | None = None, all_legend: bool = False
+    layout: Layout, es: EdgeSet, max_abs: float | None = None, all_legend: bool = False,
+    budget: int | None = EDGE_BUDGET,
 ) -> list[Trace]:
-    """A fixed list of ``2 x 4 x 4`` line traces (sign x receiver class x width bin).
+    """A fixed list of ``2 x 4 x 4`` line traces (sign x receiver class x bin), then one
+    legend entry for the edges beyond the budget.
 
     Always the same traces in the same order, empty ones included, so animation frames can
-    replace them one for one. Without scores every edge is drawn grey, in the "positive"
-    slot, and named "unscored". Each (sign, class) has one legend entry, carried by its
-    third width bin so the swatch is visible; ``all_legend`` keeps entries for empty classes
-    too (animation frames need a legend that does not change).
+    replace them one for one. Bin `HIDDEN_BIN` holds the edges beyond the ``budget``
+    strongest (all edges are drawn when ``budget`` is None): they start hidden
+    (``visible="legendonly"``, one legend group) and show with their legend entry or a
+    "show all" button. Without scores every edge is drawn grey, in the first colour slot,
+    named "unscored", and nothing is hidden. Each (sign, class) has one legend entry,
+    carried by bin `LEGEND_BIN` so the swatch is visible; ``all_legend`` keeps entries for
+    empty classes too (animation frames need a legend that does not change).
     """
     rows, cols = es.mask.nonzero(as_tuple=True)
     cls = receiver_class_index(layout)[cols]
@@ -224,36 +253,93 @@ def edge_traces(
         values = es.scores[rows, cols]
         if max_abs is None:
             max_abs = float(values.abs().max()) if len(values) else 1.0
-        bins = score_bins(values, max_abs)
-        negative = values < 0
+        bins = edge_bins(values, max_abs, budget)
+        sign_of = edge_sign(values)
+        labels, colours = SIGN_LABEL, (RAISES, LOWERS)
     else:
-        bins = torch.full((len(rows),), 1, dtype=torch.long)
-        negative = torch.zeros(len(rows), dtype=torch.bool)
+        bins = torch.ones(len(rows), dtype=torch.long)
+        sign_of = torch.zeros(len(rows), dtype=torch.long)
+        labels, colours = ("unscored", SIGN_LABEL[1]), (UNSCORED, LOWERS)
     traces: list[Trace] = []
-    for sign, (label, colour) in enumerate(
-        [("positive score", POSITIVE if es.scores is not None else UNSCORED),
-         ("negative score", NEGATIVE)]
-    ):
-        if es.scores is None and sign == 0:
-            label = "unscored"
+    for sign, (label, colour) in enumerate(zip(labels, colours, strict=True)):
         for c, cname in enumerate(RECEIVER_CLASSES):
-            select_cls = (negative == bool(sign)) & (cls == c)
+            select_cls = (sign_of == sign) & (cls == c)
+            visible_cls = select_cls & (bins != HIDDEN_BIN)
             for b in range(len(WIDTHS)):
                 select = select_cls & (bins == b)
                 x, y = line_xy(layout, rows[select], cols[select])
-                legend = b == LEGEND_BIN and (all_legend or bool(select_cls.any()))
+                legend = b == LEGEND_BIN and (all_legend or bool(visible_cls.any()))
                 if legend and not len(x):
                     x, y = np.array([np.nan]), np.array([np.nan])  # keeps the legend entry
+                hidden = b == HIDDEN_BIN
                 traces.append(
                     scatter(
                         x=x, y=y, mode="lines", hoverinfo="skip",
                         name=f"{label} → {CLASS_LABEL[cname]}",
-                        legendgroup=f"{sign}-{cname}", showlegend=legend,
+                        legendgroup="beyond budget" if hidden else f"{sign}-{cname}",
+                        showlegend=legend, visible="legendonly" if hidden else True,
                         line={"color": rgba(colour, OPACITY[b]), "width": WIDTHS[b],
                               "dash": CLASS_DASH[cname]},
                     )
                 )
+    n_hidden = int((bins == HIDDEN_BIN).sum()) if es.scores is not None else 0
+    traces.append(scatter(
+        x=[np.nan], y=[np.nan], mode="lines", hoverinfo="skip", legendgroup="beyond budget",
+        name=f"{n_hidden} weaker edges (click to show)" if n_hidden else "no edges hidden",
+        showlegend=all_legend or n_hidden > 0, visible="legendonly",
+        line={"color": rgba(UNSCORED, OPACITY[HIDDEN_BIN]), "width": 2},
+    ))
     return traces
+
+
+def hidden_edge_traces(traces: list[Trace]) -> list[int]:
+    """Indices (within `edge_traces`' output) of the traces hidden until "show all"."""
+    return [i for i, t in enumerate(traces) if t.get("visible") == "legendonly"]
+
+
+def budget_buttons(
+    indices: list[int], budget: int, n_edges: int | None, x: float, y: float
+) -> dict[str, Any]:
+    """Two buttons, right-anchored at ``(x, y)``: draw only the ``budget`` strongest edges,
+    or every edge."""
+    every = f"all {n_edges} edges" if n_edges is not None else "all edges"
+    return {
+        "type": "buttons", "direction": "left", "x": x, "y": y, "xanchor": "right",
+        "yanchor": "bottom", "showactive": True, "active": 0, "pad": {"t": 0, "r": 4},
+        "font": {"size": 11},
+        "buttons": [
+            {"label": f"strongest {budget}", "method": "restyle",
+             "args": [{"visible": "legendonly"}, indices]},
+            {"label": every, "method": "restyle", "args": [{"visible": True}, indices]},
+        ],
+    }
+
+
+def edge_labels(layout: Layout, es: EdgeSet, k: int = EDGE_LABELS) -> Trace:
+    """Text labels ("sender → receiver  score") on the ``k`` strongest edges by |score|,
+    placed 45 % of the way from sender to receiver (away from the crowded receivers), each
+    lifted above any earlier label it would overlap."""
+    rows, cols = es.mask.nonzero(as_tuple=True)
+    if es.scores is None or k < 1 or not len(rows):
+        rows, cols = rows[:0], cols[:0]
+        values = torch.zeros(0)
+    else:
+        values = es.scores[rows, cols]
+        order = values.abs().argsort(descending=True, stable=True)[:k]
+        rows, cols, values = rows[order], cols[order], values[order]
+    g = layout.graph
+    x = (0.55 * layout.sender_x[rows] + 0.45 * layout.receiver_x[cols]).numpy()
+    y = (0.55 * layout.sender_y[rows] + 0.45 * layout.receiver_y[cols]).numpy()
+    for k in range(len(y)):  # lift a label off any earlier one it would overlap
+        while any(abs(x[k] - x[i]) < 2.5 and abs(y[k] - y[i]) < 0.4 for i in range(k)):
+            y[k] += 0.4
+    text = [f"{g.senders[i]}→{g.receivers[j]} {v:+.2g}"
+            for i, j, v in zip(rows.tolist(), cols.tolist(), values.tolist(), strict=True)]
+    colours = [RAISES if v <= 0 else LOWERS for v in values.tolist()]
+    return scatter(
+        x=x, y=y, mode="text", text=strings(text), hoverinfo="skip", showlegend=False,
+        name="edge labels", textfont={"size": 11, "color": colours or "#333333"},
+    )
 
 
 def node_hover(layout: Layout, es: EdgeSet) -> dict[int, str]:
