@@ -88,3 +88,30 @@ class EdgeScores:
     def __repr__(self) -> str:
         method = self.metadata.get("method", "?")
         return f"EdgeScores({method}, {self.graph!r})"
+
+
+def check_finite_scores(
+    scores: Float[torch.Tensor, "n_senders n_receivers"], graph: Graph, dtype: torch.dtype
+) -> None:
+    """Raise ``ValueError`` naming the first non-finite edge score and the likely cause.
+
+    ``dtype`` is the model's parameter dtype: in float16 a gradient or an activation beyond
+    about 65,504 overflows to inf, which is the usual cause there.
+    """
+    bad = ~torch.isfinite(scores) & graph.valid.to(scores.device)
+    if not bool(bad.any()):
+        return
+    i, j = (int(v) for v in bad.nonzero()[0])
+    edge = f"{graph.senders[i]} -> {graph.receivers[j]}"
+    count = int(bad.sum())
+    if dtype == torch.float16:
+        raise ValueError(
+            f"float16 overflowed: {count} edge score(s) are not finite (first {edge}); "
+            "float16 holds values up to about 65,504 only. Load the model with "
+            "dtype='bfloat16' (same memory, float32's range) or 'float32'"
+        )
+    raise ValueError(
+        f"{count} edge score(s) are not finite (first {edge}): the gradients of the metric "
+        f"overflowed in {dtype}; check that the metric's scale is reasonable (e.g. not "
+        "multiplied by a huge constant) and that the model's outputs are finite"
+    )
