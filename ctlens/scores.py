@@ -7,13 +7,19 @@ single source of truth; the networkx view and the top-k list are computed from i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
 from jaxtyping import Float
 
 from ctlens.graph import Graph
+from ctlens.scores_file import load_scores, save_scores
+from ctlens.tables import edge_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -84,6 +90,37 @@ class EdgeScores:
                 i, j = graph.edge_index(s, r)
                 scores[i, j] = float(attrs.get("score", 0.0))
         return cls(scores, graph, dict(g.graph.get("metadata", {})))
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per valid edge: ``sender``, ``receiver``, ``sender_kind``,
+        ``sender_layer``, ``sender_head``, the same for the receiver, and ``score``.
+
+        Needs pandas (``pip install "ctlens[pandas]"``); see `ctlens.tables`.
+        """
+        return edge_table(self.graph, self.scores)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``NAME.safetensors`` (the dense matrix) and ``NAME.json`` (graph spec,
+        metadata, checksum) atomically; returns the matrix path.
+
+        ``path`` may name either file or their common stem. Non-finite scores and metadata
+        that is not plain JSON are refused. See `ctlens.scores_file`.
+        """
+        return save_scores(self.scores, self.graph, self.metadata, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any | None = None) -> EdgeScores:
+        """Read a file pair written by `save` (``path``: either file or their stem).
+
+        Args:
+            path: ``NAME.safetensors``, ``NAME.json`` or ``NAME``.
+            model: if given, the file's graph must be this model's (checked before the
+                matrix is read); otherwise the declared graph must stay within
+                `ctlens.file_limits.MAX_DENSE_CELLS`.
+        """
+        expected = None if model is None else Graph.from_model(model).spec
+        scores, graph, metadata = load_scores(path, expected)
+        return cls(scores, graph, metadata)
 
     def __repr__(self) -> str:
         method = self.metadata.get("method", "?")
