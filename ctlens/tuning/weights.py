@@ -15,7 +15,6 @@ every real storage of the bridge's parameters must be covered by a mapped key, o
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ctlens.files import atomic_write_text
+from ctlens.model import split_copies
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
 
@@ -55,6 +54,10 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
     the model is not reachable through the mapped keys.
     """
     module = hf_module(model)
+    copies = split_copies(model)
+    for copy in copies:  # GPT-NeoX's fused qkv is stale until its q/k/v copies are written back
+        copy.gather()
+    copied = {_storage_key(p) for c in copies for p in c.parts}
     expected = _fresh_keys(module)
     found: dict[str, torch.Tensor] = {}
     named = [*module.named_parameters(remove_duplicate=False),
@@ -74,7 +77,7 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"{key}: bridge tensor {tuple(found[key].shape)} vs HF {shape}")
     covered = {_storage_key(t) for t in found.values()}
     for name, param in module.named_parameters(remove_duplicate=False):
-        if _storage_key(param) not in covered:
+        if _storage_key(param) not in covered | copied:
             raise RuntimeError(
                 f"parameter {name} is not covered by any HF key; exporting would lose it"
             )
@@ -137,7 +140,9 @@ def save_weights(model: Any, path: Path) -> None:
     tensors = {
         k: v.detach().contiguous().clone().cpu() for k, v in unique_state_dict(model).items()
     }
-    save_file(tensors, str(path))
+    from ctlens.tuning import rundir
+
+    rundir.write_bytes(Path(path), save(tensors))
 
 
 def check_weights(model: Any, path: Path) -> None:
@@ -179,6 +184,8 @@ def load_weights(model: Any, path: Path) -> None:
     _compare(path, {k: tuple(v.shape) for k, v in saved.items()}, target)
     for key, tensor in target.items():
         tensor.copy_(saved[key])
+    for copy in split_copies(model):
+        copy.scatter()
 
 
 def plain_hf_copy(model: Any, device: str | torch.device | None = None) -> torch.nn.Module:
@@ -233,8 +240,3 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` atomically (`ctlens.files.atomic_write_text`)."""
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -17,15 +17,10 @@ and ``fig.write_html(path)`` exports them (plotly.js inlined by default).
 """
 
 from ctlens.viz.cli import add_viz_commands
-from ctlens.viz.figures import (
-    diff_counts,
-    jaccard_series,
-    plot_circuit,
-    plot_diff,
-    plot_evolution,
-    plot_node_scores,
-)
+from ctlens.viz.evolution import jaccard_series, plot_evolution
+from ctlens.viz.figures import diff_counts, plot_circuit, plot_diff
 from ctlens.viz.layout import EdgeSet, Layout, as_edge_set
+from ctlens.viz.nodes import plot_node_scores
 from ctlens.viz.report import write_diff, write_figures, write_report
 from ctlens.viz.run import Run, RunFormatError, read_run
 
