@@ -373,3 +373,15 @@ def test_duplicate_edges_are_refused_by_name(graph: Graph, tmp_path) -> None:
     del many["n_edges"]
     with pytest.raises(ValueError, match="edge 1 .* repeats edge 0"):
         Circuit.load(_write(tmp_path, many))
+
+
+def test_run_json_declaring_a_huge_graph_is_refused(tmp_path) -> None:
+    """A run directory is a file too: its run.json graph is bounded like a circuit file's."""
+    from ctlens import run_format
+    from ctlens.viz import RunFormatError, read_run
+
+    spec = {"version": 1, "n_layers": 100_000, "n_heads": 1, "n_kv_heads": 1}
+    doc = {"format": run_format.FORMAT, "version": run_format.VERSION, "graph": spec}
+    (tmp_path / run_format.RUN_JSON).write_text(json.dumps(doc))
+    with pytest.raises(RunFormatError, match="run.json declares a graph of 100000 layers"):
+        read_run(tmp_path)
