@@ -3,7 +3,7 @@
 Circuit and edge-score files (and MIB / EAP-IG documents) declare a graph and then list
 edges and scores over it. A file is data from anywhere, so nothing it says is trusted:
 
-- its graph must be the model's graph when a model is given, and otherwise stay within
+- its graph must be the model's graph when a model is given, and always stay within
   `MAX_DENSE_CELLS` (a tiny file declaring 100,000 layers would otherwise make ctlens try
   to allocate terabytes for the dense ``[n_senders, n_receivers]`` tensors);
 - its edges are mapped to indices in one pass and checked with tensor operations: unknown
@@ -16,12 +16,13 @@ edges and scores over it. A file is data from anywhere, so nothing it says is tr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 
-from ctlens.graph import Graph, GraphSpec
+from ctlens.graph import Graph, GraphSpec, check_mlp_groups
 
 MAX_DENSE_CELLS = 2**30
 """Largest ``n_senders * n_receivers`` a file may declare without a model to check it
@@ -31,12 +32,13 @@ against: about 4 GB of fp32 scores. Llama-3.1-405B's graph has about 0.3e9 cells
 def dense_cells(spec: GraphSpec) -> int:
     """``n_senders * n_receivers`` of the graph ``spec`` describes, without building it.
 
-    Must follow `Graph`'s node lists: ``input``, then per layer each head and the MLP
-    (senders); per layer each head's q, each KV head's k and v and the MLP, then
-    ``logits`` (receivers).
+    Must follow `Graph`'s node lists: ``input``, then per layer each head and the MLP's
+    ``mlp_groups`` nodes (senders); per layer each head's q, each KV head's k and v and the
+    MLP's nodes, then ``logits`` (receivers).
     """
-    n_senders = 1 + spec.n_layers * (spec.n_heads + 1)
-    n_receivers = spec.n_layers * (spec.n_heads + 2 * spec.n_kv_heads + 1) + 1
+    groups = spec.mlp_groups
+    n_senders = 1 + spec.n_layers * (spec.n_heads + groups)
+    n_receivers = spec.n_layers * (spec.n_heads + 2 * spec.n_kv_heads + groups) + 1
     return n_senders * n_receivers
 
 
@@ -50,7 +52,7 @@ def declared_graph(doc: Any, source: str, expected: GraphSpec | None = None) -> 
     """
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: bad graph spec (expected a JSON object, got {doc!r:.80})")
-    for key in ("n_layers", "n_heads", "n_kv_heads"):
+    for key in ("n_layers", "n_heads", "n_kv_heads", "mlp_groups"):
         value = doc.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{source}: bad graph spec ({key} must be an integer, got {value!r})")
@@ -62,21 +64,42 @@ def declared_graph(doc: Any, source: str, expected: GraphSpec | None = None) -> 
 
 
 def checked_graph(spec: GraphSpec, source: str, expected: GraphSpec | None = None) -> Graph:
-    """`Graph(spec)` once ``spec`` is the model's (``expected``) or within the size limit."""
+    """`Graph(spec)` once ``spec`` is the model's (``expected``, if given) and within
+    `MAX_DENSE_CELLS` (even a real model's graph beyond it would need over 4 GB per matrix)."""
     if expected is not None and spec != expected:
         raise ValueError(
             f"{source} belongs to another model's graph ({_describe(spec)}) but the model "
             f"has {_describe(expected)}; use a file written for this model"
         )
     cells = dense_cells(spec)
-    if expected is None and cells > MAX_DENSE_CELLS:
+    if cells > MAX_DENSE_CELLS:
+        hint = (
+            "pass model=... to check the file against your model"
+            if expected is None
+            else "split the MLPs into fewer neuron groups"
+        )
         raise ValueError(
             f"{source} declares a graph of {_describe(spec)}: {cells:,} sender x receiver "
-            f"cells, more than the {MAX_DENSE_CELLS:,} ctlens accepts from a file without a "
-            "model; the file is corrupted or hostile. If the model really is this large, "
-            "load the file with model=... so that the graph is checked against the model"
+            f"cells, more than the {MAX_DENSE_CELLS:,} ctlens accepts from a file (over 4 GB "
+            f"per dense matrix); the file is corrupted or hostile, or else {hint}"
         )
     return Graph(spec)
+
+
+def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
+    """The model's graph spec with the MLP grouping a file declares, without building it.
+
+    The grouping must split the model's MLP width evenly (`ctlens.graph.check_mlp_groups`).
+    """
+    groups = declared.get("mlp_groups", 1) if isinstance(declared, dict) else 1
+    try:
+        check_mlp_groups(groups, int(getattr(model.cfg, "d_mlp", 0) or 0))
+    except ValueError as err:
+        raise ValueError(
+            f"{source} splits each MLP into {groups!r} neuron groups, which this model "
+            f"cannot: {err}"
+        ) from None
+    return replace(Graph.from_model(model).spec, mlp_groups=groups)
 
 
 def edge_indices(
@@ -154,4 +177,5 @@ def require_finite(
 
 
 def _describe(spec: GraphSpec) -> str:
-    return f"{spec.n_layers} layers, {spec.n_heads} heads, {spec.n_kv_heads} KV heads"
+    text = f"{spec.n_layers} layers, {spec.n_heads} heads, {spec.n_kv_heads} KV heads"
+    return text if spec.mlp_groups == 1 else f"{text}, {spec.mlp_groups} MLP groups"

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 
 from ctlens.graph import Graph
+from ctlens.mlp_groups import coarsen_matrix
 from ctlens.scores_file import load_scores, save_scores
 from ctlens.tables import edge_table
 
@@ -69,6 +70,19 @@ class EdgeScores:
         totals = self.scores.sum(1)
         return {name: float(v) for name, v in zip(self.graph.senders, totals, strict=True)}
 
+    def coarsen(self) -> EdgeScores:
+        """These scores on the one-group graph: each MLP's group scores summed.
+
+        For ``eap`` / ``eap-ig`` under ``corrupt`` or ``mean`` ablation this equals scoring
+        the one-group graph directly; under ``zero`` ablation the one-group scores also
+        ablate b_out, and ``exact`` group scores only sum (docs/attribution.md).
+        """
+        if self.graph.spec.mlp_groups == 1:
+            return self
+        graph, scores = coarsen_matrix(self.graph, self.scores)
+        metadata = {**self.metadata, "coarsened_from_mlp_groups": self.graph.spec.mlp_groups}
+        return EdgeScores(scores, graph, metadata)
+
     def to_networkx(self) -> nx.DiGraph:
         """`Graph.to_networkx` with a ``score`` on every (non-internal) edge."""
         g = self.graph.to_networkx()
@@ -118,8 +132,7 @@ class EdgeScores:
                 matrix is read); otherwise the declared graph must stay within
                 `ctlens.file_limits.MAX_DENSE_CELLS`.
         """
-        expected = None if model is None else Graph.from_model(model).spec
-        scores, graph, metadata = load_scores(path, expected)
+        scores, graph, metadata = load_scores(path, model)
         return cls(scores, graph, metadata)
 
     def __repr__(self) -> str:

@@ -28,9 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ctlens.file_limits import declared_graph, require_finite
+from ctlens.file_limits import declared_graph, model_spec, require_finite
 from ctlens.files import atomic_write_bytes, atomic_write_text, read_json
-from ctlens.graph import Graph, GraphSpec
+from ctlens.graph import Graph
 
 FILE_FORMAT = "ctlens.edge_scores"
 SCHEMA_VERSION = 1
@@ -84,9 +84,10 @@ def save_scores(
 
 
 def load_scores(
-    path: str | Path, expected: GraphSpec | None = None
+    path: str | Path, model: Any | None = None
 ) -> tuple[torch.Tensor, Graph, dict[str, Any]]:
-    """``(scores, graph, metadata)`` from a file pair, every part checked (module docstring)."""
+    """``(scores, graph, metadata)`` from a file pair, every part checked (module docstring);
+    with ``model``, the declared graph must be that model's (with the declared MLP groups)."""
     matrix_path, sidecar_path = file_pair(path)
     for needed in (sidecar_path, matrix_path):
         if not needed.is_file():
@@ -96,6 +97,7 @@ def load_scores(
             )
     doc = _read_sidecar(sidecar_path)
     source = str(sidecar_path)
+    expected = None if model is None else model_spec(model, doc["graph"], source)
     graph = declared_graph(doc["graph"], source, expected)
     shape = [graph.n_senders, graph.n_receivers]
     if doc.get("shape") != shape:

@@ -2,9 +2,10 @@
 
 One row per valid edge, in graph order (sender-major), with the sender's and the receiver's
 name and node attributes, the score and, for a circuit, whether the edge is in it. Node
-attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``), each written once per
-end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node attribute is one more
-entry there. pandas is an optional dependency (``pip install "ctlens[pandas]"``).
+attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``), each
+written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
+attribute is one more entry there. pandas is an optional dependency
+(``pip install "ctlens[pandas]"``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ctlens.graph import Graph
-from ctlens.types import Node
+from ctlens.types import Node, NodeKind
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
 NODE_COLUMNS: dict[str, tuple[Callable[[Node], Any], str]] = {
     "kind": (lambda node: node.kind.value, "string"),
     "layer": (lambda node: node.layer, "Int64"),
-    "head": (lambda node: node.head, "Int64"),
+    "head": (lambda node: None if node.kind is NodeKind.MLP else node.head, "Int64"),
+    "mlp_group": (lambda node: node.head if node.kind is NodeKind.MLP else None, "Int64"),
 }
-"""Node attribute -> (how to read it from a `Node`, its pandas dtype). ``layer`` and
-``head`` are missing (``<NA>``) where a node has none (``input``, ``logits``, MLPs' head);
-for a grouped k/v receiver ``head`` is the KV head (group) index."""
+"""Node attribute -> (how to read it from a `Node`, its pandas dtype). Missing values are
+``<NA>``: ``layer`` for ``input`` and ``logits``; ``head`` for MLPs, ``input`` and
+``logits`` (for a grouped k/v receiver it is the KV head index); ``mlp_group`` everywhere
+except the neuron-group nodes ``m{l}.n{j}`` of a graph with ``mlp_groups > 1`` (there: j)."""
 
 
 def require_pandas() -> Any:

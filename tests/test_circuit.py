@@ -353,6 +353,11 @@ def test_declared_graph_is_bounded_before_allocating(tmp_path) -> None:
         Circuit.load(path, model=tiny_model)
     with pytest.raises(ValueError, match="n_layers must be an integer"):
         Circuit.load(_write(tmp_path, {**doc, "graph": {**doc["graph"], "n_layers": 2.5}}))
+    groups = {**doc, "graph": {**doc["graph"], "mlp_groups": 10**6}}
+    with pytest.raises(ValueError, match="1000000 MLP groups.*more than the"):
+        Circuit.load(_write(tmp_path, groups))
+    with pytest.raises(ValueError, match="splits each MLP into 1000000 neuron groups"):
+        Circuit.load(_write(tmp_path, groups), model=tiny_model)
     mib = {"cfg": {"n_layers": 100_000, "n_heads": 64}, "edges": {}}
     with pytest.raises(ValueError, match="more than the"):
         Circuit.from_mib_dict(mib)

@@ -130,9 +130,11 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
         "sender_kind",
         "sender_layer",
         "sender_head",
+        "sender_mlp_group",
         "receiver_kind",
         "receiver_layer",
         "receiver_head",
+        "receiver_mlp_group",
         "score",
     ]
     for _, row in df.sample(25, random_state=0).iterrows():
@@ -161,3 +163,34 @@ def test_to_pandas_without_pandas_says_how_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "ctlens\[pandas\]"'):
         random_scores().to_pandas()
+
+
+def test_grouped_mlp_nodes_in_tables_and_files(tmp_path: Path) -> None:
+    """Neuron-group nodes m{l}.n{j} get their group in ``mlp_group``; a grouped file loads
+    against a model whose MLP width the grouping divides, and is refused otherwise."""
+    model = ctlens.load_model(tiny_gpt2_module())  # d_mlp = 128
+    graph = Graph.from_model(model, mlp_groups=4)
+    scores = random_scores(graph)
+    df = scores.to_pandas()
+    row = df[(df.sender == "m0.n2") & (df.receiver == "m1.n3")].iloc[0]
+    assert (row.sender_kind, row.sender_layer, row.sender_mlp_group) == ("mlp", 0, 2)
+    assert (
+        row.receiver_mlp_group == 3 and row.sender_head is pd_na() and row.receiver_head is pd_na()
+    )
+    assert df[df.sender_kind == "head"].sender_mlp_group.isna().all()
+    path = scores.save(tmp_path / "grouped")
+    assert EdgeScores.load(path, model=model).graph == graph
+    sidecar = tmp_path / "grouped.json"
+    doc = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**doc, "graph": {**doc["graph"], "mlp_groups": 3}}))
+    with pytest.raises(ValueError, match="splits each MLP into 3 neuron groups, which this model"):
+        EdgeScores.load(path, model=model)
+    circuit = Circuit.from_scores(scores, "top_n", top_n=10)
+    back = Circuit.load(circuit.save(tmp_path / "c.json"), model=model)
+    assert back == circuit
+
+
+def pd_na() -> object:
+    import pandas
+
+    return pandas.NA

@@ -26,6 +26,8 @@ DEFAULT_TASK = "agreement-flip"
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
+    "random_match": "what --mode random's circuit shares with the discovered one: parameters, "
+    "composition (per node kind) or edges",
     "top_n": "edges in the circuit (the final N when a schedule is used)",
     "top_n_start": "first N of the schedule (default: --top-n)",
     "top_n_schedule": "N schedule from --top-n-start to --top-n",
@@ -35,12 +37,16 @@ _HELP: dict[str, str] = {
     "discovery_ablation": "ablation for --discovery task",
     "discovery_batches": "batches of discovery pairs per task discovery",
     "ema": "moving average of scores across rediscoveries (0: off)",
+    "selection": "top_n: largest |score|; top_nodes: |score| x both ends' summed |scores| (paper)",
+    "optimizer": "adamw, or sgd with --momentum (the paper's official code)",
+    "loss": "target: NLL of the target tokens; sequence: of every token of the row (paper)",
+    "momentum": "SGD momentum (--optimizer sgd)",
     "train_embeddings": "let the input node's embeddings move when in the circuit",
     "train_unembedding": "let the logits node's unembedding move when in the circuit",
     "steps": "optimizer steps",
     "batch_size": "training rows per step (global, across ranks)",
-    "lr": "learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay",
+    "lr": "learning rate",
+    "weight_decay": "weight decay (AdamW's decoupled, or SGD's)",
     "betas": "AdamW betas",
     "grad_clip": "gradient-norm clipping (none: off)",
     "lr_schedule": "learning-rate decay after warm-up",

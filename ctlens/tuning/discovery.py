@@ -28,7 +28,9 @@ from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
+from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.controls import MatchedControl, trainable_count
 from ctlens.tuning.distributed import World
 
 Scores = Float[torch.Tensor, "n_senders n_receivers"]
@@ -48,6 +50,16 @@ def check_top_n(config: TuneConfig, graph: Graph) -> None:
                 f"{name}={value} is larger than the model's graph ({graph.n_edges} valid "
                 f"edges); choose at most {graph.n_edges}"
             )
+
+
+def top_nodes_rank(scores: Scores, graph: Graph) -> Scores:
+    """``selection="top_nodes"``: |score| x sender's summed |scores| x receiver's summed |scores|.
+
+    The ranking of the paper's official code: an edge counts more when both of its ends
+    matter overall. Sums run over valid edges; invalid entries stay 0.
+    """
+    magnitude = scores.abs() * graph.valid
+    return magnitude * magnitude.sum(1, keepdim=True) * magnitude.sum(0, keepdim=True)
 
 
 def top_n_after(config: TuneConfig, steps_taken: int) -> int:
@@ -81,6 +93,7 @@ class CircuitDiscovery:
         self.world = world
         self.model_name = model_name
         self.ema: Scores | None = None
+        self._control: MatchedControl | None = None
 
     # ------------------------------------------------------------------ batch discovery
 
@@ -189,8 +202,14 @@ class CircuitDiscovery:
             self.ema = scores if self.ema is None else cfg.ema * self.ema + (1 - cfg.ema) * scores
             scores = self.ema
         n = cfg.top_n_at(t)
+        metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
+        if cfg.selection == "top_nodes":
+            ranked = Circuit.from_scores(EdgeScores(top_nodes_rank(scores, self.graph),
+                                                    self.graph, {}), top_n=n)
+            metadata["selection"] = "top_nodes"
+            return Circuit(self.graph, ranked.mask, scores, metadata, self.model_name)
         circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=n)
-        circuit.metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
+        circuit.metadata = metadata
         circuit.model_name = self.model_name
         return circuit
 
@@ -202,3 +221,22 @@ class CircuitDiscovery:
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
         return Circuit(self.graph, circuit.mask, None,
                        {"step": t, "top_n": n, "mode": "random"}, self.model_name)
+
+    def matched_random_circuit(self, target: Circuit, t: int) -> Circuit:
+        """``random_match="parameters"`` / ``"composition"``: a random circuit with the
+        trainable parameters of ``target`` (in total or per node kind), seeded by
+        ``(seed, t)``; its metadata records ``target``'s trainable fraction."""
+        cfg = self.config
+        if self._control is None:
+            self._control = MatchedControl(self.model, self.graph, cfg)
+        budgets = self._control.budgets(target, by_kind=cfg.random_match == "composition")
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (t + 1))
+        circuit = self._control.draw(budgets, gen)
+        total = W.count_real_parameters(self.model)
+        circuit.metadata = {
+            "step": t, "top_n": cfg.top_n_at(t), "mode": "random",
+            "random_match": cfg.random_match,
+            "discovered_trainable_fraction": trainable_count(self.model, target, cfg) / total,
+        }
+        circuit.model_name = self.model_name
+        return circuit

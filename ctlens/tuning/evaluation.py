@@ -84,6 +84,10 @@ class Evaluator:
             "top_n": top_n_after(cfg, step),
             "trainable_fraction": enforcement.trainable_fraction(),
         }
+        matched = (in_force.metadata or {}).get("discovered_trainable_fraction") \
+            if in_force is not None else None
+        if matched is not None:
+            record["discovered_trainable_fraction"] = matched
         if target_accuracy is not None:
             record["target_accuracy"] = target_accuracy
         known = {k: v for k, v in accuracy.items() if v is not None}
