@@ -789,3 +789,11 @@ def test_sequence_longer_than_context_is_refused():
     data = random_task(seq=20)
     with pytest.raises(ValueError, match="example 0 has 20 tokens but the model's context is 16"):
         ctlens.attribute(model, data, progress=False)
+
+
+def test_faithfulness_refuses_sequences_longer_than_context():
+    model, _ = build("gpt2", dtype=torch.float32)
+    data = random_task(seq=20)
+    circuit = ctlens.Circuit.full(Graph.from_model(model))
+    with pytest.raises(ValueError, match="example 0 has 20 tokens but the model's context is 16"):
+        ctlens.faithfulness(model, data, circuit)
