@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ctlens.data import TaskData
+from ctlens.data import MetricError, TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import (
     HookLayout,
@@ -58,7 +58,7 @@ from ctlens.hooks import (
     sender_hooks,
     supports_truncated_forward,
 )
-from ctlens.scores import EdgeScores
+from ctlens.scores import EdgeScores, check_finite_scores
 from ctlens.types import Ablation, Method
 
 Reference = TaskData | torch.Tensor | None
@@ -102,6 +102,7 @@ def attribute(
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
     graph = _check_graph(model, graph)
     data.check_vocab(model.cfg.d_vocab)
+    data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
     start = time.perf_counter()
 
@@ -121,14 +122,18 @@ def attribute(
                 ref_tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
             run = _Runner(model, batch)
             delta, ref_logits = _reference_activations(model, graph, run, ref_tokens, means)
-            if method is Method.EXACT:
-                _exact_batch(model, graph, run, delta, ref_logits, scores, totals, len(data))
-            else:
-                n_steps = steps if method is Method.EAP_IG else 1
-                _gradient_batch(
-                    model, graph, run, delta, ref_logits, scores, totals, len(data), n_steps
-                )
+            try:
+                if method is Method.EXACT:
+                    _exact_batch(model, graph, run, delta, ref_logits, scores, totals, len(data))
+                else:
+                    n_steps = steps if method is Method.EAP_IG else 1
+                    _gradient_batch(
+                        model, graph, run, delta, ref_logits, scores, totals, len(data), n_steps
+                    )
+            except MetricError as err:
+                raise err.shifted(rows.start) from None
             del delta, ref_logits
+    check_finite_scores(scores, graph, next(model.parameters()).dtype)
 
     metadata: dict[str, Any] = {
         "method": method.value,

@@ -116,6 +116,7 @@ def _evaluate(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     graph = Graph.from_model(model, mlp_groups=groups_of(circuits[0]))
     data.check_vocab(model.cfg.d_vocab)
+    data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
     full_total = 0.0
     totals = [0.0] * len(circuits)
