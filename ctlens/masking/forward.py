@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ctlens.attribution import resolve_reference
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -53,6 +52,7 @@ from ctlens.hooks import (
     receiver_hooks,
     sender_hooks,
 )
+from ctlens.reference import resolve_reference
 from ctlens.types import Ablation, NodeKind
 
 
