@@ -61,9 +61,9 @@ from ctlens.hooks import (
     supports_truncated_forward,
 )
 from ctlens.memory import fit_attribution
-from ctlens.reference import Reference, mean_activations, resolve_reference
+from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
 from ctlens.scores import EdgeScores
-from ctlens.types import Ablation, Method, NodeKind
+from ctlens.types import Ablation, Method
 
 
 def attribute(
@@ -75,6 +75,7 @@ def attribute(
     batch_size: int | None = 32,
     steps: int = 5,
     progress: bool = True,
+    graph: Graph | None = None,
     max_memory: int | str | None = None,
 ) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``data``. See the module docstring.
@@ -89,6 +90,8 @@ def attribute(
         batch_size: examples per forward pass (``None``: all at once).
         steps: integration steps for ``eap-ig``.
         progress: show a progress bar.
+        graph: the graph to score, e.g. ``Graph.from_model(model, mlp_groups=48)`` for
+            neuron-group MLP nodes (default: the model's graph with one node per MLP).
         max_memory: bytes (or a size such as ``"8GB"``) that attribution's buffers may use
             per pass; ``None``: half of what is free on the model's device. When the fp32
             sender buffer does not fit, it is kept in the model's dtype (bf16/fp16) with
@@ -104,7 +107,7 @@ def attribute(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
-    graph = Graph.from_model(model)
+    graph = check_graph(model, graph)
     data.check_vocab(model.cfg.d_vocab)
     device = model_device(model)
     start = time.perf_counter()
@@ -267,9 +270,10 @@ class EapKernel:
     ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
     adds the batch means afterwards). The hooks of :meth:`receiver_hooks` register, on each
     receiver group's input, a gradient hook that multiplies the prefix of senders the
-    receiver may read with that gradient (one matrix product per receiver group) and adds
-    ``sign * product / passes`` into ``scores``: the scores of every backward pass through
-    those inputs accumulate, until :meth:`close` removes the hooks.
+    receiver may read with that gradient (queued, several receiver groups per matrix
+    product: :meth:`flush`) and adds ``sign * product / passes`` into ``scores``: the scores
+    of every backward pass through those inputs accumulate, until :meth:`close` flushes and
+    removes the hooks.
 
     Args:
         graph: the model's graph.
@@ -277,8 +281,9 @@ class EapKernel:
         scores: ``[n_senders, n_receivers]`` fp32 accumulator.
         passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
         sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
-        chunk: for a low-precision ``delta``: sender rows upcast to fp32 per product
-            (`ctlens.memory`); None: the whole prefix at once.
+        chunk: for a low-precision ``delta`` (`ctlens.memory`): sender rows upcast to fp32
+            per product, and each receiver hook's gradient scored at once instead of
+            queued, so no queue of fp32 gradients is held; None: the whole prefix at once.
     """
 
     def __init__(
@@ -299,6 +304,9 @@ class EapKernel:
         self.inputs: list[torch.Tensor] = []
         self._flat = delta.view(graph.n_senders, -1)
         self._handles: list[Any] = []
+        self._pending: list[tuple[slice, int, torch.Tensor]] = []
+        self._pending_width = 0
+        self._capacity = max(16, graph.n_senders // 4) if chunk is None else 1
 
     def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
         """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
@@ -323,23 +331,48 @@ class EapKernel:
 
     def _accumulate(self, columns: slice, n_up: int) -> Any:
         def accumulate(grad: torch.Tensor) -> None:
-            g = flat(grad).float().permute(2, 0, 1, 3)
-            g = g.reshape(g.shape[0], -1).T
-            if self.chunk is None:
-                product = self._flat[:n_up].float() @ g
-            else:
-                product = torch.cat([
-                    self._flat[start : min(start + self.chunk, n_up)].float() @ g
-                    for start in range(0, n_up, self.chunk)
-                ])
-            if self.sign != 1.0:
-                product = self.sign * product
-            self.scores[:n_up, columns] += product / self.passes
+            width = columns.stop - columns.start
+            g = flat(grad).float().permute(2, 0, 1, 3).reshape(width, -1)
+            self._pending.append((columns, n_up, g))
+            self._pending_width += width
+            if self._pending_width >= self._capacity:
+                self.flush()
 
         return accumulate
 
+    def flush(self) -> None:
+        """Score the queued receiver gradients with one matrix product.
+
+        Each product reads the whole upstream prefix of the sender buffer, so gradients are
+        queued until they fill a quarter of the buffer's rows and then multiplied with the
+        longest prefix among them (gradients arrive latest layer first). With many senders
+        (neuron-group graphs) the buffer is read a few times per backward instead of once
+        per receiver hook. `close` flushes too.
+        """
+        if not self._pending:
+            return
+        n_up = max(n for _, n, _ in self._pending)
+        grads = [g for *_, g in self._pending]
+        g = (grads[0] if len(grads) == 1 else torch.cat(grads)).T
+        if self.chunk is None:
+            product = self._flat[:n_up].float() @ g
+        else:  # a low-precision buffer: upcast a few sender rows at a time
+            product = torch.cat([
+                self._flat[start : min(start + self.chunk, n_up)].float() @ g
+                for start in range(0, n_up, self.chunk)
+            ])
+        scale = self.sign / self.passes
+        offset = 0
+        for columns, n, g in self._pending:
+            width = g.shape[0]
+            self.scores[:n, columns] += product[:n, offset : offset + width] * scale
+            offset += width
+        self._pending, self._pending_width = [], 0
+
     def close(self) -> None:
-        """Remove the gradient hooks: later backward passes no longer add to ``scores``."""
+        """Score what is queued and remove the gradient hooks: later backward passes no
+        longer add to ``scores``."""
+        self.flush()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -410,42 +443,41 @@ def _exact_batch(
 
     ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
     Then, for one receiver column at a time, the batch is repeated once per chunk of
-    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input.
+    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (a
+    neuron group's own copy of the MLP input on a grouped graph).
     """
     batch = run.batch
     b = len(batch)
     clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0)))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
-    layout = HookLayout.from_model(model)
-    groups: list[tuple[str, slice]] = []
-    for layer in range(graph.spec.n_layers):
-        for kind in (NodeKind.Q, NodeKind.K, NodeKind.V):
-            groups.append((layout.qkv_in(layer, kind), graph.receiver_slice(layer, kind)))
-        groups.append((layout.mlp_in(layer), graph.receiver_slice(layer, NodeKind.MLP)))
-    groups.append((layout.logits_in, slice(graph.n_receivers - 1, graph.n_receivers)))
+    for column in range(graph.n_receivers):
+        n_up = graph.upstream[column]
+        for chunk in _chunks(range(n_up), max(1, max_copies)):
+            copies = len(chunk)
+            patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
 
-    for hook_name, columns in groups:
-        for offset, column in enumerate(range(columns.start, columns.stop)):
-            n_up = graph.upstream[column]
-            for chunk in _chunks(range(n_up), max(1, max_copies)):
-                copies = len(chunk)
-                patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
-
-                def patch_hook(
-                    x: torch.Tensor, hook: Any, patch: torch.Tensor = patch, offset: int = offset
-                ) -> torch.Tensor:
-                    x = x.clone()
-                    view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
-                    view[:, :, :, offset] += patch.to(x.dtype)
+            def patch_column(
+                columns: slice,
+                n_up: int,
+                x: torch.Tensor,
+                patch: torch.Tensor = patch,
+                column: int = column,
+            ) -> torch.Tensor:
+                if not columns.start <= column < columns.stop:
                     return x
+                x = x.clone()
+                view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
+                view[:, :, :, column - columns.start] += patch.to(x.dtype)
+                return x
 
-                index = torch.arange(b).repeat(copies)
-                logits = run(batch.clean[index], [(hook_name, patch_hook)], batch[index])
-                repeated = run.metric_rows(index)
-                values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
-                effect = (values.view(copies, b) - clean_metric[None]).sum(1)
-                scores[chunk.start : chunk.stop, column] += effect / n_total
+            index = torch.arange(b).repeat(copies)
+            hooks = receiver_hooks(model, graph, patch_column)
+            logits = run(batch.clean[index], hooks, batch[index])
+            repeated = run.metric_rows(index)
+            values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
+            effect = (values.view(copies, b) - clean_metric[None]).sum(1)
+            scores[chunk.start : chunk.stop, column] += effect / n_total
 
 
 def _chunks(items: range, size: int) -> Iterable[range]:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from ctlens.sizes import parse_size
+
 DEFAULT_MODEL = "zoo:tiny-llama"
 DEFAULT_TASK = "agreement"
 
@@ -57,8 +59,12 @@ def _add_discover(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="examples per pass (default 32)")
     p.add_argument("--steps", type=int, default=5, help="integration steps for eap-ig")
     p.add_argument("--top", type=int, default=20, help="edges to print (default 20)")
-    p.add_argument("--top-n", type=int, default=None,
-                   help="edges to keep in the saved circuit (default: --top)")
+    p.add_argument("--top-n", type=parse_size, default=None,
+                   help="edges to keep in the saved circuit: a count, or a fraction of the "
+                   "valid edges such as 0.01 (default: --top)")
+    p.add_argument("--mlp-groups", type=int, default=1,
+                   help="split each MLP into this many neuron groups, nodes m{l}.n{j} "
+                   "(default 1: one node per MLP)")
     p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="write the circuit as JSON to this path")
@@ -84,10 +90,11 @@ def _run_discover(args: argparse.Namespace) -> int:
     with _phase(f"building task {args.task!r} ({args.n} examples)"):
         task = ctlens.tasks.load(args.task, n=args.n, seed=args.seed, tokenizer=model.tokenizer)
         data = task.discovery
+    graph = ctlens.Graph.from_model(model, mlp_groups=args.mlp_groups)
     with _phase(f"attributing ({args.method}, {args.ablation} ablation)"):
         scores = ctlens.attribute(
             model, data, method=args.method, ablation=args.ablation,
-            batch_size=args.batch_size, steps=args.steps, progress=False,
+            batch_size=args.batch_size, steps=args.steps, progress=False, graph=graph,
         )
     graph = scores.graph
     meta = scores.metadata

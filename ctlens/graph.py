@@ -6,7 +6,9 @@ own slice of the attention output, ``attn.hook_result``, without the shared bias
 every MLP ``m{l}``. Every component that *reads* it, before its LayerNorm, is a
 **receiver**: each head's query, key and value inputs ``a{l}.h{h}.q/.k/.v`` (with
 grouped-query attention the keys and values are read once per KV head: ``a{l}.g{g}.k``),
-each MLP ``m{l}`` and the unembedding ``logits``. Because the stream is a plain sum, a
+each MLP ``m{l}`` and the unembedding ``logits``. With ``mlp_groups=G > 1`` each MLP is split
+into G equal groups of neurons ("MLP heads"), each both a sender and a receiver named
+``m{l}.n{j}`` (see `ctlens.mlp_groups`). Because the stream is a plain sum, a
 receiver's input is exactly the sum of the outputs of the senders computed before it (plus
 constant biases), so "the edge s -> r" is well defined: the contribution of s to r's input.
 
@@ -19,6 +21,7 @@ Node objects and networkx graphs are views built from these tensors, never the s
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
@@ -38,16 +41,29 @@ class GraphSpec:
 
     ``parallel_attn_mlp`` is True for GPT-J / GPT-NeoX style blocks, where a layer's MLP reads
     the same residual stream as that layer's heads (so it cannot read their outputs).
+    ``mlp_groups`` is the number of equal neuron groups each MLP is split into (1: each MLP
+    is one node ``m{l}``; G > 1: nodes ``m{l}.n0`` .. ``m{l}.n{G-1}``). Whether it divides
+    the MLP width is checked where the model is known (`Graph.from_model`).
     """
 
     n_layers: int
     n_heads: int
     n_kv_heads: int
     parallel_attn_mlp: bool = False
+    mlp_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.n_heads < 1 or self.n_kv_heads < 1:
             raise ValueError(f"a graph needs at least one layer and one head, got {self}")
+        if (
+            not isinstance(self.mlp_groups, int)
+            or isinstance(self.mlp_groups, bool)
+            or self.mlp_groups < 1
+        ):
+            raise ValueError(
+                f"mlp_groups must be a positive integer (1: one node per MLP), got "
+                f"{self.mlp_groups!r}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -59,8 +75,14 @@ class GraphSpec:
         return self.n_kv_heads != self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, tagged with the spec version."""
-        return {"version": GRAPH_SPEC_VERSION, **asdict(self)}
+        """A JSON-ready dict, tagged with the spec version.
+
+        ``mlp_groups`` is written only when it is not 1, so ungrouped files are unchanged.
+        """
+        fields = asdict(self)
+        if self.mlp_groups == 1:
+            del fields["mlp_groups"]
+        return {"version": GRAPH_SPEC_VERSION, **fields}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
@@ -71,11 +93,31 @@ class GraphSpec:
                 f"graph spec version {version} is not supported (this ctlens reads version "
                 f"{GRAPH_SPEC_VERSION}); upgrade ctlens or re-create the file"
             )
-        fields = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp")
+        fields = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "mlp_groups")
         missing = [f for f in fields[:3] if f not in data]
         if missing:
             raise ValueError(f"graph spec is missing {missing}; got keys {sorted(data)}")
         return cls(**{f: data[f] for f in fields if f in data})
+
+
+def check_mlp_groups(mlp_groups: Any, d_mlp: int) -> None:
+    """Raise a clear ``ValueError`` unless ``mlp_groups`` is a positive divisor of ``d_mlp``."""
+    divisors = [g for g in range(1, d_mlp + 1) if d_mlp % g == 0] if d_mlp > 0 else []
+    valid = isinstance(mlp_groups, int) and not isinstance(mlp_groups, bool) and mlp_groups >= 1
+    if valid and (d_mlp <= 0 or d_mlp % mlp_groups == 0):
+        return
+    shown = ", ".join(map(str, divisors[:24])) + (" ..." if len(divisors) > 24 else "")
+    raise ValueError(
+        f"mlp_groups={mlp_groups!r} does not split the MLP width {d_mlp} into equal groups; "
+        f"choose a divisor of {d_mlp}: {shown}"
+    )
+
+
+def mlp_nodes(layer: int, groups: int) -> list[Node]:
+    """The node(s) of MLP ``layer``: ``m{l}`` for one group, else ``m{l}.n{j}`` (head = j)."""
+    if groups == 1:
+        return [Node(f"m{layer}", NodeKind.MLP, layer)]
+    return [Node(f"m{layer}.n{j}", NodeKind.MLP, layer, j) for j in range(groups)]
 
 
 class Graph:
@@ -87,7 +129,7 @@ class Graph:
 
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
-        L, H, K = spec.n_layers, spec.n_heads, spec.n_kv_heads
+        L, H, K, G = spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.mlp_groups
         kv = "g" if spec.grouped else "h"
 
         senders: list[Node] = [Node("input", NodeKind.INPUT)]
@@ -101,11 +143,13 @@ class Graph:
             receivers += [Node(f"a{layer}.h{h}.q", NodeKind.Q, layer, h) for h in range(H)]
             receivers += [Node(f"a{layer}.{kv}{g}.k", NodeKind.K, layer, g) for g in range(K)]
             receivers += [Node(f"a{layer}.{kv}{g}.v", NodeKind.V, layer, g) for g in range(K)]
-            receivers.append(Node(f"m{layer}", NodeKind.MLP, layer))
-            read += [attn_time] * (H + 2 * K) + [mlp_read]
+            mlps = mlp_nodes(layer, G)
+            receivers += mlps
+            read += [attn_time] * (H + 2 * K) + [mlp_read] * G
             senders += [Node(f"a{layer}.h{h}", NodeKind.HEAD, layer, h) for h in range(H)]
-            senders.append(Node(f"m{layer}", NodeKind.MLP, layer))
-            write += [attn_time] * H + [2 * layer + 2]
+            senders += mlps
+            # groups of one MLP write after they all read: they do not feed each other
+            write += [attn_time] * H + [2 * layer + 2] * G
         receivers.append(Node("logits", NodeKind.LOGITS))
         read.append(2 * L + 1)
 
@@ -122,16 +166,22 @@ class Graph:
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_model(cls, model: Any) -> Graph:
-        """The graph of a model returned by `ctlens.load_model` (reads ``model.cfg``)."""
+    def from_model(cls, model: Any, mlp_groups: int = 1) -> Graph:
+        """The graph of a model returned by `ctlens.load_model` (reads ``model.cfg``).
+
+        ``mlp_groups`` splits each MLP into that many equal neuron groups; it must divide
+        the MLP width ``model.cfg.d_mlp``.
+        """
         cfg = model.cfg
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
         return cls(
             GraphSpec(
                 n_layers=cfg.n_layers,
                 n_heads=cfg.n_heads,
                 n_kv_heads=n_kv,
                 parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+                mlp_groups=mlp_groups,
             )
         )
 
@@ -174,22 +224,32 @@ class Graph:
 
     def sender_slice(self, layer: int) -> slice:
         """Rows of layer ``layer``'s heads in the sender list."""
-        start = 1 + layer * (self.spec.n_heads + 1)
+        start = 1 + layer * (self.spec.n_heads + self.spec.mlp_groups)
         return slice(start, start + self.spec.n_heads)
 
+    def mlp_senders(self, layer: int) -> slice:
+        """Rows of MLP ``layer``'s sender(s) (its ``mlp_groups`` groups) in the sender list."""
+        start = self.sender_slice(layer).stop
+        return slice(start, start + self.spec.mlp_groups)
+
     def mlp_sender(self, layer: int) -> int:
-        """Row of MLP ``layer`` in the sender list."""
-        return 1 + layer * (self.spec.n_heads + 1) + self.spec.n_heads
+        """Row of MLP ``layer`` in the sender list (one-group graphs; else `mlp_senders`)."""
+        if self.spec.mlp_groups != 1:
+            raise ValueError(
+                f"this graph splits each MLP into {self.spec.mlp_groups} groups; use "
+                "Graph.mlp_senders(layer) for their rows"
+            )
+        return self.mlp_senders(layer).start
 
     def receiver_slice(self, layer: int, kind: NodeKind) -> slice:
-        """Columns of layer ``layer``'s q, k, v or MLP receivers."""
-        H, K = self.spec.n_heads, self.spec.n_kv_heads
-        start = layer * (H + 2 * K + 1)
+        """Columns of layer ``layer``'s q, k, v or MLP (all groups) receivers."""
+        H, K, G = self.spec.n_heads, self.spec.n_kv_heads, self.spec.mlp_groups
+        start = layer * (H + 2 * K + G)
         offsets = {
             NodeKind.Q: (0, H),
             NodeKind.K: (H, K),
             NodeKind.V: (H + K, K),
-            NodeKind.MLP: (H + 2 * K, 1),
+            NodeKind.MLP: (H + 2 * K, G),
         }
         offset, width = offsets[kind]
         return slice(start + offset, start + offset + width)
@@ -197,9 +257,15 @@ class Graph:
     def edge_index(self, sender: str, receiver: str) -> tuple[int, int]:
         """Dense indices of edge ``sender -> receiver``; a clear error if it does not exist."""
         if sender not in self.sender_index:
-            raise KeyError(f"{sender!r} is not a sender of this graph ({self._describe()})")
+            raise KeyError(
+                f"{sender!r} is not a sender of this graph ({self._describe()}"
+                f"{self._mlp_hint(sender)})"
+            )
         if receiver not in self.receiver_index:
-            raise KeyError(f"{receiver!r} is not a receiver of this graph ({self._describe()})")
+            raise KeyError(
+                f"{receiver!r} is not a receiver of this graph ({self._describe()}"
+                f"{self._mlp_hint(receiver)})"
+            )
         i, j = self.sender_index[sender], self.receiver_index[receiver]
         if not self.valid[i, j]:
             raise ValueError(
@@ -218,7 +284,17 @@ class Graph:
 
     def _describe(self) -> str:
         s = self.spec
-        return f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
+        text = f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
+        return text + (f", {s.mlp_groups} groups per MLP" if s.mlp_groups != 1 else "")
+
+    def _mlp_hint(self, name: str) -> str:
+        """For an MLP-like name, what the MLP nodes of this graph are called."""
+        if not re.fullmatch(r"m\d+(\.n\d+)?", name):
+            return ""
+        G = self.spec.mlp_groups
+        if G == 1:
+            return "; its MLP nodes are m{l}, one per MLP (built with mlp_groups=1)"
+        return f"; its MLP nodes are m{{l}}.n0 .. m{{l}}.n{G - 1}"
 
     # ----------------------------------------------------------------- views
 

@@ -4,7 +4,8 @@ This is the only module that knows hook names. It maps each group of graph nodes
 hook point and gives two building blocks that attribution, faithfulness and masking share:
 
 - `sender_hooks`: forward hooks that hand each sender group's output (``[batch, pos, d]``
-  for ``input`` and MLPs, ``[batch, pos, heads, d]`` for heads) to a callback together with
+  for ``input`` and MLPs, ``[batch, pos, heads, d]`` for heads, ``[batch, pos, G, d]`` for
+  the neuron groups of a graph built with ``mlp_groups=G``) to a callback together with
   the rows it occupies in the graph's sender list;
 - `receiver_hooks`: forward hooks that hand each receiver group's input to a callback with
   its columns and the number of senders it may read (always a prefix of the sender list),
@@ -12,8 +13,9 @@ hook point and gives two building blocks that attribution, faithfulness and mask
 
 Receiver inputs are the tensors each component reads *before* its LayerNorm: per-head
 ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` (per KV head under grouped-query
-attention), ``hook_mlp_in`` for MLPs and ``ln_final.hook_in`` for the logits. The tensor a
-hook receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
+attention), ``hook_mlp_in`` for MLPs (repeated into one copy per neuron group on a grouped
+graph, see `ctlens.mlp_groups`) and ``ln_final.hook_in`` for the logits. The tensor a hook
+receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
 the skip connection also uses; the receiver callbacks therefore always get a fresh copy, so
 a gradient taken on it belongs to that receiver alone (DESIGN.md, the MLP pitfall). The q/k/v
 inputs need no copy: the bridge forks the residual stream into a new contiguous
@@ -29,10 +31,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
+from ctlens import mlp_groups
 from ctlens.graph import Graph
 from ctlens.types import NodeKind
 
@@ -101,10 +105,14 @@ def sender_hooks(
 
     for name in layout.input_hooks:
         hooks.append((name, make(slice(0, 1))))
+    groups = graph.spec.mlp_groups
     for layer in range(layout.n_layers):
         hooks.append((layout.head_out(layer), make(graph.sender_slice(layer))))
-        mlp = graph.mlp_sender(layer)
-        hooks.append((layout.mlp_out(layer), make(slice(mlp, mlp + 1))))
+        if groups == 1:
+            hooks.append((layout.mlp_out(layer), make(graph.mlp_senders(layer))))
+        else:
+            report = partial(callback, graph.mlp_senders(layer))
+            hooks.append(mlp_groups.sender_hook(model, layer, groups, report))
     return hooks
 
 
@@ -128,7 +136,12 @@ def receiver_hooks(
             hooks.append(
                 (layout.qkv_in(layer, kind), make(graph.receiver_slice(layer, kind), False))
             )
-        hooks.append((layout.mlp_in(layer), make(graph.receiver_slice(layer, NodeKind.MLP), True)))
+        columns = graph.receiver_slice(layer, NodeKind.MLP)
+        if graph.spec.mlp_groups == 1:
+            hooks.append((layout.mlp_in(layer), make(columns, True)))
+        else:
+            transform = partial(callback, columns, graph.upstream[columns.start])
+            hooks += mlp_groups.receiver_hooks(model, layer, graph.spec.mlp_groups, transform)
     last = graph.n_receivers - 1
     hooks.append((layout.logits_in, make(slice(last, last + 1), True)))
     return hooks

@@ -2,15 +2,17 @@
 
 Per batch, `ctlens.attribute` holds one buffer of sender activation differences
 ``[n_senders, batch, pos, d_model]`` - its largest allocation (Llama-3.1-8B, 1,057 senders,
-at 8 x 128 tokens: 17.7 GB in fp32) - and, while a receiver group's gradient is used, an
-fp32 copy of that gradient (at most two ``[n_heads, batch, pos, d_model]`` tensors, for a
-layer's query inputs). `fit_attribution` picks, for a budget in bytes:
+at 8 x 128 tokens: 17.7 GB in fp32) - and the fp32 receiver gradients that wait to be
+multiplied with it (`ctlens.attribution.EapKernel` queues them, about a quarter of the
+sender count, so the buffer is read a few times per backward). `fit_attribution` picks,
+for a budget in bytes:
 
 1. an fp32 buffer at the caller's batch size, whenever it fits (the numbers are then
    exactly those of an unbudgeted run);
 2. else, for a bf16/fp16 model, the buffer in the model's dtype, with the score products
    still computed in fp32: the buffer's sender rows are upcast ``chunk`` rows at a time,
-   so no fp32 copy of the whole buffer is ever made;
+   so no fp32 copy of the whole buffer is ever made, and receiver gradients are scored as
+   they arrive instead of queued;
 3. else smaller batches (micro-batches) of the same examples. Scores are means over
    examples, so they do not change beyond rounding.
 
@@ -95,11 +97,15 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def bytes_per_example(
-    n_senders: int, seq: int, d_model: int, n_heads: int, itemsize: int, chunk: int
+    n_senders: int, seq: int, d_model: int, n_heads: int, itemsize: int, chunk: int | None
 ) -> int:
-    """Attribution's buffer bytes per example: the sender buffer, two fp32 copies of the
-    widest receiver gradient and ``chunk`` upcast sender rows."""
-    return seq * d_model * (n_senders * itemsize + 2 * n_heads * 4 + chunk * 4)
+    """Attribution's buffer bytes per example: the sender buffer, the fp32 receiver
+    gradients `ctlens.attribution.EapKernel` holds twice (queue and concatenation) and, for
+    a low-precision buffer, ``chunk`` sender rows upcast to fp32. ``chunk=None`` (an fp32
+    buffer): gradients are queued, up to a quarter of the sender count (at least 16) plus
+    one layer's heads; with a ``chunk`` each hook is scored at once, one layer's heads."""
+    queued = max(16, n_senders // 4) + n_heads if chunk is None else n_heads
+    return seq * d_model * (n_senders * itemsize + 2 * queued * 4 + (chunk or 0) * 4)
 
 
 def fit_attribution(
@@ -119,21 +125,23 @@ def fit_attribution(
     want = n_examples if batch_size is None else min(batch_size, n_examples)
     d_model, n_heads = int(model.cfg.d_model), int(model.cfg.n_heads)
 
-    def need(itemsize: int, chunk: int) -> int:
+    def need(itemsize: int, chunk: int | None) -> int:
         return bytes_per_example(n_senders, seq, d_model, n_heads, itemsize, chunk)
 
-    if budget is None or want * need(4, 0) <= budget:
+    if budget is None or want * need(4, None) <= budget:
         return AttributionFit(batch_size, torch.float32, None, budget)
     dtype = next(model.parameters()).dtype
+    chunk: int | None
     if dtype.is_floating_point and dtype.itemsize < 4:
-        room = budget - want * need(dtype.itemsize, 0)
-        chunk = min(n_senders // 2, room // (want * seq * d_model * 4))
+        row = want * seq * d_model * 4  # one sender row upcast
+        room = budget - want * need(dtype.itemsize, 1) + row
+        chunk = min(n_senders // 2, room // row)
         if chunk >= 1:
             return AttributionFit(batch_size, dtype, int(chunk), budget)
         chunk = min(n_senders, _CHUNK)
         per_example = need(dtype.itemsize, chunk)
     else:
-        dtype, chunk, per_example = torch.float32, None, need(4, 0)
+        dtype, chunk, per_example = torch.float32, None, need(4, None)
     micro = budget // per_example
     if micro < 1:
         raise ValueError(

@@ -28,14 +28,16 @@ def mean_activations(
     model: Any,
     reference: TaskData | torch.Tensor,
     batch_size: int | None = 32,
+    graph: Graph | None = None,
 ) -> Float[torch.Tensor, "n_senders seq d_model"]:
     """Each sender's mean output per position over ``reference``, padding excluded.
 
     ``reference`` is a `TaskData` (its clean prompts and padding mask) or token ids
     ``[n, seq]`` (all real tokens). The result can be passed as ``reference=`` wherever
-    ``ablation="mean"`` is used, so the means are computed once.
+    ``ablation="mean"`` is used, so the means are computed once. ``graph`` selects the
+    senders (default: the model's graph with one node per MLP).
     """
-    graph = Graph.from_model(model)
+    graph = check_graph(model, graph)
     device = model_device(model)
     if isinstance(reference, torch.Tensor):
         if reference.dtype.is_floating_point:
@@ -127,13 +129,28 @@ def resolve_reference(
                 "would score 0. Use more examples, pass reference=<other prompts to average "
                 "over>, or use ablation='corrupt' or 'zero'"
             )
-        means = mean_activations(model, source, batch_size)
+        means = mean_activations(model, source, batch_size, graph=graph)
     if data is not None and means.shape[1] < data.clean.shape[1]:
         raise ValueError(
             f"the mean reference covers {means.shape[1]} positions but the data has "
             f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
         )
     return None, means
+
+
+def check_graph(model: Any, graph: Graph | None) -> Graph:
+    """``graph``, or the model's one-group graph; refuses a graph of another model.
+
+    Shared by `ctlens.attribute` and `mean_activations`, which take a ``graph=`` argument.
+    """
+    if graph is None:
+        return Graph.from_model(model)
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
+    own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
+    if own != graph:
+        raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
+    return graph
 
 
 def _corrupt_reference(
@@ -181,4 +198,4 @@ def _is_one_clean_prompt(source: TaskData | torch.Tensor, data: TaskData) -> boo
     )
 
 
-__all__ = ["Reference", "mean_activations", "resolve_reference"]
+__all__ = ["Reference", "check_graph", "mean_activations", "resolve_reference"]

@@ -17,7 +17,7 @@ def build(family: str, dtype: torch.dtype):
     return ctlens.load_model(module)
 
 
-def need(model, data, itemsize: int, chunk: int) -> int:
+def need(model, data, itemsize: int, chunk: int | None) -> int:
     """Bytes per example that ctlens.memory charges for ``data`` on ``model``."""
     graph = Graph.from_model(model)
     cfg = model.cfg
@@ -32,7 +32,7 @@ def test_micro_batched_equals_unbudgeted(family: str, method: str) -> None:
     model = build(family, torch.float32)
     data = random_task(n=6, seed=3)
     plain = ctlens.attribute(model, data, method, batch_size=6, progress=False)
-    budget = 2 * need(model, data, 4, 0)  # two examples per pass
+    budget = 2 * need(model, data, 4, None)  # two examples per pass
     fitted = ctlens.attribute(
         model, data, method, batch_size=6, progress=False, max_memory=budget
     )

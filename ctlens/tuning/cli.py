@@ -26,6 +26,8 @@ DEFAULT_TASK = "agreement-flip"
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
+    "random_match": "what --mode random's circuit shares with the discovered one: parameters, "
+    "composition (per node kind) or edges",
     "top_n": "edges in the circuit (the final N when a schedule is used)",
     "top_n_start": "first N of the schedule (default: --top-n)",
     "top_n_schedule": "N schedule from --top-n-start to --top-n",
@@ -35,12 +37,16 @@ _HELP: dict[str, str] = {
     "discovery_ablation": "ablation for --discovery task",
     "discovery_batches": "batches of discovery pairs per task discovery",
     "ema": "moving average of scores across rediscoveries (0: off)",
+    "selection": "top_n: largest |score|; top_nodes: |score| x both ends' summed |scores| (paper)",
+    "optimizer": "adamw, or sgd with --momentum (the paper's official code)",
+    "loss": "target: NLL of the target tokens; sequence: of every token of the row (paper)",
+    "momentum": "SGD momentum (--optimizer sgd)",
     "train_embeddings": "let the input node's embeddings move when in the circuit",
     "train_unembedding": "let the logits node's unembedding move when in the circuit",
     "steps": "optimizer steps",
     "batch_size": "training rows per step (global, across ranks)",
-    "lr": "learning rate (AdamW)",
-    "weight_decay": "AdamW weight decay",
+    "lr": "learning rate",
+    "weight_decay": "weight decay (AdamW's decoupled, or SGD's)",
     "betas": "AdamW betas",
     "grad_clip": "gradient-norm clipping (none: off)",
     "lr_schedule": "learning-rate decay after warm-up",
@@ -95,6 +101,9 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     if hint is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                        help=help_text)
+    elif "choices" in field.metadata:
+        p.add_argument(flag, choices=list(field.metadata["choices"]), default=default,
+                       help=help_text)
     elif typing.get_origin(hint) is typing.Literal:
         p.add_argument(flag, choices=list(args), default=default, help=help_text)
     elif field.name == "betas":
@@ -129,17 +138,24 @@ def run_tune(args: argparse.Namespace) -> int:
 
     import ctlens
     import ctlens.tasks
+    from ctlens.tuning.discovery import check_top_n
+    from ctlens.tuning.rundir import RunWriteError
     from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     model = ctlens.load_model(args.model, device=args.device)
+    check_top_n(config, ctlens.Graph.from_model(model))  # before any task or attribution work
     task = ctlens.tasks.load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
                              tokenizer=getattr(model, "tokenizer", None))
-    result = CircuitTuner(model, task, config, model_name=args.model).run(
-        args.out, overwrite=args.overwrite
-    )
+    try:
+        result = CircuitTuner(model, task, config, model_name=args.model).run(
+            args.out, overwrite=args.overwrite
+        )
+    except RunWriteError as err:
+        print(f"ctlens tune: error: {err.strerror}", file=sys.stderr)
+        return 2
     summary = {k: result.metrics.get(k) for k in
                ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))
