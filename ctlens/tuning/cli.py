@@ -83,7 +83,7 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     hints = typing.get_type_hints(TuneConfig)
     for field in dataclasses.fields(TuneConfig):
         _add_field(p, field, hints[field.name])
-    p.set_defaults(func=run_tune)
+    p.set_defaults(func=run_tune, out_kind="dir")
     return p
 
 
@@ -127,16 +127,16 @@ def run_tune(args: argparse.Namespace) -> int:
     """Run ``ctlens tune``; prints the last evaluation and where the results are."""
     import torch
 
-    import ctlens
-    import ctlens.tasks
+    from ctlens.model import load_model
+    from ctlens.tasks.bundle import load
     from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    model = ctlens.load_model(args.model, device=args.device)
-    task = ctlens.tasks.load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
-                             tokenizer=getattr(model, "tokenizer", None))
+    model = load_model(args.model, device=args.device)
+    task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+                tokenizer=getattr(model, "tokenizer", None))
     result = CircuitTuner(model, task, config, model_name=args.model).run(
         args.out, overwrite=args.overwrite
     )
