@@ -193,55 +193,117 @@ def mean_activations(
 def resolve_reference(
     model: Any,
     graph: Graph,
-    data: TaskData,
+    data: TaskData | None,
     ablation: Ablation,
     reference: Reference,
     batch_size: int | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Turn ``ablation`` + ``reference`` into what the passes need, checking both.
 
+    The one reader of ``ablation=`` / ``reference=``, shared by `attribute`,
+    `ctlens.faithfulness` and `ctlens.edge_mask`, so all three follow the same rules:
+
+    - ``zero``: ``reference`` must be None.
+    - ``corrupt``: ``reference`` is corrupt token ids; the default is ``data.corrupt``. With
+      ``data`` they must have the clean prompts' shape. Without ``data`` (`edge_mask`, which
+      sees no task) the default is "none yet": the caller records one per batch.
+    - ``mean``: ``reference`` is a `TaskData` or token ids to average over (padding
+      excluded) or precomputed `mean_activations`; the default is ``data``'s clean prompts.
+      Without ``data`` there is no default, and the error says what to pass. The default
+      over a single example is refused: the mean of one prompt is that prompt's own
+      activations, so every ablation would be a no-op and every score 0.
+
     Returns ``(corrupt_tokens, means)``: the corrupt token ids (corrupt ablation), the
-    per-position sender means ``[n_senders, seq, d_model]`` (mean ablation), or neither
-    (zero ablation). Shared by `attribute`, `ctlens.faithfulness` and `ctlens.edge_mask`, so
-    the three read ``reference=`` the same way.
+    per-position sender means ``[n_senders, seq, d_model]`` (mean ablation: fp32 when
+    computed here, precomputed ones keep their dtype), or neither.
     """
     if ablation is Ablation.ZERO:
         if reference is not None:
             raise ValueError("zero ablation takes no reference; drop the reference argument")
         return None, None
     if ablation is Ablation.CORRUPT:
-        tokens = data.corrupt if reference is None else reference
-        if tokens is None:
-            raise ValueError(
-                "corrupt ablation needs corrupted prompts: build TaskData with corrupt=..., "
-                "pass reference=<corrupt token ids>, or use ablation='mean' or 'zero'"
-            )
-        if isinstance(tokens, TaskData) or tokens.shape != data.clean.shape:
-            raise ValueError(
-                f"the corrupt reference must be token ids of shape {tuple(data.clean.shape)}, "
-                "the same as the clean prompts"
-            )
-        vocab = model.cfg.d_vocab
-        if ((tokens < 0) | (tokens >= vocab)).any():
-            raise ValueError(f"corrupt holds token ids outside the vocabulary of {vocab}")
-        return tokens, None
+        return _corrupt_reference(model, data, reference), None
+    if reference is None and data is None:
+        raise ValueError(
+            "mean ablation needs a reference here: there are no task prompts to average over "
+            "by default, so pass reference=<TaskData or token ids to average over> or "
+            "reference=ctlens.mean_activations(model, data)"
+        )
     if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
         expected = (graph.n_senders, model.cfg.d_model)
         if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
             raise ValueError(
                 f"precomputed means must be [n_senders={expected[0]}, seq, "
-                f"d_model={expected[1]}] (from ctlens.attribution.mean_activations), got "
+                f"d_model={expected[1]}] (from ctlens.mean_activations), got "
                 f"{tuple(reference.shape)}"
             )
-        means = reference.to(model_device(model)).float()
+        means = reference.detach().to(model_device(model))
     else:
-        means = mean_activations(model, data if reference is None else reference, batch_size)
-    if means.shape[1] < data.clean.shape[1]:
+        source = data if reference is None else reference
+        if not isinstance(source, (TaskData, torch.Tensor)):
+            raise TypeError(
+                "mean ablation needs reference=<TaskData>, token ids [n, seq] or precomputed "
+                f"means from ctlens.mean_activations; got {type(source).__name__}"
+            )
+        if data is not None and _is_one_clean_prompt(source, data):
+            raise ValueError(
+                "mean ablation over one example: the mean of a single prompt is that "
+                "prompt's own activations, so ablating to it changes nothing and every edge "
+                "would score 0. Use more examples, pass reference=<other prompts to average "
+                "over>, or use ablation='corrupt' or 'zero'"
+            )
+        means = mean_activations(model, source, batch_size)
+    if data is not None and means.shape[1] < data.clean.shape[1]:
         raise ValueError(
             f"the mean reference covers {means.shape[1]} positions but the data has "
             f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
         )
     return None, means
+
+
+def _corrupt_reference(
+    model: Any, data: TaskData | None, reference: Reference
+) -> torch.Tensor | None:
+    """The corrupt token ids that `resolve_reference` hands on (None: recorded later)."""
+    tokens = reference if reference is not None else None if data is None else data.corrupt
+    if tokens is None:
+        if data is None:
+            return None
+        raise ValueError(
+            "corrupt ablation needs corrupted prompts: build TaskData with corrupt=..., "
+            "pass reference=<corrupt token ids>, or use ablation='mean' or 'zero'"
+        )
+    if isinstance(tokens, TaskData):
+        raise TypeError(
+            "corrupt ablation takes the corrupt token ids as reference (e.g. data.corrupt), "
+            "not a TaskData"
+        )
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point:
+        raise TypeError("the corrupt reference must be token ids [batch, seq] (an integer tensor)")
+    if data is not None and tokens.shape != data.clean.shape:
+        raise ValueError(
+            f"the corrupt reference must be token ids of shape {tuple(data.clean.shape)}, "
+            "the same as the clean prompts"
+        )
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"the corrupt reference must be token ids [batch, seq], got shape "
+            f"{tuple(tokens.shape)}"
+        )
+    vocab = model.cfg.d_vocab
+    if ((tokens < 0) | (tokens >= vocab)).any():
+        raise ValueError(f"corrupt holds token ids outside the vocabulary of {vocab}")
+    return tokens
+
+
+def _is_one_clean_prompt(source: TaskData | torch.Tensor, data: TaskData) -> bool:
+    """True when a mean over ``source`` would be the mean over ``data``'s single prompt."""
+    tokens = source.clean if isinstance(source, TaskData) else source
+    return (
+        len(tokens) == 1
+        and tokens.shape == data.clean.shape
+        and torch.equal(tokens.cpu(), data.clean.cpu())
+    )
 
 
 # ------------------------------------------------------------------------------ passes
@@ -336,6 +398,87 @@ def _record_metrics(
             totals["corrupt"] += float(batch.metric_values(ref_logits, clean_logits).sum())
 
 
+class EapKernel:
+    """The one EAP kernel: ``scores[s, r] += sum over batch and positions of delta_s . dL/dx_r``.
+
+    Shared by `attribute` (methods ``eap`` and ``eap-ig``) and the tuner's ``"batch"``
+    discovery (`ctlens.tuning.discovery`), so both compute edge scores the same way and
+    attribution's oracle tests cover the tuner's default path too.
+
+    ``delta`` is a ``[n_senders, batch, pos, d_model]`` buffer of sender activations: the
+    hooks of :meth:`sender_hooks` add ``sign * a_s`` into it during a forward pass, and the
+    caller completes it to ``a_s^ref - a_s^clean`` before the backward (`attribute` fills
+    ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
+    adds the batch means afterwards). The hooks of :meth:`receiver_hooks` register, on each
+    receiver group's input, a gradient hook that multiplies the prefix of senders the
+    receiver may read with that gradient (one matrix product per receiver group) and adds
+    ``sign * product / passes`` into ``scores``: the scores of every backward pass through
+    those inputs accumulate, until :meth:`close` removes the hooks.
+
+    Args:
+        graph: the model's graph.
+        delta: the activation buffer described above (read at backward time).
+        scores: ``[n_senders, n_receivers]`` fp32 accumulator.
+        passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
+        sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        delta: Float[torch.Tensor, "n_senders batch pos d_model"],
+        scores: Float[torch.Tensor, "n_senders n_receivers"],
+        passes: int = 1,
+        sign: float = 1.0,
+    ) -> None:
+        self.graph = graph
+        self.delta = delta
+        self.scores = scores
+        self.passes = passes
+        self.sign = sign
+        self.inputs: list[torch.Tensor] = []
+        self._flat = delta.view(graph.n_senders, -1)
+        self._handles: list[Any] = []
+
+    def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
+        """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
+        return sender_hooks(model, self.graph, _writer(self.delta, sign))
+
+    def receiver_hooks(self, model: Any) -> list[tuple[str, Any]]:
+        """Forward hooks that make every receiver group's input score its edges on backward.
+
+        An input that does not require grad (frozen parameters, no grad-carrying leaf) is
+        replaced by a detached leaf that does; the inputs are kept in ``self.inputs`` for
+        ``torch.autograd.grad``.
+        """
+
+        def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            self.inputs.append(x)
+            self._handles.append(x.register_hook(self._accumulate(columns, n_up)))
+            return x
+
+        return receiver_hooks(model, self.graph, on_receiver)
+
+    def _accumulate(self, columns: slice, n_up: int) -> Any:
+        def accumulate(grad: torch.Tensor) -> None:
+            g = flat(grad).float().permute(2, 0, 1, 3)
+            product = self._flat[:n_up] @ g.reshape(g.shape[0], -1).T
+            if self.sign != 1.0:
+                product = self.sign * product
+            self.scores[:n_up, columns] += product / self.passes
+
+        return accumulate
+
+    def close(self) -> None:
+        """Remove the gradient hooks: later backward passes no longer add to ``scores``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.inputs = []
+
+
 def _gradient_batch(
     model: Any,
     graph: Graph,
@@ -353,39 +496,34 @@ def _gradient_batch(
     sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
     the backward reads it, and its logits serve as the reference distribution for ``kl``.
     """
-    flat_delta = delta.reshape(graph.n_senders, -1)
+    kernel = EapKernel(graph, delta, scores, passes=steps)
     clean_logits: torch.Tensor | None = None
     batch = run.metric_batch
     layout = HookLayout.from_model(model)
+    try:
+        for step in range(steps, 0, -1):
+            shift = 1.0 - step / steps
 
-    def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
-        def accumulate(grad: torch.Tensor) -> None:
-            g = flat(grad).float().permute(2, 0, 1, 3)
-            scores[:n_up, columns] += (flat_delta[:n_up] @ g.reshape(g.shape[0], -1).T) / steps
+            def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
+                base = x.detach()
+                if shift:
+                    base = base + shift * delta[0].to(base.dtype)
+                return base.requires_grad_(True)
 
-        x.register_hook(accumulate)
-        return x
-
-    for step in range(steps, 0, -1):
-        shift = 1.0 - step / steps
-
-        def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
-            base = x.detach()
-            if shift:
-                base = base + shift * delta[0].to(base.dtype)
-            return base.requires_grad_(True)
-
-        hooks = [(layout.input_hooks[0], leaf), *receiver_hooks(model, graph, on_receiver)]
-        if clean_logits is None:
-            hooks += sender_hooks(model, graph, _writer(delta, -1.0))
-        with torch.enable_grad():
-            logits = run(run.batch.clean, hooks)
+            hooks = [(layout.input_hooks[0], leaf), *kernel.receiver_hooks(model)]
             if clean_logits is None:
-                clean_logits = logits.detach()
-                _record_metrics(batch, clean_logits, ref_logits, totals)
-            values = batch.metric_values(logits, clean_logits)
-            values.sum().div(n_total).backward()
-        del logits, values
+                hooks += kernel.sender_hooks(model, -1.0)
+            with torch.enable_grad():
+                logits = run(run.batch.clean, hooks)
+                if clean_logits is None:
+                    clean_logits = logits.detach()
+                    _record_metrics(batch, clean_logits, ref_logits, totals)
+                values = batch.metric_values(logits, clean_logits)
+                values.sum().div(n_total).backward()
+            kernel.close()
+            del logits, values
+    finally:
+        kernel.close()
 
 
 @torch.no_grad()

@@ -197,13 +197,19 @@ def frozen_parameters(model: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
-    """Inside: the model is in eval mode (no dropout). On exit the previous mode returns."""
-    was_training = model.training
+    """Inside: every module of the model is in eval mode (no dropout).
+
+    On exit each module gets its own previous mode back: a model may mix train and eval
+    submodules (a frozen part kept in eval, say), and ``model.train(flag)`` would overwrite
+    all of them with the top-level mode.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def model_device(model: Any) -> torch.device:

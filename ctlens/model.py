@@ -18,6 +18,7 @@ sum of sender outputs) and blocks that normalise a component's output before add
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,18 @@ from torch import nn
 
 ZOO_PREFIX = "zoo:"
 
-# Architectures checked end to end (graph, gradients, attribution oracles).
+# Architectures checked end to end (tests/test_families.py: logits, receiver gradients against
+# finite differences on the HF module, EAP against exact patching, gradient restriction,
+# export back to HF).
 SUPPORTED = {
     "GPT2LMHeadModel": "GPT-2",
-    "LlamaForCausalLM": "Llama (grouped-query attention supported)",
-}
-# Architectures that share the exact pre-norm sum structure and the bridge's split hooks.
-COMPATIBLE = {
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "GPTNeoXForCausalLM",
-    "GPTJForCausalLM",
+    "LlamaForCausalLM": "Llama 2/3.x (grouped-query attention)",
+    "MistralForCausalLM": "Mistral (grouped-query attention)",
+    "Qwen2ForCausalLM": "Qwen2 / Qwen2.5 (q/k/v biases)",
+    "Qwen3ForCausalLM": "Qwen3 (per-head q/k norms)",
+    "GPTNeoXForCausalLM": "GPT-NeoX / Pythia (parallel attention + MLP, partial rotary)",
+    "Phi3ForCausalLM": "Phi-3 (fused qkv and fused gate/up projections)",
+    "OlmoForCausalLM": "OLMo (non-parametric LayerNorm)",
 }
 REFUSED = {
     "BertForMaskedLM": "post-norm blocks: the residual stream is normalised after every sum",
@@ -47,6 +49,9 @@ REFUSED = {
     "Gemma3ForCausalLM": "Gemma 3 normalises attention and MLP outputs before adding them to "
     "the residual stream, so a receiver's input is not the sum of sender outputs",
     "T5ForConditionalGeneration": "encoder-decoder models have no single residual stream",
+    "GPTJForCausalLM": "TransformerLens 4.3's GPT-J bridge raises NotImplementedError for "
+    "set_use_attn_result and set_use_split_qkv_input, so per-head outputs and per-head "
+    "q/k/v inputs (the graph's senders and receivers) cannot be hooked",
 }
 
 
@@ -118,8 +123,8 @@ def check_architecture(module: nn.Module) -> str:
     arch = _architecture(module)
     if arch in REFUSED:
         raise UnsupportedModelError(f"{arch} cannot be analysed exactly: {REFUSED[arch]}")
-    if arch not in SUPPORTED and arch not in COMPATIBLE:
-        known = ", ".join(sorted((*SUPPORTED, *COMPATIBLE)))
+    if arch not in SUPPORTED:
+        known = ", ".join(sorted(SUPPORTED))
         raise UnsupportedModelError(
             f"{arch} is not supported: ctlens needs a pre-norm decoder whose residual stream "
             f"is a plain sum of component outputs and whose bridge exposes split q/k/v "
@@ -205,3 +210,59 @@ def _configure(bridge: Any) -> Any:
             "q/k/v inputs to score edges exactly"
         )
     return bridge
+
+
+@dataclass(frozen=True)
+class SplitCopy:
+    """A fused HF parameter that the bridge split into separate q/k/v *copies*.
+
+    GPT-NeoX stores q, k and v interleaved per head in one ``query_key_value`` weight
+    (``[heads, 3, d_head, ...]``); TransformerLens 4.3 copies the three parts into separate
+    ``attn.q/k/v`` parameters, which the forward pass and the gradients use. The fused HF
+    parameter is then stale: `gather` writes the copies back into it (before saving or
+    exporting HF weights) and `scatter` reads it into the copies (after loading HF weights).
+    GPT-2's and Phi-3's fused weights need none of this: their parts are views.
+    """
+
+    fused: nn.Parameter
+    parts: tuple[nn.Parameter, ...]
+    n_heads: int
+
+    def _fused_parts(self) -> list[torch.Tensor]:
+        shaped = self.fused.detach().view(self.n_heads, len(self.parts), -1, *self.fused.shape[1:])
+        return [shaped[:, i] for i in range(len(self.parts))]
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """Copy the parts into the fused parameter."""
+        for target, part in zip(self._fused_parts(), self.parts, strict=True):
+            target.copy_(part.detach().view_as(target))
+
+    @torch.no_grad()
+    def scatter(self) -> None:
+        """Copy the fused parameter into the parts."""
+        for source, part in zip(self._fused_parts(), self.parts, strict=True):
+            part.copy_(source.reshape(part.shape))
+
+
+def split_copies(model: Any) -> list[SplitCopy]:
+    """Every fused HF parameter of ``model`` whose parts the bridge holds as copies.
+
+    Empty for plain HF modules and for families whose fused parameters are viewed, not
+    copied. See `SplitCopy`.
+    """
+    if _architecture(getattr(model, "original_model", model)) != "GPTNeoXForCausalLM":
+        return []
+    if not hasattr(model, "blocks"):
+        return []
+    copies = []
+    for block in model.blocks:
+        attn = block.attn
+        fused = attn.qkv.original_component
+        parts = [getattr(attn, n).original_component for n in ("q", "k", "v")]
+        for name in ("weight", "bias"):
+            whole = getattr(fused, name, None)
+            if isinstance(whole, nn.Parameter):
+                pieces = tuple(getattr(p, name) for p in parts)
+                copies.append(SplitCopy(whole, pieces, int(model.cfg.n_heads)))
+    return copies

@@ -4,8 +4,6 @@ per-receiver rebuild of every input, and TransformerLens 4.3's own faithfulness 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
@@ -60,11 +58,43 @@ def receiver_hook(graph: Graph, receiver: str) -> tuple[str, int | None]:
 # ------------------------------------------------------------------ edge_mask: forward values
 
 
-def test_full_circuit_is_the_plain_model(tiny_model, task) -> None:
+def every_sender_replaced(model, tokens: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """A plain forward with every sender's output replaced by ``means`` ``[n_senders, p, d]``:
+    the empty circuit, computed without ctlens' masking hooks."""
+    graph = Graph.from_model(model)
+    layout = HookLayout.from_model(model)
+
+    def put(value: torch.Tensor):
+        return lambda act, hook: value.expand_as(act).to(act.dtype).clone()
+
+    hooks = [(layout.input_hooks[0], put(means[0][None]))]
+    hooks += [(name, put(torch.zeros(1))) for name in layout.input_hooks[1:]]
+    for layer in range(graph.spec.n_layers):
+        heads = means[graph.sender_slice(layer)].permute(1, 0, 2)[None]  # [1, p, H, d]
+        hooks.append((layout.head_out(layer), put(heads)))
+        hooks.append((layout.mlp_out(layer), put(means[graph.mlp_sender(layer)][None])))
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean", "corrupt"])
+def test_full_circuit_is_the_plain_model_and_the_hooks_are_live(
+    tiny_model, task, ablation
+) -> None:
+    """Keeping every edge changes nothing under any ablation. So that this is not a mask
+    that never ran, the same installed hooks, switched to the empty circuit, must give the
+    independently computed empty-circuit model (zero: every sender output replaced by 0)."""
     graph = Graph.from_model(tiny_model)
     plain = tiny_model(task.clean)
-    with ctlens.edge_mask(tiny_model, Circuit.full(graph), "zero"):
+    reference = {"zero": None, "mean": task, "corrupt": task.corrupt}[ablation]
+    with ctlens.edge_mask(tiny_model, Circuit.full(graph), ablation, reference) as mask:
+        assert sum(len(hp.fwd_hooks) for hp in tiny_model.hook_dict.values()) > 0
         assert torch.equal(tiny_model(task.clean), plain)
+        mask.set_circuit(Circuit.empty(graph))
+        empty = tiny_model(task.clean)
+    assert not torch.allclose(empty, plain)
+    if ablation == "zero":
+        zeros = torch.zeros(graph.n_senders, task.clean.shape[1], tiny_model.cfg.d_model)
+        assert_same(empty, every_sender_replaced(tiny_model, task.clean, zeros), tiny_model)
 
 
 def test_empty_circuit_corrupt_is_the_corrupt_run(tiny_model, task) -> None:
@@ -77,18 +107,7 @@ def test_empty_circuit_corrupt_is_the_corrupt_run(tiny_model, task) -> None:
 def test_empty_circuit_mean_is_every_sender_replaced_by_its_mean(tiny_model, task) -> None:
     graph = Graph.from_model(tiny_model)
     means = ctlens.mean_activations(tiny_model, task).to(torch.float64)
-    layout = HookLayout.from_model(tiny_model)
-
-    def put(value: torch.Tensor):
-        return lambda act, hook: value.expand_as(act).to(act.dtype).clone()
-
-    hooks = [(layout.input_hooks[0], put(means[0][None]))]
-    hooks += [(name, put(torch.zeros(1))) for name in layout.input_hooks[1:]]
-    for layer in range(graph.spec.n_layers):
-        heads = means[graph.sender_slice(layer)].permute(1, 0, 2)[None]  # [1, p, H, d]
-        hooks.append((layout.head_out(layer), put(heads)))
-        hooks.append((layout.mlp_out(layer), put(means[graph.mlp_sender(layer)][None])))
-    expected = tiny_model.run_with_hooks(task.clean, fwd_hooks=hooks)
+    expected = every_sender_replaced(tiny_model, task.clean, means)
     with ctlens.edge_mask(tiny_model, Circuit.empty(graph), "mean", reference=means):
         masked = tiny_model(task.clean)
     assert_same(masked, expected, tiny_model)
@@ -222,6 +241,7 @@ def test_edge_mask_controls_and_restoration(tiny_model, task) -> None:
         with pytest.raises(RuntimeError, match="set_reference"):
             tiny_model(task.clean[:2])
         masked = tiny_model(task.clean)
+        assert not torch.allclose(masked, plain)  # the mask is live, so paused() means something
         with mask.paused():
             assert torch.equal(tiny_model(task.clean), plain)
         mask.set_circuit(Circuit.full(graph))
@@ -233,6 +253,37 @@ def test_edge_mask_controls_and_restoration(tiny_model, task) -> None:
     assert tiny_model.training
     assert all(p.requires_grad == flag for p, flag in before)
     assert torch.equal(tiny_model(task.clean), plain)
+    tiny_model.eval()
+
+
+def test_mixed_train_eval_modes_come_back_module_by_module(tiny_model, task) -> None:
+    """Passes run in eval mode, then every module gets its own mode back, not the
+    top-level one (issue 16: a model with some modules in eval mode came back all in train)."""
+    graph = Graph.from_model(tiny_model)
+    tiny_model.train()
+    tiny_model.blocks[0].eval()
+    tiny_model.ln_final.eval()
+    modes = {name: m.training for name, m in tiny_model.named_modules()}
+    assert set(modes.values()) == {True, False}
+
+    def unchanged() -> bool:
+        return modes == {name: m.training for name, m in tiny_model.named_modules()}
+
+    seen: list[bool] = []
+    probe = ("blocks.0.hook_mlp_in", lambda x, hook: seen.append(tiny_model.training))
+    with tiny_model.hooks(fwd_hooks=[probe]):
+        ctlens.attribute(tiny_model, task, progress=False)
+    assert seen and not any(seen)  # the passes themselves ran in eval mode
+    assert unchanged()
+    ctlens.faithfulness(tiny_model, task, random_circuit(graph))
+    assert unchanged()
+    ctlens.mean_activations(tiny_model, task)
+    assert unchanged()
+    with ctlens.edge_mask(tiny_model, random_circuit(graph), "corrupt", task.corrupt) as mask:
+        assert unchanged()
+        mask.set_reference(task.corrupt)
+        assert unchanged()
+    assert unchanged()
     tiny_model.eval()
 
 
@@ -276,6 +327,86 @@ def test_edge_mask_bad_inputs(tiny_model, task) -> None:
     ):
         tiny_model(task.clean)
     assert all(len(hp.fwd_hooks) == 0 for hp in tiny_model.hook_dict.values())
+
+
+# ------------------------------------------------------------------ one reference resolver
+
+
+def _entry_points(model, data):
+    """attribute, faithfulness and edge_mask, each called with (ablation, reference)."""
+    empty = Circuit.empty(Graph.from_model(model))
+
+    def mask(ablation, reference):
+        with ctlens.edge_mask(model, empty, ablation, reference):
+            pass
+
+    return {
+        "attribute": lambda a, r: ctlens.attribute(
+            model, data, ablation=a, reference=r, progress=False
+        ),
+        "faithfulness": lambda a, r: ctlens.faithfulness(model, data, empty, a, r),
+        "edge_mask": mask,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ablation", "bad", "error", "match"),
+    [
+        ("zero", "clean", ValueError, "zero ablation takes no reference"),
+        ("corrupt", "task", TypeError, "not a TaskData"),
+        ("corrupt", "float", TypeError, r"token ids \[batch, seq\]"),
+        ("corrupt", "vocab", ValueError, "outside the vocabulary"),
+        ("mean", "means", ValueError, "precomputed means must be"),
+        ("mean", "text", TypeError, "mean ablation needs reference="),
+    ],
+)
+def test_one_resolver_reads_reference_alike_everywhere(
+    tiny_model, task, ablation, bad, error, match
+) -> None:
+    reference = {
+        "clean": task.clean,
+        "task": task,
+        "float": task.corrupt.double(),
+        "vocab": task.corrupt + VOCAB,
+        "means": torch.zeros(2, task.clean.shape[1], 32),
+        "text": "some prompts",
+    }[bad]
+    for name, call in _entry_points(tiny_model, task).items():
+        with pytest.raises(error, match=match):
+            call(ablation, reference)
+        assert all(len(hp.fwd_hooks) == 0 for hp in tiny_model.hook_dict.values()), name
+
+
+def test_mean_default_is_the_task_and_edge_mask_says_what_to_pass(tiny_model, task) -> None:
+    """faithfulness' default mean reference (the clean prompts) is what edge_mask computes
+    from reference=task; edge_mask, which has no task, asks for one instead of guessing."""
+    graph = Graph.from_model(tiny_model)
+    circuit = random_circuit(graph, seed=5)
+    result = ctlens.faithfulness(tiny_model, task, circuit, "mean", batch_size=None)
+    with torch.no_grad(), ctlens.edge_mask(tiny_model, circuit, "mean", reference=task):
+        masked = task.metric_values(tiny_model(task.clean)).mean().item()
+    assert result.metric_circuit == pytest.approx(masked, abs=1e-6)
+    assert masked != pytest.approx(result.metric_full, abs=1e-6)  # the mask did something
+    with (
+        pytest.raises(ValueError, match=r"needs a reference.*mean_activations\(model, data\)"),
+        ctlens.edge_mask(tiny_model, circuit, "mean"),
+    ):
+        pass
+
+
+def test_mean_over_one_example_is_refused_not_silently_zero(tiny_model, task) -> None:
+    """The mean of one prompt is that prompt: every a_ref - a_clean would be 0."""
+    one = task[:1]
+    graph = Graph.from_model(tiny_model)
+    for name, call in _entry_points(tiny_model, one).items():
+        if name == "edge_mask":
+            continue  # no task data there: its reference is always explicit
+        with pytest.raises(ValueError, match="mean ablation over one example"):
+            call("mean", None)
+        with pytest.raises(ValueError, match="mean ablation over one example"):
+            call("mean", one.clean)
+    other = ctlens.attribute(tiny_model, one, ablation="mean", reference=task[1:], progress=False)
+    assert bool(other.scores[graph.valid].abs().gt(0).any())
 
 
 # ------------------------------------------------------------------ faithfulness
@@ -386,7 +517,8 @@ def test_faithfulness_curve_mib_grid_and_areas(tiny_model, task) -> None:
         ctlens.faithfulness_curve(tiny_model, task, other)
 
 
-def test_faithfulness_nan_when_undefined(tiny_model, task) -> None:
+def test_faithfulness_says_why_when_full_and_empty_agree(tiny_model, task) -> None:
+    """corrupt == clean: M_full == M_empty, so the ratio would be 0 / 0."""
     graph = Graph.from_model(tiny_model)
     same = ctlens.TaskData(
         clean=task.clean,
@@ -395,9 +527,12 @@ def test_faithfulness_nan_when_undefined(tiny_model, task) -> None:
         wrong=task.wrong,
         attention_mask=task.attention_mask,
     )
-    with pytest.warns(UserWarning, match="undefined"):
-        result = ctlens.faithfulness(tiny_model, same, random_circuit(graph))
-    assert math.isnan(result.faithfulness)
+    scores = EdgeScores(torch.ones(graph.n_senders, graph.n_receivers), graph)
+    why = r"faithfulness is undefined on this data.*same metric.*does not separate"
+    with pytest.raises(ValueError, match=why):
+        ctlens.faithfulness(tiny_model, same, random_circuit(graph))
+    with pytest.raises(ValueError, match=why):
+        ctlens.faithfulness_curve(tiny_model, same, scores, sizes=(0.5, 1.0))
 
 
 # ------------------------------------------------------------------ restrict_gradients

@@ -190,3 +190,53 @@ def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
     )
     assert len(colours) > 50, f"only {len(colours)} colours: the page looks blank"
     assert non_white > 0.02 * width * height / 7
+
+
+def test_figures_export_to_png_and_svg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fig.write_image`` through kaleido 1.x (the ``export`` extra), driving this
+    machine's Chromium: a PNG of the right size and an SVG that carries the figure's text."""
+    pytest.importorskip(
+        "kaleido", reason="kaleido not installed: `pip install ctlens[export]` to test PNG/SVG"
+    )
+    from test_viz import circuit_of
+
+    from ctlens import Graph, GraphSpec
+
+    monkeypatch.setenv("BROWSER_PATH", chromium())  # kaleido's browser, found by choreographer
+    fig = viz.plot_circuit(circuit_of(Graph(GraphSpec(3, 4, 4)), 0, 60), title="export check")
+    png, svg = tmp_path / "circuit.png", tmp_path / "circuit.svg"
+    fig.write_image(png, width=900, height=600)
+    fig.write_image(svg, width=900, height=600)
+    width, height, pixels = png_pixels(png)
+    assert (width, height) == (900, 600)
+    channels = len(pixels) // (width * height)
+    colours = {pixels[i : i + 3] for i in range(0, len(pixels), channels * 5)}
+    assert len(colours) > 20, "the exported PNG looks blank"
+    text = svg.read_text(encoding="utf-8")
+    assert text.lstrip().startswith("<svg") and "export check" in text
+    assert "raises metric" in text  # the legend, with the sign convention, is in the file
+
+
+def test_show_all_edges_button_reveals_the_hidden_edges(report: Path, tmp_path: Path) -> None:
+    """Click the circuit's "all 60 edges" button, as a user would, in a copy of the report."""
+    probe = (
+        '<script>window.addEventListener("load", function () {'
+        ' var g = document.getElementById("ctlens-circuit");'
+        ' function hidden() { return g.data.filter(function (t) {'
+        '   return t.visible === "legendonly"; }).length; }'
+        ' var before = hidden();'
+        ' var buttons = Array.from(g.querySelectorAll(".updatemenu-button"));'
+        ' var all = buttons.filter(function (b) { return b.textContent === "all 60 edges"; })[0];'
+        ' g.on("plotly_restyle", function () {'
+        '   console.log("RESTYLED|" + before + "|" + hidden()); });'
+        ' all.dispatchEvent(new MouseEvent("click", {bubbles: true}));'
+        "});</script></body>"
+    )
+    page = tmp_path / "clicked.html"
+    page.write_text(report.read_text(encoding="utf-8").replace("</body>", probe), "utf-8")
+    result = run_browser(page, tmp_path, "--dump-dom", "--enable-logging=stderr", "--v=0")
+    lines = console_lines(result.stderr)
+    found = re.search(r"RESTYLED\|(\d+)\|(\d+)", lines[0]) if len(lines) == 1 else None
+    assert found, lines
+    before, after = int(found.group(1)), int(found.group(2))
+    assert before >= 2 and after == 0  # hidden edge traces (and their legend entry) shown

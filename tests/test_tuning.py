@@ -81,6 +81,50 @@ def test_task_without_fields_is_refused() -> None:
         CircuitTuner(tiny_model(), object(), TuneConfig())
 
 
+# ---------------------------------------------------------------------- batch discovery
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batch_discovery_equals_attribute(family: str) -> None:
+    """``"batch"`` discovery (the training forward) is `ctlens.attribute` on that batch.
+
+    Same rows, mean ablation over the batch itself (padding excluded), the same task
+    metric: the scores agree to float tolerance, so attribution's oracles cover the
+    tuner's default discovery path.
+    """
+    model, task = tiny_model(family), toy_task()
+    tuner = CircuitTuner(model, task, TuneConfig(mode="gradient", batch_size=6, top_n=30))
+    step = 3
+    rows = tuner._global_rows(step)
+    batch = tuner.batch_scores(step).scores
+    expected = ctlens.attribute(model, task.train_data[rows], method="eap", ablation="mean",
+                                batch_size=None, progress=False).scores
+    assert batch.abs().max() > 0
+    torch.testing.assert_close(batch, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_batch_discovery_with_loss_metric_equals_attribute() -> None:
+    """With ``batch_metric="loss"`` the metric is minus the target-token LM loss."""
+    model, task = tiny_model(), toy_task()
+    tuner = CircuitTuner(model, task, TuneConfig(mode="gradient", batch_metric="loss",
+                                                 batch_size=6, top_n=30))
+    rows = tuner._global_rows(1)
+    target = task.train_target_mask[rows][:, 1:].float()
+
+    def minus_loss(logits: torch.Tensor, batch: ctlens.TaskData) -> torch.Tensor:
+        seq = logits.shape[1]
+        logp = logits[:, :-1].float().log_softmax(-1)
+        nll = -logp.gather(-1, batch.clean[:, 1:, None])[..., 0]
+        per_row = (nll * target[:, : seq - 1]).sum(1)
+        return -per_row * len(rows) / target.sum()
+
+    data = ctlens.TaskData(clean=task.train_tokens[rows],
+                           attention_mask=task.train_attention_mask[rows], metric=minus_loss)
+    expected = ctlens.attribute(model, data, ablation="mean", batch_size=None,
+                                progress=False).scores
+    torch.testing.assert_close(tuner.batch_scores(1).scores, expected, atol=1e-6, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- weights
 
 
@@ -338,3 +382,28 @@ def test_cli_tune_on_a_zoo_model_resumes(tmp_path: Path, capsys) -> None:
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again == first
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_run_format_is_one_pure_python_module(tmp_path: Path) -> None:
+    """Writer and reader share `ctlens.run_format`; it imports nothing heavy."""
+    import ast
+
+    import ctlens.run_format as F
+    from ctlens.viz.run import read_run
+
+    tree = ast.parse(Path(F.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"__future__", "json", "re", "pathlib", "typing"}
+    assert F.parse_step(F.step_name(42)) == 42 and F.parse_step("step_42") is None
+    assert F.parse_step(F.snapshot_name(7), ".json") == 7
+    cfg = TuneConfig(mode="gradient", **{**FAST, "steps": 2, "export": False})
+    root = CircuitTuner(tiny_model(), toy_task(), cfg).run(tmp_path / "r").out_dir
+    run = read_run(root)
+    assert run.steps == [0, 2] and run.info["format"] == F.FORMAT
+    with pytest.raises(F.RunFormatError, match="version 9"):
+        F.check_run_doc({**run.info, "version": 9}, "run.json")

@@ -119,12 +119,17 @@ def test_plot_circuit_draws_every_edge_once_in_few_traces(graph: Graph) -> None:
     assert len(hover.text) == circuit.n_edges
     names = {tuple(t.split("<br>")[0].split(" → ")) for t in hover.text}
     assert names == set(circuit.edges)
-    # colour by sign: the positive-score traces hold exactly the positive edges
+    # colour by what the edge does (score = M(ablated) - M(clean)): the red "lowers metric"
+    # traces hold exactly the positive scores, the blue "raises metric" ones the rest
     values = [circuit.scores[graph.edge_index(s, r)].item() for s, r in circuit.edges]
-    positive = sum(n_segments(t) for t in lines if t.name.startswith("positive"))
-    assert positive == sum(v > 0 for v in values)
+    lowers = sum(n_segments(t) for t in lines if t.name.startswith("lowers metric"))
+    raises = sum(n_segments(t) for t in lines if t.name.startswith("raises metric"))
+    assert (lowers, raises) == (sum(v > 0 for v in values), sum(v <= 0 for v in values))
+    assert all(t.line.color.startswith("rgba(192,57,43") for t in lines
+               if t.name.startswith("lowers"))
     assert all(t.line.color.startswith("rgba(33,102,172") for t in lines
-               if t.name.startswith("positive"))
+               if t.name.startswith("raises"))
+    assert "M(edge ablated) − M(clean)" in fig.layout.legend.title.text
     # dash by receiver kind: dashed traces hold exactly the edges into k receivers
     into_k = sum(r.endswith(".k") for _, r in circuit.edges)
     assert sum(n_segments(t) for t in lines if t.line.dash == "dash") == into_k
@@ -134,16 +139,67 @@ def test_plot_circuit_draws_every_edge_once_in_few_traces(graph: Graph) -> None:
     # width grows with |score|: the largest edge sits in the widest bin
     widest = max(t.line.width for t in lines)
     strongest = max(values, key=abs)
-    sign = "positive" if strongest > 0 else "negative"
+    sign = "lowers" if strongest > 0 else "raises"
     assert any(n_segments(t) > 0 for t in lines
                if t.line.width == widest and t.name.startswith(sign))
     assert f"{circuit.n_edges} edges" in fig.layout.title.text
     assert f"{len(circuit.components)} components" in fig.layout.title.text
-    legend = [t.name for t in lines if t.showlegend]
+    shown = [t for t in lines if t.visible is not False and t.visible != "legendonly"]
+    legend = [t.name for t in shown if t.showlegend]
     assert len(legend) == len(set(legend)) == len({
-        ("positive" if v > 0 else "negative", r.split(".")[-1] if r.count(".") == 2 else "resid")
+        ("lowers" if v > 0 else "raises", r.split(".")[-1] if r.count(".") == 2 else "resid")
         for (_, r), v in zip(circuit.edges, values, strict=True)
+        if abs(v) >= sorted(map(abs, values), reverse=True)[viz.traces.EDGE_BUDGET - 1]
     })
+
+
+def test_plot_circuit_edge_budget_hides_the_weakest(graph: Graph) -> None:
+    circuit = circuit_of(graph, 0, 60)
+    fig = viz.plot_circuit(circuit, budget=25, labels=4)
+    lines = edge_line_traces(fig)
+    magnitude = {e: abs(circuit.scores[graph.edge_index(*e)].item()) for e in circuit.edges}
+    ranked = sorted(circuit.edges, key=magnitude.__getitem__, reverse=True)
+    hidden = [t for t in lines if t.visible == "legendonly"]
+    assert sum(n_segments(t) for t in hidden) == 35
+    assert sum(n_segments(t) for t in lines if t not in hidden) == 25
+    layout = viz.Layout(graph)
+
+    def ends(traces: list[go.Scatter]) -> set[tuple[float, float, float, float]]:
+        out = set()
+        for t in traces:
+            x, y = np.asarray(t.x, dtype=float), np.asarray(t.y, dtype=float)
+            out |= {tuple(round(v, 6) for v in (x[i], y[i], x[i + 1], y[i + 1]))
+                    for i in range(0, len(x) - 2, 3)}
+        return out
+
+    def coords(edges: list[tuple[str, str]]) -> set[tuple[float, float, float, float]]:
+        out = set()
+        for s, r in edges:
+            i, j = graph.sender_index[s], graph.receiver_index[r]
+            out.add(tuple(round(float(v), 6) for v in (
+                layout.sender_x[i], layout.sender_y[i], layout.receiver_x[j],
+                layout.receiver_y[j])))
+        return out
+
+    assert ends(hidden) == coords(ranked[25:])  # the 35 weakest wait behind "show all"
+    # one legend entry and two buttons reveal them: the buttons restyle exactly those traces
+    (entry,) = [t for t in fig.data if t.name == "35 weaker edges (click to show)"]
+    assert entry.visible == "legendonly" and entry.legendgroup == hidden[0].legendgroup
+    assert {t.legendgroup for t in hidden} == {entry.legendgroup}
+    (menu,) = fig.layout.updatemenus
+    labels = [b.label for b in menu.buttons]
+    assert labels == ["strongest 25", "all 60 edges"]
+    indices = set(menu.buttons[1].args[1])
+    assert indices == {i for i, t in enumerate(fig.data) if t.visible == "legendonly"}
+    assert menu.buttons[1].args[0] == {"visible": True}
+    assert "the 25 strongest drawn" in fig.layout.title.text
+    # the four strongest edges are labelled, with their scores
+    (text,) = [t for t in fig.data if t.name == "edge labels"]
+    assert [s.split(" ")[0] for s in text.text] == [f"{s}→{r}" for s, r in ranked[:4]]
+    # budget=None draws every edge; a circuit within the budget has no buttons
+    assert not [t for t in edge_line_traces(viz.plot_circuit(circuit, budget=None))
+                if t.visible == "legendonly" and n_segments(t)]
+    assert not viz.plot_circuit(circuit, budget=60).layout.updatemenus
 
 
 def test_plot_circuit_segments_end_at_the_right_ports(graph: Graph) -> None:
@@ -316,6 +372,10 @@ def test_plot_node_scores_heatmap(graph: Graph) -> None:
             assert z[layer, head] == pytest.approx(nodes[f"a{layer}.h{head}"], rel=1e-6)
         assert z[layer, 4] == pytest.approx(nodes[f"m{layer}"], rel=1e-6)
     assert heat.zmid == 0
+    # negative (the node raises the metric) is blue, positive red; numbers readable
+    scale = heat.colorscale
+    assert scale[0][1].startswith("rgb(5,48,97") and scale[-1][1].startswith("rgb(103,0,31")
+    assert heat.textfont.size >= 12 and "raises" in heat.colorbar.title.text
     assert f"input {nodes['input']:+.4g}" in fig.layout.title.text
     # a circuit: sums of its own edges' scores; a mapping works too
     circuit = circuit_of(graph, 4, 20)
@@ -361,6 +421,41 @@ def test_plot_evolution_frames_and_curves(run_dir: Path) -> None:
     lines = [t for t in limited.frames[1].data if t.mode == "lines" and "→" in (t.name or "")]
     assert sum(n_segments(t) for t in lines) == 10
     assert "top 10 of 40" in limited.frames[1].layout.title.text
+
+
+def test_plot_evolution_panels_teach(run_dir: Path) -> None:
+    """Each metric chart has titled axes, Jaccard and other tasks have legends (and colour
+    sets) of their own, the target's goal is named, and a constant circuit size gets a
+    range from zero with integer ticks instead of +-0.5 around the value."""
+    fig = viz.plot_evolution(run_dir)
+    n_circuit = len(fig.frames[0].data)
+    curves = {t.name: t for t in fig.data[n_circuit:]}
+    jaccard = [c for n, c in curves.items() if "Jaccard" in n]
+    tasks = [c for n, c in curves.items() if n.startswith("eval: ")]
+    assert len(jaccard) == 4 and len(tasks) == 2
+    assert {c.legend for c in jaccard} == {"legend2"} and {c.legend for c in tasks} == {"legend3"}
+    assert all(c.showlegend for c in jaccard + tasks)
+    assert not {c.line.color for c in jaccard} & {c.line.color for c in tasks}
+    assert not any(c.showlegend for n, c in curves.items() if c not in jaccard + tasks)
+    legend2, legend3 = fig.layout.legend2, fig.layout.legend3
+    assert legend2.y < fig.get_subplot(4, 1).yaxis.domain[0]  # under its own chart
+    assert legend3.x == pytest.approx(fig.get_subplot(4, 3).xaxis.domain[0])
+    for row, col in [(3, 1), (3, 2), (3, 3), (4, 1), (4, 2), (4, 3)]:
+        sub = fig.get_subplot(row, col)
+        assert sub.xaxis.title.text == "step" and sub.yaxis.title.text, (row, col)
+    titles = [a.text for a in fig.layout.annotations]
+    assert "target metric (goal: higher ↑)" in titles  # agreement-flip maximises its metric
+    size = fig.get_subplot(3, 3).yaxis
+    assert size.range[0] == 0 and size.range[1] > 40 and size.tickformat == "d"
+    assert size.dtick >= 1 and float(size.dtick).is_integer()
+    assert "M(edge ablated) − M(clean)" in fig.layout.legend.title.text
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "task": "my-own-task"}))
+    untold = viz.plot_evolution(run_dir)
+    assert "target metric" in [a.text for a in untold.layout.annotations]  # no goal claimed
+    (run_dir / "run.json").write_text(json.dumps({**info, "objective": "zero"}))
+    told = viz.plot_evolution(run_dir)
+    assert "target metric (goal: 0)" in [a.text for a in told.layout.annotations]
 
 
 # ---------------------------------------------------------------------------- bad run dirs
@@ -469,6 +564,47 @@ def test_write_report_is_one_self_contained_file(run_dir: Path) -> None:
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     out = viz.write_report(run_dir, out=run_dir.parent / "elsewhere" / "r.html", top=5)
     assert out.is_file()
+
+
+def test_report_tables_show_formatted_values(run_dir: Path) -> None:
+    metrics_file = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    for row in rows:
+        row["general_loss"] = 3.0123456789
+        row["evals_accuracy"] = {"ioi": 0.5, "induction": 0.25}
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = viz.write_report(run_dir).read_text(encoding="utf-8")
+    metrics = text[text.index("<h2>Metrics</h2>"):]
+    assert "{" not in metrics and "circuit_file" not in metrics  # no raw dicts, no paths
+    # evals become columns under one heading; numbers to 4 significant digits
+    assert '<th colspan="2" class="group">evals</th>' in metrics
+    assert 'title="evals.ioi"' in metrics
+    assert "<td>0.89</td>" in metrics and "<td>0.8</td>" in metrics  # evals.ioi, induction
+    assert "<td>3.012</td>" in metrics and "3.01234" not in metrics
+    assert '<th colspan="2" class="group">evals_<wbr>accuracy</th>' in metrics
+    config = text[text.index("<h2>Config</h2>"):text.index("<h2>Metrics</h2>")]
+    assert "<td class=\"k\">1, 2</td>" in config  # a list, spelled out
+
+
+def test_report_removes_stale_temporaries(run_dir: Path) -> None:
+    """A report killed mid-write leaves ``.report.html.*.tmp``; the next write removes it
+    (and only temporaries of our own naming, and only stale ones)."""
+    import os
+    import time
+
+    stale = run_dir / ".report.html.k1ll3d.tmp"
+    stale.write_text("half a report")
+    fresh = run_dir / ".report.html.wr1t1ng.tmp"  # another writer, still at work
+    fresh.write_text("a report being written")
+    theirs = run_dir / ".notes.txt.abc.tmp"
+    theirs.write_text("not ours")
+    old = time.time() - 3600
+    for path in (stale, theirs):
+        os.utime(path, (old, old))
+    viz.write_report(run_dir)
+    assert not stale.exists()
+    assert fresh.exists() and theirs.exists()
+    assert (run_dir / "report.html").is_file()
 
 
 def test_single_snapshot_report_and_unscored_circuits(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The run directory (format v1, ``docs/run-format.md``) and the tuner's checkpoints.
+"""The tuner's side of the run directory (``docs/run-format.md``; names in `ctlens.run_format`).
 
 Every write is atomic: files via a temporary name and ``os.replace``; a checkpoint is
 assembled in ``checkpoints/.tmp-*`` and renamed to ``checkpoints/step_NNNNNN`` when
@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,14 +20,9 @@ from typing import Any
 
 import torch
 
+from ctlens import run_format as F
 from ctlens.files import atomic_write_text
 from ctlens.tuning.weights import write_json_atomic
-
-FORMAT = "ctlens-run"
-VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
-# Names a run owns inside its directory; `overwrite` removes only these.
-OWNED = ("run.json", "metrics.jsonl", "circuits", "checkpoints", "model", "report.html")
 
 
 class RunConflictError(ValueError):
@@ -43,49 +37,39 @@ class RunDir:
 
     @property
     def run_json(self) -> Path:
-        return self.root / "run.json"
+        return self.root / F.RUN_JSON
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / F.METRICS
 
     @property
     def circuits(self) -> Path:
-        return self.root / "circuits"
+        return self.root / F.CIRCUITS
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / F.CHECKPOINTS
 
     @property
     def model(self) -> Path:
-        return self.root / "model"
+        return self.root / F.MODEL
 
     @property
     def initial_weights(self) -> Path:
-        return self.checkpoints / "initial.safetensors"
+        return self.checkpoints / F.INITIAL_WEIGHTS
 
     def circuit_file(self, step: int) -> Path:
-        return self.circuits / f"step_{step:06d}.json"
+        return self.circuits / F.snapshot_name(step)
 
     # ------------------------------------------------------------------ run.json
 
     def read_run(self) -> dict[str, Any] | None:
         """``run.json`` if present; raises `RunConflictError` if it is not a ctlens run."""
-        if not self.run_json.is_file():
-            return None
         try:
-            doc = json.loads(self.run_json.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise RunConflictError(f"{self.run_json} is not valid JSON ({err})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise RunConflictError(f"{self.run_json} is not a ctlens run description")
-        if doc.get("version") != VERSION:
-            raise RunConflictError(
-                f"{self.run_json} has run format version {doc.get('version')}; this ctlens "
-                f"writes version {VERSION}"
-            )
-        return doc
+            return F.read_run_doc(self.root)
+        except F.RunFormatError as err:
+            raise RunConflictError(str(err)) from None
 
     def write_run(self, doc: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -93,7 +77,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove what a run owns (for ``overwrite``); other files are left alone."""
-        for name in OWNED:
+        for name in F.OWNED:
             path = self.root / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -105,7 +89,7 @@ class RunDir:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.name not in OWNED and not p.name.startswith("."))
+                      if p.name not in F.OWNED and not p.name.startswith("."))
 
     # ------------------------------------------------------------------ metrics
 
@@ -140,13 +124,13 @@ class RunDir:
             return []
         steps = []
         for p in self.checkpoints.iterdir():
-            match = _STEP_DIR.match(p.name)
-            if match and p.is_dir() and (p / "state.pt").is_file():
-                steps.append(int(match.group(1)))
+            step = F.parse_step(p.name)
+            if step is not None and p.is_dir() and (p / F.STATE).is_file():
+                steps.append(step)
         return sorted(steps)
 
     def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints / f"step_{step:06d}"
+        return self.checkpoints / F.step_name(step)
 
     def clean_temporaries(self) -> None:
         """Remove leftovers of writes interrupted by a kill."""

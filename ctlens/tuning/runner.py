@@ -48,18 +48,17 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
-from ctlens.attribution import attribute, mean_activations
+from ctlens import run_format as F
+from ctlens.attribution import EapKernel, attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
-from ctlens.hooks import eval_mode, flat, receiver_hooks, sender_hooks
+from ctlens.hooks import eval_mode
 from ctlens.scores import EdgeScores
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.distributed import World
 from ctlens.tuning.rundir import (
-    FORMAT,
-    VERSION,
     RunConflictError,
     RunDir,
     load_torch,
@@ -308,9 +307,9 @@ class CircuitTuner:
                     rd.truncate_metrics(-1)
             else:
                 # refuse a checkpoint of another model before touching anything
-                W.check_weights(self.model, rd.checkpoint_dir(start) / "weights.safetensors")
+                W.check_weights(self.model, rd.checkpoint_dir(start) / F.WEIGHTS)
                 rd.truncate_metrics(start)
-                wall = float(load_torch(rd.checkpoint_dir(start) / "state.pt")["wall_time"])
+                wall = float(load_torch(rd.checkpoint_dir(start) / F.STATE)["wall_time"])
         rd.circuits.mkdir(parents=True, exist_ok=True)
         return start, wall
 
@@ -318,8 +317,8 @@ class CircuitTuner:
         from ctlens._version import __version__
 
         return {
-            "format": FORMAT,
-            "version": VERSION,
+            "format": F.FORMAT,
+            "version": F.VERSION,
             "model": self.model_name,
             "task": self.task_name,
             "graph": self.graph.spec.to_dict(),
@@ -446,28 +445,19 @@ class CircuitTuner:
 
     def _forward(
         self, tokens: torch.Tensor, record: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, list[tuple[slice, int, torch.Tensor]]] | None]:
-        """The model's logits; with ``record``, sender outputs and receiver inputs too."""
+    ) -> tuple[torch.Tensor, EapKernel | None]:
+        """The model's logits; with ``record``, an `EapKernel` holding ``-a_s`` and the inputs."""
         if not record:
             return self.model(tokens), None
         graph = self.graph
         b, p = tokens.shape
         acts = torch.zeros(graph.n_senders, b, p, self.model.cfg.d_model, device=tokens.device)
-        inputs: list[tuple[slice, int, torch.Tensor]] = []
-
-        def write(rows: slice, act: torch.Tensor) -> None:
-            acts[rows] += flat(act.detach()).float().permute(2, 0, 1, 3)
-
-        def keep(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
-            inputs.append((columns, n_up, x))
-            return x
-
-        hooks = [*sender_hooks(self.model, graph, write), *receiver_hooks(self.model, graph, keep)]
+        scores = torch.zeros(graph.n_senders, graph.n_receivers, device=tokens.device)
+        kernel = EapKernel(graph, acts, scores)
+        hooks = [*kernel.sender_hooks(self.model, -1.0), *kernel.receiver_hooks(self.model)]
         with torch.enable_grad():
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
-        return logits, (acts, inputs)
+        return logits, kernel
 
     def _loss(
         self, logits: torch.Tensor, local: torch.Tensor
@@ -503,13 +493,13 @@ class CircuitTuner:
 
     def _scores_from(
         self,
-        record: Any,
+        kernel: EapKernel,
         local: torch.Tensor,
         loss: torch.Tensor,
         metric_sum: torch.Tensor | None,
         training: bool,
     ) -> tuple[torch.Tensor, bool]:
-        """Batch-discovery edge scores from a recorded forward.
+        """Batch-discovery edge scores from a recorded forward (`EapKernel`).
 
         Returns the scores and whether ``loss.backward()`` already ran (with
         ``batch_metric="loss"`` in ``training``, the loss's backward is the metric's).
@@ -518,50 +508,33 @@ class CircuitTuner:
         batch; ``M`` is the task metric (or ``-loss``). The mean is per position over the
         global batch's real tokens.
         """
-        acts, inputs = record
-        graph = self.graph
-        xs = [x for _, _, x in inputs]
         n_rows = self.world.sum_scalar(float(len(local)))
         use_loss = self.config.batch_metric == "loss" or metric_sum is None
-        if use_loss:
-            grads: list[torch.Tensor | None] = [None] * len(xs)
-
-            def grabber(i: int) -> Callable[[torch.Tensor], None]:
-                def grab(g: torch.Tensor) -> None:
-                    grads[i] = -g
-
-                return grab
-
-            handles = [x.register_hook(grabber(i)) for i, x in enumerate(xs)]
-            try:
-                if training:
-                    loss.backward()
-                else:
-                    torch.autograd.grad(loss, xs, allow_unused=True)
-            finally:
-                for h in handles:
-                    h.remove()
-        else:
-            assert metric_sum is not None
-            grads = list(torch.autograd.grad(
-                metric_sum / n_rows, xs, retain_graph=training, allow_unused=True
-            ))
-        mask = self.task.train_attention_mask[local].to(acts.device).float()
-        total = torch.einsum("nbpd,bp->npd", acts, mask)
+        # the kernel's buffer holds -a_s: complete it to (mean - a_s), padding zeroed
+        neg_acts = kernel.delta
+        mask = self.task.train_attention_mask[local].to(neg_acts.device).float()
+        total = -torch.einsum("nbpd,bp->npd", neg_acts, mask)
         count = mask.sum(0)
         self.world.sum_(total)
         self.world.sum_(count)
         means = total / count.clamp(min=1)[None, :, None]
         self.means = means
-        delta = (means[:, None] - acts) * mask[None, :, :, None]
-        flat_delta = delta.reshape(graph.n_senders, -1)
-        scores = torch.zeros(graph.n_senders, graph.n_receivers, device=acts.device)
-        for (columns, n_up, _), g in zip(inputs, grads, strict=True):
-            if g is None:
-                continue
-            g = flat(g).float().permute(2, 0, 1, 3)
-            scores[:n_up, columns] += flat_delta[:n_up] @ g.reshape(g.shape[0], -1).T
-        return self.world.sum_(scores).cpu(), use_loss and training
+        neg_acts += means[:, None]
+        neg_acts *= mask[None, :, :, None]
+        try:
+            if use_loss:
+                kernel.sign = -1.0
+                if training:
+                    loss.backward()
+                else:
+                    torch.autograd.grad(loss, kernel.inputs, allow_unused=True)
+            else:
+                assert metric_sum is not None
+                torch.autograd.grad(metric_sum / n_rows, kernel.inputs, retain_graph=training,
+                                    allow_unused=True)
+        finally:
+            kernel.close()
+        return self.world.sum_(kernel.scores).cpu(), use_loss and training
 
     def _task_scores(self, t: int) -> torch.Tensor:
         """``"task"`` discovery: mean scores over batches of the discovery pairs."""
@@ -791,7 +764,7 @@ class CircuitTuner:
     ) -> None:
         """Write checkpoint ``step`` atomically (rank 0 only, through ``World.on_main``)."""
         tmp = rd.new_checkpoint_tmp()
-        W.save_weights(self.model, tmp / "weights.safetensors")
+        W.save_weights(self.model, tmp / F.WEIGHTS)
         state: dict[str, Any] = {
             "step": step,
             "wall_time": time.perf_counter() - started,
@@ -808,8 +781,8 @@ class CircuitTuner:
             "config": _json_str(self.config.to_dict()),
         }
         if self.circuit is not None:
-            self.circuit.save(tmp / "circuit.json")
-        save_torch(state, tmp / "state.pt")
+            self.circuit.save(tmp / F.CIRCUIT)
+        save_torch(state, tmp / F.STATE)
         rd.commit_checkpoint(tmp, step, self.config.keep_checkpoints)
 
     def _export(self, rd: RunDir) -> Path | None:
@@ -824,8 +797,8 @@ class CircuitTuner:
         self, rd: RunDir, step: int, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> None:
         path = rd.checkpoint_dir(step)
-        W.load_weights(self.model, path / "weights.safetensors")
-        state = load_torch(path / "state.pt")
+        W.load_weights(self.model, path / F.WEIGHTS)
+        state = load_torch(path / F.STATE)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctlens.files import atomic_write_text
+from ctlens.model import split_copies
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
 
@@ -55,6 +56,10 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
     the model is not reachable through the mapped keys.
     """
     module = hf_module(model)
+    copies = split_copies(model)
+    for copy in copies:  # GPT-NeoX's fused qkv is stale until its q/k/v copies are written back
+        copy.gather()
+    copied = {_storage_key(p) for c in copies for p in c.parts}
     expected = _fresh_keys(module)
     found: dict[str, torch.Tensor] = {}
     named = [*module.named_parameters(remove_duplicate=False),
@@ -74,7 +79,7 @@ def hf_state_dict(model: Any) -> dict[str, torch.Tensor]:
             raise RuntimeError(f"{key}: bridge tensor {tuple(found[key].shape)} vs HF {shape}")
     covered = {_storage_key(t) for t in found.values()}
     for name, param in module.named_parameters(remove_duplicate=False):
-        if _storage_key(param) not in covered:
+        if _storage_key(param) not in covered | copied:
             raise RuntimeError(
                 f"parameter {name} is not covered by any HF key; exporting would lose it"
             )
@@ -179,6 +184,8 @@ def load_weights(model: Any, path: Path) -> None:
     _compare(path, {k: tuple(v.shape) for k, v in saved.items()}, target)
     for key, tensor in target.items():
         tensor.copy_(saved[key])
+    for copy in split_copies(model):
+        copy.scatter()
 
 
 def plain_hf_copy(model: Any, device: str | torch.device | None = None) -> torch.nn.Module:

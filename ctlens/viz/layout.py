@@ -137,7 +137,7 @@ class Layout:
 
     def axis_ranges(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """x and y ranges that show every node with a margin."""
-        return (-1.0, self.mlp_x + 1.0), (-0.6, self.top + 0.6)
+        return (-1.0, self.mlp_x + 1.0), (-0.6, self.top + 0.9)
 
     def layer_ticks(self) -> tuple[list[float], list[str]]:
         """y tick positions and labels: input, each layer's heads and MLP, logits."""
@@ -168,13 +168,6 @@ class EdgeSet:
     @property
     def n_edges(self) -> int:
         return int(self.mask.sum())
-
-    def edge_list(self) -> list[tuple[str, str]]:
-        """The edges as ``(sender, receiver)`` name pairs, sender-major."""
-        rows, cols = self.mask.nonzero(as_tuple=True)
-        g = self.graph
-        pairs = zip(rows.tolist(), cols.tolist(), strict=True)
-        return [(g.senders[i], g.receivers[j]) for i, j in pairs]
 
     def strongest(self, top: int | None) -> EdgeSet:
         """The same set restricted to its ``top`` edges by |score| (all of them if ``None``)."""

@@ -9,8 +9,10 @@ report.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import html
-import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,11 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from ctlens.files import atomic_write_text
-from ctlens.viz.figures import (
-    PLOT_CONFIG,
-    plot_circuit,
-    plot_diff,
-    plot_evolution,
-    plot_node_scores,
-)
+from ctlens.viz.evolution import plot_evolution
+from ctlens.viz.figures import plot_circuit, plot_diff
+from ctlens.viz.nodes import plot_node_scores
 from ctlens.viz.run import Run, read_run
+from ctlens.viz.traces import PLOT_CONFIG
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
@@ -38,11 +37,36 @@ table { border-collapse: collapse; font-size: .85rem; }
 th, td { border: 1px solid #e2e2e2; padding: .2rem .55rem; text-align: right; }
 th { background: #f6f6f6; position: sticky; top: 0; }
 td.k, th.k { text-align: left; }
-.scroll { max-height: 28rem; overflow: auto; display: inline-block; }
+.scroll { max-height: 32rem; max-width: 100%; overflow: auto; }
+.scroll th { white-space: normal; vertical-align: bottom; min-width: 3.2rem; position: static; }
+.scroll th.group { text-align: center; }
+.scroll td { white-space: nowrap; font-variant-numeric: tabular-nums; }
+.scroll table { font-size: .8rem; }
+.scroll th, .scroll td { padding: .2rem .4rem; }
 .summary td { text-align: left; }
 .note { color: #666; font-size: .85rem; }
 .fig { margin: .5rem 0 1.5rem 0; }
 """
+
+
+#: a report temporary older than this (seconds) belongs to a writer that died
+STALE_AFTER_S = 120.0
+
+
+def write_page(out: Path, text: str) -> Path:
+    """Write ``text`` to ``out`` atomically, first removing stale temporaries of ``out``.
+
+    `atomic_write_text` names its temporary ``.NAME.<random>.tmp`` next to ``out``; a
+    writer killed mid-write (SIGKILL, power loss) leaves it behind, and a report is several
+    MB. Those older than `STALE_AFTER_S` are removed (a younger one may be another writer's,
+    still at work).
+    """
+    now = time.time()
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and now - tmp.stat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+    return atomic_write_text(out, text)
 
 
 def figure_div(fig: go.Figure, div_id: str) -> str:
@@ -72,16 +96,19 @@ def write_figures(
     for k, (heading, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(f"<div class=\"fig\">{figure_div(fig, f'ctlens-fig-{k}')}</div>")
-    out = Path(out)
-    atomic_write_text(out, html_page(title, "\n".join(parts)))
-    return out
+    return write_page(Path(out), html_page(title, "\n".join(parts)))
 
 
 def _cell(value: Any) -> str:
+    """A value as table text: numbers to 4 significant digits, lists and dicts spelled out."""
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value)
     if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (dict, list)):
-        return html.escape(json.dumps(value, sort_keys=True))
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return "<br>".join(f"{html.escape(str(k))}: {_cell(v)}" for k, v in sorted(value.items()))
     return html.escape(str(value))
 
 
@@ -97,18 +124,41 @@ def _config_table(config: dict[str, Any]) -> str:
 
 
 def _metrics_table(run: Run) -> str:
+    """One row per evaluation. Nested records (``evals``, ``evals_accuracy``, ...) become
+    columns under a shared heading, so no cell holds a raw dict; ``circuit_file`` is left
+    out (the snapshot is ``circuits/step_NNNNNN.json`` of the row's step), and columns that
+    hold one value in every row are named once above the table."""
     keys = ["step", "target_metric", "general_loss", "circuit_edges", "params_moved"]
-    extra = sorted({k for row in run.metrics for k in row} - set(keys) - {"evals"})
-    evals = sorted({k for row in run.metrics for k in (row.get("evals") or {})})
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in [*keys, *extra]) + "".join(
-        f"<th>evals.{html.escape(k)}</th>" for k in evals
+    nested = sorted({k for row in run.metrics for k, v in row.items() if isinstance(v, dict)})
+    flat = sorted({k for row in run.metrics for k in row} - {*keys, *nested, "circuit_file"})
+    constant = {k: run.metrics[0].get(k) for k in flat if len(run.metrics) > 1
+                and all(k in row and row[k] == run.metrics[0][k] for row in run.metrics)}
+    flat = [k for k in flat if k not in constant]
+    groups: list[tuple[str, list[str | None]]] = [(k, [None]) for k in [*keys, *flat]]
+    for name in nested:
+        groups.append((name, sorted({s for row in run.metrics for s in (row.get(name) or {})})))
+
+    def wrap(key: str) -> str:
+        return html.escape(key).replace("_", "_<wbr>")
+
+    top = "".join(
+        f"<th rowspan=\"2\">{wrap(k)}</th>" if subs == [None]
+        else f"<th colspan=\"{len(subs)}\" class=\"group\">{wrap(k)}</th>"
+        for k, subs in groups
+    )
+    second = "".join(
+        f"<th title=\"{html.escape(f'{k}.{s}')}\">{wrap(str(s))}</th>"
+        for k, subs in groups if subs != [None] for s in subs
     )
     body = []
     for row in run.metrics:
-        cells = [_cell(row.get(k, "")) for k in [*keys, *extra]]
-        cells += [_cell((row.get("evals") or {}).get(k, "")) for k in evals]
+        cells = [_cell(row.get(k, "") if s is None else (row.get(k) or {}).get(s, ""))
+                 for k, subs in groups for s in subs]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<div class=\"scroll\"><table><tr>{head}</tr>{''.join(body)}</table></div>"
+    same = ", ".join(f"{html.escape(k)} {_cell(v)}" for k, v in constant.items())
+    note = f"<p class=\"note\">The same in every row: {same}.</p>" if same else ""
+    return (f"{note}<div class=\"scroll\"><table><tr>{top}</tr><tr>{second}</tr>"
+            f"{''.join(body)}</table></div>")
 
 
 def _summary(run: Run) -> str:
@@ -159,8 +209,14 @@ def write_report(
         "<h2>Summary</h2>", _summary(run),
         "<h2>Evolution</h2>",
         "<p class=\"note\">Drag the slider or press ▶ to step through the circuit snapshots; "
-        "the dotted lines in the charts mark the step on show. Hover edges and nodes for "
-        "names and scores; click legend entries to hide edge classes.</p>",
+        "the dotted lines in the charts mark the step on show. An edge's score is M(edge "
+        "ablated) − M(clean) for the discovery metric M: <b style=\"color:#2166ac\">blue</b> "
+        "edges raise the metric (ablating them lowers it, score &lt; 0), "
+        "<b style=\"color:#c0392b\">red</b> edges lower it; width and opacity grow with "
+        "|score|. Only the strongest edges are drawn at first: press <i>all edges</i> (above "
+        "the circuit, right) or click the <i>weaker edges</i> legend entry to show the rest. "
+        "Hover edges and nodes for names and scores; click legend entries to hide edge "
+        "classes.</p>",
         f"<div class=\"fig\">"
         f"{figure_div(plot_evolution(run, top=top, max_frames=max_frames), 'ctlens-evolution')}"
         "</div>",
@@ -186,8 +242,7 @@ def write_report(
         "<h2>Metrics</h2>", _metrics_table(run),
     ]
     title = f"ctlens report: {run.info.get('task', '?')} on {run.info.get('model', '?')}"
-    atomic_write_text(out_path, html_page(title, "\n".join(sections)))
-    return out_path
+    return write_page(out_path, html_page(title, "\n".join(sections)))
 
 
 def _top(circuit: Any, top: int | None) -> int | None:

@@ -1,4 +1,4 @@
-"""Read a tuning run directory (docs/run-format.md, version 1) for plotting.
+"""Read a tuning run directory (docs/run-format.md; names in `ctlens.run_format`) for plotting.
 
 Only the files that format lists are read: ``run.json``, ``metrics.jsonl`` and
 ``circuits/step_NNNNNN.json``. Every problem is a `RunFormatError` (a ``ValueError``) that
@@ -10,24 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctlens import run_format as F
 from ctlens.graph import Graph, GraphSpec
+from ctlens.run_format import RunFormatError
 
-RUN_FORMAT = "ctlens-run"
-RUN_VERSION = 1
-METRIC_KEYS: tuple[str, ...] = (
-    "step", "target_metric", "general_loss", "circuit_edges", "params_moved", "evals",
-    "wall_time",
-)
-_SNAPSHOT = re.compile(r"^step_(\d+)\.json$")
-
-
-class RunFormatError(ValueError):
-    """A run directory that does not follow docs/run-format.md."""
+__all__ = ["Run", "RunFormatError", "load_circuit", "read_run"]
 
 
 def load_circuit(path: str | Path) -> Any:
@@ -108,33 +99,17 @@ def _short_list(items: list[Any], n: int = 8) -> str:
 
 
 def _read_info(path: Path) -> dict[str, Any]:
-    run_json = path / "run.json"
-    if not run_json.is_file():
+    info = F.read_run_doc(path)
+    if info is None:
         raise RunFormatError(
-            f"{run_json} is missing, so {path} is not a ctlens run directory "
+            f"{path / F.RUN_JSON} is missing, so {path} is not a ctlens run directory "
             "(docs/run-format.md); pass the out_dir that CircuitTuner.run wrote"
         )
-    try:
-        info = json.loads(run_json.read_text())
-    except json.JSONDecodeError as err:
-        raise RunFormatError(f"{run_json} is not valid JSON ({err}); it may be truncated") from err
-    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
-        raise RunFormatError(
-            f"{run_json} is not a ctlens run description (expected \"format\": "
-            f"\"{RUN_FORMAT}\", got {info.get('format') if isinstance(info, dict) else info!r})"
-        )
-    if info.get("version") != RUN_VERSION:
-        raise RunFormatError(
-            f"{run_json} has run format version {info.get('version')!r}; this ctlens reads "
-            f"version {RUN_VERSION}: use the ctlens version that wrote the run"
-        )
-    if "graph" not in info:
-        raise RunFormatError(f"{run_json} has no \"graph\" spec; it was not written by ctlens")
     return info
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    file = path / "metrics.jsonl"
+    file = path / F.METRICS
     if not file.is_file():
         raise RunFormatError(
             f"{file} is missing: the run has not finished its first evaluation, or this is "
@@ -152,7 +127,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             if number == len(lines) and not text.endswith("\n"):
                 break  # the last line is still being appended by a live run
             raise RunFormatError(f"{file}, line {number}: not valid JSON ({err})") from err
-        missing = [k for k in METRIC_KEYS if k not in row]
+        missing = F.missing_metric_keys(row)
         if missing:
             raise RunFormatError(
                 f"{file}, line {number}: missing required key(s) {missing} "
@@ -186,15 +161,15 @@ def read_run(run_dir: str | Path) -> Run:
     try:
         graph = Graph(GraphSpec.from_dict(info["graph"]))
     except (ValueError, TypeError) as err:
-        raise RunFormatError(f"{path / 'run.json'}: bad graph spec: {err}") from err
+        raise RunFormatError(f"{path / F.RUN_JSON}: bad graph spec: {err}") from err
     metrics = _read_metrics(path)
-    circuits_dir = path / "circuits"
+    circuits_dir = path / F.CIRCUITS
     files: dict[int, Path] = {}
     if circuits_dir.is_dir():
         for file in circuits_dir.iterdir():
-            match = _SNAPSHOT.match(file.name)
-            if match:
-                files[int(match.group(1))] = file
+            step = F.parse_step(file.name, ".json")
+            if step is not None:
+                files[step] = file
     if not files:
         raise RunFormatError(
             f"{circuits_dir} holds no circuit snapshots (circuits/step_NNNNNN.json): the run "

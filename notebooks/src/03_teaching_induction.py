@@ -197,17 +197,31 @@ for rank, (s, r, v) in enumerate(eap.top(10), start=1):
 # and how does it compare with the same head's edges into the query and the value?
 
 # %%
+def standing(rank: int, n: int) -> str:
+    """Where rank ``rank`` of ``n`` sits, in words: the sentences below come from this."""
+    share = rank / n
+    if share <= 0.05:
+        return f"among the strongest {share:.0%} of the edges"
+    if share <= 0.25:
+        return "in the top quarter of the edges, but not among the strongest few percent"
+    if share <= 0.5:
+        return "in the top half of the edges, far from the strongest few percent"
+    return "in the bottom half of the edges: EAP sees almost no effect"
+
+
 ranking = [(s, r) for s, r, _ in eap.top(graph.n_edges)]
 for receiver in ports.values():
     edge = (previous_head, receiver)
     i, j = graph.edge_index(*edge)
     print(f"{edge[0]} -> {edge[1]:<9} score {eap.scores[i, j]:+.3f}  "
           f"rank {ranking.index(edge) + 1} of {graph.n_edges}")
+key_rank = ranking.index((previous_head, ports["k"])) + 1
+print(f"\nThe edge into the key ranks {key_rank} of {graph.n_edges} by |EAP score|: "
+      f"{standing(key_rank, graph.n_edges)}.")
 
 # %% [markdown]
-# The key edge is among the strongest few percent of the edges, but its score looks small
-# next to the top ones. Keep that in mind: EAP is a *linear* estimate, and Exercise 2 checks
-# it by really removing the edge.
+# Whatever rank EAP gives the key edge, keep in mind that EAP is a *linear* estimate of
+# what removing an edge does. Exercise 2 checks it by really removing the edge.
 #
 # A circuit of the strongest edges, drawn on the model's layout (keys are dashed, values
 # dotted; hover an edge for its score):
@@ -232,16 +246,26 @@ ctlens.viz.plot_circuit(circuit, title=f"induction circuit: {circuit.n_edges} ed
 edge = (previous_head, ports["k"])
 without_edge = ctlens.Circuit.full(graph) - ctlens.Circuit.from_edges(graph, [edge])
 res = ctlens.faithfulness(model, data, without_edge, ablation="corrupt")
+real = res.metric_circuit - res.metric_full
+estimate = float(eap.scores[graph.edge_index(*edge)])
 print(f"metric without {edge[0]} -> {edge[1]}: {res.metric_circuit:.3f}, "
-      f"full model {res.metric_full:.3f}: real effect {res.metric_circuit - res.metric_full:+.3f}")
-print(f"EAP estimated {eap.scores[graph.edge_index(*edge)]:+.3f}")
+      f"full model {res.metric_full:.3f}: real effect {real:+.4f}")
+print(f"EAP estimated {estimate:+.4f}")
+ratio = abs(real) / max(abs(estimate), 1e-9)
+if ratio >= 3:
+    times = "more than 100" if ratio > 100 else f"{ratio:.0f}"
+    print(f"The real effect is {times} times EAP's estimate: the estimate misses most of it.")
+elif ratio <= 1 / 3:
+    print("The real effect is less than a third of EAP's estimate: EAP overestimates it.")
+else:
+    print("EAP's estimate is within a factor of 3 of the real effect.")
 
 # %% [markdown]
-# In `tiny-llama` the real effect is far larger than EAP's estimate. Why? The induction head
-# puts almost all of its attention on one token: its softmax is *saturated*, and the
-# gradient of a saturated softmax is close to zero, even though removing the key signal
-# moves the attention somewhere else entirely. A first-order estimate at the clean input
-# cannot see that. Part 4 measures how often this happens.
+# When the real effect is far larger than EAP's estimate, the usual reason is this: the
+# induction head puts almost all of its attention on one token, so its softmax is
+# *saturated*, and the gradient of a saturated softmax is close to zero, even though
+# removing the key signal moves the attention somewhere else entirely. A first-order
+# estimate at the clean input cannot see that. Part 4 measures how often this happens.
 
 # %% [markdown]
 # ## Part 4. How good are the approximations?
@@ -254,8 +278,9 @@ print(f"EAP estimated {eap.scores[graph.edge_index(*edge)]:+.3f}")
 # | `eap` | first-order estimate at the clean input | 2 forwards + 1 backward |
 # | `eap-ig` | gradient averaged from corrupt to clean input | `steps` forwards + backwards |
 #
-# `tiny-llama` is small enough to compute the exact scores of all its edges in seconds, so
-# we can check the approximations against the truth. We use 16 prompts.
+# `tiny-llama` is small enough to compute the exact scores of all its edges (one forward
+# pass per edge; the cell prints how long each method took), so we can check the
+# approximations against the truth. We use 16 prompts.
 
 # %%
 small = data[:16]
@@ -286,10 +311,15 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 exact = methods["exact"].scores[valid]
+correlation = {}
 for name in ("eap", "eap-ig"):
     approx = methods[name].scores[valid]
-    print(f"{name:7} Pearson {pearson(approx, exact):.3f}   "
-          f"Spearman {pearson(ranks(approx), ranks(exact)):.3f}")
+    correlation[name] = pearson(approx, exact), pearson(ranks(approx), ranks(exact))
+    print(f"{name:7} Pearson {correlation[name][0]:.3f}   Spearman {correlation[name][1]:.3f}")
+closer = max(correlation, key=lambda name: correlation[name][0])
+print(f"{closer} tracks the exact scores more closely (Pearson "
+      f"{correlation[closer][0]:.3f} against "
+      f"{min(v[0] for v in correlation.values()):.3f}).")
 
 # %%
 fig = go.Figure()
@@ -306,11 +336,26 @@ fig.update_layout(title="approximate vs exact edge scores (hover a point for its
 fig
 
 # %% [markdown]
-# The large exact effects lie far above the diagonal: both approximations underestimate
-# them, EAP much more than EAP-IG. EAP-IG evaluates the gradient at several points between
-# the corrupt and the clean input, so it sees the attention change that a single gradient
-# at the clean input misses; it tracks the exact values more closely (Pearson). Ranks are a
-# harder test: most edges have tiny effects, and their order is noise for every method.
+# How much of the largest exact effects does each approximation recover? A method
+# underestimates an edge when its |score| is smaller than the edge's exact |effect|.
+
+# %%
+strongest = exact.abs().topk(10).indices
+recovered = {}
+for name in ("eap", "eap-ig"):
+    approx = methods[name].scores[valid][strongest]
+    under = int((approx.abs() < exact[strongest].abs()).sum())
+    recovered[name] = float(approx.abs().sum() / exact[strongest].abs().sum())
+    print(f"{name:7} underestimates {under} of the 10 largest exact effects and recovers "
+          f"{recovered[name]:.0%} of their total size")
+best = max(recovered, key=recovered.get)
+print(f"{best} recovers more of the large effects ({recovered[best]:.0%} against "
+      f"{min(recovered.values()):.0%}).")
+
+# %% [markdown]
+# EAP-IG evaluates the gradient at several points between the corrupt and the clean input,
+# so it can see an attention change that a single gradient at the clean input misses.
+# Ranks are a harder test: most edges have tiny effects, and their order is mostly noise.
 # What matters for a circuit is whether the few large edges come out on top.
 #
 # And the edge this lesson is about: where does each method rank the previous-token head's
@@ -321,7 +366,8 @@ i, j = graph.edge_index(previous_head, ports["k"])
 for name, s in methods.items():
     magnitude = s.scores.abs().masked_fill(~valid, -1.0)
     rank = int((magnitude > magnitude[i, j]).sum()) + 1
-    print(f"{name:7} score {s.scores[i, j]:+.3f}, rank {rank:3d} of {graph.n_edges}")
+    print(f"{name:7} score {s.scores[i, j]:+.3f}, rank {rank:3d} of {graph.n_edges}: "
+          f"{standing(rank, graph.n_edges)}")
 
 # %% [markdown]
 # ### Exercise 3
@@ -336,17 +382,24 @@ for name, s in methods.items():
 # %% [solution]
 error = (methods["eap"].scores - methods["exact"].scores).abs() * valid
 flat = error.flatten().topk(5).indices
+kinds = []
 for index in flat.tolist():
     i, j = divmod(index, graph.n_receivers)
+    kinds.append(graph.receiver_nodes[j].kind.value)
     print(f"{graph.senders[i]:>6} -> {graph.receivers[j]:<9} "
           f"eap {methods['eap'].scores[i, j]:+.3f}  exact {methods['exact'].scores[i, j]:+.3f}")
+attention = sum(k in ("q", "k") for k in kinds)
+values = kinds.count("v")
+print(f"Of the five largest misses, {attention} go into queries or keys, {values} into "
+      f"values and {5 - attention - values} into MLPs or the logits.")
 
 # %% [markdown]
-# **Discussion.** In `tiny-llama` the largest misses are not only in queries and keys:
-# single edges from `m0` into value inputs have exact effects many times their EAP
-# estimates. Patching one edge changes its receiver's input by a large vector, and
-# everything downstream (normalisation, MLPs, the saturated attention of later heads)
-# responds nonlinearly. A first-order estimate is reliable for small changes only.
+# **Discussion.** Misses into queries and keys come from the softmax: attention is a curved
+# function of them. Misses into values, MLPs and the logits have another cause: patching one
+# edge changes its receiver's input by a large vector, and everything downstream
+# (normalisation, MLPs, the saturated attention of later heads) responds nonlinearly. A
+# first-order estimate is reliable for small changes only; the count above says which kind
+# dominates in this model.
 
 # %% [markdown]
 # ### Exercise 4
@@ -374,9 +427,9 @@ for name, s in methods.items():
 #   circuit is a subset of its edges.
 # - Splitting each head's input into q, k and v lets a circuit say *how* one head uses
 #   another: the previous-token head feeds the induction head's **key**.
-# - EAP scores every edge in one backward pass; EAP-IG costs a few more passes and tracks
-#   exact patching more closely where the metric is curved. Check any circuit with
-#   `faithfulness`.
+# - EAP scores every edge in one backward pass; EAP-IG costs a few more passes. Part 4
+#   measured how close each comes to exact patching on this model; check any circuit
+#   with `faithfulness`.
 #
 # **Further reading:** Olsson et al., *In-context Learning and Induction Heads* (2022);
 # Syed et al., *Attribution Patching Outperforms Automated Circuit Discovery* (EAP, 2023);

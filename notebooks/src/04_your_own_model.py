@@ -152,13 +152,19 @@ except ValueError as err:
 # %%
 model = ctlens.load_model("zoo:tiny-llama")
 scores = ctlens.attribute(model, data, progress=False)
-print(f"logit difference: clean {scores.metadata['metric_clean']:+.2f}, "
-      f"corrupt {scores.metadata['metric_corrupt']:+.2f}")
+clean, corrupt = scores.metadata["metric_clean"], scores.metadata["metric_corrupt"]
+print(f"logit difference: clean {clean:+.2f}, corrupt {corrupt:+.2f}")
+if clean > 1 and corrupt < -1:
+    print("the zoo model does this task: its circuit can be searched for")
+elif max(abs(clean), abs(corrupt)) < 0.5:
+    print("both are close to 0: the zoo model cannot do this task")
+else:
+    print("neither clearly solved nor at 0: look at more prompts before trusting a circuit")
 
 # %% [markdown]
-# If both are close to 0, the model cannot tell which place goes with which name: it never
-# saw this construction. A circuit search would then be meaningless (faithfulness divides
-# by `M_full - M_empty`, which is about 0). So we need a model that does the task.
+# When both are close to 0, the model cannot tell which place goes with which name: it
+# never saw this construction. A circuit search would then be meaningless (faithfulness
+# divides by `M_full - M_empty`, which is about 0), and we need a model that does the task.
 
 # %% [markdown]
 # ## 3. Your own HF model
@@ -192,7 +198,8 @@ reloaded = ctlens.load_model(workdir / "mine")
 print(ctlens.Graph.from_model(reloaded) == own_graph)
 
 # %% [markdown]
-# A freshly initialised model knows nothing, so its metric is near 0. Train it on the task's
+# A freshly initialised model knows nothing, so its metric should be near 0 (the cell prints
+# it before and after training). Train it on the task's
 # training rows, here with the tuner's `mode="full"` (plain fine-tuning of every
 # parameter; any training loop of your own works as well). Then attribute it on the
 # *held-out* file, read with `TaskData.from_jsonl`, so that we measure what it learned, not
@@ -206,11 +213,13 @@ config = ctlens.TuneConfig(mode="full", steps=150, batch_size=16, lr=3e-3, eval_
                            top_n=40)  # the size of the circuit snapshots it records
 ctlens.CircuitTuner(bridge, where, config).run(workdir / "train-mine")
 after = ctlens.attribute(bridge, test, progress=False)
-print(f"held-out logit difference: before training {before:+.2f}, "
-      f"after {after.metadata['metric_clean']:+.2f}")
+learned = after.metadata["metric_clean"]
+print(f"held-out logit difference: before training {before:+.2f}, after {learned:+.2f}")
+print("the trained model does the task on held-out prompts" if learned > 1
+      else "the model has not learned the task yet: train longer before reading its circuit")
 
 # %% [markdown]
-# Now the model does the task, so its circuit means something: select the strongest edges,
+# Once the model does the task, its circuit means something: select the strongest edges,
 # check their faithfulness on the held-out prompts, and draw them. How does a 2-layer model
 # bind a name to its place?
 

@@ -1,0 +1,166 @@
+"""Choosing a circuit's edges from dense scores: ``top_n``, ``threshold``, ``greedy``, pruning.
+
+Every function here works on the dense ``[n_senders, n_receivers]`` tensors of a `Graph` and
+returns a bool mask; `ctlens.Circuit.from_scores` wraps `select_mask` and records how the
+edges were chosen. The rules are described in the `ctlens.circuit` package docstring.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any
+
+import networkx as nx
+import torch
+from jaxtyping import Bool, Float
+
+from ctlens.graph import Graph
+from ctlens.types import NodeKind
+
+SELECTION_METHODS = ("top_n", "threshold", "greedy")
+
+
+def select_mask(
+    graph: Graph,
+    dense: Float[torch.Tensor, "n_senders n_receivers"],
+    method: str,
+    top_n: int | None,
+    threshold: float | None,
+    prune: bool,
+) -> Bool[torch.Tensor, "n_senders n_receivers"]:
+    """The edges that ``method`` keeps from finite, validity-masked scores ``dense``."""
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {SELECTION_METHODS}")
+    magnitude = dense.abs()
+    if method in ("top_n", "greedy"):
+        if threshold is not None:
+            raise ValueError(f"method {method!r} takes top_n, not threshold")
+        check_top_n(top_n, graph)
+        assert top_n is not None
+        if method == "top_n":
+            mask = top_n_mask(magnitude, graph, top_n)
+        else:
+            mask = greedy_mask(magnitude, graph, top_n)
+    else:
+        if top_n is not None:
+            raise ValueError("method 'threshold' takes threshold, not top_n")
+        if threshold is None or not math.isfinite(float(threshold)) or threshold < 0:
+            raise ValueError(
+                f"threshold must be a finite number >= 0 for method 'threshold', got {threshold!r}"
+            )
+        mask = (magnitude >= float(threshold)) & graph.valid
+    return prune_mask(graph, mask) if prune else mask
+
+
+def unpack_scores(scores: Any) -> tuple[Graph, torch.Tensor]:
+    """The graph and the finite, validity-masked fp32 CPU scores of an `EdgeScores`."""
+    graph = getattr(scores, "graph", None)
+    dense = getattr(scores, "scores", None)
+    if not isinstance(graph, Graph) or not isinstance(dense, torch.Tensor):
+        raise TypeError(
+            f"scores must be a ctlens.EdgeScores (from ctlens.attribute), got "
+            f"{type(scores).__name__}"
+        )
+    dense = dense.detach().float().cpu() * graph.valid
+    if not torch.isfinite(dense).all():
+        raise ValueError("the edge scores contain NaN or inf; re-run attribution")
+    return graph, dense
+
+
+def check_top_n(top_n: Any, graph: Graph) -> None:
+    """Raise ``ValueError`` unless ``top_n`` is an integer between 1 and the valid edges."""
+    if isinstance(top_n, bool) or not isinstance(top_n, int):
+        raise ValueError(f"top_n must be an integer number of edges, got {top_n!r}")
+    if not 1 <= top_n <= graph.n_edges:
+        raise ValueError(
+            f"top_n={top_n} is out of range: choose between 1 and the number of valid edges "
+            f"({graph.n_edges})"
+        )
+
+
+def top_n_mask(magnitude: torch.Tensor, graph: Graph, top_n: int) -> torch.Tensor:
+    """Exactly ``top_n`` valid edges by |score|; ties broken by graph order."""
+    keyed = magnitude.masked_fill(~graph.valid, -1.0).flatten()
+    order = torch.sort(keyed, descending=True, stable=True).indices[:top_n]
+    mask = torch.zeros(keyed.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view_as(magnitude)
+
+
+def component_inputs(graph: Graph) -> dict[int, list[int]]:
+    """Sender row -> the receiver columns that are that component's own inputs."""
+    spec = graph.spec
+    group = spec.n_heads // spec.n_kv_heads
+    out: dict[int, list[int]] = {}
+    for layer in range(spec.n_layers):
+        q = graph.receiver_slice(layer, NodeKind.Q)
+        k = graph.receiver_slice(layer, NodeKind.K)
+        v = graph.receiver_slice(layer, NodeKind.V)
+        heads = graph.sender_slice(layer)
+        for h in range(spec.n_heads):
+            out[heads.start + h] = [q.start + h, k.start + h // group, v.start + h // group]
+        out[graph.mlp_sender(layer)] = [graph.receiver_slice(layer, NodeKind.MLP).start]
+    out[0] = []
+    return out
+
+
+def greedy_mask(magnitude: torch.Tensor, graph: Graph, top_n: int) -> torch.Tensor:
+    """Grow from ``logits`` backwards, always taking the best edge into the current circuit."""
+    feeders = component_inputs(graph)
+    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    heap: list[tuple[float, int, int]] = []
+    opened: set[int] = set()
+    values = magnitude.tolist()
+
+    def open_receiver(j: int) -> None:
+        if j in opened:
+            return
+        opened.add(j)
+        for i in range(graph.upstream[j]):
+            heapq.heappush(heap, (-values[i][j], i, j))
+
+    open_receiver(graph.n_receivers - 1)
+    joined: set[int] = set()
+    taken = 0
+    while heap and taken < top_n:
+        _, i, j = heapq.heappop(heap)
+        mask[i, j] = True
+        taken += 1
+        if i not in joined:
+            joined.add(i)
+            for column in feeders[i]:
+                open_receiver(column)
+    return mask
+
+
+def prune_mask(
+    graph: Graph, mask: Bool[torch.Tensor, "n_senders n_receivers"]
+) -> Bool[torch.Tensor, "n_senders n_receivers"]:
+    """Keep only the edges of ``mask`` that lie on some ``input -> logits`` path.
+
+    The path may pass through components: q/k/v receivers lead into their head(s), and an
+    MLP is one node (its receiver and sender share the name ``m{l}``). Computed with
+    networkx reachability on the circuit edges plus `Graph.to_networkx`'s internal edges.
+    """
+    g = nx.DiGraph()
+    g.add_nodes_from(["input", "logits"])
+    rows, cols = mask.nonzero(as_tuple=True)
+    s, r = graph.senders, graph.receivers
+    circuit_edges = [(s[i], r[j]) for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
+    g.add_edges_from(circuit_edges)
+    group = graph.spec.n_heads // graph.spec.n_kv_heads
+    for node in graph.receiver_nodes:
+        if node.kind is NodeKind.Q:
+            g.add_edge(node.name, f"a{node.layer}.h{node.head}")
+        elif node.kind in (NodeKind.K, NodeKind.V):
+            assert node.head is not None
+            for h in range(node.head * group, (node.head + 1) * group):
+                g.add_edge(node.name, f"a{node.layer}.h{h}")
+    forward = nx.descendants(g, "input") | {"input"}
+    backward = nx.ancestors(g, "logits") | {"logits"}
+    keep = torch.zeros_like(mask)
+    for (sender, receiver), i, j in zip(circuit_edges, rows.tolist(), cols.tolist(), strict=True):
+        if sender in forward and receiver in backward:
+            keep[i, j] = True
+    return keep

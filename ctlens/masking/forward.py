@@ -1,0 +1,504 @@
+"""Forward edge masking (`edge_mask`): the model computes the function of a circuit.
+
+The residual stream is a sum, so receiver r's input is ``x_r = sum over senders s before r
+of a_s`` (plus constant biases). Ablating every edge outside the circuit means replacing,
+for each receiver separately, the contribution of each excluded sender by its reference
+value::
+
+    x_r'  =  x_r  +  sum over s upstream of r, (s, r) not in circuit, of  (a_s^ref - a_s)
+
+Per forward pass, sender hooks copy each sender's output ``a_s`` (detached) into one
+``[n_senders, batch, pos, d_model]`` buffer, in graph order, so a receiver's upstream
+senders are a prefix of it, and keep the live tensors. Each receiver hook then applies one
+of two equivalent forms, whichever reads fewer sender rows (chosen once per circuit):
+
+- *excluded form*: ``x_r' = x_r + C_r - coef_r @ A[:n]``, with ``coef_r`` the 0/1 matrix of
+  excluded edges into that hook's receivers (trimmed after the last sender group that has
+  one) and ``C_r`` the same product on the detached reference;
+- *kept form*: ``x_r' = (x_r - S_n) + R_n + K_r @ (A - A^ref)[rows]``, with ``S_n`` the
+  live running sum of all ``n`` upstream senders (so ``x_r - S_n`` is the constant biases),
+  ``R_n`` the same sum over the reference, and ``K_r`` the circuit's own (kept) edges,
+  restricted to the senders that have one. Small circuits read only their own senders.
+
+Reference terms are precomputed once for ``mean`` (zero for ``zero``) and computed once per
+forward for ``corrupt``. One matrix product per receiver hook, no loop over edges; hooks
+with no excluded edge do nothing. With autograd on, the product is a small custom autograd
+function whose backward hands ``coef.T @ grad`` back to the live sender outputs, so
+``a_s`` enters live: the gradient through an excluded edge cancels exactly
+(d x_r'/d a_s = 1 - 1 = 0) and a model trained under the mask trains the ablated
+function, while the shared buffer never enters the autograd graph. Every receiver sees
+upstream senders that are themselves computed under the mask: the result is exactly the
+model with those edges removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from ctlens.attribution import resolve_reference
+from ctlens.circuit import Circuit
+from ctlens.data import TaskData
+from ctlens.graph import Graph
+from ctlens.hooks import (
+    HookLayout,
+    eval_mode,
+    flat,
+    model_device,
+    receiver_hooks,
+    sender_hooks,
+)
+from ctlens.types import Ablation, NodeKind
+
+
+class _LiveSum(torch.autograd.Function):
+    """``coef_t @ rows`` where ``rows`` holds detached copies of live sender outputs.
+
+    Forward: one matrix product on rows of the shared buffer. Backward: ``coef_t.T @ grad``
+    gives the gradient of every row used; each live activation gets its rows back, reshaped
+    to its own layout. The buffer never enters the autograd graph, so no in-place write into
+    it is recorded and the backward costs one product per hook.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        coef_t: torch.Tensor,
+        rows: torch.Tensor,
+        maps: list[tuple[torch.Tensor, torch.Tensor, int]],
+        *acts: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(coef_t)
+        ctx.maps = maps
+        ctx.layout = [(act.shape, act.ndim) for act in acts]
+        ctx.rows_shape = rows.shape
+        return coef_t @ rows.reshape(rows.shape[0], rows[0].numel() if len(rows) else 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (coef_t,) = ctx.saved_tensors
+        rows_grad = (coef_t.T @ grad).view(ctx.rows_shape)  # [m, batch, pos, d_model]
+        grads: list[torch.Tensor | None] = [None, None, None]
+        for (positions, local, n_local), (shape, ndim) in zip(ctx.maps, ctx.layout, strict=True):
+            if len(local) == n_local:  # every row of this sender group was used, in order
+                g = rows_grad[positions[0] : positions[0] + n_local]
+            else:
+                g = rows_grad.new_zeros((n_local, *rows_grad.shape[1:]))
+                g[local] = rows_grad[positions]
+            g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
+            grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
+        return tuple(grads)
+
+
+@dataclass(frozen=True)
+class _GroupPlan:
+    """Precomputed ablation for one receiver hook (a group of receiver columns).
+
+    Two equivalent forms; `EdgeMask.plan` picks the one that reads fewer sender rows:
+
+    - ``excluded``: ``x' = x + C - coef_t @ A[:n]`` with ``coef_t`` the excluded edges and
+      ``rows`` the prefix ``0..n``;
+    - ``kept``: ``x' = x - S_n + C + coef_t @ A[rows]`` with ``coef_t`` the circuit's (kept)
+      edges, ``rows`` the senders that have one, and ``S_n`` the live sum of all ``n``
+      upstream senders. Because ``x - S_n`` is the constant biases, this equals the
+      excluded form; it reads only the circuit's rows, which is cheap for small circuits.
+    """
+
+    kind: str  # "none", "excluded" or "kept"
+    n_upstream: int  # senders this hook may read (a prefix of the sender list)
+    rows: torch.Tensor | None  # sender rows used (None: the prefix 0..n_rows)
+    n_rows: int
+    coef_t: torch.Tensor | None  # [n_cols, n_rows] 0/1, model dtype
+    const: torch.Tensor | None  # mean ablation: [n_cols, pos, d_model]
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]]  # sender group start -> rows
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the hooks need to enforce one circuit."""
+
+    circuit: Circuit
+    groups: dict[int, _GroupPlan]  # first receiver column of the hook -> plan
+    n_rows: int  # buffer rows any hook reads
+    n_prefix: int  # senders whose running sum a "kept" hook needs (0: none)
+
+    @property
+    def active(self) -> bool:
+        return self.n_rows > 0 or self.n_prefix > 0
+
+
+class EdgeMask:
+    """The handle `edge_mask` yields; it holds the circuit and the ablation reference.
+
+    Methods change what the installed hooks do; they never add or remove hooks.
+
+    - `set_circuit(circuit)`: ablate the edges outside another circuit (same graph).
+    - `set_reference(tokens)` (corrupt ablation): record the reference activations of the
+      corrupt token ids ``[batch, seq]`` with one no-grad forward (eval mode). Every
+      following masked forward must have that same ``[batch, seq]`` shape; call it again
+      for each new batch.
+    - `set_means(reference)` (mean ablation): recompute the per-position means from a
+      `TaskData` or token ids, or take a precomputed ``[n_senders, seq, d_model]`` tensor
+      from `ctlens.mean_activations`.
+    - `paused()`: a context inside which forwards run unmasked.
+    """
+
+    def __init__(self, model: Any, circuit: Circuit, ablation: Ablation) -> None:
+        self.model = model
+        self.graph = Graph.from_model(model)
+        self.ablation = ablation
+        self.device = model_device(model)
+        self.dtype = next(model.parameters()).dtype
+        self.d_model = int(model.cfg.d_model)
+        self._means: Float[torch.Tensor, "n_senders pos d_model"] | None = None
+        self._ref: Float[torch.Tensor, "n_senders batch pos d_model"] | None = None
+        self._buffer: torch.Tensor | None = None  # this forward's sender outputs (detached)
+        self._parts: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, live)
+        self._new_forward = False
+        self._paused = False
+        self._prefix: dict[int, torch.Tensor] = {}  # n -> live sum of senders 0..n
+        self._ref_prefix: dict[int, torch.Tensor] = {}  # n -> sum of reference senders 0..n
+        spec = self.graph.spec
+        self._sender_groups = [(0, 1)]
+        for layer in range(spec.n_layers):
+            heads = self.graph.sender_slice(layer)
+            mlp = self.graph.mlp_sender(layer)
+            self._sender_groups += [(heads.start, heads.stop), (mlp, mlp + 1)]
+        self._plan = self.plan(circuit)
+
+    @property
+    def circuit(self) -> Circuit:
+        """The circuit currently enforced."""
+        return self._plan.circuit
+
+    # -------------------------------------------------------------- public controls
+
+    def set_circuit(self, circuit: Circuit) -> None:
+        """Ablate every edge outside ``circuit`` from the next forward on."""
+        self._plan = self.plan(circuit)
+
+    def set_reference(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Corrupt ablation: record ``a^ref`` from a no-grad, eval-mode forward on ``tokens``.
+
+        Returns that forward's logits (the corrupt run: every edge ablated).
+        """
+        if self.ablation is not Ablation.CORRUPT:
+            hint = " (use set_means)" if self.ablation is Ablation.MEAN else ""
+            raise ValueError(
+                f"set_reference is for corrupt ablation; this mask uses "
+                f"{self.ablation.value!r}{hint}"
+            )
+        if tokens is None:
+            raise TypeError("set_reference needs the corrupt token ids [batch, seq], got None")
+        checked = resolve_reference(self.model, self.graph, None, Ablation.CORRUPT, tokens, None)
+        assert checked[0] is not None
+        tokens = checked[0].long()
+        b, p = tokens.shape
+        buffer = torch.zeros(
+            self.graph.n_senders, b, p, self.d_model, device=self.device, dtype=self.dtype
+        )
+
+        def record(rows: slice, act: torch.Tensor) -> None:
+            buffer[rows] += flat(act.detach()).permute(2, 0, 1, 3).to(buffer.dtype)
+
+        hooks = sender_hooks(self.model, self.graph, record)
+        with torch.no_grad(), eval_mode(self.model), self.paused(), self.model.hooks(hooks):
+            logits = self.model(tokens.to(self.device))
+        self._ref = buffer
+        running = torch.zeros_like(buffer[0])
+        self._ref_prefix = {}
+        for start, stop in self._sender_groups:
+            running = running + buffer[start:stop].sum(0)
+            self._ref_prefix[stop] = running
+        return logits
+
+    def set_means(self, reference: TaskData | torch.Tensor, batch_size: int | None = 32) -> None:
+        """Mean ablation: (re)compute or set the per-position mean sender activations.
+
+        ``reference`` is read by `ctlens.attribution.resolve_reference`, as everywhere.
+        """
+        if self.ablation is not Ablation.MEAN:
+            raise ValueError(
+                f"set_means is for mean ablation; this mask uses {self.ablation.value!r}"
+            )
+        _, means = resolve_reference(
+            self.model, self.graph, None, Ablation.MEAN, reference, batch_size
+        )
+        assert means is not None
+        self._means = means.detach().to(self.device, self.dtype)
+        self._plan = self.plan(self._plan.circuit)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside: forwards run unmasked (the hooks stay installed but do nothing)."""
+        before = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """The ``(hook_name, fn)`` pairs this mask needs: sender outputs, receiver inputs."""
+        first_input = HookLayout.from_model(self.model).input_hooks[0]
+        hooks: list[tuple[str, Any]] = []
+        for name, fn in sender_hooks(self.model, self.graph, self._on_sender):
+            if name == first_input:
+                fn = self._marks_new_forward(fn)
+            hooks.append((name, fn))
+        hooks += receiver_hooks(self.model, self.graph, self._on_receiver)
+        return hooks
+
+    # -------------------------------------------------------------- planning
+
+    def plan(self, circuit: Circuit) -> _Plan:
+        """Precompute, per receiver hook, the excluded-edge matrix and reference constant."""
+        if not isinstance(circuit, Circuit):
+            raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+        graph = self.graph
+        if circuit.graph != graph:
+            raise ValueError(
+                f"the circuit belongs to another model's graph ({circuit.graph!r}); this "
+                f"model has {graph!r}. Use a circuit found on this model."
+            )
+        excluded = graph.valid & ~circuit.mask
+        groups: dict[int, _GroupPlan] = {}
+        columns_list = [
+            graph.receiver_slice(layer, kind)
+            for layer in range(graph.spec.n_layers)
+            for kind in (NodeKind.Q, NodeKind.K, NodeKind.V, NodeKind.MLP)
+        ]
+        columns_list.append(slice(graph.n_receivers - 1, graph.n_receivers))
+        for columns in columns_list:
+            n_up = graph.upstream[columns.start]
+            block = excluded[:n_up, columns]
+            dropped = block.any(1).nonzero()[:, 0]
+            if not len(dropped):
+                groups[columns.start] = _GroupPlan("none", n_up, None, 0, None, None, {})
+                continue
+            n_excluded = self._group_end(int(dropped.max()))
+            kept = circuit.mask[:n_up, columns]
+            kept_rows = kept.any(1).nonzero()[:, 0]
+            if len(kept_rows) + 2 < n_excluded:
+                groups[columns.start] = self._kept_plan(n_up, kept, kept_rows)
+            else:
+                groups[columns.start] = self._excluded_plan(n_up, block, n_excluded)
+        n_rows = max(
+            (self._group_end(int(g.rows.max())) if g.rows is not None and len(g.rows) else g.n_rows)
+            if g.kind != "none"
+            else 0
+            for g in groups.values()
+        )
+        n_prefix = max((g.n_upstream for g in groups.values() if g.kind == "kept"), default=0)
+        return _Plan(circuit, groups, n_rows, n_prefix)
+
+    def _maps(self, rows: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
+        """For each sender group: positions in ``rows`` of its rows and their local index."""
+        maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        for start, stop in self._sender_groups:
+            hits = [(k, r - start) for k, r in enumerate(rows) if start <= r < stop]
+            if hits:
+                positions = torch.tensor([k for k, _ in hits])
+                local = torch.tensor([j for _, j in hits])
+                maps[start] = (positions, local, stop - start)
+        return maps
+
+    def _excluded_plan(self, n_up: int, block: torch.Tensor, n_rows: int) -> _GroupPlan:
+        coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
+        const = None
+        if self.ablation is Ablation.MEAN and self._means is not None:
+            const = torch.einsum("cs,spd->cpd", coef_t, self._means[:n_rows])
+        return _GroupPlan(
+            "excluded", n_up, None, n_rows, coef_t, const, self._maps(list(range(n_rows)))
+        )
+
+    def _kept_plan(self, n_up: int, kept: torch.Tensor, rows: torch.Tensor) -> _GroupPlan:
+        coef_t = kept[rows].T.contiguous().to(self.device, self.dtype)
+        const = None
+        if self.ablation is Ablation.MEAN and self._means is not None:
+            means = self._means
+            const = means[:n_up].sum(0)[None] - torch.einsum("cs,spd->cpd", coef_t, means[rows])
+        return _GroupPlan(
+            "kept", n_up, rows.to(self.device), len(rows), coef_t, const, self._maps(rows.tolist())
+        )
+
+    def _group_end(self, row: int) -> int:
+        """End of the sender group (input, a layer's heads, an MLP) holding ``row``, so that
+        a hook reads whole groups and each live activation maps to whole buffer rows."""
+        if row == 0:
+            return 1
+        per_layer = self.graph.spec.n_heads + 1
+        layer, offset = divmod(row - 1, per_layer)
+        return (
+            1
+            + layer * per_layer
+            + (self.graph.spec.n_heads if offset < per_layer - 1 else per_layer)
+        )
+
+    def use(self, plan: _Plan) -> None:
+        """Enforce a plan made by `plan` (lets callers switch circuits without replanning)."""
+        self._plan = plan
+
+    # -------------------------------------------------------------- hooks
+
+    def _marks_new_forward(self, fn: Any) -> Any:
+        def hook(activation: torch.Tensor, hook: Any) -> Any:
+            self._new_forward = True
+            return fn(activation, hook)
+
+        return hook
+
+    def _on_sender(self, rows: slice, act: torch.Tensor) -> None:
+        plan = self._plan
+        if self._paused or not plan.active:
+            return
+        first_input = rows.start == 0 and self._new_forward
+        if first_input:
+            self._new_forward = False
+            self._start_forward(act)
+        if rows.start < plan.n_prefix:  # running sum of the live sender outputs
+            total = act if act.ndim == 3 else act.sum(2)
+            if rows.start == 0:
+                self._prefix[1] = total if first_input else self._prefix[1] + total
+            else:
+                self._prefix[rows.stop] = self._prefix[rows.start] + total
+        if rows.start >= plan.n_rows:
+            return
+        buffer = self._buffer
+        assert buffer is not None
+        with torch.no_grad():
+            if rows.start == 0 and not first_input:
+                buffer[0] += act  # the position embedding joins the token embedding
+            else:
+                buffer[rows] = flat(act).permute(2, 0, 1, 3)
+        if act.requires_grad:
+            self._parts.append((rows.start, rows.stop, act))
+
+    def _start_forward(self, act: torch.Tensor) -> None:
+        b, p = act.shape[:2]
+        if self.ablation is Ablation.CORRUPT:
+            if self._ref is None:
+                raise RuntimeError(
+                    "corrupt ablation has no reference activations: pass reference=<corrupt "
+                    "token ids> to edge_mask, or call mask.set_reference(corrupt_tokens) "
+                    "before each batch"
+                )
+            if tuple(self._ref.shape[1:3]) != (b, p):
+                raise RuntimeError(
+                    f"the corrupt reference was recorded for [batch, seq] = "
+                    f"{list(self._ref.shape[1:3])} but this forward has {[b, p]}; call "
+                    "mask.set_reference(corrupt_tokens) with this batch's corrupt tokens"
+                )
+        elif self.ablation is Ablation.MEAN:
+            assert self._means is not None
+            if p > self._means.shape[1]:
+                raise RuntimeError(
+                    f"the mean reference covers {self._means.shape[1]} positions but this "
+                    f"forward has {p}; call mask.set_means(...) with prompts at least as long"
+                )
+        self._parts = []
+        self._prefix = {}
+        shape = (self._plan.n_rows, b, p, self.d_model)
+        old = self._buffer  # holds detached copies only, so no autograd graph needs it
+        if old is None or tuple(old.shape) != shape or old.dtype != act.dtype:
+            self._buffer = torch.empty(shape, device=act.device, dtype=act.dtype)
+
+    def _on_receiver(self, columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+        if self._paused:
+            return x
+        group = self._plan.groups[columns.start]
+        if group.kind == "none":
+            return x
+        assert self._buffer is not None and group.coef_t is not None
+        b, p = x.shape[:2]
+        n = group.n_rows
+        if group.rows is None:
+            rows = self._buffer[:n]
+            ref_rows = None if self._ref is None else self._ref[:n]
+        else:
+            rows = self._buffer.index_select(0, group.rows)
+            ref_rows = None if self._ref is None else self._ref.index_select(0, group.rows)
+        parts = [part for part in self._parts if part[0] in group.maps]
+        if parts and torch.is_grad_enabled():
+            maps = [group.maps[start] for start, _, _ in parts]
+            product = _LiveSum.apply(group.coef_t, rows, maps, *[a for *_, a in parts])
+        else:
+            product = group.coef_t @ rows.reshape(n, b * p * self.d_model)
+        live = product.view(-1, b, p, self.d_model)  # [cols, batch, pos, d_model]
+        const: torch.Tensor | float = 0.0
+        if self.ablation is Ablation.CORRUPT:
+            assert ref_rows is not None
+            with torch.no_grad():
+                ref_flat = ref_rows.reshape(n, b * p * self.d_model).to(live.dtype)
+                const = (group.coef_t @ ref_flat).view_as(live)
+                if group.kind == "kept":
+                    const = self._ref_prefix[group.n_upstream][None].to(live.dtype) - const
+        elif self.ablation is Ablation.MEAN:
+            assert group.const is not None
+            const = group.const[:, None, :p].to(live.dtype)
+        # update x in place: it is a fresh tensor (the bridge forks q/k/v inputs, and
+        # receiver_hooks copies the MLP and logits inputs), so no one else reads it
+        view = x.unsqueeze(0) if x.ndim == 3 else x.permute(2, 0, 1, 3)  # [cols, b, p, d]
+        if group.kind == "excluded":
+            view.sub_(live)
+        else:
+            view.sub_(self._prefix[group.n_upstream]).add_(live)
+        if isinstance(const, torch.Tensor):
+            view.add_(const)
+        return x
+
+
+@contextlib.contextmanager
+def edge_mask(
+    model: Any,
+    circuit: Circuit,
+    ablation: str | Ablation = "mean",
+    reference: TaskData | torch.Tensor | None = None,
+    batch_size: int | None = 32,
+) -> Iterator[EdgeMask]:
+    """Inside: ``model`` computes the function with every edge outside ``circuit`` ablated.
+
+    Gradients still flow (sender activations enter live, references detached), so a model
+    can be trained under the mask. See the module docstring for the algorithm.
+
+    Args:
+        model: a bridge from `ctlens.load_model`.
+        circuit: the edges to keep; a `Circuit` of this model's graph.
+        ablation: ``"mean"``, ``"zero"`` or ``"corrupt"``.
+        reference: read by `ctlens.attribution.resolve_reference`, the same resolver
+            `ctlens.attribute` and `ctlens.faithfulness` use. ``mean``: a `TaskData` or token
+            ids ``[n, seq]`` to average over, or the ``[n_senders, seq, d_model]`` output of
+            `ctlens.mean_activations`; required, because where `attribute` defaults to the
+            task's clean prompts, a mask has no task data (the error says what to pass).
+            ``corrupt``: the corrupt token ids ``[batch, seq]`` of the first batch, or
+            ``None`` and call ``mask.set_reference(tokens)`` before each forward.
+            ``zero``: must be ``None``.
+        batch_size: batch size for computing means from a `TaskData` or token ids.
+
+    Yields:
+        An `EdgeMask` handle (``set_circuit``, ``set_reference``, ``set_means``,
+        ``paused``).
+
+    What it changes, and restores on exit (also when the body raises): it adds forward
+    hooks to the sender-output and receiver-input hook points and removes exactly those.
+    It does not touch parameters, ``requires_grad`` or the train/eval mode (the corrupt
+    reference forward runs in eval mode and restores the mode).
+    """
+    ablation = Ablation.parse(ablation)
+    mask = EdgeMask(model, circuit, ablation)
+    corrupt, means = resolve_reference(model, mask.graph, None, ablation, reference, batch_size)
+    if means is not None:
+        mask.set_means(means)
+    if corrupt is not None:
+        mask.set_reference(corrupt)
+    with model.hooks(fwd_hooks=mask.hooks()):
+        yield mask
+
+
+
+__all__ = ["EdgeMask", "edge_mask"]
