@@ -21,6 +21,7 @@ from ctlens._version import __version__
 if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API docs
     from ctlens import tasks, viz, zoo
     from ctlens.attribution import attribute, mean_activations
+    from ctlens.callback import CircuitTuningCallback
     from ctlens.circuit import Circuit
     from ctlens.data import TaskData
     from ctlens.graph import Graph, GraphSpec
@@ -34,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Ablation": "ctlens.types",
     "Circuit": "ctlens.circuit",
     "CircuitTuner": "ctlens.tuning",
+    "CircuitTuningCallback": "ctlens.callback",
     "EdgeScores": "ctlens.scores",
     "Graph": "ctlens.graph",
     "GraphSpec": "ctlens.graph",
@@ -61,6 +63,7 @@ __all__ = [
     "Ablation",
     "Circuit",
     "CircuitTuner",
+    "CircuitTuningCallback",
     "EdgeScores",
     "Graph",
     "GraphSpec",
