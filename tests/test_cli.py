@@ -357,3 +357,22 @@ def test_a_write_that_fails_late_is_one_line_and_leaves_nothing(
             "--top", "3", "--out", str(tmp_path / "c.json")]
     _one_line_error(capsys, argv, "the disk is full")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- report and diff ---------------------------------------------------------------------
+
+
+def test_report_and_diff_print_their_phases(tmp_path: Path, capsys: pytest.CaptureFixture
+                                            ) -> None:
+    from test_viz import make_run  # the run-directory writer of the viz tests
+
+    run = make_run(tmp_path / "run")
+    assert cli.main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"reading {run} ..." in err
+    assert "drawing 4 circuit snapshots and writing the report ..." in err
+    assert (run / "report.html").is_file()
+    snapshots = sorted((run / "circuits").iterdir())
+    out = tmp_path / "d.html"
+    assert cli.main(["diff", str(snapshots[0]), str(snapshots[-1]), "-o", str(out)]) == 0
+    assert "drawing and writing the diff ..." in capsys.readouterr().err and out.is_file()

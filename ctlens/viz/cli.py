@@ -23,9 +23,11 @@ def run_report(args: argparse.Namespace) -> int:
         check_output(Path(args.run_dir) / "report.html", "file", flag="RUN_DIR")
     with phase("loading plotly and the run reader"):
         from ctlens.viz.report import write_report
-    with phase(f"reading {args.run_dir}, drawing and writing the report"):
-        path = write_report(args.run_dir, out=args.out, top=args.top,
-                            max_frames=args.max_frames)
+        from ctlens.viz.run import read_run
+    with phase(f"reading {args.run_dir}"):
+        run = read_run(args.run_dir)
+    with phase(f"drawing {len(run.steps)} circuit snapshots and writing the report"):
+        path = write_report(run, out=args.out, top=args.top, max_frames=args.max_frames)
     print(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     print(path)
     return 0
