@@ -248,6 +248,8 @@ def test_read_only_file_system(read_only: Path, capsys: pytest.CaptureFixture) -
     _one_line_error(capsys, ["report", str(run), "-o", str(read_only / "r.html")], "read-only")
     _one_line_error(capsys, ["diff", "a.json", "b.json", "-o", str(read_only / "d.html")],
                     "read-only")
+    _one_line_error(capsys, ["tune", "--out", str(read_only / "tuned")], "read-only")
+    _one_line_error(capsys, ["tune", "--out", str(run)], "read-only")  # resuming there
     assert sorted(p.name for p in read_only.iterdir()) == ["run"]
 
 
