@@ -32,6 +32,8 @@ WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
 CIRCUIT = "circuit.json"
 """Files of one checkpoint directory ``checkpoints/step_NNNNNN/``."""
+CHECKPOINT_CHECKSUMS = "checksums.json"
+"""A checkpoint's ``{file name: sha256}``, written last, inside its directory."""
 
 OWNED: tuple[str, ...] = (RUN_JSON, METRICS, CIRCUITS, CHECKPOINTS, MODEL, REPORT)
 """Top-level names a run owns inside its directory."""

@@ -622,6 +622,36 @@ def test_parameter_map_covers_what_receives_gradients(tiny_model, task, family) 
     assert not next(r for r in none if r.parameter is embed).trainable.any()
 
 
+def test_parameter_rules_come_from_the_per_kind_tables(tiny_model, monkeypatch) -> None:
+    """One edge m0 -> logits opens exactly MLP 0's output projection (the logits receiver
+    opens nothing without train_unembedding); a head sender opens its W_O inputs and b_O;
+    a kind with no table entry is refused with a message naming the node."""
+    from ctlens.masking import rules as table
+
+    graph = Graph.from_model(tiny_model)
+    d_head = tiny_model.cfg.d_head
+
+    def opened(edges) -> dict[str, torch.Tensor]:
+        found = parameter_rules(tiny_model, Circuit.from_edges(graph, edges))
+        return {r.name: r.trainable for r in found if r.trainable.any()}
+
+    out = tiny_model.blocks[0].mlp.out.original_component
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    expected = {names[id(out.weight)]} | ({names[id(out.bias)]} if out.bias is not None else set())
+    mlp = opened([("m0", "logits")])
+    assert set(mlp) == expected and all(bool(m.all()) for m in mlp.values())
+    o = tiny_model.blocks[0].attn.o.original_component
+    head = opened([("a0.h1", "logits")])
+    weight = head.pop(names[id(o.weight)])
+    inputs = slice(d_head, 2 * d_head)
+    assert bool(weight[:, inputs].all() if isinstance(o, torch.nn.Linear) else weight[inputs].all())
+    assert int(weight.sum()) == weight.numel() // tiny_model.cfg.n_heads
+    assert set(head) == ({names[id(o.bias)]} if o.bias is not None else set())
+    monkeypatch.delitem(table.SENDER_RULES, NodeKind.MLP)
+    with pytest.raises(ValueError, match="no parameter rule for sender 'm0'"):
+        parameter_rules(tiny_model, Circuit.from_edges(graph, [("m0", "logits")]))
+
+
 def test_restrict_gradients_restores_on_error_and_checks_inputs(tiny_model) -> None:
     graph = Graph.from_model(tiny_model)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)

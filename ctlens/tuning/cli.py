@@ -95,6 +95,9 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     if hint is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                        help=help_text)
+    elif "choices" in field.metadata:
+        p.add_argument(flag, choices=list(field.metadata["choices"]), default=default,
+                       help=help_text)
     elif typing.get_origin(hint) is typing.Literal:
         p.add_argument(flag, choices=list(args), default=default, help=help_text)
     elif field.name == "betas":
@@ -127,19 +130,27 @@ def run_tune(args: argparse.Namespace) -> int:
     """Run ``ctlens tune``; prints the last evaluation and where the results are."""
     import torch
 
+    from ctlens.graph import Graph
     from ctlens.model import load_model
     from ctlens.tasks.bundle import load
+    from ctlens.tuning.discovery import check_top_n
+    from ctlens.tuning.rundir import RunWriteError
     from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
     model = load_model(args.model, device=args.device)
+    check_top_n(config, Graph.from_model(model))  # before any task or attribution work
     task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
                 tokenizer=getattr(model, "tokenizer", None))
-    result = CircuitTuner(model, task, config, model_name=args.model).run(
-        args.out, overwrite=args.overwrite
-    )
+    try:
+        result = CircuitTuner(model, task, config, model_name=args.model).run(
+            args.out, overwrite=args.overwrite
+        )
+    except RunWriteError as err:
+        print(f"ctlens tune: error: {err.strerror}", file=sys.stderr)
+        return 2
     summary = {k: result.metrics.get(k) for k in
                ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))

@@ -7,8 +7,10 @@ checkpoint only needs the step (plus the learning-rate scheduler's own state, sa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from ctlens.types import Ablation
 
 Mode = Literal["gradient", "forward", "both", "full", "random", "lora"]
 Schedule = Literal["constant", "linear", "cosine"]
@@ -19,6 +21,8 @@ CIRCUIT_MODES: tuple[str, ...] = ("gradient", "forward", "both", "random")
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 DISCOVERIES: tuple[str, ...] = ("batch", "task")
 BATCH_METRICS: tuple[str, ...] = ("task", "loss")
+ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
+"""``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
 
 # Fields that do not change what a run computes: a resumed run may differ in these.
 OPERATIONAL_FIELDS: frozenset[str] = frozenset({"progress", "keep_checkpoints"})
@@ -45,8 +49,8 @@ class TuneConfig:
         batch_metric: what ``"batch"`` discovery differentiates: ``"task"`` (the task metric
             on the training batch; one extra backward) or ``"loss"`` (minus the training
             loss, whose backward is shared with the optimizer step: cheapest).
-        discovery_ablation: ablation for ``"task"`` discovery: ``"corrupt"``, ``"mean"``,
-            ``"zero"``.
+        discovery_ablation: ablation for ``"task"`` discovery: a `ctlens.types.Ablation`
+            value, ``"corrupt"``, ``"mean"`` or ``"zero"``.
         discovery_batches: batches of ``batch_size`` discovery pairs per ``"task"`` discovery.
         ema: exponential moving average of scores across rediscoveries
             (``s = ema * s_old + (1 - ema) * s_new``; 0 disables it).
@@ -70,7 +74,7 @@ class TuneConfig:
     every_k: int = 1
     discovery: Discovery = "batch"
     batch_metric: Literal["task", "loss"] = "task"
-    discovery_ablation: Literal["corrupt", "mean", "zero"] = "mean"
+    discovery_ablation: str = field(default="mean", metadata={"choices": ABLATIONS})
     discovery_batches: int = 4
     ema: float = 0.0
     train_embeddings: bool = False
@@ -101,7 +105,8 @@ class TuneConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("discovery", self.discovery, DISCOVERIES)
         _choice("batch_metric", self.batch_metric, BATCH_METRICS)
-        _choice("discovery_ablation", self.discovery_ablation, ("corrupt", "mean", "zero"))
+        _choice("discovery_ablation", self.discovery_ablation, ABLATIONS)
+        object.__setattr__(self, "discovery_ablation", Ablation(self.discovery_ablation).value)
         for name in ("steps", "every_k", "top_n", "batch_size", "eval_every", "save_every",
                      "discovery_batches", "lora_rank", "keep_checkpoints"):
             _positive_int(name, getattr(self, name))

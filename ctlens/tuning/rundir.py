@@ -1,19 +1,29 @@
-"""The tuner's side of the run directory (``docs/run-format.md``; names in `ctlens.run_format`).
+"""The tuner's side of the run directory: its layout and every file operation on it.
 
-Every write is atomic: files via a temporary name and ``os.replace``; a checkpoint is
-assembled in ``checkpoints/.tmp-*`` and renamed to ``checkpoints/step_NNNNNN`` when
-complete, so a process killed at any moment leaves either the previous or the new
-checkpoint, never a torn one. ``metrics.jsonl`` is appended line by line; on resume it is
-cut back to the records of steps the checkpoint covers (a torn last line is dropped).
+Names come from `ctlens.run_format` (``docs/run-format.md``). Every write is atomic: files
+via a temporary name and ``os.replace``; a checkpoint is assembled in ``checkpoints/.tmp-*``
+(its files, then ``checksums.json`` with their sha256) and renamed to
+``checkpoints/step_NNNNNN`` when complete, so a process killed at any moment leaves either
+the previous or the new checkpoint, never a torn one. ``metrics.jsonl`` is appended line by
+line; on resume it is cut back to the records of steps the checkpoint covers (a torn last
+line is dropped).
+
+Writing fails cleanly: a full disk or a read-only directory raises `RunWriteError` (one
+sentence naming the file and what was kept), and the partial temporary files are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +32,22 @@ import torch
 
 from ctlens import run_format as F
 from ctlens.files import atomic_write_text
-from ctlens.tuning.weights import write_json_atomic
+
+# errors that mean "this directory cannot take the write", not a bug
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class RunConflictError(ValueError):
     """The output directory holds a different run (or something that is not a run)."""
 
 
+class RunWriteError(OSError):
+    """The run directory could not be written (disk full, read-only, no permission)."""
+
+
 @dataclass
 class RunDir:
-    """Paths of one run directory."""
+    """Paths of one run directory, and the file operations the tuner performs on it."""
 
     root: Path
 
@@ -73,10 +89,10 @@ class RunDir:
 
     def write_run(self, doc: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_json, doc)
+        atomic_write_text(self.run_json, json.dumps(doc, indent=2) + "\n")
 
     def clear(self) -> None:
-        """Remove what a run owns (for ``overwrite``); other files are left alone."""
+        """Remove what a run owns (``overwrite`` of another ctlens run); nothing else."""
         for name in F.OWNED:
             path = self.root / name
             if path.is_dir():
@@ -85,11 +101,24 @@ class RunDir:
                 path.unlink()
 
     def foreign_entries(self) -> list[str]:
-        """Entries of the directory that a run does not own (hidden temporaries excluded)."""
+        """Entries of a directory without a ``run.json`` that no ctlens run wrote.
+
+        Hidden temporaries are a run's; so is a ``checkpoints/`` holding only the start
+        weights (a run stopped before it wrote ``run.json``). Anything else, including a
+        user's own ``model/`` or ``report.html``, is foreign.
+        """
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.name not in F.OWNED and not p.name.startswith("."))
+        foreign = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
+                continue
+            if p.name == F.CHECKPOINTS and p.is_dir() and all(
+                q.name == F.INITIAL_WEIGHTS or q.name.startswith(".") for q in p.iterdir()
+            ):
+                continue
+            foreign.append(p.name + ("/" if p.is_dir() else ""))
+        return foreign
 
     # ------------------------------------------------------------------ metrics
 
@@ -146,7 +175,11 @@ class RunDir:
         return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.checkpoints))
 
     def commit_checkpoint(self, tmp: Path, step: int, keep: int) -> None:
-        """Rename ``tmp`` to the step's checkpoint, then drop all but the newest ``keep``."""
+        """Seal ``tmp`` with its checksums, rename it to the step's checkpoint, then drop
+        all but the newest ``keep``."""
+        files = sorted(p.name for p in tmp.iterdir() if p.name != F.CHECKPOINT_CHECKSUMS)
+        sums = {name: sha256_file(tmp / name) for name in files}
+        write_bytes(tmp / F.CHECKPOINT_CHECKSUMS, (json.dumps(sums, indent=1) + "\n").encode())
         final = self.checkpoint_dir(step)
         if final.exists():
             shutil.rmtree(final)
@@ -154,13 +187,86 @@ class RunDir:
         for old in self.checkpoint_steps()[:-keep]:
             shutil.rmtree(self.checkpoint_dir(old), ignore_errors=True)
 
+    def checkpoint_damage(self, step: int) -> str | None:
+        """Why checkpoint ``step`` fails its recorded checksums (None: intact or unrecorded)."""
+        folder = self.checkpoint_dir(step)
+        manifest = folder / F.CHECKPOINT_CHECKSUMS
+        if not manifest.is_file():
+            return None
+        try:
+            sums = json.loads(manifest.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{F.CHECKPOINT_CHECKSUMS} is unreadable"
+        for name, digest in sums.items():
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+            if sha256_file(folder / name) != digest:
+                return f"{name} does not match its sha256"
+        return None
+
+    def set_aside(self, step: int) -> Path:
+        """Rename a damaged checkpoint to ``step_NNNNNN.damaged`` (kept for inspection)."""
+        source = self.checkpoint_dir(step)
+        target = source.with_name(source.name + ".damaged")
+        n = 1
+        while target.exists():
+            n += 1
+            target = source.with_name(f"{source.name}.damaged{n}")
+        os.replace(source, target)
+        return target
+
+    # ------------------------------------------------------------------ write errors
+
+    @contextlib.contextmanager
+    def writing(self, what: str, kept: str) -> Iterator[None]:
+        """Turn a full disk or a read-only directory during ``what`` into `RunWriteError`.
+
+        ``kept`` says what survives (for example the newest checkpoint).
+        """
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in _WRITE_ERRNOS or isinstance(err, RunWriteError):
+                raise
+            reason = os.strerror(err.errno).lower()
+            where = f" ({err.filename})" if err.filename else ""
+            raise RunWriteError(
+                err.errno,
+                f"could not write {what} in {self.root}: {reason}{where}; {kept}. Free some "
+                "space (or make the directory writable) and run the same command again to "
+                "resume",
+            ) from None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and flush it to disk (every binary file of a run).
+
+    Serialising in memory first means a full disk surfaces here as a plain ``OSError``
+    (``ENOSPC``), not as a serialiser's own error.
+    """
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_torch(path: Path) -> Any:

@@ -15,7 +15,6 @@ every real storage of the bridge's parameters must be covered by a mapped key, o
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ctlens.files import atomic_write_text
 from ctlens.model import split_copies
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
@@ -142,7 +140,9 @@ def save_weights(model: Any, path: Path) -> None:
     tensors = {
         k: v.detach().contiguous().clone().cpu() for k, v in unique_state_dict(model).items()
     }
-    save_file(tensors, str(path))
+    from ctlens.tuning import rundir
+
+    rundir.write_bytes(Path(path), save(tensors))
 
 
 def check_weights(model: Any, path: Path) -> None:
@@ -240,8 +240,3 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` atomically (`ctlens.files.atomic_write_text`)."""
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,63 @@
+"""``ctlens make-delta`` and ``ctlens apply-delta``: the sparse export on the command line.
+
+Light at import time (no torch): the work is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_delta_commands(subparsers: Any) -> None:
+    """Register ``make-delta`` and ``apply-delta`` on an argparse sub-parser collection."""
+    make = subparsers.add_parser(
+        "make-delta",
+        help="write the change between two model directories as a small delta",
+        description="Compare a base and a tuned HF model directory (or .safetensors files) "
+        "and write the changed slices (delta.safetensors) with a manifest of which slices "
+        "and the base's checksums.",
+    )
+    make.add_argument("base", help="the model before tuning (HF directory or .safetensors)")
+    make.add_argument("tuned", help="the tuned model (e.g. RUN/model), same layout")
+    make.add_argument("--out", required=True, help="the delta directory to write")
+    make.set_defaults(func=run_make_delta)
+    apply = subparsers.add_parser(
+        "apply-delta",
+        help="apply a delta to its base model directory, writing the tuned model",
+        description="Apply a delta written by make-delta (or ctlens.delta.save_delta) to the "
+        "base model directory it was made from; refuses any other base.",
+    )
+    apply.add_argument("base", help="the base HF model directory")
+    apply.add_argument("delta", help="the delta directory")
+    apply.add_argument("--out", required=True, help="the tuned model directory to write")
+    apply.set_defaults(func=run_apply_delta)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def run_make_delta(args: argparse.Namespace) -> int:
+    """Run ``ctlens make-delta``."""
+    from pathlib import Path
+
+    from ctlens.delta import save_delta
+
+    info = save_delta(args.base, args.tuned, args.out)
+    base = Path(args.base)
+    files = [base] if base.is_file() else list(base.glob("*.safetensors"))
+    full = sum(f.stat().st_size for f in files)
+    print(f"delta written to {info.path}: {info.changed_tensors} tensors changed, "
+          f"{info.changed_values:,} of {info.total_values:,} values stored; "
+          f"{_size(info.bytes)} vs {_size(full)} for the full weights")
+    return 0
+
+
+def run_apply_delta(args: argparse.Namespace) -> int:
+    """Run ``ctlens apply-delta``."""
+    from ctlens.delta import write_weights
+
+    out = write_weights(args.base, args.delta, args.out)
+    print(f"tuned model written to {out}")
+    return 0

@@ -1,0 +1,204 @@
+"""Discovery: which circuit the tuner enforces at each rediscovery.
+
+Three sources of edge scores, then one selection rule:
+
+- ``"batch"`` (the paper's): the training forward itself is recorded by the shared EAP
+  kernel (`ctlens.attribution.EapKernel`): sender outputs go into its buffer, receiver
+  inputs get gradient hooks. After the forward the buffer becomes ``mean_s - a_s`` (the
+  per-position mean over the global batch, padding excluded) and one backward of the task
+  metric (or the loss's own backward, ``batch_metric="loss"``) fills the scores: exactly
+  `ctlens.attribute` with mean ablation over that batch, without another forward.
+- ``"task"``: `ctlens.attribute` on ``discovery_batches`` batches of the discovery pairs.
+- ``mode="random"``: N random valid edges, seeded by ``(seed, step)``.
+
+`CircuitDiscovery.select` optionally smooths scores by an exponential moving average
+across rediscoveries (its one piece of state, ``ema``) and keeps the top N, N from the
+schedule by the one step -> N rule, `top_n_after`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from ctlens.attribution import EapKernel, attribute, mean_activations
+from ctlens.circuit import Circuit
+from ctlens.data import TaskData
+from ctlens.graph import Graph
+from ctlens.scores import EdgeScores
+from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.distributed import World
+
+Scores = Float[torch.Tensor, "n_senders n_receivers"]
+Means = Float[torch.Tensor, "n_senders seq d_model"]
+
+
+def check_top_n(config: TuneConfig, graph: Graph) -> None:
+    """Refuse a top-N schedule that asks for more edges than ``graph`` has.
+
+    The tuner's one check of N against the graph (`TuneConfig` checks N >= 1 without a
+    graph); `CircuitTuner` and ``ctlens tune`` call it before any attribution runs.
+    """
+    for name in ("top_n", "top_n_start"):
+        value = getattr(config, name)
+        if value is not None and value > graph.n_edges:
+            raise ValueError(
+                f"{name}={value} is larger than the model's graph ({graph.n_edges} valid "
+                f"edges); choose at most {graph.n_edges}"
+            )
+
+
+def top_n_after(config: TuneConfig, steps_taken: int) -> int:
+    """N of the circuit in force after ``steps_taken`` optimizer steps.
+
+    The circuit of the last step taken (``steps_taken - 1``); before any step, the first's.
+    """
+    return config.top_n_at(max(steps_taken - 1, 0))
+
+
+class CircuitDiscovery:
+    """Scores edges and selects the circuit for one run (see the module docstring).
+
+    Args:
+        model: the bridge being tuned.
+        task: the run's task (`ctlens.tuning.TuneTask`).
+        config: the run's configuration.
+        graph: the model's graph.
+        world: this process's place among data-parallel ranks.
+        model_name: recorded in every circuit it selects.
+    """
+
+    def __init__(
+        self, model: Any, task: Any, config: TuneConfig, graph: Graph, world: World,
+        model_name: str,
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.config = config
+        self.graph = graph
+        self.world = world
+        self.model_name = model_name
+        self.ema: Scores | None = None
+
+    # ------------------------------------------------------------------ batch discovery
+
+    def recorded_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, EapKernel]:
+        """The training forward, recorded by an `EapKernel` (its buffer holds ``-a_s``)."""
+        graph = self.graph
+        b, p = tokens.shape
+        acts = torch.zeros(graph.n_senders, b, p, self.model.cfg.d_model, device=tokens.device)
+        scores = torch.zeros(graph.n_senders, graph.n_receivers, device=tokens.device)
+        kernel = EapKernel(graph, acts, scores)
+        hooks = [*kernel.sender_hooks(self.model, -1.0), *kernel.receiver_hooks(self.model)]
+        with torch.enable_grad():
+            logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+        return logits, kernel
+
+    def batch_scores(
+        self,
+        kernel: EapKernel,
+        local: torch.Tensor,
+        loss: torch.Tensor,
+        metric_sum: torch.Tensor | None,
+        training: bool,
+    ) -> tuple[Scores, Means, bool]:
+        """Edge scores of a recorded forward, the batch means, and whether the loss's
+        backward already ran (``batch_metric="loss"`` while ``training``).
+
+        Score ``(mean - a_s) . dM/dx_r``, summed over positions, averaged over the global
+        batch; ``M`` is the task metric (or minus the loss). The mean is per position over
+        the global batch's real tokens, summed across ranks.
+        """
+        n_rows = self.world.sum_scalar(float(len(local)))
+        use_loss = self.config.batch_metric == "loss" or metric_sum is None
+        neg_acts = kernel.delta
+        mask = self.task.train_attention_mask[local].to(neg_acts.device).float()
+        total = -torch.einsum("nbpd,bp->npd", neg_acts, mask)
+        count = mask.sum(0)
+        self.world.sum_(total)
+        self.world.sum_(count)
+        means = total / count.clamp(min=1)[None, :, None]
+        neg_acts += means[:, None]  # the buffer is now (mean - a_s) ...
+        neg_acts *= mask[None, :, :, None]  # ... and zero at padding
+        try:
+            if use_loss:
+                kernel.sign = -1.0
+                if training:
+                    loss.backward()
+                else:
+                    torch.autograd.grad(loss, kernel.inputs, allow_unused=True)
+            else:
+                assert metric_sum is not None
+                torch.autograd.grad(metric_sum / n_rows, kernel.inputs, retain_graph=training,
+                                    allow_unused=True)
+        finally:
+            kernel.close()
+        return self.world.sum_(kernel.scores).cpu(), means, use_loss and training
+
+    # ------------------------------------------------------------------ task discovery
+
+    def task_scores(self, t: int) -> Scores:
+        """``"task"`` discovery: mean scores over batches of the discovery pairs."""
+        cfg = self.config
+        data = self.task.discovery
+        n = len(data)
+        want = min(n, cfg.batch_size * cfg.discovery_batches)
+        start = (t // cfg.every_k) * want % n
+        rows = (torch.arange(want) + start) % n
+        chosen = data[rows]
+        reference = None
+        if cfg.discovery_ablation == "mean":
+            reference = mean_activations(self.model, chosen, batch_size=cfg.batch_size)
+        local = self.world.shard(torch.arange(want))
+        result = attribute(
+            self.model, chosen[local], ablation=cfg.discovery_ablation, reference=reference,
+            batch_size=cfg.batch_size, progress=False,
+        )
+        scores = result.scores * (len(local) / want)
+        return self.world.sum_(scores)
+
+    def training_means(self, rows: torch.Tensor) -> Means:
+        """Per-position mean sender outputs over training rows ``rows`` (forward modes)."""
+        data = TaskData(clean=self.task.train_tokens[rows],
+                        attention_mask=self.task.train_attention_mask[rows], metric="kl")
+        return mean_activations(self.model, data, batch_size=self.config.batch_size)
+
+    def monitor_circuit(self, step: int) -> Circuit:
+        """The task circuit of the current weights (for snapshots outside circuit modes)."""
+        cfg = self.config
+        data = self.task.discovery
+        if cfg.eval_examples is not None:
+            data = data[: cfg.eval_examples]
+        scores = attribute(self.model, data, ablation=cfg.discovery_ablation,
+                           batch_size=cfg.batch_size, progress=False)
+        n = top_n_after(cfg, step)
+        circuit = Circuit.from_scores(scores, top_n=n)
+        circuit.metadata = {"step": step, "top_n": n, "mode": cfg.mode, "discovery": "monitor"}
+        circuit.model_name = self.model_name
+        return circuit
+
+    # ------------------------------------------------------------------ selection
+
+    def select(self, scores: Scores, t: int) -> Circuit:
+        """The top-N circuit of ``scores`` (after the moving average) for step ``t``."""
+        cfg = self.config
+        scores = scores.detach().float().cpu()
+        if cfg.ema > 0:
+            self.ema = scores if self.ema is None else cfg.ema * self.ema + (1 - cfg.ema) * scores
+            scores = self.ema
+        n = cfg.top_n_at(t)
+        circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=n)
+        circuit.metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
+        circuit.model_name = self.model_name
+        return circuit
+
+    def random_circuit(self, t: int) -> Circuit:
+        """``mode="random"``: N random valid edges, seeded by ``(seed, t)``."""
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (t + 1))
+        noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
+        n = self.config.top_n_at(t)
+        circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
+        return Circuit(self.graph, circuit.mask, None,
+                       {"step": t, "top_n": n, "mode": "random"}, self.model_name)

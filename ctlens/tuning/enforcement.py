@@ -1,0 +1,113 @@
+"""Enforcement: what the optimizer may change, and what the forward pass may read.
+
+`Enforcement` owns the circuit in force and everything derived from it:
+
+- **gradient restriction** (modes ``gradient``, ``both``, ``random``): the circuit's
+  `ctlens.restrict_gradients` context, entered with the run's optimizer so frozen slices
+  stay bit-identical under momentum and weight decay. On a ``"batch"`` discovery step the
+  restriction is entered after the backward, so :meth:`Enforcement.mask_grads` applies it to
+  the gradients already computed.
+- **forward masks** (modes ``forward``, ``both``): `ctlens.edge_mask` with mean ablation,
+  the means being those of the discovery that chose the circuit.
+- **the trainable fraction**: real parameters the optimizer may change now.
+
+It also builds the optimizer (over the bridge's parameters, or a LoRA copy's adapters in
+``mode="lora"``), so the optimizer the restriction needs is never looked up elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ctlens.circuit import Circuit
+from ctlens.tuning import weights as W
+from ctlens.tuning.config import TuneConfig
+
+GRADIENT_MODES: tuple[str, ...] = ("gradient", "both", "random")
+FORWARD_MODES: tuple[str, ...] = ("forward", "both")
+
+
+class Enforcement:
+    """The circuit in force for one run, its restriction, masks and optimizer.
+
+    Args:
+        model: the bridge being tuned.
+        config: the run's configuration (mode, optimizer settings, LoRA size).
+    """
+
+    def __init__(self, model: Any, config: TuneConfig) -> None:
+        self.model = model
+        self.config = config
+        self.lora: Any = None
+        if config.mode == "lora":
+            from ctlens.tuning.lora import LoraBackend
+
+            self.lora = LoraBackend(model, config.lora_rank, config.lora_alpha)
+            self.params: list[torch.nn.Parameter] = self.lora.parameters()
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        self.circuit: Circuit | None = None
+        self.means: torch.Tensor | None = None
+        self._restriction: contextlib.ExitStack | None = None
+        self._rules: list[Any] = []
+
+    def enter(self, circuit: Circuit, means: torch.Tensor | None = None) -> None:
+        """Make ``circuit`` the one in force (``means``: its forward-mask reference, if any);
+        gradient modes enter its restriction."""
+        self.circuit = circuit
+        if means is not None:
+            self.means = means
+        self.release()
+        if self.config.mode in GRADIENT_MODES:
+            from ctlens.masking import restrict_gradients
+
+            stack = contextlib.ExitStack()
+            self._rules = stack.enter_context(restrict_gradients(
+                self.model, circuit, optimizer=self.optimizer,
+                train_embeddings=self.config.train_embeddings,
+                train_unembedding=self.config.train_unembedding,
+            )).rules
+            self._restriction = stack
+
+    def mask_grads(self) -> None:
+        """Apply the restriction to gradients computed before it was entered."""
+        if self._restriction is None:
+            return
+        for rule in self._rules:
+            p, keep = rule.parameter, rule.trainable
+            if p.grad is None:
+                continue
+            if not bool(keep.any()):
+                p.grad = None
+            elif not bool(keep.all()):
+                p.grad.mul_(keep.to(p.grad.dtype))
+
+    def forward_mask(self) -> contextlib.AbstractContextManager[Any]:
+        """The training forward's edge mask (forward modes with a circuit), else a no-op."""
+        if self.config.mode not in FORWARD_MODES or self.circuit is None:
+            return contextlib.nullcontext()
+        from ctlens.masking import edge_mask
+
+        return edge_mask(self.model, self.circuit, ablation="mean", reference=self.means)
+
+    def release(self) -> None:
+        """Lift the gradient restriction (every parameter trainable again)."""
+        if self._restriction is not None:
+            self._restriction.close()
+            self._restriction = None
+            self._rules = []
+
+    def trainable_fraction(self) -> float:
+        """Fraction of real parameters the optimizer may change under the current setting."""
+        total = W.count_real_parameters(self.model)
+        if self.lora is not None:
+            return sum(p.numel() for p in self.lora.parameters()) / total
+        if self._restriction is not None and self._rules:
+            return sum(r.n_trainable for r in self._rules) / total
+        return 1.0

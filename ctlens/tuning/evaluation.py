@@ -1,0 +1,163 @@
+"""Evaluation: one ``metrics.jsonl`` record and one circuit snapshot per evaluation.
+
+`Evaluator.evaluate` measures the current weights (the task's target metric and accuracy,
+the other tasks' metrics, the held-out general LM loss, the fraction of real parameters
+moved since the start, and in forward modes the target metric with the circuit enforced),
+saves the circuit snapshot (the circuit in force, or in ``full`` / ``lora`` runs and at
+step 0 the monitor circuit of the current weights) and appends the record. The keys are
+those of ``docs/run-format.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ctlens.data import TaskData
+from ctlens.graph import Graph
+from ctlens.hooks import eval_mode
+from ctlens.tuning import weights as W
+from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.discovery import CircuitDiscovery, top_n_after
+from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
+from ctlens.tuning.rundir import RunDir
+
+
+class Evaluator:
+    """Evaluates one run's model on its task (see the module docstring).
+
+    Args:
+        model: the bridge being tuned.
+        task: the run's task; ``target_eval`` names its target evaluation set.
+        config: the run's configuration.
+        graph: the model's graph.
+        target_eval: the key of ``task.evals`` holding the target metric.
+    """
+
+    def __init__(
+        self, model: Any, task: Any, config: TuneConfig, graph: Graph, target_eval: str
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.config = config
+        self.graph = graph
+        self.target_eval = target_eval
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        rd: RunDir,
+        step: int,
+        initial: list[torch.Tensor],
+        started: float,
+        enforcement: Enforcement,
+        discovery: CircuitDiscovery,
+        train_loss: float | None,
+    ) -> dict[str, Any]:
+        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl."""
+        cfg = self.config
+        if enforcement.lora is not None:
+            enforcement.lora.mirror()
+        with eval_if_training(self.model):
+            evals, accuracy = {}, {}
+            for name, data in self.task.evals.items():
+                evals[name], accuracy[name] = self.metric_mean(data)
+            target = evals.pop(self.target_eval)
+            target_accuracy = accuracy.pop(self.target_eval)
+            general = self.general_loss()
+            masked = self.masked_target(enforcement)
+        in_force = enforcement.circuit
+        circuit = in_force if in_force is not None else discovery.monitor_circuit(step)
+        record: dict[str, Any] = {
+            "step": step,
+            "target_metric": target,
+            "general_loss": general,
+            "circuit_edges": circuit.n_edges if cfg.uses_circuit else self.graph.n_edges,
+            "params_moved": W.moved_fraction(self.model, initial),
+            "evals": evals,
+            "wall_time": time.perf_counter() - started,
+            "lr": cfg.lr * cfg.lr_factor(max(step - 1, 0)),
+            "top_n": top_n_after(cfg, step),
+            "trainable_fraction": enforcement.trainable_fraction(),
+        }
+        if target_accuracy is not None:
+            record["target_accuracy"] = target_accuracy
+        known = {k: v for k, v in accuracy.items() if v is not None}
+        if known:
+            record["evals_accuracy"] = known
+        if masked is not None:
+            record["target_metric_masked"] = masked
+        if train_loss is not None and step > 0:
+            record["train_loss"] = train_loss
+        path = rd.circuit_file(step)
+        record["circuit_file"] = str(path.relative_to(rd.root))
+        record["circuit_source"] = "in_force" if in_force is not None else "monitor"
+        with rd.writing(f"the evaluation of step {step}", "the checkpoints are unchanged"):
+            circuit.save(path)
+            rd.append_metrics(record)
+        return record
+
+    def metric_mean(self, data: TaskData) -> tuple[float, float | None]:
+        """Mean metric over an evaluation set and, for difference metrics, the fraction > 0."""
+        if self.config.eval_examples is not None:
+            data = data[: self.config.eval_examples]
+        values = []
+        for batch in data.batches(max(32, self.config.batch_size)):
+            batch = batch.trimmed()
+            logits = self.model(batch.clean)
+            values.append(batch.metric_values(logits, logits).float().cpu())
+        v = torch.cat(values)
+        accuracy = float((v > 0).float().mean()) if data.metric in ("logit_diff", "prob_diff") \
+            else None
+        return float(v.mean()), accuracy
+
+    def masked_target(self, enforcement: Enforcement) -> float | None:
+        """Forward modes: the target metric with the circuit enforced (means: the eval set)."""
+        if self.config.mode not in FORWARD_MODES or enforcement.circuit is None:
+            return None
+        from ctlens.masking import edge_mask
+
+        data = self.task.evals[self.target_eval]
+        if self.config.eval_examples is not None:
+            data = data[: self.config.eval_examples]
+        with edge_mask(self.model, enforcement.circuit, ablation="mean", reference=data):
+            return self.metric_mean(data)[0]
+
+    def general_loss(self) -> float:
+        """Mean next-token loss on the task's general corpus (NaN when it has none)."""
+        tokens = getattr(self.task, "general_tokens", None)
+        if tokens is None:
+            return float("nan")
+        mask = getattr(self.task, "general_attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+        if self.config.eval_examples is not None:
+            tokens, mask = tokens[: self.config.eval_examples], mask[: self.config.eval_examples]
+        nll_sum, count = 0.0, 0.0
+        for start in range(0, tokens.shape[0], 32):
+            chunk, m = tokens[start : start + 32], mask[start : start + 32]
+            logits = self.model(chunk)
+            logp = logits[:, :-1].float().log_softmax(-1)
+            nll = -logp.gather(-1, chunk[:, 1:, None])[..., 0]
+            valid = (m[:, 1:] & m[:, :-1]).float()
+            nll_sum += float((nll * valid).sum())
+            count += float(valid.sum())
+        return nll_sum / max(count, 1.0)
+
+
+@contextlib.contextmanager
+def eval_if_training(model: Any) -> Iterator[None]:
+    """`ctlens.hooks.eval_mode`, skipped when the model is already in eval mode.
+
+    Switching a bridge's mode walks hundreds of hook modules; the tuner would pay that twice
+    per step for nothing (`load_model` returns models in eval mode).
+    """
+    if not model.training:
+        yield
+        return
+    with eval_mode(model):
+        yield
