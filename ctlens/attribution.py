@@ -59,7 +59,7 @@ from ctlens.hooks import (
     supports_truncated_forward,
 )
 from ctlens.scores import EdgeScores
-from ctlens.types import Ablation, Method, NodeKind
+from ctlens.types import Ablation, Method
 
 Reference = TaskData | torch.Tensor | None
 
@@ -73,6 +73,7 @@ def attribute(
     batch_size: int | None = 32,
     steps: int = 5,
     progress: bool = True,
+    graph: Graph | None = None,
 ) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``data``. See the module docstring.
 
@@ -86,6 +87,8 @@ def attribute(
         batch_size: examples per forward pass (``None``: all at once).
         steps: integration steps for ``eap-ig``.
         progress: show a progress bar.
+        graph: the graph to score, e.g. ``Graph.from_model(model, mlp_groups=48)`` for
+            neuron-group MLP nodes (default: the model's graph with one node per MLP).
 
     Returns:
         `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
@@ -97,7 +100,7 @@ def attribute(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
-    graph = Graph.from_model(model)
+    graph = _check_graph(model, graph)
     data.check_vocab(model.cfg.d_vocab)
     device = model_device(model)
     start = time.perf_counter()
@@ -137,6 +140,7 @@ def attribute(
         "metric_clean": totals["clean"] / len(data),
         "seconds": time.perf_counter() - start,
         "model": getattr(model.cfg, "model_name", None),
+        "approximate": graph.spec.approximate,
     }
     if method is Method.EAP_IG:
         metadata["steps"] = steps
@@ -153,14 +157,16 @@ def mean_activations(
     model: Any,
     reference: TaskData | torch.Tensor,
     batch_size: int | None = 32,
+    graph: Graph | None = None,
 ) -> Float[torch.Tensor, "n_senders seq d_model"]:
     """Each sender's mean output per position over ``reference``, padding excluded.
 
     ``reference`` is a `TaskData` (its clean prompts and padding mask) or token ids
     ``[n, seq]`` (all real tokens). The result can be passed as ``reference=`` wherever
-    ``ablation="mean"`` is used, so the means are computed once.
+    ``ablation="mean"`` is used, so the means are computed once. ``graph`` selects the
+    senders (default: the model's graph with one node per MLP).
     """
-    graph = Graph.from_model(model)
+    graph = _check_graph(model, graph)
     device = model_device(model)
     if isinstance(reference, torch.Tensor):
         if reference.dtype.is_floating_point:
@@ -252,13 +258,25 @@ def resolve_reference(
                 "would score 0. Use more examples, pass reference=<other prompts to average "
                 "over>, or use ablation='corrupt' or 'zero'"
             )
-        means = mean_activations(model, source, batch_size)
+        means = mean_activations(model, source, batch_size, graph=graph)
     if data is not None and means.shape[1] < data.clean.shape[1]:
         raise ValueError(
             f"the mean reference covers {means.shape[1]} positions but the data has "
             f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
         )
     return None, means
+
+
+def _check_graph(model: Any, graph: Graph | None) -> Graph:
+    """``graph``, or the model's one-group graph; refuses a graph of another model."""
+    if graph is None:
+        return Graph.from_model(model)
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
+    own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
+    if own != graph:
+        raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
+    return graph
 
 
 def _corrupt_reference(
@@ -411,9 +429,10 @@ class EapKernel:
     ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
     adds the batch means afterwards). The hooks of :meth:`receiver_hooks` register, on each
     receiver group's input, a gradient hook that multiplies the prefix of senders the
-    receiver may read with that gradient (one matrix product per receiver group) and adds
-    ``sign * product / passes`` into ``scores``: the scores of every backward pass through
-    those inputs accumulate, until :meth:`close` removes the hooks.
+    receiver may read with that gradient (queued, several receiver groups per matrix
+    product: :meth:`flush`) and adds ``sign * product / passes`` into ``scores``: the scores
+    of every backward pass through those inputs accumulate, until :meth:`close` flushes and
+    removes the hooks.
 
     Args:
         graph: the model's graph.
@@ -439,6 +458,9 @@ class EapKernel:
         self.inputs: list[torch.Tensor] = []
         self._flat = delta.view(graph.n_senders, -1)
         self._handles: list[Any] = []
+        self._pending: list[tuple[slice, int, torch.Tensor]] = []
+        self._pending_width = 0
+        self._capacity = max(16, graph.n_senders // 4)
 
     def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
         """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
@@ -463,16 +485,41 @@ class EapKernel:
 
     def _accumulate(self, columns: slice, n_up: int) -> Any:
         def accumulate(grad: torch.Tensor) -> None:
-            g = flat(grad).float().permute(2, 0, 1, 3)
-            product = self._flat[:n_up] @ g.reshape(g.shape[0], -1).T
-            if self.sign != 1.0:
-                product = self.sign * product
-            self.scores[:n_up, columns] += product / self.passes
+            width = columns.stop - columns.start
+            g = flat(grad).float().permute(2, 0, 1, 3).reshape(width, -1)
+            self._pending.append((columns, n_up, g))
+            self._pending_width += width
+            if self._pending_width >= self._capacity:
+                self.flush()
 
         return accumulate
 
+    def flush(self) -> None:
+        """Score the queued receiver gradients with one matrix product.
+
+        Each product reads the whole upstream prefix of the sender buffer, so gradients are
+        queued until they fill a quarter of the buffer's rows and then multiplied with the
+        longest prefix among them (gradients arrive latest layer first). With many senders
+        (neuron-group graphs) the buffer is read a few times per backward instead of once
+        per receiver hook. `close` flushes too.
+        """
+        if not self._pending:
+            return
+        n_up = max(n for _, n, _ in self._pending)
+        grads = [g for *_, g in self._pending]
+        product = self._flat[:n_up] @ (grads[0] if len(grads) == 1 else torch.cat(grads)).T
+        scale = self.sign / self.passes
+        offset = 0
+        for columns, n, g in self._pending:
+            width = g.shape[0]
+            self.scores[:n, columns] += product[:n, offset : offset + width] * scale
+            offset += width
+        self._pending, self._pending_width = [], 0
+
     def close(self) -> None:
-        """Remove the gradient hooks: later backward passes no longer add to ``scores``."""
+        """Score what is queued and remove the gradient hooks: later backward passes no
+        longer add to ``scores``."""
+        self.flush()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -542,42 +589,41 @@ def _exact_batch(
 
     ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
     Then, for one receiver column at a time, the batch is repeated once per chunk of
-    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input.
+    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (a
+    neuron group's own copy of the MLP input on a grouped graph).
     """
     batch = run.batch
     b = len(batch)
     clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0)))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
-    layout = HookLayout.from_model(model)
-    groups: list[tuple[str, slice]] = []
-    for layer in range(graph.spec.n_layers):
-        for kind in (NodeKind.Q, NodeKind.K, NodeKind.V):
-            groups.append((layout.qkv_in(layer, kind), graph.receiver_slice(layer, kind)))
-        groups.append((layout.mlp_in(layer), graph.receiver_slice(layer, NodeKind.MLP)))
-    groups.append((layout.logits_in, slice(graph.n_receivers - 1, graph.n_receivers)))
+    for column in range(graph.n_receivers):
+        n_up = graph.upstream[column]
+        for chunk in _chunks(range(n_up), max(1, max_copies)):
+            copies = len(chunk)
+            patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
 
-    for hook_name, columns in groups:
-        for offset, column in enumerate(range(columns.start, columns.stop)):
-            n_up = graph.upstream[column]
-            for chunk in _chunks(range(n_up), max(1, max_copies)):
-                copies = len(chunk)
-                patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
-
-                def patch_hook(
-                    x: torch.Tensor, hook: Any, patch: torch.Tensor = patch, offset: int = offset
-                ) -> torch.Tensor:
-                    x = x.clone()
-                    view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
-                    view[:, :, :, offset] += patch.to(x.dtype)
+            def patch_column(
+                columns: slice,
+                n_up: int,
+                x: torch.Tensor,
+                patch: torch.Tensor = patch,
+                column: int = column,
+            ) -> torch.Tensor:
+                if not columns.start <= column < columns.stop:
                     return x
+                x = x.clone()
+                view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
+                view[:, :, :, column - columns.start] += patch.to(x.dtype)
+                return x
 
-                index = torch.arange(b).repeat(copies)
-                logits = run(batch.clean[index], [(hook_name, patch_hook)], batch[index])
-                repeated = run.metric_rows(index)
-                values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
-                effect = (values.view(copies, b) - clean_metric[None]).sum(1)
-                scores[chunk.start : chunk.stop, column] += effect / n_total
+            index = torch.arange(b).repeat(copies)
+            hooks = receiver_hooks(model, graph, patch_column)
+            logits = run(batch.clean[index], hooks, batch[index])
+            repeated = run.metric_rows(index)
+            values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
+            effect = (values.view(copies, b) - clean_metric[None]).sum(1)
+            scores[chunk.start : chunk.stop, column] += effect / n_total
 
 
 def _chunks(items: range, size: int) -> Iterable[range]:

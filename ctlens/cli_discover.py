@@ -15,7 +15,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ctlens.cli_support import UsageError, phase, positive_int
+from ctlens.cli_support import phase, positive_int
+from ctlens.sizes import parse_size
 from ctlens.types import Ablation, Method
 
 if TYPE_CHECKING:
@@ -47,9 +48,13 @@ def add_discover_command(commands: argparse._SubParsersAction) -> argparse.Argum
                    help="examples per pass (default 32)")
     p.add_argument("--steps", type=positive_int, default=5, help="integration steps for eap-ig")
     p.add_argument("--top", type=positive_int, default=20, help="edges to print (default 20)")
-    p.add_argument("--top-n", type=positive_int, default=None,
-                   help="edges to keep in the saved circuit (default: --top); at most the "
-                   "graph's valid edges, checked before attribution runs")
+    p.add_argument("--top-n", type=parse_size, default=None,
+                   help="edges to keep in the saved circuit: a count (at most the graph's "
+                   "valid edges, checked before attribution runs), or a fraction of the valid "
+                   "edges such as 0.01 (default: --top)")
+    p.add_argument("--mlp-groups", type=positive_int, default=1,
+                   help="split each MLP into this many neuron groups, nodes m{l}.n{j} "
+                   "(default 1: one node per MLP)")
     p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -66,25 +71,26 @@ def run_discover(args: argparse.Namespace) -> int:
     from ctlens.circuit import Circuit
     from ctlens.graph import Graph
     from ctlens.model import load_model
+    from ctlens.sizes import edge_count
     from ctlens.tasks.bundle import load
 
     with phase(f"loading {args.model}"):
         model = load_model(args.model, device=args.device)
-    n_edges = Graph.from_model(model).n_edges
-    if args.top_n is not None and args.top_n > n_edges:
-        raise UsageError(f"--top-n {args.top_n} exceeds the {n_edges} valid edges of "
-                         f"{args.model}'s graph; use at most {n_edges}")
+    graph = Graph.from_model(model, mlp_groups=args.mlp_groups)
+    # sizes are checked against the graph before any task or attribution work
+    top_n = None if args.top_n is None else edge_count(args.top_n, graph.n_edges, "--top-n")
     with phase(f"building task {args.task!r} ({args.n} examples)"):
         task = load(args.task, n=args.n, seed=args.seed, tokenizer=model.tokenizer)
     with phase(f"attributing ({args.method}, {args.ablation} ablation)"):
         scores = attribute(
             model, task.discovery, method=args.method, ablation=args.ablation,
             batch_size=args.batch_size, steps=args.steps, progress=sys.stderr.isatty(),
+            graph=graph,
         )
     top = min(args.top, scores.graph.n_edges)
     _print_scores(scores, top)
     if args.out:
-        circuit = Circuit.from_scores(scores, top_n=args.top_n or top)
+        circuit = Circuit.from_scores(scores, top_n=top_n or top)
         circuit.save(args.out)
         print(f"\ncircuit of {circuit.n_edges} edges written to {args.out}")
     return 0

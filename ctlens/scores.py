@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 
 from ctlens.graph import Graph
+from ctlens.mlp_groups import coarsen_matrix
 
 
 @dataclass
@@ -62,6 +63,19 @@ class EdgeScores:
         """
         totals = self.scores.sum(1)
         return {name: float(v) for name, v in zip(self.graph.senders, totals, strict=True)}
+
+    def coarsen(self) -> EdgeScores:
+        """These scores on the one-group graph: each MLP's group scores summed.
+
+        For ``eap`` / ``eap-ig`` under ``corrupt`` or ``mean`` ablation this equals scoring
+        the one-group graph directly; under ``zero`` ablation the one-group scores also
+        ablate b_out, and ``exact`` group scores only sum (docs/attribution.md).
+        """
+        if self.graph.spec.mlp_groups == 1:
+            return self
+        graph, scores = coarsen_matrix(self.graph, self.scores)
+        metadata = {**self.metadata, "coarsened_from_mlp_groups": self.graph.spec.mlp_groups}
+        return EdgeScores(scores, graph, metadata)
 
     def to_networkx(self) -> nx.DiGraph:
         """`Graph.to_networkx` with a ``score`` on every (non-internal) edge."""

@@ -328,8 +328,8 @@ def test_discover_top_n_is_checked_before_attribution(
 
     monkeypatch.setattr(ctlens.attribution, "attribute", refuse)
     err = _one_line_error(capsys, ["discover", "--model", "zoo:tiny-gpt2", "--top-n", "100000"],
-                          "--top-n 100000 exceeds the")
-    assert "valid edges" in err
+                          "--top-n=100000 is out of range")
+    assert "valid edges (802)" in err
 
 
 def test_discover_prints_phases_and_saves_the_circuit(

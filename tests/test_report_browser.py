@@ -240,3 +240,30 @@ def test_show_all_edges_button_reveals_the_hidden_edges(report: Path, tmp_path: 
     assert found, lines
     before, after = int(found.group(1)), int(found.group(2))
     assert before >= 2 and after == 0  # hidden edge traces (and their legend entry) shown
+
+
+@pytest.mark.parametrize("click", [True, False])
+def test_show_all_choice_survives_the_slider(report: Path, tmp_path: Path, click: bool) -> None:
+    """In the evolution figure, "all edges" (or not) still holds after jumping to a frame."""
+    press = (' Array.from(g.querySelectorAll(".updatemenu-button")).filter(function (b) {'
+             '  return b.textContent === "all edges"; })[0]'
+             '  .dispatchEvent(new MouseEvent("click", {bubbles: true}));') if click else ""
+    probe = (
+        '<script>window.addEventListener("load", function () {'
+        ' var g = document.getElementById("ctlens-evolution");'
+        ' function hidden() { return g.data.filter(function (t) {'
+        '   return t.visible === "legendonly"; }).length; }'
+        ' var before = hidden();' + press +
+        ' setTimeout(function () { Plotly.animate(g, ["30"], {mode: "immediate",'
+        '  frame: {duration: 0, redraw: true}, transition: {duration: 0}}).then(function () {'
+        '  console.log("SLID|" + before + "|" + hidden()); }); }, 500);'
+        "});</script></body>"
+    )
+    page = tmp_path / "slid.html"
+    page.write_text(report.read_text(encoding="utf-8").replace("</body>", probe), "utf-8")
+    result = run_browser(page, tmp_path, "--dump-dom", "--enable-logging=stderr", "--v=0")
+    lines = console_lines(result.stderr)
+    found = re.search(r"SLID\|(\d+)\|(\d+)", lines[0]) if len(lines) == 1 else None
+    assert found, lines
+    before, after = int(found.group(1)), int(found.group(2))
+    assert before >= 2 and after == (0 if click else before)

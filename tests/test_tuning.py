@@ -223,7 +223,10 @@ def test_gradient_mode_moves_only_circuit_parameters(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["random", "forward", "both"])
 def test_other_circuit_modes_run(mode: str, tmp_path: Path) -> None:
-    cfg = TuneConfig(mode=mode, **{**FAST, "steps": 2})
+    # random_match="edges" keeps N edges (the parameter-matched default is tested in
+    # test_tuning_options.py)
+    extra = {"random_match": "edges"} if mode == "random" else {}
+    cfg = TuneConfig(mode=mode, **{**FAST, "steps": 2}, **extra)
     result = CircuitTuner(tiny_model(), toy_task(), cfg).run(tmp_path / mode)
     assert result.metrics["step"] == 2 and result.metrics["circuit_edges"] == 30
 

@@ -448,6 +448,16 @@ def test_plot_evolution_panels_teach(run_dir: Path) -> None:
     assert size.range[0] == 0 and size.range[1] > 40 and size.tickformat == "d"
     assert size.dtick >= 1 and float(size.dtick).is_integer()
     assert "M(edge ablated) − M(clean)" in fig.layout.legend.title.text
+    # the edge budget: the "all edges" button reveals exactly the hidden circuit traces, and
+    # frames leave visibility alone so the choice survives moving the slider
+    assert not [m for m in fig.layout.updatemenus if m.buttons[0].method == "restyle"]
+    small = viz.plot_evolution(run_dir, budget=15)  # 40-edge snapshots: 25 hidden in each
+    (budget_menu,) = [m for m in small.layout.updatemenus if m.buttons[0].method == "restyle"]
+    hidden = {i for i, tr in enumerate(small.data) if tr.visible == "legendonly"}
+    assert hidden and set(budget_menu.buttons[1].args[1]) == hidden
+    assert max(hidden) < n_circuit
+    assert sum(n_segments(small.data[i]) for i in hidden) == 25
+    assert all(tr.visible is None for f in small.frames for tr in f.data)
     info = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps({**info, "task": "my-own-task"}))
     untold = viz.plot_evolution(run_dir)

@@ -22,6 +22,7 @@ from ctlens.circuit.mib import mib_document, parse_mib_document
 from ctlens.circuit.selection import select_mask, unpack_scores
 from ctlens.files import atomic_write_text
 from ctlens.graph import Graph
+from ctlens.mlp_groups import coarsen_matrix
 from ctlens.types import NodeKind
 
 
@@ -111,7 +112,7 @@ class Circuit:
         cls,
         scores: Any,
         method: str = "top_n",
-        top_n: int | None = None,
+        top_n: int | float | None = None,
         threshold: float | None = None,
         prune: bool = False,
     ) -> Circuit:
@@ -120,7 +121,8 @@ class Circuit:
         Args:
             scores: an `ctlens.EdgeScores`.
             method: ``"top_n"``, ``"threshold"`` or ``"greedy"``.
-            top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges).
+            top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges),
+                or a fraction of the valid edges as a float in (0, 1) (`ctlens.sizes`).
             threshold: minimum |score| for ``threshold``.
             prune: afterwards drop edges on no ``input -> logits`` path (may leave fewer
                 than ``top_n`` edges).
@@ -186,6 +188,18 @@ class Circuit:
                 found.add(node.name)
         order = {n: i for i, n in enumerate([*self.graph.senders, "logits"])}
         return sorted(found, key=order.__getitem__)
+
+    def coarsen(self) -> Circuit:
+        """This circuit on the one-group graph: an MLP edge is in it when any group edge is.
+
+        Scores, if any, are summed over groups (as `EdgeScores.coarsen`).
+        """
+        if self.graph.spec.mlp_groups == 1:
+            return self
+        graph, counts = coarsen_matrix(self.graph, self.mask.float())
+        scores = None if self.scores is None else coarsen_matrix(self.graph, self.scores)[1]
+        metadata = {**self.metadata, "coarsened_from_mlp_groups": self.graph.spec.mlp_groups}
+        return Circuit(graph, counts > 0, scores, metadata, self.model_name)
 
     def edge_scores(self) -> dict[tuple[str, str], float | None]:
         """``{(sender, receiver): score}`` for the circuit edges (``None`` without scores)."""
@@ -368,7 +382,14 @@ class Circuit:
 
     def check_model(self, model: Any) -> None:
         """Raise ``ValueError`` unless the circuit belongs to ``model``'s graph."""
-        graph = Graph.from_model(model)
+        groups = self.graph.spec.mlp_groups
+        try:
+            graph = Graph.from_model(model, mlp_groups=groups)
+        except ValueError as err:
+            raise ValueError(
+                f"this circuit splits each MLP into {groups} neuron groups, which this model "
+                f"cannot: {err}"
+            ) from None
         if graph != self.graph:
             raise ValueError(
                 f"this circuit belongs to another model's graph ({self.graph!r}, model "

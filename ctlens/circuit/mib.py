@@ -25,9 +25,19 @@ if TYPE_CHECKING:
 
 
 def mib_document(circuit: Circuit) -> dict[str, Any]:
-    """The EAP-IG / MIB-style ``{cfg, nodes, edges}`` document of ``circuit``."""
+    """The EAP-IG / MIB-style ``{cfg, nodes, edges}`` document of ``circuit``.
+
+    MIB names one node per MLP and has no edge names for groups of neurons, so a circuit on
+    a grouped graph is refused: export ``circuit.coarsen()`` instead.
+    """
     graph = circuit.graph
     spec = graph.spec
+    if spec.mlp_groups != 1:
+        raise ValueError(
+            f"this circuit splits each MLP into {spec.mlp_groups} neuron groups; MIB's edge "
+            "format has one node per MLP and no names for groups of neurons. Export "
+            "circuit.coarsen() (an MLP is in it when any of its groups is) instead"
+        )
     group = spec.n_heads // spec.n_kv_heads
     edges: dict[str, dict[str, Any]] = {}
     rows, cols = graph.valid.nonzero(as_tuple=True)

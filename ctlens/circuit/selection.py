@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ctlens.graph import Graph
+from ctlens.sizes import edge_count
 from ctlens.types import NodeKind
 
 SELECTION_METHODS = ("top_n", "threshold", "greedy")
@@ -25,7 +26,7 @@ def select_mask(
     graph: Graph,
     dense: Float[torch.Tensor, "n_senders n_receivers"],
     method: str,
-    top_n: int | None,
+    top_n: int | float | None,
     threshold: float | None,
     prune: bool,
 ) -> Bool[torch.Tensor, "n_senders n_receivers"]:
@@ -36,6 +37,8 @@ def select_mask(
     if method in ("top_n", "greedy"):
         if threshold is not None:
             raise ValueError(f"method {method!r} takes top_n, not threshold")
+        if isinstance(top_n, float):
+            top_n = edge_count(top_n, graph.n_edges)
         check_top_n(top_n, graph)
         assert top_n is not None
         if method == "top_n":
@@ -75,7 +78,7 @@ def check_top_n(top_n: Any, graph: Graph) -> None:
     if not 1 <= top_n <= graph.n_edges:
         raise ValueError(
             f"top_n={top_n} is out of range: choose between 1 and the number of valid edges "
-            f"({graph.n_edges})"
+            f"({graph.n_edges}), or a fraction of them such as 0.05"
         )
 
 
@@ -100,7 +103,9 @@ def component_inputs(graph: Graph) -> dict[int, list[int]]:
         heads = graph.sender_slice(layer)
         for h in range(spec.n_heads):
             out[heads.start + h] = [q.start + h, k.start + h // group, v.start + h // group]
-        out[graph.mlp_sender(layer)] = [graph.receiver_slice(layer, NodeKind.MLP).start]
+        senders, mlp_in = graph.mlp_senders(layer), graph.receiver_slice(layer, NodeKind.MLP)
+        for g in range(spec.mlp_groups):  # each neuron group reads its own input
+            out[senders.start + g] = [mlp_in.start + g]
     out[0] = []
     return out
 

@@ -25,6 +25,7 @@ from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import eval_mode, model_device
 from ctlens.masking.forward import EdgeMask
+from ctlens.mlp_groups import groups_of
 from ctlens.types import Ablation
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -113,7 +114,7 @@ def _evaluate(
     """
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(circuits[0]))
     data.check_vocab(model.cfg.d_vocab)
     device = model_device(model)
     full_total = 0.0
@@ -178,7 +179,7 @@ def faithfulness(
             task does not separate the model from its fully ablated version on this data.
     """
     ablation = Ablation.parse(ablation)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
     if not isinstance(circuit, Circuit):
         raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
     empty = Circuit.empty(graph)
@@ -231,7 +232,7 @@ def faithfulness_curve(
         ValueError: when the full model and the empty circuit agree, as in `faithfulness`.
     """
     ablation = Ablation.parse(ablation)
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(scores))
     if getattr(scores, "graph", None) != graph:
         raise ValueError(
             "scores must be ctlens.EdgeScores computed on this model (their graph differs or "

@@ -53,6 +53,7 @@ from ctlens.hooks import (
     receiver_hooks,
     sender_hooks,
 )
+from ctlens.mlp_groups import groups_of
 from ctlens.types import Ablation, NodeKind
 
 
@@ -150,7 +151,7 @@ class EdgeMask:
 
     def __init__(self, model: Any, circuit: Circuit, ablation: Ablation) -> None:
         self.model = model
-        self.graph = Graph.from_model(model)
+        self.graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
         self.ablation = ablation
         self.device = model_device(model)
         self.dtype = next(model.parameters()).dtype
@@ -167,8 +168,8 @@ class EdgeMask:
         self._sender_groups = [(0, 1)]
         for layer in range(spec.n_layers):
             heads = self.graph.sender_slice(layer)
-            mlp = self.graph.mlp_sender(layer)
-            self._sender_groups += [(heads.start, heads.stop), (mlp, mlp + 1)]
+            mlp = self.graph.mlp_senders(layer)
+            self._sender_groups += [(heads.start, heads.stop), (mlp.start, mlp.stop)]
         self._plan = self.plan(circuit)
 
     @property
@@ -328,17 +329,15 @@ class EdgeMask:
         )
 
     def _group_end(self, row: int) -> int:
-        """End of the sender group (input, a layer's heads, an MLP) holding ``row``, so that
-        a hook reads whole groups and each live activation maps to whole buffer rows."""
+        """End of the sender group (input, a layer's heads, an MLP or its neuron groups) holding
+        ``row``, so that a hook reads whole groups and each live activation maps to whole
+        buffer rows."""
         if row == 0:
             return 1
-        per_layer = self.graph.spec.n_heads + 1
+        heads = self.graph.spec.n_heads
+        per_layer = heads + self.graph.spec.mlp_groups
         layer, offset = divmod(row - 1, per_layer)
-        return (
-            1
-            + layer * per_layer
-            + (self.graph.spec.n_heads if offset < per_layer - 1 else per_layer)
-        )
+        return 1 + layer * per_layer + (heads if offset < heads else per_layer)
 
     def use(self, plan: _Plan) -> None:
         """Enforce a plan made by `plan` (lets callers switch circuits without replanning)."""

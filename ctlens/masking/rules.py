@@ -10,8 +10,10 @@ What a node unlocks is looked up by its role and kind in two tables, `SENDER_RUL
 | sender ``input`` | token and position embeddings (only with ``train_embeddings``) |
 | sender head ``a{l}.h{h}`` | its inputs of W_O, and b_O (shared by the layer's heads) |
 | sender MLP ``m{l}`` | W_out, b_out |
+| sender MLP group ``m{l}.n{j}`` | its neurons' rows of W_out, and b_out (shared by the groups) |
 | receiver q / k / v | that (KV) head's outputs of W_Q / W_K / W_V and of their biases |
 | receiver MLP ``m{l}`` | W_in, the gate of a gated MLP, b_in |
+| receiver MLP group ``m{l}.n{j}`` | its neurons' columns of W_in (and of the gate) and of b_in |
 | receiver ``logits`` | the unembedding (only with ``train_unembedding``) |
 
 LayerNorms belong to no node and never move. The parameters themselves are read from the
@@ -22,10 +24,11 @@ q/k/v weights are strided views of the fused ``c_attn`` parameter; the views are
 receive gradients, so they are the ones sliced, and the fused parameter (which shares their
 storage) is left out of the rules.
 
-To support a new node kind (say, groups of MLP neurons) add its `NodeRule` to the table of
-its role; to support a model family whose components differ (say, a fused gate/up
-projection) teach `ModelParts.from_model` where they are. `parameter_rules` itself does not
-change.
+To support a new node kind add its `NodeRule` to the table of its role; to support a model
+family whose components differ (say, a fused gate/up projection) teach
+`ModelParts.from_model` where they are. `parameter_rules` itself does not change. MLP
+neuron groups (``mlp_groups`` > 1, `ctlens.mlp_groups`) are MLP nodes whose ``head`` is the
+group index; the MLP rules open only that group's neurons.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import nn
 
 from ctlens.circuit import Circuit
 from ctlens.graph import Graph
+from ctlens.mlp_groups import groups_of
 from ctlens.types import Node, NodeKind
 
 
@@ -190,6 +194,7 @@ class RuleOptions:
 
     train_embeddings: bool = False
     train_unembedding: bool = False
+    mlp_groups: int = 1  # neuron groups per MLP in the circuit's graph (ctlens.mlp_groups)
 
 
 Opening = tuple[torch.Tensor | None, tuple[Any, ...]]
@@ -217,9 +222,23 @@ def _head_sender(parts: ModelParts, node: Node, options: RuleOptions) -> Iterato
     yield output.bias, (...,)  # b_O, shared by the layer's heads: moves when any head sends
 
 
+def _neurons(projection: Projection, node: Node, options: RuleOptions, axis: int) -> slice:
+    """The neurons of MLP group ``node`` (its ``head`` is the group index)."""
+    assert node.head is not None
+    d_mlp = projection.weight.shape[axis]
+    width = d_mlp // options.mlp_groups
+    return slice(node.head * width, (node.head + 1) * width)
+
+
 def _mlp_sender(parts: ModelParts, node: Node, options: RuleOptions) -> Iterator[Opening]:
     assert node.layer is not None
-    yield from _whole(parts.layers[node.layer].mlp_out)
+    output = parts.layers[node.layer].mlp_out
+    if node.head is None:
+        yield from _whole(output)
+        return
+    axis = 1 - _orientation(output.module, output.where)  # the input (neuron) axis
+    yield output.weight, output.inputs(_neurons(output, node, options, axis))
+    yield output.bias, (...,)  # b_out, shared by the MLP's groups: moves when any group sends
 
 
 def _qkv_receiver(parts: ModelParts, node: Node, options: RuleOptions) -> Iterator[Opening]:
@@ -233,7 +252,12 @@ def _qkv_receiver(parts: ModelParts, node: Node, options: RuleOptions) -> Iterat
 def _mlp_receiver(parts: ModelParts, node: Node, options: RuleOptions) -> Iterator[Opening]:
     assert node.layer is not None
     for projection in parts.layers[node.layer].mlp_in:
-        yield from _whole(projection)
+        if node.head is None:
+            yield from _whole(projection)
+            continue
+        neurons = _neurons(projection, node, options, _orientation(projection.module, ""))
+        yield projection.weight, projection.outputs(neurons)
+        yield projection.bias, (neurons,)
 
 
 def _logits_receiver(parts: ModelParts, node: Node, options: RuleOptions) -> Iterator[Opening]:
@@ -275,14 +299,14 @@ def parameter_rules(
     weight is trainable when either side is. Plain tensors that are not parameters (the
     bridge's constant unembedding bias) are skipped.
     """
-    graph = Graph.from_model(model)
+    graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
     if circuit.graph != graph:
         raise ValueError(
             f"the circuit belongs to another model's graph ({circuit.graph!r}); this model has "
             f"{graph!r}. Use a circuit found on this model."
         )
     parts = ModelParts.from_model(model)
-    options = RuleOptions(train_embeddings, train_unembedding)
+    options = RuleOptions(train_embeddings, train_unembedding, graph.spec.mlp_groups)
     masks: dict[int, torch.Tensor] = {}
     params: dict[int, nn.Parameter] = {}
     for projection in parts.projections():  # every mapped parameter starts frozen

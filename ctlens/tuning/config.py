@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ctlens.sizes import check_size, edge_count
 from ctlens.types import Ablation
 
 Mode = Literal["gradient", "forward", "both", "full", "random", "lora"]
@@ -21,6 +22,10 @@ CIRCUIT_MODES: tuple[str, ...] = ("gradient", "forward", "both", "random")
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 DISCOVERIES: tuple[str, ...] = ("batch", "task")
 BATCH_METRICS: tuple[str, ...] = ("task", "loss")
+SELECTIONS: tuple[str, ...] = ("top_n", "top_nodes")
+RANDOM_MATCHES: tuple[str, ...] = ("edges", "parameters", "composition")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+LOSSES: tuple[str, ...] = ("target", "sequence")
 ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
 """``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
 
@@ -36,8 +41,14 @@ class TuneConfig:
         mode: ``"gradient"`` (only circuit nodes' parameters move; the paper's),
             ``"forward"`` (edges outside the circuit are mean-ablated in the forward pass),
             ``"both"``, or a baseline: ``"full"`` (full fine-tuning), ``"random"`` (a random
-            edge set of the same size, redrawn every ``every_k`` steps, enforced like
-            ``"gradient"``), ``"lora"`` (LoRA adapters via peft; needs ``pip install peft``).
+            circuit matched as ``random_match`` says, redrawn every ``every_k`` steps,
+            enforced like ``"gradient"``), ``"lora"`` (LoRA adapters via peft; needs
+            ``pip install peft``).
+        random_match: what ``mode="random"``'s circuit shares with the one discovery would
+            select at that step (`ctlens.tuning.controls`): ``"edges"`` (its edge count),
+            ``"parameters"`` (its trainable-parameter count; the default) or
+            ``"composition"`` (its trainable parameters per node kind). A ``run.json``
+            written before this option reads as ``"edges"``.
         top_n: edges kept (the final value when a schedule is used).
         top_n_start: first value of the N schedule (default: ``top_n``).
         top_n_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` from ``top_n_start`` to
@@ -54,10 +65,18 @@ class TuneConfig:
         discovery_batches: batches of ``batch_size`` discovery pairs per ``"task"`` discovery.
         ema: exponential moving average of scores across rediscoveries
             (``s = ema * s_old + (1 - ema) * s_new``; 0 disables it).
+        selection: how the N edges are chosen: ``"top_n"`` (largest |score|) or
+            ``"top_nodes"`` (the paper's official code: largest |score| x the sender's summed
+            |scores| x the receiver's summed |scores|).
         train_embeddings / train_unembedding: let the ``input`` / ``logits`` nodes' weights
             move in gradient mode when they are in the circuit.
     Optimisation:
-        steps, batch_size, lr, weight_decay, betas, grad_clip (``None``: off),
+        optimizer: ``"adamw"`` (``betas``, ``weight_decay``) or ``"sgd"`` (``momentum``,
+            ``weight_decay``; the paper's official code uses SGD, momentum 0.9, weight decay
+            1e-4). Gradient restriction is exact under both.
+        loss: ``"target"`` (the NLL of the task's target tokens) or ``"sequence"`` (the NLL
+            of every real token of the training row, the paper's official loss).
+        steps, batch_size, lr, weight_decay, betas, momentum, grad_clip (``None``: off),
         lr_schedule (``"constant"``, ``"linear"`` or ``"cosine"`` decay after
         ``warmup_steps`` of linear warm-up), metric_beta (adds ``beta * |metric|`` on the
         training batch: the paper's de-biasing term).
@@ -68,8 +87,9 @@ class TuneConfig:
     """
 
     mode: Mode = "gradient"
-    top_n: int = 300
-    top_n_start: int | None = None
+    random_match: Literal["edges", "parameters", "composition"] = "parameters"
+    top_n: int | float = 300
+    top_n_start: int | float | None = None
     top_n_schedule: Schedule = "constant"
     every_k: int = 1
     discovery: Discovery = "batch"
@@ -77,17 +97,23 @@ class TuneConfig:
     discovery_ablation: str = field(default="mean", metadata={"choices": ABLATIONS})
     discovery_batches: int = 4
     ema: float = 0.0
+    selection: Literal["top_n", "top_nodes"] = "top_n"
     train_embeddings: bool = False
     train_unembedding: bool = False
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    loss: Literal["target", "sequence"] = "target"
     steps: int = 200
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
     grad_clip: float | None = 1.0
     lr_schedule: Schedule = "constant"
     warmup_steps: int = 0
     metric_beta: float = 0.0
+    mlp_groups: int = 1
+    mlp_group_size: int | None = None
     lora_rank: int = 8
     lora_alpha: float = 16.0
     eval_every: int = 50
@@ -106,12 +132,33 @@ class TuneConfig:
         _choice("discovery", self.discovery, DISCOVERIES)
         _choice("batch_metric", self.batch_metric, BATCH_METRICS)
         _choice("discovery_ablation", self.discovery_ablation, ABLATIONS)
+        _choice("selection", self.selection, SELECTIONS)
+        _choice("random_match", self.random_match, RANDOM_MATCHES)
+        if self.mode == "random" and self.random_match != "edges" and (
+            self.train_embeddings or self.train_unembedding
+        ):
+            raise ValueError(
+                f"random_match={self.random_match!r} draws nodes other than input and logits; "
+                "use it without train_embeddings / train_unembedding, or random_match='edges'"
+            )
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("loss", self.loss, LOSSES)
+        if not (_finite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         object.__setattr__(self, "discovery_ablation", Ablation(self.discovery_ablation).value)
-        for name in ("steps", "every_k", "top_n", "batch_size", "eval_every", "save_every",
-                     "discovery_batches", "lora_rank", "keep_checkpoints"):
+        for name in ("steps", "every_k", "batch_size", "eval_every", "save_every",
+                     "discovery_batches", "lora_rank", "keep_checkpoints", "mlp_groups"):
             _positive_int(name, getattr(self, name))
+        check_size(self.top_n, "top_n")
         if self.top_n_start is not None:
-            _positive_int("top_n_start", self.top_n_start)
+            check_size(self.top_n_start, "top_n_start")
+        if self.mlp_group_size is not None:
+            _positive_int("mlp_group_size", self.mlp_group_size)
+            if self.mlp_groups != 1:
+                raise ValueError(
+                    f"give mlp_groups ({self.mlp_groups}) or mlp_group_size "
+                    f"({self.mlp_group_size}), not both"
+                )
         if self.eval_examples is not None:
             _positive_int("eval_examples", self.eval_examples)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -146,19 +193,47 @@ class TuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
-        """Inverse of `to_dict`; unknown keys are ignored (forward compatibility)."""
+        """Inverse of `to_dict`; unknown keys are ignored (forward compatibility), a missing
+        ``random_match`` reads as ``"edges"`` (what runs did before it existed)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("random_match", "edges")  # written before random_match existed
+        return cls(**values)
 
     def semantic_dict(self) -> dict[str, Any]:
         """`to_dict` without the fields that do not change results (for resume checks)."""
-        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
+        data = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
+        if self.mode != "random":
+            del data["random_match"]  # means nothing outside random runs
+        return data
 
-    def top_n_at(self, step: int) -> int:
-        """N of the top-N schedule at optimizer step ``step`` (0-based)."""
-        start = self.top_n if self.top_n_start is None else self.top_n_start
+    def top_n_at(self, step: int, n_edges: int | None = None) -> int:
+        """N of the top-N schedule at optimizer step ``step`` (0-based).
+
+        A fraction (``top_n=0.01``) is a share of the graph's ``n_edges`` valid edges, so
+        ``n_edges`` is then required.
+        """
+        ends = []
+        for name, value in (("top_n", self.top_n), ("top_n_start", self.top_n_start)):
+            if isinstance(value, float):
+                if n_edges is None:
+                    raise ValueError(f"{name}={value} is a fraction: pass the graph's n_edges")
+                value = edge_count(value, n_edges, name)
+            ends.append(value)
+        end, start = ends[0], ends[0] if ends[1] is None else ends[1]
         frac = _progress(self.top_n_schedule, step, self.steps)
-        return int(round(start + (self.top_n - start) * frac))
+        return int(round(start + (end - start) * frac))
+
+    def groups_for(self, d_mlp: int) -> int:
+        """Neuron groups per MLP: ``mlp_groups``, or ``d_mlp / mlp_group_size``."""
+        if self.mlp_group_size is None:
+            return self.mlp_groups
+        if d_mlp % self.mlp_group_size:
+            raise ValueError(
+                f"mlp_group_size={self.mlp_group_size} does not divide the MLP width {d_mlp}; "
+                "choose a divisor of it, or give mlp_groups"
+            )
+        return d_mlp // self.mlp_group_size
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at step ``step``: linear warm-up, then the decay schedule."""

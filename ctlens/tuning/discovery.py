@@ -28,7 +28,9 @@ from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
+from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.controls import MatchedControl, trainable_count
 from ctlens.tuning.distributed import World
 
 Scores = Float[torch.Tensor, "n_senders n_receivers"]
@@ -43,19 +45,30 @@ def check_top_n(config: TuneConfig, graph: Graph) -> None:
     """
     for name in ("top_n", "top_n_start"):
         value = getattr(config, name)
-        if value is not None and value > graph.n_edges:
+        if isinstance(value, int) and value > graph.n_edges:
             raise ValueError(
                 f"{name}={value} is larger than the model's graph ({graph.n_edges} valid "
-                f"edges); choose at most {graph.n_edges}"
+                f"edges); choose at most {graph.n_edges}, or a fraction such as 0.01"
             )
 
 
-def top_n_after(config: TuneConfig, steps_taken: int) -> int:
+def top_nodes_rank(scores: Scores, graph: Graph) -> Scores:
+    """``selection="top_nodes"``: |score| x sender's summed |scores| x receiver's summed |scores|.
+
+    The ranking of the paper's official code: an edge counts more when both of its ends
+    matter overall. Sums run over valid edges; invalid entries stay 0.
+    """
+    magnitude = scores.abs() * graph.valid
+    return magnitude * magnitude.sum(1, keepdim=True) * magnitude.sum(0, keepdim=True)
+
+
+def top_n_after(config: TuneConfig, steps_taken: int, n_edges: int | None = None) -> int:
     """N of the circuit in force after ``steps_taken`` optimizer steps.
 
     The circuit of the last step taken (``steps_taken - 1``); before any step, the first's.
+    ``n_edges`` (the graph's valid edges) turns a fractional ``top_n`` into a count.
     """
-    return config.top_n_at(max(steps_taken - 1, 0))
+    return config.top_n_at(max(steps_taken - 1, 0), n_edges)
 
 
 class CircuitDiscovery:
@@ -81,6 +94,7 @@ class CircuitDiscovery:
         self.world = world
         self.model_name = model_name
         self.ema: Scores | None = None
+        self._control: MatchedControl | None = None
 
     # ------------------------------------------------------------------ batch discovery
 
@@ -150,11 +164,13 @@ class CircuitDiscovery:
         chosen = data[rows]
         reference = None
         if cfg.discovery_ablation == "mean":
-            reference = mean_activations(self.model, chosen, batch_size=cfg.batch_size)
+            reference = mean_activations(
+                self.model, chosen, batch_size=cfg.batch_size, graph=self.graph
+            )
         local = self.world.shard(torch.arange(want))
         result = attribute(
             self.model, chosen[local], ablation=cfg.discovery_ablation, reference=reference,
-            batch_size=cfg.batch_size, progress=False,
+            batch_size=cfg.batch_size, progress=False, graph=self.graph,
         )
         scores = result.scores * (len(local) / want)
         return self.world.sum_(scores)
@@ -163,7 +179,9 @@ class CircuitDiscovery:
         """Per-position mean sender outputs over training rows ``rows`` (forward modes)."""
         data = TaskData(clean=self.task.train_tokens[rows],
                         attention_mask=self.task.train_attention_mask[rows], metric="kl")
-        return mean_activations(self.model, data, batch_size=self.config.batch_size)
+        return mean_activations(
+            self.model, data, batch_size=self.config.batch_size, graph=self.graph
+        )
 
     def monitor_circuit(self, step: int) -> Circuit:
         """The task circuit of the current weights (for snapshots outside circuit modes)."""
@@ -172,8 +190,8 @@ class CircuitDiscovery:
         if cfg.eval_examples is not None:
             data = data[: cfg.eval_examples]
         scores = attribute(self.model, data, ablation=cfg.discovery_ablation,
-                           batch_size=cfg.batch_size, progress=False)
-        n = top_n_after(cfg, step)
+                           batch_size=cfg.batch_size, progress=False, graph=self.graph)
+        n = top_n_after(cfg, step, self.graph.n_edges)
         circuit = Circuit.from_scores(scores, top_n=n)
         circuit.metadata = {"step": step, "top_n": n, "mode": cfg.mode, "discovery": "monitor"}
         circuit.model_name = self.model_name
@@ -188,9 +206,15 @@ class CircuitDiscovery:
         if cfg.ema > 0:
             self.ema = scores if self.ema is None else cfg.ema * self.ema + (1 - cfg.ema) * scores
             scores = self.ema
-        n = cfg.top_n_at(t)
+        n = cfg.top_n_at(t, self.graph.n_edges)
+        metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
+        if cfg.selection == "top_nodes":
+            ranked = Circuit.from_scores(EdgeScores(top_nodes_rank(scores, self.graph),
+                                                    self.graph, {}), top_n=n)
+            metadata["selection"] = "top_nodes"
+            return Circuit(self.graph, ranked.mask, scores, metadata, self.model_name)
         circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=n)
-        circuit.metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
+        circuit.metadata = metadata
         circuit.model_name = self.model_name
         return circuit
 
@@ -198,7 +222,26 @@ class CircuitDiscovery:
         """``mode="random"``: N random valid edges, seeded by ``(seed, t)``."""
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (t + 1))
         noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
-        n = self.config.top_n_at(t)
+        n = self.config.top_n_at(t, self.graph.n_edges)
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
         return Circuit(self.graph, circuit.mask, None,
                        {"step": t, "top_n": n, "mode": "random"}, self.model_name)
+
+    def matched_random_circuit(self, target: Circuit, t: int) -> Circuit:
+        """``random_match="parameters"`` / ``"composition"``: a random circuit with the
+        trainable parameters of ``target`` (in total or per node kind), seeded by
+        ``(seed, t)``; its metadata records ``target``'s trainable fraction."""
+        cfg = self.config
+        if self._control is None:
+            self._control = MatchedControl(self.model, self.graph, cfg)
+        budgets = self._control.budgets(target, by_kind=cfg.random_match == "composition")
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (t + 1))
+        circuit = self._control.draw(budgets, gen)
+        total = W.count_real_parameters(self.model)
+        circuit.metadata = {
+            "step": t, "top_n": cfg.top_n_at(t, self.graph.n_edges), "mode": "random",
+            "random_match": cfg.random_match,
+            "discovered_trainable_fraction": trainable_count(self.model, target, cfg) / total,
+        }
+        circuit.model_name = self.model_name
+        return circuit

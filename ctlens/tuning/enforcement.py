@@ -49,9 +49,13 @@ class Enforcement:
             self.params: list[torch.nn.Parameter] = self.lora.parameters()
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-        )
+        self.optimizer: torch.optim.Optimizer
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                             weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
+                                               weight_decay=config.weight_decay)
         self.circuit: Circuit | None = None
         self.means: torch.Tensor | None = None
         self._restriction: contextlib.ExitStack | None = None

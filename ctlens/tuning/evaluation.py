@@ -81,9 +81,13 @@ class Evaluator:
             "evals": evals,
             "wall_time": time.perf_counter() - started,
             "lr": cfg.lr * cfg.lr_factor(max(step - 1, 0)),
-            "top_n": top_n_after(cfg, step),
+            "top_n": top_n_after(cfg, step, self.graph.n_edges),
             "trainable_fraction": enforcement.trainable_fraction(),
         }
+        matched = (in_force.metadata or {}).get("discovered_trainable_fraction") \
+            if in_force is not None else None
+        if matched is not None:
+            record["discovered_trainable_fraction"] = matched
         if target_accuracy is not None:
             record["target_accuracy"] = target_accuracy
         known = {k: v for k, v in accuracy.items() if v is not None}

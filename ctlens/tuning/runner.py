@@ -56,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctlens import run_format as F
+from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
@@ -123,7 +124,8 @@ class CircuitTuner:
         _check_task(task)
         self.model = model
         self.task = task
-        self.graph = Graph.from_model(model)
+        d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
+        self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
         check_top_n(self.config, self.graph)
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
@@ -246,6 +248,16 @@ class CircuitTuner:
         return EdgeScores(scores, self.graph, {"method": "eap", "ablation": "mean",
                                                "discovery": "batch", "step": step})
 
+    def _random_circuit(self, t: int) -> Circuit:
+        """``mode="random"``'s circuit of step ``t``, matched as ``random_match`` says."""
+        if self.config.random_match == "edges":
+            return self.discovery.random_circuit(t)
+        if self.config.discovery == "task":
+            scores = self.discovery.task_scores(t)
+        else:
+            scores = self._batch_discovery(t)[0]
+        return self.discovery.matched_random_circuit(self.discovery.select(scores, t), t)
+
     def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``"batch"`` discovery's scores and batch means on step ``step``, no update."""
         local = self._local_rows(step)
@@ -357,7 +369,7 @@ class CircuitTuner:
         if discover:
             enforcement.release()
             if cfg.mode == "random":
-                enforcement.enter(self.discovery.random_circuit(t))
+                enforcement.enter(self._random_circuit(t))
             elif cfg.discovery == "task":
                 enforcement.enter(self.discovery.select(self.discovery.task_scores(t), t))
                 if cfg.mode in FORWARD_MODES:
@@ -406,7 +418,11 @@ class CircuitTuner:
         """Training loss (normalised by global counts) and the batch's summed task metric."""
         task, cfg = self.task, self.config
         tokens = task.train_tokens[local].to(logits.device)
-        target = task.train_target_mask[local][:, 1:].to(logits.device)
+        if cfg.loss == "sequence":  # every real token predicted from a real token
+            real = task.train_attention_mask[local].to(logits.device)
+            target = real[:, 1:] & real[:, :-1]
+        else:
+            target = task.train_target_mask[local][:, 1:].to(logits.device)
         n_targets = self.world.sum_scalar(float(target.sum()))
         n_rows = self.world.sum_scalar(float(len(local)))
         logp = logits[:, :-1].float().log_softmax(-1)

@@ -196,13 +196,13 @@ def plot_diff(
     counts = diff_mask_counts(layout, ma, mb)
     scores = eb.scores if eb.scores is not None else ea.scores
     classes = [
-        (f"only in {ea.label}", ma & ~mb, ONLY_A, 2.2),
-        (f"only in {eb.label}", mb & ~ma, ONLY_B, 2.2),
-        ("in both", ma & mb, BOTH, 1.2),
+        (f"only in {ea.label}", ma & ~mb, ONLY_A, 2.2, 0.8),
+        (f"only in {eb.label}", mb & ~ma, ONLY_B, 2.2, 0.8),
+        ("in both", ma & mb, BOTH, 0.9, 0.35),  # faint: the change is what the figure shows
     ]
     cls_index = receiver_class_index(layout)
     fig = go.Figure()
-    for name, mask, colour, width in classes:
+    for name, mask, colour, width, alpha in classes:
         rows, cols = mask.nonzero(as_tuple=True)
         cls = cls_index[cols]
         for c, cname in enumerate(RECEIVER_CLASSES):
@@ -211,10 +211,10 @@ def plot_diff(
             fig.add_trace(scatter(
                 x=x, y=y, mode="lines", hoverinfo="skip", name=f"{name} → {CLASS_LABEL[cname]}",
                 legendgroup=name, showlegend=bool(select.any()),
-                line={"color": rgba(colour, 0.75), "width": width, "dash": CLASS_DASH[cname]},
+                line={"color": rgba(colour, alpha), "width": width, "dash": CLASS_DASH[cname]},
             ))
     fig.add_traces(port_traces(layout, ma | mb))
-    for name, mask, _, _ in classes:
+    for name, mask, *_ in classes:
         rows, cols = mask.nonzero(as_tuple=True)
         fig.add_trace(edge_hover(layout, rows, cols, scores, prefix=f"{name}<br>"))
     na, nb = _components(layout, ma), _components(layout, mb)

@@ -331,8 +331,8 @@ def edge_labels(layout: Layout, es: EdgeSet, k: int = EDGE_LABELS) -> Trace:
     x = (0.55 * layout.sender_x[rows] + 0.45 * layout.receiver_x[cols]).numpy()
     y = (0.55 * layout.sender_y[rows] + 0.45 * layout.receiver_y[cols]).numpy()
     for k in range(len(y)):  # lift a label off any earlier one it would overlap
-        while any(abs(x[k] - x[i]) < 2.5 and abs(y[k] - y[i]) < 0.3 for i in range(k)):
-            y[k] += 0.3
+        while any(abs(x[k] - x[i]) < 2.5 and abs(y[k] - y[i]) < 0.4 for i in range(k)):
+            y[k] += 0.4
     text = [f"{g.senders[i]}→{g.receivers[j]} {v:+.2g}"
             for i, j, v in zip(rows.tolist(), cols.tolist(), values.tolist(), strict=True)]
     colours = [RAISES if v <= 0 else LOWERS for v in values.tolist()]
