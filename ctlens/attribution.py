@@ -153,6 +153,7 @@ def attribute(
         "metric_clean": totals["clean"] / len(data),
         "seconds": time.perf_counter() - start,
         "model": getattr(model.cfg, "model_name", None),
+        "approximate": graph.spec.approximate,
     }
     if method is Method.EAP_IG:
         metadata["steps"] = steps
