@@ -60,7 +60,7 @@ from ctlens.hooks import (
     sender_hooks,
     supports_truncated_forward,
 )
-from ctlens.memory import fit_attribution
+from ctlens.memory import AttributionFit, fit_attribution
 from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
 from ctlens.scores import EdgeScores, check_finite_scores
 from ctlens.types import Ablation, Method
@@ -130,22 +130,13 @@ def attribute(
             ref_tokens = None
             if corrupt is not None:
                 ref_tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
-            run = _Runner(model, batch)
-            delta, ref_logits = _reference_activations(
-                model, graph, run, ref_tokens, means, fit.buffer_dtype
-            )
             try:
-                if method is Method.EXACT:
-                    _exact_batch(model, graph, run, delta, ref_logits, scores, totals, len(data))
-                else:
-                    n_steps = steps if method is Method.EAP_IG else 1
-                    _gradient_batch(
-                        model, graph, run, delta, ref_logits, scores, totals, len(data), n_steps,
-                        fit.chunk,
-                    )
+                _score_batch(
+                    model, graph, _Runner(model, batch), ref_tokens, means, method, steps, fit,
+                    scores, totals, len(data),
+                )
             except MetricError as err:
                 raise err.shifted(rows.start) from None
-            del delta, ref_logits
     check_finite_scores(scores, graph, next(model.parameters()).dtype)
 
     metadata: dict[str, Any] = {
@@ -170,6 +161,32 @@ def attribute(
 
 
 # ------------------------------------------------------------------------------ passes
+
+
+def _score_batch(
+    model: Any,
+    graph: Graph,
+    run: _Runner,
+    ref_tokens: torch.Tensor | None,
+    means: torch.Tensor | None,
+    method: Method,
+    steps: int,
+    fit: AttributionFit,
+    scores: torch.Tensor,
+    totals: dict[str, float],
+    n_total: int,
+) -> None:
+    """Add one batch's share of every edge score to ``scores`` (and of the metric to ``totals``)."""
+    delta, ref_logits = _reference_activations(
+        model, graph, run, ref_tokens, means, fit.buffer_dtype
+    )
+    if method is Method.EXACT:
+        _exact_batch(model, graph, run, delta, ref_logits, scores, totals, n_total)
+    else:
+        n_steps = steps if method is Method.EAP_IG else 1
+        _gradient_batch(
+            model, graph, run, delta, ref_logits, scores, totals, n_total, n_steps, fit.chunk
+        )
 
 
 class _Runner:
