@@ -65,6 +65,9 @@ REFUSED = {
     "q/k/v inputs (the graph's senders and receivers) cannot be hooked",
     **{arch: f"{name} {_NORMALISED_OUTPUTS}" for arch, name in FROZEN_NORM.items()},
 }
+# TransformerLens 4.3's bridges of these fail in half precision (their attention multiplies
+# float32 weights with bfloat16 / float16 values); ctlens says so and how to load them.
+HALF_PRECISION_FAILS = {"OlmoForCausalLM", "Olmo2ForCausalLM"}
 # The hooks the graph reads (`ctlens.hooks`), checked on every loaded bridge.
 REQUIRED_HOOKS = (
     "hook_embed",
@@ -322,6 +325,13 @@ def _configure(bridge: Any, approximate: str | None = None) -> Any:
             f"{arch}: this bridge does not expose {missing}: ctlens needs per-head outputs "
             "and split q/k/v inputs to score edges"
             + (" and the post-sublayer norms' hooks for frozen-norm" if approximate else "")
+        )
+    dtype = next(bridge.parameters()).dtype
+    if arch in HALF_PRECISION_FAILS and dtype in (torch.float16, torch.bfloat16):
+        raise UnsupportedModelError(
+            f"{arch} in {str(dtype).replace('torch.', '')}: TransformerLens 4.3's bridge for it "
+            "fails in half precision (its attention mixes float32 and half-precision "
+            "tensors); load it in float32: load_model(..., dtype='float32')"
         )
     bridge._ctlens_approximate = approximate
     return bridge
