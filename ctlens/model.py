@@ -90,6 +90,12 @@ class UnsupportedModelError(ValueError):
     """The model's architecture cannot be analysed exactly by ctlens; the message says why."""
 
 
+class HubUnreachableError(ConnectionError, ValueError):
+    """A hub name was given but the HuggingFace Hub cannot be reached (and the model is not
+    cached). A `ConnectionError` (an ``OSError``) and a ``ValueError``, so callers that
+    report bad input in one line (the CLI) catch it."""
+
+
 def load_model(
     source: str | Path | nn.Module,
     device: str | torch.device | None = None,
@@ -260,7 +266,7 @@ def _boot_hub(
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not cached and (offline or not hub_reachable()):
-        raise OSError(
+        raise HubUnreachableError(
             f"{name!r} is not a zoo model, a directory or a cached hub model, and the "
             f"HuggingFace Hub cannot be reached (offline?): {_hub_hint(name)}"
         )
