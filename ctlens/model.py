@@ -138,9 +138,9 @@ def load_model(
         )
     text = str(source)
     if text.startswith(ZOO_PREFIX):
-        from ctlens import zoo
+        from ctlens.zoo import load_hf
 
-        module, zoo_tokenizer = zoo.load_hf(text[len(ZOO_PREFIX) :])
+        module, zoo_tokenizer = load_hf(text[len(ZOO_PREFIX) :])
         return _wrap(module, tokenizer or zoo_tokenizer, *options, name=text)
     path = Path(text).expanduser()
     if path.is_dir():

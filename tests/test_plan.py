@@ -36,3 +36,161 @@ def test_real_shape_lookup() -> None:
     assert real_shapes.build("gpt2", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="known: gpt2"):
         real_shapes.shape("gpt-5")
+
+
+# ------------------------------------------------------------------------------ planner
+
+import argparse  # noqa: E402
+import ast  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import ctlens  # noqa: E402
+from ctlens import plan as plan_module  # noqa: E402
+from ctlens.plan import GIB, MemoryBudgetError, model_shape, parse_bytes  # noqa: E402
+from ctlens.plan_cli import add_plan_command  # noqa: E402
+
+
+def test_graph_size_matches_the_graph(tiny_model) -> None:
+    graph = ctlens.Graph.from_model(tiny_model)
+    assert model_shape(tiny_model).graph_size() == (graph.n_senders, graph.n_receivers)
+    # the design's numbers for GPT-2 small
+    assert model_shape("gpt2").graph_size() == (157, 445)
+
+
+def test_shape_of_a_bridge_counts_real_parameters(tiny_model) -> None:
+    from ctlens.tuning.weights import count_real_parameters
+
+    shape = model_shape(tiny_model)
+    assert shape.n_params == count_real_parameters(tiny_model)
+    assert shape.dtype == torch.float64
+    assert 0 < shape.attn_params + shape.mlp_params < shape.n_params
+
+
+def test_plan_parts_follow_the_formulas() -> None:
+    p = ctlens.plan("llama-3.1-8b", batch_size=4, seq_len=256, dtype="bfloat16")
+    shape = p.shape
+    assert shape.bytes_per_param == 2
+    assert p.parts["weights"] == 8_030_261_248 * 2
+    n_send, _ = shape.graph_size()
+    assert p.parts["sender buffer"] == n_send * 4 * 256 * 4096 * 4  # fp32 [S, b, p, d]
+    assert p.peak_bytes == sum(p.parts.values())
+    # activations and the sender buffer scale with the tokens; the weights do not
+    q = ctlens.plan("llama-3.1-8b", batch_size=8, seq_len=256, dtype="bfloat16")
+    assert q.parts["weights"] == p.parts["weights"]
+    assert q.parts["sender buffer"] == 2 * p.parts["sender buffer"]
+    assert q.parts["activations"] == pytest.approx(2 * p.parts["activations"], abs=2)
+    groups = ctlens.plan("llama-3.1-8b", batch_size=4, seq_len=256, dtype="bfloat16",
+                         mlp_groups=4)
+    assert groups.parts["sender buffer"] > p.parts["sender buffer"]
+
+
+def test_tune_plan_and_fsdp_division() -> None:
+    single = ctlens.plan("llama-3.2-1b", mode="tune", batch_size=8, seq_len=128)
+    for key in ("gradients", "optimizer state", "restriction state", "logits"):
+        assert single.parts[key] > 0
+    assert single.parts["optimizer state"] == 2 * single.parts["gradients"]
+    fsdp = ctlens.plan("llama-3.2-1b", mode="tune", batch_size=8, seq_len=128, ranks=4,
+                       shard=True)
+    assert fsdp.parts["weights"] == single.parts["weights"] // 4
+    assert fsdp.parts["optimizer state"] == single.parts["optimizer state"] // 4
+    assert fsdp.parts["fsdp all-gathered layers"] > 0
+    assert fsdp.parts["activations"] == pytest.approx(single.parts["activations"] / 4, abs=2)
+    ddp = ctlens.plan("llama-3.2-1b", mode="tune", batch_size=8, seq_len=128, ranks=4)
+    assert ddp.parts["weights"] == single.parts["weights"]
+
+
+def test_recommended_batch_is_the_largest_that_fits() -> None:
+    p = ctlens.plan("gpt2", mode="tune", seq_len=128, budget="24GiB")
+    usable = 24 * GIB * 0.9
+    best = p.recommended_batch
+    assert best is not None and best >= 1
+    assert ctlens.plan("gpt2", mode="tune", seq_len=128, batch_size=best).peak_bytes <= usable
+    assert ctlens.plan("gpt2", mode="tune", seq_len=128, batch_size=best + 1).peak_bytes > usable
+    sharded = ctlens.plan("gpt2", mode="tune", seq_len=128, budget="24GiB", ranks=4, shard=True)
+    assert sharded.recommended_batch % 4 == 0 and sharded.recommended_batch > best
+
+
+def test_budget_below_the_minimum_is_refused() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"llama-3.1-8b needs .* GiB .* budget of 40"):
+        ctlens.plan("llama-3.1-8b", mode="tune", dtype="bfloat16", budget="40GiB")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"mode": "train"}, "mode must be one of"), ({"method": "exact"}, "method must be"),
+     ({"batch_size": 0}, "batch_size must be a positive"), ({"dtype": "int8"}, "dtype must"),
+     ({"budget": "lots"}, "cannot read the memory budget")],
+)
+def test_plan_bad_input(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ctlens.plan("gpt2", **kwargs)
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("24 GiB") == 24 * 2**30
+    assert parse_bytes(1234) == 1234
+    for bad in ("-1GB", "GB", "3 parsecs", 0):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_plan_module_is_callable_and_the_cli_module_is_light() -> None:
+    assert callable(plan_module)
+    assert plan_module("gpt2").peak_bytes == plan_module.plan("gpt2").peak_bytes
+    source = Path(ctlens.__file__).parent / "plan_cli.py"
+    body = ast.parse(source.read_text()).body
+    top = [n for n in body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert all("torch" not in ast.dump(n) and "ctlens" not in ast.dump(n) for n in top)
+
+
+def _cli(*args: str) -> int:
+    """Run ``ctlens plan ARGS`` in process (as ctlens.cli does: ValueError -> exit 2)."""
+    parser = argparse.ArgumentParser(prog="ctlens")
+    add_plan_command(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(["plan", *args])
+    try:
+        return parsed.func(parsed)
+    except ValueError as err:
+        print(f"ctlens plan: error: {err}", file=sys.stderr)
+        return 2
+
+
+def test_plan_cli(capsys: pytest.CaptureFixture) -> None:
+    assert _cli("--model", "pythia-1b", "--mode", "tune", "--budget", "80GB", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] is not None and doc["recommended_batch"] >= 1
+    assert doc["peak_bytes"] == ctlens.plan("pythia-1b", mode="tune").peak_bytes
+    assert _cli("--model", "gpt2", "--ranks", "2", "--shard", "fsdp") == 0
+    assert "fsdp all-gathered layers" in capsys.readouterr().out
+    assert _cli("--model", "llama-3.1-8b", "--mode", "tune", "--budget", "8GB") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs" in err
+    assert _cli("--model", "gpt-5") == 2
+    assert "known: gpt2" in capsys.readouterr().err
+
+
+def test_plan_cli_reads_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    real_shapes.shape("gpt2").hf_config().save_pretrained(tmp_path)
+    assert _cli("--model", str(tmp_path), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] == ctlens.plan("gpt2").peak_bytes
+    assert _cli("--model", str(tmp_path / "missing")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("index", [1, 5, 7])  # llama EAP, llama forward, gpt2 tuning step
+def test_planner_within_25_percent_of_measured_cpu_peak(index: int) -> None:
+    """The planner's peak against a measured one, on shapes not used to fit it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "plan.py"
+    spec = importlib.util.spec_from_file_location("plan_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    case = bench.VALIDATION[index]
+    assert case not in bench.CALIBRATION
+    row = bench.compare([bench.run_case(case)])[0]
+    assert abs(row["error"]) < 0.25, row

@@ -1,0 +1,425 @@
+"""Memory planner: predict the peak memory of attribution, forward masking and tuning.
+
+`plan` works from a model's *shape* only: a loaded bridge, an HF module, an HF config or
+the name of a real model (`ctlens.real_shapes`), which it builds on the meta device (no
+weights, no memory). It adds up what the ctlens code keeps alive at its peak:
+
+- **weights** (the model's dtype), and for tuning the **gradients** and the two **AdamW
+  moments** of the trainable block matrices, plus what `restrict_gradients` keeps to make
+  frozen slices exact (a copy of each partly-trainable attention matrix, its bool mask and
+  its gradient scale). Embeddings, unembedding and norms are frozen, as by default.
+- the **sender buffer** ``[n_senders, batch, pos, d_model]`` in fp32 that EAP, EAP-IG and
+  batch discovery fill, the fp32 **score** matrix and the mean activations;
+- the **activations** autograd keeps for the backward. ctlens asks the bridge for per-head
+  q/k/v inputs and per-head outputs (``[batch, pos, heads, d_model]`` tensors, normalised
+  per head), and residual-width copies dominate; they are modelled per layer and token
+  as ``c_qkv (H + 2 H_kv) d + c_res d + c_mlp F + c_att H T`` elements of the model
+  dtype (F: the MLP's hidden units, doubled with a gate; T: the sequence length), with
+  coefficients per operation fitted to CPU measurements (`benchmarks/plan.py --fit`) and
+  checked on other shapes by the same script;
+- the **logits** the loss or metric reads (only the metric positions for attribution).
+
+Under FSDP with ``ranks`` processes, weights, gradients and optimizer state are divided by
+the number of ranks and two layers' worth of full weights are added (the all-gathered layer
+and the prefetched next one); activations follow the per-rank rows of the global batch.
+Without sharding, ``ranks`` is data parallelism: only the batch is divided.
+
+The predictions are for one device; CUDA's caching allocator and fragmentation add a few
+percent on a GPU, so leave headroom (``safety``, default 10 %).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["attribute", "forward", "tune"]
+MODES: tuple[str, ...] = ("attribute", "forward", "tune")
+METHODS: tuple[str, ...] = ("eap", "eap-ig")
+GIB = 1024**3
+
+# Activation elements kept per layer and token, by operation (see the module docstring):
+# (c_qkv, c_res, c_mlp, c_att) for (H + 2 H_kv) d, d, the MLP width and H T. Fitted with
+# ``python benchmarks/plan.py --fit`` on fp32 CPU runs of small random GPT-2, Llama and
+# GPT-NeoX shapes; checked on other shapes by the same script (docs/benchmarks.md).
+_ACTIVATION: dict[str, tuple[float, float, float, float]] = {
+    "eap": (1.98, 15.07, 4.17, 0.0),
+    "eap-ig": (2.28, 17.32, 4.79, 0.0),
+    "forward": (2.7, 24.63, 5.31, 0.76),
+    "tune": (4.21, 0.23, 9.36, 0.0),
+}
+
+
+class MemoryBudgetError(ValueError):
+    """The budget is below what the model needs at the smallest batch; says how much."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner reads from a model: sizes, parameter groups and dtype."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_mlp: int
+    gated_mlp: bool
+    vocab: int
+    n_params: int  # distinct parameters (tied weights once)
+    attn_params: int  # attention matrices and biases of every block
+    mlp_params: int  # MLP matrices and biases of every block
+    largest_layer_params: int  # the largest block (what FSDP all-gathers at once)
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden units the MLP computes per token (twice ``d_mlp`` with a gate)."""
+        return self.d_mlp * (2 if self.gated_mlp else 1)
+
+    @property
+    def bytes_per_param(self) -> int:
+        return torch.empty((), dtype=self.dtype, device="meta").element_size()
+
+    def graph_size(self, mlp_groups: int = 1) -> tuple[int, int]:
+        """``(n_senders, n_receivers)`` of ctlens's graph for this shape."""
+        L, H, K, G = self.n_layers, self.n_heads, self.n_kv_heads, mlp_groups
+        return 1 + L * (H + G), L * (H + 2 * K + G) + 1
+
+
+@dataclass
+class Plan:
+    """A prediction: the peak in bytes, its parts, and (with a budget) the advice."""
+
+    shape: ModelShape
+    mode: str
+    method: str | None
+    batch_size: int
+    seq_len: int
+    ranks: int
+    shard: bool
+    parts: dict[str, int]
+    budget_bytes: int | None = None
+    recommended_batch: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak memory of one device (bytes)."""
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the peak fits the budget (``None`` without a budget)."""
+        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``ctlens plan --json``)."""
+        return {
+            "model": self.shape.name, "mode": self.mode, "method": self.method,
+            "batch_size": self.batch_size, "seq_len": self.seq_len, "ranks": self.ranks,
+            "shard": self.shard, "dtype": str(self.shape.dtype).removeprefix("torch."),
+            "peak_bytes": self.peak_bytes, "parts": dict(self.parts),
+            "budget_bytes": self.budget_bytes, "fits": self.fits,
+            "recommended_batch": self.recommended_batch, "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        """Human-readable breakdown (what ``ctlens plan`` prints)."""
+        what = self.mode if self.method is None else f"{self.mode} ({self.method})"
+        par = f", {self.ranks} ranks{' FSDP' if self.shard else ' data-parallel'}"
+        lines = [
+            f"{self.shape.name}: {what}, batch {self.batch_size} x {self.seq_len} tokens, "
+            f"{str(self.shape.dtype).removeprefix('torch.')}"
+            f"{par if self.ranks > 1 else ''}",
+        ]
+        width = max(len(k) for k in self.parts)
+        for key, value in self.parts.items():
+            lines.append(f"  {key:<{width}}  {value / GIB:9.3f} GiB")
+        lines.append(f"  {'peak':<{width}}  {self.peak_bytes / GIB:9.3f} GiB per device")
+        if self.budget_bytes is not None:
+            verdict = "fits" if self.fits else "does not fit"
+            lines.append(f"budget {self.budget_bytes / GIB:.2f} GiB: {verdict}; "
+                         f"largest batch that fits: {self.recommended_batch}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def plan(
+    model: Any,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    mode: Mode = "attribute",
+    method: str = "eap",
+    mlp_groups: int = 1,
+    dtype: torch.dtype | str | None = None,
+    ranks: int = 1,
+    shard: bool = False,
+    budget: float | int | str | None = None,
+    safety: float = 0.1,
+    vocab_positions: int = 1,
+) -> Plan:
+    """Predict the peak memory of one ctlens operation without allocating anything.
+
+    Args:
+        model: a bridge from `ctlens.load_model`, an HF module, an HF config, or a name
+            from `ctlens.real_shapes` (e.g. ``"llama-3.1-8b"``).
+        batch_size: rows per forward pass (the global batch when ``ranks > 1``).
+        seq_len: tokens per row.
+        mode: ``"attribute"`` (`ctlens.attribute`), ``"forward"`` (a training forward and
+            backward under `ctlens.edge_mask`) or ``"tune"`` (one `CircuitTuner` step in
+            gradient mode with batch discovery and AdamW).
+        method: ``"eap"`` or ``"eap-ig"`` (attribution only).
+        mlp_groups: MLP neuron groups per layer in the graph (1: one node per MLP).
+        dtype: the weights' dtype (default: the model's, float32 for a config or name).
+        ranks: number of processes; ``shard`` selects FSDP (else data parallelism).
+        budget: memory per device, bytes or a string like ``"80GB"`` / ``"24GiB"``; the plan
+            then recommends the largest batch size that fits.
+        safety: fraction of the budget kept free for allocator overhead.
+        vocab_positions: metric positions per row (attribution logits).
+
+    Raises:
+        MemoryBudgetError: the budget is below the peak at batch size 1.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("ranks", ranks),
+                        ("mlp_groups", mlp_groups), ("vocab_positions", vocab_positions)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 <= safety < 1:
+        raise ValueError(f"safety must be in [0, 1), got {safety!r}")
+    shape = model_shape(model, dtype)
+    budget_bytes = None if budget is None else parse_bytes(budget)
+
+    def at(batch: int) -> Plan:
+        parts = _parts(shape, mode, method, batch, seq_len, mlp_groups, ranks, shard,
+                       vocab_positions)
+        return Plan(shape, mode, method if mode == "attribute" else None, batch, seq_len,
+                    ranks, shard, parts)
+
+    result = at(batch_size)
+    if budget_bytes is not None:
+        usable = int(budget_bytes * (1 - safety))
+        smallest = at(ranks)
+        if smallest.peak_bytes > usable:
+            raise MemoryBudgetError(
+                f"{shape.name} needs {smallest.peak_bytes / GIB:.2f} GiB per device for "
+                f"{mode} at the smallest batch ({ranks} row(s) of {seq_len} tokens), more "
+                f"than the budget of {budget_bytes / GIB:.2f} GiB less {safety:.0%} headroom; "
+                "use a larger device, more ranks with shard=True (--shard fsdp), a shorter "
+                "sequence or a smaller dtype"
+            )
+        result.budget_bytes = budget_bytes
+        result.recommended_batch = _largest_batch(at, usable, ranks)
+        result.notes.append(f"budget keeps {safety:.0%} headroom for allocator overhead")
+    return result
+
+
+def _largest_batch(at: Any, usable: int, step: int) -> int:
+    """The largest multiple of ``step`` whose peak fits ``usable`` bytes (peaks grow with it)."""
+    lo, hi = step, step
+    while at(hi * 2).peak_bytes <= usable and hi < 2**20:
+        lo, hi = hi * 2, hi * 2
+    hi *= 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if at(mid).peak_bytes <= usable:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _parts(
+    s: ModelShape, mode: str, method: str, batch: int, seq: int, mlp_groups: int,
+    ranks: int, shard: bool, positions: int,
+) -> dict[str, int]:
+    """The named parts of the peak (bytes) for one device."""
+    wb = s.bytes_per_param
+    rows = math.ceil(batch / ranks)
+    n = rows * seq  # tokens per forward on this device
+    n_send, n_recv = s.graph_size(mlp_groups)
+    divide = ranks if shard else 1
+    parts: dict[str, int] = {"weights": s.n_params * wb // divide}
+    if shard and ranks > 1:
+        parts["fsdp all-gathered layers"] = 2 * s.largest_layer_params * wb
+    c_qkv, c_res, c_mlp, c_att = _ACTIVATION[method if mode == "attribute" else mode]
+    H, K, d = s.n_heads, s.n_kv_heads, s.d_model
+    per_token = c_qkv * (H + 2 * K) * d + c_res * d + c_mlp * s.mlp_width + c_att * H * seq
+    parts["activations"] = int(n * s.n_layers * per_token * wb)
+    scores = n_send * n_recv * 4
+    if mode == "attribute":
+        parts["sender buffer"] = n_send * n * d * 4
+        parts["scores"] = scores
+        # one receiver hook's fp32 gradient and its permuted copy, the metric's logits
+        parts["backward transients"] = 2 * n * H * d * 4 + 3 * rows * positions * s.vocab * 4
+        if method == "eap-ig":
+            parts["backward transients"] += n * d * 4
+        return parts
+    trainable = s.attn_params + s.mlp_params
+    parts["gradients"] = (trainable if mode == "tune" else s.n_params) * wb // divide
+    parts["logits"] = n * s.vocab * (wb + 8)
+    if mode == "forward":
+        parts["mean activations"] = n_send * seq * d * 4
+        return parts
+    parts["optimizer state"] = 2 * trainable * wb // divide
+    parts["restriction state"] = s.attn_params * (2 * wb + 1) // divide
+    # batch discovery: recorded sender outputs, their deviation from the mean, scores
+    parts["sender buffer"] = 2 * n_send * n * d * 4 + n_send * seq * d * 4
+    parts["scores"] = 2 * scores
+    return parts
+
+
+# ------------------------------------------------------------------------------ shapes
+
+
+def model_shape(model: Any, dtype: torch.dtype | str | None = None) -> ModelShape:
+    """The `ModelShape` of a bridge, HF module, HF config or `ctlens.real_shapes` name."""
+    from transformers import PretrainedConfig
+
+    from ctlens import real_shapes
+
+    name = "model"
+    if isinstance(model, str):
+        spec = real_shapes.shape(model)
+        name, module = spec.name, real_shapes.build(spec)
+    elif isinstance(model, PretrainedConfig):
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            module = AutoModelForCausalLM.from_config(model)
+        name = _name(model)
+    elif isinstance(model, torch.nn.Module) and hasattr(model, "original_model"):
+        # a bridge: its parameters include views of fused weights, so plan from a meta
+        # copy of the wrapped HF module's config (same shapes, counted once)
+        name = getattr(model.cfg, "model_name", None) or _name(model.original_model.config)
+        with torch.device("meta"):
+            module = type(model.original_model)(model.original_model.config)
+        return _shape_of(module, str(name), _dtype(dtype, model.original_model))
+    elif isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        return _shape_of(model, _name(model.config), _dtype(dtype, model))
+    else:
+        raise TypeError(
+            "plan takes a loaded model, an HF module, an HF config or a real-shape name "
+            f"({', '.join(real_shapes.names())}); got {type(model).__name__}"
+        )
+    return _shape_of(module, str(name), _dtype(dtype, module))
+
+
+def _name(config: Any) -> str:
+    return str(getattr(config, "_name_or_path", "") or config.model_type)
+
+
+def _dtype(dtype: torch.dtype | str | None, module: torch.nn.Module) -> torch.dtype:
+    if dtype is None:
+        first = next(module.parameters(), None)
+        return first.dtype if first is not None else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype like 'bfloat16', got {dtype!r}")
+    return value
+
+
+def _shape_of(module: torch.nn.Module, name: str, dtype: torch.dtype) -> ModelShape:
+    cfg = module.config
+
+    def get(*keys: str, default: Any = None) -> Any:
+        for key in keys:
+            value = getattr(cfg, key, None)
+            if value is not None:
+                return value
+        if default is None:
+            raise ValueError(f"the model's config has none of {keys}; cannot plan its memory")
+        return default
+
+    d = int(get("hidden_size", "n_embd", "d_model"))
+    heads = int(get("num_attention_heads", "n_head"))
+    seen: set[int] = set()
+    attn = mlp = total = 0
+    layers: dict[str, int] = {}
+    gated = False
+    for pname, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        parts = pname.split(".")
+        gated = gated or "gate_proj" in parts
+        block = next((".".join(parts[: i + 2]) for i, part in enumerate(parts[:-1])
+                      if part in ("h", "layers") and parts[i + 1].isdigit()), None)
+        if block is None:
+            continue
+        layers[block] = layers.get(block, 0) + p.numel()
+        if p.ndim < 2 and "bias" not in parts[-1]:
+            continue  # norm weights stay frozen
+        if any(k in parts for k in ("attn", "attention", "self_attn")):
+            attn += p.numel()
+        elif "mlp" in parts:
+            mlp += p.numel()
+    n_layers = int(get("num_hidden_layers", "n_layer"))
+    return ModelShape(
+        name=name,
+        n_layers=n_layers,
+        d_model=d,
+        n_heads=heads,
+        n_kv_heads=int(get("num_key_value_heads", default=heads)),
+        d_mlp=int(get("intermediate_size", "n_inner", default=4 * d)),
+        gated_mlp=gated,
+        vocab=int(get("vocab_size")),
+        n_params=total,
+        attn_params=attn,
+        mlp_params=mlp,
+        largest_layer_params=max(layers.values(), default=0),
+        dtype=dtype,
+    )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: float | int | str) -> int:
+    """Bytes from a number or a string like ``"80GB"``, ``"24 GiB"``, ``"512MiB"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0 or not math.isfinite(value):
+            raise ValueError(f"a memory budget must be positive, got {value!r}")
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _UNITS or not math.isfinite(amount) or amount <= 0:
+        raise ValueError(
+            f"cannot read the memory budget {value!r}; write a positive number with a unit, "
+            "e.g. 80GB, 24GiB or 512MiB"
+        )
+    return int(amount * _UNITS[unit])
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``ctlens.plan(...)`` call `plan` even where ``ctlens.plan`` is this module.
+
+    Importing ``ctlens.plan`` binds the package attribute ``plan`` to the module, which
+    would shadow the function; making the module callable keeps both spellings working.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Plan:
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
