@@ -105,13 +105,19 @@ class EdgeScores:
                 scores[i, j] = float(attrs.get("score", 0.0))
         return cls(scores, graph, dict(g.graph.get("metadata", {})))
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self, d_mlp: int | None = None) -> pd.DataFrame:
         """One row per valid edge: ``sender``, ``receiver``, ``sender_kind``,
-        ``sender_layer``, ``sender_head``, the same for the receiver, and ``score``.
+        ``sender_layer``, ``sender_head``, ``sender_mlp_group``, ``sender_hook``,
+        ``sender_hook_index``, ``sender_neuron_start``, ``sender_neuron_stop``, the same for
+        the receiver, and ``score``.
 
-        Needs pandas (``pip install "ctlens[pandas]"``); see `ctlens.tables`.
+        The hook columns name the TransformerLens hook each node writes or reads
+        (`Graph.hook_name`); pass the MLP width ``d_mlp`` (``model.cfg.d_mlp``) to get each
+        MLP node's neuron slice, e.g. group ``m{l}.n{j}`` of G covers neurons
+        ``[j*d_mlp/G, (j+1)*d_mlp/G)``. Needs pandas (``pip install "ctlens[pandas]"``);
+        see `ctlens.tables`.
         """
-        return edge_table(self.graph, self.scores)
+        return edge_table(self.graph, self.scores, d_mlp=d_mlp)
 
     def save(self, path: str | Path) -> Path:
         """Write ``NAME.safetensors`` (the dense matrix) and ``NAME.json`` (graph spec,

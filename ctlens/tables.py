@@ -4,7 +4,12 @@ One row per valid edge, in graph order (sender-major), with the sender's and the
 name and node attributes, the score and, for a circuit, whether the edge is in it. Node
 attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``), each
 written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
-attribute is one more entry there. pandas is an optional dependency
+attribute is one more entry there. Each end also gets the TransformerLens hook the node
+writes (sender) or reads (receiver), from `Graph.hook_name`: ``hook``, ``hook_index`` (the
+node's slot on the hook's head axis, ``<NA>`` for a whole activation) and, for MLP nodes when
+the MLP width ``d_mlp`` is given, the half-open neuron slice ``neuron_start`` ..
+``neuron_stop`` the node covers (a group ``m{l}.n{j}`` of G: ``j*d_mlp/G`` .. ``(j+1)*d_mlp/G``;
+a whole MLP: ``0`` .. ``d_mlp``). pandas is an optional dependency
 (``pip install "ctlens[pandas]"``).
 """
 
@@ -16,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float
 
-from ctlens.graph import Graph
+from ctlens.graph import Graph, check_mlp_groups
+from ctlens.hooks import NeuronGroupRef
+from ctlens.mlp_groups import neuron_slice
 from ctlens.types import Node, NodeKind
 
 if TYPE_CHECKING:
@@ -50,13 +57,16 @@ def edge_table(
     graph: Graph,
     scores: Float[torch.Tensor, "n_senders n_receivers"] | None,
     mask: Bool[torch.Tensor, "n_senders n_receivers"] | None = None,
+    d_mlp: int | None = None,
 ) -> pd.DataFrame:
     """A DataFrame with one row per valid edge of ``graph`` (see the module docstring).
 
     ``score`` is NaN everywhere when ``scores`` is ``None``; the ``in_circuit`` column is
-    present only when ``mask`` is given.
+    present only when ``mask`` is given; the neuron columns are ``<NA>`` without ``d_mlp``.
     """
     pandas = require_pandas()
+    if d_mlp is not None:
+        check_mlp_groups(graph.spec.mlp_groups, d_mlp)
     rows, cols = graph.valid.nonzero(as_tuple=True)
     row_list, col_list = rows.tolist(), cols.tolist()
     columns: dict[str, Any] = {
@@ -70,6 +80,9 @@ def edge_table(
         for name, (read, dtype) in NODE_COLUMNS.items():
             per_node = [read(node) for node in nodes]
             columns[f"{end}_{name}"] = pandas.array([per_node[k] for k in index], dtype=dtype)
+        for name, values in hook_columns(graph, nodes, end, d_mlp).items():  # type: ignore[arg-type]
+            dtype = "string" if name == "hook" else "Int64"
+            columns[f"{end}_{name}"] = pandas.array([values[k] for k in index], dtype=dtype)
     if scores is None:
         columns["score"] = torch.full((len(row_list),), float("nan")).numpy()
     else:
@@ -77,3 +90,26 @@ def edge_table(
     if mask is not None:
         columns["in_circuit"] = mask[rows, cols].numpy()
     return pandas.DataFrame(columns)
+
+
+def hook_columns(
+    graph: Graph, nodes: list[Node], role: str, d_mlp: int | None
+) -> dict[str, list[Any]]:
+    """Per node of one role: its hook name, head-axis index and MLP neuron slice bounds."""
+    columns: dict[str, list[Any]] = {
+        "hook": [],
+        "hook_index": [],
+        "neuron_start": [],
+        "neuron_stop": [],
+    }
+    groups = graph.spec.mlp_groups
+    for node in nodes:
+        ref = graph.hook_name(node, role)  # type: ignore[arg-type]
+        columns["hook"].append(ref.name)
+        columns["hook_index"].append(None if isinstance(ref, NeuronGroupRef) else ref.index)
+        neurons = None
+        if node.kind is NodeKind.MLP and d_mlp is not None:
+            neurons = neuron_slice(node.head or 0, groups, d_mlp)
+        columns["neuron_start"].append(None if neurons is None else neurons.start)
+        columns["neuron_stop"].append(None if neurons is None else neurons.stop)
+    return columns

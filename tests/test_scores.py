@@ -131,10 +131,18 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
         "sender_layer",
         "sender_head",
         "sender_mlp_group",
+        "sender_hook",
+        "sender_hook_index",
+        "sender_neuron_start",
+        "sender_neuron_stop",
         "receiver_kind",
         "receiver_layer",
         "receiver_head",
         "receiver_mlp_group",
+        "receiver_hook",
+        "receiver_hook_index",
+        "receiver_neuron_start",
+        "receiver_neuron_stop",
         "score",
     ]
     for _, row in df.sample(25, random_state=0).iterrows():
@@ -188,6 +196,53 @@ def test_grouped_mlp_nodes_in_tables_and_files(tmp_path: Path) -> None:
     circuit = Circuit.from_scores(scores, "top_n", top_n=10)
     back = Circuit.load(circuit.save(tmp_path / "c.json"), model=model)
     assert back == circuit
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_to_pandas_names_each_node_by_its_hook_and_neuron_slice(groups: int) -> None:
+    """Every node's hook columns are `Graph.hook_name`'s; with the MLP width, group j of G
+    covers neurons [j*W/G, (j+1)*W/G) (a whole MLP: [0, W)), and the slices of one MLP's
+    groups tile its neurons exactly."""
+    model = ctlens.load_model(tiny_gpt2_module())
+    width = model.cfg.d_mlp  # 128
+    graph = Graph.from_model(model, mlp_groups=groups)
+    circuit = Circuit.from_scores(random_scores(graph), "top_n", top_n=10)
+    df = circuit.to_pandas(d_mlp=width)
+    for end, names in (("sender", graph.senders), ("receiver", graph.receivers)):
+        nodes = df.drop_duplicates(end).set_index(end)
+        assert set(nodes.index) == set(names)
+        for name in names:
+            ref = graph.hook_name(name, end)
+            row = nodes.loc[name]
+            assert row[f"{end}_hook"] == ref.name
+            if name.startswith("m"):
+                j = int(name.split(".n")[1]) if groups > 1 else 0
+                start, stop = j * width // groups, (j + 1) * width // groups
+                assert (row[f"{end}_neuron_start"], row[f"{end}_neuron_stop"]) == (start, stop)
+                assert row[f"{end}_hook_index"] is pd_na()
+            else:
+                assert row[f"{end}_neuron_start"] is pd_na()
+                expected = pd_na() if ref.index is None else ref.index
+                assert row[f"{end}_hook_index"] is expected or row[f"{end}_hook_index"] == expected
+    senders = df.drop_duplicates("sender")
+    layer0 = senders[(senders.sender_kind == "mlp") & (senders.sender_layer == 0)]
+    covered = sorted(zip(layer0.sender_neuron_start, layer0.sender_neuron_stop, strict=True))
+    assert covered[0][0] == 0 and covered[-1][1] == width and len(covered) == groups
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
+    if groups > 1:
+        row = df[df.sender == "m0.n1"].iloc[0]
+        assert (row.sender_hook, row.sender_neuron_start, row.sender_neuron_stop) == (
+            "blocks.0.mlp.out.hook_in",
+            32,
+            64,
+        )
+        receiver = df[df.receiver == "m1.n3"].iloc[0]
+        assert receiver.receiver_hook == "blocks.1.hook_mlp_in"
+        assert (receiver.receiver_neuron_start, receiver.receiver_neuron_stop) == (96, 128)
+    assert circuit.to_pandas().sender_neuron_start.isna().all()  # no width, no slice
+    if groups > 1:
+        with pytest.raises(ValueError, match="mlp_groups=4 does not split the MLP width 130"):
+            circuit.to_pandas(d_mlp=130)
 
 
 def pd_na() -> object:

@@ -345,15 +345,16 @@ class Circuit:
             g.graph.get("model_name"),
         )
 
-    def to_pandas(self) -> pd.DataFrame:
-        """One row per valid edge of the graph (not only the circuit's): ``sender``,
-        ``receiver``, ``sender_kind``, ``sender_layer``, ``sender_head``, the same for the
-        receiver, ``score`` (NaN without scores) and ``in_circuit``.
+    def to_pandas(self, d_mlp: int | None = None) -> pd.DataFrame:
+        """One row per valid edge of the graph (not only the circuit's): the columns of
+        `EdgeScores.to_pandas` (names, node attributes, hooks and, given the MLP width
+        ``d_mlp``, each MLP node's neuron slice), ``score`` (NaN without scores) and
+        ``in_circuit``.
 
         Filter with ``df[df.in_circuit]``. Needs pandas (``pip install "ctlens[pandas]"``);
         see `ctlens.tables`.
         """
-        return edge_table(self.graph, self.scores, self.mask)
+        return edge_table(self.graph, self.scores, self.mask, d_mlp=d_mlp)
 
     # ------------------------------------------------------------------ files
 
