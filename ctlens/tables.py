@@ -2,8 +2,8 @@
 
 One row per valid edge, in graph order (sender-major), with the sender's and the receiver's
 name and node attributes, the score and, for a circuit, whether the edge is in it. Node
-attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``), each
-written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
+attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``, ``hook``),
+each written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
 attribute is one more entry there. pandas is an optional dependency
 (``pip install "ctlens[pandas]"``).
 """
@@ -22,16 +22,27 @@ from ctlens.types import Node, NodeKind
 if TYPE_CHECKING:
     import pandas as pd
 
-NODE_COLUMNS: dict[str, tuple[Callable[[Node], Any], str]] = {
-    "kind": (lambda node: node.kind.value, "string"),
-    "layer": (lambda node: node.layer, "Int64"),
-    "head": (lambda node: None if node.kind is NodeKind.MLP else node.head, "Int64"),
-    "mlp_group": (lambda node: node.head if node.kind is NodeKind.MLP else None, "Int64"),
+Reader = Callable[[Graph, Node, str], Any]
+
+NODE_COLUMNS: dict[str, tuple[Reader, str]] = {
+    "kind": (lambda graph, node, role: node.kind.value, "string"),
+    "layer": (lambda graph, node, role: node.layer, "Int64"),
+    "head": (
+        lambda graph, node, role: None if node.kind is NodeKind.MLP else node.head,
+        "Int64",
+    ),
+    "mlp_group": (
+        lambda graph, node, role: node.head if node.kind is NodeKind.MLP else None,
+        "Int64",
+    ),
+    "hook": (lambda graph, node, role: graph.hook_name(node, role).name, "string"),
 }
-"""Node attribute -> (how to read it from a `Node`, its pandas dtype). Missing values are
-``<NA>``: ``layer`` for ``input`` and ``logits``; ``head`` for MLPs, ``input`` and
-``logits`` (for a grouped k/v receiver it is the KV head index); ``mlp_group`` everywhere
-except the neuron-group nodes ``m{l}.n{j}`` of a graph with ``mlp_groups > 1`` (there: j)."""
+"""Node attribute -> (how to read it from the graph, a `Node` and its role, ``"sender"`` or
+``"receiver"``; its pandas dtype). Missing values are ``<NA>``: ``layer`` for ``input`` and
+``logits``; ``head`` for MLPs, ``input`` and ``logits`` (for a grouped k/v receiver it is
+the KV head index); ``mlp_group`` everywhere except the neuron-group nodes ``m{l}.n{j}`` of
+a graph with ``mlp_groups > 1`` (there: j). ``hook`` is the TransformerLens hook the node
+writes (sender) or reads (receiver), `Graph.hook_name`."""
 
 
 def require_pandas() -> Any:
@@ -68,7 +79,7 @@ def edge_table(
         ("receiver", graph.receiver_nodes, col_list),
     ):
         for name, (read, dtype) in NODE_COLUMNS.items():
-            per_node = [read(node) for node in nodes]
+            per_node = [read(graph, node, end) for node in nodes]
             columns[f"{end}_{name}"] = pandas.array([per_node[k] for k in index], dtype=dtype)
     if scores is None:
         columns["score"] = torch.full((len(row_list),), float("nan")).numpy()

@@ -131,10 +131,12 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
         "sender_layer",
         "sender_head",
         "sender_mlp_group",
+        "sender_hook",
         "receiver_kind",
         "receiver_layer",
         "receiver_head",
         "receiver_mlp_group",
+        "receiver_hook",
         "score",
     ]
     for _, row in df.sample(25, random_state=0).iterrows():
@@ -143,6 +145,10 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
     row = df[(df.sender == "a0.h3") & (df.receiver == "a1.g1.k")].iloc[0]
     assert (row.sender_kind, row.sender_layer, row.sender_head) == ("head", 0, 3)
     assert (row.receiver_kind, row.receiver_layer, row.receiver_head) == ("k", 1, 1)
+    assert (row.sender_hook, row.receiver_hook) == (
+        "blocks.0.attn.hook_result",
+        "blocks.1.hook_k_input",
+    )
     logits = df[df.receiver == "logits"]
     assert len(logits) == GQA.n_senders and logits.receiver_layer.isna().all()
     assert df[df.sender == "input"].sender_layer.isna().all()
@@ -178,6 +184,10 @@ def test_grouped_mlp_nodes_in_tables_and_files(tmp_path: Path) -> None:
         row.receiver_mlp_group == 3 and row.sender_head is pd_na() and row.receiver_head is pd_na()
     )
     assert df[df.sender_kind == "head"].sender_mlp_group.isna().all()
+    assert (row.sender_hook, row.receiver_hook) == (
+        "blocks.0.mlp.out.hook_in",
+        "blocks.1.hook_mlp_in",
+    )
     path = scores.save(tmp_path / "grouped")
     assert EdgeScores.load(path, model=model).graph == graph
     sidecar = tmp_path / "grouped.json"
