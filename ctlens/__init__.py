@@ -10,6 +10,7 @@ from ctlens import tasks as tasks
 from ctlens import viz as viz
 from ctlens import zoo as zoo
 from ctlens.attribution import attribute, mean_activations
+from ctlens.callback import CircuitTuningCallback
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, GraphSpec
@@ -20,6 +21,7 @@ from ctlens.masking import (
     restrict_gradients,
 )
 from ctlens.model import UnsupportedModelError, load_model
+from ctlens.plan import plan
 from ctlens.scores import EdgeScores
 from ctlens.tuning import CircuitTuner, TuneConfig
 from ctlens.types import Ablation, Method, Node, NodeKind
@@ -30,6 +32,7 @@ __all__ = [
     "Ablation",
     "Circuit",
     "CircuitTuner",
+    "CircuitTuningCallback",
     "EdgeScores",
     "Graph",
     "GraphSpec",
@@ -46,6 +49,7 @@ __all__ = [
     "restrict_gradients",
     "load_model",
     "mean_activations",
+    "plan",
     "tasks",
     "viz",
     "zoo",

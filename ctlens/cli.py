@@ -24,6 +24,8 @@ DEFAULT_TASK = "agreement"
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for the docs' CLI reference)."""
     from ctlens import __version__
+    from ctlens.delta_cli import add_delta_commands
+    from ctlens.plan_cli import add_plan_command
     from ctlens.tuning.cli import add_tune_commands
     from ctlens.viz.cli import add_viz_commands
     from ctlens.zoo.cli import add_zoo_commands
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_commands(commands)
     add_viz_commands(commands)
     add_zoo_commands(commands)
+    add_plan_command(commands)
+    add_delta_commands(commands)
     return parser
 
 
