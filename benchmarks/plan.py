@@ -323,12 +323,29 @@ Largest error: {worst:.1%} (the slow test `tests/test_plan.py` holds it under 25
 training forward and backward under `ctlens.edge_mask` (mean ablation), "tune" a
 `CircuitTuner` step (gradient mode, batch discovery, AdamW).
 
+The cases were measured in fp32 on the CPU; the planner scales the activations by the
+dtype's size and does not model GPU kernels that save less (fused attention) or the CUDA
+allocator's overhead, so treat the GPU numbers below as estimates with 10 % headroom.
+
 Predicted peaks for real models at 256 tokens per row (GiB on one device; tuning is one
 gradient-mode step with AdamW, every block matrix trainable; the last column keeps 10 %
 of the budget free):
 
 {real_table()}
+
+Sharded over 8 ranks (`ctlens plan --model llama-3.1-8b --mode tune --dtype bfloat16
+--seq-len 256 --ranks 8 --shard fsdp --budget 80GB`), a Llama-3.1-8B tuning step is
+predicted at {_fsdp_line()}. The sharded tuner itself is not in ctlens yet.
 """
+
+
+def _fsdp_line() -> str:
+    from ctlens.plan import GIB, plan
+
+    p = plan("llama-3.1-8b", mode="tune", dtype="bfloat16", seq_len=256, batch_size=8,
+             ranks=8, shard=True, budget="80GB")
+    return (f"{p.peak_bytes / GIB:.1f} GiB per GPU at a global batch of 8, and the largest "
+            f"global batch that fits 80 GB is {p.recommended_batch}")
 
 
 def _load_report() -> Any:
