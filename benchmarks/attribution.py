@@ -18,6 +18,10 @@ What is measured (issue 2's targets):
 - Memory: each measurement runs in a fresh subprocess that builds the model, resets the
   kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the operation once and
   reports peak RSS minus RSS after the build (what the operation added).
+- Neuron groups (issue 11): EAP on the same model with every MLP split into 48 groups of
+  64 neurons (721 senders, 1,009 receivers, 341,281 edges) against one-group EAP, in the
+  same rounds (time) and its own fresh process (memory); targets 1.5x time, 2x memory.
+  benchmarks/masking.py has the matching grouped edge_mask rows.
 - Scale: Llama-shaped graphs (grouped-query attention) of 48 layers x 32 heads / 8 KV
   heads (1,829,449 edges; d_model 128, batch 4, 32 tokens) and, with ``--stretch``, 80 x 64
   / 8 (16,654,201 edges): time of one EAP call and its peak memory.
@@ -39,7 +43,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257}
-TARGETS = {"eap/baseline": 1.6, "eap/tl": 0.05, "eap-ig/baseline": 5.0, "mem eap/baseline": 2.0}
+TARGETS = {"eap/baseline": 1.6, "eap/tl": 0.05, "eap-ig/baseline": 5.0, "mem eap/baseline": 2.0,
+           "grouped/eap": 1.5, "mem grouped/eap": 2.0}
 
 
 # ------------------------------------------------------------------------------ workers
@@ -123,6 +128,11 @@ def _operations(model: Any, data: Any, tl_examples: int) -> dict[str, Any]:
     def eap() -> None:
         ctlens.attribute(model, data, batch_size=len(data), progress=False)
 
+    def eap_grouped() -> None:
+        groups = 48 if model.cfg.d_mlp % 48 == 0 else 8  # 64 neurons each on GPT-2 small
+        graph = ctlens.Graph.from_model(model, mlp_groups=groups)
+        ctlens.attribute(model, data, batch_size=len(data), progress=False, graph=graph)
+
     def eap_ig() -> None:
         ctlens.attribute(
             model, data, method="eap-ig", steps=5, batch_size=len(data), progress=False
@@ -145,7 +155,8 @@ def _operations(model: Any, data: Any, tl_examples: int) -> dict[str, Any]:
             )
 
     del torch
-    return {"baseline": baseline, "eap": eap, "eap-ig": eap_ig, "tl": tl}
+    return {"baseline": baseline, "eap": eap, "eap-ig": eap_ig, "tl": tl,
+            "eap-grouped": eap_grouped}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +177,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
 
     if spec["job"] == "timing":
-        names = ["baseline", "eap", "eap-ig"]
+        names = ["baseline", "eap", "eap-ig", "eap-grouped"]
         for name in names:  # warm-up round
             ops[name]()
         rounds = []
@@ -388,15 +399,19 @@ def main() -> None:
     ratio = {
         "eap/baseline": statistics.median(r["eap"] / r["baseline"] for r in rounds),
         "eap-ig/baseline": statistics.median(r["eap-ig"] / r["baseline"] for r in rounds),
+        "grouped/eap": statistics.median(r["eap-grouped"] / r["eap"] for r in rounds),
         "eap/tl": statistics.median(r["eap"] / (r["tl"] * scale_tl) for r in rounds),
     }
     if "memory" in parts:
         print("memory (one fresh process per operation)...", flush=True)
         saved["memory"] = {
             op: run_worker({**common, "job": "memory", "op": op})
-            for op in ("baseline", "eap", "eap-ig")
+            for op in ("baseline", "eap", "eap-ig", "eap-grouped")
         }
     memory = saved["memory"]
+    ratio["mem grouped/eap"] = (
+        memory["eap-grouped"]["peak_delta_mib"] / memory["eap"]["peak_delta_mib"]
+    )
     ratio["mem eap/baseline"] = (
         memory["eap"]["peak_delta_mib"] / memory["baseline"]["peak_delta_mib"]
     )
@@ -480,6 +495,13 @@ def report(args, timing, med, tl_full, ratio, memory, scale_rows, batch, seq) ->
             verdict("eap-ig/baseline"),
         ],
         [
+            "ctlens EAP, MLPs split into 48 neuron groups of 64 (ratio to one-group EAP)",
+            f"{med['eap-grouped']:.2f} s",
+            f"{ratio['grouped/eap']:.2f} x EAP",
+            "<= 1.5 x EAP",
+            verdict("grouped/eap"),
+        ],
+        [
             f"TL 4.3 attribution_patch (edge): {args.tl_examples} examples timed, "
             f"scaled x{batch / args.tl_examples:g}",
             f"{tl_full:.1f} s",
@@ -494,7 +516,7 @@ def report(args, timing, med, tl_full, ratio, memory, scale_rows, batch, seq) ->
             f"{memory[op]['peak_delta_mib']:,.0f} MiB",
             f"{memory[op]['peak_delta_mib'] / memory['baseline']['peak_delta_mib']:.2f}",
         ]
-        for op in ("baseline", "eap", "eap-ig")
+        for op in ("baseline", "eap", "eap-ig", "eap-grouped")
     ]
     shape = "GPT-2-small-shaped" if not args.quick else "QUICK (tiny) GPT-2"
     lines = [
@@ -513,7 +535,9 @@ def report(args, timing, med, tl_full, ratio, memory, scale_rows, batch, seq) ->
         "",
         markdown_table(["operation", "peak RSS added", "ratio to baseline"], mem_rows),
         "",
-        f"Memory target (EAP / baseline <= 2): {verdict('mem eap/baseline')}.",
+        f"Memory target (EAP / baseline <= 2): {verdict('mem eap/baseline')}. Grouped EAP "
+        f"(48 groups) / EAP = {ratio['mem grouped/eap']:.2f} (target <= 2): "
+        f"{verdict('mem grouped/eap')}.",
     ]
     if scale_rows:
         lines += [

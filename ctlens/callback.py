@@ -104,8 +104,9 @@ class CircuitTuningCallback(TrainerCallback):
             )
         self.model = model
         self.data = data
-        self.graph = Graph.from_model(model)
-        if self.config.top_n > self.graph.n_edges:
+        d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
+        self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
+        if isinstance(self.config.top_n, int) and self.config.top_n > self.graph.n_edges:
             raise ValueError(
                 f"top_n={self.config.top_n} is larger than the model's graph "
                 f"({self.graph.n_edges} valid edges)"
@@ -142,16 +143,18 @@ class CircuitTuningCallback(TrainerCallback):
         chosen = data[(torch.arange(want) + start) % n]
         reference = None
         if cfg.discovery_ablation == "mean":
-            reference = mean_activations(self.model, chosen, batch_size=cfg.batch_size)
+            reference = mean_activations(
+                self.model, chosen, batch_size=cfg.batch_size, graph=self.graph
+            )
         scores = attribute(
             self.model, chosen, ablation=cfg.discovery_ablation, reference=reference,
-            batch_size=cfg.batch_size, progress=False,
+            batch_size=cfg.batch_size, progress=False, graph=self.graph,
         ).scores.detach().float().cpu()
         if cfg.ema > 0:
             if self._ema is not None:
                 scores = cfg.ema * self._ema + (1 - cfg.ema) * scores
             self._ema = scores
-        top_n = cfg.top_n_at(t)
+        top_n = cfg.top_n_at(t, self.graph.n_edges)
         circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=top_n)
         circuit.metadata = {"step": t, "top_n": top_n, "mode": "gradient", "discovery": "task"}
         self.history.append((t, circuit.n_edges))

@@ -24,13 +24,16 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
 from jaxtyping import Bool
 
 from ctlens.types import Node, NodeKind
+
+if TYPE_CHECKING:
+    from ctlens.hooks import HookRef, Role
 
 GRAPH_SPEC_VERSION = 1
 
@@ -39,11 +42,14 @@ GRAPH_SPEC_VERSION = 1
 class GraphSpec:
     """Everything that determines a graph: layer and head counts and the block layout.
 
-    ``parallel_attn_mlp`` is True for GPT-J / GPT-NeoX style blocks, where a layer's MLP reads
-    the same residual stream as that layer's heads (so it cannot read their outputs).
+    ``parallel_attn_mlp`` is True for GPT-NeoX style blocks, where a layer's MLP reads the
+    same residual stream as that layer's heads (so it cannot read their outputs).
     ``mlp_groups`` is the number of equal neuron groups each MLP is split into (1: each MLP
     is one node ``m{l}``; G > 1: nodes ``m{l}.n0`` .. ``m{l}.n{G-1}``). Whether it divides
     the MLP width is checked where the model is known (`Graph.from_model`).
+    ``approximate`` is ``"frozen-norm"`` for models loaded with that opt-in (Gemma 2/3,
+    OLMo-2): senders are then shares of normalised sublayer outputs (docs/attribution.md),
+    and scores, circuits and runs on such a graph say so through its spec.
     """
 
     n_layers: int
@@ -51,6 +57,7 @@ class GraphSpec:
     n_kv_heads: int
     parallel_attn_mlp: bool = False
     mlp_groups: int = 1
+    approximate: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_layers < 1 or self.n_heads < 1 or self.n_kv_heads < 1:
@@ -68,6 +75,16 @@ class GraphSpec:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.approximate not in (None, "frozen-norm"):
+            raise ValueError(
+                f"unknown approximation {self.approximate!r}; expected None or 'frozen-norm'"
+            )
+        if self.approximate and self.mlp_groups != 1:
+            raise ValueError(
+                "MLP neuron groups are not supported under the frozen-norm approximation "
+                "(a group's share of the normalised MLP output is not implemented); use "
+                "mlp_groups=1"
+            )
 
     @property
     def grouped(self) -> bool:
@@ -77,11 +94,14 @@ class GraphSpec:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, tagged with the spec version.
 
-        ``mlp_groups`` is written only when it is not 1, so ungrouped files are unchanged.
+        ``mlp_groups`` is written only when it is not 1 and ``approximate`` only when set, so
+        files of plain graphs are unchanged.
         """
         fields = asdict(self)
         if self.mlp_groups == 1:
             del fields["mlp_groups"]
+        if self.approximate is None:
+            del fields["approximate"]
         return {"version": GRAPH_SPEC_VERSION, **fields}
 
     @classmethod
@@ -93,7 +113,14 @@ class GraphSpec:
                 f"graph spec version {version} is not supported (this ctlens reads version "
                 f"{GRAPH_SPEC_VERSION}); upgrade ctlens or re-create the file"
             )
-        fields = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "mlp_groups")
+        fields = (
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "parallel_attn_mlp",
+            "mlp_groups",
+            "approximate",
+        )
         missing = [f for f in fields[:3] if f not in data]
         if missing:
             raise ValueError(f"graph spec is missing {missing}; got keys {sorted(data)}")
@@ -158,9 +185,10 @@ class Graph:
         write_t = torch.tensor(write)
         read_t = torch.tensor(read)
         self.valid: Bool[torch.Tensor, "n_senders n_receivers"] = write_t[:, None] < read_t[None]
-        # number of senders each receiver may read (a prefix of the sender list)
+        # number of senders each receiver may read (a prefix of the sender list, because
+        # senders are ordered by write time): a binary search, not a sum over the dense mask
         self.upstream: tuple[int, ...] = tuple(
-            int(n) for n in (write_t[:, None] < read_t[None]).sum(0)
+            torch.searchsorted(write_t, read_t, side="left").tolist()
         )
 
     # ----------------------------------------------------------------- construction
@@ -172,6 +200,8 @@ class Graph:
         ``mlp_groups`` splits each MLP into that many equal neuron groups; it must divide
         the MLP width ``model.cfg.d_mlp``.
         """
+        from ctlens.model import approximation
+
         cfg = model.cfg
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
@@ -182,6 +212,7 @@ class Graph:
                 n_kv_heads=n_kv,
                 parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
                 mlp_groups=mlp_groups,
+                approximate=approximation(model),
             )
         )
 
@@ -219,8 +250,8 @@ class Graph:
 
     @cached_property
     def n_edges(self) -> int:
-        """Number of valid edges."""
-        return int(self.valid.sum())
+        """Number of valid edges (each receiver's upstream prefix, summed)."""
+        return sum(self.upstream)
 
     def sender_slice(self, layer: int) -> slice:
         """Rows of layer ``layer``'s heads in the sender list."""
@@ -282,10 +313,45 @@ class Graph:
             for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
         ]
 
+    def hook_name(self, node: str | Node, role: Role | None = None) -> HookRef:
+        """The TransformerLens hook ``node`` writes (sender) or reads (receiver).
+
+        Returns a `ctlens.hooks.HookRef` ``(name, index)``: e.g. ``a3.h5`` ->
+        ``("blocks.3.attn.hook_result", 5)``, ``a3.g1.k`` -> ``("blocks.3.hook_k_input", 1)``,
+        ``m3`` as a receiver -> ``("blocks.3.hook_mlp_in", None)``. ``ref.take(cache[ref.name])``
+        is the node's activation in a ``run_with_cache`` result. An MLP is both a sender and a
+        receiver: pass ``role="sender"`` or ``role="receiver"``. Under the frozen-norm
+        linearisation an MLP sender is ``blocks.{l}.ln2_post.hook_out``, and a head's sender
+        output is its ``hook_result`` slice times ``w_eff / blocks.{l}.ln1_post.hook_scale``
+        (`ctlens.hooks.frozen_norm_hooks`).
+        """
+        from ctlens.hooks import node_hook
+
+        name = node.name if isinstance(node, Node) else node
+        both = (("sender", self.sender_index), ("receiver", self.receiver_index))
+        roles = [r for r, index in both if name in index]
+        if not roles:
+            raise KeyError(f"{name!r} is not a node of this graph ({self._describe()})")
+        if role is None:
+            if len(roles) > 1:
+                raise ValueError(
+                    f"{name} is both a sender and a receiver; pass role='sender' (the hook it "
+                    "writes) or role='receiver' (the hook it reads)"
+                )
+            role = roles[0]  # type: ignore[assignment]
+        if role not in roles:
+            raise ValueError(f"{name} is not a {role} of this graph; it is a {roles[0]}")
+        nodes = self.sender_nodes if role == "sender" else self.receiver_nodes
+        index = self.sender_index if role == "sender" else self.receiver_index
+        spec = self.spec
+        node_ = nodes[index[name]]
+        return node_hook(node_, role, spec.approximate, spec.mlp_groups)  # type: ignore[arg-type]
+
     def _describe(self) -> str:
         s = self.spec
         text = f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
-        return text + (f", {s.mlp_groups} groups per MLP" if s.mlp_groups != 1 else "")
+        text += f", {s.mlp_groups} groups per MLP" if s.mlp_groups != 1 else ""
+        return text + (f", {s.approximate}" if s.approximate else "")
 
     def _mlp_hint(self, name: str) -> str:
         """For an MLP-like name, what the MLP nodes of this graph are called."""
@@ -302,10 +368,13 @@ class Graph:
         """The graph structure as a networkx ``DiGraph``.
 
         Nodes carry ``kind``, ``layer``, ``head`` and ``role`` ("sender", "receiver" or
-        "both" for MLPs). Each valid edge carries ``internal=False``. So that path
-        algorithms see through attention heads, each q/k/v receiver also has an edge to the
-        head(s) it feeds, marked ``internal=True``. ``G.graph["spec"]`` holds the spec, so
-        `Graph.from_networkx` rebuilds the graph exactly.
+        "both" for MLPs), and the TransformerLens hooks they use (`hook_name`): senders
+        ``hook_out`` / ``hook_out_index`` (what they write), receivers ``hook_in`` /
+        ``hook_in_index`` (what they read); an index is the node's slot on the hook's head
+        axis, or None for a whole activation. Each valid edge carries ``internal=False``. So
+        that path algorithms see through attention heads, each q/k/v receiver also has an
+        edge to the head(s) it feeds, marked ``internal=True``. ``G.graph["spec"]`` holds the
+        spec, so `Graph.from_networkx` rebuilds the graph exactly.
         """
         g = nx.DiGraph(spec=self.spec.to_dict())
         senders = set(self.senders)
@@ -319,6 +388,12 @@ class Graph:
                 else ("sender" if node.name in senders else "receiver")
             )
             g.add_node(node.name, kind=node.kind.value, layer=node.layer, head=node.head, role=role)
+            if node.name in senders:
+                out = self.hook_name(node.name, "sender")
+                g.nodes[node.name].update(hook_out=out.name, hook_out_index=out.index)
+            if node.name in receivers:
+                into = self.hook_name(node.name, "receiver")
+                g.nodes[node.name].update(hook_in=into.name, hook_in_index=into.index)
         g.add_edges_from(self.edges(), internal=False)
         group = self.spec.n_heads // self.spec.n_kv_heads
         for node in self.receiver_nodes:
@@ -344,6 +419,15 @@ class Graph:
             raise ValueError(
                 f"networkx nodes do not match the spec: extra {extra}, missing {missing}"
             )
+        rebuilt = graph.to_networkx().nodes
+        for name, attrs in g.nodes(data=True):
+            for key in ("hook_out", "hook_out_index", "hook_in", "hook_in_index"):
+                if key in attrs and attrs[key] != rebuilt[name].get(key):
+                    raise ValueError(
+                        f"node {name} says {key}={attrs[key]!r} but this spec puts it at "
+                        f"{rebuilt[name].get(key)!r}; the graph was edited or comes from "
+                        "another ctlens version"
+                    )
         return graph
 
     def __eq__(self, other: object) -> bool:

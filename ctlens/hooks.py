@@ -32,13 +32,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from ctlens import mlp_groups
 from ctlens.graph import Graph
-from ctlens.types import NodeKind
+from ctlens.types import Node, NodeKind
 
 SenderCallback = Callable[[slice, torch.Tensor], None]
 """``fn(rows, activation)``: ``rows`` are sender indices; ``activation`` is ``[b, p, (n), d]``."""
@@ -84,6 +84,82 @@ class HookLayout:
         return f"blocks.{layer}.hook_mlp_in"
 
     logits_in = "ln_final.hook_in"
+    input_stream = "blocks.0.hook_resid_pre"
+    """The residual stream entering block 0: the ``input`` sender (token + position
+    embedding), which ctlens itself records as the sum of ``hook_embed`` and
+    ``hook_pos_embed``."""
+
+
+Role = Literal["sender", "receiver"]
+
+
+class HookRef(NamedTuple):
+    """The TransformerLens hook point a graph node writes (sender) or reads (receiver).
+
+    ``index`` is the node's position on the head axis (dim 2) of a ``[batch, pos, n, d]``
+    hook (head outputs, per-head q inputs, per-KV-head k/v inputs); ``None`` when the node
+    is the whole ``[batch, pos, d]`` activation.
+    """
+
+    name: str
+    index: int | None = None
+
+    def take(self, activation: torch.Tensor) -> torch.Tensor:
+        """This node's part of the hook's ``activation`` (from ``run_with_cache`` or a hook)."""
+        return activation if self.index is None else activation[:, :, self.index]
+
+
+class NeuronGroupRef(HookRef):
+    """The hook of an MLP neuron-group sender ``m{l}.n{j}``: the MLP's post-activation
+    neurons (``mlp.out.hook_in``), of which group ``index`` holds the j-th of ``groups``
+    equal blocks. The group's residual output is its neurons times its rows of W_out."""
+
+    groups: int
+
+    def __new__(cls, name: str, index: int, groups: int) -> NeuronGroupRef:
+        ref = super().__new__(cls, name, index)
+        ref.groups = groups
+        return ref
+
+    def take(self, activation: torch.Tensor) -> torch.Tensor:
+        """The group's neurons ``[..., d_mlp / groups]``."""
+        return activation.unflatten(-1, (self.groups, -1))[..., self.index, :]
+
+
+# (role, kind) -> the hook of a node of that kind; one entry per node kind, so new kinds of
+# node (MLP neuron groups, say) add a line here.
+_NODE_HOOKS: dict[tuple[str, NodeKind], Callable[[Node], HookRef]] = {
+    ("sender", NodeKind.INPUT): lambda n: HookRef(HookLayout.input_stream),
+    ("sender", NodeKind.HEAD): lambda n: HookRef(HookLayout.head_out(n.layer), n.head),
+    ("sender", NodeKind.MLP): lambda n: HookRef(HookLayout.mlp_out(n.layer)),
+    ("receiver", NodeKind.Q): lambda n: HookRef(HookLayout.qkv_in(n.layer, n.kind), n.head),
+    ("receiver", NodeKind.K): lambda n: HookRef(HookLayout.qkv_in(n.layer, n.kind), n.head),
+    ("receiver", NodeKind.V): lambda n: HookRef(HookLayout.qkv_in(n.layer, n.kind), n.head),
+    ("receiver", NodeKind.MLP): lambda n: HookRef(HookLayout.mlp_in(n.layer)),
+    ("receiver", NodeKind.LOGITS): lambda n: HookRef(HookLayout.logits_in),
+}
+
+
+# Under the frozen-norm linearisation an MLP's sender output is its normalised output.
+_FROZEN_NORM_HOOKS: dict[tuple[str, NodeKind], Callable[[Node], HookRef]] = {
+    ("sender", NodeKind.MLP): lambda n: HookRef(f"blocks.{n.layer}.ln2_post.hook_out"),
+}
+
+
+def node_hook(
+    node: Node, role: Role, approximate: str | None = None, mlp_groups: int = 1
+) -> HookRef:
+    """The hook a sender node writes or a receiver node reads (see `Graph.hook_name`)."""
+    if node.kind is NodeKind.MLP and mlp_groups != 1:
+        if role == "receiver":  # every group reads the whole MLP input
+            return HookRef(HookLayout.mlp_in(node.layer))  # type: ignore[arg-type]
+        return NeuronGroupRef(f"blocks.{node.layer}.mlp.out.hook_in", node.head, mlp_groups)
+    if approximate == "frozen-norm" and (role, node.kind) in _FROZEN_NORM_HOOKS:
+        return _FROZEN_NORM_HOOKS[(role, node.kind)](node)
+    try:
+        return _NODE_HOOKS[(role, node.kind)](node)
+    except KeyError:
+        raise ValueError(f"{node.name} ({node.kind.value}) has no {role} hook") from None
 
 
 def sender_hooks(
@@ -92,7 +168,9 @@ def sender_hooks(
     """Forward hooks that report every sender group's output to ``callback``.
 
     The ``input`` sender is the sum of the token and position embeddings: the callback is
-    called once per embedding hook with the same row, so it must accumulate.
+    called once per embedding hook with the same row, so it must accumulate. Under the
+    frozen-norm linearisation (``graph.spec.approximate``) head and MLP outputs are read
+    after the post-sublayer norm (`frozen_norm_hooks`).
     """
     layout = HookLayout.from_model(model)
     hooks: list[tuple[str, Callable[..., None]]] = []
@@ -105,6 +183,8 @@ def sender_hooks(
 
     for name in layout.input_hooks:
         hooks.append((name, make(slice(0, 1))))
+    if graph.spec.approximate == "frozen-norm":
+        return hooks + frozen_norm_hooks(model, graph, callback)
     groups = graph.spec.mlp_groups
     for layer in range(layout.n_layers):
         hooks.append((layout.head_out(layer), make(graph.sender_slice(layer))))
@@ -113,6 +193,52 @@ def sender_hooks(
         else:
             report = partial(callback, graph.mlp_senders(layer))
             hooks.append(mlp_groups.sender_hook(model, layer, groups, report))
+    return hooks
+
+
+def frozen_norm_hooks(
+    model: Any, graph: Graph, callback: SenderCallback
+) -> list[tuple[str, Callable[..., None]]]:
+    """Sender hooks of the frozen-norm linearisation (Gemma 2/3, OLMo-2).
+
+    These models add ``norm(y)`` to the residual stream, where ``y`` is a sublayer's whole
+    output. A head's sender output is its share of that, ``w_eff * result_h / rms(y)``
+    with the scale of the *same run* (``w_eff`` is ``1 + w`` for Gemma, ``w`` for OLMo-2):
+    the shares of a layer's heads sum exactly to the normalised output. An MLP's sender
+    output is its normalised output. Patching some senders does not recompute the other
+    senders' scale: that is the approximation (docs/attribution.md).
+    """
+    hooks: list[tuple[str, Callable[..., None]]] = []
+    for layer in range(graph.spec.n_layers):
+        rows = graph.sender_slice(layer)
+        norm = model.blocks[layer].ln1_post
+        stash: dict[str, torch.Tensor] = {}
+
+        def keep(key: str, stash: dict[str, torch.Tensor] = stash) -> Callable[..., None]:
+            def hook(x: torch.Tensor, hook: Any) -> None:
+                stash[key] = x
+
+            return hook
+
+        def share(
+            out: torch.Tensor,
+            hook: Any,
+            rows: slice = rows,
+            norm: Any = norm,
+            stash: dict[str, torch.Tensor] = stash,
+        ) -> None:
+            result, scale = stash.pop("result"), stash.pop("scale")
+            weight = 1.0 + norm.weight if norm.uses_weight_offset else norm.weight
+            callback(rows, (result * (weight / scale[:, :, None])).to(result.dtype))
+
+        hooks += [
+            (HookLayout.head_out(layer), keep("result")),
+            (f"blocks.{layer}.ln1_post.hook_scale", keep("scale")),
+            (f"blocks.{layer}.ln1_post.hook_out", share),
+        ]
+        mlp = graph.mlp_sender(layer)
+        out = f"blocks.{layer}.ln2_post.hook_out"
+        hooks.append((out, lambda x, hook, r=slice(mlp, mlp + 1): callback(r, x)))
     return hooks
 
 

@@ -18,6 +18,7 @@ sum of sender outputs) and blocks that normalise a component's output before add
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,23 +41,59 @@ SUPPORTED = {
     "Phi3ForCausalLM": "Phi-3 (fused qkv and fused gate/up projections)",
     "OlmoForCausalLM": "OLMo (non-parametric LayerNorm)",
 }
+# Architectures whose sublayer outputs are normalised before they join the residual stream:
+# analysable only under the frozen-norm linearisation (docs/attribution.md), by opt-in.
+FROZEN_NORM = {
+    "Gemma2ForCausalLM": "Gemma 2",
+    "Gemma3ForCausalLM": "Gemma 3 (text)",
+    "Olmo2ForCausalLM": "OLMo-2",
+}
+APPROXIMATIONS = ("frozen-norm",)
+_NORMALISED_OUTPUTS = (
+    "normalises attention and MLP outputs before adding them to the residual stream, so a "
+    "receiver's input is not the sum of sender outputs. Pass "
+    "load_model(..., approximate='frozen-norm') to analyse it under the frozen-norm "
+    "linearisation (each head's share of its layer's normalised output; docs/attribution.md)"
+)
 REFUSED = {
     "BertForMaskedLM": "post-norm blocks: the residual stream is normalised after every sum",
     "OPTForCausalLM": "OPT-350m applies LayerNorm after the residual sum (post-norm) and "
     "projects the embedding; its receiver inputs are not a plain sum of sender outputs",
-    "Gemma2ForCausalLM": "Gemma 2 normalises attention and MLP outputs before adding them to "
-    "the residual stream, so a receiver's input is not the sum of sender outputs",
-    "Gemma3ForCausalLM": "Gemma 3 normalises attention and MLP outputs before adding them to "
-    "the residual stream, so a receiver's input is not the sum of sender outputs",
     "T5ForConditionalGeneration": "encoder-decoder models have no single residual stream",
     "GPTJForCausalLM": "TransformerLens 4.3's GPT-J bridge raises NotImplementedError for "
     "set_use_attn_result and set_use_split_qkv_input, so per-head outputs and per-head "
     "q/k/v inputs (the graph's senders and receivers) cannot be hooked",
+    **{arch: f"{name} {_NORMALISED_OUTPUTS}" for arch, name in FROZEN_NORM.items()},
 }
+# TransformerLens 4.3's bridges of these fail in half precision (their attention multiplies
+# float32 weights with bfloat16 / float16 values); ctlens says so and how to load them.
+HALF_PRECISION_FAILS = {"OlmoForCausalLM", "Olmo2ForCausalLM"}
+# The hooks the graph reads (`ctlens.hooks`), checked on every loaded bridge.
+REQUIRED_HOOKS = (
+    "hook_embed",
+    "blocks.0.attn.hook_result",
+    "blocks.0.hook_q_input",
+    "blocks.0.hook_k_input",
+    "blocks.0.hook_v_input",
+    "blocks.0.hook_mlp_in",
+    "blocks.0.hook_mlp_out",
+    "ln_final.hook_in",
+)
+FROZEN_NORM_HOOKS = (
+    "blocks.0.ln1_post.hook_scale",
+    "blocks.0.ln1_post.hook_out",
+    "blocks.0.ln2_post.hook_out",
+)
 
 
 class UnsupportedModelError(ValueError):
     """The model's architecture cannot be analysed exactly by ctlens; the message says why."""
+
+
+class HubUnreachableError(ConnectionError, ValueError):
+    """A hub name was given but the HuggingFace Hub cannot be reached (and the model is not
+    cached). A `ConnectionError` (an ``OSError``) and a ``ValueError``, so callers that
+    report bad input in one line (the CLI) catch it."""
 
 
 def load_model(
@@ -64,6 +101,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     tokenizer: Any | None = None,
+    approximate: str | None = None,
 ) -> Any:
     """Load a model as a hooked `TransformerBridge` ready for attribution and tuning.
 
@@ -73,14 +111,26 @@ def load_model(
             name such as ``"gpt2"`` (needs network access).
         device: where to put the model (default: CPU).
         dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"float16"`` (default: keep).
+            Half precision works (scores are accumulated in float32); expect scores to
+            differ from float32 ones by about a percent (docs/attribution.md).
         tokenizer: a tokenizer to attach (default: the one shipped with the model).
+        approximate: ``"frozen-norm"`` opts into the frozen-norm linearisation for
+            architectures that normalise sublayer outputs (Gemma 2, Gemma 3, OLMo-2);
+            refused for every other architecture, which ctlens analyses exactly.
 
     Returns:
         A `TransformerBridge` in eval mode with ctlens's hooks enabled.
     """
     torch_dtype = _parse_dtype(dtype)
+    _check_device(device)
+    if approximate is not None and approximate not in APPROXIMATIONS:
+        raise ValueError(
+            f"unknown approximation {approximate!r}; the only one is 'frozen-norm' (for Gemma "
+            "2/3 and OLMo-2), or None for exact analysis"
+        )
+    options = (device, torch_dtype, approximate)
     if isinstance(source, nn.Module):
-        return _wrap(source, tokenizer, device, torch_dtype)
+        return _wrap(source, tokenizer, *options)
     if not isinstance(source, (str, Path)):
         raise TypeError(
             f"load_model takes a zoo name, a directory, an HF module or a hub name; "
@@ -88,19 +138,19 @@ def load_model(
         )
     text = str(source)
     if text.startswith(ZOO_PREFIX):
-        from ctlens import zoo
+        from ctlens.zoo import load_hf
 
-        module, zoo_tokenizer = zoo.load_hf(text[len(ZOO_PREFIX) :])
-        return _wrap(module, tokenizer or zoo_tokenizer, device, torch_dtype, name=text)
+        module, zoo_tokenizer = load_hf(text[len(ZOO_PREFIX) :])
+        return _wrap(module, tokenizer or zoo_tokenizer, *options, name=text)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _wrap(*_load_directory(path, tokenizer), device, torch_dtype, name=str(path))
+        return _wrap(*_load_directory(path, tokenizer), *options, name=str(path))
     if path.suffix or text.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"{text!r} is not a model directory; pass a directory holding config.json and "
             "weights, a zoo name like 'zoo:tiny-gpt2', or a hub name like 'gpt2'"
         )
-    return _boot_hub(text, device, torch_dtype, tokenizer)
+    return _boot_hub(text, tokenizer, *options)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -112,25 +162,53 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
+def _check_device(device: str | torch.device | None) -> None:
+    """Refuse a device that does not exist here, before any weights move."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(
+            f"device {str(device)!r} was requested but CUDA is not available (torch "
+            f"{torch.__version__} {why}); use device='cpu'"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but MPS is not available")
+
+
 def _architecture(module: nn.Module) -> str:
     config = getattr(module, "config", None)
     names = getattr(config, "architectures", None) or []
     return names[0] if names else type(module).__name__
 
 
-def check_architecture(module: nn.Module) -> str:
+def check_architecture(module: nn.Module, approximate: str | None = None) -> str:
     """Return the HF architecture name, or raise `UnsupportedModelError` with the reason."""
     arch = _architecture(module)
+    if arch in FROZEN_NORM and approximate == "frozen-norm":
+        return arch
+    if approximate is not None:
+        raise UnsupportedModelError(
+            f"approximate={approximate!r} applies to {', '.join(FROZEN_NORM.values())} only; "
+            f"{arch} is analysed exactly: drop the option"
+            if arch in SUPPORTED
+            else f"{arch} cannot be analysed under approximate={approximate!r}: "
+            + REFUSED.get(arch, "it is not a supported architecture")
+        )
     if arch in REFUSED:
         raise UnsupportedModelError(f"{arch} cannot be analysed exactly: {REFUSED[arch]}")
     if arch not in SUPPORTED:
-        known = ", ".join(sorted(SUPPORTED))
-        raise UnsupportedModelError(
-            f"{arch} is not supported: ctlens needs a pre-norm decoder whose residual stream "
-            f"is a plain sum of component outputs and whose bridge exposes split q/k/v "
-            f"inputs. Supported architectures: {known}"
-        )
+        raise UnsupportedModelError(f"{arch} is not supported: {_diagnose(module)}")
     return arch
+
+
+def approximation(model: Any) -> str | None:
+    """The approximation a `load_model` bridge was loaded under (None: exact)."""
+    return getattr(model, "_ctlens_approximate", None)
 
 
 def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
@@ -149,11 +227,49 @@ def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
     return module, tokenizer
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the HuggingFace Hub endpoint opens within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_hint(name: str) -> str:
+    from ctlens import zoo
+
+    if name in zoo.names():
+        return f"did you mean 'zoo:{name}'?"
+    return f"use a zoo model ('zoo:NAME'; shipped: {', '.join(zoo.names())}) or a local directory"
+
+
 def _boot_hub(
-    name: str, device: str | torch.device | None, dtype: torch.dtype | None, tokenizer: Any
+    name: str,
+    tokenizer: Any,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    approximate: str | None,
 ) -> Any:
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
     from transformer_lens.model_bridge import TransformerBridge
 
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not cached and (offline or not hub_reachable()):
+        raise HubUnreachableError(
+            f"{name!r} is not a zoo model, a directory or a cached hub model, and the "
+            f"HuggingFace Hub cannot be reached (offline?): {_hub_hint(name)}"
+        )
     try:
         bridge = TransformerBridge.boot_transformers(
             name, device=device, dtype=dtype or torch.float32, tokenizer=tokenizer
@@ -163,8 +279,8 @@ def _boot_hub(
             f"could not load {name!r} from the HuggingFace Hub ({err}). Offline? Use a zoo "
             "model ('zoo:tiny-gpt2'), a local directory, or an HF module you built."
         ) from err
-    check_architecture(bridge.original_model)
-    return _configure(bridge)
+    check_architecture(bridge.original_model, approximate)
+    return _configure(bridge, approximate)
 
 
 def _wrap(
@@ -172,11 +288,12 @@ def _wrap(
     tokenizer: Any | None,
     device: str | torch.device | None,
     dtype: torch.dtype | None,
+    approximate: str | None,
     name: str = "external",
 ) -> Any:
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    arch = check_architecture(module)
+    arch = check_architecture(module, approximate)
     module.eval()
     if dtype is not None:
         module.to(dtype)
@@ -185,31 +302,78 @@ def _wrap(
     bridge = build_bridge_from_module(
         module, arch, hf_config=module.config, tokenizer=tokenizer, model_name=name
     )
-    return _configure(bridge)
+    return _configure(bridge, approximate)
 
 
-def _configure(bridge: Any) -> Any:
-    """Switch on the hooks ctlens reads and check that they fire."""
+def _enable_hooks(bridge: Any) -> None:
+    """Compatibility mode without weight processing, plus the split hooks ctlens reads."""
     bridge.enable_compatibility_mode(no_processing=True)
+    bridge.set_use_attn_result(True)
+    bridge.set_use_split_qkv_input(True)
+    bridge.set_use_hook_mlp_in(True)
+
+
+def _configure(bridge: Any, approximate: str | None = None) -> Any:
+    """Switch on the hooks ctlens reads and check that they fire."""
+    arch = _architecture(bridge.original_model)
     try:
-        bridge.set_use_attn_result(True)
-        bridge.set_use_split_qkv_input(True)
-        bridge.set_use_hook_mlp_in(True)
+        _enable_hooks(bridge)
     except (NotImplementedError, ValueError) as err:
-        arch = _architecture(bridge.original_model)
         raise UnsupportedModelError(
             f"{arch} cannot be analysed exactly: its TransformerLens bridge cannot expose "
             f"per-head outputs and split q/k/v inputs ({err})"
         ) from err
     bridge.eval()
-    required = ("blocks.0.attn.hook_result", "blocks.0.hook_q_input", "blocks.0.hook_k_input")
+    required = REQUIRED_HOOKS + (FROZEN_NORM_HOOKS if approximate else ())
     missing = [h for h in required if h not in bridge.hook_dict]
     if missing:
         raise UnsupportedModelError(
-            f"this bridge does not expose {missing}: ctlens needs per-head outputs and split "
-            "q/k/v inputs to score edges exactly"
+            f"{arch}: this bridge does not expose {missing}: ctlens needs per-head outputs "
+            "and split q/k/v inputs to score edges"
+            + (" and the post-sublayer norms' hooks for frozen-norm" if approximate else "")
         )
+    dtype = next(bridge.parameters()).dtype
+    if arch in HALF_PRECISION_FAILS and dtype in (torch.float16, torch.bfloat16):
+        raise UnsupportedModelError(
+            f"{arch} in {str(dtype).replace('torch.', '')}: TransformerLens 4.3's bridge for it "
+            "fails in half precision (its attention mixes float32 and half-precision "
+            "tensors); load it in float32: load_model(..., dtype='float32')"
+        )
+    bridge._ctlens_approximate = approximate
     return bridge
+
+
+def _diagnose(module: nn.Module) -> str:
+    """Why an architecture that is neither supported nor refused cannot be used: the first
+    structural requirement it misses (a bridge, the split hooks, a residual stream that is
+    a plain sum), or that it meets them but is untested."""
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    arch = _architecture(module)
+    known = ", ".join(sorted(SUPPORTED))
+    tail = f" Supported architectures: {known}."
+    config = getattr(module, "config", None)
+    if config is None:
+        return (
+            "ctlens needs a pre-norm decoder (an HF PreTrainedModel with a config) whose "
+            f"residual stream is a plain sum of component outputs.{tail}"
+        )
+    try:
+        bridge = build_bridge_from_module(copy.deepcopy(module), arch, hf_config=config)
+    except Exception as err:  # noqa: BLE001 - any failure means: no bridge for it
+        return f"TransformerLens 4.3 has no bridge for it ({type(err).__name__}: {err}).{tail}"
+    try:
+        _enable_hooks(bridge)
+    except (NotImplementedError, ValueError) as err:
+        return f"its bridge cannot expose per-head outputs and split q/k/v inputs ({err}).{tail}"
+    missing = [h for h in REQUIRED_HOOKS if h not in bridge.hook_dict]
+    if missing:
+        return f"its bridge does not expose the hooks {missing}.{tail}"
+    return (
+        "its bridge exposes every hook ctlens reads, but the family has not been checked end "
+        "to end (gradients, exact patching, parameter rules, export; tests/test_families.py "
+        f"shows how).{tail}"
+    )
 
 
 @dataclass(frozen=True)

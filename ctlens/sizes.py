@@ -24,7 +24,10 @@ def check_size(size: object, name: str = "top_n") -> Size:
         )
     if isinstance(size, int):
         if size < 1:
-            raise ValueError(f"{name}={size} must be at least 1 edge")
+            raise ValueError(
+                f"{name} must be a positive integer (a number of edges) or a fraction of the "
+                f"valid edges strictly between 0 and 1, got {size!r}"
+            )
         return size
     if not (math.isfinite(size) and 0 < size < 1):
         raise ValueError(

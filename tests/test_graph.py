@@ -193,3 +193,125 @@ def test_graph_equality_and_repr():
     assert Graph(GraphSpec(2, 2, 2)) == Graph(GraphSpec(2, 2, 2))
     assert Graph(GraphSpec(2, 2, 2)) != Graph(GraphSpec(2, 2, 1))
     assert "32491 valid edges" in repr(Graph(GraphSpec(12, 12, 12)))
+
+
+# ------------------------------------------------------------------------------ hook names
+
+
+def test_hook_names_of_each_node_kind():
+    graph = Graph(GraphSpec(4, 6, 2))
+    assert graph.hook_name("a3.h5") == ("blocks.3.attn.hook_result", 5)
+    assert graph.hook_name("a3.g1.k") == ("blocks.3.hook_k_input", 1)
+    assert graph.hook_name("a2.h4.q") == ("blocks.2.hook_q_input", 4)
+    assert graph.hook_name("a0.g0.v") == ("blocks.0.hook_v_input", 0)
+    assert graph.hook_name("m3", role="receiver") == ("blocks.3.hook_mlp_in", None)
+    assert graph.hook_name("m3", role="sender") == ("blocks.3.hook_mlp_out", None)
+    assert graph.hook_name("input") == ("blocks.0.hook_resid_pre", None)
+    assert graph.hook_name(graph.receiver_nodes[-1]) == ("ln_final.hook_in", None)
+    with pytest.raises(ValueError, match="both a sender and a receiver; pass role"):
+        graph.hook_name("m0")
+    with pytest.raises(ValueError, match="logits is not a sender"):
+        graph.hook_name("logits", role="sender")
+    with pytest.raises(KeyError, match="'a9.h0' is not a node"):
+        graph.hook_name("a9.h0")
+    grouped = Graph(GraphSpec(2, 4, 4, mlp_groups=4))
+    assert grouped.hook_name("m1.n3", role="sender") == ("blocks.1.mlp.out.hook_in", 3)
+    assert grouped.hook_name("m1.n3", role="receiver") == ("blocks.1.hook_mlp_in", None)
+    with pytest.raises(ValueError, match="not supported under the frozen-norm"):
+        GraphSpec(2, 4, 4, mlp_groups=2, approximate="frozen-norm")
+
+
+def test_networkx_nodes_carry_hook_names_and_round_trip():
+    graph = Graph(GraphSpec(2, 4, 2))
+    g = graph.to_networkx()
+    assert (g.nodes["a1.h3"]["hook_out"], g.nodes["a1.h3"]["hook_out_index"]) == (
+        "blocks.1.attn.hook_result",
+        3,
+    )
+    assert "hook_in" not in g.nodes["a1.h3"] and "hook_out" not in g.nodes["logits"]
+    assert g.nodes["a1.g1.v"]["hook_in"] == "blocks.1.hook_v_input"
+    assert g.nodes["m0"]["hook_in"] == "blocks.0.hook_mlp_in"
+    assert g.nodes["m0"]["hook_out"] == "blocks.0.hook_mlp_out"
+    back = Graph.from_networkx(g)
+    assert back == graph and dict(back.to_networkx().nodes(data=True)) == dict(g.nodes(data=True))
+    g.nodes["a0.h1"]["hook_out_index"] = 2
+    with pytest.raises(ValueError, match="node a0.h1 says hook_out_index=2"):
+        Graph.from_networkx(g)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hook_names_read_what_ctlens_records(tiny_model, groups):
+    """``run_with_cache`` on each node's hook gives the activation ctlens's own sender and
+    receiver hooks see, for every node (an MLP group sender: its neurons times its rows of
+    W_out)."""
+    from ctlens.hooks import NeuronGroupRef, receiver_hooks, sender_hooks
+    from ctlens.mlp_groups import mlp_parts
+
+    graph = Graph.from_model(tiny_model, mlp_groups=groups)
+    tokens = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 40, 49, 1]])
+    sent = torch.zeros(graph.n_senders, *tokens.shape, tiny_model.cfg.d_model, dtype=torch.float64)
+    read: dict[int, torch.Tensor] = {}
+
+    def on_sender(rows: slice, act: torch.Tensor) -> None:
+        sent[rows] += (act[:, :, None] if act.ndim == 3 else act).permute(2, 0, 1, 3)
+
+    def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+        for offset, j in enumerate(range(columns.start, columns.stop)):
+            read[j] = x[:, :, offset] if x.ndim == 4 else x
+        return x
+
+    names = {graph.hook_name(n, "sender").name for n in graph.senders}
+    names |= {graph.hook_name(n, "receiver").name for n in graph.receivers}
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda name: name in names)
+        tiny_model.run_with_hooks(
+            tokens,
+            fwd_hooks=sender_hooks(tiny_model, graph, on_sender)
+            + receiver_hooks(tiny_model, graph, on_receiver),
+        )
+    for i, node in enumerate(graph.sender_nodes):
+        ref = graph.hook_name(node, "sender")
+        got = ref.take(cache[ref.name])
+        if isinstance(ref, NeuronGroupRef):
+            assert ref.name == f"blocks.{node.layer}.mlp.out.hook_in" and ref.groups == groups
+            w_out = mlp_parts(tiny_model, node.layer).w_out
+            width = w_out.shape[0] // groups
+            got = got @ w_out[node.head * width : (node.head + 1) * width]
+        torch.testing.assert_close(got, sent[i], rtol=0, atol=1e-12)
+    for j, node in enumerate(graph.receivers):
+        ref = graph.hook_name(node, "receiver")
+        torch.testing.assert_close(ref.take(cache[ref.name]), read[j], rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ real shapes
+
+
+def test_real_shape_table_in_the_docs_is_the_scripts_output():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "real_shape_graphs", root / "scripts" / "real_shape_graphs.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    page = (root / "docs" / "concepts.md").read_text()
+    start, end = "<!-- real-shape-graphs:start -->\n", "\n<!-- real-shape-graphs:end -->"
+    shown = page[page.index(start) + len(start) : page.index(end)]
+    assert shown == script.table(), "docs/concepts.md is stale: run scripts/real_shape_graphs.py"
+    rows = {row[0]: row for row in script.rows()}
+    assert rows["gpt2"][2:5] == (157, 445, 32_491)  # DESIGN.md's GPT-2 small counts
+    for name, _, s, r, e, gs, gr, ge in rows.values():
+        assert gs > s and gr > r and ge > e, name
+
+
+@pytest.mark.parametrize(
+    "spec", [GraphSpec(3, 4, 2), GraphSpec(2, 4, 4, True), GraphSpec(2, 4, 2, mlp_groups=3)]
+)
+def test_upstream_prefixes_match_the_dense_mask(spec):
+    graph = Graph(spec)
+    assert list(graph.upstream) == graph.valid.sum(0).tolist()
+    assert graph.n_edges == int(graph.valid.sum())
+    for j, n in enumerate(graph.upstream):
+        assert graph.valid[:n, j].all() and not graph.valid[n:, j].any()

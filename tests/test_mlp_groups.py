@@ -516,3 +516,68 @@ def test_discover_command_takes_mlp_groups_and_a_fraction(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--top-n", "1.5"])
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------ tuning, viz
+
+
+def test_tune_config_sizes_and_groups():
+    cfg = ctlens.TuneConfig(top_n=0.1, top_n_start=0.5, top_n_schedule="linear", steps=3)
+    assert [cfg.top_n_at(t, 1000) for t in range(3)] == [500, 300, 100]
+    with pytest.raises(ValueError, match="fraction"):
+        cfg.top_n_at(0)
+    assert ctlens.TuneConfig(mlp_group_size=32).groups_for(128) == 4
+    with pytest.raises(ValueError, match="divide"):
+        ctlens.TuneConfig(mlp_group_size=48).groups_for(128)
+    with pytest.raises(ValueError, match="not both"):
+        ctlens.TuneConfig(mlp_groups=2, mlp_group_size=32)
+    for bad in ({"top_n": 1.5}, {"top_n": 0}, {"mlp_groups": 0}):
+        with pytest.raises(ValueError):
+            ctlens.TuneConfig(**bad)
+
+
+def test_grouped_circuit_tuning_moves_fewer_parameters(tmp_path):
+    from tuning_toy import toy_task
+
+    task = toy_task()
+    moved = {}
+    for groups in (1, 4):
+        model = ctlens.load_model(tiny_gpt2_module())
+        cfg = ctlens.TuneConfig(
+            steps=2,
+            top_n=0.05,
+            mlp_groups=groups,
+            batch_size=4,
+            eval_every=2,
+            save_every=2,
+            eval_examples=8,
+            progress=False,
+            export=False,
+        )
+        result = ctlens.CircuitTuner(model, task, cfg).run(tmp_path / f"g{groups}")
+        run = json.loads((tmp_path / f"g{groups}" / "run.json").read_text())
+        assert run["config"]["mlp_groups"] == groups
+        assert run["graph"].get("mlp_groups", 1) == groups
+        moved[groups] = result.metrics["params_moved"]
+    assert 0 < moved[4] < moved[1]
+    # the report and a diff of two snapshots read the grouped run
+    report = ctlens.viz.write_report(tmp_path / "g4", top=50, max_frames=3)
+    assert "m0.n" in report.read_text()
+    snapshots = sorted((tmp_path / "g4" / "circuits").glob("*.json"))
+    diff = ctlens.viz.write_diff(snapshots[0], snapshots[-1], tmp_path / "diff.html")
+    assert diff.stat().st_size > 0
+
+
+def test_viz_draws_grouped_circuits_and_group_scores():
+    scores = grouped_scores()
+    circuit = ctlens.Circuit.from_scores(scores, top_n=30)
+    fig = ctlens.viz.plot_circuit(circuit)
+    texts = " ".join(str(t.text) for t in fig.data if t.text is not None)
+    assert "m0.n" in texts
+    layout = ctlens.viz.layout.Layout(scores.graph)
+    xs = {float(layout.sender_x[scores.graph.sender_index[f"m1.n{j}"]]) for j in range(GROUPS)}
+    assert len(xs) == GROUPS  # the groups of one MLP do not sit on top of each other
+    heat = ctlens.viz.plot_node_scores(scores).data[0]
+    assert list(heat.x[-GROUPS:]) == [f"n{j}" for j in range(GROUPS)]
+    node = scores.node_scores()
+    assert heat.z[1][-1] == pytest.approx(node[f"m1.n{GROUPS - 1}"])

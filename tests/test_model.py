@@ -157,3 +157,64 @@ def test_cuda_attribution_matches_cpu(family):
         ctlens.load_model(build(), device="cuda", dtype=torch.bfloat16), data, progress=False
     )
     assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
+
+
+def test_hub_name_offline_fails_at_once_suggesting_zoo(monkeypatch):
+    """A hub name with no network: one line suggesting zoo:NAME, and no download attempt
+    (HF_HUB_OFFLINE unset; the reachability check is replaced, so no real network)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    import ctlens.model as model_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(model_module, "hub_reachable", lambda timeout=3.0: False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("boot_transformers must not be called offline")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", no_download)
+    with pytest.raises(OSError, match="cannot be reached.*did you mean 'zoo:tiny-gpt2'") as err:
+        ctlens.load_model("tiny-gpt2")
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)  # the CLI reports ValueErrors in one line
+    with pytest.raises(OSError, match="use a zoo model \\('zoo:NAME'; shipped: .*tiny-gpt2"):
+        ctlens.load_model("some-org/unknown-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(model_module, "hub_reachable", no_download)
+    with pytest.raises(OSError, match="cannot be reached"):
+        ctlens.load_model("gpt2")
+
+
+def test_hub_reachable_is_false_when_no_connection_opens(monkeypatch):
+    import socket
+
+    from ctlens.model import hub_reachable
+
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert hub_reachable(timeout=0.1) is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="device 'cuda' was requested but CUDA is not available"):
+        ctlens.load_model(tiny_gpt2_module(), device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        ctlens.load_model(tiny_gpt2_module(), device="gpu0")
+
+
+def test_unknown_architecture_names_what_is_missing():
+    """An architecture that is neither supported nor refused: the message says which hook
+    or which structural requirement is missing."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModelError, match="BloomForCausalLM is not supported: ") as err:
+        ctlens.load_model(bloom)
+    message = str(err.value)
+    # Bloom's bridge has every hook; what it lacks is the end-to-end check
+    assert "exposes every hook ctlens reads, but the family has not been checked" in message
+    assert "Supported architectures: GPT2LMHeadModel" in message

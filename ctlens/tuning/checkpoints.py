@@ -100,8 +100,8 @@ def _digest(*tensors: torch.Tensor | None) -> str:
         if t is None:
             digest.update(b"none")
             continue
-        t = t.detach().cpu().contiguous()
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 

@@ -19,6 +19,7 @@ import sys
 import typing
 from typing import Any
 
+from ctlens.sizes import parse_size
 from ctlens.tuning.config import TuneConfig
 
 DEFAULT_MODEL = "zoo:tiny-gpt2"
@@ -28,8 +29,11 @@ _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
     "random_match": "what --mode random's circuit shares with the discovered one: parameters, "
     "composition (per node kind) or edges",
-    "top_n": "edges in the circuit (the final N when a schedule is used)",
-    "top_n_start": "first N of the schedule (default: --top-n)",
+    "top_n": "edges in the circuit (the final N when a schedule is used): a count, or a "
+    "fraction of the valid edges such as 0.01",
+    "top_n_start": "first N of the schedule (default: --top-n), a count or a fraction",
+    "mlp_groups": "split each MLP into this many neuron groups (nodes m{l}.n{j})",
+    "mlp_group_size": "neurons per MLP group instead of --mlp-groups (the paper's Llama: 64)",
     "top_n_schedule": "N schedule from --top-n-start to --top-n",
     "every_k": "re-discover the circuit every K optimizer steps",
     "discovery": "batch: EAP on the training batch (paper); task: on the discovery pairs",
@@ -89,7 +93,7 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     hints = typing.get_type_hints(TuneConfig)
     for field in dataclasses.fields(TuneConfig):
         _add_field(p, field, hints[field.name])
-    p.set_defaults(func=run_tune)
+    p.set_defaults(func=run_tune, out_kind="dir")
     return p
 
 
@@ -106,6 +110,9 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
                        help=help_text)
     elif typing.get_origin(hint) is typing.Literal:
         p.add_argument(flag, choices=list(args), default=default, help=help_text)
+    elif field.name in ("top_n", "top_n_start"):
+        kind = parse_size if field.name == "top_n" else _optional(parse_size)
+        p.add_argument(flag, type=kind, default=default, help=help_text)
     elif field.name == "betas":
         p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
                        help=help_text)
@@ -136,8 +143,9 @@ def run_tune(args: argparse.Namespace) -> int:
     """Run ``ctlens tune``; prints the last evaluation and where the results are."""
     import torch
 
-    import ctlens
-    import ctlens.tasks
+    from ctlens.graph import Graph
+    from ctlens.model import load_model
+    from ctlens.tasks.bundle import load
     from ctlens.tuning.discovery import check_top_n
     from ctlens.tuning.rundir import RunWriteError
     from ctlens.tuning.runner import CircuitTuner
@@ -145,10 +153,12 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    model = ctlens.load_model(args.model, device=args.device)
-    check_top_n(config, ctlens.Graph.from_model(model))  # before any task or attribution work
-    task = ctlens.tasks.load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
-                             tokenizer=getattr(model, "tokenizer", None))
+    model = load_model(args.model, device=args.device)
+    d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
+    graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
+    check_top_n(config, graph)  # before any task or attribution work
+    task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+                tokenizer=getattr(model, "tokenizer", None))
     try:
         result = CircuitTuner(model, task, config, model_name=args.model).run(
             args.out, overwrite=args.overwrite

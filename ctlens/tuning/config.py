@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ctlens.sizes import check_size, edge_count
 from ctlens.types import Ablation
 
 Mode = Literal["gradient", "forward", "both", "full", "random", "lora"]
@@ -87,8 +88,8 @@ class TuneConfig:
 
     mode: Mode = "gradient"
     random_match: Literal["edges", "parameters", "composition"] = "parameters"
-    top_n: int = 300
-    top_n_start: int | None = None
+    top_n: int | float = 300
+    top_n_start: int | float | None = None
     top_n_schedule: Schedule = "constant"
     every_k: int = 1
     discovery: Discovery = "batch"
@@ -111,6 +112,8 @@ class TuneConfig:
     lr_schedule: Schedule = "constant"
     warmup_steps: int = 0
     metric_beta: float = 0.0
+    mlp_groups: int = 1
+    mlp_group_size: int | None = None
     lora_rank: int = 8
     lora_alpha: float = 16.0
     eval_every: int = 50
@@ -143,11 +146,19 @@ class TuneConfig:
         if not (_finite(self.momentum) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         object.__setattr__(self, "discovery_ablation", Ablation(self.discovery_ablation).value)
-        for name in ("steps", "every_k", "top_n", "batch_size", "eval_every", "save_every",
-                     "discovery_batches", "lora_rank", "keep_checkpoints"):
+        for name in ("steps", "every_k", "batch_size", "eval_every", "save_every",
+                     "discovery_batches", "lora_rank", "keep_checkpoints", "mlp_groups"):
             _positive_int(name, getattr(self, name))
+        check_size(self.top_n, "top_n")
         if self.top_n_start is not None:
-            _positive_int("top_n_start", self.top_n_start)
+            check_size(self.top_n_start, "top_n_start")
+        if self.mlp_group_size is not None:
+            _positive_int("mlp_group_size", self.mlp_group_size)
+            if self.mlp_groups != 1:
+                raise ValueError(
+                    f"give mlp_groups ({self.mlp_groups}) or mlp_group_size "
+                    f"({self.mlp_group_size}), not both"
+                )
         if self.eval_examples is not None:
             _positive_int("eval_examples", self.eval_examples)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -196,11 +207,33 @@ class TuneConfig:
             del data["random_match"]  # means nothing outside random runs
         return data
 
-    def top_n_at(self, step: int) -> int:
-        """N of the top-N schedule at optimizer step ``step`` (0-based)."""
-        start = self.top_n if self.top_n_start is None else self.top_n_start
+    def top_n_at(self, step: int, n_edges: int | None = None) -> int:
+        """N of the top-N schedule at optimizer step ``step`` (0-based).
+
+        A fraction (``top_n=0.01``) is a share of the graph's ``n_edges`` valid edges, so
+        ``n_edges`` is then required.
+        """
+        ends = []
+        for name, value in (("top_n", self.top_n), ("top_n_start", self.top_n_start)):
+            if isinstance(value, float):
+                if n_edges is None:
+                    raise ValueError(f"{name}={value} is a fraction: pass the graph's n_edges")
+                value = edge_count(value, n_edges, name)
+            ends.append(value)
+        end, start = ends[0], ends[0] if ends[1] is None else ends[1]
         frac = _progress(self.top_n_schedule, step, self.steps)
-        return int(round(start + (self.top_n - start) * frac))
+        return int(round(start + (end - start) * frac))
+
+    def groups_for(self, d_mlp: int) -> int:
+        """Neuron groups per MLP: ``mlp_groups``, or ``d_mlp / mlp_group_size``."""
+        if self.mlp_group_size is None:
+            return self.mlp_groups
+        if d_mlp % self.mlp_group_size:
+            raise ValueError(
+                f"mlp_group_size={self.mlp_group_size} does not divide the MLP width {d_mlp}; "
+                "choose a divisor of it, or give mlp_groups"
+            )
+        return d_mlp // self.mlp_group_size
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at step ``step``: linear warm-up, then the decay schedule."""

@@ -45,10 +45,10 @@ def check_top_n(config: TuneConfig, graph: Graph) -> None:
     """
     for name in ("top_n", "top_n_start"):
         value = getattr(config, name)
-        if value is not None and value > graph.n_edges:
+        if isinstance(value, int) and value > graph.n_edges:
             raise ValueError(
                 f"{name}={value} is larger than the model's graph ({graph.n_edges} valid "
-                f"edges); choose at most {graph.n_edges}"
+                f"edges); choose at most {graph.n_edges}, or a fraction such as 0.01"
             )
 
 
@@ -62,12 +62,13 @@ def top_nodes_rank(scores: Scores, graph: Graph) -> Scores:
     return magnitude * magnitude.sum(1, keepdim=True) * magnitude.sum(0, keepdim=True)
 
 
-def top_n_after(config: TuneConfig, steps_taken: int) -> int:
+def top_n_after(config: TuneConfig, steps_taken: int, n_edges: int | None = None) -> int:
     """N of the circuit in force after ``steps_taken`` optimizer steps.
 
     The circuit of the last step taken (``steps_taken - 1``); before any step, the first's.
+    ``n_edges`` (the graph's valid edges) turns a fractional ``top_n`` into a count.
     """
-    return config.top_n_at(max(steps_taken - 1, 0))
+    return config.top_n_at(max(steps_taken - 1, 0), n_edges)
 
 
 class CircuitDiscovery:
@@ -163,11 +164,13 @@ class CircuitDiscovery:
         chosen = data[rows]
         reference = None
         if cfg.discovery_ablation == "mean":
-            reference = mean_activations(self.model, chosen, batch_size=cfg.batch_size)
+            reference = mean_activations(
+                self.model, chosen, batch_size=cfg.batch_size, graph=self.graph
+            )
         local = self.world.shard(torch.arange(want))
         result = attribute(
             self.model, chosen[local], ablation=cfg.discovery_ablation, reference=reference,
-            batch_size=cfg.batch_size, progress=False,
+            batch_size=cfg.batch_size, progress=False, graph=self.graph,
         )
         scores = result.scores * (len(local) / want)
         return self.world.sum_(scores)
@@ -176,7 +179,9 @@ class CircuitDiscovery:
         """Per-position mean sender outputs over training rows ``rows`` (forward modes)."""
         data = TaskData(clean=self.task.train_tokens[rows],
                         attention_mask=self.task.train_attention_mask[rows], metric="kl")
-        return mean_activations(self.model, data, batch_size=self.config.batch_size)
+        return mean_activations(
+            self.model, data, batch_size=self.config.batch_size, graph=self.graph
+        )
 
     def monitor_circuit(self, step: int) -> Circuit:
         """The task circuit of the current weights (for snapshots outside circuit modes)."""
@@ -185,8 +190,8 @@ class CircuitDiscovery:
         if cfg.eval_examples is not None:
             data = data[: cfg.eval_examples]
         scores = attribute(self.model, data, ablation=cfg.discovery_ablation,
-                           batch_size=cfg.batch_size, progress=False)
-        n = top_n_after(cfg, step)
+                           batch_size=cfg.batch_size, progress=False, graph=self.graph)
+        n = top_n_after(cfg, step, self.graph.n_edges)
         circuit = Circuit.from_scores(scores, top_n=n)
         circuit.metadata = {"step": step, "top_n": n, "mode": cfg.mode, "discovery": "monitor"}
         circuit.model_name = self.model_name
@@ -201,7 +206,7 @@ class CircuitDiscovery:
         if cfg.ema > 0:
             self.ema = scores if self.ema is None else cfg.ema * self.ema + (1 - cfg.ema) * scores
             scores = self.ema
-        n = cfg.top_n_at(t)
+        n = cfg.top_n_at(t, self.graph.n_edges)
         metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
         if cfg.selection == "top_nodes":
             ranked = Circuit.from_scores(EdgeScores(top_nodes_rank(scores, self.graph),
@@ -217,7 +222,7 @@ class CircuitDiscovery:
         """``mode="random"``: N random valid edges, seeded by ``(seed, t)``."""
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (t + 1))
         noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
-        n = self.config.top_n_at(t)
+        n = self.config.top_n_at(t, self.graph.n_edges)
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
         return Circuit(self.graph, circuit.mask, None,
                        {"step": t, "top_n": n, "mode": "random"}, self.model_name)
@@ -234,7 +239,7 @@ class CircuitDiscovery:
         circuit = self._control.draw(budgets, gen)
         total = W.count_real_parameters(self.model)
         circuit.metadata = {
-            "step": t, "top_n": cfg.top_n_at(t), "mode": "random",
+            "step": t, "top_n": cfg.top_n_at(t, self.graph.n_edges), "mode": "random",
             "random_match": cfg.random_match,
             "discovered_trainable_fraction": trainable_count(self.model, target, cfg) / total,
         }

@@ -81,7 +81,7 @@ class Evaluator:
             "evals": evals,
             "wall_time": time.perf_counter() - started,
             "lr": cfg.lr * cfg.lr_factor(max(step - 1, 0)),
-            "top_n": top_n_after(cfg, step),
+            "top_n": top_n_after(cfg, step, self.graph.n_edges),
             "trainable_fraction": enforcement.trainable_fraction(),
         }
         matched = (in_force.metadata or {}).get("discovered_trainable_fraction") \

@@ -124,7 +124,8 @@ class CircuitTuner:
         _check_task(task)
         self.model = model
         self.task = task
-        self.graph = Graph.from_model(model)
+        d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
+        self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
         check_top_n(self.config, self.graph)
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
@@ -287,7 +288,7 @@ class CircuitTuner:
         return start, wall
 
     def _run_doc(self) -> dict[str, Any]:
-        from ctlens import __version__
+        from ctlens._version import __version__
 
         return {
             "format": F.FORMAT,

@@ -35,6 +35,7 @@ from ctlens.types import NodeKind
 #: vertical offset of a q/k/v port below its head, and horizontal offset of q (-) and v (+)
 PORT_DY = 0.35
 PORT_DX = 0.27
+MLP_BAND = 3.0  # width of the band of an MLP's neuron-group nodes (x units: one per head)
 #: edge dash per receiver kind; MLP and logits receivers are solid lines to the node itself
 DASH = {NodeKind.Q: "solid", NodeKind.K: "dash", NodeKind.V: "dot", NodeKind.MLP: "solid",
         NodeKind.LOGITS: "solid"}
@@ -92,7 +93,12 @@ class Layout:
         if kind is NodeKind.LOGITS:
             return centre, self.top
         if kind is NodeKind.MLP:
-            return self.mlp_x, 2.0 * layer + 1.6  # type: ignore[operator]
+            y = 2.0 * layer + 1.6  # type: ignore[operator]
+            groups = self.graph.spec.mlp_groups
+            if groups == 1 or head is None:
+                return self.mlp_x, y
+            # neuron groups: a band of small steps to the right of the MLP column
+            return self.mlp_x + MLP_BAND * head / (groups - 1), y
         return float(head), 2.0 * layer + 1  # type: ignore[arg-type,operator]
 
     @cached_property
@@ -118,7 +124,9 @@ class Layout:
                     [start + h for h in range(node.head * group, (node.head + 1) * group)]  # type: ignore[operator]
                 )
             elif node.kind is NodeKind.MLP:
-                owners.append([graph.mlp_sender(node.layer)])  # type: ignore[arg-type]
+                # a neuron group's port belongs to that group (head: the group index)
+                first = graph.mlp_senders(node.layer).start  # type: ignore[arg-type]
+                owners.append([first + (node.head or 0)])
             else:
                 owners.append([])
         return owners
@@ -137,7 +145,8 @@ class Layout:
 
     def axis_ranges(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """x and y ranges that show every node with a margin."""
-        return (-1.0, self.mlp_x + 1.0), (-0.6, self.top + 0.9)
+        band = MLP_BAND if self.graph.spec.mlp_groups > 1 else 0.0
+        return (-1.0, self.mlp_x + band + 1.0), (-0.6, self.top + 0.9)
 
     def layer_ticks(self) -> tuple[list[float], list[str]]:
         """y tick positions and labels: input, each layer's heads and MLP, logits."""

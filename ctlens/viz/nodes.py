@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from ctlens.graph import Graph
 from ctlens.viz.traces import style
 
-_NODE = re.compile(r"^(?:a(\d+)\.h(\d+)|m(\d+)|input)$")
+_NODE = re.compile(r"^(?:a(\d+)\.h(\d+)|m(\d+)(?:\.n(\d+))?|input)$")
 
 
 def _node_score_table(scores: Any) -> tuple[dict[str, float], str]:
@@ -42,7 +42,8 @@ def plot_node_scores(
     title: str | None = None,
     height: int | None = None,
 ) -> go.Figure:
-    """A layer x head heatmap of node scores, with the MLP of each layer as the last column.
+    """A layer x head heatmap of node scores, with the MLP of each layer as the last column
+    (on a grouped graph, one column per neuron group ``m{l}.n{j}``).
 
     ``scores`` is `EdgeScores` (uses `EdgeScores.node_scores`), a circuit with scores (sums
     its edges per sender) or a ``{node: score}`` mapping (``a{l}.h{h}``, ``m{l}``,
@@ -53,12 +54,15 @@ def plot_node_scores(
     table, what = _node_score_table(scores)
     if graph is None:
         graph = getattr(scores, "graph", None)
-    cells: dict[tuple[int, int], float] = {}
+    cells: dict[tuple[int, int], float] = {}  # (layer, head); MLP group j: (layer, -1 - j)
     n_layers = n_heads = 0
+    n_groups = 1
     for name, value in table.items():
         match = _NODE.match(name)
         if not match:
-            raise ValueError(f"{name!r} is not a sender name (a{{l}}.h{{h}}, m{{l}} or input)")
+            raise ValueError(
+                f"{name!r} is not a sender name (a{{l}}.h{{h}}, m{{l}}, m{{l}}.n{{j}} or input)"
+            )
         if match.group(1) is not None:
             layer, head = int(match.group(1)), int(match.group(2))
             cells[(layer, head)] = value
@@ -66,21 +70,27 @@ def plot_node_scores(
             n_layers = max(n_layers, layer + 1)
         elif match.group(3) is not None:
             layer = int(match.group(3))
-            cells[(layer, -1)] = value
+            group = int(match.group(4) or 0)
+            cells[(layer, -1 - group)] = value
             n_layers = max(n_layers, layer + 1)
+            n_groups = max(n_groups, group + 1)
     if graph is not None:
         n_layers, n_heads = graph.spec.n_layers, graph.spec.n_heads
+        n_groups = graph.spec.mlp_groups
     if n_layers == 0:
         raise ValueError("no head or MLP scores to plot")
-    z = np.full((n_layers, n_heads + 1), np.nan)
+    grouped = n_groups > 1 or any(".n" in name for name in table)
+    z = np.full((n_layers, n_heads + n_groups), np.nan)
     text = np.full(z.shape, "", dtype=object)
     for (layer, head), value in cells.items():
-        col = n_heads if head == -1 else head
+        col = n_heads - 1 - head if head < 0 else head
         z[layer, col] = value
-        text[layer, col] = f"m{layer}" if head == -1 else f"a{layer}.h{head}"
+        mlp = f"m{layer}.n{-1 - head}" if grouped else f"m{layer}"
+        text[layer, col] = mlp if head < 0 else f"a{layer}.h{head}"
     finite = z[np.isfinite(z)]
     bound = float(np.abs(finite).max()) if finite.size else 1.0
-    xlabels = [f"h{h}" for h in range(n_heads)] + ["MLP"]
+    mlp_labels = [f"n{j}" for j in range(n_groups)] if grouped else ["MLP"]
+    xlabels = [f"h{h}" for h in range(n_heads)] + mlp_labels
     ylabels = [f"L{layer}" for layer in range(n_layers)]
     heat = go.Heatmap(
         z=z, x=xlabels, y=ylabels, customdata=text, colorscale="RdBu_r", zmid=0.0,
@@ -95,7 +105,8 @@ def plot_node_scores(
     if title is None:
         label = "input" in table and f" · input {table['input']:+.4g}" or ""
         title = f"node scores: {what}{label}"
-    fig.update_xaxes(side="bottom", showgrid=False, title_text="head (MLP: the layer's MLP)",
+    axis = "head, then the MLP's neuron groups n{j}" if grouped else "head (MLP: the layer's MLP)"
+    fig.update_xaxes(side="bottom", showgrid=False, title_text=axis,
                      tickfont={"size": 12})
     fig.update_yaxes(showgrid=False, title_text="layer", tickfont={"size": 12})
     style(fig, title, height or int(min(900, max(320, 44 * n_layers + 180))))

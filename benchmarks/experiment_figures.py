@@ -1,0 +1,124 @@
+"""Figures of the circuit-tuning experiment, from the results JSON (plotly).
+
+`pareto_figure` is also what the circuit-tuning notebook shows (it reads the stored JSON).
+Written as static PNG when kaleido can render (``pip install 'ctlens[export]'``), else as
+standalone HTML; `write_figures` returns the written paths relative to docs/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+KINDS = ("attention q/k/v", "attention out", "MLP in", "MLP out", "embeddings", "norms",
+         "unembedding")
+TRAINABLE_KINDS = KINDS[:4]
+COLOURS = {"full": "#444444", "gradient": "#1f77b4", "forward": "#17becf",
+           "random-parameters": "#d62728", "random-composition": "#ff7f0e", "lora": "#2ca02c"}
+
+
+def _sizes(results: dict[str, Any], model: str) -> list[float]:
+    return sorted({c["size"] for c in results["conditions"]
+                   if c["model"] == model and c["size"] is not None and c.get("curve")})
+
+
+def _models(results: dict[str, Any]) -> list[str]:
+    return sorted({c["model"] for c in results["conditions"] if c.get("curve")})
+
+
+def pareto_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
+    """Target metric against general LM loss along training, mean over seeds with 95 %
+    t-intervals on both axes; one panel per model and circuit size, one line per mode
+    (full fine-tuning, which has no size, in every panel). Up and left is better."""
+    models = _models(results)
+    n_cols = max([len(_sizes(results, m)) for m in models] + [1])
+    titles = [f"{m.removeprefix('zoo:')}, {s:.1%} of edges" for m in models
+              for s in _sizes(results, m)]
+    fig = make_subplots(rows=max(1, len(models)), cols=n_cols, subplot_titles=titles,
+                        shared_yaxes=True)
+    shown = set()
+    for row, model in enumerate(models, start=1):
+        for col, size in enumerate(_sizes(results, model), start=1):
+            for c in results["conditions"]:
+                if c["model"] != model or not c.get("curve") or c["groups"] != groups and \
+                        c["mode"] != "full" or c["size"] not in (size, None):
+                    continue
+                curve = c["curve"]
+                xs = [g[0] for g in curve["general"]]
+                ys = [t[0] for t in curve["target"]]
+                fig.add_trace(go.Scatter(
+                    x=xs, y=ys, mode="lines+markers", name=c["mode"],
+                    legendgroup=c["mode"], showlegend=c["mode"] not in shown,
+                    line={"color": COLOURS.get(c["mode"])},
+                    error_x={"type": "data", "array": [g[1] or 0 for g in curve["general"]],
+                             "thickness": 1},
+                    error_y={"type": "data", "array": [t[1] or 0 for t in curve["target"]],
+                             "thickness": 1},
+                    hovertext=[f"step {s}" for s in curve["step"]],
+                ), row=row, col=col)
+                shown.add(c["mode"])
+            fig.update_xaxes(title_text="general LM loss", row=row, col=col)
+        fig.update_yaxes(title_text="target: logit(wrong) - logit(right)", row=row, col=1)
+    fig.update_layout(title="Target vs general LM loss during training<br><sub>mean and 95 % "
+                            "t-interval over seeds; up-left is better</sub>",
+                      height=380 * max(1, len(models)), width=420 * n_cols + 160,
+                      template="plotly_white")
+    return fig
+
+
+def moved_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
+    """Parameters moved at the end, split by node kind (fraction of all parameters, mean
+    over seeds), with the trainable ceiling: the share of q/k/v, attention-out and MLP
+    weights, the only kinds gradient restriction lets move by default."""
+    models = _models(results)
+    fig = make_subplots(rows=max(1, len(models)), cols=1,
+                        subplot_titles=[m.removeprefix("zoo:") for m in models])
+    shown = set()
+    for row, model in enumerate(models, start=1):
+        conds = [c for c in results["conditions"] if c["model"] == model
+                 and c.get("moved_by_kind") and (c["groups"] == groups or c["mode"] == "full")]
+        conds.sort(key=lambda c: (-1 if c["size"] is None else c["size"], c["mode"]))
+        if not conds:
+            continue
+        totals = conds[0]["kind_totals"]
+        total = sum(totals.values())
+        labels = [("all" if c["size"] is None else f"{c['size']:.1%}") + f" {c['mode']}"
+                  for c in conds]
+        for kind in KINDS:
+            fig.add_trace(go.Bar(x=labels, y=[c["moved_by_kind"][kind] / total for c in conds],
+                                 name=kind, legendgroup=kind, showlegend=kind not in shown),
+                          row=row, col=1)
+            shown.add(kind)
+        ceiling = sum(totals[k] for k in TRAINABLE_KINDS) / total
+        fig.add_hline(y=ceiling, line_dash="dash", row=row, col=1,
+                      annotation_text=f"trainable ceiling {ceiling:.2f}")
+        fig.update_yaxes(title_text="fraction of all parameters moved", range=[0, 1.02],
+                         row=row, col=1)
+    fig.update_layout(barmode="stack", height=420 * max(1, len(models)), width=1100,
+                      template="plotly_white",
+                      title="Parameters moved by node kind (mean over seeds) against the "
+                            "trainable ceiling")
+    return fig
+
+
+def _write(fig: go.Figure, path: Path) -> Path:
+    """PNG when kaleido renders here, else standalone HTML (plotly.js from its CDN)."""
+    try:
+        fig.write_image(str(path.with_suffix(".png")), scale=1)
+        return path.with_suffix(".png")
+    except Exception:  # noqa: BLE001 - kaleido missing, or no browser it can drive
+        fig.write_html(str(path.with_suffix(".html")), include_plotlyjs="cdn")
+        return path.with_suffix(".html")
+
+
+def write_figures(results: dict[str, Any], folder: Path) -> dict[str, str]:
+    """Both figures under ``folder``; {name: path relative to docs/}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, fig in (("pareto", pareto_figure(results)), ("moved", moved_figure(results))):
+        path = _write(fig, folder / f"experiment_{name}")
+        out[name] = str(path.relative_to(folder.parent))
+    return out
