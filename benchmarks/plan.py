@@ -17,7 +17,7 @@ discovery, AdamW and half of the edges in the circuit, fp32). Prints a table and
 table for real model shapes.
 
 Run: ``python benchmarks/plan.py [--quick] [--no-report]``; ``--fit`` measures the
-calibration cases and prints the activation coefficients that ``ctlens/plan.py`` holds;
+calibration cases and prints the activation coefficients that ``ctlens/planner.py`` holds;
 one case: ``python benchmarks/plan.py --case '<json>'`` prints its measurement as JSON.
 """
 
@@ -59,7 +59,7 @@ SHAPES: dict[str, tuple[str, dict[str, int]]] = {
 
 OPS = ("eap", "forward", "tune")
 IG_SHAPES = ("gpt2-4x256", "llama-4x256", "neox-4x256")
-# Cases that fit the planner's activation coefficients (ctlens.plan._ACTIVATION) ...
+# Cases that fit the planner's activation coefficients (ctlens.planner._ACTIVATION) ...
 CALIBRATION: list[dict[str, Any]] = [
     {"shape": shape, "op": op, "batch": 8, "seq": seq}
     for op in OPS
@@ -198,7 +198,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plan(case: dict[str, Any]) -> Any:
-    from ctlens.plan import plan
+    from ctlens.planner import plan
 
     mode = {"eap": "attribute", "eap-ig": "attribute", "forward": "forward", "tune": "tune"}
     method = case["op"] if case["op"].startswith("eap") else "eap"
@@ -284,7 +284,7 @@ REAL = ("gpt2", "pythia-1b", "llama-3.2-1b", "llama-3.1-8b")
 
 def real_table(seq: int = 256, budget: str = "80GB") -> str:
     """Predicted peaks (GiB) of the real shapes at a few batch sizes, and the batch for 80 GB."""
-    from ctlens.plan import GIB, MemoryBudgetError, plan
+    from ctlens.planner import GIB, MemoryBudgetError, plan
 
     lines = [f"| model | dtype | operation | batch 1 | batch 8 | batch 32 | largest batch "
              f"for {budget} |", "|---|---|---|---:|---:|---:|---:|"]
@@ -340,7 +340,7 @@ predicted at {_fsdp_line()}. The sharded tuner itself is not in ctlens yet.
 
 
 def _fsdp_line() -> str:
-    from ctlens.plan import GIB, plan
+    from ctlens.planner import GIB, plan
 
     p = plan("llama-3.1-8b", mode="tune", dtype="bfloat16", seq_len=256, batch_size=8,
              ranks=8, shard=True, budget="80GB")

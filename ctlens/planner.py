@@ -31,8 +31,6 @@ percent on a GPU, so leave headroom (``safety``, default 10 %).
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -417,16 +415,3 @@ def parse_bytes(value: float | int | str) -> int:
         )
     return int(amount * _UNITS[unit])
 
-
-class _CallableModule(types.ModuleType):
-    """Lets ``ctlens.plan(...)`` call `plan` even where ``ctlens.plan`` is this module.
-
-    Importing ``ctlens.plan`` binds the package attribute ``plan`` to the module, which
-    would shadow the function; making the module callable keeps both spellings working.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Plan:
-        return plan(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
