@@ -35,7 +35,8 @@ def _main_table(results: dict[str, Any], model: str, groups: int) -> str:
         if c["model"] != model or (c["groups"] != groups and c["mode"] != "full"):
             continue
         if not c["seeds"]:
-            rows.append([_size(c), c["mode"], f"{c['lr']:g}", "0 (not run)", *[""] * (
+            lr = "no sweep" if c["lr"] is None else f"{c['lr']:g}"
+            rows.append([_size(c), c["mode"], lr, "0 (not run)", *[""] * (
                 len(header) - 4)])
             continue
         trainable = _ci(c["trainable_fraction"])
@@ -76,12 +77,13 @@ def _comparisons(results: dict[str, Any], model: str, groups: int) -> list[str]:
     for (size, mode), grad in sorted(conds.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
         if mode != "gradient":
             continue
-        for other in ("forward", "random-parameters", "random-composition", "lora"):
-            o = conds.get((size, other))
+        for other in ("full", "forward", "random-parameters", "random-composition", "lora"):
+            o = conds.get((None if other == "full" else size, other))
             if o is None:
                 continue
-            rows.append([f"{size:.0%}", other, _verdict(_paired(grad, o, middle)),
-                         _verdict(_paired(grad, o, "area"))])
+            area = grad["area_vs_full"] if other == "full" else _paired(grad, o, "area")
+            rows.append([f"{size:.1%}", other, _verdict(_paired(grad, o, middle)),
+                         _verdict(area)])
     if not rows:
         return []
     return [markdown_table(["size", "gradient minus", f"general at target +{middle}",

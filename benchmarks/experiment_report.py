@@ -88,7 +88,8 @@ def _condition_row(conds: list[Condition], runs: dict[str, list[dict[str, Any]]]
     recs = {c.seed: runs[c.key] for c in done}
     row: dict[str, Any] = {
         "model": conds[0].model, "groups": conds[0].groups, "size": conds[0].size,
-        "mode": conds[0].mode, "lr": conds[0].lr, "seeds": sorted(recs),
+        "mode": conds[0].mode, "lr": None if conds[0].lr != conds[0].lr else conds[0].lr,
+        "seeds": sorted(recs),
         "seeds_planned": sorted(c.seed for c in conds),
     }
     if not recs:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API d
     from ctlens.graph import Graph, GraphSpec
     from ctlens.masking import edge_mask, faithfulness, faithfulness_curve, restrict_gradients
     from ctlens.model import UnsupportedModelError, load_model
+    from ctlens.planner import plan
     from ctlens.scores import EdgeScores
     from ctlens.tuning import CircuitTuner, TuneConfig
     from ctlens.types import Ablation, Method, Node, NodeKind
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "faithfulness_curve": "ctlens.masking",
     "load_model": "ctlens.model",
     "mean_activations": "ctlens.attribution",
+    "plan": "ctlens.planner",
     "restrict_gradients": "ctlens.masking",
     "tasks": "ctlens.tasks:",
     "viz": "ctlens.viz:",
@@ -80,6 +82,7 @@ __all__ = [
     "faithfulness_curve",
     "load_model",
     "mean_activations",
+    "plan",
     "restrict_gradients",
     "tasks",
     "viz",

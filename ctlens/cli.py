@@ -35,6 +35,7 @@ COMMANDS: tuple[str, ...] = (
     "ctlens.tuning.cli:add_tune_commands",
     "ctlens.viz.cli:add_viz_commands",
     "ctlens.zoo.cli:add_zoo_commands",
+    "ctlens.plan_cli:add_plan_command",
     "ctlens.delta_cli:add_delta_commands",
 )
 """The sub-commands, in help order: ``"module:function"`` registering each (see above)."""

@@ -94,12 +94,12 @@ def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
     groups = declared.get("mlp_groups", 1) if isinstance(declared, dict) else 1
     try:
         check_mlp_groups(groups, int(getattr(model.cfg, "d_mlp", 0) or 0))
+        return replace(Graph.from_model(model).spec, mlp_groups=groups)
     except ValueError as err:
         raise ValueError(
             f"{source} splits each MLP into {groups!r} neuron groups, which this model "
             f"cannot: {err}"
         ) from None
-    return replace(Graph.from_model(model).spec, mlp_groups=groups)
 
 
 def edge_indices(

@@ -108,8 +108,8 @@ class EdgeScores:
     def to_pandas(self, d_mlp: int | None = None) -> pd.DataFrame:
         """One row per valid edge: ``sender``, ``receiver``, ``sender_kind``,
         ``sender_layer``, ``sender_head``, ``sender_mlp_group``, ``sender_hook``,
-        ``sender_hook_index``, ``sender_neuron_start``, ``sender_neuron_stop``, the same for
-        the receiver, and ``score``.
+        ``sender_neuron_start``, ``sender_neuron_stop``, the same for the receiver, and
+        ``score``.
 
         The hook columns name the TransformerLens hook each node writes or reads
         (`Graph.hook_name`); pass the MLP width ``d_mlp`` (``model.cfg.d_mlp``) to get each

@@ -2,14 +2,12 @@
 
 One row per valid edge, in graph order (sender-major), with the sender's and the receiver's
 name and node attributes, the score and, for a circuit, whether the edge is in it. Node
-attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``), each
-written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
-attribute is one more entry there. Each end also gets the TransformerLens hook the node
-writes (sender) or reads (receiver), from `Graph.hook_name`: ``hook``, ``hook_index`` (the
-node's slot on the hook's head axis, ``<NA>`` for a whole activation) and, for MLP nodes when
-the MLP width ``d_mlp`` is given, the half-open neuron slice ``neuron_start`` ..
-``neuron_stop`` the node covers (a group ``m{l}.n{j}`` of G: ``j*d_mlp/G`` .. ``(j+1)*d_mlp/G``;
-a whole MLP: ``0`` .. ``d_mlp``). pandas is an optional dependency
+attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``, ``hook``),
+each written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
+attribute is one more entry there. Given the MLP width ``d_mlp``, each end also gets the
+half-open neuron slice ``neuron_start`` .. ``neuron_stop`` an MLP node covers (a group
+``m{l}.n{j}`` of G: ``j*d_mlp/G`` .. ``(j+1)*d_mlp/G``; a whole MLP: ``0`` .. ``d_mlp``;
+``<NA>`` for other nodes or without ``d_mlp``). pandas is an optional dependency
 (``pip install "ctlens[pandas]"``).
 """
 
@@ -22,23 +20,33 @@ import torch
 from jaxtyping import Bool, Float
 
 from ctlens.graph import Graph, check_mlp_groups
-from ctlens.hooks import NeuronGroupRef
 from ctlens.mlp_groups import neuron_slice
 from ctlens.types import Node, NodeKind
 
 if TYPE_CHECKING:
     import pandas as pd
 
-NODE_COLUMNS: dict[str, tuple[Callable[[Node], Any], str]] = {
-    "kind": (lambda node: node.kind.value, "string"),
-    "layer": (lambda node: node.layer, "Int64"),
-    "head": (lambda node: None if node.kind is NodeKind.MLP else node.head, "Int64"),
-    "mlp_group": (lambda node: node.head if node.kind is NodeKind.MLP else None, "Int64"),
+Reader = Callable[[Graph, Node, str], Any]
+
+NODE_COLUMNS: dict[str, tuple[Reader, str]] = {
+    "kind": (lambda graph, node, role: node.kind.value, "string"),
+    "layer": (lambda graph, node, role: node.layer, "Int64"),
+    "head": (
+        lambda graph, node, role: None if node.kind is NodeKind.MLP else node.head,
+        "Int64",
+    ),
+    "mlp_group": (
+        lambda graph, node, role: node.head if node.kind is NodeKind.MLP else None,
+        "Int64",
+    ),
+    "hook": (lambda graph, node, role: graph.hook_name(node, role).name, "string"),
 }
-"""Node attribute -> (how to read it from a `Node`, its pandas dtype). Missing values are
-``<NA>``: ``layer`` for ``input`` and ``logits``; ``head`` for MLPs, ``input`` and
-``logits`` (for a grouped k/v receiver it is the KV head index); ``mlp_group`` everywhere
-except the neuron-group nodes ``m{l}.n{j}`` of a graph with ``mlp_groups > 1`` (there: j)."""
+"""Node attribute -> (how to read it from the graph, a `Node` and its role, ``"sender"`` or
+``"receiver"``; its pandas dtype). Missing values are ``<NA>``: ``layer`` for ``input`` and
+``logits``; ``head`` for MLPs, ``input`` and ``logits`` (for a grouped k/v receiver it is
+the KV head index); ``mlp_group`` everywhere except the neuron-group nodes ``m{l}.n{j}`` of
+a graph with ``mlp_groups > 1`` (there: j). ``hook`` is the TransformerLens hook the node
+writes (sender) or reads (receiver), `Graph.hook_name`."""
 
 
 def require_pandas() -> Any:
@@ -78,11 +86,12 @@ def edge_table(
         ("receiver", graph.receiver_nodes, col_list),
     ):
         for name, (read, dtype) in NODE_COLUMNS.items():
-            per_node = [read(node) for node in nodes]
+            per_node = [read(graph, node, end) for node in nodes]
             columns[f"{end}_{name}"] = pandas.array([per_node[k] for k in index], dtype=dtype)
-        for name, values in hook_columns(graph, nodes, end, d_mlp).items():  # type: ignore[arg-type]
-            dtype = "string" if name == "hook" else "Int64"
-            columns[f"{end}_{name}"] = pandas.array([values[k] for k in index], dtype=dtype)
+        slices = [neurons(graph, node, d_mlp) for node in nodes]
+        for name, bound in (("neuron_start", 0), ("neuron_stop", 1)):
+            values = [None if slices[k] is None else slices[k][bound] for k in index]
+            columns[f"{end}_{name}"] = pandas.array(values, dtype="Int64")
     if scores is None:
         columns["score"] = torch.full((len(row_list),), float("nan")).numpy()
     else:
@@ -92,24 +101,9 @@ def edge_table(
     return pandas.DataFrame(columns)
 
 
-def hook_columns(
-    graph: Graph, nodes: list[Node], role: str, d_mlp: int | None
-) -> dict[str, list[Any]]:
-    """Per node of one role: its hook name, head-axis index and MLP neuron slice bounds."""
-    columns: dict[str, list[Any]] = {
-        "hook": [],
-        "hook_index": [],
-        "neuron_start": [],
-        "neuron_stop": [],
-    }
-    groups = graph.spec.mlp_groups
-    for node in nodes:
-        ref = graph.hook_name(node, role)  # type: ignore[arg-type]
-        columns["hook"].append(ref.name)
-        columns["hook_index"].append(None if isinstance(ref, NeuronGroupRef) else ref.index)
-        neurons = None
-        if node.kind is NodeKind.MLP and d_mlp is not None:
-            neurons = neuron_slice(node.head or 0, groups, d_mlp)
-        columns["neuron_start"].append(None if neurons is None else neurons.start)
-        columns["neuron_stop"].append(None if neurons is None else neurons.stop)
-    return columns
+def neurons(graph: Graph, node: Node, d_mlp: int | None) -> tuple[int, int] | None:
+    """The half-open neuron range an MLP node covers in an MLP of width ``d_mlp``."""
+    if node.kind is not NodeKind.MLP or d_mlp is None:
+        return None
+    part = neuron_slice(node.head or 0, graph.spec.mlp_groups, d_mlp)
+    return part.start, part.stop

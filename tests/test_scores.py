@@ -132,7 +132,6 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
         "sender_head",
         "sender_mlp_group",
         "sender_hook",
-        "sender_hook_index",
         "sender_neuron_start",
         "sender_neuron_stop",
         "receiver_kind",
@@ -140,7 +139,6 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
         "receiver_head",
         "receiver_mlp_group",
         "receiver_hook",
-        "receiver_hook_index",
         "receiver_neuron_start",
         "receiver_neuron_stop",
         "score",
@@ -151,6 +149,10 @@ def test_scores_to_pandas_has_one_row_per_valid_edge() -> None:
     row = df[(df.sender == "a0.h3") & (df.receiver == "a1.g1.k")].iloc[0]
     assert (row.sender_kind, row.sender_layer, row.sender_head) == ("head", 0, 3)
     assert (row.receiver_kind, row.receiver_layer, row.receiver_head) == ("k", 1, 1)
+    assert (row.sender_hook, row.receiver_hook) == (
+        "blocks.0.attn.hook_result",
+        "blocks.1.hook_k_input",
+    )
     logits = df[df.receiver == "logits"]
     assert len(logits) == GQA.n_senders and logits.receiver_layer.isna().all()
     assert df[df.sender == "input"].sender_layer.isna().all()
@@ -186,6 +188,10 @@ def test_grouped_mlp_nodes_in_tables_and_files(tmp_path: Path) -> None:
         row.receiver_mlp_group == 3 and row.sender_head is pd_na() and row.receiver_head is pd_na()
     )
     assert df[df.sender_kind == "head"].sender_mlp_group.isna().all()
+    assert (row.sender_hook, row.receiver_hook) == (
+        "blocks.0.mlp.out.hook_in",
+        "blocks.1.hook_mlp_in",
+    )
     path = scores.save(tmp_path / "grouped")
     assert EdgeScores.load(path, model=model).graph == graph
     sidecar = tmp_path / "grouped.json"
@@ -200,7 +206,7 @@ def test_grouped_mlp_nodes_in_tables_and_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_to_pandas_names_each_node_by_its_hook_and_neuron_slice(groups: int) -> None:
-    """Every node's hook columns are `Graph.hook_name`'s; with the MLP width, group j of G
+    """Every node's hook column is `Graph.hook_name`'s; with the MLP width, group j of G
     covers neurons [j*W/G, (j+1)*W/G) (a whole MLP: [0, W)), and the slices of one MLP's
     groups tile its neurons exactly."""
     model = ctlens.load_model(tiny_gpt2_module())
@@ -219,11 +225,9 @@ def test_to_pandas_names_each_node_by_its_hook_and_neuron_slice(groups: int) -> 
                 j = int(name.split(".n")[1]) if groups > 1 else 0
                 start, stop = j * width // groups, (j + 1) * width // groups
                 assert (row[f"{end}_neuron_start"], row[f"{end}_neuron_stop"]) == (start, stop)
-                assert row[f"{end}_hook_index"] is pd_na()
             else:
                 assert row[f"{end}_neuron_start"] is pd_na()
-                expected = pd_na() if ref.index is None else ref.index
-                assert row[f"{end}_hook_index"] is expected or row[f"{end}_hook_index"] == expected
+                assert row[f"{end}_neuron_stop"] is pd_na()
     senders = df.drop_duplicates("sender")
     layer0 = senders[(senders.sender_kind == "mlp") & (senders.sender_layer == 0)]
     covered = sorted(zip(layer0.sender_neuron_start, layer0.sender_neuron_stop, strict=True))
