@@ -140,7 +140,9 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
         "random run's own weights and batch; `random-composition`: the same, per node kind; "
         "`lora`: rank-r adapters on every attention and MLP projection (alpha = 2r), r chosen "
         "so the adapters hold as many parameters as the step-0 circuit of that size "
-        "unlocks; `full`: full fine-tuning (no size; the reference of the area column).",
+        "unlocks (so at these budgets LoRA's rank is near the model width); `full`: full "
+        "fine-tuning (no size; the reference of the area column). Parameters moved by node "
+        "kind are counted on the exported weights against the zoo's shipped weights.",
         "",
         "**Statistics.** Each condition runs on seeds "
         f"{', '.join(map(str, results['seeds']))} (the seed sets the batch order and the "
@@ -159,7 +161,8 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
         "",
         "**Learning rates.** Chosen per model and mode by one run per lr in "
         f"{', '.join(f'{x:g}' for x in results['lrs'])} on seed {results['sweep_seed']} "
-        "(not a reported seed), at the middle circuit size, ungrouped: the lr with the "
+        f"(not a reported seed), with circuits of {results['sweep_size']:.0%} of the edges "
+        "(full fine-tuning has no size), ungrouped: the lr with the "
         f"lowest general LM loss where the target first reaches "
         f"+{results['thresholds'][len(results['thresholds']) // 2]:g} (if none reaches it, the "
         f"highest final target). Chosen: {chosen or 'sweep not finished'}.",

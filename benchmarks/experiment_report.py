@@ -167,6 +167,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/experiment.py run|report " + _flags(args),
         "thresholds": list(THRESHOLDS), "steps": args.steps, "eval_every": args.eval_every,
         "seeds": [int(s) for s in args.seeds.split(",")], "sweep_seed": args.sweep_seed,
+        "sweep_size": args.sweep_size,
         "lrs": [float(x) for x in args.lrs.split(",")],
         "chosen_lr": {f"{m} {mode}": lr for (m, mode), lr in chosen.items()},
         "sweep": sweep, "start": start, "conditions": rows,
