@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,14 @@ def read_json(path: str | Path) -> Any:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``; an existing ``dst`` is removed only afterwards."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
