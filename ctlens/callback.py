@@ -28,11 +28,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.modeling_outputs import CausalLMOutput
 
-from ctlens.attribution import attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
 from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.discovery import check_top_n, task_scores
+from ctlens.tuning.distributed import World
 
 
 class BridgeCausalLM(torch.nn.Module):
@@ -106,11 +107,7 @@ class CircuitTuningCallback(TrainerCallback):
         self.data = data
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
         self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
-        if isinstance(self.config.top_n, int) and self.config.top_n > self.graph.n_edges:
-            raise ValueError(
-                f"top_n={self.config.top_n} is larger than the model's graph "
-                f"({self.graph.n_edges} valid edges)"
-            )
+        check_top_n(self.config, self.graph)
         self.circuit: Circuit | None = None
         self.history: list[tuple[int, int]] = []
         self._ema: torch.Tensor | None = None
@@ -136,20 +133,8 @@ class CircuitTuningCallback(TrainerCallback):
 
     def discover(self, t: int) -> Circuit:
         """The circuit of optimizer step ``t``: EAP on the discovery pairs, top-N edges."""
-        cfg, data = self.config, self.data
-        n = len(data)
-        want = min(n, cfg.batch_size * cfg.discovery_batches)
-        start = (t // cfg.every_k) * want % n
-        chosen = data[(torch.arange(want) + start) % n]
-        reference = None
-        if cfg.discovery_ablation == "mean":
-            reference = mean_activations(
-                self.model, chosen, batch_size=cfg.batch_size, graph=self.graph
-            )
-        scores = attribute(
-            self.model, chosen, ablation=cfg.discovery_ablation, reference=reference,
-            batch_size=cfg.batch_size, progress=False, graph=self.graph,
-        ).scores.detach().float().cpu()
+        cfg = self.config
+        scores = task_scores(self.model, self.data, cfg, self.graph, t, World.current())
         if cfg.ema > 0:
             if self._ema is not None:
                 scores = cfg.ema * self._ema + (1 - cfg.ema) * scores

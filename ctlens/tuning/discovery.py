@@ -52,6 +52,30 @@ def check_top_n(config: TuneConfig, graph: Graph) -> None:
             )
 
 
+def task_scores(
+    model: Any, data: TaskData, config: TuneConfig, graph: Graph, t: int, world: World
+) -> Scores:
+    """``"task"`` discovery at step ``t``: EAP on ``discovery_batches`` batches of ``data``.
+
+    The rows are a window over the discovery pairs that moves with each rediscovery; every
+    rank scores its shard of them and the scores are summed across ranks, so all ranks
+    select the same circuit. Shared by `CircuitTuner` and `ctlens.CircuitTuningCallback`.
+    """
+    n = len(data)
+    want = min(n, config.batch_size * config.discovery_batches)
+    start = (t // config.every_k) * want % n
+    chosen = data[(torch.arange(want) + start) % n]
+    reference = None
+    if config.discovery_ablation == "mean":
+        reference = mean_activations(model, chosen, batch_size=config.batch_size, graph=graph)
+    local = world.shard(torch.arange(want))
+    result = attribute(
+        model, chosen[local], ablation=config.discovery_ablation, reference=reference,
+        batch_size=config.batch_size, progress=False, graph=graph,
+    )
+    return world.sum_(result.scores * (len(local) / want))
+
+
 def top_nodes_rank(scores: Scores, graph: Graph) -> Scores:
     """``selection="top_nodes"``: |score| x sender's summed |scores| x receiver's summed |scores|.
 
@@ -155,25 +179,7 @@ class CircuitDiscovery:
 
     def task_scores(self, t: int) -> Scores:
         """``"task"`` discovery: mean scores over batches of the discovery pairs."""
-        cfg = self.config
-        data = self.task.discovery
-        n = len(data)
-        want = min(n, cfg.batch_size * cfg.discovery_batches)
-        start = (t // cfg.every_k) * want % n
-        rows = (torch.arange(want) + start) % n
-        chosen = data[rows]
-        reference = None
-        if cfg.discovery_ablation == "mean":
-            reference = mean_activations(
-                self.model, chosen, batch_size=cfg.batch_size, graph=self.graph
-            )
-        local = self.world.shard(torch.arange(want))
-        result = attribute(
-            self.model, chosen[local], ablation=cfg.discovery_ablation, reference=reference,
-            batch_size=cfg.batch_size, progress=False, graph=self.graph,
-        )
-        scores = result.scores * (len(local) / want)
-        return self.world.sum_(scores)
+        return task_scores(self.model, self.task.discovery, self.config, self.graph, t, self.world)
 
     def training_means(self, rows: torch.Tensor) -> Means:
         """Per-position mean sender outputs over training rows ``rows`` (forward modes)."""
