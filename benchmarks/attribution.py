@@ -21,6 +21,7 @@ What is measured (issue 2's targets):
 - Neuron groups (issue 11): EAP on the same model with every MLP split into 48 groups of
   64 neurons (721 senders, 1,009 receivers, 341,281 edges) against one-group EAP, in the
   same rounds (time) and its own fresh process (memory); targets 1.5x time, 2x memory.
+  benchmarks/masking.py has the matching grouped edge_mask rows.
 - Scale: Llama-shaped graphs (grouped-query attention) of 48 layers x 32 heads / 8 KV
   heads (1,829,449 edges; d_model 128, batch 4, 32 tokens) and, with ``--stretch``, 80 x 64
   / 8 (16,654,201 edges): time of one EAP call and its peak memory.

@@ -91,11 +91,20 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
     tokens = task(BATCH).clean
     gen = torch.Generator().manual_seed(1)
     scores = EdgeScores(torch.randn(graph.n_senders, graph.n_receivers, generator=gen), graph)
+    grouped = Graph.from_model(model, mlp_groups=48)  # 64 neurons per group (issue 11)
+    grouped_scores = EdgeScores(
+        torch.randn(grouped.n_senders, grouped.n_receivers, generator=gen), grouped
+    )
     circuits = {
         "top 1000 edges": Circuit.from_scores(scores, "top_n", top_n=1000),
         "empty": Circuit.empty(graph),
+        "top 1000 edges, 48 MLP groups": Circuit.from_scores(grouped_scores, "top_n", top_n=1000),
     }
-    means = ctlens.mean_activations(model, task(64, seed=2).clean)
+    reference = task(64, seed=2).clean
+    means = {
+        1: ctlens.mean_activations(model, reference),
+        48: ctlens.mean_activations(model, reference, graph=grouped),
+    }
     rows: list[tuple[str, float, str]] = []
     for grad in (False, True):
         mode = "with autograd" if grad else "no grad"
@@ -107,7 +116,7 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
         for label, circuit in circuits.items():
             # the hooks edge_mask installs; entering them is not timed
             mask = EdgeMask(model, circuit, Ablation.MEAN)
-            mask.set_means(means)
+            mask.set_means(means[circuit.graph.spec.mlp_groups])
             hooks = mask.hooks()
 
             def masked(hooks: list = hooks, forward: Callable[[], None] = forward) -> None:

@@ -17,7 +17,7 @@ discovery, AdamW and half of the edges in the circuit, fp32). Prints a table and
 table for real model shapes.
 
 Run: ``python benchmarks/plan.py [--quick] [--no-report]``; ``--fit`` measures the
-calibration cases and prints the activation coefficients that ``ctlens/plan.py`` holds;
+calibration cases and prints the activation coefficients that ``ctlens/planner.py`` holds;
 one case: ``python benchmarks/plan.py --case '<json>'`` prints its measurement as JSON.
 """
 
@@ -59,7 +59,7 @@ SHAPES: dict[str, tuple[str, dict[str, int]]] = {
 
 OPS = ("eap", "forward", "tune")
 IG_SHAPES = ("gpt2-4x256", "llama-4x256", "neox-4x256")
-# Cases that fit the planner's activation coefficients (ctlens.plan._ACTIVATION) ...
+# Cases that fit the planner's activation coefficients (ctlens.planner._ACTIVATION) ...
 CALIBRATION: list[dict[str, Any]] = [
     {"shape": shape, "op": op, "batch": 8, "seq": seq}
     for op in OPS
@@ -198,7 +198,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plan(case: dict[str, Any]) -> Any:
-    from ctlens.plan import plan
+    from ctlens.planner import plan
 
     mode = {"eap": "attribute", "eap-ig": "attribute", "forward": "forward", "tune": "tune"}
     method = case["op"] if case["op"].startswith("eap") else "eap"
@@ -284,7 +284,7 @@ REAL = ("gpt2", "pythia-1b", "llama-3.2-1b", "llama-3.1-8b")
 
 def real_table(seq: int = 256, budget: str = "80GB") -> str:
     """Predicted peaks (GiB) of the real shapes at a few batch sizes, and the batch for 80 GB."""
-    from ctlens.plan import GIB, MemoryBudgetError, plan
+    from ctlens.planner import GIB, MemoryBudgetError, plan
 
     lines = [f"| model | dtype | operation | batch 1 | batch 8 | batch 32 | largest batch "
              f"for {budget} |", "|---|---|---|---:|---:|---:|---:|"]
@@ -323,12 +323,29 @@ Largest error: {worst:.1%} (the slow test `tests/test_plan.py` holds it under 25
 training forward and backward under `ctlens.edge_mask` (mean ablation), "tune" a
 `CircuitTuner` step (gradient mode, batch discovery, AdamW).
 
+The cases were measured in fp32 on the CPU; the planner scales the activations by the
+dtype's size and does not model GPU kernels that save less (fused attention) or the CUDA
+allocator's overhead, so treat the GPU numbers below as estimates with 10 % headroom.
+
 Predicted peaks for real models at 256 tokens per row (GiB on one device; tuning is one
 gradient-mode step with AdamW, every block matrix trainable; the last column keeps 10 %
 of the budget free):
 
 {real_table()}
+
+Sharded over 8 ranks (`ctlens plan --model llama-3.1-8b --mode tune --dtype bfloat16
+--seq-len 256 --ranks 8 --shard fsdp --budget 80GB`), a Llama-3.1-8B tuning step is
+predicted at {_fsdp_line()}. The sharded tuner itself is not in ctlens yet.
 """
+
+
+def _fsdp_line() -> str:
+    from ctlens.planner import GIB, plan
+
+    p = plan("llama-3.1-8b", mode="tune", dtype="bfloat16", seq_len=256, batch_size=8,
+             ranks=8, shard=True, budget="80GB")
+    return (f"{p.peak_bytes / GIB:.1f} GiB per GPU at a global batch of 8, and the largest "
+            f"global batch that fits 80 GB is {p.recommended_batch}")
 
 
 def _load_report() -> Any:

@@ -28,8 +28,10 @@ precomputed ``[n_senders, seq, d_model]`` tensor from `mean_activations`) and ``
 
 With a built-in metric every pass stops at the final residual stream and unembeds only the
 metric positions (`ctlens.hooks.run_to_final_residual`); a custom metric callable gets the
-full ``[batch, seq, vocab]`` logits. The model's mode and ``requires_grad`` flags are
-restored on exit, also on error. Checked against independent oracles in
+full ``[batch, seq, vocab]`` logits. Buffers fit a memory budget (``max_memory``; see
+`ctlens.memory`): the sender buffer may be kept in the model's dtype and batches split,
+while scores stay fp32. The model's mode and ``requires_grad`` flags are restored on exit,
+also on error. Checked against independent oracles in
 tests/test_attribution.py; see docs/attribution.md.
 """
 
@@ -43,7 +45,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ctlens.data import TaskData
+from ctlens.data import MetricError, TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import (
     HookLayout,
@@ -58,10 +60,10 @@ from ctlens.hooks import (
     sender_hooks,
     supports_truncated_forward,
 )
-from ctlens.scores import EdgeScores
+from ctlens.memory import AttributionFit, fit_attribution
+from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
+from ctlens.scores import EdgeScores, check_finite_scores
 from ctlens.types import Ablation, Method
-
-Reference = TaskData | torch.Tensor | None
 
 
 def attribute(
@@ -74,6 +76,7 @@ def attribute(
     steps: int = 5,
     progress: bool = True,
     graph: Graph | None = None,
+    max_memory: int | str | None = None,
 ) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``data``. See the module docstring.
 
@@ -89,6 +92,10 @@ def attribute(
         progress: show a progress bar.
         graph: the graph to score, e.g. ``Graph.from_model(model, mlp_groups=48)`` for
             neuron-group MLP nodes (default: the model's graph with one node per MLP).
+        max_memory: bytes (or a size such as ``"8GB"``) that attribution's buffers may use
+            per pass; ``None``: half of what is free on the model's device. When the fp32
+            sender buffer does not fit, it is kept in the model's dtype (bf16/fp16) with
+            fp32 products, then batches are split (`ctlens.memory`). Scores stay fp32.
 
     Returns:
         `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
@@ -100,8 +107,9 @@ def attribute(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
-    graph = _check_graph(model, graph)
+    graph = check_graph(model, graph)
     data.check_vocab(model.cfg.d_vocab)
+    data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
     start = time.perf_counter()
 
@@ -109,7 +117,10 @@ def attribute(
         corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
         scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device)
         totals = {"clean": 0.0, "corrupt": 0.0}
-        batches = list(data.batches(batch_size))
+        fit = fit_attribution(
+            model, graph.n_senders, data.clean.shape[1], len(data), batch_size, max_memory
+        )
+        batches = list(data.batches(fit.batch_size))
         bar = tqdm(batches, desc=f"attribute ({method.value})", disable=not progress, unit="batch")
         offset = 0
         for batch in bar:
@@ -119,16 +130,14 @@ def attribute(
             ref_tokens = None
             if corrupt is not None:
                 ref_tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
-            run = _Runner(model, batch)
-            delta, ref_logits = _reference_activations(model, graph, run, ref_tokens, means)
-            if method is Method.EXACT:
-                _exact_batch(model, graph, run, delta, ref_logits, scores, totals, len(data))
-            else:
-                n_steps = steps if method is Method.EAP_IG else 1
-                _gradient_batch(
-                    model, graph, run, delta, ref_logits, scores, totals, len(data), n_steps
+            try:
+                _score_batch(
+                    model, graph, _Runner(model, batch), ref_tokens, means, method, steps, fit,
+                    scores, totals, len(data),
                 )
-            del delta, ref_logits
+            except MetricError as err:
+                raise err.shifted(rows.start) from None
+    check_finite_scores(scores, graph, next(model.parameters()).dtype)
 
     metadata: dict[str, Any] = {
         "method": method.value,
@@ -146,185 +155,38 @@ def attribute(
         metadata["steps"] = steps
     if ablation is Ablation.CORRUPT:
         metadata["metric_corrupt"] = totals["corrupt"] / len(data)
+    if fit.changed(batch_size):
+        metadata["memory"] = fit.as_metadata()
     return EdgeScores(scores, graph, metadata)
 
 
-# ------------------------------------------------------------------------------ references
+# ------------------------------------------------------------------------------ passes
 
 
-@torch.no_grad()
-def mean_activations(
-    model: Any,
-    reference: TaskData | torch.Tensor,
-    batch_size: int | None = 32,
-    graph: Graph | None = None,
-) -> Float[torch.Tensor, "n_senders seq d_model"]:
-    """Each sender's mean output per position over ``reference``, padding excluded.
-
-    ``reference`` is a `TaskData` (its clean prompts and padding mask) or token ids
-    ``[n, seq]`` (all real tokens). The result can be passed as ``reference=`` wherever
-    ``ablation="mean"`` is used, so the means are computed once. ``graph`` selects the
-    senders (default: the model's graph with one node per MLP).
-    """
-    graph = _check_graph(model, graph)
-    device = model_device(model)
-    if isinstance(reference, torch.Tensor):
-        if reference.dtype.is_floating_point:
-            raise TypeError("mean_activations takes token ids, not activations")
-        reference = TaskData(
-            clean=reference,
-            metric="logprob",
-            correct=torch.zeros(reference.shape[0], dtype=torch.long),
-        )
-    reference.check_vocab(model.cfg.d_vocab)
-    seq = reference.clean.shape[1]
-    total = torch.zeros(graph.n_senders, seq, model.cfg.d_model, device=device)
-    count = torch.zeros(seq, device=device)
-    with eval_mode(model):
-        for batch in reference.batches(batch_size):
-            batch = batch.trimmed().to(device)
-            assert batch.attention_mask is not None
-            p = batch.clean.shape[1]
-            mask = batch.attention_mask.float()
-
-            def record(rows: slice, act: torch.Tensor, p: int = p, mask: torch.Tensor = mask):
-                summed = torch.einsum("bpnd,bp->npd", flat(act).float(), mask)
-                total[rows, :p] += summed
-
-            run_to_final_residual(model, batch.clean, sender_hooks(model, graph, record))
-            count[:p] += mask.sum(0)
-    return total / count.clamp(min=1)[None, :, None]
-
-
-def resolve_reference(
+def _score_batch(
     model: Any,
     graph: Graph,
-    data: TaskData | None,
-    ablation: Ablation,
-    reference: Reference,
-    batch_size: int | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Turn ``ablation`` + ``reference`` into what the passes need, checking both.
-
-    The one reader of ``ablation=`` / ``reference=``, shared by `attribute`,
-    `ctlens.faithfulness` and `ctlens.edge_mask`, so all three follow the same rules:
-
-    - ``zero``: ``reference`` must be None.
-    - ``corrupt``: ``reference`` is corrupt token ids; the default is ``data.corrupt``. With
-      ``data`` they must have the clean prompts' shape. Without ``data`` (`edge_mask`, which
-      sees no task) the default is "none yet": the caller records one per batch.
-    - ``mean``: ``reference`` is a `TaskData` or token ids to average over (padding
-      excluded) or precomputed `mean_activations`; the default is ``data``'s clean prompts.
-      Without ``data`` there is no default, and the error says what to pass. The default
-      over a single example is refused: the mean of one prompt is that prompt's own
-      activations, so every ablation would be a no-op and every score 0.
-
-    Returns ``(corrupt_tokens, means)``: the corrupt token ids (corrupt ablation), the
-    per-position sender means ``[n_senders, seq, d_model]`` (mean ablation: fp32 when
-    computed here, precomputed ones keep their dtype), or neither.
-    """
-    if ablation is Ablation.ZERO:
-        if reference is not None:
-            raise ValueError("zero ablation takes no reference; drop the reference argument")
-        return None, None
-    if ablation is Ablation.CORRUPT:
-        return _corrupt_reference(model, data, reference), None
-    if reference is None and data is None:
-        raise ValueError(
-            "mean ablation needs a reference here: there are no task prompts to average over "
-            "by default, so pass reference=<TaskData or token ids to average over> or "
-            "reference=ctlens.mean_activations(model, data)"
-        )
-    if isinstance(reference, torch.Tensor) and reference.dtype.is_floating_point:
-        expected = (graph.n_senders, model.cfg.d_model)
-        if reference.ndim != 3 or (reference.shape[0], reference.shape[2]) != expected:
-            raise ValueError(
-                f"precomputed means must be [n_senders={expected[0]}, seq, "
-                f"d_model={expected[1]}] (from ctlens.mean_activations), got "
-                f"{tuple(reference.shape)}"
-            )
-        means = reference.detach().to(model_device(model))
-    else:
-        source = data if reference is None else reference
-        if not isinstance(source, (TaskData, torch.Tensor)):
-            raise TypeError(
-                "mean ablation needs reference=<TaskData>, token ids [n, seq] or precomputed "
-                f"means from ctlens.mean_activations; got {type(source).__name__}"
-            )
-        if data is not None and _is_one_clean_prompt(source, data):
-            raise ValueError(
-                "mean ablation over one example: the mean of a single prompt is that "
-                "prompt's own activations, so ablating to it changes nothing and every edge "
-                "would score 0. Use more examples, pass reference=<other prompts to average "
-                "over>, or use ablation='corrupt' or 'zero'"
-            )
-        means = mean_activations(model, source, batch_size, graph=graph)
-    if data is not None and means.shape[1] < data.clean.shape[1]:
-        raise ValueError(
-            f"the mean reference covers {means.shape[1]} positions but the data has "
-            f"{data.clean.shape[1]}; use reference prompts at least as long as the task's"
-        )
-    return None, means
-
-
-def _check_graph(model: Any, graph: Graph | None) -> Graph:
-    """``graph``, or the model's one-group graph; refuses a graph of another model."""
-    if graph is None:
-        return Graph.from_model(model)
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
-    own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
-    if own != graph:
-        raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
-    return graph
-
-
-def _corrupt_reference(
-    model: Any, data: TaskData | None, reference: Reference
-) -> torch.Tensor | None:
-    """The corrupt token ids that `resolve_reference` hands on (None: recorded later)."""
-    tokens = reference if reference is not None else None if data is None else data.corrupt
-    if tokens is None:
-        if data is None:
-            return None
-        raise ValueError(
-            "corrupt ablation needs corrupted prompts: build TaskData with corrupt=..., "
-            "pass reference=<corrupt token ids>, or use ablation='mean' or 'zero'"
-        )
-    if isinstance(tokens, TaskData):
-        raise TypeError(
-            "corrupt ablation takes the corrupt token ids as reference (e.g. data.corrupt), "
-            "not a TaskData"
-        )
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point:
-        raise TypeError("the corrupt reference must be token ids [batch, seq] (an integer tensor)")
-    if data is not None and tokens.shape != data.clean.shape:
-        raise ValueError(
-            f"the corrupt reference must be token ids of shape {tuple(data.clean.shape)}, "
-            "the same as the clean prompts"
-        )
-    if tokens.ndim != 2:
-        raise ValueError(
-            f"the corrupt reference must be token ids [batch, seq], got shape "
-            f"{tuple(tokens.shape)}"
-        )
-    vocab = model.cfg.d_vocab
-    if ((tokens < 0) | (tokens >= vocab)).any():
-        raise ValueError(f"corrupt holds token ids outside the vocabulary of {vocab}")
-    return tokens
-
-
-def _is_one_clean_prompt(source: TaskData | torch.Tensor, data: TaskData) -> bool:
-    """True when a mean over ``source`` would be the mean over ``data``'s single prompt."""
-    tokens = source.clean if isinstance(source, TaskData) else source
-    return (
-        len(tokens) == 1
-        and tokens.shape == data.clean.shape
-        and torch.equal(tokens.cpu(), data.clean.cpu())
+    run: _Runner,
+    ref_tokens: torch.Tensor | None,
+    means: torch.Tensor | None,
+    method: Method,
+    steps: int,
+    fit: AttributionFit,
+    scores: torch.Tensor,
+    totals: dict[str, float],
+    n_total: int,
+) -> None:
+    """Add one batch's share of every edge score to ``scores`` (and of the metric to ``totals``)."""
+    delta, ref_logits = _reference_activations(
+        model, graph, run, ref_tokens, means, fit.buffer_dtype
     )
-
-
-# ------------------------------------------------------------------------------ passes
+    if method is Method.EXACT:
+        _exact_batch(model, graph, run, delta, ref_logits, scores, totals, n_total)
+    else:
+        n_steps = steps if method is Method.EAP_IG else 1
+        _gradient_batch(
+            model, graph, run, delta, ref_logits, scores, totals, n_total, n_steps, fit.chunk
+        )
 
 
 class _Runner:
@@ -379,13 +241,15 @@ def _reference_activations(
     run: _Runner,
     ref_tokens: torch.Tensor | None,
     means: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Float[torch.Tensor, "n_senders batch pos d_model"], torch.Tensor | None]:
     """``a^ref`` for every sender (one no-grad forward under corrupt ablation).
 
-    Returns the buffer and, under corrupt ablation, the reference run's logits.
+    Returns the buffer (in ``dtype``) and, under corrupt ablation, the reference run's logits.
     """
     b, p = run.batch.clean.shape
-    buffer = torch.zeros(graph.n_senders, b, p, model.cfg.d_model, device=run.batch.device)
+    shape = (graph.n_senders, b, p, model.cfg.d_model)
+    buffer = torch.zeros(shape, device=run.batch.device, dtype=dtype)
     ref_logits = None
     if ref_tokens is not None:
         with torch.no_grad():
@@ -440,6 +304,9 @@ class EapKernel:
         scores: ``[n_senders, n_receivers]`` fp32 accumulator.
         passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
         sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
+        chunk: for a low-precision ``delta`` (`ctlens.memory`): sender rows upcast to fp32
+            per product, and each receiver hook's gradient scored at once instead of
+            queued, so no queue of fp32 gradients is held; None: the whole prefix at once.
     """
 
     def __init__(
@@ -449,8 +316,10 @@ class EapKernel:
         scores: Float[torch.Tensor, "n_senders n_receivers"],
         passes: int = 1,
         sign: float = 1.0,
+        chunk: int | None = None,
     ) -> None:
         self.graph = graph
+        self.chunk = chunk
         self.delta = delta
         self.scores = scores
         self.passes = passes
@@ -460,7 +329,7 @@ class EapKernel:
         self._handles: list[Any] = []
         self._pending: list[tuple[slice, int, torch.Tensor]] = []
         self._pending_width = 0
-        self._capacity = max(16, graph.n_senders // 4)
+        self._capacity = max(16, graph.n_senders // 4) if chunk is None else 1
 
     def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
         """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
@@ -507,7 +376,14 @@ class EapKernel:
             return
         n_up = max(n for _, n, _ in self._pending)
         grads = [g for *_, g in self._pending]
-        product = self._flat[:n_up] @ (grads[0] if len(grads) == 1 else torch.cat(grads)).T
+        g = (grads[0] if len(grads) == 1 else torch.cat(grads)).T
+        if self.chunk is None:
+            product = self._flat[:n_up].float() @ g
+        else:  # a low-precision buffer: upcast a few sender rows at a time
+            product = torch.cat([
+                self._flat[start : min(start + self.chunk, n_up)].float() @ g
+                for start in range(0, n_up, self.chunk)
+            ])
         scale = self.sign / self.passes
         offset = 0
         for columns, n, g in self._pending:
@@ -536,6 +412,7 @@ def _gradient_batch(
     totals: dict[str, float],
     n_total: int,
     steps: int,
+    chunk: int | None = None,
 ) -> None:
     """Accumulate ``delta . mean_alpha(dM/dx_r)`` into ``scores`` (EAP when steps == 1).
 
@@ -543,7 +420,7 @@ def _gradient_batch(
     sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
     the backward reads it, and its logits serve as the reference distribution for ``kl``.
     """
-    kernel = EapKernel(graph, delta, scores, passes=steps)
+    kernel = EapKernel(graph, delta, scores, passes=steps, chunk=chunk)
     clean_logits: torch.Tensor | None = None
     batch = run.metric_batch
     layout = HookLayout.from_model(model)
@@ -629,3 +506,6 @@ def _exact_batch(
 def _chunks(items: range, size: int) -> Iterable[range]:
     for start in range(items.start, items.stop, size):
         yield range(start, min(start + size, items.stop))
+
+
+__all__ = ["EapKernel", "Reference", "attribute", "mean_activations", "resolve_reference"]

@@ -1,33 +1,48 @@
-"""The ``ctlens`` command line: discover circuits, circuit-tune, diff, report, and the zoo.
+"""The ``ctlens`` command line: assembles the sub-commands and runs one.
 
-Each stage module registers its own sub-commands; this module only assembles them and
-implements ``discover``, which shows the whole first half of the pipeline in one command::
+Adding a sub-command is one line in `COMMANDS`: ``"package.module:add_x_command"``, a
+function that takes argparse's sub-parser collection, adds its parser and sets ``func``
+(called with the parsed namespace, returns an exit status). Every command module is imported
+to build the parser, ``ctlens --help`` included, so it must import no torch, plotly or
+transformers at module level: put the implementation in functions that import what they
+need, or in another module named by ``func=lazy_runner("package.module:run_x")``
+(`ctlens.cli_support`). ``tests/test_cli.py`` checks that no ``--help`` loads torch.
 
-    ctlens discover                                  # zoo default model, agreement task
-    ctlens discover --model zoo:tiny-gpt2 --task ioi --method eap-ig --top 30 --out ioi.json
+What `main` does for every command, so that each one behaves the same:
+
+- ``--threads`` (where a command has it, otherwise the default): torch's CPU threads, see
+  `ctlens.cli_support.default_threads`;
+- ``--device``: refused at once when torch cannot use it here (no CUDA, say);
+- ``--out``: when the parser declares ``set_defaults(out_kind="file")`` (or ``"dir"``), the
+  path is checked for its kind and for being writable before any work starts;
+- errors: a `UsageError`, ``ValueError``, ``KeyError``, ``TypeError`` or ``OSError`` (file
+  not found, read-only file system, disk full) is printed as one line,
+  ``ctlens COMMAND: error: ...``, and the exit status is 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-from ctlens.sizes import parse_size
+from ctlens._version import __version__
+from ctlens.cli_support import apply_threads, check_device, check_output, describe_os_error
 
-DEFAULT_MODEL = "zoo:tiny-llama"
-DEFAULT_TASK = "agreement"
+COMMANDS: tuple[str, ...] = (
+    "ctlens.cli_discover:add_discover_command",
+    "ctlens.tuning.cli:add_tune_commands",
+    "ctlens.viz.cli:add_viz_commands",
+    "ctlens.zoo.cli:add_zoo_commands",
+    "ctlens.plan_cli:add_plan_command",
+    "ctlens.delta_cli:add_delta_commands",
+)
+"""The sub-commands, in help order: ``"module:function"`` registering each (see above)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (exposed for the docs' CLI reference)."""
-    from ctlens import __version__
-    from ctlens.tuning.cli import add_tune_commands
-    from ctlens.viz.cli import add_viz_commands
-    from ctlens.zoo.cli import add_zoo_commands
-
+    """The full argument parser (also read by scripts/cli_reference.py for docs/cli.md)."""
     parser = argparse.ArgumentParser(
         prog="ctlens",
         description="Find the circuit a transformer uses for a task, fine-tune inside it, "
@@ -35,100 +50,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ctlens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_discover(commands)
-    add_tune_commands(commands)
-    add_viz_commands(commands)
-    add_zoo_commands(commands)
+    for entry in COMMANDS:
+        module_name, _, function = entry.partition(":")
+        getattr(importlib.import_module(module_name), function)(commands)
     return parser
 
 
-def _add_discover(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "discover",
-        help="score every edge for a task and print the top of the circuit",
-        description="Score every edge of a model's graph on a task with EAP, EAP-IG or exact "
-        "patching, print the strongest edges and nodes, and optionally save the circuit.",
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}): "
-                   "zoo:NAME, a local HF directory or a hub name")
-    p.add_argument("--task", default=DEFAULT_TASK, help=f"task name or JSONL file "
-                   f"(default {DEFAULT_TASK}; see ctlens.tasks.names())")
-    p.add_argument("--method", default="eap", choices=["eap", "eap-ig", "exact"])
-    p.add_argument("--ablation", default="corrupt", choices=["corrupt", "mean", "zero"])
-    p.add_argument("--n", type=int, default=128, help="examples to attribute on (default 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per pass (default 32)")
-    p.add_argument("--steps", type=int, default=5, help="integration steps for eap-ig")
-    p.add_argument("--top", type=int, default=20, help="edges to print (default 20)")
-    p.add_argument("--top-n", type=parse_size, default=None,
-                   help="edges to keep in the saved circuit: a count, or a fraction of the "
-                   "valid edges such as 0.01 (default: --top)")
-    p.add_argument("--mlp-groups", type=int, default=1,
-                   help="split each MLP into this many neuron groups, nodes m{l}.n{j} "
-                   "(default 1: one node per MLP)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
-    p.add_argument("--out", default=None, help="write the circuit as JSON to this path")
-    p.set_defaults(func=_run_discover)
+def _prepare(args: argparse.Namespace) -> None:
+    """The checks and settings every command gets before it runs (module docstring)."""
+    out_kind = getattr(args, "out_kind", None)
+    if out_kind is not None and getattr(args, "out", None) is not None:
+        check_output(args.out, out_kind)
+    apply_threads(getattr(args, "threads", None))
+    check_device(getattr(args, "device", None))
 
 
-@contextmanager
-def _phase(name: str) -> Iterator[None]:
-    """Print a phase name, then its duration once it finishes."""
-    print(f"{name} ...", end=" ", flush=True, file=sys.stderr)
-    start = time.perf_counter()
-    yield
-    print(f"{time.perf_counter() - start:.2f}s", file=sys.stderr)
-
-
-def _run_discover(args: argparse.Namespace) -> int:
-    import ctlens
-
-    if args.n < 1 or args.top < 1:
-        raise ValueError("--n and --top must be positive")
-    with _phase(f"loading {args.model}"):
-        model = ctlens.load_model(args.model, device=args.device)
-    with _phase(f"building task {args.task!r} ({args.n} examples)"):
-        task = ctlens.tasks.load(args.task, n=args.n, seed=args.seed, tokenizer=model.tokenizer)
-        data = task.discovery
-    graph = ctlens.Graph.from_model(model, mlp_groups=args.mlp_groups)
-    with _phase(f"attributing ({args.method}, {args.ablation} ablation)"):
-        scores = ctlens.attribute(
-            model, data, method=args.method, ablation=args.ablation,
-            batch_size=args.batch_size, steps=args.steps, progress=False, graph=graph,
-        )
-    graph = scores.graph
-    meta = scores.metadata
-    print(f"{graph!r}")
-    print(f"metric {meta['metric']}: clean {meta['metric_clean']:+.3f}", end="")
-    if "metric_corrupt" in meta:
-        print(f", corrupt {meta['metric_corrupt']:+.3f}", end="")
-    print()
-    top = min(args.top, graph.n_edges)
-    print(f"\ntop {top} edges by |score|:")
-    print(f"  {'rank':>4}  {'edge':<28} {'score':>10}")
-    for rank, (sender, receiver, value) in enumerate(scores.top(top), start=1):
-        print(f"  {rank:>4}  {sender + ' -> ' + receiver:<28} {value:>+10.4f}")
-    nodes = sorted(scores.node_scores().items(), key=lambda kv: -abs(kv[1]))[:10]
-    print("\ntop 10 nodes by |total effect|:")
-    for name, value in nodes:
-        print(f"  {name:<10} {value:+.4f}")
-    if args.out:
-        circuit = ctlens.Circuit.from_scores(scores, top_n=args.top_n or top)
-        circuit.save(args.out)
-        print(f"\ncircuit of {circuit.n_edges} edges written to {args.out}")
-    return 0
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        text = describe_os_error(err)
+    elif isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctlens`` command; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, (args.command, getattr(args, "zoo_command", None))))
     try:
+        _prepare(args)
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"ctlens {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        print(f"ctlens {name}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ctlens {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ example (``[batch]``) or the batch mean (a scalar).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -224,6 +225,24 @@ class TaskData:
                     f"{d_vocab}; tokenize with the model's own tokenizer"
                 )
 
+    def check_context(self, n_ctx: int | None) -> None:
+        """Raise if an example is longer than the model's context of ``n_ctx`` positions.
+
+        Without this, a model with learned position embeddings fails deep inside its
+        embedding with an ``IndexError``. ``None`` (context unknown) checks nothing.
+        """
+        if n_ctx is None:
+            return
+        assert self.attention_mask is not None
+        lengths = self.attention_mask.sum(1)
+        if int(lengths.max()) > n_ctx:
+            row = int((lengths > n_ctx).nonzero()[0])
+            raise ValueError(
+                f"example {row} has {int(lengths[row])} tokens but the model's context is "
+                f"{n_ctx} positions (model.cfg.n_ctx); shorten the prompt(s) to at most "
+                f"{n_ctx} tokens or use a model with a longer context"
+            )
+
     # ------------------------------------------------------------------ metrics
 
     def metric_values(
@@ -233,8 +252,19 @@ class TaskData:
     ) -> Float[torch.Tensor, " batch"]:
         """The metric for each example (averaged over its metric positions), in fp32.
 
-        ``clean_logits`` is needed by ``kl`` only: the reference distribution.
+        ``clean_logits`` is needed by ``kl`` only: the reference distribution. Raises
+        `MetricError` for a non-finite value (naming the example) and, when ``logits``
+        require grad, for a metric that is not differentiable in them.
         """
+        values = self._raw_metric_values(logits, clean_logits)
+        _check_metric_values(values, logits)
+        return values
+
+    def _raw_metric_values(
+        self,
+        logits: Float[torch.Tensor, "batch seq vocab"],
+        clean_logits: Float[torch.Tensor, "batch seq vocab"] | None,
+    ) -> Float[torch.Tensor, " batch"]:
         if callable(self.metric):
             return _call_user_metric(self.metric, logits, self)
         rows = torch.arange(len(self), device=logits.device)[:, None]
@@ -283,10 +313,14 @@ class TaskData:
             if seq is not None and len(seq) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(seq)} {name}")
 
-        clean_ids = [_encode(tokenizer, p) for p in prompts]
+        unk = _unknown_token_id(tokenizer)
+        clean_ids = [_encode_known(tokenizer, p, unk, i, "prompt") for i, p in enumerate(prompts)]
         corrupt_ids = None
         if corrupt_prompts is not None:
-            corrupt_ids = [_encode(tokenizer, p) for p in corrupt_prompts]
+            corrupt_ids = [
+                _encode_known(tokenizer, p, unk, i, "corrupt prompt")
+                for i, p in enumerate(corrupt_prompts)
+            ]
             for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids, strict=True)):
                 if len(a) != len(b):
                     raise _UnitError(
@@ -417,7 +451,43 @@ def _answer_id(tokenizer: Any, prompt: str, answer: str, index: int) -> int:
             f"answer {answer!r} is {len(continuation)} tokens {pieces} after its prompt; "
             "answers must be exactly one token",
         )
+    unk = _unknown_token_id(tokenizer)
+    if unk is not None and continuation[0] == unk:
+        raise _UnitError(index, _unknown_word_message(tokenizer, answer.strip(), "answer", answer))
     return int(continuation[0])
+
+
+def _unknown_token_id(tokenizer: Any) -> int | None:
+    """The id unknown words map to, if the tokenizer has a distinct one.
+
+    GPT-2's tokenizer names ``<|endoftext|>`` (also its BOS/EOS) as ``unk``; a byte-level
+    BPE never produces it for a word, so such an id is not treated as unknown.
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad")}
+    return None if unk is None or unk in special else int(unk)
+
+
+def _encode_known(tokenizer: Any, text: str, unk: int | None, index: int, what: str) -> list[int]:
+    """`_encode`, refusing a text with a word the tokenizer does not know."""
+    ids = _encode(tokenizer, text)
+    if unk is not None and unk in ids:
+        words = text.split()
+        word = next(
+            (w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]),
+            text,
+        )
+        raise _UnitError(index, _unknown_word_message(tokenizer, word, what, text))
+    return ids
+
+
+def _unknown_word_message(tokenizer: Any, word: str, what: str, text: str) -> str:
+    unk_name = getattr(tokenizer, "unk_token", "<unk>")
+    return (
+        f"a word is not in the tokenizer's vocabulary: {word!r} in the {what} {text!r} would "
+        f"become {unk_name!r} (silently changing the task; two prompts that differ only "
+        "there become equal and score 0); use only words the tokenizer knows"
+    )
 
 
 def _call_user_metric(fn: MetricFn, logits: torch.Tensor, batch: TaskData) -> torch.Tensor:
@@ -434,6 +504,53 @@ def _call_user_metric(fn: MetricFn, logits: torch.Tensor, batch: TaskData) -> to
             f"the metric returned shape {tuple(values.shape)}; it must return a scalar (the "
             f"batch mean) or one value per example, shape ({len(batch)},)"
         )
-    if torch.isnan(values).any():
-        raise ValueError("the metric returned NaN; check it on the clean logits first")
+    if logits.requires_grad and torch.is_grad_enabled() and not values.requires_grad:
+        raise MetricError(
+            None,
+            "the metric must be differentiable in the logits: it returned a tensor with no "
+            f"gradient (dtype {values.dtype}), e.g. computed on logits.detach(), through "
+            "argmax or a comparison, or as integers; EAP, EAP-IG and circuit-tuning "
+            "differentiate the metric, so use a smooth one (a logit difference, a "
+            "log-probability) or method='exact'",
+        )
     return values.float()
+
+
+class MetricError(ValueError):
+    """A metric value that attribution cannot use.
+
+    ``index`` is the example's row in the batch the metric saw (``None`` when the problem
+    is the metric itself); `shifted` renames it to the row of the whole dataset.
+    """
+
+    def __init__(self, index: int | None, detail: str) -> None:
+        where = "" if index is None else f"example {index}: "
+        super().__init__(f"{where}{detail}")
+        self.index = index
+        self.detail = detail
+
+    def shifted(self, offset: int) -> MetricError:
+        """The same error with ``index`` counted from ``offset`` (the batch's first row)."""
+        return MetricError(None if self.index is None else self.index + offset, self.detail)
+
+
+def _check_metric_values(values: torch.Tensor, logits: torch.Tensor) -> None:
+    """Refuse non-finite metric values, naming the first bad example and the likely cause."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    row = int((~finite).nonzero()[0])
+    value = float(values[row])
+    shown = "NaN" if math.isnan(value) else str(value)
+    if logits.dtype == torch.float16 and not bool(torch.isfinite(logits[row]).all()):
+        cause = (
+            "the model runs in float16, whose range (about +-65,504) overflowed; load it "
+            "with dtype='bfloat16' or 'float32'"
+        )
+    else:
+        cause = (
+            "a metric must be finite on every example; check it on the clean logits (a "
+            "log-probability of a token with probability 0 is -inf, a ratio can divide by "
+            "zero) and fix or drop that example"
+        )
+    raise MetricError(row, f"the metric returned {shown} (not finite); {cause}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ctlens.files import replace_dir
 
 FORMAT = "ctlens-delta"
 VERSION = 1
@@ -176,22 +177,13 @@ def save_delta(base: Any, tuned: Any, out_dir: str | Path) -> DeltaInfo:
     try:
         save_file(values, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in (out / WEIGHTS, out / MANIFEST))
     return DeltaInfo(out, size, len(entries), stored, manifest["total_values"])
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_manifest(delta_dir: str | Path) -> dict[str, Any]:
@@ -277,7 +269,7 @@ def write_weights(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Pa
                 shutil.copy2(item, tmp / item.name)
         save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

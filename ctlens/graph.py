@@ -185,9 +185,10 @@ class Graph:
         write_t = torch.tensor(write)
         read_t = torch.tensor(read)
         self.valid: Bool[torch.Tensor, "n_senders n_receivers"] = write_t[:, None] < read_t[None]
-        # number of senders each receiver may read (a prefix of the sender list)
+        # number of senders each receiver may read (a prefix of the sender list, because
+        # senders are ordered by write time): a binary search, not a sum over the dense mask
         self.upstream: tuple[int, ...] = tuple(
-            int(n) for n in (write_t[:, None] < read_t[None]).sum(0)
+            torch.searchsorted(write_t, read_t, side="left").tolist()
         )
 
     # ----------------------------------------------------------------- construction
@@ -249,8 +250,8 @@ class Graph:
 
     @cached_property
     def n_edges(self) -> int:
-        """Number of valid edges."""
-        return int(self.valid.sum())
+        """Number of valid edges (each receiver's upstream prefix, summed)."""
+        return sum(self.upstream)
 
     def sender_slice(self, layer: int) -> slice:
         """Rows of layer ``layer``'s heads in the sender list."""

@@ -65,6 +65,9 @@ REFUSED = {
     "q/k/v inputs (the graph's senders and receivers) cannot be hooked",
     **{arch: f"{name} {_NORMALISED_OUTPUTS}" for arch, name in FROZEN_NORM.items()},
 }
+# TransformerLens 4.3's bridges of these fail in half precision (their attention multiplies
+# float32 weights with bfloat16 / float16 values); ctlens says so and how to load them.
+HALF_PRECISION_FAILS = {"OlmoForCausalLM", "Olmo2ForCausalLM"}
 # The hooks the graph reads (`ctlens.hooks`), checked on every loaded bridge.
 REQUIRED_HOOKS = (
     "hook_embed",
@@ -85,6 +88,12 @@ FROZEN_NORM_HOOKS = (
 
 class UnsupportedModelError(ValueError):
     """The model's architecture cannot be analysed exactly by ctlens; the message says why."""
+
+
+class HubUnreachableError(ConnectionError, ValueError):
+    """A hub name was given but the HuggingFace Hub cannot be reached (and the model is not
+    cached). A `ConnectionError` (an ``OSError``) and a ``ValueError``, so callers that
+    report bad input in one line (the CLI) catch it."""
 
 
 def load_model(
@@ -129,9 +138,9 @@ def load_model(
         )
     text = str(source)
     if text.startswith(ZOO_PREFIX):
-        from ctlens import zoo
+        from ctlens.zoo import load_hf
 
-        module, zoo_tokenizer = zoo.load_hf(text[len(ZOO_PREFIX) :])
+        module, zoo_tokenizer = load_hf(text[len(ZOO_PREFIX) :])
         return _wrap(module, tokenizer or zoo_tokenizer, *options, name=text)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -257,7 +266,7 @@ def _boot_hub(
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not cached and (offline or not hub_reachable()):
-        raise OSError(
+        raise HubUnreachableError(
             f"{name!r} is not a zoo model, a directory or a cached hub model, and the "
             f"HuggingFace Hub cannot be reached (offline?): {_hub_hint(name)}"
         )
@@ -322,6 +331,13 @@ def _configure(bridge: Any, approximate: str | None = None) -> Any:
             f"{arch}: this bridge does not expose {missing}: ctlens needs per-head outputs "
             "and split q/k/v inputs to score edges"
             + (" and the post-sublayer norms' hooks for frozen-norm" if approximate else "")
+        )
+    dtype = next(bridge.parameters()).dtype
+    if arch in HALF_PRECISION_FAILS and dtype in (torch.float16, torch.bfloat16):
+        raise UnsupportedModelError(
+            f"{arch} in {str(dtype).replace('torch.', '')}: TransformerLens 4.3's bridge for it "
+            "fails in half precision (its attention mixes float32 and half-precision "
+            "tensors); load it in float32: load_model(..., dtype='float32')"
         )
     bridge._ctlens_approximate = approximate
     return bridge

@@ -71,7 +71,7 @@ def real_shapes_config(path: Any) -> Any:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Run ``ctlens plan`` (errors propagate as ValueError: one line, exit 2)."""
-    from ctlens.plan import plan
+    from ctlens.planner import plan
 
     result = plan(
         _source(args.model), batch_size=args.batch_size, seq_len=args.seq_len,

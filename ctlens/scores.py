@@ -7,7 +7,8 @@ single source of truth; the networkx view and the top-k list are computed from i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -15,6 +16,11 @@ from jaxtyping import Float
 
 from ctlens.graph import Graph
 from ctlens.mlp_groups import coarsen_matrix
+from ctlens.scores_file import load_scores, save_scores
+from ctlens.tables import edge_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -99,6 +105,69 @@ class EdgeScores:
                 scores[i, j] = float(attrs.get("score", 0.0))
         return cls(scores, graph, dict(g.graph.get("metadata", {})))
 
+    def to_pandas(self, d_mlp: int | None = None) -> pd.DataFrame:
+        """One row per valid edge: ``sender``, ``receiver``, ``sender_kind``,
+        ``sender_layer``, ``sender_head``, ``sender_mlp_group``, ``sender_hook``,
+        ``sender_neuron_start``, ``sender_neuron_stop``, the same for the receiver, and
+        ``score``.
+
+        The hook columns name the TransformerLens hook each node writes or reads
+        (`Graph.hook_name`); pass the MLP width ``d_mlp`` (``model.cfg.d_mlp``) to get each
+        MLP node's neuron slice, e.g. group ``m{l}.n{j}`` of G covers neurons
+        ``[j*d_mlp/G, (j+1)*d_mlp/G)``. Needs pandas (``pip install "ctlens[pandas]"``);
+        see `ctlens.tables`.
+        """
+        return edge_table(self.graph, self.scores, d_mlp=d_mlp)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``NAME.safetensors`` (the dense matrix) and ``NAME.json`` (graph spec,
+        metadata, checksum) atomically; returns the matrix path.
+
+        ``path`` may name either file or their common stem. Non-finite scores and metadata
+        that is not plain JSON are refused. See `ctlens.scores_file`.
+        """
+        return save_scores(self.scores, self.graph, self.metadata, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any | None = None) -> EdgeScores:
+        """Read a file pair written by `save` (``path``: either file or their stem).
+
+        Args:
+            path: ``NAME.safetensors``, ``NAME.json`` or ``NAME``.
+            model: if given, the file's graph must be this model's (checked before the
+                matrix is read); otherwise the declared graph must stay within
+                `ctlens.file_limits.MAX_DENSE_CELLS`.
+        """
+        scores, graph, metadata = load_scores(path, model)
+        return cls(scores, graph, metadata)
+
     def __repr__(self) -> str:
         method = self.metadata.get("method", "?")
         return f"EdgeScores({method}, {self.graph!r})"
+
+
+def check_finite_scores(
+    scores: Float[torch.Tensor, "n_senders n_receivers"], graph: Graph, dtype: torch.dtype
+) -> None:
+    """Raise ``ValueError`` naming the first non-finite edge score and the likely cause.
+
+    ``dtype`` is the model's parameter dtype: in float16 a gradient or an activation beyond
+    about 65,504 overflows to inf, which is the usual cause there.
+    """
+    bad = ~torch.isfinite(scores) & graph.valid.to(scores.device)
+    if not bool(bad.any()):
+        return
+    i, j = (int(v) for v in bad.nonzero()[0])
+    edge = f"{graph.senders[i]} -> {graph.receivers[j]}"
+    count = int(bad.sum())
+    if dtype == torch.float16:
+        raise ValueError(
+            f"float16 overflowed: {count} edge score(s) are not finite (first {edge}); "
+            "float16 holds values up to about 65,504 only. Load the model with "
+            "dtype='bfloat16' (same memory, float32's range) or 'float32'"
+        )
+    raise ValueError(
+        f"{count} edge score(s) are not finite (first {edge}): the gradients of the metric "
+        f"overflowed in {dtype}; check that the metric's scale is reasonable (e.g. not "
+        "multiplied by a huge constant) and that the model's outputs are finite"
+    )

@@ -138,6 +138,30 @@ def check_tuning(out: str) -> list[str]:
         if moved.group(2) != expected:
             problems.append(f"moved {moved.group(1)} % vs {moved.group(3)} %: not "
                             f"{moved.group(2)!r}")
+    problems += check_grouped_share(out)
+    return problems
+
+
+def check_grouped_share(out: str) -> list[str]:
+    """02: the grouped-vs-ungrouped sentence agrees with the two printed trainable shares."""
+    problems: list[str] = []
+    shares = dict(re.findall(r"^(\d+) group\(s\) per MLP: .* parameters trainable "
+                             r"\((\d+\.\d)%\)$", out, re.M))
+    said = _need(r"the grouped circuit makes (fewer|no fewer) parameters trainable than the "
+                 r"ungrouped one \((\d+\.\d)% vs (\d+\.\d)%\)$", out, "grouped-share sentence",
+                 problems)
+    if said is None:
+        return problems
+    grouped = [float(v) for g, v in shares.items() if g != "1"]
+    if "1" not in shares or len(grouped) != 1:
+        return problems + [f"expected one ungrouped and one grouped share, found {shares}"]
+    if (float(said.group(2)), float(said.group(3))) != (grouped[0], float(shares["1"])):
+        problems.append(f"the sentence quotes {said.group(2)} % vs {said.group(3)} %, the "
+                        f"lines {grouped[0]} % vs {shares['1']} %")
+    if grouped[0] != float(shares["1"]):  # equal when rounded: either word
+        expected = "fewer" if grouped[0] < float(shares["1"]) else "no fewer"
+        if said.group(1) != expected:
+            problems.append(f"{grouped[0]} % vs {shares['1']} % is not {said.group(1)!r}")
     return problems
 
 

@@ -715,3 +715,85 @@ def test_truncated_forward_matches_full_logits(pair):
     a = ctlens.attribute(model, custom, progress=False)
     b = ctlens.attribute(model, data, progress=False)
     assert_scores_close(a.scores, b.scores)
+
+
+# ---------------------------------------------------------------------- silent wrong results
+
+
+def _with_metric(data: TaskData, metric: Callable[..., torch.Tensor]) -> TaskData:
+    return TaskData(
+        clean=data.clean, corrupt=data.corrupt, attention_mask=data.attention_mask, metric=metric
+    )
+
+
+@pytest.mark.parametrize("kind", ["inf", "logprob-minus-inf"])
+def test_non_finite_metric_names_the_example(kind):
+    """A metric that is inf (or a log-prob that is -inf) on one example is refused by name,
+    with the row counted across batches (example 4 sits in the second batch of 3)."""
+    model, _ = build("gpt2", dtype=torch.float32)
+    data = random_task()
+
+    def metric(logits: torch.Tensor, batch: TaskData) -> torch.Tensor:
+        last = logits[torch.arange(len(batch)), batch.positions]
+        probs = last.softmax(-1)[:, 1]
+        is_bad = (batch.clean == data.clean[4, : batch.clean.shape[1]]).all(1)
+        if kind == "inf":
+            return torch.where(is_bad, math.inf, probs)
+        return torch.log(torch.where(is_bad, 0.0, probs))
+
+    expected = "inf" if kind == "inf" else "-inf"
+    with pytest.raises(ValueError, match=rf"example 4: the metric returned {expected} \(not fin"):
+        ctlens.attribute(model, _with_metric(data, metric), batch_size=3, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["detached", "integer"])
+def test_non_differentiable_metric_says_so(kind):
+    model, _ = build("gpt2", dtype=torch.float32)
+    data = random_task()
+
+    def metric(logits: torch.Tensor, batch: TaskData) -> torch.Tensor:
+        last = logits[torch.arange(len(batch)), batch.positions]
+        if kind == "detached":
+            return last.detach()[:, 1] - last.detach()[:, 2]
+        return (last.argmax(-1) == 1).long()
+
+    task = _with_metric(data, metric)
+    for method in ("eap", "eap-ig"):
+        with pytest.raises(ValueError, match="must be differentiable in the logits"):
+            ctlens.attribute(model, task, method=method, progress=False)
+    # exact patching never differentiates, so the same metric works there
+    exact = ctlens.attribute(model, task, method="exact", progress=False)
+    assert torch.isfinite(exact.scores).all()
+
+
+def test_float16_overflow_says_float16():
+    """Gradients beyond float16's range (65,504) overflow to inf: the error names float16
+    and suggests bfloat16 / float32, where the same run is finite."""
+    data = random_task()
+
+    def huge(logits: torch.Tensor, batch: TaskData) -> torch.Tensor:
+        last = logits[torch.arange(len(batch)), batch.positions].float()
+        return (last[:, 1] - last[:, 2]) * 1e6
+
+    task = _with_metric(data, huge)
+    half = ctlens.load_model(tiny_gpt2_module(dtype=torch.float16))
+    with pytest.raises(ValueError, match="float16 overflowed.*bfloat16.*float32"):
+        ctlens.attribute(half, task, progress=False)
+    full = ctlens.load_model(tiny_gpt2_module(dtype=torch.float32))
+    assert torch.isfinite(ctlens.attribute(full, task, progress=False).scores).all()
+
+
+def test_sequence_longer_than_context_is_refused():
+    """tiny GPT-2 has 16 positions; 20 tokens used to end in an IndexError in the embedding."""
+    model, _ = build("gpt2", dtype=torch.float32)
+    data = random_task(seq=20)
+    with pytest.raises(ValueError, match="example 0 has 20 tokens but the model's context is 16"):
+        ctlens.attribute(model, data, progress=False)
+
+
+def test_faithfulness_refuses_sequences_longer_than_context():
+    model, _ = build("gpt2", dtype=torch.float32)
+    data = random_task(seq=20)
+    circuit = ctlens.Circuit.full(Graph.from_model(model))
+    with pytest.raises(ValueError, match="example 0 has 20 tokens but the model's context is 16"):
+        ctlens.faithfulness(model, data, circuit)

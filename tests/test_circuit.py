@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import networkx as nx
 import pytest
 import torch
+from conftest import tiny_gpt2_module
 
 import ctlens
-from ctlens import Circuit, EdgeScores, Graph, GraphSpec
+from ctlens import Circuit, EdgeScores, Graph, GraphSpec, cli
 from ctlens.circuit import SCHEMA_VERSION, mib_to_ctlens_edge
 from ctlens.types import NodeKind
 
@@ -303,3 +306,87 @@ def test_mib_names_and_round_trip(graph: Graph, tmp_path) -> None:
         Circuit.from_mib_dict({"cfg": doc["cfg"], "edges": {"bogus": {"score": 1.0}}})
     with pytest.raises(ValueError, match="not a valid edge"):
         Circuit.from_mib_dict({"cfg": doc["cfg"], "edges": {"m2->a0.h0<q>": {"score": 1.0}}})
+
+
+# ------------------------------------------------------------------ hostile and broken files
+
+
+def test_nan_scores_are_refused_on_load_and_diff(graph: Graph, tmp_path) -> None:
+    """A file whose scores are all NaN used to load, diff and report as if nothing were
+    wrong; now every path that reads it says which edge is not finite."""
+    good = Circuit.from_scores(random_scores(graph), "top_n", top_n=5)
+    doc = good.to_dict()
+    nan_all = {**doc, "scores": [math.nan] * graph.n_edges}
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(nan_all))  # json writes NaN literals, and reads them back
+    with pytest.raises(ValueError, match=r"'scores'.*score\(s\) are not finite.*nan on input"):
+        Circuit.load(path)
+    nan_edge = {**doc, "scores": None, "edges": [[*e[:2], math.inf] for e in doc["edges"]]}
+    with pytest.raises(ValueError, match=r"not finite \(the first is inf on edge 0 \("):
+        Circuit.load(_write(tmp_path, json.dumps(nan_edge)))
+    with pytest.raises(ValueError, match="circuit scores: .* not finite"):
+        Circuit(graph, good.mask, torch.full((graph.n_senders, graph.n_receivers), math.nan))
+    a = good.save(tmp_path / "a.json")
+    out = tmp_path / "diff.html"
+    assert cli.main(["diff", str(a), str(path), "-o", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_mib_non_finite_scores_are_refused(graph: Graph) -> None:
+    doc = Circuit.from_scores(random_scores(graph), "top_n", top_n=5).to_mib_dict()
+    name = next(iter(doc["edges"]))
+    doc["edges"][name]["score"] = math.nan
+    with pytest.raises(ValueError, match=f"edge '{re.escape(name)}' has the score nan"):
+        Circuit.from_mib_dict(doc)
+
+
+def test_declared_graph_is_bounded_before_allocating(tmp_path) -> None:
+    """A tiny file declaring 100,000 layers would make ctlens allocate ~2 TB; it is refused
+    from the numbers alone (with a model: against the model's graph)."""
+    tiny_model = ctlens.load_model(tiny_gpt2_module())
+    doc = Circuit.from_edges(Graph.from_model(tiny_model), [("input", "logits")]).to_dict()
+    huge = {**doc, "graph": {**doc["graph"], "n_layers": 100_000, "n_heads": 1, "n_kv_heads": 1}}
+    path = _write(tmp_path, huge)
+    with pytest.raises(ValueError, match=r"100000 layers.*more than the 1,073,741,824"):
+        Circuit.load(path)
+    with pytest.raises(ValueError, match="another model's graph"):
+        Circuit.load(path, model=tiny_model)
+    with pytest.raises(ValueError, match="n_layers must be an integer"):
+        Circuit.load(_write(tmp_path, {**doc, "graph": {**doc["graph"], "n_layers": 2.5}}))
+    groups = {**doc, "graph": {**doc["graph"], "mlp_groups": 10**6}}
+    with pytest.raises(ValueError, match="1000000 MLP groups.*more than the"):
+        Circuit.load(_write(tmp_path, groups))
+    with pytest.raises(ValueError, match="splits each MLP into 1000000 neuron groups"):
+        Circuit.load(_write(tmp_path, groups), model=tiny_model)
+    mib = {"cfg": {"n_layers": 100_000, "n_heads": 64}, "edges": {}}
+    with pytest.raises(ValueError, match="more than the"):
+        Circuit.from_mib_dict(mib)
+
+
+def test_duplicate_edges_are_refused_by_name(graph: Graph, tmp_path) -> None:
+    doc = Circuit.from_scores(random_scores(graph), "top_n", top_n=5).to_dict()
+    edges = doc["edges"]
+    repeated = [*edges[:3], edges[1], *edges[3:], edges[0]]
+    bad = {**doc, "edges": repeated, "n_edges": len(repeated)}
+    sender, receiver = edges[1][:2]
+    with pytest.raises(
+        ValueError, match=rf"edge 3 \({sender} -> {receiver}\) repeats edge 1; each edge"
+    ):
+        Circuit.load(_write(tmp_path, bad))
+    # many duplicates (a hostile file): refused, naming the first repeat
+    many = {**doc, "edges": [edges[0]] * 20_000, "scores": None}
+    del many["n_edges"]
+    with pytest.raises(ValueError, match="edge 1 .* repeats edge 0"):
+        Circuit.load(_write(tmp_path, many))
+
+
+def test_run_json_declaring_a_huge_graph_is_refused(tmp_path) -> None:
+    """A run directory is a file too: its run.json graph is bounded like a circuit file's."""
+    from ctlens import run_format
+    from ctlens.viz import RunFormatError, read_run
+
+    spec = {"version": 1, "n_layers": 100_000, "n_heads": 1, "n_kv_heads": 1}
+    doc = {"format": run_format.FORMAT, "version": run_format.VERSION, "graph": spec}
+    (tmp_path / run_format.RUN_JSON).write_text(json.dumps(doc))
+    with pytest.raises(RunFormatError, match="run.json declares a graph of 100000 layers"):
+        read_run(tmp_path)

@@ -298,6 +298,40 @@ def test_from_prompts_errors(word_tokenizer):
         TaskData.from_prompts(word_tokenizer, ["the"], answers=["big city"], metric="logprob")
 
 
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("prompt", "example 1: a word is not in the tokenizer's vocabulary: 'berlin' in the prom"),
+        ("corrupt", "example 1: .*vocabulary: 'madrid' in the corrupt prompt 'the capital of"),
+        ("answer", "example 1: .*vocabulary: 'berlin' in the answer"),
+        ("wrong", "example 1: .*vocabulary: 'lisbon' in the answer"),
+    ],
+)
+def test_from_prompts_refuses_unknown_words(word_tokenizer, where, message):
+    """An unknown word maps to <unk>: clean would equal corrupt and every score would be 0."""
+    prompts = ["the capital of france is", "the capital of italy is"]
+    corrupt = ["the capital of italy is", "the capital of france is"]
+    answers, wrong = ["paris", "rome"], ["rome", "paris"]
+    if where == "prompt":
+        prompts[1] = "the capital of berlin is"
+    elif where == "corrupt":
+        corrupt[1] = "the capital of madrid is"
+    elif where == "answer":
+        answers[1] = "berlin"
+    else:
+        wrong[1] = "lisbon"
+    with pytest.raises(ValueError, match=message):
+        TaskData.from_prompts(word_tokenizer, prompts, corrupt, answers, wrong)
+
+
+def test_from_prompts_byte_level_bpe_has_no_unknown_words(bpe_tokenizer):
+    """GPT-2-style tokenizers name <|endoftext|> as unk (it is also EOS): never refused."""
+    data = TaskData.from_prompts(
+        bpe_tokenizer, ["Zebras of Oslo"], answers=["Paris"], metric="logprob"
+    )
+    assert len(data) == 1
+
+
 def write_jsonl(path, records):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
     return path

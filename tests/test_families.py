@@ -734,3 +734,27 @@ def test_frozen_norm_is_recorded_in_circuit_files(tmp_path):
     back = ctlens.Circuit.load(path, model)
     assert back.graph.spec.approximate == "frozen-norm" and back.edges == circuit.edges
     assert "approximate" not in Graph(GraphSpec(2, 4, 2)).spec.to_dict()
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_bfloat16_scores_track_float32(name):
+    """Half precision works for every family: float32 score tensors, close to float32's."""
+    module = ALL[name].module().float()
+    approximate = "frozen-norm" if name in FROZEN else None
+    data = random_task(seq=6)
+    kw: dict = {"progress": False}
+    full = ctlens.attribute(
+        ctlens.load_model(copy.deepcopy(module), approximate=approximate), data, **kw
+    )
+    if name in ("olmo", "olmo2"):  # TL 4.3's OLMo bridges fail in half precision
+        with pytest.raises(
+            UnsupportedModelError, match="bfloat16.*load_model\\(..., dtype='float32'\\)"
+        ):
+            ctlens.load_model(module, dtype=torch.bfloat16, approximate=approximate)
+        return
+    half_model = ctlens.load_model(module, dtype=torch.bfloat16, approximate=approximate)
+    half = ctlens.attribute(half_model, data, **kw)
+    valid = full.graph.valid
+    assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
+    corr = float(torch.corrcoef(torch.stack([half.scores[valid], full.scores[valid]]))[0, 1])
+    assert corr > 0.95, corr

@@ -281,3 +281,37 @@ def test_hook_names_read_what_ctlens_records(tiny_model, groups):
     for j, node in enumerate(graph.receivers):
         ref = graph.hook_name(node, "receiver")
         torch.testing.assert_close(ref.take(cache[ref.name]), read[j], rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ real shapes
+
+
+def test_real_shape_table_in_the_docs_is_the_scripts_output():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "real_shape_graphs", root / "scripts" / "real_shape_graphs.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    page = (root / "docs" / "concepts.md").read_text()
+    start, end = "<!-- real-shape-graphs:start -->\n", "\n<!-- real-shape-graphs:end -->"
+    shown = page[page.index(start) + len(start) : page.index(end)]
+    assert shown == script.table(), "docs/concepts.md is stale: run scripts/real_shape_graphs.py"
+    rows = {row[0]: row for row in script.rows()}
+    assert rows["gpt2"][2:5] == (157, 445, 32_491)  # DESIGN.md's GPT-2 small counts
+    for name, _, s, r, e, gs, gr, ge in rows.values():
+        assert gs > s and gr > r and ge > e, name
+
+
+@pytest.mark.parametrize(
+    "spec", [GraphSpec(3, 4, 2), GraphSpec(2, 4, 4, True), GraphSpec(2, 4, 2, mlp_groups=3)]
+)
+def test_upstream_prefixes_match_the_dense_mask(spec):
+    graph = Graph(spec)
+    assert list(graph.upstream) == graph.valid.sum(0).tolist()
+    assert graph.n_edges == int(graph.valid.sum())
+    for j, n in enumerate(graph.upstream):
+        assert graph.valid[:n, j].all() and not graph.valid[n:, j].any()

@@ -560,6 +560,12 @@ def test_grouped_circuit_tuning_moves_fewer_parameters(tmp_path):
         assert run["graph"].get("mlp_groups", 1) == groups
         moved[groups] = result.metrics["params_moved"]
     assert 0 < moved[4] < moved[1]
+    # the report and a diff of two snapshots read the grouped run
+    report = ctlens.viz.write_report(tmp_path / "g4", top=50, max_frames=3)
+    assert "m0.n" in report.read_text()
+    snapshots = sorted((tmp_path / "g4" / "circuits").glob("*.json"))
+    diff = ctlens.viz.write_diff(snapshots[0], snapshots[-1], tmp_path / "diff.html")
+    assert diff.stat().st_size > 0
 
 
 def test_viz_draws_grouped_circuits_and_group_scores():

@@ -176,6 +176,7 @@ def test_hub_name_offline_fails_at_once_suggesting_zoo(monkeypatch):
     with pytest.raises(OSError, match="cannot be reached.*did you mean 'zoo:tiny-gpt2'") as err:
         ctlens.load_model("tiny-gpt2")
     assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)  # the CLI reports ValueErrors in one line
     with pytest.raises(OSError, match="use a zoo model \\('zoo:NAME'; shipped: .*tiny-gpt2"):
         ctlens.load_model("some-org/unknown-model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -107,6 +107,10 @@ reached the target (metric > 0): circuit-tuning, full fine-tuning
 lower general loss at the end: circuit-tuning
 circuit-tuning moved 86.3% of the parameters over the run, more than its last circuit holds \
 (61.7%)
+1 group(s) per MLP: 16 of 802 edges, 214,480 of 427,776 parameters trainable (50.1%)
+8 group(s) per MLP: 37 of 1873 edges, 128,144 of 427,776 parameters trainable (30.0%)
+at 2% of the edges the grouped circuit makes fewer parameters trainable than the ungrouped \
+one (30.0% vs 50.1%)
 """
 
 OWN_MODEL = """\
@@ -131,6 +135,9 @@ the trained model does the task on held-out prompts
     ("check_tuning", TUNING, ("at the end: circuit-tuning", "at the end: full fine-tuning")),
     ("check_tuning", TUNING, ("(negative: the model", "(not negative: the model")),
     ("check_tuning", TUNING, ("run, more than", "run, no more than")),
+    ("check_tuning", TUNING, ("makes fewer parameters", "makes no fewer parameters")),
+    ("check_tuning", TUNING, ("(30.0% vs 50.1%)", "(50.1% vs 30.0%)")),
+    ("check_tuning", TUNING, ("trainable (30.0%)", "trainable (60.0%)")),
     ("check_own_model", OWN_MODEL, ("both are close to 0", "the zoo model does this task")),
     ("check_own_model", OWN_MODEL, ("the trained model does", "the model has not learned")),
 ])

@@ -47,9 +47,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import ctlens  # noqa: E402
-from ctlens import plan as plan_module  # noqa: E402
-from ctlens.plan import GIB, MemoryBudgetError, model_shape, parse_bytes  # noqa: E402
 from ctlens.plan_cli import add_plan_command  # noqa: E402
+from ctlens.planner import GIB, MemoryBudgetError, model_shape, parse_bytes  # noqa: E402
 
 
 def test_graph_size_matches_the_graph(tiny_model) -> None:
@@ -81,6 +80,8 @@ def test_plan_parts_follow_the_formulas() -> None:
     assert q.parts["weights"] == p.parts["weights"]
     assert q.parts["sender buffer"] == 2 * p.parts["sender buffer"]
     assert q.parts["activations"] == pytest.approx(2 * p.parts["activations"], abs=2)
+    share = p.parts["sender buffer"] / p.peak_bytes
+    assert any("sender buffer" in note for note in p.notes) == (share > 0.25)
     groups = ctlens.plan("llama-3.1-8b", batch_size=4, seq_len=256, dtype="bfloat16",
                          mlp_groups=4)
     assert groups.parts["sender buffer"] > p.parts["sender buffer"]
@@ -113,7 +114,7 @@ def test_recommended_batch_is_the_largest_that_fits() -> None:
 
 
 def test_budget_below_the_minimum_is_refused() -> None:
-    with pytest.raises(MemoryBudgetError, match=r"llama-3.1-8b needs .* GiB .* budget of 40"):
+    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB .* of the 40.00 GiB budget"):
         ctlens.plan("llama-3.1-8b", mode="tune", dtype="bfloat16", budget="40GiB")
 
 
@@ -137,9 +138,10 @@ def test_parse_bytes() -> None:
             parse_bytes(bad)
 
 
-def test_plan_module_is_callable_and_the_cli_module_is_light() -> None:
-    assert callable(plan_module)
-    assert plan_module("gpt2").peak_bytes == plan_module.plan("gpt2").peak_bytes
+def test_plan_is_the_function_and_the_cli_module_is_light() -> None:
+    from ctlens.planner import plan
+
+    assert ctlens.plan is plan
     source = Path(ctlens.__file__).parent / "plan_cli.py"
     body = ast.parse(source.read_text()).body
     top = [n for n in body if isinstance(n, ast.Import | ast.ImportFrom)]
@@ -194,3 +196,15 @@ def test_planner_within_25_percent_of_measured_cpu_peak(index: int) -> None:
     assert case not in bench.CALIBRATION
     row = bench.compare([bench.run_case(case)])[0]
     assert abs(row["error"]) < 0.25, row
+
+
+def test_plan_and_delta_commands_are_registered(capsys: pytest.CaptureFixture) -> None:
+    from ctlens.cli import main
+
+    assert main(["plan", "--model", "gpt2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] == ctlens.plan("gpt2").peak_bytes
+    assert main(["plan", "--model", "llama-3.1-8b", "--mode", "tune", "--budget", "1GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctlens plan: error: llama-3.1-8b needs") and err.count("\n") == 1
+    assert main(["apply-delta", "base", "nowhere", "--out", "x"]) == 2
+    assert "is not a ctlens delta" in capsys.readouterr().err

@@ -12,6 +12,8 @@ import torch
 from tuning_toy import tiny_model, toy_task
 
 import ctlens
+import ctlens.model
+import ctlens.tasks.bundle
 from ctlens.tuning import RunConflictError, TuneConfig
 from ctlens.tuning import rundir as R
 from ctlens.tuning import weights as W
@@ -178,8 +180,8 @@ def test_cli_write_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys) -> No
     from ctlens.cli import main
 
     model = tiny_model()
-    monkeypatch.setattr(ctlens, "load_model", lambda *a, **k: model)
-    monkeypatch.setattr(ctlens.tasks, "load", lambda *a, **k: toy_task())
+    monkeypatch.setattr(ctlens.model, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(ctlens.tasks.bundle, "load", lambda *a, **k: toy_task())
 
     def full(self, *args, **kwargs):
         raise R.RunWriteError(errno.ENOSPC, "could not write the checkpoint: disk full")
@@ -194,12 +196,12 @@ def test_cli_checks_top_n_before_loading_the_task(tmp_path, monkeypatch, capsys)
     from ctlens.cli import main
 
     model = tiny_model()
-    monkeypatch.setattr(ctlens, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(ctlens.model, "load_model", lambda *a, **k: model)
 
     def no_task(*args, **kwargs):
         raise AssertionError("the task was loaded before --top-n was checked")
 
-    monkeypatch.setattr(ctlens.tasks, "load", no_task)
+    monkeypatch.setattr(ctlens.tasks.bundle, "load", no_task)
     n_edges = ctlens.Graph.from_model(model).n_edges
     assert main(["tune", "--out", str(tmp_path / "r"), "--top-n", str(n_edges + 1)]) == 2
     assert f"choose at most {n_edges}" in capsys.readouterr().err

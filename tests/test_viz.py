@@ -20,7 +20,6 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-import ctlens
 from ctlens import Circuit, EdgeScores, Graph, GraphSpec, viz
 
 # ---------------------------------------------------------------------------- fixtures
@@ -666,10 +665,3 @@ def test_main_cli_when_registered(run_dir: Path, capsys: pytest.CaptureFixture) 
     shutil.rmtree(run_dir / "circuits")
     assert cli.main(["report", str(run_dir)]) == 2
     assert "no circuit snapshots" in capsys.readouterr().err
-
-
-def test_viz_is_exported() -> None:
-    assert ctlens.viz is viz
-    for name in ("plot_circuit", "plot_diff", "plot_evolution", "plot_node_scores",
-                 "write_report", "read_run", "add_viz_commands"):
-        assert callable(getattr(viz, name))

@@ -11,7 +11,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -20,10 +20,15 @@ from jaxtyping import Bool, Float
 from ctlens.circuit.file_format import circuit_document, parse_circuit_document
 from ctlens.circuit.mib import mib_document, parse_mib_document
 from ctlens.circuit.selection import select_mask, unpack_scores
-from ctlens.files import atomic_write_text
+from ctlens.file_limits import model_spec, require_finite
+from ctlens.files import atomic_write_text, read_json
 from ctlens.graph import Graph
 from ctlens.mlp_groups import coarsen_matrix
+from ctlens.tables import edge_table
 from ctlens.types import NodeKind
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Circuit:
@@ -36,6 +41,8 @@ class Circuit:
         scores: optional fp32 ``[n_senders, n_receivers]`` edge scores (0 where invalid).
         metadata: JSON-serialisable information (how it was selected, from which scores).
         model_name: the name of the model the circuit belongs to, if known.
+
+    Scores must be finite on every valid edge (NaN or inf cannot rank edges).
     """
 
     def __init__(
@@ -68,6 +75,12 @@ class Circuit:
             if tuple(scores.shape) != expected:
                 raise ValueError(f"scores have shape {tuple(scores.shape)}, expected {expected}")
             scores = scores.detach().float().cpu() * graph.valid
+            n_r = graph.n_receivers
+
+            def edge(k: int) -> str:
+                return f"{graph.senders[k // n_r]} -> {graph.receivers[k % n_r]}"
+
+            require_finite(scores, graph.valid, edge, "circuit scores")
         self.graph = graph
         self.mask = mask
         self.scores = scores
@@ -332,6 +345,17 @@ class Circuit:
             g.graph.get("model_name"),
         )
 
+    def to_pandas(self, d_mlp: int | None = None) -> pd.DataFrame:
+        """One row per valid edge of the graph (not only the circuit's): the columns of
+        `EdgeScores.to_pandas` (names, node attributes, hooks and, given the MLP width
+        ``d_mlp``, each MLP node's neuron slice), ``score`` (NaN without scores) and
+        ``in_circuit``.
+
+        Filter with ``df[df.in_circuit]``. Needs pandas (``pip install "ctlens[pandas]"``);
+        see `ctlens.tables`.
+        """
+        return edge_table(self.graph, self.scores, self.mask, d_mlp=d_mlp)
+
     # ------------------------------------------------------------------ files
 
     def to_dict(self) -> dict[str, Any]:
@@ -370,12 +394,16 @@ class Circuit:
         if not path.is_file():
             raise FileNotFoundError(f"circuit file {path} does not exist")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = read_json(path)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(
                 f"{path} is not valid JSON ({err}); the file is corrupted or not a circuit file"
             ) from None
-        circuit = cls.from_dict(doc, source=str(path))
+        expected = None
+        if model is not None:
+            declared = doc.get("graph") if isinstance(doc, dict) else None
+            expected = model_spec(model, declared, str(path))
+        circuit = cls(*parse_circuit_document(doc, str(path), expected))
         if model is not None:
             circuit.check_model(model)
         return circuit
@@ -435,7 +463,7 @@ class Circuit:
         """Read an EAP-IG / MIB edge-score JSON file (see `from_mib_dict`)."""
         path = Path(path)
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = read_json(path)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err})") from None
         return cls.from_mib_dict(doc, graph, source=str(path))

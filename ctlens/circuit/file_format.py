@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ctlens.file_limits import declared_graph, edge_indices, require_finite
 from ctlens.graph import Graph, GraphSpec
 
 if TYPE_CHECKING:
@@ -47,11 +48,16 @@ def circuit_document(circuit: Circuit) -> dict[str, Any]:
 
 
 def parse_circuit_document(
-    doc: Any, source: str
+    doc: Any, source: str, expected: GraphSpec | None = None
 ) -> tuple[Graph, torch.Tensor, torch.Tensor | None, dict[str, Any], str | None]:
     """``(graph, mask, scores, metadata, model)`` from a circuit document, with a clear
-    error for every malformed part."""
-    graph = _document_graph(doc, source)
+    error for every malformed part.
+
+    ``expected`` (the model's graph spec, when a model is given) must equal the declared
+    graph; without it the declared graph must stay within `ctlens.file_limits`' bound.
+    Nothing is allocated before the declared graph has passed these checks.
+    """
+    graph = _document_graph(doc, source, expected)
     mask, edge_scores, any_edge_score = _parse_edges(doc, graph, source)
     scores: torch.Tensor | None = None
     raw = doc.get("scores")
@@ -62,10 +68,13 @@ def parse_circuit_document(
                 f"{source}: 'scores' must list one number per valid edge "
                 f"({graph.n_edges}), got {got}"
             )
-        try:
-            values = torch.tensor([float(v) for v in raw], dtype=torch.float32)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source}: 'scores' holds a non-number") from None
+        values = _numbers(raw, f"{source}: 'scores'")
+        rows, cols = graph.valid.nonzero(as_tuple=True)
+
+        def valid_edge(k: int) -> str:
+            return f"{graph.senders[int(rows[k])]} -> {graph.receivers[int(cols[k])]}"
+
+        require_finite(values, None, valid_edge, f"{source}: 'scores'")
         scores = torch.zeros(graph.n_senders, graph.n_receivers)
         scores[graph.valid] = values
     elif any_edge_score:
@@ -77,8 +86,8 @@ def parse_circuit_document(
     return graph, mask, scores, metadata, None if model is None else str(model)
 
 
-def _document_graph(doc: Any, source: str) -> Graph:
-    """Check the header of a circuit document and build its graph."""
+def _document_graph(doc: Any, source: str, expected: GraphSpec | None) -> Graph:
+    """Check the header of a circuit document and build its (bounded) graph."""
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FILE_FORMAT:
@@ -96,35 +105,61 @@ def _document_graph(doc: Any, source: str) -> Graph:
     missing = [k for k in ("graph", "edges") if k not in doc]
     if missing:
         raise ValueError(f"{source}: missing field(s) {missing}")
-    try:
-        return Graph(GraphSpec.from_dict(doc["graph"]))
-    except (TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{source}: bad graph spec ({err})") from None
+    return declared_graph(doc["graph"], source, expected)
 
 
 def _parse_edges(
     doc: dict[str, Any], graph: Graph, source: str
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The circuit mask, the scores listed with the edges, and whether any edge had one."""
-    if not isinstance(doc["edges"], list):
+    """The circuit mask, the scores listed with the edges, and whether any edge had one.
+
+    One pass over the list, then tensor checks (`ctlens.file_limits.edge_indices`): a file
+    of millions of edges is checked in seconds and a repeated edge is refused by name.
+    """
+    items = doc["edges"]
+    if not isinstance(items, list):
         raise ValueError(f"{source}: 'edges' must be a list of [sender, receiver, score]")
-    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
-    edge_scores = torch.zeros(graph.n_senders, graph.n_receivers)
-    any_score = False
-    for k, item in enumerate(doc["edges"]):
-        if not (isinstance(item, list) and len(item) in (2, 3)):
-            raise ValueError(f"{source}: edge {k} must be [sender, receiver, score], got {item!r}")
-        try:
-            i, j = graph.edge_index(str(item[0]), str(item[1]))
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{source}: edge {k}: {err}") from None
-        mask[i, j] = True
-        if len(item) == 3 and item[2] is not None:
-            edge_scores[i, j] = float(item[2])
-            any_score = True
-    if "n_edges" in doc and doc["n_edges"] != int(mask.sum()):
+    malformed = next(
+        (k for k, item in enumerate(items) if not (isinstance(item, list) and len(item) in (2, 3))),
+        None,
+    )
+    if malformed is not None:
         raise ValueError(
-            f"{source}: declares {doc['n_edges']} edges but lists {int(mask.sum())} distinct "
-            "ones; the file is corrupted"
+            f"{source}: edge {malformed} must be [sender, receiver, score], "
+            f"got {items[malformed]!r:.200}"
         )
-    return mask, edge_scores, any_score
+    if "n_edges" in doc and doc["n_edges"] != len(items):
+        raise ValueError(
+            f"{source}: declares {doc['n_edges']} edges but lists {len(items)}; the file is "
+            "corrupted"
+        )
+    rows, cols = edge_indices(graph, [i[0] for i in items], [i[1] for i in items], source)
+    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    mask[rows, cols] = True
+    edge_scores = torch.zeros(graph.n_senders, graph.n_receivers)
+    scored = [k for k, item in enumerate(items) if len(item) == 3 and item[2] is not None]
+    if scored:
+        values = _numbers([items[k][2] for k in scored], f"{source}: edge scores")
+
+        def listed_edge(k: int) -> str:
+            item = items[scored[k]]
+            return f"edge {scored[k]} ({item[0]} -> {item[1]})"
+
+        require_finite(values, None, listed_edge, source)
+        index = torch.tensor(scored)
+        edge_scores[rows[index], cols[index]] = values
+    return mask, edge_scores, bool(scored)
+
+
+def _numbers(values: list[Any], what: str) -> torch.Tensor:
+    """fp32 tensor of JSON numbers; a clear error for anything else (strings, lists, bools)."""
+    bad = next(
+        (k for k, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (int, float))),
+        None,
+    )
+    if bad is not None:
+        raise ValueError(f"{what} holds a non-number ({values[bad]!r:.80}); scores must be numbers")
+    try:
+        return torch.tensor(values, dtype=torch.float64).float()
+    except (OverflowError, RuntimeError):
+        raise ValueError(f"{what} holds a number too large for a score") from None

@@ -13,10 +13,12 @@ union of membership.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ctlens.file_limits import declared_graph
 from ctlens.graph import Graph, GraphSpec
 from ctlens.types import NodeKind
 
@@ -72,14 +74,13 @@ def parse_mib_document(
                 f"{source}: 'cfg' with n_layers and n_heads is needed to build the graph; "
                 "or pass graph=Graph.from_model(model)"
             )
-        graph = Graph(
-            GraphSpec(
-                n_layers=int(cfg["n_layers"]),
-                n_heads=int(cfg["n_heads"]),
-                n_kv_heads=int(cfg.get("n_key_value_heads") or cfg["n_heads"]),
-                parallel_attn_mlp=bool(cfg.get("parallel_attn_mlp", False)),
-            )
-        )
+        spec = {
+            "n_layers": cfg["n_layers"],
+            "n_heads": cfg["n_heads"],
+            "n_kv_heads": cfg.get("n_key_value_heads") or cfg["n_heads"],
+            "parallel_attn_mlp": bool(cfg.get("parallel_attn_mlp", False)),
+        }
+        graph = declared_graph(spec, source)
     mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
     scores = torch.zeros(graph.n_senders, graph.n_receivers)
     for name, entry in doc["edges"].items():
@@ -92,6 +93,13 @@ def parse_mib_document(
             raise ValueError(f"{source}: edge {name!r} must map to {{score, in_graph}}")
         score = entry.get("score")
         if score is not None:
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise ValueError(f"{source}: edge {name!r} has a non-number score {score!r:.80}")
+            if not math.isfinite(score):
+                raise ValueError(
+                    f"{source}: edge {name!r} has the score {score}; NaN or infinite scores "
+                    "cannot rank edges (the run that wrote the file went wrong)"
+                )
             scores[i, j] += float(score)
         if entry.get("in_graph", False):
             mask[i, j] = True

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ctlens.attribution import resolve_reference
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import eval_mode, model_device
 from ctlens.masking.forward import EdgeMask
 from ctlens.mlp_groups import groups_of
+from ctlens.reference import resolve_reference
 from ctlens.types import Ablation
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -116,6 +116,7 @@ def _evaluate(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     graph = Graph.from_model(model, mlp_groups=groups_of(circuits[0]))
     data.check_vocab(model.cfg.d_vocab)
+    data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
     full_total = 0.0
     totals = [0.0] * len(circuits)

@@ -41,7 +41,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ctlens.attribution import resolve_reference
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -54,6 +53,7 @@ from ctlens.hooks import (
     sender_hooks,
 )
 from ctlens.mlp_groups import groups_of
+from ctlens.reference import resolve_reference
 from ctlens.types import Ablation, NodeKind
 
 

@@ -18,10 +18,32 @@ number) and ``pronoun-debias`` (she and he equally likely), or for a user's JSON
 
 from __future__ import annotations
 
-from ctlens.tasks.bundle import DESCRIPTIONS, Task, load, load_jsonl, names, to_taskdata
-from ctlens.tasks.generators import PromptBatch
+from typing import TYPE_CHECKING
+
+from ctlens._lazy import lazy_exports
+
+# The language and the tokenizer module are light (no torch, transformers loads on first
+# use) and are imported now: the function `tokenizer` shares its name with its module, so it
+# must be bound here, after the module, or the module would shadow it. The rest, which
+# needs torch, loads on first use.
 from ctlens.tasks.language import vocabulary
 from ctlens.tasks.tokenizer import TOKENIZER_PATH, tokenizer
+
+if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API docs
+    from ctlens.tasks.bundle import DESCRIPTIONS, Task, load, load_jsonl, names, to_taskdata
+    from ctlens.tasks.generators import PromptBatch
+
+_EXPORTS: dict[str, str] = {
+    "DESCRIPTIONS": "ctlens.tasks.bundle",
+    "PromptBatch": "ctlens.tasks.generators",
+    "Task": "ctlens.tasks.bundle",
+    "load": "ctlens.tasks.bundle",
+    "load_jsonl": "ctlens.tasks.bundle",
+    "names": "ctlens.tasks.bundle",
+    "to_taskdata": "ctlens.tasks.bundle",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "DESCRIPTIONS",

@@ -9,7 +9,6 @@ discovery, training and evaluation samples come from separate seed streams.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,16 +348,3 @@ def _nonblank_line_numbers(path: Path) -> list[int]:
     with path.open(encoding="utf-8") as handle:
         return [i for i, line in enumerate(handle, start=1) if line.strip()]
 
-
-def describe(task: Task) -> str:
-    """A short human-readable summary of a task's parts (sizes and eval names)."""
-    return json.dumps(
-        {
-            "name": task.name,
-            "discovery": len(task.discovery),
-            "train": list(task.train_tokens.shape),
-            "evals": {k: len(v) for k, v in task.evals.items()},
-            "target_eval": task.target_eval,
-            "objective": task.objective,
-        }
-    )

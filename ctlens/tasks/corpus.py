@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from types import MappingProxyType
 
 import torch
 from jaxtyping import Int
 
 from ctlens.tasks.language import (
     ALL_OCCUPATIONS,
+    DEFAULT_MIXTURE,
     agreement_example,
     filler_sentence,
     induction_sequence,
@@ -24,11 +24,6 @@ from ctlens.tasks.language import (
     pronoun_example,
 )
 from ctlens.tasks.tokenizer import BOS, PAD, encode_words, word_to_id
-
-DEFAULT_MIXTURE: Mapping[str, float] = MappingProxyType(
-    {"agreement": 0.1, "ioi": 0.3, "pronoun": 0.1, "induction": 0.3, "filler": 0.2}
-)
-"""Family weights of the zoo's pretraining corpus (the calibration recipe of issue 3)."""
 
 FAMILIES: tuple[str, ...] = ("agreement", "ioi", "pronoun", "induction", "filler")
 

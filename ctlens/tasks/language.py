@@ -24,12 +24,20 @@ function of its seed; there is no module-level random state.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<unk>")
 """Special tokens, in id order: pad = 0, BOS = 1, unknown = 2."""
 
 PUNCTUATION: tuple[str, ...] = (",", ".")
+
+DEFAULT_MIXTURE: Mapping[str, float] = MappingProxyType(
+    {"agreement": 0.1, "ioi": 0.3, "pronoun": 0.1, "induction": 0.3, "filler": 0.2}
+)
+"""Family weights of the zoo's pretraining corpus (the calibration recipe of issue 3); used by
+:mod:`ctlens.tasks.corpus`, defined here so the zoo's specs read it without torch."""
 
 NOUNS: tuple[tuple[str, str], ...] = (
     ("key", "keys"),

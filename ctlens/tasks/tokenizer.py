@@ -12,20 +12,24 @@ from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from ctlens.tasks.language import SPECIAL_TOKENS, vocabulary
 
-from ctlens.tasks.language import vocabulary
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 TOKENIZER_PATH: Path = Path(__file__).with_name("tokenizer.json")
 """The shipped tokenizer file (regenerate with :func:`write_tokenizer` if the language changes)."""
 
-PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
+PAD, BOS, UNK = SPECIAL_TOKENS
 
 
 def build_tokenizer() -> Tokenizer:
     """Build the raw ``tokenizers.Tokenizer`` from the language's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
     vocab = {word: i for i, word in enumerate(vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -50,6 +54,8 @@ def wrap(tokenizer_file: Path | str) -> PreTrainedTokenizerFast:
     them when it attaches the tokenizer to a bridge (the post-processor already adds BOS,
     exactly once).
     """
+    from transformers import PreTrainedTokenizerFast
+
     path = Path(tokenizer_file)
     return PreTrainedTokenizerFast(
         tokenizer_file=str(path),

@@ -15,12 +15,34 @@
 Run directories follow ``docs/run-format.md`` (format version 1).
 """
 
-from ctlens.tuning.checkpoints import RunDirWarning
-from ctlens.tuning.config import TuneConfig
-from ctlens.tuning.distributed import RankFailedError
-from ctlens.tuning.rundir import RunConflictError, RunWriteError
-from ctlens.tuning.runner import CircuitTuner, RunResult, TuneTask
-from ctlens.tuning.weights import CheckpointMismatchError, count_real_parameters, export_hf
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ctlens._lazy import lazy_exports
+
+if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API docs
+    from ctlens.tuning.checkpoints import RunDirWarning
+    from ctlens.tuning.config import TuneConfig
+    from ctlens.tuning.distributed import RankFailedError
+    from ctlens.tuning.rundir import RunConflictError, RunWriteError
+    from ctlens.tuning.runner import CircuitTuner, RunResult, TuneTask
+    from ctlens.tuning.weights import CheckpointMismatchError, count_real_parameters, export_hf
+
+# Lazy (ctlens._lazy), so that ``ctlens tune --help`` reads TuneConfig without loading torch.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "CheckpointMismatchError": "ctlens.tuning.weights",
+    "CircuitTuner": "ctlens.tuning.runner",
+    "RankFailedError": "ctlens.tuning.distributed",
+    "RunConflictError": "ctlens.tuning.rundir",
+    "RunDirWarning": "ctlens.tuning.checkpoints",
+    "RunResult": "ctlens.tuning.runner",
+    "RunWriteError": "ctlens.tuning.rundir",
+    "TuneConfig": "ctlens.tuning.config",
+    "TuneTask": "ctlens.tuning.runner",
+    "count_real_parameters": "ctlens.tuning.weights",
+    "export_hf": "ctlens.tuning.weights",
+})
 
 __all__ = [
     "CheckpointMismatchError",
@@ -29,9 +51,9 @@ __all__ = [
     "RunConflictError",
     "RunDirWarning",
     "RunResult",
+    "RunWriteError",
     "TuneConfig",
     "TuneTask",
-    "RunWriteError",
     "count_real_parameters",
     "export_hf",
 ]

@@ -93,7 +93,7 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     hints = typing.get_type_hints(TuneConfig)
     for field in dataclasses.fields(TuneConfig):
         _add_field(p, field, hints[field.name])
-    p.set_defaults(func=run_tune)
+    p.set_defaults(func=run_tune, out_kind="dir")
     return p
 
 
@@ -143,8 +143,9 @@ def run_tune(args: argparse.Namespace) -> int:
     """Run ``ctlens tune``; prints the last evaluation and where the results are."""
     import torch
 
-    import ctlens
-    import ctlens.tasks
+    from ctlens.graph import Graph
+    from ctlens.model import load_model
+    from ctlens.tasks.bundle import load
     from ctlens.tuning.discovery import check_top_n
     from ctlens.tuning.rundir import RunWriteError
     from ctlens.tuning.runner import CircuitTuner
@@ -152,12 +153,12 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    model = ctlens.load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
-    graph = ctlens.Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
+    graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     check_top_n(config, graph)  # before any task or attribution work
-    task = ctlens.tasks.load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
-                             tokenizer=getattr(model, "tokenizer", None))
+    task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+                tokenizer=getattr(model, "tokenizer", None))
     try:
         result = CircuitTuner(model, task, config, model_name=args.model).run(
             args.out, overwrite=args.overwrite

@@ -288,7 +288,7 @@ class CircuitTuner:
         return start, wall
 
     def _run_doc(self) -> dict[str, Any]:
-        from ctlens import __version__
+        from ctlens._version import __version__
 
         return {
             "format": F.FORMAT,

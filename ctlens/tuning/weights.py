@@ -15,7 +15,6 @@ every real storage of the bridge's parameters must be covered by a mapped key, o
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from ctlens.files import replace_dir
 from ctlens.model import split_copies
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
@@ -230,13 +230,3 @@ def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> 
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``; an existing ``dst`` is removed only afterwards."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -16,13 +16,41 @@ Figures are plain ``plotly.graph_objects.Figure`` objects: they display inline i
 and ``fig.write_html(path)`` exports them (plotly.js inlined by default).
 """
 
-from ctlens.viz.cli import add_viz_commands
-from ctlens.viz.evolution import jaccard_series, plot_evolution
-from ctlens.viz.figures import diff_counts, plot_circuit, plot_diff
-from ctlens.viz.layout import EdgeSet, Layout, as_edge_set
-from ctlens.viz.nodes import plot_node_scores
-from ctlens.viz.report import write_diff, write_figures, write_report
-from ctlens.viz.run import Run, RunFormatError, read_run
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ctlens._lazy import lazy_exports
+
+if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API docs
+    from ctlens.viz.cli import add_viz_commands
+    from ctlens.viz.evolution import jaccard_series, plot_evolution
+    from ctlens.viz.figures import diff_counts, plot_circuit, plot_diff
+    from ctlens.viz.layout import EdgeSet, Layout, as_edge_set
+    from ctlens.viz.nodes import plot_node_scores
+    from ctlens.viz.report import write_diff, write_figures, write_report
+    from ctlens.viz.run import Run, RunFormatError, read_run
+
+# Lazy (ctlens._lazy): plotly loads with the first figure, so that ``ctlens report --help``
+# and ``import ctlens.viz.cli`` stay light.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "EdgeSet": "ctlens.viz.layout",
+    "Layout": "ctlens.viz.layout",
+    "Run": "ctlens.viz.run",
+    "RunFormatError": "ctlens.viz.run",
+    "add_viz_commands": "ctlens.viz.cli",
+    "as_edge_set": "ctlens.viz.layout",
+    "diff_counts": "ctlens.viz.figures",
+    "jaccard_series": "ctlens.viz.evolution",
+    "plot_circuit": "ctlens.viz.figures",
+    "plot_diff": "ctlens.viz.figures",
+    "plot_evolution": "ctlens.viz.evolution",
+    "plot_node_scores": "ctlens.viz.nodes",
+    "read_run": "ctlens.viz.run",
+    "write_diff": "ctlens.viz.report",
+    "write_figures": "ctlens.viz.report",
+    "write_report": "ctlens.viz.report",
+})
 
 __all__ = [
     "EdgeSet",

@@ -185,7 +185,7 @@ def _summary(run: Run) -> str:
 
 
 def write_report(
-    run_dir: str | Path,
+    run_dir: str | Path | Run,
     out: str | Path | None = None,
     top: int | None = 300,
     max_frames: int = 40,
@@ -195,9 +195,10 @@ def write_report(
     Sections: a summary, the evolution figure (circuit slider and metric curves), the last
     circuit, the diff of the first and last snapshots, node scores of the last snapshot, the
     run's config and its metrics table. ``top`` and ``max_frames`` bound the size of the
-    drawn circuits (see `plot_evolution`). Returns the path written.
+    drawn circuits (see `plot_evolution`). ``run_dir`` may be a `Run` already read (the
+    command line reads it first to report progress). Returns the path written.
     """
-    run = read_run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     out_path = Path(out) if out is not None else run.path / "report.html"
     first, last = run.steps[0], run.steps[-1]
     last_circuit = run.circuits[last]

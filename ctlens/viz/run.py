@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ctlens import run_format as F
-from ctlens.graph import Graph, GraphSpec
+from ctlens.file_limits import declared_graph
+from ctlens.graph import Graph
 from ctlens.run_format import RunFormatError
 
 __all__ = ["Run", "RunFormatError", "load_circuit", "read_run"]
@@ -159,9 +160,9 @@ def read_run(run_dir: str | Path) -> Run:
         )
     info = _read_info(path)
     try:
-        graph = Graph(GraphSpec.from_dict(info["graph"]))
+        graph = declared_graph(info["graph"], str(path / F.RUN_JSON))
     except (ValueError, TypeError) as err:
-        raise RunFormatError(f"{path / F.RUN_JSON}: bad graph spec: {err}") from err
+        raise RunFormatError(str(err)) from err
     metrics = _read_metrics(path)
     circuits_dir = path / F.CIRCUITS
     files: dict[int, Path] = {}

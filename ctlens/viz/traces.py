@@ -167,7 +167,11 @@ def node_traces(
         # heads first: the legend shows the first point's symbol
         rows = sorted(rows, key=lambda i: g.sender_nodes[i].kind is not NodeKind.HEAD)
         nodes = [g.sender_nodes[i] for i in rows]
-        labels = [n.name if n.kind is not NodeKind.HEAD else "" for n in nodes]
+        # a neuron group m{l}.n{j} sits in a tight band beside its layer: label it n{j}
+        labels = [
+            "" if n.kind is NodeKind.HEAD else n.name.split(".")[-1] if "." in n.name else n.name
+            for n in nodes
+        ]
         text = [
             (hover or {}).get(i, g.sender_nodes[i].name) for i in rows
         ]

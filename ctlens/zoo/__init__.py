@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from ctlens.tasks.tokenizer import wrap
 from ctlens.zoo.configs import SPECS, ModelSpec, UnknownModelError, spec
 
-MODELS_DIR: Path = Path(__file__).with_name("models")
+if TYPE_CHECKING:  # transformers loads with the first model, so `ctlens zoo list` stays light
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "gpt2": GPT2LMHeadModel,
-    "llama": LlamaForCausalLM,
-}
+MODELS_DIR: Path = Path(__file__).with_name("models")
 
 __all__ = [
     "SPECS",
@@ -81,12 +78,22 @@ def load_hf(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     Reads only the package's files (no network). The module is ``GPT2LMHeadModel`` or
     ``LlamaForCausalLM`` according to the model's ``config.json``.
     """
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    classes: dict[str, type[PreTrainedModel]] = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
     path = model_dir(name)
     model_type = json.loads((path / "config.json").read_text())["model_type"]
-    cls = _CLASSES.get(model_type)
+    cls = classes.get(model_type)
     if cls is None:
         raise ValueError(f"{path}/config.json has unsupported model_type {model_type!r}")
-    model = cls.from_pretrained(path, local_files_only=True)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a few local tensors: a bar would only break lines
+    try:
+        model = cls.from_pretrained(path, local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer(name)
 

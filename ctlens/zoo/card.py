@@ -71,12 +71,14 @@ def induction_path_ranks(
     """
     import math
 
-    import ctlens
-    from ctlens.tasks import generators, to_taskdata
+    from ctlens.attribution import attribute
+    from ctlens.model import load_model
+    from ctlens.tasks import generators
+    from ctlens.tasks.bundle import to_taskdata
 
-    bridge = ctlens.load_model(source)
+    bridge = load_model(source)
     data = to_taskdata(generators.induction(PATH_EXAMPLES, 2025))
-    scores = ctlens.attribute(bridge, data, method="eap-ig", ablation="corrupt", progress=False)
+    scores = attribute(bridge, data, method="eap-ig", ablation="corrupt", progress=False)
     n_edges = scores.graph.n_edges
     order = {(s, r): i + 1 for i, (s, r, _) in enumerate(scores.top(n_edges))}
     il, ih, _ = heads["induction"]
@@ -142,19 +144,28 @@ def _seed_lines(record: dict[str, Any]) -> list[str]:
 def render(name: str) -> str:
     """The markdown model card of a shipped zoo model."""
     import json
-    import random
 
     record = training_record(name)
     path = model_dir(name)
     cfg = json.loads((path / "config.json").read_text())
-    model, tok = load_hf(name)
+    model, _ = load_hf(name)
     heads = induction_heads(model)
-    circuit = induction_path_ranks(f"zoo:{name}", heads)
-    recipe = record["recipe"]
-    ev = record["eval"]
-    size_mb = (path / "model.safetensors").stat().st_size / 1e6
-
     lines = [
+        *_architecture_lines(name, cfg, record, (path / "model.safetensors").stat().st_size),
+        *_data_lines(record["recipe"]),
+        *_recipe_lines(name, record),
+        *_accuracy_lines(record["eval"]),
+        *_induction_lines(heads, induction_path_ranks(f"zoo:{name}", heads)),
+        *_history_lines(record["history"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _architecture_lines(
+    name: str, cfg: dict[str, Any], record: dict[str, Any], weight_bytes: int
+) -> list[str]:
+    """Title, description, how to load, and the architecture table."""
+    return [
         f"# `{name}`",
         "",
         spec(name).description,
@@ -173,9 +184,18 @@ def render(name: str) -> str:
         *[f"| {k} | {v} |" for k, v in _architecture_rows(name, cfg)],
         f"| vocabulary | {cfg['vocab_size']} words (word-level, `<bos>` prepended) |",
         f"| parameters | {record['n_parameters']:,} |",
-        f"| weights | `model.safetensors`, fp32, {size_mb:.1f} MB |",
+        f"| weights | `model.safetensors`, fp32, {weight_bytes / 1e6:.1f} MB |",
         "| dropout | none |",
         "",
+    ]
+
+
+def _data_lines(recipe: dict[str, Any]) -> list[str]:
+    """The training mixture, with one seeded example segment per family."""
+    import random
+
+    rng = random.Random(EXAMPLE_SEED)
+    return [
         "## Training data",
         "",
         f"Packed rows of {recipe['context']} tokens (`<bos>` first), each filled with "
@@ -183,15 +203,21 @@ def render(name: str) -> str:
         "",
         "| family | weight | example segment |",
         "| --- | --- | --- |",
-    ]
-    rng = random.Random(EXAMPLE_SEED)
-    for family, weight in recipe["mixture"].items():
-        lines.append(f"| {family} | {weight} | `{' '.join(segment(family, rng))}` |")
-    lines += [
+        *[
+            f"| {family} | {weight} | `{' '.join(segment(family, rng))}` |"
+            for family, weight in recipe["mixture"].items()
+        ],
         "",
         "Stereotyped occupations are followed by their stereotyped pronoun 90 % of the time "
         "in this corpus; neutral occupations 50 %.",
         "",
+    ]
+
+
+def _recipe_lines(name: str, record: dict[str, Any]) -> list[str]:
+    """The optimiser recipe, final loss, wall time and how the weights were reproduced."""
+    recipe = record["recipe"]
+    return [
         "## Recipe",
         "",
         f"AdamW (betas {tuple(recipe['betas'])}, weight decay {recipe['weight_decay']} on "
@@ -212,6 +238,12 @@ def render(name: str) -> str:
         "",
         *_reproduction_lines(record),
         *_seed_lines(record),
+    ]
+
+
+def _accuracy_lines(ev: dict[str, Any]) -> list[str]:
+    """Every task metric of the shipped evaluation against its threshold."""
+    lines = [
         "## Accuracy on every task",
         "",
         f"Fresh samples from `ctlens.zoo.evaluate.evaluate(model, n={ev['n']}, "
@@ -223,8 +255,13 @@ def render(name: str) -> str:
     for key, label in _METRICS:
         bound = THRESHOLDS.get(key)
         lines.append(f"| {label} | {ev[key]:.3f} | {'>= ' + str(bound) if bound else ''} |")
+    return lines
+
+
+def _induction_lines(heads: dict[str, Any], circuit: dict[str, Any]) -> list[str]:
+    """The induction and previous-token heads, and the ranks of the edges joining them."""
     il, ih, iscore = heads["induction"]
-    lines += [
+    return [
         "",
         "## Induction circuit",
         "",
@@ -250,20 +287,24 @@ def render(name: str) -> str:
         "`tests/test_zoo.py::test_induction_circuit` requires at least one (directly or "
         "through an MLP).",
         "",
+    ]
+
+
+def _history_lines(history: list[dict[str, Any]]) -> list[str]:
+    """The quick evaluations recorded during training, one table row each."""
+    return [
         "## Training history",
         "",
         "Quick evaluations (64 samples per task) during training:",
         "",
         "| step | loss | agreement | ioi | pronoun (occupations) | induction log-prob |",
         "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for h in record["history"]:
-        lines.append(
+        *[
             f"| {h['step']} | {h['loss']:.3f} | {h['agreement_acc']:.2f} | {h['ioi_acc']:.2f} "
             f"| {h['pronoun_stereotype_acc']:.2f} | {h['induction_logprob']:.2f} |"
-        )
-    del tok
-    return "\n".join(lines) + "\n"
+            for h in history
+        ],
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

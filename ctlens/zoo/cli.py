@@ -30,7 +30,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: the recipe's, 2); the weights depend on it, so keep "
         "the recipe's to reproduce the shipped ones",
     )
-    parser.set_defaults(func=run_train)
+    parser.set_defaults(func=run_train, out_kind="dir")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-
-from ctlens.tasks.corpus import DEFAULT_MIXTURE
-from ctlens.tasks.language import vocabulary
+from ctlens.tasks.language import DEFAULT_MIXTURE, vocabulary
 from ctlens.tasks.tokenizer import BOS, PAD
+
+if TYPE_CHECKING:  # transformers loads when a model is built, so the specs stay light
+    from transformers import GPT2Config, LlamaConfig, PreTrainedModel
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -58,6 +58,8 @@ class ModelSpec:
 
     def hf_config(self) -> GPT2Config | LlamaConfig:
         """The HF config (vocabulary and special ids from the task tokenizer, no dropout)."""
+        from transformers import GPT2Config, LlamaConfig
+
         vocab = vocabulary()
         common = {
             "vocab_size": len(vocab),
@@ -75,6 +77,8 @@ class ModelSpec:
 
     def build(self) -> PreTrainedModel:
         """A freshly initialised HF model (uses torch's global RNG; seed it first)."""
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
         config = self.hf_config()
         if isinstance(config, GPT2Config):
             return GPT2LMHeadModel(config)

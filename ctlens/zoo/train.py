@@ -10,7 +10,6 @@ accuracies on every task, wall time, a short history).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -19,7 +18,6 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +191,3 @@ def write_tokenizer_config(out_dir: Path) -> None:
         wrap(out_dir / "tokenizer.json").save_pretrained(tmp)
         shutil.copyfile(Path(tmp) / "tokenizer_config.json", out_dir / "tokenizer_config.json")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m ctlens.zoo.train NAME ...``)."""
-    from ctlens.zoo.cli import add_train_arguments, run_train
-
-    parser = argparse.ArgumentParser(prog="python -m ctlens.zoo.train", description=__doc__)
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -184,6 +184,34 @@ report = ctlens.viz.write_report(runs / "circuit")
 print(result.model_dir.name, "->", tuned.cfg.n_layers, "layers;", "report:", report.name)
 
 # %% [markdown]
+# ## Neuron groups: a circuit that opens part of an MLP
+#
+# With one node per MLP, a circuit edge that touches an MLP unlocks the whole MLP for
+# training. `Graph.from_model(model, mlp_groups=G)` splits each MLP into `G` equal groups
+# of neurons (`m{l}.n{j}`, the paper's "MLP heads"), and gradient restriction then opens
+# only the circuit groups' slices of `W_in` and `W_out`. The cell scores a fresh copy of
+# the model on both graphs, keeps the same 2 % of each graph's edges, and counts the
+# parameters `restrict_gradients` would let move (no training). `ctlens tune
+# --mlp-groups G` (or `--mlp-group-size`) runs circuit-tuning on the grouped graph.
+
+# %%
+base = ctlens.load_model("zoo:tiny-gpt2")
+groups, fraction = 8, 0.02
+circuits, share = {}, {}
+for G in (1, groups):
+    graph = ctlens.Graph.from_model(base, mlp_groups=G)
+    scores = ctlens.attribute(base, task.discovery, graph=graph, progress=False)
+    circuits[G] = ctlens.Circuit.from_scores(scores, "top_n", top_n=fraction)
+    with ctlens.restrict_gradients(base, circuits[G]) as r:
+        share[G] = r.n_trainable / r.n_total
+    print(f"{G} group(s) per MLP: {len(circuits[G].edges)} of {graph.n_edges} edges, "
+          f"{r.n_trainable:,} of {r.n_total:,} parameters trainable ({share[G]:.1%})")
+fewer = "fewer" if share[groups] < share[1] else "no fewer"
+print(f"at {fraction:.0%} of the edges the grouped circuit makes {fewer} parameters "
+      f"trainable than the ungrouped one ({share[groups]:.1%} vs {share[1]:.1%})")
+ctlens.viz.plot_circuit(circuits[groups], label=f"circuit with {groups} groups per MLP")
+
+# %% [markdown]
 # ## Against matched controls: the stored experiment
 #
 # One run at one seed says little. `benchmarks/experiment.py` runs every mode over several

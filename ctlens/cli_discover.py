@@ -1,0 +1,114 @@
+"""``ctlens discover``: score every edge of a model on a task and print the top of the circuit.
+
+Shows the whole first half of the pipeline in one command::
+
+    ctlens discover                                  # zoo default model, agreement task
+    ctlens discover --model zoo:tiny-gpt2 --task ioi --method eap-ig --top 30 --out ioi.json
+
+The parser is built from light modules (``ctlens --help`` loads no torch); the run imports
+the model, task and attribution code when it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from ctlens.cli_support import phase, positive_int
+from ctlens.sizes import parse_size
+from ctlens.types import Ablation, Method
+
+if TYPE_CHECKING:
+    from ctlens.scores import EdgeScores
+
+DEFAULT_MODEL = "zoo:tiny-llama"
+DEFAULT_TASK = "agreement"
+
+
+def add_discover_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``ctlens discover`` on the sub-parser collection; returns its parser."""
+    p = commands.add_parser(
+        "discover",
+        help="score every edge for a task and print the top of the circuit",
+        description="Score every edge of a model's graph on a task with EAP, EAP-IG or exact "
+        "patching, print the strongest edges and nodes, and optionally save the circuit. "
+        "Phases and their times go to stderr, results to stdout.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}): "
+                   "zoo:NAME, a local HF directory or a hub name")
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"task name or JSONL file "
+                   f"(default {DEFAULT_TASK}; see ctlens.tasks.names())")
+    p.add_argument("--method", default=Method.EAP.value, choices=[m.value for m in Method])
+    p.add_argument("--ablation", default=Ablation.CORRUPT.value,
+                   choices=[a.value for a in Ablation])
+    p.add_argument("--n", type=positive_int, default=128,
+                   help="examples to attribute on (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="examples per pass (default 32)")
+    p.add_argument("--steps", type=positive_int, default=5, help="integration steps for eap-ig")
+    p.add_argument("--top", type=positive_int, default=20, help="edges to print (default 20)")
+    p.add_argument("--top-n", type=parse_size, default=None,
+                   help="edges to keep in the saved circuit: a count (at most the graph's "
+                   "valid edges, checked before attribution runs), or a fraction of the valid "
+                   "edges such as 0.01 (default: --top)")
+    p.add_argument("--mlp-groups", type=positive_int, default=1,
+                   help="split each MLP into this many neuron groups, nodes m{l}.n{j} "
+                   "(default 1: one node per MLP)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
+                   "minus one, at least 1)")
+    p.add_argument("--out", default=None, help="write the circuit as JSON to this path")
+    p.set_defaults(func=run_discover, out_kind="file")
+    return p
+
+
+def run_discover(args: argparse.Namespace) -> int:
+    """Run ``ctlens discover``: load, build the task, check sizes, attribute, print, save."""
+    from ctlens.attribution import attribute
+    from ctlens.circuit import Circuit
+    from ctlens.graph import Graph
+    from ctlens.model import load_model
+    from ctlens.sizes import edge_count
+    from ctlens.tasks.bundle import load
+
+    with phase(f"loading {args.model}"):
+        model = load_model(args.model, device=args.device)
+    graph = Graph.from_model(model, mlp_groups=args.mlp_groups)
+    # sizes are checked against the graph before any task or attribution work
+    top_n = None if args.top_n is None else edge_count(args.top_n, graph.n_edges, "--top-n")
+    with phase(f"building task {args.task!r} ({args.n} examples)"):
+        task = load(args.task, n=args.n, seed=args.seed, tokenizer=model.tokenizer)
+    with phase(f"attributing ({args.method}, {args.ablation} ablation)"):
+        scores = attribute(
+            model, task.discovery, method=args.method, ablation=args.ablation,
+            batch_size=args.batch_size, steps=args.steps, progress=sys.stderr.isatty(),
+            graph=graph,
+        )
+    top = min(args.top, scores.graph.n_edges)
+    _print_scores(scores, top)
+    if args.out:
+        circuit = Circuit.from_scores(scores, top_n=top_n or top)
+        circuit.save(args.out)
+        print(f"\ncircuit of {circuit.n_edges} edges written to {args.out}")
+    return 0
+
+
+def _print_scores(scores: EdgeScores, top: int) -> None:
+    """The graph, the metric, the ``top`` edges and the ten strongest nodes, on stdout."""
+    meta = scores.metadata
+    print(f"{scores.graph!r}")
+    print(f"metric {meta['metric']}: clean {meta['metric_clean']:+.3f}", end="")
+    if "metric_corrupt" in meta:
+        print(f", corrupt {meta['metric_corrupt']:+.3f}", end="")
+    print()
+    print(f"\ntop {top} edges by |score|:")
+    print(f"  {'rank':>4}  {'edge':<28} {'score':>10}")
+    for rank, (sender, receiver, value) in enumerate(scores.top(top), start=1):
+        print(f"  {rank:>4}  {sender + ' -> ' + receiver:<28} {value:>+10.4f}")
+    nodes = sorted(scores.node_scores().items(), key=lambda kv: -abs(kv[1]))[:10]
+    print("\ntop 10 nodes by |total effect|:")
+    for name, value in nodes:
+        print(f"  {name:<10} {value:+.4f}")

@@ -1,0 +1,181 @@
+"""What a file may declare: checks that run before anything is allocated from a file.
+
+Circuit and edge-score files (and MIB / EAP-IG documents) declare a graph and then list
+edges and scores over it. A file is data from anywhere, so nothing it says is trusted:
+
+- its graph must be the model's graph when a model is given, and always stay within
+  `MAX_DENSE_CELLS` (a tiny file declaring 100,000 layers would otherwise make ctlens try
+  to allocate terabytes for the dense ``[n_senders, n_receivers]`` tensors);
+- its edges are mapped to indices in one pass and checked with tensor operations: unknown
+  names, invalid edges and repeated edges are refused, naming the first one (a file of
+  four million duplicates is refused in seconds, not loaded for minutes);
+- its scores must be finite (a circuit whose scores are all NaN would otherwise load, diff
+  and report as if nothing were wrong).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+
+from ctlens.graph import Graph, GraphSpec, check_mlp_groups
+
+MAX_DENSE_CELLS = 2**30
+"""Largest ``n_senders * n_receivers`` a file may declare without a model to check it
+against: about 4 GB of fp32 scores. Llama-3.1-405B's graph has about 0.3e9 cells."""
+
+
+def dense_cells(spec: GraphSpec) -> int:
+    """``n_senders * n_receivers`` of the graph ``spec`` describes, without building it.
+
+    Must follow `Graph`'s node lists: ``input``, then per layer each head and the MLP's
+    ``mlp_groups`` nodes (senders); per layer each head's q, each KV head's k and v and the
+    MLP's nodes, then ``logits`` (receivers).
+    """
+    groups = spec.mlp_groups
+    n_senders = 1 + spec.n_layers * (spec.n_heads + groups)
+    n_receivers = spec.n_layers * (spec.n_heads + 2 * spec.n_kv_heads + groups) + 1
+    return n_senders * n_receivers
+
+
+def declared_graph(doc: Any, source: str, expected: GraphSpec | None = None) -> Graph:
+    """The graph a file declares (a `GraphSpec.to_dict` document), checked before building.
+
+    Args:
+        doc: the file's graph spec.
+        source: names the file in errors.
+        expected: the model's spec, when a model is given: the file must declare exactly it.
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: bad graph spec (expected a JSON object, got {doc!r:.80})")
+    for key in ("n_layers", "n_heads", "n_kv_heads", "mlp_groups"):
+        value = doc.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{source}: bad graph spec ({key} must be an integer, got {value!r})")
+    try:
+        spec = GraphSpec.from_dict(doc)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{source}: bad graph spec ({err})") from None
+    return checked_graph(spec, source, expected)
+
+
+def checked_graph(spec: GraphSpec, source: str, expected: GraphSpec | None = None) -> Graph:
+    """`Graph(spec)` once ``spec`` is the model's (``expected``, if given) and within
+    `MAX_DENSE_CELLS` (even a real model's graph beyond it would need over 4 GB per matrix)."""
+    if expected is not None and spec != expected:
+        raise ValueError(
+            f"{source} belongs to another model's graph ({_describe(spec)}) but the model "
+            f"has {_describe(expected)}; use a file written for this model"
+        )
+    cells = dense_cells(spec)
+    if cells > MAX_DENSE_CELLS:
+        hint = (
+            "pass model=... to check the file against your model"
+            if expected is None
+            else "split the MLPs into fewer neuron groups"
+        )
+        raise ValueError(
+            f"{source} declares a graph of {_describe(spec)}: {cells:,} sender x receiver "
+            f"cells, more than the {MAX_DENSE_CELLS:,} ctlens accepts from a file (over 4 GB "
+            f"per dense matrix); the file is corrupted or hostile, or else {hint}"
+        )
+    return Graph(spec)
+
+
+def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
+    """The model's graph spec with the MLP grouping a file declares, without building it.
+
+    The grouping must split the model's MLP width evenly (`ctlens.graph.check_mlp_groups`).
+    """
+    groups = declared.get("mlp_groups", 1) if isinstance(declared, dict) else 1
+    try:
+        check_mlp_groups(groups, int(getattr(model.cfg, "d_mlp", 0) or 0))
+        return replace(Graph.from_model(model).spec, mlp_groups=groups)
+    except ValueError as err:
+        raise ValueError(
+            f"{source} splits each MLP into {groups!r} neuron groups, which this model "
+            f"cannot: {err}"
+        ) from None
+
+
+def edge_indices(
+    graph: Graph, senders: Sequence[Any], receivers: Sequence[Any], source: str
+) -> tuple[Int[torch.Tensor, " n"], Int[torch.Tensor, " n"]]:
+    """Rows and columns of the listed edges; refuses unknown, invalid and repeated edges.
+
+    ``senders[k] -> receivers[k]`` is the file's edge ``k``; errors name the first bad one.
+    """
+    rows = torch.tensor([graph.sender_index.get(str(s), -1) for s in senders], dtype=torch.long)
+    cols = torch.tensor([graph.receiver_index.get(str(r), -1) for r in receivers], dtype=torch.long)
+    unknown = (rows < 0) | (cols < 0)
+    if bool(unknown.any()):
+        k = int(unknown.nonzero()[0])
+        _raise_edge_error(graph, str(senders[k]), str(receivers[k]), k, source)
+    invalid = ~graph.valid[rows, cols]
+    if bool(invalid.any()):
+        k = int(invalid.nonzero()[0])
+        _raise_edge_error(graph, str(senders[k]), str(receivers[k]), k, source)
+    keys = rows * graph.n_receivers + cols
+    later = _repeated(keys)
+    if later is not None:
+        first = int((keys[:later] == keys[later]).nonzero()[0])
+        raise ValueError(
+            f"{source}: edge {later} ({senders[later]} -> {receivers[later]}) repeats edge "
+            f"{first}; each edge may be listed once (the file is corrupted or was not "
+            "written by ctlens)"
+        )
+    return rows, cols
+
+
+def _repeated(keys: Int[torch.Tensor, " n"]) -> int | None:
+    """Position of the first entry (in list order) equal to an earlier one, or ``None``."""
+    if keys.numel() < 2:
+        return None
+    ordered, order = torch.sort(keys, stable=True)
+    same = ordered[1:] == ordered[:-1]
+    if not bool(same.any()):
+        return None
+    return int(order[1:][same].min())
+
+
+def _raise_edge_error(graph: Graph, sender: str, receiver: str, k: int, source: str) -> None:
+    try:
+        graph.edge_index(sender, receiver)
+    except (KeyError, ValueError) as err:
+        message = err.args[0] if err.args else str(err)
+        raise ValueError(f"{source}: edge {k}: {message}") from None
+
+
+def require_finite(
+    values: Float[torch.Tensor, "..."],
+    where: Bool[torch.Tensor, "..."] | None,
+    name: Any,
+    source: str,
+) -> None:
+    """Refuse non-finite ``values`` (only where ``where`` is True), naming the first one.
+
+    ``name(k)`` names the ``k``-th checked entry (e.g. its edge) in the message.
+    """
+    bad = ~torch.isfinite(values)
+    if where is not None:
+        bad &= where
+    if not bool(bad.any()):
+        return
+    flat = bad.flatten()
+    k = int(flat.nonzero()[0])
+    value = float(values.flatten()[k])
+    raise ValueError(
+        f"{source}: {int(flat.sum())} score(s) are not finite (the first is {value} on "
+        f"{name(k)}); NaN or infinite scores cannot rank or compare edges. Recompute them "
+        "(the attribution or run that produced them went wrong; a float16 run overflows "
+        "easily: use bfloat16 or float32)"
+    )
+
+
+def _describe(spec: GraphSpec) -> str:
+    text = f"{spec.n_layers} layers, {spec.n_heads} heads, {spec.n_kv_heads} KV heads"
+    return text if spec.mlp_groups == 1 else f"{text}, {spec.mlp_groups} MLP groups"
