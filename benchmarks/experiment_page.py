@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from _report import markdown_table
-from experiment_stats import t_interval
+from experiment_stats import area_vs_reference, t_interval
 
 import ctlens.files
 
@@ -58,8 +58,10 @@ def _main_table(results: dict[str, Any], model: str, groups: int) -> str:
 def _paired(a: dict[str, Any], b: dict[str, Any], key: str) -> list[float | None] | None:
     """Mean and t-interval of a - b over the seeds both have (seeds are paired: the same
     seed gives the same batch order)."""
-    if key == "area":
-        va, vb = a.get("area_vs_full_by_seed", {}), b.get("area_vs_full_by_seed", {})
+    if key == "area":  # the two runs' curves compared directly, over their common range
+        pa, pb = a["points_by_seed"], b["points_by_seed"]
+        va = {s: area_vs_reference(pa[s], pb[s]) for s in pa if s in pb}
+        vb = {s: 0.0 for s in va}
     else:
         va, vb = (x["at_threshold"][key]["by_seed"] for x in (a, b))
     diffs = [va[s] - vb[s] for s in va if s in vb and va[s] is not None and vb[s] is not None]
@@ -81,13 +83,12 @@ def _comparisons(results: dict[str, Any], model: str, groups: int) -> list[str]:
             o = conds.get((None if other == "full" else size, other))
             if o is None:
                 continue
-            area = grad["area_vs_full"] if other == "full" else _paired(grad, o, "area")
             rows.append([f"{size:.1%}", other, _verdict(_paired(grad, o, middle)),
-                         _verdict(area)])
+                         _verdict(_paired(grad, o, "area"))])
     if not rows:
         return []
     return [markdown_table(["size", "gradient minus", f"general at target +{middle}",
-                            "area vs full"], rows), ""]
+                            "area between the two curves"], rows), ""]
 
 
 def _verdict(d: list[float | None] | None) -> str:
@@ -153,7 +154,10 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
         "over targets of general(mode) - general(full) along the two runs' target -> "
         "general curves (general loss at each target's first crossing), over the target "
         "range both reached, paired by seed; negative means less general damage than full "
-        "fine-tuning at equal target. *Trainable*: fraction of real parameters the circuit "
+        "fine-tuning at equal target (each row's range is its own, so compare rows through "
+        "the paired table, which measures the area between gradient's curve and each "
+        "control's directly, over the range both reached, seed by seed). *Trainable*: "
+        "fraction of real parameters the circuit "
         "lets move, mean over steps (in brackets: the fraction of the circuit discovery "
         "selected, which the random control matches). *Params moved*: fraction of real "
         "parameters that differ from the start at the end (the union over all steps' "

@@ -120,6 +120,7 @@ def _condition_row(conds: list[Condition], runs: dict[str, list[dict[str, Any]]]
     areas = {s: area_vs_reference(points(r), points(reference[s]))
              for s, r in recs.items() if s in reference}
     row["area_vs_full_by_seed"] = areas
+    row["points_by_seed"] = {s: points(r) for s, r in recs.items()}
     row["area_vs_full"] = _ci([a for a in areas.values() if a is not None])
     steps = [x["step"] for x in next(iter(recs.values()))]
     row["curve"] = {
