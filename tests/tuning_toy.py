@@ -72,7 +72,7 @@ def main(spec: dict) -> None:
     """Run one tuner; with ``ddp`` ({"rank", "world", "port", "dump"}) as one gloo rank.
 
     A DDP rank first writes its all-reduced batch scores of step 0 and, after the run, its
-    weights to ``dump/rank{r}.pt``.
+    weights (none when sharded) to ``dump/rank{r}.pt``.
     """
     torch.set_num_threads(int(spec.get("threads", 1)))
     model = tiny_model(spec.get("family", "gpt2"))
@@ -91,7 +91,10 @@ def main(spec: dict) -> None:
         tuner = ctlens.CircuitTuner(model, toy_task(), config)
         scores = tuner.batch_scores(0).scores
         tuner.run(spec["out"])
-        state = {k: v.detach().clone() for k, v in weights.unique_state_dict(model).items()}
+        # a sharded model's weights are read from its run directory's checkpoint instead
+        state = {} if config.shard else {
+            k: v.detach().clone() for k, v in weights.unique_state_dict(model).items()
+        }
         torch.save({"scores": scores, "weights": state},
                    Path(ddp["dump"]) / f"rank{ddp['rank']}.pt")
     finally:

@@ -58,6 +58,8 @@ _HELP: dict[str, str] = {
     "metric_beta": "add beta * |task metric| to the loss (the paper's de-biasing term)",
     "lora_rank": "LoRA rank (--mode lora)",
     "lora_alpha": "LoRA alpha (--mode lora)",
+    "shard": "fsdp: shard weights, gradients and optimizer state with FSDP2 (under torchrun; "
+             "--mode gradient, --discovery batch)",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
     "save_every": "checkpoint every N steps",
@@ -116,6 +118,9 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     elif field.name == "betas":
         p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
                        help=help_text)
+    elif type(None) in args and typing.get_origin(args[0]) is typing.Literal:
+        p.add_argument(flag, choices=list(typing.get_args(args[0])), default=default,
+                       help=help_text)
     elif type(None) in args:
         inner = next(a for a in args if a is not type(None))
         p.add_argument(flag, type=_optional(inner), default=default,
@@ -153,7 +158,13 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    model = load_model(args.model, device=args.device)
+    device = args.device
+    if config.shard is not None:
+        device, error = _start_process_group(device)
+        if error:
+            print(f"ctlens tune: error: {error}", file=sys.stderr)
+            return 2
+    model = load_model(args.model, device=device)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     check_top_n(config, graph)  # before any task or attribution work
@@ -166,6 +177,8 @@ def run_tune(args: argparse.Namespace) -> int:
     except RunWriteError as err:
         print(f"ctlens tune: error: {err.strerror}", file=sys.stderr)
         return 2
+    if config.shard is not None and torch.distributed.get_rank() != 0:
+        return 0  # rank 0 reports
     summary = {k: result.metrics.get(k) for k in
                ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))
@@ -173,3 +186,23 @@ def run_tune(args: argparse.Namespace) -> int:
           f"{', model/' if result.model_dir else ''}); plot with: ctlens report {result.out_dir}",
           file=sys.stderr)
     return 0
+
+
+def _start_process_group(device: str | None) -> tuple[str | None, str | None]:
+    """Initialise torch.distributed from torchrun's environment for ``--shard``.
+
+    Returns ``(device, error)``: gloo on CPU; NCCL and ``cuda:LOCAL_RANK`` for ``cuda``.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device, ("--shard fsdp runs under torchrun (e.g. torchrun --nproc-per-node 2 "
+                        "-m ctlens tune --shard fsdp ...); RANK/WORLD_SIZE are not set")
+    cuda = device is not None and device.startswith("cuda")
+    if cuda and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device, None

@@ -25,6 +25,7 @@ BATCH_METRICS: tuple[str, ...] = ("task", "loss")
 SELECTIONS: tuple[str, ...] = ("top_n", "top_nodes")
 RANDOM_MATCHES: tuple[str, ...] = ("edges", "parameters", "composition")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+SHARDS: tuple[str, ...] = ("fsdp",)
 LOSSES: tuple[str, ...] = ("target", "sequence")
 ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
 """``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
@@ -81,6 +82,11 @@ class TuneConfig:
         ``warmup_steps`` of linear warm-up), metric_beta (adds ``beta * |metric|`` on the
         training batch: the paper's de-biasing term).
     LoRA: lora_rank, lora_alpha.
+    Scale:
+        shard: ``None`` (every rank holds the whole model) or ``"fsdp"`` (parameters,
+            gradients and optimizer state sharded with PyTorch FSDP2 across the ranks of the
+            initialised process group; `ctlens.tuning.sharding`). Only ``mode="gradient"``
+            with ``"batch"`` discovery.
     Bookkeeping:
         eval_every, eval_examples (per evaluation set; ``None``: all), save_every,
         keep_checkpoints, seed, export (write ``model/`` at the end), progress (tqdm).
@@ -116,6 +122,7 @@ class TuneConfig:
     mlp_group_size: int | None = None
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    shard: Literal["fsdp"] | None = None
     eval_every: int = 50
     eval_examples: int | None = 128
     save_every: int = 50
@@ -177,6 +184,13 @@ class TuneConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not _finite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if self.shard is not None:
+            _choice("shard", self.shard, SHARDS)
+            if self.mode != "gradient" or self.discovery != "batch":
+                raise ValueError(
+                    f"shard='fsdp' supports mode='gradient' with discovery='batch' only (got "
+                    f"mode={self.mode!r}, discovery={self.discovery!r}); run the others unsharded"
+                )
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -205,6 +219,8 @@ class TuneConfig:
         data = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
         if self.mode != "random":
             del data["random_match"]  # means nothing outside random runs
+        if self.shard is None:
+            del data["shard"]  # runs written before shard existed resume unchanged
         return data
 
     def top_n_at(self, step: int, n_edges: int | None = None) -> int:

@@ -11,6 +11,9 @@
   the means being those of the discovery that chose the circuit.
 - **the trainable fraction**: real parameters the optimizer may change now.
 
+Under ``shard="fsdp"`` the restriction is `ctlens.tuning.sharding.ShardedRestriction` on
+the sharded parameters (no hooks: :meth:`Enforcement.mask_grads` runs after every backward).
+
 It also builds the optimizer (over the bridge's parameters, or a LoRA copy's adapters in
 ``mode="lora"``), so the optimizer the restriction needs is never looked up elsewhere.
 """
@@ -36,11 +39,13 @@ class Enforcement:
     Args:
         model: the bridge being tuned.
         config: the run's configuration (mode, optimizer settings, LoRA size).
+        sharding: the model's `Sharding` under ``shard="fsdp"`` (already applied).
     """
 
-    def __init__(self, model: Any, config: TuneConfig) -> None:
+    def __init__(self, model: Any, config: TuneConfig, sharding: Any = None) -> None:
         self.model = model
         self.config = config
+        self.sharding = sharding
         self.lora: Any = None
         if config.mode == "lora":
             from ctlens.tuning.lora import LoraBackend
@@ -60,6 +65,7 @@ class Enforcement:
         self.means: torch.Tensor | None = None
         self._restriction: contextlib.ExitStack | None = None
         self._rules: list[Any] = []
+        self._mask_sharded: Any = None
 
     def enter(self, circuit: Circuit, means: torch.Tensor | None = None) -> None:
         """Make ``circuit`` the one in force (``means``: its forward-mask reference, if any);
@@ -68,7 +74,17 @@ class Enforcement:
         if means is not None:
             self.means = means
         self.release()
-        if self.config.mode in GRADIENT_MODES:
+        if self.config.mode in GRADIENT_MODES and self.sharding is not None:
+            from ctlens.tuning.sharding import ShardedRestriction
+
+            sharded = ShardedRestriction(self.sharding, circuit, self.optimizer,
+                                         self.config.train_embeddings,
+                                         self.config.train_unembedding)
+            self._rules = sharded.rules
+            self._restriction = contextlib.ExitStack()
+            self._restriction.callback(sharded.close)
+            self._mask_sharded = sharded.mask_grads
+        elif self.config.mode in GRADIENT_MODES:
             from ctlens.masking import restrict_gradients
 
             stack = contextlib.ExitStack()
@@ -80,8 +96,12 @@ class Enforcement:
             self._restriction = stack
 
     def mask_grads(self) -> None:
-        """Apply the restriction to gradients computed before it was entered."""
+        """Apply the restriction to gradients computed before it was entered (and, sharded,
+        to every step's gradients)."""
         if self._restriction is None:
+            return
+        if self._mask_sharded is not None:
+            self._mask_sharded()
             return
         for rule in self._rules:
             p, keep = rule.parameter, rule.trainable
@@ -106,6 +126,7 @@ class Enforcement:
             self._restriction.close()
             self._restriction = None
             self._rules = []
+            self._mask_sharded = None
 
     def trainable_fraction(self) -> float:
         """Fraction of real parameters the optimizer may change under the current setting."""

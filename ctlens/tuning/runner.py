@@ -40,11 +40,14 @@ This module is the loop that drives them. The run directory format is
 With ``torch.distributed`` initialised, every rank takes its shard of each global batch;
 gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
-weights; only rank 0 writes files.
+weights; only rank 0 writes files. With ``shard="fsdp"`` the model is sharded in place
+(`ctlens.tuning.sharding`) after the run directory is prepared and stays sharded after
+`CircuitTuner.run` returns; evaluation, checkpoints and export gather it for their duration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -68,6 +71,7 @@ from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
 from ctlens.tuning.rundir import RunDir, now_iso
+from ctlens.tuning.sharding import Sharding, check_shardable, rank_parameter_bytes
 
 ExtraLoss = Callable[[torch.Tensor, TaskData], torch.Tensor]
 """``fn(logits, batch) -> scalar`` added to the loss; ``batch`` holds the step's rows."""
@@ -129,6 +133,8 @@ class CircuitTuner:
         check_top_n(self.config, self.graph)
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
+        if self.config.shard is not None:
+            check_shardable(model)
         if self.config.batch_size < self.world.size:
             raise ValueError(
                 f"batch_size={self.config.batch_size} is smaller than the number of ranks "
@@ -149,6 +155,7 @@ class CircuitTuner:
                                           self.model_name)
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
         self.last_loss: float | None = None
+        self._sharding: Sharding | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -162,11 +169,13 @@ class CircuitTuner:
         cfg = self.config
         rd = RunDir(Path(out_dir))
         start_step, wall_offset = self._prepare(rd, overwrite)
-        enforcement = Enforcement(self.model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(enforcement.optimizer, cfg.lr_factor)
         initial = C.initial_snapshot(rd, self.model)
-        if start_step > 0:
-            self._resume(rd, start_step, enforcement, scheduler)
+        state = None
+        if start_step > 0:  # the weights load before sharding
+            state = C.load_checkpoint(rd, start_step, self.model, self.graph, self.model_name,
+                                      cfg)
+        sharding = self._sharding
+        enforcement = Enforcement(self.model, cfg, sharding)
         started = time.perf_counter() - wall_offset
         last: dict[str, Any] = {}
         done = {r["step"] for r in rd.read_metrics()} if self.world.is_main else set()
@@ -186,19 +195,32 @@ class CircuitTuner:
                                 general=f"{record['general_loss']:.3f}")
                 return record
 
-            return self.world.on_main(f"evaluating step {step}", work) or {}
+            with gathered():
+                return self.world.on_main(f"evaluating step {step}", work) or {}
 
         def save(step: int) -> None:
             state = self._checkpoint_state(step, time.perf_counter() - started, enforcement,
                                            scheduler)
-            self.world.on_main(
-                f"saving the checkpoint of step {step}",
-                lambda: C.save_checkpoint(rd, self.model, state, cfg.keep_checkpoints),
-            )
+            with gathered():
+                self.world.on_main(
+                    f"saving the checkpoint of step {step}",
+                    lambda: C.save_checkpoint(rd, self.model, state, cfg.keep_checkpoints),
+                )
+
+        def gathered() -> Any:
+            return contextlib.nullcontext() if sharding is None else sharding.gathered()
 
         try:
             if start_step == 0 and 0 not in done:
+                # before sharding: step 0's monitor circuit runs a backward on rank 0 alone
                 last = evaluate(0)
+            if cfg.shard is not None and sharding is None:
+                enforcement.release()
+                sharding = self._sharding = Sharding(self.model)
+                enforcement = Enforcement(self.model, cfg, sharding)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(enforcement.optimizer, cfg.lr_factor)
+            if state is not None:
+                self._resume(state, enforcement, scheduler)
             for t in range(start_step, cfg.steps):
                 self._train_step(t, enforcement, scheduler)
                 s = t + 1
@@ -207,10 +229,12 @@ class CircuitTuner:
                     last = evaluate(s)
                 if s % cfg.save_every == 0 or s == cfg.steps:
                     save(s)
-            model_dir = self.world.on_main(
-                "exporting the model",
-                lambda: C.export_model(rd, self.model, enforcement.lora) if cfg.export else None,
-            )
+            with gathered():
+                model_dir = self.world.on_main(
+                    "exporting the model",
+                    lambda: C.export_model(rd, self.model, enforcement.lora)
+                    if cfg.export else None,
+                )
         finally:
             bar.close()
             enforcement.release()
@@ -222,8 +246,11 @@ class CircuitTuner:
     def time_steps(self, n_steps: int, warmup: int = 2) -> list[float]:
         """Seconds per optimizer step for ``n_steps`` steps after ``warmup`` untimed ones.
 
-        Trains the model in memory (no run directory, no evaluation): a benchmark helper.
+        Trains the model in memory (no run directory, no evaluation): a benchmark helper,
+        unsharded only.
         """
+        if self.config.shard is not None:
+            raise ValueError("time_steps does not shard; time a shard='fsdp' run with run()")
         enforcement = Enforcement(self.model, self.config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(enforcement.optimizer,
                                                       self.config.lr_factor)
@@ -300,15 +327,20 @@ class CircuitTuner:
             "created": now_iso(),
             "ctlens_version": __version__,
             "world_size": self.world.size,
+            "sharded": self.config.shard is not None,
+            "rank_parameter_bytes": rank_parameter_bytes(self.model, self.world.size)
+            if self.config.shard is not None else None,
             "data": C.data_record(self.task),
         }
 
     def _checkpoint_state(
         self, step: int, wall_time: float, enforcement: Enforcement, scheduler: Any
     ) -> C.CheckpointState:
-        lora = enforcement.lora
+        lora, sharding = enforcement.lora, enforcement.sharding
+        optimizer = (enforcement.optimizer.state_dict() if sharding is None
+                     else sharding.optimizer_state(enforcement.optimizer))
         return C.CheckpointState(
-            step=step, wall_time=wall_time, optimizer=enforcement.optimizer.state_dict(),
+            step=step, wall_time=wall_time, optimizer=optimizer,
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
             ema=self.discovery.ema, means=enforcement.means, last_loss=self.last_loss,
             circuit=enforcement.circuit,
@@ -316,12 +348,13 @@ class CircuitTuner:
         )
 
     def _resume(
-        self, rd: RunDir, step: int, enforcement: Enforcement, scheduler: Any
+        self, state: C.CheckpointState, enforcement: Enforcement, scheduler: Any
     ) -> None:
-        """Restore the loop, discovery and enforcement from checkpoint ``step``."""
-        state = C.load_checkpoint(rd, step, self.model, self.graph, self.model_name,
-                                  self.config)
-        enforcement.optimizer.load_state_dict(state.optimizer)
+        """Restore the loop, discovery and enforcement from a loaded checkpoint's state."""
+        if enforcement.sharding is None:
+            enforcement.optimizer.load_state_dict(state.optimizer)
+        else:
+            enforcement.sharding.load_optimizer_state(enforcement.optimizer, state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.torch_rng)
         self.discovery.ema = state.ema
@@ -403,7 +436,9 @@ class CircuitTuner:
                 loss.backward()
         del logits, kernel
         self.last_loss = self.world.sum_scalar(float(loss.detach()))
-        if self.world.active:
+        if enforcement.sharding is not None:  # FSDP summed the gradients
+            enforcement.mask_grads()
+        elif self.world.active:
             for p in enforcement.params:
                 if p.grad is not None:
                     self.world.sum_(p.grad)

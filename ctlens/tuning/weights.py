@@ -101,15 +101,28 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def real_parameters(model: Any) -> list[torch.Tensor]:
-    """One flat tensor per distinct parameter storage (views and tied weights counted once)."""
-    storages: dict[int, torch.Tensor] = {}
+    """One flat tensor per distinct parameter storage (views and tied weights counted once).
+
+    Each covers the span of its storage that parameters use, so padding around them (FSDP2's
+    gathered parameters) is not counted.
+    """
+    spans: dict[int, tuple[torch.Tensor, int, int]] = {}
     for p in model.parameters():
         key = _storage_key(p)
-        if key not in storages:
-            flat = torch.empty(0, dtype=p.dtype, device=p.device)
-            flat.set_(p.untyped_storage(), 0, (p.untyped_storage().nbytes() // p.element_size(),))
-            storages[key] = flat
-    return list(storages.values())
+        lo = p.storage_offset()
+        hi = lo + sum((n - 1) * st for n, st in zip(p.shape, p.stride(), strict=True)) + 1
+        if key in spans:
+            first, old_lo, old_hi = spans[key]
+            lo, hi = min(lo, old_lo), max(hi, old_hi)
+        else:
+            first = p
+        spans[key] = (first, lo, hi)
+    flats = []
+    for first, lo, hi in spans.values():
+        flat = torch.empty(0, dtype=first.dtype, device=first.device)
+        flat.set_(first.untyped_storage(), lo, (hi - lo,))
+        flats.append(flat)
+    return flats
 
 
 def count_real_parameters(model: Any) -> int:
