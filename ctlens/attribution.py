@@ -329,7 +329,11 @@ class EapKernel:
         self._handles: list[Any] = []
         self._pending: list[tuple[slice, int, torch.Tensor]] = []
         self._pending_width = 0
-        self._capacity = max(16, graph.n_senders // 4) if chunk is None else 1
+        # Queue receiver gradients only where the sender buffer is large (neuron-group
+        # graphs): on small graphs one product per receiver hook is cheaper than the copies
+        # that batching them takes (benchmarks/circuit_tuning.py, tiny-gpt2 K=1).
+        batched = chunk is None and graph.n_senders > 256
+        self._capacity = max(16, graph.n_senders // 4) if batched else 1
 
     def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
         """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
