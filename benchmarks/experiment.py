@@ -7,6 +7,9 @@ circuit-tuning, ``random-parameters`` and ``random-composition`` (a random circu
 every step with the trainable parameters, in total or per node kind, of the circuit
 discovery selects at that step), ``lora`` (rank chosen so its adapters hold as many
 parameters as the step-0 circuit of that size unlocks), and ``full`` fine-tuning (no size).
+``paper-full``, ``paper-gradient`` and ``paper-random-parameters`` are the same three under
+the circuit-tuning authors' official options (`paper_options`: top-nodes selection, SGD with
+momentum, sequence loss), with their own learning-rate sweep (``--paper-lrs``).
 
 Learning rates: for each model and mode, one run per ``--lrs`` value on ``--sweep-seed``
 (not among the reported seeds), at ``--sweep-size``, ungrouped; the chosen lr is the one with
@@ -43,7 +46,9 @@ import ctlens.tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "experiment.json"
-MODES = ("full", "gradient", "forward", "random-parameters", "random-composition", "lora")
+MODES = ("full", "gradient", "forward", "random-parameters", "random-composition", "lora",
+         "paper-full", "paper-gradient", "paper-random-parameters")
+PAPER = "paper-"  # mode prefix: the official code's options (`paper_options`)
 THRESHOLDS = (0.0, 1.0, 2.0)
 
 
@@ -65,20 +70,42 @@ class Condition:
                 f"-lr{self.lr:g}-s{self.seed}")
 
 
+def is_full(mode: str) -> bool:
+    """Full fine-tuning (no circuit size): ``full`` and ``paper-full``."""
+    return mode.removeprefix(PAPER) == "full"
+
+
+def reference_mode(mode: str) -> str:
+    """The full fine-tuning a mode's area is measured against (same options)."""
+    return PAPER + "full" if mode.startswith(PAPER) else "full"
+
+
+def paper_options() -> dict[str, Any]:
+    """The circuit-tuning authors' official setting: top-nodes selection, SGD with momentum
+    0.9 and weight decay 1e-4, LM loss on every token of the training sentence."""
+    return {"selection": "top_nodes", "optimizer": "sgd", "momentum": 0.9,
+            "weight_decay": 1e-4, "loss": "sequence"}
+
+
+def lrs_for(args: argparse.Namespace, mode: str) -> list[float]:
+    """The learning rates swept for ``mode`` (SGD needs larger ones than AdamW)."""
+    return [float(x) for x in (args.paper_lrs if mode.startswith(PAPER) else args.lrs)
+            .split(",")]
+
+
 def _grid_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "models": args.models.split(","), "groups": [int(g) for g in args.groups.split(",")],
         "sizes": [float(s) for s in args.sizes.split(",")], "modes": args.modes.split(","),
         "seeds": [int(s) for s in args.seeds.split(",")],
-        "lrs": [float(x) for x in args.lrs.split(",")],
     }
 
 
 def sweep_conditions(args: argparse.Namespace) -> list[Condition]:
     g = _grid_args(args)
-    return [Condition(m, 1, None if mode == "full" else args.sweep_size, mode, lr,
+    return [Condition(m, 1, None if is_full(mode) else args.sweep_size, mode, lr,
                       args.sweep_seed)
-            for m in g["models"] for mode in g["modes"] for lr in g["lrs"]]
+            for m in g["models"] for mode in g["modes"] for lr in lrs_for(args, mode)]
 
 
 def main_conditions(args: argparse.Namespace, lr_of: Any) -> list[Condition]:
@@ -87,10 +114,10 @@ def main_conditions(args: argparse.Namespace, lr_of: Any) -> list[Condition]:
     g = _grid_args(args)
     out = []
     for m in g["models"]:
-        if "full" in g["modes"]:
-            out += [Condition(m, 1, None, "full", lr_of(m, "full"), s) for s in g["seeds"]]
+        out += [Condition(m, 1, None, mode, lr_of(m, mode), s)
+                for mode in g["modes"] if is_full(mode) for s in g["seeds"]]
         late = [x for x in g["modes"] if x == "lora"]
-        for modes in ([x for x in g["modes"] if x not in ("full", "lora")], late):
+        for modes in ([x for x in g["modes"] if not is_full(x) and x != "lora"], late):
             for groups in g["groups"]:
                 for size in g["sizes"]:
                     out += [Condition(m, groups, size, mode, lr_of(m, mode), s)
@@ -142,6 +169,9 @@ def tune_config(cond: Condition, model: Any, task: Any, args: argparse.Namespace
     if cond.groups > 1:
         extra["mlp_groups"] = cond.groups
     mode = cond.mode
+    if mode.startswith(PAPER):
+        mode = mode.removeprefix(PAPER)
+        extra.update(paper_options())
     if mode.startswith("random-"):
         mode, extra["random_match"] = "random", cond.mode.removeprefix("random-")
     if mode == "lora":
@@ -213,7 +243,7 @@ def sweep_lrs(args: argparse.Namespace, wait: bool,
         if recs is not None:
             by.setdefault((cond.model, cond.mode), {})[cond.lr] = recs
     for key, runs in by.items():
-        if len(runs) == len(args.lrs.split(",")):
+        if len(runs) == len(lrs_for(args, key[1])):
             chosen[key] = choose_lr(runs)
     return chosen
 
@@ -248,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--sweep-seed", type=int, default=0,
                        help="seed of the learning-rate sweep (not a reported seed)")
         p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates of the sweep")
+        p.add_argument("--paper-lrs", default="3e-2,1e-1,3e-1",
+                       help="learning rates of the sweep for the paper-* modes (SGD)")
         p.add_argument("--steps", type=int, default=60)
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--eval-every", type=int, default=5)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+from experiment import PAPER, is_full
 from plotly.subplots import make_subplots
 
 KINDS = ("attention q/k/v", "attention out", "MLP in", "MLP out", "embeddings", "norms",
@@ -29,10 +30,23 @@ def _models(results: dict[str, Any]) -> list[str]:
     return sorted({c["model"] for c in results["conditions"] if c.get("curve")})
 
 
-def pareto_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
+def _shown(c: dict[str, Any], groups: int, paper: bool) -> bool:
+    """Whether condition ``c`` belongs in a figure of ``groups`` and of the paper-* modes
+    (``paper``) or of the others."""
+    return bool(c.get("curve")) and c["mode"].startswith(PAPER) == paper and (
+        c["groups"] == groups or is_full(c["mode"]))
+
+
+def _line(mode: str) -> dict[str, Any]:
+    return {"color": COLOURS.get(mode.removeprefix(PAPER)),
+            "dash": "dash" if mode.startswith(PAPER) else "solid"}
+
+
+def pareto_figure(results: dict[str, Any], groups: int = 1, paper: bool = False) -> go.Figure:
     """Target metric against general LM loss along training, mean over seeds with 95 %
     t-intervals on both axes; one panel per model and circuit size, one line per mode
-    (full fine-tuning, which has no size, in every panel). Up and left is better."""
+    (full fine-tuning, which has no size, in every panel). Up and left is better.
+    ``groups``: the MLP grouping shown; ``paper``: the paper-* modes instead of the others."""
     models = _models(results)
     n_cols = max([len(_sizes(results, m)) for m in models] + [1])
     titles = [f"{m.removeprefix('zoo:')}, {s:.1%} of edges" for m in models
@@ -43,8 +57,8 @@ def pareto_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
     for row, model in enumerate(models, start=1):
         for col, size in enumerate(_sizes(results, model), start=1):
             for c in results["conditions"]:
-                if c["model"] != model or not c.get("curve") or c["groups"] != groups and \
-                        c["mode"] != "full" or c["size"] not in (size, None):
+                if c["model"] != model or not _shown(c, groups, paper) or \
+                        c["size"] not in (size, None):
                     continue
                 curve = c["curve"]
                 xs = [g[0] for g in curve["general"]]
@@ -52,7 +66,7 @@ def pareto_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
                 fig.add_trace(go.Scatter(
                     x=xs, y=ys, mode="lines+markers", name=c["mode"],
                     legendgroup=c["mode"], showlegend=c["mode"] not in shown,
-                    line={"color": COLOURS.get(c["mode"])},
+                    line=_line(c["mode"]),
                     error_x={"type": "data", "array": [g[1] or 0 for g in curve["general"]],
                              "thickness": 1},
                     error_y={"type": "data", "array": [t[1] or 0 for t in curve["target"]],
@@ -62,8 +76,11 @@ def pareto_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
                 shown.add(c["mode"])
             fig.update_xaxes(title_text="general LM loss", row=row, col=col)
         fig.update_yaxes(title_text="target: logit(wrong) - logit(right)", row=row, col=1)
-    fig.update_layout(title="Target vs general LM loss during training<br><sub>mean and 95 % "
-                            "t-interval over seeds; up-left is better</sub>",
+    what = ("the authors' options (SGD, top-nodes, sequence loss)" if paper else "AdamW")
+    mlps = "ungrouped MLPs" if groups == 1 else f"MLPs in {groups} neuron groups"
+    fig.update_layout(title=f"Target vs general LM loss during training: {what}, {mlps}"
+                            "<br><sub>mean and 95 % t-interval over seeds; up-left is "
+                            "better</sub>",
                       height=380 * max(1, len(models)), width=420 * n_cols + 160,
                       template="plotly_white")
     return fig
@@ -79,7 +96,7 @@ def moved_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
     shown = set()
     for row, model in enumerate(models, start=1):
         conds = [c for c in results["conditions"] if c["model"] == model
-                 and c.get("moved_by_kind") and (c["groups"] == groups or c["mode"] == "full")]
+                 and c.get("moved_by_kind") and (c["groups"] == groups or is_full(c["mode"]))]
         conds.sort(key=lambda c: (-1 if c["size"] is None else c["size"], c["mode"]))
         if not conds:
             continue
@@ -97,10 +114,11 @@ def moved_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
                       annotation_text=f"trainable ceiling {ceiling:.2f}")
         fig.update_yaxes(title_text="fraction of all parameters moved", range=[0, 1.02],
                          row=row, col=1)
-    fig.update_layout(barmode="stack", height=420 * max(1, len(models)), width=1100,
+    mlps = "ungrouped MLPs" if groups == 1 else f"MLPs in {groups} neuron groups"
+    fig.update_layout(barmode="stack", height=460 * max(1, len(models)), width=1400,
                       template="plotly_white",
                       title="Parameters moved by node kind (mean over seeds) against the "
-                            "trainable ceiling")
+                            f"trainable ceiling, {mlps}")
     return fig
 
 
@@ -114,11 +132,24 @@ def _write(fig: go.Figure, path: Path) -> Path:
         return path.with_suffix(".html")
 
 
-def write_figures(results: dict[str, Any], folder: Path) -> dict[str, str]:
-    """Both figures under ``folder``; {name: path relative to docs/}."""
+def write_figures(results: dict[str, Any], folder: Path) -> list[tuple[str, str]]:
+    """Every figure under ``folder`` (per MLP grouping: the Pareto plot of the AdamW modes,
+    of the paper-* modes, and parameters moved); [(caption, path relative to docs/)]."""
     folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, fig in (("pareto", pareto_figure(results)), ("moved", moved_figure(results))):
-        path = _write(fig, folder / f"experiment_{name}")
-        out[name] = str(path.relative_to(folder.parent))
+    out = []
+    for groups in sorted({c["groups"] for c in results["conditions"] if c.get("curve")}):
+        tag = "" if groups == 1 else f"_g{groups}"
+        mlps = "ungrouped MLPs" if groups == 1 else f"MLPs in {groups} neuron groups"
+        figures = [
+            (f"pareto{tag}", f"Target against general LM loss, AdamW modes, {mlps}",
+             pareto_figure(results, groups)),
+            (f"pareto_paper{tag}", f"Target against general LM loss, the authors' options, "
+                                   f"{mlps}", pareto_figure(results, groups, paper=True)),
+            (f"moved{tag}", f"Parameters moved by node kind against the trainable ceiling, "
+                            f"{mlps}", moved_figure(results, groups)),
+        ]
+        for name, caption, fig in figures:
+            if fig.data:
+                path = _write(fig, folder / f"experiment_{name}")
+                out.append((caption, str(path.relative_to(folder.parent))))
     return out

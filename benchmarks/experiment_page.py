@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from _report import markdown_table
+from experiment import PAPER, is_full
 from experiment_stats import area_vs_reference, t_interval
 
 import ctlens.files
@@ -32,7 +33,7 @@ def _main_table(results: dict[str, Any], model: str, groups: int) -> str:
               "area vs full", "params moved"]
     rows = []
     for c in results["conditions"]:
-        if c["model"] != model or (c["groups"] != groups and c["mode"] != "full"):
+        if c["model"] != model or (c["groups"] != groups and not is_full(c["mode"])):
             continue
         if not c["seeds"]:
             lr = "no sweep" if c["lr"] is None else f"{c['lr']:g}"
@@ -49,7 +50,7 @@ def _main_table(results: dict[str, Any], model: str, groups: int) -> str:
             trainable, _ci(c["final_target"]), _ci(c["final_general"], 3),
             *(f"{_ci(a['general'], 3)} ({a['reached']}/{a['of']})"
               for a in c["at_threshold"].values()),
-            "reference" if c["mode"] == "full" else _ci(c["area_vs_full"], 3),
+            "reference" if is_full(c["mode"]) else _ci(c["area_vs_full"], 3),
             _ci(c["params_moved"]),
         ])
     return markdown_table(header, rows)
@@ -71,24 +72,65 @@ def _paired(a: dict[str, Any], b: dict[str, Any], key: str) -> list[float | None
     return [mean, half]
 
 
-def _comparisons(results: dict[str, Any], model: str, groups: int) -> list[str]:
+CONTROLS = {"gradient": ("full", "forward", "random-parameters", "random-composition", "lora"),
+            PAPER + "gradient": (PAPER + "full", PAPER + "random-parameters")}
+
+
+def comparison_rows(results: dict[str, Any], model: str, groups: int
+                    ) -> list[tuple[float, str, str, str, str]]:
+    """(size, circuit mode, control, verdict at the middle threshold, verdict on the area)
+    for every circuit-tuning condition and each of its controls that ran."""
     conds = {(c["size"], c["mode"]): c for c in results["conditions"]
-             if c["model"] == model and c["groups"] == groups and c["seeds"]}
+             if c["model"] == model and (c["groups"] == groups or is_full(c["mode"]))
+             and c["seeds"]}
     middle = f"{results['thresholds'][len(results['thresholds']) // 2]:g}"
     rows = []
     for (size, mode), grad in sorted(conds.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
-        if mode != "gradient":
-            continue
-        for other in ("full", "forward", "random-parameters", "random-composition", "lora"):
-            o = conds.get((None if other == "full" else size, other))
-            if o is None:
-                continue
-            rows.append([f"{size:.1%}", other, _verdict(_paired(grad, o, middle)),
-                         _verdict(_paired(grad, o, "area"))])
+        for other in CONTROLS.get(mode, ()):
+            o = conds.get((None if is_full(other) else size, other))
+            if o is not None:
+                rows.append((size, mode, other, _verdict(_paired(grad, o, middle)),
+                             _verdict(_paired(grad, o, "area"))))
+    return rows
+
+
+def _comparisons(results: dict[str, Any], model: str, groups: int) -> list[str]:
+    middle = f"{results['thresholds'][len(results['thresholds']) // 2]:g}"
+    rows = [[f"{size:.1%}", f"{mode} - {other}", at, area]
+            for size, mode, other, at, area in comparison_rows(results, model, groups)]
     if not rows:
         return []
-    return [markdown_table(["size", "gradient minus", f"general at target +{middle}",
+    return [markdown_table(["size", "difference", f"general at target +{middle}",
                             "area between the two curves"], rows), ""]
+
+
+def _summary(results: dict[str, Any], models: list[str]) -> list[str]:
+    """How often each control came out resolved lower, higher or unresolved (both columns)."""
+    tally: dict[tuple[str, str, str], dict[str, int]] = {}
+    for model in models:
+        for groups in sorted({c["groups"] for c in results["conditions"]
+                              if c["model"] == model and c["seeds"]}):
+            for _, mode, other, at, area in comparison_rows(results, model, groups):
+                key = (model.removeprefix("zoo:"), f"{mode} - {other}",
+                       "ungrouped" if groups == 1 else f"{groups} groups")
+                counts = tally.setdefault(key, {})
+                for verdict in (at, area):
+                    word = verdict.split(": ")[-1] if ": " in verdict else "not comparable"
+                    counts[word] = counts.get(word, 0) + 1
+    if not tally:
+        return []
+    words = ("circuit-tuning lower", "circuit-tuning higher", "no difference resolved",
+             "not comparable")
+    rows = [[m, d, g, *(str(c.get(w, 0)) for w in words)] for (m, d, g), c in tally.items()]
+    return [
+        "## Summary", "",
+        "Counted from the paired tables below: for each model, grouping and difference, how "
+        "many (size, measure) cells came out with circuit-tuning's general LM loss resolved "
+        "lower, resolved higher, or not resolved (the 95 % interval of the paired difference "
+        "contains 0); measures are the general loss at the middle target threshold and the "
+        "area between the two target -> general curves. 'not comparable': a seed pair did not "
+        "both reach the threshold.", "",
+        markdown_table(["model", "difference", "MLPs", *words], rows), ""]
 
 
 def _verdict(d: list[float | None] | None) -> str:
@@ -98,15 +140,15 @@ def _verdict(d: list[float | None] | None) -> str:
     if half is None:
         return f"{mean:+.3f} (one seed)"
     if mean + half < 0:
-        word = "gradient lower"
+        word = "circuit-tuning lower"
     elif mean - half > 0:
-        word = "gradient higher"
+        word = "circuit-tuning higher"
     else:
         word = "no difference resolved"
     return f"{mean:+.3f} ± {half:.3f}: {word}"
 
 
-def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> None:
+def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Path) -> None:
     models = sorted({c["model"] for c in results["conditions"]})
     chosen = ", ".join(f"{k.removeprefix('zoo:')} {v:g}" for k, v in
                        sorted(results["chosen_lr"].items()))
@@ -131,7 +173,8 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
         "model to prefer the wrong verb number). Target metric: logit(wrong form) - "
         "logit(correct form) on held-out prompts (higher is further towards the goal); "
         "general capability: LM loss on 128 held-out rows of the general corpus. Every run "
-        f"is {results['steps']} AdamW steps of batch 16, constant lr, gradient clip 1.0, "
+        f"is {results['steps']} steps of batch 16 (AdamW, loss on the target token), constant "
+        "lr, gradient clip 1.0, "
         f"evaluated every {results['eval_every']} steps. Circuit modes rediscover every step "
         "(K = 1) by EAP on the training batch with mean ablation and keep the top-N edges. "
         "`gradient`: only circuit nodes' parameters move; `forward`: edges outside the "
@@ -142,8 +185,14 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
         "`lora`: rank-r adapters on every attention and MLP projection (alpha = 2r), r chosen "
         "so the adapters hold as many parameters as the step-0 circuit of that size "
         "unlocks (so at these budgets LoRA's rank is near the model width); `full`: full "
-        "fine-tuning (no size; the reference of the area column). Parameters moved by node "
-        "kind are counted on the exported weights against the zoo's shipped weights.",
+        "fine-tuning (no size; the reference of the area column). `paper-full`, "
+        "`paper-gradient` and `paper-random-parameters` are full fine-tuning, gradient "
+        "circuit-tuning and its parameter-matched control under the circuit-tuning authors' "
+        "official options: edges chosen by top-nodes selection (edge |score| x its sender's "
+        "and receiver's summed |scores|), SGD with momentum 0.9 and weight decay 1e-4, and "
+        "the LM loss on every token of the training sentence; their area column is measured "
+        "against `paper-full`. Parameters moved by node kind are counted on the exported "
+        "weights against the zoo's shipped weights.",
         "",
         "**Statistics.** Each condition runs on seeds "
         f"{', '.join(map(str, results['seeds']))} (the seed sets the batch order and the "
@@ -164,7 +213,9 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
         "circuits).",
         "",
         "**Learning rates.** Chosen per model and mode by one run per lr in "
-        f"{', '.join(f'{x:g}' for x in results['lrs'])} on seed {results['sweep_seed']} "
+        f"{', '.join(f'{x:g}' for x in results['lrs'])} (AdamW; SGD for the paper-* modes: "
+        f"{', '.join(f'{x:g}' for x in results.get('paper_lrs', []))}) on seed "
+        f"{results['sweep_seed']} "
         f"(not a reported seed), with circuits of {results['sweep_size']:.0%} of the edges "
         "(full fine-tuning has no size), ungrouped: the lr with the "
         f"lowest general LM loss where the target first reaches "
@@ -181,6 +232,7 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
               "not reached" if s["general_at_middle"] is None else
               f"{s['general_at_middle']:.3f}", "yes" if s["chosen"] else ""]
              for s in results["sweep"]]), ""]
+    parts += _summary(results, models)
     for model in models:
         start = results["start"].get(model)
         parts += [f"## {model}", ""]
@@ -191,14 +243,12 @@ def write_page(results: dict[str, Any], figures: dict[str, str], path: Path) -> 
                               if c["model"] == model and c["seeds"]}):
             label = "ungrouped MLPs" if groups == 1 else f"MLPs in {groups} neuron groups"
             parts += [f"### {label}", "", _main_table(results, model, groups), "",
-                      "Paired differences, gradient circuit-tuning minus each control "
-                      "(negative: gradient keeps general LM loss lower; 'no difference "
+                      "Paired differences, circuit-tuning minus each control, seed by seed "
+                      "(negative: circuit-tuning keeps general LM loss lower; 'no difference "
                       "resolved': the 95 % interval contains 0):", "",
                       *_comparisons(results, model, groups)]
     parts += ["## Figures", ""]
-    for name, rel in figures.items():
-        caption = {"pareto": "Target against general LM loss along training, per mode",
-                   "moved": "Parameters moved by node kind against the trainable ceiling"}[name]
+    for caption, rel in figures:
         if rel.endswith(".png"):
             parts += [f"![{caption}]({rel})", ""]
         else:

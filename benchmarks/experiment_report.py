@@ -22,6 +22,7 @@ from experiment import (
     main_conditions,
     points,
     records,
+    reference_mode,
     sweep_conditions,
     sweep_lrs,
 )
@@ -157,7 +158,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         groups.setdefault((c.model, c.groups, c.size, c.mode), []).append(c)
     rows, start = [], {}
     for (model, _, _, _), cs in groups.items():
-        reference = {c.seed: runs[c.key] for c in groups.get((model, 1, None, "full"), [])
+        full = reference_mode(cs[0].mode)
+        reference = {c.seed: runs[c.key] for c in groups.get((model, 1, None, full), [])
                      if c.key in runs}
         rows.append(_condition_row(cs, runs, reference, args))
         first = next((runs[c.key][0] for c in cs if c.key in runs), None)
@@ -170,6 +172,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": [int(s) for s in args.seeds.split(",")], "sweep_seed": args.sweep_seed,
         "sweep_size": args.sweep_size,
         "lrs": [float(x) for x in args.lrs.split(",")],
+        "paper_lrs": [float(x) for x in args.paper_lrs.split(",")],
         "chosen_lr": {f"{m} {mode}": lr for (m, mode), lr in chosen.items()},
         "sweep": sweep, "start": start, "conditions": rows,
         "runs_done": len(runs), "runs_planned": len(conds),
@@ -181,7 +184,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 
 def _flags(args: argparse.Namespace) -> str:
     keys = ("models", "groups", "sizes", "modes", "seeds", "sweep_seed", "sweep_size", "lrs",
-            "steps", "batch_size", "eval_every", "n", "n_train", "threads")
+            "paper_lrs", "steps", "batch_size", "eval_every", "n", "n_train", "threads")
     return " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
 
 
