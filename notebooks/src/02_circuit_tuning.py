@@ -215,38 +215,29 @@ ctlens.viz.plot_circuit(circuits[groups], label=f"circuit with {groups} groups p
 # ## Against matched controls: the stored experiment
 #
 # One run at one seed says little. `benchmarks/experiment.py` runs every mode over several
-# seeds and compares them at *matched target*: circuit-tuning (`gradient`), full
-# fine-tuning, a random circuit with the same number of trainable parameters
-# (`random-parameters`), and LoRA with as many adapter parameters. This cell only *reads*
-# the results it stored (`benchmarks/results/experiment.json`; the grid takes far longer
-# than a notebook should), and draws each mode's path through target and general LM loss:
-# mean over seeds with 95 % t-intervals. Up and to the left is better. The numbers and
-# what was run are in `docs/experiments.md`.
+# seeds and compares them at *matched target*: circuit-tuning (`gradient`, `forward`), full
+# fine-tuning, random circuits with the same number of trainable parameters in total
+# (`random-parameters`) or per node kind (`random-composition`), LoRA with as many adapter
+# parameters, and the same comparison under the circuit-tuning authors' own options (SGD,
+# top-nodes selection, sequence loss; the `paper-*` modes). This cell only *reads* the
+# results it stored (`benchmarks/results/experiment.json`; the grid takes far longer than a
+# notebook should) and draws the same Pareto figure as `docs/experiments.md`: each mode's
+# path through target and general LM loss, mean over seeds with 95 % t-intervals, one panel
+# per model and circuit size. Up and to the left is better. The tables, the paired
+# comparisons and what was run are in `docs/experiments.md`.
 
 # %%
 import json  # noqa: E402
+import sys  # noqa: E402
 
-stored = next((p for p in (Path("../benchmarks/results/experiment.json"),
-                           Path("benchmarks/results/experiment.json")) if p.is_file()), None)
-if stored is None:
+bench = next((p for p in (Path("../benchmarks"), Path("benchmarks")) if p.is_dir()), None)
+stored = None if bench is None else bench / "results" / "experiment.json"
+if stored is None or not stored.is_file():
     print("no stored results: run python benchmarks/experiment.py run, then report")
 else:
+    sys.path.insert(0, str(bench.resolve()))
+    from experiment_figures import pareto_figure  # the figure docs/experiments.md shows
+
     results = json.loads(stored.read_text())
-    conds = [c for c in results["conditions"] if c.get("curve") and c["groups"] == 1]
-    sizes = sorted({c["size"] for c in conds if c["size"] is not None})
-    fig = make_subplots(rows=1, cols=max(1, len(sizes)), shared_yaxes=True,
-                        subplot_titles=[f"{s:.1%} of edges" for s in sizes])
-    for col, size in enumerate(sizes, start=1):
-        for c in (c for c in conds if c["size"] in (size, None)):
-            general, target = c["curve"]["general"], c["curve"]["target"]
-            fig.add_trace(go.Scatter(
-                x=[g[0] for g in general], y=[t[0] for t in target], mode="lines+markers",
-                name=c["mode"], legendgroup=c["mode"], showlegend=col == 1,
-                error_x={"array": [g[1] or 0 for g in general], "thickness": 1},
-                error_y={"array": [t[1] or 0 for t in target], "thickness": 1},
-            ), row=1, col=col)
-        fig.update_xaxes(title_text="general LM loss", row=1, col=col)
-    fig.update_yaxes(title_text="target metric", row=1, col=1)
-    fig.update_layout(height=400, title=f"{len(results['seeds'])} seeds per mode, "
-                                        f"{results['steps']} steps (stored results)")
-    fig.show()
+    print(f"{results['runs_done']} runs, seeds {results['seeds']}, {results['steps']} steps")
+    pareto_figure(results, groups=1).show()
