@@ -143,8 +143,8 @@ def check_output(path: str | Path, kind: OutputKind, flag: str = "--out") -> Pat
     if kind == "file" and path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; name a file (inside it, for example)")
     if kind == "dir" and path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is a file; give a directory (new, empty, or a run "
-                         "to resume)")
+        raise UsageError(f"{flag} {path} is a file; give a directory (new, empty, or one "
+                         "this command wrote before)")
     target = path if kind == "dir" else path.parent
     existing = target
     while not existing.exists():

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,12 +36,79 @@ FORMAT = "ctlens-delta"
 VERSION = 1
 WEIGHTS = "delta.safetensors"
 MANIFEST = "manifest.json"
+APPLIED = "apply-delta"
+"""``model.safetensors`` metadata ``ctlens`` of a directory `write_weights` wrote."""
 
 State = Mapping[str, torch.Tensor]
 
 
 class DeltaMismatchError(ValueError):
     """The delta does not belong to these base weights (the message says which tensor)."""
+
+
+class DeltaOutputError(ValueError):
+    """``out_dir`` holds something that is not a previous output of the same kind."""
+
+
+def check_out_dir(
+    out_dir: str | Path,
+    kind: Literal["delta", "model"],
+    inputs: tuple[Any, ...] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Check, before any work, that ``out_dir`` may receive a delta or an applied model.
+
+    Accepted: a missing or empty directory, or a previous output of the same kind (a delta
+    directory for ``"delta"``, a directory `write_weights` wrote for ``"model"``), which is
+    replaced. Anything else is refused unless ``overwrite``; a file, or one of ``inputs``
+    (the paths being read), always.
+
+    Raises:
+        DeltaOutputError: the message says what is there and how to proceed.
+    """
+    out = Path(out_dir)
+    what = "delta" if kind == "delta" else "model directory written by apply-delta"
+    for item in inputs:
+        if isinstance(item, (str, Path)) and Path(item).exists() and (
+            out.resolve() == Path(item).resolve()
+        ):
+            raise DeltaOutputError(f"the output {out} is also an input; write elsewhere")
+    if out.exists() and not out.is_dir():
+        raise DeltaOutputError(f"the output {out} is a file; give a directory (new, empty, "
+                               f"or a previous {what})")
+    if not out.is_dir() or overwrite:
+        return out
+    entries = sorted(p.name for p in out.iterdir())
+    previous = _is_delta(out) if kind == "delta" else _is_applied(out)
+    if entries and not previous:
+        raise DeltaOutputError(
+            f"the output {out} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and "
+            f"is not a previous {what}; choose a new directory, or pass overwrite=True "
+            "(--overwrite) to replace it and everything in it"
+        )
+    return out
+
+
+def _is_delta(path: Path) -> bool:
+    """Whether ``path`` holds a ctlens delta and nothing else."""
+    names = {p.name for p in path.iterdir()}
+    if not names <= {WEIGHTS, MANIFEST} or MANIFEST not in names:
+        return False
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_applied(path: Path) -> bool:
+    """Whether ``path`` is a model directory `write_weights` wrote (its weights say so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return (f.metadata() or {}).get("ctlens") == APPLIED
+    except Exception:  # missing or not safetensors: not ours
+        return False
 
 
 @dataclass(frozen=True)
@@ -131,19 +198,23 @@ def _slices(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int | None, list[l
     return (None, []) if axis is None or index is None else (axis, _ranges(index))
 
 
-def save_delta(base: Any, tuned: Any, out_dir: str | Path) -> DeltaInfo:
+def save_delta(base: Any, tuned: Any, out_dir: str | Path, overwrite: bool = False) -> DeltaInfo:
     """Write the change from ``base`` to ``tuned`` weights as a delta directory, atomically.
 
     Args:
         base: the weights before tuning (model, mapping, safetensors file or HF directory).
         tuned: the weights after tuning, in the same layout.
-        out_dir: the directory to create (replaced only once the new one is complete).
+        out_dir: the directory to create: new, empty or a previous delta (replaced only
+            once the new one is complete); anything else only with ``overwrite``.
+        overwrite: replace a non-empty ``out_dir`` that is not a delta, and all it holds.
 
     Raises:
+        DeltaOutputError: ``out_dir`` is refused (`check_out_dir`), before any reading.
         ValueError: the two do not have the same tensor names, shapes and dtypes.
     """
     from safetensors.torch import save_file
 
+    out = check_out_dir(out_dir, "delta", (base, tuned), overwrite)
     old, new = weights_of(base), weights_of(tuned)
     if set(old) != set(new):
         only = sorted(set(old) ^ set(new))[:5]
@@ -171,7 +242,6 @@ def save_delta(base: Any, tuned: Any, out_dir: str | Path) -> DeltaInfo:
         "total_values": sum(v.numel() for v in new.values()),
         "stored_values": stored,
     }
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -245,20 +315,22 @@ def apply_delta(base: Any, delta_dir: str | Path, check: bool = True) -> dict[st
     return out
 
 
-def write_weights(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path) -> Path:
+def write_weights(
+    base_dir: str | Path, delta_dir: str | Path, out_dir: str | Path, overwrite: bool = False
+) -> Path:
     """Write the HF model directory ``base_dir`` with the delta applied to ``out_dir``.
 
     Every file of ``base_dir`` is copied except its ``*.safetensors`` weights, which are
-    written as one ``model.safetensors`` holding the tuned weights. Atomic: ``out_dir``
-    appears complete or not at all.
+    written as one ``model.safetensors`` holding the tuned weights (marked as this
+    function's output). Atomic: ``out_dir`` appears complete or not at all. ``out_dir``
+    must be new, empty or a previous output of this function, unless ``overwrite``
+    (`check_out_dir`, before any reading).
     """
     from safetensors.torch import save_file
 
     base = Path(base_dir)
+    out = check_out_dir(out_dir, "model", (base, delta_dir), overwrite)
     tuned = apply_delta(base, delta_dir)
-    out = Path(out_dir)
-    if out.resolve() == base.resolve():
-        raise ValueError(f"the output directory must differ from the base ({base})")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -268,7 +340,7 @@ def write_weights(base_dir: str | Path, delta_dir: str | Path, out_dir: str | Pa
             ):
                 shutil.copy2(item, tmp / item.name)
         save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", "ctlens": APPLIED})
         replace_dir(tmp, out)
     finally:
         if tmp.exists():

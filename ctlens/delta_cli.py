@@ -20,8 +20,11 @@ def add_delta_commands(subparsers: Any) -> None:
     )
     make.add_argument("base", help="the model before tuning (HF directory or .safetensors)")
     make.add_argument("tuned", help="the tuned model (e.g. RUN/model), same layout")
-    make.add_argument("--out", required=True, help="the delta directory to write")
-    make.set_defaults(func=run_make_delta)
+    make.add_argument("--out", required=True,
+                      help="the delta directory to write (new, empty, or a previous delta)")
+    make.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --out that is not a delta, and all it holds")
+    make.set_defaults(func=run_make_delta, out_kind="dir")
     apply = subparsers.add_parser(
         "apply-delta",
         help="apply a delta to its base model directory, writing the tuned model",
@@ -30,8 +33,11 @@ def add_delta_commands(subparsers: Any) -> None:
     )
     apply.add_argument("base", help="the base HF model directory")
     apply.add_argument("delta", help="the delta directory")
-    apply.add_argument("--out", required=True, help="the tuned model directory to write")
-    apply.set_defaults(func=run_apply_delta)
+    apply.add_argument("--out", required=True, help="the tuned model directory to write "
+                       "(new, empty, or a previous apply-delta output)")
+    apply.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty --out that apply-delta did not write")
+    apply.set_defaults(func=run_apply_delta, out_kind="dir")
 
 
 def _size(n: int) -> str:
@@ -44,7 +50,7 @@ def run_make_delta(args: argparse.Namespace) -> int:
 
     from ctlens.delta import save_delta
 
-    info = save_delta(args.base, args.tuned, args.out)
+    info = save_delta(args.base, args.tuned, args.out, overwrite=args.overwrite)
     base = Path(args.base)
     files = [base] if base.is_file() else list(base.glob("*.safetensors"))
     full = sum(f.stat().st_size for f in files)
@@ -58,6 +64,6 @@ def run_apply_delta(args: argparse.Namespace) -> int:
     """Run ``ctlens apply-delta``."""
     from ctlens.delta import write_weights
 
-    out = write_weights(args.base, args.delta, args.out)
+    out = write_weights(args.base, args.delta, args.out, overwrite=args.overwrite)
     print(f"tuned model written to {out}")
     return 0

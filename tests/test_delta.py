@@ -14,10 +14,12 @@ from safetensors.torch import save_file
 import ctlens
 from ctlens.delta import (
     DeltaMismatchError,
+    DeltaOutputError,
     apply_delta,
     read_manifest,
     save_delta,
     weights_of,
+    write_weights,
 )
 from ctlens.delta_cli import add_delta_commands
 from ctlens.tuning import weights
@@ -157,3 +159,85 @@ def test_delta_commands_round_trip(tuned_run, tmp_path: Path, capsys) -> None:
     assert _cli("apply-delta", str(base_dir), str(tmp_path / "nothing"), "--out",
                 str(tmp_path / "out3")) == 2
     assert "is not a ctlens delta" in capsys.readouterr().err
+
+
+def _pair() -> tuple[dict, dict]:
+    base = {"m": torch.zeros(4, 4), "v": torch.zeros(3)}
+    tuned = {"m": base["m"].clone(), "v": base["v"] + 1}
+    tuned["m"][1] = 2.0
+    return base, tuned
+
+
+def test_delta_output_is_checked_before_any_work(tmp_path: Path) -> None:
+    """A directory that is not a previous delta is refused (before the inputs are even
+    read: ``base=3`` would be a TypeError) unless ``overwrite``; a previous delta is
+    replaced; a file or an input is always refused."""
+    base, tuned = _pair()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DeltaOutputError, match="not empty .*'notes.txt'.*--overwrite"):
+        save_delta(3, tuned, mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    save_delta(base, tuned, mine, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["delta.safetensors", "manifest.json"]
+
+    (tmp_path / "empty").mkdir()
+    save_delta(base, tuned, tmp_path / "empty")
+    tuned["v"] = base["v"]  # a previous delta is replaced by the new one
+    save_delta(base, tuned, tmp_path / "empty")
+    assert set(read_manifest(tmp_path / "empty")["changed"]) == {"m"}
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DeltaOutputError, match="is a file"):
+        save_delta(base, tuned, tmp_path / "file", overwrite=True)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    with pytest.raises(DeltaOutputError, match="also an input"):
+        save_delta(tmp_path / "base.safetensors", tuned, tmp_path / "base.safetensors")
+
+
+def test_applied_model_output_is_checked_before_any_work(tmp_path: Path) -> None:
+    """apply-delta replaces its own earlier output, refuses any other non-empty directory
+    (unless overwrite) and never writes over the base or the delta."""
+    base, tuned = _pair()
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    save_file(base, str(base_dir / "model.safetensors"))
+    (base_dir / "config.json").write_text("{}")
+    save_delta(base, tuned, tmp_path / "d")
+    out = write_weights(base_dir, tmp_path / "d", tmp_path / "out")
+    write_weights(base_dir, tmp_path / "d", out)  # its own output: replaced
+    assert torch.equal(weights_of(out)["m"], tuned["m"])
+    other = tmp_path / "other_model"
+    other.mkdir()
+    save_file(base, str(other / "model.safetensors"))  # a model apply-delta did not write
+    with pytest.raises(DeltaOutputError, match="not a previous model directory written by"):
+        write_weights(base_dir, tmp_path / "nothing", other)  # refused before reading
+    assert torch.equal(weights_of(other)["v"], base["v"])
+    write_weights(base_dir, tmp_path / "d", other, overwrite=True)
+    assert torch.equal(weights_of(other)["v"], tuned["v"])
+    for target in (base_dir, tmp_path / "d"):
+        with pytest.raises(DeltaOutputError, match="also an input"):
+            write_weights(base_dir, tmp_path / "d", target, overwrite=True)
+    assert torch.equal(weights_of(base_dir)["v"], base["v"])
+
+
+def test_delta_commands_check_out(tmp_path: Path, capsys) -> None:
+    """Through the real command line: one line, exit 2, nothing touched; --overwrite."""
+    from ctlens.cli import main
+
+    base, tuned = _pair()
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(tuned, str(tmp_path / "b.safetensors"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["make-delta", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+            "--out", str(mine)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ctlens make-delta: error:") and "--overwrite" in err
+    assert err.count("\n") == 1 and (mine / "notes.txt").exists()
+    assert main([*args, "--overwrite"]) == 0 and not (mine / "notes.txt").exists()
+    assert main([*args[:-1], str(tmp_path / "a.safetensors")]) == 2
+    assert "is a file" in capsys.readouterr().err

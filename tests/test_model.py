@@ -139,26 +139,6 @@ def test_half_precision_attributes_with_fp32_scores(dtype):
     assert torch.isfinite(torch.tensor(scores.metadata["metric_clean"]))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_cuda_attribution_matches_cpu(family):
-    build = tiny_gpt2_module if family == "gpt2" else tiny_llama_module
-    data = random_task()
-    cpu = ctlens.attribute(ctlens.load_model(build()), data, progress=False)
-    model = ctlens.load_model(build(), device="cuda")
-    assert next(model.parameters()).device.type == "cuda"
-    gpu = ctlens.attribute(model, data, progress=False)
-    assert gpu.scores.device.type == "cpu" and gpu.scores.dtype == torch.float32
-    torch.testing.assert_close(
-        gpu.scores, cpu.scores, rtol=1e-3, atol=1e-4 * float(cpu.scores.abs().max())
-    )
-    half = ctlens.attribute(
-        ctlens.load_model(build(), device="cuda", dtype=torch.bfloat16), data, progress=False
-    )
-    assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
-
-
 def test_hub_name_offline_fails_at_once_suggesting_zoo(monkeypatch):
     """A hub name with no network: one line suggesting zoo:NAME, and no download attempt
     (HF_HUB_OFFLINE unset; the reachability check is replaced, so no real network)."""

@@ -83,7 +83,8 @@ class _LiveSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (coef_t,) = ctx.saved_tensors
-        rows_grad = (coef_t.T @ grad).view(ctx.rows_shape)  # [m, batch, pos, d_model]
+        # under autocast the forward product (and so ``grad``) is in the autocast dtype
+        rows_grad = (coef_t.T.to(grad.dtype) @ grad).view(ctx.rows_shape)  # [m, b, p, d]
         grads: list[torch.Tensor | None] = [None, None, None]
         for (positions, local, n_local), (shape, ndim) in zip(ctx.maps, ctx.layout, strict=True):
             if len(local) == n_local:  # every row of this sender group was used, in order

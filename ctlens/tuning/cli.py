@@ -60,6 +60,8 @@ _HELP: dict[str, str] = {
     "lora_alpha": "LoRA alpha (--mode lora)",
     "shard": "fsdp: shard weights, gradients and optimizer state with FSDP2 (under torchrun; "
              "--mode gradient, --discovery batch)",
+    "precision": "fp32, or bf16 / fp16: the training forward under autocast (fp32 weights, "
+                 "loss and scores; fp16 with a loss scaler)",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
     "save_every": "checkpoint every N steps",

@@ -26,6 +26,7 @@ SELECTIONS: tuple[str, ...] = ("top_n", "top_nodes")
 RANDOM_MATCHES: tuple[str, ...] = ("edges", "parameters", "composition")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SHARDS: tuple[str, ...] = ("fsdp",)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 LOSSES: tuple[str, ...] = ("target", "sequence")
 ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
 """``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
@@ -87,6 +88,10 @@ class TuneConfig:
             gradients and optimizer state sharded with PyTorch FSDP2 across the ranks of the
             initialised process group; `ctlens.tuning.sharding`). Only ``mode="gradient"``
             with ``"batch"`` discovery.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the training forward under
+            `torch.autocast` with fp32 master weights, loss, backward and scores (``"fp16"``
+            with a loss scaler); evaluation stays fp32 (`ctlens.tuning.precision`). Part of
+            what a run computes: a run resumes only at its own precision.
     Bookkeeping:
         eval_every, eval_examples (per evaluation set; ``None``: all), save_every,
         keep_checkpoints, seed, export (write ``model/`` at the end), progress (tqdm).
@@ -123,6 +128,7 @@ class TuneConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     shard: Literal["fsdp"] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_every: int = 50
     eval_examples: int | None = 128
     save_every: int = 50
@@ -191,6 +197,7 @@ class TuneConfig:
                     f"shard='fsdp' supports mode='gradient' with discovery='batch' only (got "
                     f"mode={self.mode!r}, discovery={self.discovery!r}); run the others unsharded"
                 )
+        _choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -221,6 +228,8 @@ class TuneConfig:
             del data["random_match"]  # means nothing outside random runs
         if self.shard is None:
             del data["shard"]  # runs written before shard existed resume unchanged
+        if self.precision == "fp32":
+            del data["precision"]  # likewise for precision
         return data
 
     def top_n_at(self, step: int, n_edges: int | None = None) -> int:

@@ -70,6 +70,7 @@ from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
+from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
 from ctlens.tuning.sharding import Sharding, check_shardable, rank_parameter_bytes
 
@@ -151,6 +152,7 @@ class CircuitTuner:
         self.target_eval = getattr(task, "target_eval", None) or next(iter(task.evals))
         self.train_data: TaskData | None = getattr(task, "train_data", None)
         self.extra_loss = extra_loss
+        self.precision = Precision(self.config.precision, model)
         self.discovery = CircuitDiscovery(model, task, self.config, self.graph, self.world,
                                           self.model_name)
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
@@ -290,11 +292,23 @@ class CircuitTuner:
         local = self._local_rows(step)
         tokens = self.task.train_tokens[local]
         with eval_if_training(self.model):
-            logits, kernel = self.discovery.recorded_forward(tokens)
-            loss, metric_sum = self._loss(logits, local)
-            scores, means, _ = self.discovery.batch_scores(kernel, local, loss, metric_sum,
-                                                           False)
+            with self.precision.forward():
+                logits, kernel = self.discovery.recorded_forward(tokens)
+            loss, metric_sum = self._loss(logits.float(), local)
+            scores, means, _ = self._scores_of(kernel, local, loss, metric_sum, False)
         return scores, means
+
+    def _scores_of(
+        self, kernel: Any, local: torch.Tensor, loss: torch.Tensor,
+        metric_sum: torch.Tensor | None, training: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """`CircuitDiscovery.batch_scores` through the loss scale (``fp16``), unscaled."""
+        scale = self.precision.scale
+        scores, means, done = self.discovery.batch_scores(
+            kernel, local, scale(loss), None if metric_sum is None else scale(metric_sum),
+            training,
+        )
+        return self.precision.unscale_scores(scores), means, done
 
     # ------------------------------------------------------------------ the run directory
 
@@ -417,23 +431,23 @@ class CircuitTuner:
         optimizer.zero_grad(set_to_none=True)
         with eval_if_training(self.model), enforcement.forward_mask():
             kernel = None
-            if enforcement.lora is not None:
-                logits = enforcement.lora.logits(tokens)
-            elif record:
-                logits, kernel = self.discovery.recorded_forward(tokens)
-            else:
-                logits = self.model(tokens)
-            loss, metric_sum = self._loss(logits, local)
+            with self.precision.forward():  # the backward runs outside autocast
+                if enforcement.lora is not None:
+                    logits = enforcement.lora.logits(tokens)
+                elif record:
+                    logits, kernel = self.discovery.recorded_forward(tokens)
+                else:
+                    logits = self.model(tokens)
+            loss, metric_sum = self._loss(logits.float(), local)
             if kernel is not None:
-                scores, means, backward_done = self.discovery.batch_scores(
-                    kernel, local, loss, metric_sum, True
-                )
+                scores, means, backward_done = self._scores_of(kernel, local, loss, metric_sum,
+                                                               True)
                 if not backward_done:
-                    loss.backward()
+                    self.precision.scale(loss).backward()
                 enforcement.enter(self.discovery.select(scores, t), means)
                 enforcement.mask_grads()
             else:
-                loss.backward()
+                self.precision.scale(loss).backward()
         del logits, kernel
         self.last_loss = self.world.sum_scalar(float(loss.detach()))
         if enforcement.sharding is not None:  # FSDP summed the gradients
@@ -442,9 +456,7 @@ class CircuitTuner:
             for p in enforcement.params:
                 if p.grad is not None:
                     self.world.sum_(p.grad)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(enforcement.params, cfg.grad_clip)
-        optimizer.step()
+        self.precision.step(optimizer, enforcement.params, cfg.grad_clip)
         scheduler.step()
 
     def _loss(
