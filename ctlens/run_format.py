@@ -32,6 +32,13 @@ WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
 CIRCUIT = "circuit.json"
 """Files of one checkpoint directory ``checkpoints/step_NNNNNN/``."""
+WEIGHTS_DCP = "weights.dcp"
+"""A checkpoint's folder in ``torch.distributed.checkpoint`` layout (``checkpoint_format="dcp"``):
+``.metadata`` and one ``__R_0.distcp`` per writing rank, holding the weights (keys
+``DCP_MODEL`` + HF name) and the optimizer state (``DCP_OPTIMIZER`` + HF name + ``.`` + state
+key); it replaces `WEIGHTS`."""
+DCP_MODEL = "model."
+DCP_OPTIMIZER = "optimizer."
 CHECKPOINT_CHECKSUMS = "checksums.json"
 """A checkpoint's ``{file name: sha256}``, written last, inside its directory."""
 

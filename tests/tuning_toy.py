@@ -2,7 +2,8 @@
 
 ``python tests/tuning_toy.py '<json>'`` runs one `CircuitTuner` on the tiny GPT-2 with the
 toy task (used by the SIGKILL and data-parallel tests). JSON keys: ``out`` (run directory),
-``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``.
+``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``, and
+with ``ddp`` optionally ``fail`` (``{"rank", "step"}``: that rank raises at that step).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main(spec: dict) -> None:
                             rank=ddp["rank"], world_size=ddp["world"])
     try:
         tuner = ctlens.CircuitTuner(model, toy_task(), config)
+        fail = spec.get("fail")  # {"rank", "step"}: that rank raises at that training step
+        if fail is not None and fail["rank"] == ddp["rank"]:
+            _fail_at(tuner, fail["step"])
         scores = tuner.batch_scores(0).scores
         tuner.run(spec["out"])
         # a sharded model's weights are read from its run directory's checkpoint instead
@@ -99,6 +103,18 @@ def main(spec: dict) -> None:
                    Path(ddp["dump"]) / f"rank{ddp['rank']}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _fail_at(tuner: ctlens.CircuitTuner, step: int) -> None:
+    """Make ``tuner`` raise before its training step ``step`` (a rank dying mid-run)."""
+    train = tuner._train_step
+
+    def failing(t: int, *args: object) -> None:
+        if t == step:
+            raise RuntimeError(f"injected failure at step {t}")
+        train(t, *args)
+
+    tuner._train_step = failing  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

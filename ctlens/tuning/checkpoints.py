@@ -10,6 +10,10 @@
   their checksums) and renames it into place; :func:`load_checkpoint` reads one back.
 - :func:`export_model` writes the plain HF model directory at the end.
 
+A checkpoint's weights are ``weights.safetensors`` (consolidated) or, with
+``checkpoint_format="dcp"``, ``weights.dcp/`` written by every rank
+(`ctlens.tuning.sharded_checkpoints`); both are read here, whichever the run uses now.
+
 A checkpoint whose files fail their checksums, or cannot be parsed (truncated, flipped
 header), is set aside (renamed ``step_NNNNNN.damaged``) and the next older one is used,
 with one warning; without any, the run restarts from its start weights. Run directories
@@ -35,6 +39,7 @@ from safetensors import SafetensorError
 from ctlens import run_format as F
 from ctlens.circuit import Circuit
 from ctlens.graph import Graph
+from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import OPERATIONAL_FIELDS, TuneConfig
 from ctlens.tuning.rundir import RunConflictError, RunDir, load_torch, save_torch, sha256_file
@@ -212,7 +217,10 @@ def _try_read(rd: RunDir, step: int, model: Any) -> tuple[str | None, float]:
     """
     folder = rd.checkpoint_dir(step)
     try:
-        W.check_weights(model, folder / F.WEIGHTS)
+        if S.is_dcp(folder):
+            S.check_dcp(model, folder)
+        else:
+            W.check_weights(model, folder / F.WEIGHTS)
     except W.CheckpointMismatchError:
         raise
     except _DAMAGE as err:
@@ -339,14 +347,15 @@ def save_checkpoint(rd: RunDir, model: Any, state: CheckpointState, keep: int) -
             W.save_weights(model, tmp / F.WEIGHTS)
             if state.circuit is not None:
                 state.circuit.save(tmp / F.CIRCUIT)
-            save_torch(_state_dict(state), tmp / F.STATE)
+            save_torch(state_dict(state), tmp / F.STATE)
             rd.commit_checkpoint(tmp, state.step, keep)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _state_dict(state: CheckpointState) -> dict[str, Any]:
+def state_dict(state: CheckpointState) -> dict[str, Any]:
+    """``state.pt``'s contents for ``state`` (either weights layout)."""
     circuit = state.circuit
     return {
         "step": state.step,
@@ -368,9 +377,13 @@ def _state_dict(state: CheckpointState) -> dict[str, Any]:
 def load_checkpoint(
     rd: RunDir, step: int, model: Any, graph: Graph, model_name: str, config: TuneConfig
 ) -> CheckpointState:
-    """Load checkpoint ``step``'s weights into ``model`` and return its state."""
+    """Load checkpoint ``step``'s weights into ``model`` and return its state (a collective
+    for a DCP checkpoint under torch.distributed: every rank calls it)."""
     path = rd.checkpoint_dir(step)
-    W.load_weights(model, path / F.WEIGHTS)
+    if S.is_dcp(path):
+        S.load_dcp_weights(model, path)
+    else:
+        W.load_weights(model, path / F.WEIGHTS)
     saved = load_torch(path / F.STATE)
     circuit = None
     if saved["circuit_mask"] is not None:

@@ -62,6 +62,8 @@ _HELP: dict[str, str] = {
              "--mode gradient, --discovery batch)",
     "precision": "fp32, or bf16 / fp16: the training forward under autocast (fp32 weights, "
                  "loss and scores; fp16 with a loss scaler)",
+    "checkpoint_format": "safetensors: consolidated weights (gathered); dcp: "
+                         "torch.distributed.checkpoint, each rank writes its own shard",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
     "save_every": "checkpoint every N steps",

@@ -27,12 +27,16 @@ RANDOM_MATCHES: tuple[str, ...] = ("edges", "parameters", "composition")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SHARDS: tuple[str, ...] = ("fsdp",)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+CHECKPOINT_FORMATS: tuple[str, ...] = ("safetensors", "dcp")
 LOSSES: tuple[str, ...] = ("target", "sequence")
 ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
 """``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
 
 # Fields that do not change what a run computes: a resumed run may differ in these.
-OPERATIONAL_FIELDS: frozenset[str] = frozenset({"progress", "keep_checkpoints"})
+# (``shard`` changes only the float summation order: within 1e-4 of an unsharded run.)
+OPERATIONAL_FIELDS: frozenset[str] = frozenset(
+    {"progress", "keep_checkpoints", "shard", "checkpoint_format"}
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class TuneConfig:
             `torch.autocast` with fp32 master weights, loss, backward and scores (``"fp16"``
             with a loss scaler); evaluation stays fp32 (`ctlens.tuning.precision`). Part of
             what a run computes: a run resumes only at its own precision.
+        checkpoint_format: ``"safetensors"`` (consolidated: whole weights in one file, the
+            optimizer state whole; the default, readable by any process) or ``"dcp"``
+            (``torch.distributed.checkpoint``: each rank writes its own shard, nothing is
+            gathered; `ctlens.tuning.sharded_checkpoints`). Either resumes on any number of
+            ranks, sharded or not; ``shard`` and ``checkpoint_format`` may change on resume.
     Bookkeeping:
         eval_every, eval_examples (per evaluation set; ``None``: all), save_every,
         keep_checkpoints, seed, export (write ``model/`` at the end), progress (tqdm).
@@ -129,6 +138,7 @@ class TuneConfig:
     lora_alpha: float = 16.0
     shard: Literal["fsdp"] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_format: Literal["safetensors", "dcp"] = "safetensors"
     eval_every: int = 50
     eval_examples: int | None = 128
     save_every: int = 50
@@ -198,6 +208,7 @@ class TuneConfig:
                     f"mode={self.mode!r}, discovery={self.discovery!r}); run the others unsharded"
                 )
         _choice("precision", self.precision, PRECISIONS)
+        _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -226,8 +237,6 @@ class TuneConfig:
         data = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
         if self.mode != "random":
             del data["random_match"]  # means nothing outside random runs
-        if self.shard is None:
-            del data["shard"]  # runs written before shard existed resume unchanged
         if self.precision == "fp32":
             del data["precision"]  # likewise for precision
         return data

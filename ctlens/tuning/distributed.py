@@ -9,12 +9,17 @@ summation order), so every rank selects the same circuit and takes the same step
 Only rank 0 touches the run directory. Its file work runs through :meth:`World.on_main`,
 which tells the other ranks whether it succeeded: an error on rank 0 (a refused output
 directory, a full disk) then stops every rank with an error instead of leaving them
-waiting forever at the next collective.
+waiting forever at the next collective. A rank that dies mid-run (an error, a kill) closes its
+connections; the collective the others are in then fails, and :meth:`World.peer_failures`
+turns that backend error into one `RankFailedError` naming the step, instead of a gloo or
+NCCL traceback. (A rank that hangs without dying holds the others until the process
+group's own ``timeout``, as given to ``init_process_group``.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -25,7 +30,13 @@ T = TypeVar("T")
 
 
 class RankFailedError(RuntimeError):
-    """Raised on the other ranks when rank 0 failed in work that only it does."""
+    """Raised on the other ranks when rank 0 failed in work that only it does, or when
+    another rank stopped in the middle of a collective."""
+
+
+# what a backend says when a peer process went away (gloo's TCP pairs, NCCL's watchdog)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe",
+              "nccl communicator was aborted", "timed out")
 
 
 @dataclass(frozen=True)
@@ -99,3 +110,22 @@ class World:
                 f"rank 0 failed while {what}; its error message is in rank 0's output"
             )
         return result
+
+    @contextlib.contextmanager
+    def peer_failures(self, what: str) -> Iterator[None]:
+        """Turn a collective's failure because another rank stopped, during ``what``, into
+        `RankFailedError`; every other error passes unchanged."""
+        try:
+            yield
+        except RankFailedError:
+            raise
+        except RuntimeError as err:
+            gone = isinstance(err, dist.DistError) or any(
+                mark in str(err).lower() for mark in _PEER_GONE)
+            if not (self.active and gone):
+                raise
+            raise RankFailedError(
+                f"rank {self.rank}: another rank stopped while this one was {what} (its "
+                "error is in its own output); the newest checkpoint is intact: fix the cause "
+                "and run the same command again to resume"
+            ) from err

@@ -177,7 +177,8 @@ class RunDir:
     def commit_checkpoint(self, tmp: Path, step: int, keep: int) -> None:
         """Seal ``tmp`` with its checksums, rename it to the step's checkpoint, then drop
         all but the newest ``keep``."""
-        files = sorted(p.name for p in tmp.iterdir() if p.name != F.CHECKPOINT_CHECKSUMS)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                       if p.is_file() and p.name != F.CHECKPOINT_CHECKSUMS)
         sums = {name: sha256_file(tmp / name) for name in files}
         write_bytes(tmp / F.CHECKPOINT_CHECKSUMS, (json.dumps(sums, indent=1) + "\n").encode())
         final = self.checkpoint_dir(step)

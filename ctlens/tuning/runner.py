@@ -42,7 +42,9 @@ gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
 weights; only rank 0 writes files. With ``shard="fsdp"`` the model is sharded in place
 (`ctlens.tuning.sharding`) after the run directory is prepared and stays sharded after
-`CircuitTuner.run` returns; evaluation, checkpoints and export gather it for their duration.
+`CircuitTuner.run` returns; evaluation, consolidated checkpoints and export gather it for
+their duration (``checkpoint_format="dcp"`` checkpoints do not). A rank that stops mid-run
+stops the others (`World.peer_failures`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
 from ctlens.tuning import checkpoints as C
+from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
@@ -203,6 +206,10 @@ class CircuitTuner:
         def save(step: int) -> None:
             state = self._checkpoint_state(step, time.perf_counter() - started, enforcement,
                                            scheduler)
+            if cfg.checkpoint_format == "dcp":  # every rank writes its own shard
+                S.save_dcp_checkpoint(rd, self.model, enforcement.optimizer, state,
+                                      cfg.keep_checkpoints, self.world)
+                return
             with gathered():
                 self.world.on_main(
                     f"saving the checkpoint of step {step}",
@@ -222,15 +229,16 @@ class CircuitTuner:
                 enforcement = Enforcement(self.model, cfg, sharding)
             scheduler = torch.optim.lr_scheduler.LambdaLR(enforcement.optimizer, cfg.lr_factor)
             if state is not None:
-                self._resume(state, enforcement, scheduler)
+                self._resume(state, enforcement, scheduler, rd.checkpoint_dir(start_step))
             for t in range(start_step, cfg.steps):
-                self._train_step(t, enforcement, scheduler)
                 s = t + 1
-                bar.update(1)
-                if s % cfg.eval_every == 0 or s == cfg.steps:
-                    last = evaluate(s)
-                if s % cfg.save_every == 0 or s == cfg.steps:
-                    save(s)
+                with self.world.peer_failures(f"running step {s}"):
+                    self._train_step(t, enforcement, scheduler)
+                    bar.update(1)
+                    if s % cfg.eval_every == 0 or s == cfg.steps:
+                        last = evaluate(s)
+                    if s % cfg.save_every == 0 or s == cfg.steps:
+                        save(s)
             with gathered():
                 model_dir = self.world.on_main(
                     "exporting the model",
@@ -351,8 +359,12 @@ class CircuitTuner:
         self, step: int, wall_time: float, enforcement: Enforcement, scheduler: Any
     ) -> C.CheckpointState:
         lora, sharding = enforcement.lora, enforcement.sharding
-        optimizer = (enforcement.optimizer.state_dict() if sharding is None
-                     else sharding.optimizer_state(enforcement.optimizer))
+        if self.config.checkpoint_format == "dcp":
+            optimizer = S.optimizer_groups(enforcement.optimizer)
+        elif sharding is None:
+            optimizer = enforcement.optimizer.state_dict()
+        else:
+            optimizer = sharding.optimizer_state(enforcement.optimizer)
         return C.CheckpointState(
             step=step, wall_time=wall_time, optimizer=optimizer,
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
@@ -362,13 +374,11 @@ class CircuitTuner:
         )
 
     def _resume(
-        self, state: C.CheckpointState, enforcement: Enforcement, scheduler: Any
+        self, state: C.CheckpointState, enforcement: Enforcement, scheduler: Any, folder: Path
     ) -> None:
-        """Restore the loop, discovery and enforcement from a loaded checkpoint's state."""
-        if enforcement.sharding is None:
-            enforcement.optimizer.load_state_dict(state.optimizer)
-        else:
-            enforcement.sharding.load_optimizer_state(enforcement.optimizer, state.optimizer)
+        """Restore the loop, discovery and enforcement from checkpoint ``folder``'s state."""
+        S.load_optimizer(enforcement.optimizer, self.model, state.optimizer, folder,
+                         enforcement.sharding)
         scheduler.load_state_dict(state.scheduler)
         torch.set_rng_state(state.torch_rng)
         self.discovery.ema = state.ema

@@ -16,10 +16,11 @@ FSDP2's sharded parameters, hence no hooks.)
 
 What needs the whole model -- evaluation, checkpoints, export, all done on rank 0 -- runs
 inside :meth:`Sharding.gathered`, which all-gathers every parameter on every rank for its
-duration: memory then peaks at one full copy of the weights per rank. Checkpoints keep the
-unsharded format (consolidated safetensors weights, the optimizer state in
-``torch.optim``'s own layout with every state tensor gathered whole), so a run can resume
-on another number of ranks.
+duration: memory then peaks at one full copy of the weights per rank. Consolidated
+checkpoints (``checkpoint_format="safetensors"``) keep the unsharded format (safetensors
+weights, the optimizer state in ``torch.optim``'s own layout with every state tensor
+gathered whole); ``"dcp"`` ones gather nothing (`ctlens.tuning.sharded_checkpoints`).
+Either resumes on another number of ranks, sharded or not.
 """
 
 from __future__ import annotations

@@ -96,6 +96,11 @@ def unique_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_name(name: str) -> str:
+    """A bridge-wrapped module's parameter name as HF spells it (no ``_original_component``)."""
+    return _SEGMENT.sub("", name)
+
+
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
@@ -166,10 +171,10 @@ def check_weights(model: Any, path: Path) -> None:
         raise CheckpointMismatchError(f"{path} is missing: the checkpoint is incomplete")
     with safe_open(str(path), framework="pt") as handle:
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
-    _compare(path, shapes, unique_state_dict(model))
+    compare_shapes(path, shapes, unique_state_dict(model))
 
 
-def _compare(
+def compare_shapes(
     path: Path, shapes: dict[str, tuple[int, ...]], target: dict[str, torch.Tensor]
 ) -> None:
     if set(shapes) != set(target):
@@ -194,7 +199,7 @@ def load_weights(model: Any, path: Path) -> None:
     """
     saved = load_file(str(path))
     target = unique_state_dict(model)
-    _compare(path, {k: tuple(v.shape) for k, v in saved.items()}, target)
+    compare_shapes(path, {k: tuple(v.shape) for k, v in saved.items()}, target)
     for key, tensor in target.items():
         tensor.copy_(saved[key])
     for copy in split_copies(model):
