@@ -173,7 +173,7 @@ def tune_config(cond: Condition, model: Any, task: Any, args: argparse.Namespace
         mode = mode.removeprefix(PAPER)
         extra.update(paper_options())
     if mode.startswith("random-"):
-        mode, extra["random_match"] = "random", cond.mode.removeprefix("random-")
+        mode, extra["random_match"] = "random", mode.removeprefix("random-")
     if mode == "lora":
         rank, _ = lora_rank(model, task, top_n, cond.groups)
         extra.update(lora_rank=rank, lora_alpha=2.0 * rank)
