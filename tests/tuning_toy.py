@@ -3,7 +3,8 @@
 ``python tests/tuning_toy.py '<json>'`` runs one `CircuitTuner` on the tiny GPT-2 with the
 toy task (used by the SIGKILL and data-parallel tests). JSON keys: ``out`` (run directory),
 ``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``, and
-with ``ddp`` optionally ``fail`` (``{"rank", "step"}``: that rank raises at that step).
+with ``ddp`` optionally ``fail`` (``{"rank", "step"}``: that rank raises at that step) and
+``forbid_gather`` (true: `Sharding.gathered` and `Sharding.optimizer_state` raise).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def main(spec: dict) -> None:
         fail = spec.get("fail")  # {"rank", "step"}: that rank raises at that training step
         if fail is not None and fail["rank"] == ddp["rank"]:
             _fail_at(tuner, fail["step"])
+        if spec.get("forbid_gather"):
+            _forbid_gather()
         scores = tuner.batch_scores(0).scores
         tuner.run(spec["out"])
         # a sharded model's weights are read from its run directory's checkpoint instead
@@ -103,6 +106,17 @@ def main(spec: dict) -> None:
                    Path(ddp["dump"]) / f"rank{ddp['rank']}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _forbid_gather() -> None:
+    """Make every way a sharded run gathers whole parameters or optimizer state raise."""
+    from ctlens.tuning.sharding import Sharding
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the sharded run gathered the whole model")
+
+    Sharding.gathered = refuse  # type: ignore[method-assign]
+    Sharding.optimizer_state = refuse  # type: ignore[method-assign]
 
 
 def _fail_at(tuner: ctlens.CircuitTuner, step: int) -> None:

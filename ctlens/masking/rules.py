@@ -299,6 +299,25 @@ def parameter_rules(
     weight is trainable when either side is. Plain tensors that are not parameters (the
     bridge's constant unembedding bias) are skipped.
     """
+    mapped, openings = rule_openings(model, circuit, train_embeddings, train_unembedding)
+    masks = {id(p): torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in mapped}
+    for p, index in openings:
+        masks[id(p)][index] = True
+    return _listed(model, masks, {id(p): p for p in mapped})
+
+
+def rule_openings(
+    model: Any,
+    circuit: Circuit,
+    train_embeddings: bool = False,
+    train_unembedding: bool = False,
+) -> tuple[list[nn.Parameter], list[tuple[nn.Parameter, tuple[Any, ...]]]]:
+    """``(mapped, openings)``: the parameters the rules know (each once, all frozen until
+    opened) and the ``(parameter, index)`` slices ``circuit`` opens in them.
+
+    Reads only the model's structure and parameter shapes, never their values, so it works
+    on sharded parameters (`ctlens.tuning.local_rules` cuts the openings to a rank's rows).
+    """
     graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
     if circuit.graph != graph:
         raise ValueError(
@@ -307,13 +326,12 @@ def parameter_rules(
         )
     parts = ModelParts.from_model(model)
     options = RuleOptions(train_embeddings, train_unembedding, graph.spec.mlp_groups)
-    masks: dict[int, torch.Tensor] = {}
-    params: dict[int, nn.Parameter] = {}
-    for projection in parts.projections():  # every mapped parameter starts frozen
+    mapped: dict[int, nn.Parameter] = {}
+    for projection in parts.projections():
         for p in (projection.weight, projection.bias):
-            if isinstance(p, nn.Parameter) and id(p) not in masks:
-                masks[id(p)] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-                params[id(p)] = p
+            if isinstance(p, nn.Parameter):
+                mapped.setdefault(id(p), p)
+    openings: list[tuple[nn.Parameter, tuple[Any, ...]]] = []
     for role, table, nodes, active in (
         ("sender", SENDER_RULES, graph.sender_nodes, circuit.mask.any(1)),
         ("receiver", RECEIVER_RULES, graph.receiver_nodes, circuit.mask.any(0)),
@@ -326,10 +344,9 @@ def parameter_rules(
                     f"restrict_gradients has no parameter rule for {role} {node.name!r} "
                     f"(kind {node.kind.value!r}); add one to ctlens.masking.rules"
                 )
-            for p, index in rule(parts, node, options):
-                if isinstance(p, nn.Parameter):
-                    masks[id(p)][index] = True
-    return _listed(model, masks, params)
+            openings.extend((p, index) for p, index in rule(parts, node, options)
+                            if isinstance(p, nn.Parameter))
+    return list(mapped.values()), openings
 
 
 def _listed(
@@ -380,4 +397,5 @@ __all__ = [
     "Projection",
     "RuleOptions",
     "parameter_rules",
+    "rule_openings",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import eval_mode
@@ -24,6 +25,7 @@ from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.discovery import CircuitDiscovery, top_n_after
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
+from ctlens.tuning.local_shards import StartWeights
 from ctlens.tuning.rundir import RunDir
 
 
@@ -47,18 +49,38 @@ class Evaluator:
         self.graph = graph
         self.target_eval = target_eval
 
-    @torch.no_grad()
     def evaluate(
         self,
         rd: RunDir,
         step: int,
-        initial: list[torch.Tensor],
+        initial: list[torch.Tensor] | StartWeights,
         started: float,
         enforcement: Enforcement,
         discovery: CircuitDiscovery,
         train_loss: float | None,
     ) -> dict[str, Any]:
         """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl."""
+        record, circuit = self.measure(rd, step, initial, started, enforcement, discovery,
+                                       train_loss)
+        return self.write(rd, record, circuit)
+
+    @torch.no_grad()
+    def measure(
+        self,
+        rd: RunDir,
+        step: int,
+        initial: list[torch.Tensor] | StartWeights,
+        started: float,
+        enforcement: Enforcement,
+        discovery: CircuitDiscovery,
+        train_loss: float | None,
+    ) -> tuple[dict[str, Any], Circuit]:
+        """The record of step ``step`` and its circuit (to be saved in ``rd``).
+
+        ``initial``: the start weights, whole (`ctlens.tuning.weights.snapshot`) or read from
+        the run's file (`StartWeights`). Writes nothing. On a sharded model every rank must
+        call it (its forwards and ``params_moved`` are collectives); all get the same record.
+        """
         cfg = self.config
         if enforcement.lora is not None:
             enforcement.lora.mirror()
@@ -70,6 +92,8 @@ class Evaluator:
             target_accuracy = accuracy.pop(self.target_eval)
             general = self.general_loss()
             masked = self.masked_target(enforcement)
+        if enforcement.sharding is not None:
+            enforcement.sharding.reshard()  # params_moved reads the local rows
         in_force = enforcement.circuit
         circuit = in_force if in_force is not None else discovery.monitor_circuit(step)
         record: dict[str, Any] = {
@@ -77,7 +101,8 @@ class Evaluator:
             "target_metric": target,
             "general_loss": general,
             "circuit_edges": circuit.n_edges if cfg.uses_circuit else self.graph.n_edges,
-            "params_moved": W.moved_fraction(self.model, initial),
+            "params_moved": initial.moved_fraction(self.model)
+            if isinstance(initial, StartWeights) else W.moved_fraction(self.model, initial),
             "evals": evals,
             "wall_time": time.perf_counter() - started,
             "lr": cfg.lr * cfg.lr_factor(max(step - 1, 0)),
@@ -97,11 +122,16 @@ class Evaluator:
             record["target_metric_masked"] = masked
         if train_loss is not None and step > 0:
             record["train_loss"] = train_loss
-        path = rd.circuit_file(step)
-        record["circuit_file"] = str(path.relative_to(rd.root))
+        record["circuit_file"] = str(rd.circuit_file(step).relative_to(rd.root))
         record["circuit_source"] = "in_force" if in_force is not None else "monitor"
+        return record, circuit
+
+    def write(self, rd: RunDir, record: dict[str, Any], circuit: Circuit) -> dict[str, Any]:
+        """Save a `measure` record's circuit snapshot and append the record to
+        ``metrics.jsonl`` (rank 0's work); returns the record as written."""
+        step = record["step"]
         with rd.writing(f"the evaluation of step {step}", "the checkpoints are unchanged"):
-            circuit.save(path)
+            circuit.save(rd.circuit_file(step))
             rd.append_metrics(record)
         return record
 

@@ -73,6 +73,7 @@ from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
+from ctlens.tuning.local_shards import StartWeights
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
 from ctlens.tuning.sharding import Sharding, check_shardable, rank_parameter_bytes
@@ -174,7 +175,9 @@ class CircuitTuner:
         cfg = self.config
         rd = RunDir(Path(out_dir))
         start_step, wall_offset = self._prepare(rd, overwrite)
-        initial = C.initial_snapshot(rd, self.model)
+        # sharded: read from the file when measured, so no rank holds the start weights
+        initial = StartWeights(rd.initial_weights) if cfg.shard is not None \
+            else C.initial_snapshot(rd, self.model)
         state = None
         if start_step > 0:  # the weights load before sharding
             state = C.load_checkpoint(rd, start_step, self.model, self.graph, self.model_name,
@@ -193,15 +196,21 @@ class CircuitTuner:
         )
 
         def evaluate(step: int) -> dict[str, Any]:
-            def work() -> dict[str, Any]:
-                record = self.evaluator.evaluate(rd, step, initial, started, enforcement,
-                                                 self.discovery, self.last_loss)
+            def measure() -> tuple[dict[str, Any], Circuit]:
+                return self.evaluator.measure(rd, step, initial, started, enforcement,
+                                              self.discovery, self.last_loss)
+
+            def write(record: dict[str, Any], circuit: Circuit) -> dict[str, Any]:
                 bar.set_postfix(target=f"{record['target_metric']:.3f}",
                                 general=f"{record['general_loss']:.3f}")
-                return record
+                return self.evaluator.write(rd, record, circuit)
 
-            with gathered():
-                return self.world.on_main(f"evaluating step {step}", work) or {}
+            if sharding is None:  # rank 0 alone: every rank holds the whole model
+                return self.world.on_main(f"evaluating step {step}",
+                                          lambda: write(*measure())) or {}
+            measured = measure()  # every rank: the sharded forwards are collectives
+            return self.world.on_main(f"writing the evaluation of step {step}",
+                                      lambda: write(*measured)) or {}
 
         def save(step: int) -> None:
             state = self._checkpoint_state(step, time.perf_counter() - started, enforcement,
@@ -239,12 +248,13 @@ class CircuitTuner:
                         last = evaluate(s)
                     if s % cfg.save_every == 0 or s == cfg.steps:
                         save(s)
-            with gathered():
-                model_dir = self.world.on_main(
-                    "exporting the model",
-                    lambda: C.export_model(rd, self.model, enforcement.lora)
-                    if cfg.export else None,
-                )
+            model_dir = None
+            if cfg.export:
+                with gathered():
+                    model_dir = self.world.on_main(
+                        "exporting the model",
+                        lambda: C.export_model(rd, self.model, enforcement.lora),
+                    )
         finally:
             bar.close()
             enforcement.release()

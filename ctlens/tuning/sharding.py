@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ctlens.circuit import Circuit
-from ctlens.masking.rules import parameter_rules
+from ctlens.tuning.local_shards import local_masks
 from ctlens.tuning.weights import hf_module
 
 
@@ -102,6 +101,12 @@ class Sharding:
                 module.reshard()
                 module.set_reshard_after_forward(True, recurse=False)
 
+    def reshard(self) -> None:
+        """Free every gathered parameter: after a forward without backward FSDP2 keeps the
+        root's (embeddings, final norm, unembedding) gathered until the next backward."""
+        for module in self._modules:
+            module.reshard()
+
     def local_rows(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """This rank's rows of ``full`` (shaped like ``param``'s global shape)."""
         chunks = full.chunk(self.size, dim=0) if full.dim() else (full,)
@@ -153,31 +158,28 @@ class ShardedRestriction:
 
     def __init__(self, sharding: Sharding, circuit: Circuit, optimizer: torch.optim.Optimizer,
                  train_embeddings: bool, train_unembedding: bool) -> None:
-        model = sharding.model
-        with sharding.gathered():  # the rules read whole parameters (aliasing, shapes)
-            names = {id(p): n for n, p in model.named_parameters()}
-            rules = parameter_rules(model, circuit, train_embeddings, train_unembedding)
-            listed = [(names[id(r.parameter)], r) for r in rules]
-        sharded = dict(model.named_parameters())
-        self.rules = [replace(r, parameter=sharded[n]) for n, r in listed]
+        masks = local_masks(sharding.model, circuit, train_embeddings, train_unembedding)
+        # per parameter, over all ranks: a parameter no rank may change drops its gradient
+        # on every rank (the clipping norm and the optimizer state stay the same everywhere)
+        counts = torch.tensor([float(keep.sum()) for _, _, keep in masks], dtype=torch.float64)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        self.n_trainable = int(counts.sum())
+        """The entries the circuit lets change, over all ranks."""
         self._parts: list[tuple[Any, bool, torch.Tensor, torch.Tensor | None]] = []
-        for rule in self.rules:
-            p, keep = rule.parameter, rule.trainable
-            local = sharding.local_rows(keep, p)
-            nothing = not bool(keep.any())
+        for (_, p, keep), count in zip(masks, counts.tolist(), strict=True):
             old = None if bool(keep.all()) else p.to_local().detach().clone()
-            self._parts.append((p, nothing, local, old))
+            self._parts.append((p, count == 0, keep, old))
         self._handle = optimizer.register_step_post_hook(self._restore)
 
     def mask_grads(self) -> None:
         """Zero frozen entries of the local gradients (drop wholly frozen parameters')."""
         with torch.no_grad():
             for p, nothing, keep, old in self._parts:
-                if p.grad is None or old is None:
+                if p.grad is None:
                     continue
-                if nothing:
+                if nothing:  # decided over all ranks, so every rank drops it
                     p.grad = None
-                else:
+                elif old is not None:
                     p.grad.to_local().mul_(keep.to(p.grad.dtype))
 
     def _restore(self, optimizer: Any, args: Any, kwargs: Any) -> None:
