@@ -42,8 +42,9 @@ gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
 weights; only rank 0 writes files. With ``shard="fsdp"`` the model is sharded in place
 (`ctlens.tuning.sharding`) after the run directory is prepared and stays sharded after
-`CircuitTuner.run` returns; evaluation, consolidated checkpoints and export gather it for
-their duration (``checkpoint_format="dcp"`` checkpoints do not). A rank that stops mid-run
+`CircuitTuner.run` returns; evaluation runs on every rank through the sharded model, and
+only consolidated checkpoints and export gather it for their duration
+(``checkpoint_format="dcp"`` checkpoints do not). A rank that stops mid-run
 stops the others (`World.peer_failures`).
 """
 

@@ -8,18 +8,20 @@ reduce-scatter *sums* the gradients (divide factor 1: the loss is already normal
 global counts).
 
 Gradient restriction acts on the sharded gradients (`ShardedRestriction`): the circuit's
-full-shape trainable masks from `ctlens.masking.rules` are cut to this rank's rows, applied
-to the local ``.grad`` before clipping, and frozen local entries are copied back after every
-optimizer step, so they stay bit-identical. The rules are computed on the gathered
-parameters (one extra all-gather per rediscovery). (A parameter's ``register_hook`` never fires on
-FSDP2's sharded parameters, hence no hooks.)
+trainable masks are built for this rank's rows only, from parameter shapes
+(`ctlens.tuning.local_shards.local_masks`, no gather), applied to the local ``.grad``
+before clipping, and frozen local entries are copied back after every optimizer step, so
+they stay bit-identical. (A parameter's ``register_hook`` never fires on FSDP2's sharded
+parameters, hence no hooks.)
 
-What needs the whole model -- evaluation, checkpoints, export, all done on rank 0 -- runs
-inside :meth:`Sharding.gathered`, which all-gathers every parameter on every rank for its
-duration: memory then peaks at one full copy of the weights per rank. Consolidated
-checkpoints (``checkpoint_format="safetensors"``) keep the unsharded format (safetensors
-weights, the optimizer state in ``torch.optim``'s own layout with every state tensor
-gathered whole); ``"dcp"`` ones gather nothing (`ctlens.tuning.sharded_checkpoints`).
+Evaluation runs on every rank through the sharded model (FSDP gathers one block at a time);
+`Sharding.reshard` then frees what FSDP2 keeps gathered after a forward without backward.
+Only export and consolidated checkpoints (``checkpoint_format="safetensors"``) need the
+whole model: they run inside :meth:`Sharding.gathered`, which all-gathers every parameter
+on every rank for its duration, so memory then peaks at one full copy of the weights per
+rank. Consolidated checkpoints keep the unsharded format (safetensors weights, the
+optimizer state in ``torch.optim``'s own layout with every state tensor gathered whole);
+``"dcp"`` ones gather nothing (`ctlens.tuning.sharded_checkpoints`).
 Either resumes on another number of ranks, sharded or not.
 """
 
