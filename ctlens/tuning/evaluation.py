@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.hooks import eval_mode
@@ -57,8 +58,14 @@ class Evaluator:
         enforcement: Enforcement,
         discovery: CircuitDiscovery,
         train_loss: float | None,
+        monitor: Circuit | None = None,
     ) -> dict[str, Any]:
-        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl."""
+        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl.
+
+        ``monitor``: the snapshot circuit outside circuit modes, when the caller found it
+        already (a sharded model scores it on every rank: rank 0 alone cannot run FSDP's
+        backward); otherwise ``discovery.monitor_circuit`` finds it here.
+        """
         cfg = self.config
         if enforcement.lora is not None:
             enforcement.lora.mirror()
@@ -71,7 +78,10 @@ class Evaluator:
             general = self.general_loss()
             masked = self.masked_target(enforcement)
         in_force = enforcement.circuit
-        circuit = in_force if in_force is not None else discovery.monitor_circuit(step)
+        if in_force is not None:
+            circuit = in_force
+        else:
+            circuit = monitor if monitor is not None else discovery.monitor_circuit(step)
         record: dict[str, Any] = {
             "step": step,
             "target_metric": target,

@@ -193,9 +193,13 @@ class CircuitTuner:
         )
 
         def evaluate(step: int) -> dict[str, Any]:
+            monitor = None
+            if sharding is not None and enforcement.circuit is None:  # a collective
+                monitor = self.discovery.monitor_circuit(step)
+
             def work() -> dict[str, Any]:
                 record = self.evaluator.evaluate(rd, step, initial, started, enforcement,
-                                                 self.discovery, self.last_loss)
+                                                 self.discovery, self.last_loss, monitor)
                 bar.set_postfix(target=f"{record['target_metric']:.3f}",
                                 general=f"{record['general_loss']:.3f}")
                 return record
@@ -293,7 +297,10 @@ class CircuitTuner:
             scores = self.discovery.task_scores(t)
         else:
             scores = self._batch_discovery(t)[0]
-        return self.discovery.matched_random_circuit(self.discovery.select(scores, t), t)
+        target = self.discovery.select(scores, t)
+        # the parameter rules read whole parameters
+        with contextlib.nullcontext() if self._sharding is None else self._sharding.gathered():
+            return self.discovery.matched_random_circuit(target, t)
 
     def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``"batch"`` discovery's scores and batch means on step ``step``, no update."""

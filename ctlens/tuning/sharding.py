@@ -21,6 +21,10 @@ checkpoints (``checkpoint_format="safetensors"``) keep the unsharded format (saf
 weights, the optimizer state in ``torch.optim``'s own layout with every state tensor
 gathered whole); ``"dcp"`` ones gather nothing (`ctlens.tuning.sharded_checkpoints`).
 Either resumes on another number of ranks, sharded or not.
+
+GPT-2's q/k/v parameters are views of its fused ``c_attn`` weight, which ``fully_shard``
+refuses: `ctlens.tuning.fused` gives them their own storage before sharding and rebuilds the
+fused layout inside :meth:`Sharding.gathered`, so files and counts are an unsharded run's.
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ from torch import nn
 
 from ctlens.circuit import Circuit
 from ctlens.masking.rules import parameter_rules
+from ctlens.tuning.fused import fused_layers, fused_parameter_ids, refused, unfuse
 from ctlens.tuning.weights import hf_module
 
 
 def rank_parameter_bytes(model: nn.Module, world_size: int) -> list[int]:
-    """Bytes of parameters each of ``world_size`` ranks holds once ``model`` is sharded."""
+    """Bytes of parameters each of ``world_size`` ranks holds once ``model`` is sharded
+    (GPT-2's fused ``c_attn``, which sharding unregisters, not counted)."""
     sizes = [0] * world_size
+    fused = fused_parameter_ids(model)
     for p in model.parameters():
+        if id(p) in fused:
+            continue
         rows = torch.empty(p.shape[0] if p.dim() else 1).chunk(world_size)
         per_row = p.numel() // max(1, p.shape[0] if p.dim() else 1) * p.element_size()
         for rank, chunk in enumerate(rows):
@@ -52,18 +61,21 @@ def rank_parameter_bytes(model: nn.Module, world_size: int) -> list[int]:
 
 def check_shardable(model: Any) -> None:
     """Refuse (ValueError) what ``shard="fsdp"`` cannot do: no process group, or parameters
-    that are non-contiguous views of another tensor (GPT-2's q/k/v views of ``c_attn``)."""
+    that are non-contiguous views of another tensor (other than GPT-2's q/k/v views of
+    ``c_attn``, which `ctlens.tuning.fused` unfuses)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "shard='fsdp' needs torch.distributed initialised; launch the run with torchrun "
             "and call torch.distributed.init_process_group first"
         )
-    views = [n for n, p in model.named_parameters() if not p.is_contiguous()]
+    parts = {id(getattr(m, "weight", None)) for layer in fused_layers(model)
+             for m in layer.parts}
+    views = [n for n, p in model.named_parameters()
+             if not p.is_contiguous() and id(p) not in parts]
     if views:
         raise ValueError(
             f"shard='fsdp' cannot shard parameters that are non-contiguous views of another "
-            f"tensor ({views[0]}, {len(views)} in all; GPT-2's fused c_attn q/k/v); tune this "
-            "model unsharded"
+            f"tensor ({views[0]}, {len(views)} in all); tune this model unsharded"
         )
 
 
@@ -77,6 +89,7 @@ class Sharding:
         check_shardable(model)
         self.model = model
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.unfused = unfuse(model)
         for block in getattr(model, "blocks", ()):
             fully_shard(block)
         # the root is the HF module: the bridge's run_with_hooks calls its forward directly,
@@ -96,7 +109,8 @@ class Sharding:
             module.set_reshard_after_forward(False, recurse=False)
             module.unshard()
         try:
-            yield
+            with refused(self.unfused):
+                yield
         finally:
             for module in self._modules:
                 module.reshard()
@@ -123,7 +137,8 @@ class Sharding:
             i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
             for i, s in saved["state"].items()
         }
-        return {"state": state, "param_groups": saved["param_groups"]}
+        return self.unfused.to_fused_order({"state": state,
+                                            "param_groups": saved["param_groups"]})
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
                              saved: dict[str, Any]) -> None:
@@ -131,6 +146,7 @@ class Sharding:
         rank's rows of its parameter."""
         from torch.distributed.tensor import DTensor
 
+        saved = self.unfused.from_fused_order(saved)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         state = {}
         for i, entry in saved["state"].items():
