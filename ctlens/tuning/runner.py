@@ -73,6 +73,7 @@ from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
+from ctlens.tuning.fused import fused_layers
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
 from ctlens.tuning.sharding import Sharding, check_shardable, rank_parameter_bytes
@@ -139,6 +140,12 @@ class CircuitTuner:
         self.world = World.current()
         if self.config.shard is not None:
             check_shardable(model)
+        if self.config.checkpoint_format == "dcp" and fused_layers(model):
+            raise ValueError(
+                "checkpoint_format='dcp' does not support models with fused q/k/v (GPT-2's "
+                "c_attn) yet: its shards would be named after the unfused q/k/v and could not "
+                "resume unsharded; use checkpoint_format='safetensors' (the default)"
+            )
         if self.config.batch_size < self.world.size:
             raise ValueError(
                 f"batch_size={self.config.batch_size} is smaller than the number of ranks "
