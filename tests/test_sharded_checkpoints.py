@@ -231,3 +231,12 @@ def test_rank_dying_mid_run_stops_the_other(how: str, tmp_path: Path) -> None:
     folder = out / "checkpoints" / F.step_name(2)
     sums = json.loads((folder / F.CHECKPOINT_CHECKSUMS).read_text())
     assert all(sha256_file(folder / k) == v for k, v in sums.items())
+
+
+def test_dcp_refused_for_fused_qkv_models(tmp_path: Path) -> None:
+    """GPT-2's fused c_attn has no DCP naming yet: refused before anything is written."""
+    with pytest.raises(ValueError, match="checkpoint_format='dcp' does not support models with "
+                                         "fused q/k/v"):
+        CircuitTuner(tiny_model("gpt2"), toy_task(), TuneConfig(**{**CFG,
+                                                                  "checkpoint_format": "dcp"}))
+    assert not any(tmp_path.iterdir())

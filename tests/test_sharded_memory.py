@@ -100,14 +100,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sharded_run_never_gathers_and_matches_one_process(tmp_path: Path) -> None:
-    """2 gloo ranks, shard='fsdp', DCP checkpoints, no export, with `Sharding.gathered` and
-    `Sharding.optimizer_state` raising: the run completes (training, two rediscoveries,
-    evaluations and checkpoints gather nothing), and its metrics and final weights equal
-    the unsharded one-process run's (metrics within 1e-4, trainable fraction exactly)."""
-    config = dict(mode="gradient", top_n=30, steps=4, every_k=2, batch_size=6, lr=1e-2,
-                  eval_every=2, save_every=2, eval_examples=6, ema=0.0, weight_decay=0.05,
-                  export=False, progress=False)
+@pytest.mark.parametrize("extra", [
+    {},
+    {"mode": "full"},
+    {"mode": "random", "random_match": "edges"},
+    {"discovery": "task", "discovery_batches": 2},
+], ids=["gradient", "full", "random-edges", "task-discovery"])
+def test_sharded_run_never_gathers_and_matches_one_process(tmp_path: Path, extra: dict) -> None:
+    """2 gloo ranks (tiny Llama: no fused q/k/v), shard='fsdp', DCP checkpoints, no export,
+    with `Sharding.gathered` and `Sharding.optimizer_state` raising: the run completes
+    (training, two rediscoveries or monitor circuits, evaluations and checkpoints gather
+    nothing), and its metrics and final weights equal the unsharded one-process run's
+    (metrics within 1e-4, trainable fraction exactly), in every mode that runs without
+    gathering (``random_match="parameters"`` / ``"composition"`` gather to size the match)."""
+    config = {**dict(mode="gradient", top_n=30, steps=4, every_k=2, batch_size=6, lr=1e-2,
+                     eval_every=2, save_every=2, eval_examples=6, ema=0.0, weight_decay=0.05,
+                     export=False, progress=False), **extra}
     sharded = {**config, "shard": "fsdp", "checkpoint_format": "dcp"}
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     port, dump = _free_port(), tmp_path / "dump"
@@ -133,7 +141,8 @@ def test_sharded_run_never_gathers_and_matches_one_process(tmp_path: Path) -> No
         for key in ("target_metric", "general_loss", "params_moved"):
             assert a[key] == pytest.approx(b[key], abs=1e-4, nan_ok=True), (a["step"], key)
         assert a["evals"] == pytest.approx(b["evals"], abs=1e-4)
-    assert got[-1]["params_moved"] > 0 and got[-1]["trainable_fraction"] < 1
+    assert got[-1]["params_moved"] > 0
+    assert (got[-1]["trainable_fraction"] == 1) == (config["mode"] == "full")
 
     end = tiny_model("llama")
     S.load_dcp_weights(end, RunDir(run).checkpoint_dir(4))

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tuning_toy import tiny_model, toy_task
@@ -38,8 +39,24 @@ def _start(out: Path, config: dict, **extra) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out.decode()[-3000:]
+    _finish_all([proc], timeout)
+
+
+def _finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    """Wait for every process; if any failed (an error, a signal, a timeout), fail with the
+    output of *every* rank: the first error is often on a rank other than 0."""
+    outputs = []
+    for proc in procs:
+        try:
+            out = proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0] + f"\n[killed after {timeout} s]".encode()
+        outputs.append(out.decode(errors="replace"))
+    if any(proc.returncode != 0 for proc in procs):
+        raise AssertionError("\n".join(
+            f"----- rank {r}: exit {proc.returncode} -----\n{out[-3000:]}"
+            for r, (proc, out) in enumerate(zip(procs, outputs, strict=True))))
 
 
 def _checkpoints(root: Path) -> list[str]:
@@ -95,8 +112,7 @@ def test_two_rank_data_parallel_matches_single_process(tmp_path: Path) -> None:
                                               "dump": str(dump)})
         for r in range(2)
     ]
-    for proc in procs:
-        _finish(proc)
+    _finish_all(procs)
     rank0 = torch.load(dump / "rank0.pt", weights_only=True)
     rank1 = torch.load(dump / "rank1.pt", weights_only=True)
 
@@ -139,64 +155,94 @@ def test_error_on_rank_zero_stops_every_rank(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_fsdp_two_ranks_match_single_process_and_keep_frozen_slices(tmp_path: Path) -> None:
-    """shard='fsdp' on 2 gloo ranks (tiny Llama): the consolidated checkpoint equals the
-    unsharded single-process run within 1e-4, and frozen slices are bit-identical."""
+FSDP_CONFIG = {**CONFIG, "steps": 3, "every_k": 3, "eval_every": 3, "save_every": 3,
+               "batch_size": 6, "ema": 0.0, "export": True}
+
+
+def _fsdp_matches_single(tmp_path: Path, family: str, config: dict) -> None:
+    """``config`` sharded on 2 gloo ranks: run.json's per-rank bytes are what the ranks hold,
+    the consolidated checkpoint equals the unsharded single-process run within 1e-4, frozen
+    slices (circuit modes) are bit-identical, and the export loads as the same weights."""
     from ctlens import run_format as F
     from ctlens.masking.rules import parameter_rules
     from ctlens.tuning.rundir import RunDir
 
-    config = {**CONFIG, "steps": 3, "every_k": 3, "eval_every": 3, "save_every": 3,
-              "batch_size": 6, "ema": 0.0, "export": True}
-    port = _free_port()
     dump = tmp_path / "dump"
     dump.mkdir()
     run = tmp_path / "fsdp"
-    procs = [
-        _start(run, {**config, "shard": "fsdp"}, family="llama",
-               ddp={"rank": r, "world": 2, "port": port, "dump": str(dump)})
-        for r in range(2)
-    ]
-    for proc in procs:
-        _finish(proc)
+    _fsdp_run(run, {**config, "shard": "fsdp"}, 2, dump, family)
     doc = json.loads((run / "run.json").read_text())
     assert doc["sharded"] is True and doc["world_size"] == 2
-    start = tiny_model("llama")
-    total = sum(p.numel() * p.element_size() for p in start.parameters())
-    assert sum(doc["rank_parameter_bytes"]) == total
+    held = [torch.load(dump / f"rank{r}.pt", weights_only=True)["local_bytes"] for r in range(2)]
+    assert doc["rank_parameter_bytes"] == held  # what FSDP really put on each rank
+    start = tiny_model(family)
+    total = W.count_real_parameters(start) * 4
+    assert sum(doc["rank_parameter_bytes"]) == total  # every real weight once (no fused dup)
     assert max(doc["rank_parameter_bytes"]) < total  # each rank holds a part only
 
-    ckpt = RunDir(run).checkpoint_dir(3)
-    end = tiny_model("llama")
+    ckpt = RunDir(run).checkpoint_dir(config["steps"])
+    end = tiny_model(family)
     W.load_weights(end, ckpt / F.WEIGHTS)
-    circuit = ctlens.Circuit.load(ckpt / F.CIRCUIT)
-    names = {id(p): n for n, p in start.named_parameters()}
-    ends = dict(end.named_parameters())
-    moved = 0
-    for rule in parameter_rules(start, circuit):
-        before, after = rule.parameter.detach(), ends[names[id(rule.parameter)]].detach()
-        frozen = ~rule.trainable
-        assert torch.equal(after[frozen], before[frozen]), names[id(rule.parameter)]
-        moved += int((after[rule.trainable] != before[rule.trainable]).sum())
-    assert moved > 0
+    if config["mode"] != "full":
+        circuit = ctlens.Circuit.load(ckpt / F.CIRCUIT)
+        names = {id(p): n for n, p in start.named_parameters()}
+        ends = dict(end.named_parameters())
+        moved = 0
+        for rule in parameter_rules(start, circuit):
+            before, after = rule.parameter.detach(), ends[names[id(rule.parameter)]].detach()
+            frozen = ~rule.trainable
+            assert torch.equal(after[frozen], before[frozen]), names[id(rule.parameter)]
+            moved += int((after[rule.trainable] != before[rule.trainable]).sum())
+        assert moved > 0
 
-    single = tiny_model("llama")
+    single = tiny_model(family)
     torch.set_num_threads(1)
     ctlens.CircuitTuner(single, toy_task(), TuneConfig(**config)).run(tmp_path / "single")
     expected, got = W.unique_state_dict(single), W.unique_state_dict(end)
     assert expected.keys() == got.keys()
+    assert any(not torch.equal(v, start_v) for v, start_v in
+               zip(got.values(), W.unique_state_dict(start).values(), strict=True))
     for k, v in got.items():
         torch.testing.assert_close(v.detach(), expected[k].detach(), atol=1e-4, rtol=1e-4)
-    assert (run / "model").is_dir()  # export gathers the sharded model on rank 0
+    exported = load_file(str(run / "model" / "model.safetensors"))  # gathered, re-fused
+    for k, v in exported.items():
+        torch.testing.assert_close(v, got[k].detach(), atol=0, rtol=0)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    singles = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text()
+               .splitlines()]
+    for key in ("params_moved", "trainable_fraction", "target_metric"):
+        assert abs(records[-1][key] - singles[-1][key]) < 1e-4, key
+
+
+def test_fsdp_two_ranks_match_single_process_and_keep_frozen_slices(tmp_path: Path) -> None:
+    """shard='fsdp' on 2 gloo ranks (tiny Llama) equals the unsharded run."""
+    _fsdp_matches_single(tmp_path, "llama", FSDP_CONFIG)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    {},
+    {"mode": "full"},
+    {"mode": "random", "random_match": "edges"},
+    {"mode": "random", "random_match": "parameters"},
+    {"mode": "random", "random_match": "composition"},
+    {"discovery": "task", "discovery_batches": 2},
+], ids=["gradient", "full", "random-edges", "random-parameters", "random-composition",
+        "task-discovery"])
+def test_fsdp_gpt2_modes_match_single_process(tmp_path: Path, extra: dict) -> None:
+    """Tiny GPT-2 (fused c_attn q/k/v) sharded on 2 ranks equals the unsharded run, in
+    every mode shard='fsdp' allows."""
+    _fsdp_matches_single(tmp_path, "gpt2", {**FSDP_CONFIG, **extra})
 
 
 def test_fsdp_refusals() -> None:
     """Unsupported shard combinations fail early with a reason."""
-    import pytest
-
-    for bad in ({"mode": "forward"}, {"mode": "lora"}, {"discovery": "task"}):
-        with pytest.raises(ValueError, match="shard='fsdp' supports"):
+    for bad in ({"mode": "forward"}, {"mode": "both"}, {"mode": "lora"}):
+        with pytest.raises(ValueError, match="shard='fsdp' supports mode gradient / random / "
+                                             "full only.*Run it unsharded"):
             TuneConfig(shard="fsdp", **bad)
+    for good in ({"mode": "full"}, {"mode": "random"}, {"discovery": "task"}):
+        assert TuneConfig(shard="fsdp", **good).shard == "fsdp"
     with pytest.raises(ValueError, match="shard must be one of"):
         TuneConfig(shard="zero3")
     with pytest.raises(ValueError, match="needs torch.distributed initialised"):
@@ -216,13 +262,12 @@ def test_cli_shard_needs_torchrun(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def _fsdp_run(out: Path, config: dict, world: int, dump: Path) -> None:
+def _fsdp_run(out: Path, config: dict, world: int, dump: Path, family: str = "llama") -> None:
     port = _free_port()
-    procs = [_start(out, config, family="llama",
+    procs = [_start(out, config, family=family,
                     ddp={"rank": r, "world": world, "port": port, "dump": str(dump)})
              for r in range(world)]
-    for proc in procs:
-        _finish(proc)
+    _finish_all(procs)
 
 
 def test_fsdp_resume_on_same_and_other_rank_count(tmp_path: Path) -> None:
@@ -250,3 +295,41 @@ def test_fsdp_resume_on_same_and_other_rank_count(tmp_path: Path) -> None:
         assert got.keys() == expected.keys()
         for k in got:
             torch.testing.assert_close(got[k], expected[k], atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+def test_fsdp_gpt2_checkpoints_resume_across_sharding(tmp_path: Path) -> None:
+    """GPT-2's checkpoints have one format, sharded or not: a sharded run cut after its
+    step-2 checkpoint resumes unsharded, and an unsharded one resumes sharded on 2 ranks,
+    each to the uncut run's step-4 weights within 1e-4 (AdamW state carried across)."""
+    import shutil
+
+    from ctlens import run_format as F
+    from ctlens.tuning.rundir import RunDir
+
+    plain = {**CONFIG, "steps": 4, "every_k": 2, "eval_every": 2, "save_every": 2,
+             "keep_checkpoints": 2, "batch_size": 6, "ema": 0.0, "export": False}
+    sharded = {**plain, "shard": "fsdp"}
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    uncut = {"sharded": tmp_path / "sharded", "plain": tmp_path / "plain"}
+    _fsdp_run(uncut["sharded"], sharded, 2, dump, "gpt2")
+    _finish(_start(uncut["plain"], plain))
+    weights = {k: load_file(str(RunDir(v).checkpoint_dir(4) / F.WEIGHTS))
+               for k, v in uncut.items()}
+    for source, config in (("sharded", plain), ("plain", sharded)):
+        cut = tmp_path / f"{source}-cut"
+        shutil.copytree(uncut[source], cut)
+        shutil.rmtree(RunDir(cut).checkpoint_dir(4))
+        doc = json.loads((cut / "run.json").read_text())
+        doc["config"] = TuneConfig(**config).to_dict()  # same run, other sharding
+        (cut / "run.json").write_text(json.dumps(doc))
+        if config.get("shard"):
+            _fsdp_run(cut, config, 2, dump, "gpt2")
+        else:
+            _finish(_start(cut, config))
+        got = load_file(str(RunDir(cut).checkpoint_dir(4) / F.WEIGHTS))
+        for reference in weights.values():
+            assert got.keys() == reference.keys()
+            for k in got:
+                torch.testing.assert_close(got[k], reference[k], atol=1e-4, rtol=1e-4)

@@ -74,7 +74,8 @@ def main(spec: dict) -> None:
     """Run one tuner; with ``ddp`` ({"rank", "world", "port", "dump"}) as one gloo rank.
 
     A DDP rank first writes its all-reduced batch scores of step 0 and, after the run, its
-    weights (none when sharded) to ``dump/rank{r}.pt``.
+    weights (when sharded: none, but the bytes of its parameter shards) to
+    ``dump/rank{r}.pt``.
     """
     torch.set_num_threads(int(spec.get("threads", 1)))
     model = tiny_model(spec.get("family", "gpt2"))
@@ -102,7 +103,9 @@ def main(spec: dict) -> None:
         state = {} if config.shard else {
             k: v.detach().clone() for k, v in weights.unique_state_dict(model).items()
         }
-        torch.save({"scores": scores, "weights": state},
+        local = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) \
+            if config.shard else None
+        torch.save({"scores": scores, "weights": state, "local_bytes": local},
                    Path(ddp["dump"]) / f"rank{ddp['rank']}.pt")
     finally:
         dist.destroy_process_group()

@@ -28,6 +28,13 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SHARDS: tuple[str, ...] = ("fsdp",)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMATS: tuple[str, ...] = ("safetensors", "dcp")
+SHARDED_MODES: tuple[str, ...] = ("gradient", "random", "full")
+"""Modes ``shard="fsdp"`` runs (each checked against the unsharded run)."""
+_UNSHARDED_WHY = {
+    "forward": "its edge masks have not been checked against the unsharded run under FSDP",
+    "both": "its edge masks have not been checked against the unsharded run under FSDP",
+    "lora": "it trains a separate peft copy of the model, which ctlens does not shard",
+}
 LOSSES: tuple[str, ...] = ("target", "sequence")
 ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
 """``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
@@ -90,8 +97,9 @@ class TuneConfig:
     Scale:
         shard: ``None`` (every rank holds the whole model) or ``"fsdp"`` (parameters,
             gradients and optimizer state sharded with PyTorch FSDP2 across the ranks of the
-            initialised process group; `ctlens.tuning.sharding`). Only ``mode="gradient"``
-            with ``"batch"`` discovery.
+            initialised process group; `ctlens.tuning.sharding`). Modes ``"gradient"``,
+            ``"random"`` and ``"full"``, with either discovery; not the forward modes or
+            ``"lora"`` (`SHARDED_MODES`).
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the training forward under
             `torch.autocast` with fp32 master weights, loss, backward and scores (``"fp16"``
             with a loss scaler); evaluation stays fp32 (`ctlens.tuning.precision`). Part of
@@ -202,10 +210,12 @@ class TuneConfig:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if self.shard is not None:
             _choice("shard", self.shard, SHARDS)
-            if self.mode != "gradient" or self.discovery != "batch":
+            if self.mode not in SHARDED_MODES:
                 raise ValueError(
-                    f"shard='fsdp' supports mode='gradient' with discovery='batch' only (got "
-                    f"mode={self.mode!r}, discovery={self.discovery!r}); run the others unsharded"
+                    f"shard='fsdp' supports mode {' / '.join(SHARDED_MODES)} only, not "
+                    f"mode={self.mode!r}: {_UNSHARDED_WHY.get(self.mode, 'untested')}. Run it "
+                    "unsharded (shard=None; with torchrun it is then data-parallel, each rank "
+                    "holding the whole model), or use mode='gradient'"
                 )
         _choice("precision", self.precision, PRECISIONS)
         _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)

@@ -178,8 +178,14 @@ class CircuitDiscovery:
     # ------------------------------------------------------------------ task discovery
 
     def task_scores(self, t: int) -> Scores:
-        """``"task"`` discovery: mean scores over batches of the discovery pairs."""
-        return task_scores(self.model, self.task.discovery, self.config, self.graph, t, self.world)
+        """``"task"`` discovery: mean scores over batches of the discovery pairs.
+
+        On a sharded model (``shard="fsdp"``) every rank scores all the rows: FSDP's
+        all-gathers need every rank to run the same forwards and backwards, which uneven
+        per-rank shards of the rows (different batch counts) would break.
+        """
+        world = World() if self.config.shard is not None else self.world
+        return task_scores(self.model, self.task.discovery, self.config, self.graph, t, world)
 
     def training_means(self, rows: torch.Tensor) -> Means:
         """Per-position mean sender outputs over training rows ``rows`` (forward modes)."""

@@ -28,7 +28,6 @@ import torch
 from ctlens.circuit import Circuit
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
-from ctlens.tuning.local_shards import parameter_count
 
 GRADIENT_MODES: tuple[str, ...] = ("gradient", "both", "random")
 FORWARD_MODES: tuple[str, ...] = ("forward", "both")
@@ -67,7 +66,7 @@ class Enforcement:
         self._restriction: contextlib.ExitStack | None = None
         self._rules: list[Any] = []
         self._mask_sharded: Any = None
-        self._sharded_trainable = 0
+        self._sharded_fraction = 1.0
 
     def enter(self, circuit: Circuit, means: torch.Tensor | None = None) -> None:
         """Make ``circuit`` the one in force (``means``: its forward-mask reference, if any);
@@ -82,7 +81,7 @@ class Enforcement:
             sharded = ShardedRestriction(self.sharding, circuit, self.optimizer,
                                          self.config.train_embeddings,
                                          self.config.train_unembedding)
-            self._sharded_trainable = sharded.n_trainable
+            self._sharded_fraction = sharded.trainable_fraction
             self._restriction = contextlib.ExitStack()
             self._restriction.callback(sharded.close)
             self._mask_sharded = sharded.mask_grads
@@ -136,7 +135,7 @@ class Enforcement:
             total = W.count_real_parameters(self.model)
             return sum(p.numel() for p in self.lora.parameters()) / total
         if self._mask_sharded is not None:  # no collective: counted when entered
-            return self._sharded_trainable / parameter_count(self.model)
+            return self._sharded_fraction
         if self._restriction is not None and self._rules:
             return sum(r.n_trainable for r in self._rules) / W.count_real_parameters(self.model)
         return 1.0

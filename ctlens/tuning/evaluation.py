@@ -58,10 +58,12 @@ class Evaluator:
         enforcement: Enforcement,
         discovery: CircuitDiscovery,
         train_loss: float | None,
+        monitor: Circuit | None = None,
     ) -> dict[str, Any]:
-        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl."""
+        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl
+        (`measure` then `write`, in this process alone)."""
         record, circuit = self.measure(rd, step, initial, started, enforcement, discovery,
-                                       train_loss)
+                                       train_loss, monitor)
         return self.write(rd, record, circuit)
 
     @torch.no_grad()
@@ -74,12 +76,17 @@ class Evaluator:
         enforcement: Enforcement,
         discovery: CircuitDiscovery,
         train_loss: float | None,
+        monitor: Circuit | None = None,
     ) -> tuple[dict[str, Any], Circuit]:
         """The record of step ``step`` and its circuit (to be saved in ``rd``).
 
         ``initial``: the start weights, whole (`ctlens.tuning.weights.snapshot`) or read from
-        the run's file (`StartWeights`). Writes nothing. On a sharded model every rank must
-        call it (its forwards and ``params_moved`` are collectives); all get the same record.
+        the run's file (`StartWeights`). ``monitor``: the snapshot circuit outside circuit
+        modes, when the caller found it already (a sharded model scores it on every rank:
+        one rank alone cannot run FSDP's backward); otherwise ``discovery.monitor_circuit``
+        finds it here. Writes nothing. On a sharded model without gathering
+        (`ctlens.tuning.sharding.local_paths`) every rank must call it (its forwards and
+        ``params_moved`` are collectives); all get the same record.
         """
         cfg = self.config
         if enforcement.lora is not None:
@@ -92,10 +99,13 @@ class Evaluator:
             target_accuracy = accuracy.pop(self.target_eval)
             general = self.general_loss()
             masked = self.masked_target(enforcement)
-        if enforcement.sharding is not None:
+        if enforcement.sharding is not None and enforcement.sharding.local:
             enforcement.sharding.reshard()  # params_moved reads the local rows
         in_force = enforcement.circuit
-        circuit = in_force if in_force is not None else discovery.monitor_circuit(step)
+        if in_force is not None:
+            circuit = in_force
+        else:
+            circuit = monitor if monitor is not None else discovery.monitor_circuit(step)
         record: dict[str, Any] = {
             "step": step,
             "target_metric": target,

@@ -42,9 +42,11 @@ gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
 weights; only rank 0 writes files. With ``shard="fsdp"`` the model is sharded in place
 (`ctlens.tuning.sharding`) after the run directory is prepared and stays sharded after
-`CircuitTuner.run` returns; evaluation runs on every rank through the sharded model, and
-only consolidated checkpoints and export gather it for their duration
-(``checkpoint_format="dcp"`` checkpoints do not). A rank that stops mid-run
+`CircuitTuner.run` returns; consolidated checkpoints and export gather it for their
+duration (``checkpoint_format="dcp"`` checkpoints do not), and so do evaluation and the
+rules on GPT-2, whose fused q/k/v the no-gather paths do not map
+(`ctlens.tuning.sharding.local_paths`), and ``mode="random"``'s sizing of a circuit matched
+on parameters. A rank that stops mid-run
 stops the others (`World.peer_failures`).
 """
 
@@ -74,10 +76,16 @@ from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
+from ctlens.tuning.fused import fused_layers
 from ctlens.tuning.local_shards import StartWeights
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
-from ctlens.tuning.sharding import Sharding, check_shardable, rank_parameter_bytes
+from ctlens.tuning.sharding import (
+    Sharding,
+    check_shardable,
+    local_paths,
+    rank_parameter_bytes,
+)
 
 ExtraLoss = Callable[[torch.Tensor, TaskData], torch.Tensor]
 """``fn(logits, batch) -> scalar`` added to the loss; ``batch`` holds the step's rows."""
@@ -141,6 +149,12 @@ class CircuitTuner:
         self.world = World.current()
         if self.config.shard is not None:
             check_shardable(model)
+        if self.config.checkpoint_format == "dcp" and fused_layers(model):
+            raise ValueError(
+                "checkpoint_format='dcp' does not support models with fused q/k/v (GPT-2's "
+                "c_attn) yet: its shards would be named after the unfused q/k/v and could not "
+                "resume unsharded; use checkpoint_format='safetensors' (the default)"
+            )
         if self.config.batch_size < self.world.size:
             raise ValueError(
                 f"batch_size={self.config.batch_size} is smaller than the number of ranks "
@@ -163,6 +177,8 @@ class CircuitTuner:
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
         self.last_loss: float | None = None
         self._sharding: Sharding | None = None
+        self._local = local_paths(model)
+        """Whether a sharded run avoids gathering (decided on the unsharded model)."""
 
     # ------------------------------------------------------------------ public API
 
@@ -176,9 +192,7 @@ class CircuitTuner:
         cfg = self.config
         rd = RunDir(Path(out_dir))
         start_step, wall_offset = self._prepare(rd, overwrite)
-        # sharded: read from the file when measured, so no rank holds the start weights
-        initial = StartWeights(rd.initial_weights) if cfg.shard is not None \
-            else C.initial_snapshot(rd, self.model)
+        initial = self._start_weights(rd)
         state = None
         if start_step > 0:  # the weights load before sharding
             state = C.load_checkpoint(rd, start_step, self.model, self.graph, self.model_name,
@@ -197,18 +211,23 @@ class CircuitTuner:
         )
 
         def evaluate(step: int) -> dict[str, Any]:
+            monitor = None
+            if sharding is not None and enforcement.circuit is None:  # a collective
+                monitor = self.discovery.monitor_circuit(step)
+
             def measure() -> tuple[dict[str, Any], Circuit]:
                 return self.evaluator.measure(rd, step, initial, started, enforcement,
-                                              self.discovery, self.last_loss)
+                                              self.discovery, self.last_loss, monitor)
 
             def write(record: dict[str, Any], circuit: Circuit) -> dict[str, Any]:
                 bar.set_postfix(target=f"{record['target_metric']:.3f}",
                                 general=f"{record['general_loss']:.3f}")
                 return self.evaluator.write(rd, record, circuit)
 
-            if sharding is None:  # rank 0 alone: every rank holds the whole model
-                return self.world.on_main(f"evaluating step {step}",
-                                          lambda: write(*measure())) or {}
+            if sharding is None or not sharding.local:  # rank 0 alone, on the whole model
+                with gathered():
+                    return self.world.on_main(f"evaluating step {step}",
+                                              lambda: write(*measure())) or {}
             measured = measure()  # every rank: the sharded forwards are collectives
             return self.world.on_main(f"writing the evaluation of step {step}",
                                       lambda: write(*measured)) or {}
@@ -264,6 +283,14 @@ class CircuitTuner:
             last = records[-1] if records else {}
         return RunResult(rd.root, last, model_dir)
 
+    def _start_weights(self, rd: RunDir) -> list[torch.Tensor] | StartWeights:
+        """What ``params_moved`` compares with: a sharded run without gathering
+        (`ctlens.tuning.sharding.local_paths`) reads the run's start-weights file when it
+        measures, so no rank holds them; otherwise a snapshot kept in memory."""
+        if self.config.shard is not None and self._local:
+            return StartWeights(rd.initial_weights)
+        return C.initial_snapshot(rd, self.model)
+
     def time_steps(self, n_steps: int, warmup: int = 2) -> list[float]:
         """Seconds per optimizer step for ``n_steps`` steps after ``warmup`` untimed ones.
 
@@ -304,7 +331,10 @@ class CircuitTuner:
             scores = self.discovery.task_scores(t)
         else:
             scores = self._batch_discovery(t)[0]
-        return self.discovery.matched_random_circuit(self.discovery.select(scores, t), t)
+        target = self.discovery.select(scores, t)
+        # the parameter rules' counts read whole parameters (every model, not only GPT-2)
+        with contextlib.nullcontext() if self._sharding is None else self._sharding.gathered():
+            return self.discovery.matched_random_circuit(target, t)
 
     def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``"batch"`` discovery's scores and batch means on step ``step``, no update."""
