@@ -361,6 +361,28 @@ def test_a_write_that_fails_late_is_one_line_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_discover_max_memory_chunks_senders_and_keeps_the_scores(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """--max-memory reaches attribution: under 150KB one example's buffer of tiny-gpt2's 28
+    senders no longer fits, so they are scored in groups, with the same top edges."""
+    argv = ["discover", "--model", "zoo:tiny-gpt2", "--n", "4", "--batch-size", "4",
+            "--top", "8", "--threads", "1"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert "within max_memory" not in plain
+    assert cli.main([*argv, "--max-memory", "150KB"]) == 0
+    fitted = capsys.readouterr().out
+    assert "within max_memory: float32 sender buffer, batches of 1, senders in groups of 10" \
+        in fitted
+    assert fitted.split("\nwithin max_memory")[0] == plain  # the same edges and scores
+    _one_line_error(capsys, [*argv, "--max-memory", "90KB"], "even with one sender per pass")
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--max-memory", "lots"])
+    assert stop.value.code == 2
+    assert "expected a memory size such as 8GB" in capsys.readouterr().err
+
+
 # --- report and diff ---------------------------------------------------------------------
 
 
