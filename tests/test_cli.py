@@ -400,3 +400,24 @@ def test_report_and_diff_print_their_phases(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "d.html"
     assert cli.main(["diff", str(snapshots[0]), str(snapshots[-1]), "-o", str(out)]) == 0
     assert "drawing and writing the diff ..." in capsys.readouterr().err and out.is_file()
+
+
+def test_tune_max_memory_reaches_the_config(capsys: pytest.CaptureFixture) -> None:
+    """``ctlens tune --max-memory`` is TuneConfig.max_memory (what task discovery passes to
+    `ctlens.attribute`); a bad size is a usage error before anything runs."""
+    import argparse
+
+    from ctlens.tuning.cli import add_tune_commands
+    from ctlens.tuning.config import TuneConfig
+
+    parser = argparse.ArgumentParser(prog="ctlens")
+    add_tune_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tune", "--out", "run", "--max-memory", "1.5GiB"])
+    assert args.max_memory == int(1.5 * 2**30)
+    assert parser.parse_args(["tune", "--out", "run"]).max_memory is None
+    with pytest.raises(ValueError, match="is not a size"):
+        TuneConfig(max_memory="lots")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["tune", "--out", "run", "--max-memory", "3 parsecs"])
+    assert stop.value.code == 2
+    assert "expected a memory size" in capsys.readouterr().err

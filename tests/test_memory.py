@@ -196,3 +196,23 @@ def test_too_small_for_one_sender_fails_before_allocating(monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match="even with one sender per pass") as err:
         ctlens.attribute(model, data, "eap", "mean", progress=False, max_memory=budget)
     assert "raise max_memory" in str(err.value)
+
+
+def test_task_discovery_passes_the_tuners_budget() -> None:
+    """TuneConfig.max_memory reaches the tuner's task discovery: a budget that forces sender
+    chunks gives the scores of an unbudgeted discovery."""
+    from ctlens.tuning.config import TuneConfig
+    from ctlens.tuning.discovery import task_scores
+    from ctlens.tuning.distributed import World
+
+    model = build("gpt2", torch.float32)
+    data = random_task(n=4, seed=6)
+    graph = Graph.from_model(model)
+    config = {"discovery": "task", "discovery_ablation": "corrupt", "batch_size": 4,
+              "discovery_batches": 1}
+    plain = task_scores(model, data, TuneConfig(**config), graph, 0, World())
+    budget = need(model, data, 4, None, 1, rows=2)
+    fitted = task_scores(model, data, TuneConfig(**config, max_memory=budget), graph, 0, World())
+    torch.testing.assert_close(fitted, plain, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="even with one sender per pass"):
+        task_scores(model, data, TuneConfig(**config, max_memory=budget // 4), graph, 0, World())
