@@ -21,6 +21,7 @@ count on large graphs, so the buffer is read a few times per backward, not once 
    forward, clean forward and backward, filling only its rows of the score matrix. This
    is what lets long contexts fit (the buffer shrinks with the group, to one sender row),
    at the price of one set of passes per group; scores are exactly those of one pass.
+   (``eap-ig`` keeps the input sender's row besides, to shift its inputs: one row more.)
 
 Receiver chunking alone cannot rescue an example whose sender buffer is too large, and
 sender chunking costs whole passes, so the cheap levers go first. If one example does not
