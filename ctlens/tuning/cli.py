@@ -95,7 +95,9 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different run in --out (only the run's own files)")
-    p.add_argument("--n", type=int, default=256, help="examples per discovery/eval set")
+    p.add_argument("--n", "--n-examples", dest="n", type=int, default=256,
+                   help="examples per discovery/eval set (under torchrun write --n-examples: "
+                        "torchrun reads a bare --n as an abbreviation of its own options)")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
