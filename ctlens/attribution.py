@@ -29,8 +29,10 @@ precomputed ``[n_senders, seq, d_model]`` tensor from `mean_activations`) and ``
 With a built-in metric every pass stops at the final residual stream and unembeds only the
 metric positions (`ctlens.hooks.run_to_final_residual`); a custom metric callable gets the
 full ``[batch, seq, vocab]`` logits. Buffers fit a memory budget (``max_memory``; see
-`ctlens.memory`): the sender buffer may be kept in the model's dtype and batches split,
-while scores stay fp32. The model's mode and ``requires_grad`` flags are restored on exit,
+`ctlens.memory`): fewer receiver gradients queued per product (receiver chunks), the sender
+buffer in the model's dtype, smaller batches, and - when one example's buffer does not fit -
+the senders split into groups that each get their own passes (sender chunks), while scores
+stay fp32. The model's mode and ``requires_grad`` flags are restored on exit,
 also on error. Checked against independent oracles in
 tests/test_attribution.py; see docs/attribution.md.
 """
@@ -60,7 +62,7 @@ from ctlens.hooks import (
     sender_hooks,
     supports_truncated_forward,
 )
-from ctlens.memory import AttributionFit, fit_attribution
+from ctlens.memory import AttributionFit, default_queue, fit_attribution
 from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
 from ctlens.scores import EdgeScores, check_finite_scores
 from ctlens.types import Ablation, Method
@@ -94,8 +96,10 @@ def attribute(
             neuron-group MLP nodes (default: the model's graph with one node per MLP).
         max_memory: bytes (or a size such as ``"8GB"``) that attribution's buffers may use
             per pass; ``None``: half of what is free on the model's device. When the fp32
-            sender buffer does not fit, it is kept in the model's dtype (bf16/fp16) with
-            fp32 products, then batches are split (`ctlens.memory`). Scores stay fp32.
+            sender buffer does not fit, fewer receiver gradients are queued, then the buffer
+            is kept in the model's dtype (bf16/fp16) with fp32 products, then batches are
+            split, then senders are scored in groups with a pass each (`ctlens.memory`).
+            Scores stay fp32.
 
     Returns:
         `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
@@ -113,13 +117,12 @@ def attribute(
     device = model_device(model)
     start = time.perf_counter()
 
+    # the budget is checked before any pass or allocation
+    fit = fit_attribution(model, graph, data.clean.shape[1], len(data), batch_size, max_memory)
     with eval_mode(model), frozen_parameters(model):
         corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
         scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device)
         totals = {"clean": 0.0, "corrupt": 0.0}
-        fit = fit_attribution(
-            model, graph.n_senders, data.clean.shape[1], len(data), batch_size, max_memory
-        )
         batches = list(data.batches(fit.batch_size))
         bar = tqdm(batches, desc=f"attribute ({method.value})", disable=not progress, unit="batch")
         offset = 0
@@ -130,13 +133,17 @@ def attribute(
             ref_tokens = None
             if corrupt is not None:
                 ref_tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
-            try:
-                _score_batch(
-                    model, graph, _Runner(model, batch), ref_tokens, means, method, steps, fit,
-                    scores, totals, len(data),
-                )
-            except MetricError as err:
-                raise err.shifted(rows.start) from None
+            run = _Runner(model, batch)
+            for group in fit.sender_groups(graph.n_senders):
+                # the metric is recorded once per batch, by its first group's passes
+                seen = totals if group.start == 0 else {"clean": 0.0, "corrupt": 0.0}
+                try:
+                    _score_batch(
+                        model, graph, run, ref_tokens, means, method, steps, fit, group,
+                        scores, seen, len(data),
+                    )
+                except MetricError as err:
+                    raise err.shifted(rows.start) from None
     check_finite_scores(scores, graph, next(model.parameters()).dtype)
 
     metadata: dict[str, Any] = {
@@ -172,21 +179,28 @@ def _score_batch(
     method: Method,
     steps: int,
     fit: AttributionFit,
+    group: range,
     scores: torch.Tensor,
     totals: dict[str, float],
     n_total: int,
 ) -> None:
-    """Add one batch's share of every edge score to ``scores`` (and of the metric to ``totals``)."""
-    delta, ref_logits = _reference_activations(
-        model, graph, run, ref_tokens, means, fit.buffer_dtype
+    """Add one batch's share of the scores of senders ``group`` to ``scores`` (and of the
+    metric to ``totals``)."""
+    # eap-ig shifts the input by the input sender's difference: a later group keeps that row
+    groups = [group, range(1)] if method is Method.EAP_IG and group.start else [group]
+    buffers, ref_logits = _reference_activations(
+        model, graph, run, ref_tokens, means, fit.buffer_dtype, groups
     )
     if method is Method.EXACT:
-        _exact_batch(model, graph, run, delta, ref_logits, scores, totals, n_total)
-    else:
-        n_steps = steps if method is Method.EAP_IG else 1
-        _gradient_batch(
-            model, graph, run, delta, ref_logits, scores, totals, n_total, n_steps, fit.chunk
+        _exact_batch(
+            model, graph, run, buffers[0], group.start, ref_logits, scores, totals, n_total
         )
+    else:
+        kernel = EapKernel(
+            graph, buffers[0], scores, passes=steps if method is Method.EAP_IG else 1,
+            chunk=fit.chunk, queue=fit.receivers, first=group.start,
+        )
+        _gradient_batch(model, graph, run, kernel, buffers[-1], ref_logits, totals, n_total)
 
 
 class _Runner:
@@ -241,29 +255,50 @@ def _reference_activations(
     run: _Runner,
     ref_tokens: torch.Tensor | None,
     means: torch.Tensor | None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Float[torch.Tensor, "n_senders batch pos d_model"], torch.Tensor | None]:
-    """``a^ref`` for every sender (one no-grad forward under corrupt ablation).
+    dtype: torch.dtype,
+    groups: list[range],
+) -> tuple[list[Float[torch.Tensor, "group batch pos d_model"]], torch.Tensor | None]:
+    """``a^ref`` for the senders of each of ``groups`` (one no-grad forward for all of them
+    under corrupt ablation).
 
-    Returns the buffer (in ``dtype``) and, under corrupt ablation, the reference run's logits.
+    Returns one buffer per group (in ``dtype``) and, under corrupt ablation, the reference
+    run's logits.
     """
     b, p = run.batch.clean.shape
-    shape = (graph.n_senders, b, p, model.cfg.d_model)
-    buffer = torch.zeros(shape, device=run.batch.device, dtype=dtype)
+    buffers = [
+        torch.zeros((len(g), b, p, model.cfg.d_model), device=run.batch.device, dtype=dtype)
+        for g in groups
+    ]
     ref_logits = None
     if ref_tokens is not None:
+        pairs = zip(buffers, groups, strict=True)
+        writers = [_writer(buffer, +1.0, g.start) for buffer, g in pairs]
+
+        def write(rows: slice, act: torch.Tensor) -> None:
+            for writer in writers:
+                writer(rows, act)
+
         with torch.no_grad():
-            ref_logits = run(ref_tokens, sender_hooks(model, graph, _writer(buffer, +1.0)))
+            ref_logits = run(ref_tokens, sender_hooks(model, graph, write))
     elif means is not None:
-        buffer += means[:, None, :p]
-    return buffer, ref_logits
+        for buffer, g in zip(buffers, groups, strict=True):
+            buffer += means[g.start : g.stop, None, :p]
+    return buffers, ref_logits
 
 
-def _writer(buffer: torch.Tensor, sign: float) -> SenderCallback:
-    """A sender callback that adds ``sign * activation`` (detached) into ``buffer``."""
+def _writer(buffer: torch.Tensor, sign: float, first: int = 0) -> SenderCallback:
+    """A sender callback that adds ``sign * activation`` (detached) into ``buffer``, whose
+    row 0 is sender ``first``; senders outside its rows are skipped."""
+    stop = first + buffer.shape[0]
 
     def write(rows: slice, act: torch.Tensor) -> None:
-        buffer[rows] += sign * flat(act.detach()).float().permute(2, 0, 1, 3)
+        lo, hi = max(rows.start, first), min(rows.stop, stop)
+        if lo >= hi:
+            return
+        act = flat(act.detach())
+        if hi - lo != rows.stop - rows.start:
+            act = act[:, :, lo - rows.start : hi - rows.start]
+        buffer[lo - first : hi - first] += sign * act.float().permute(2, 0, 1, 3)
 
     return write
 
@@ -287,7 +322,8 @@ class EapKernel:
     discovery (`ctlens.tuning.discovery`), so both compute edge scores the same way and
     attribution's oracle tests cover the tuner's default path too.
 
-    ``delta`` is a ``[n_senders, batch, pos, d_model]`` buffer of sender activations: the
+    ``delta`` is a ``[rows, batch, pos, d_model]`` buffer of the activations of senders
+    ``first .. first + rows`` (all of them unless the senders are chunked): the
     hooks of :meth:`sender_hooks` add ``sign * a_s`` into it during a forward pass, and the
     caller completes it to ``a_s^ref - a_s^clean`` before the backward (`attribute` fills
     ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
@@ -296,7 +332,7 @@ class EapKernel:
     receiver may read with that gradient (queued, several receiver groups per matrix
     product: :meth:`flush`) and adds ``sign * product / passes`` into ``scores``: the scores
     of every backward pass through those inputs accumulate, until :meth:`close` flushes and
-    removes the hooks.
+    removes the hooks. Receivers that read none of the buffer's senders get no hook.
 
     Args:
         graph: the model's graph.
@@ -305,39 +341,47 @@ class EapKernel:
         passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
         sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
         chunk: for a low-precision ``delta`` (`ctlens.memory`): sender rows upcast to fp32
-            per product, and each receiver hook's gradient scored at once instead of
-            queued, so no queue of fp32 gradients is held; None: the whole prefix at once.
+            per product; None: the whole prefix at once.
+        queue: receiver columns queued before a product (receiver chunks; 1: each hook
+            scored at once). None: `ctlens.memory.default_queue` - a quarter of a large fp32
+            buffer's rows; on small buffers, or low-precision ones, 1.
+        first: the sender index of ``delta``'s first row (sender chunks; 0: all senders).
     """
 
     def __init__(
         self,
         graph: Graph,
-        delta: Float[torch.Tensor, "n_senders batch pos d_model"],
+        delta: Float[torch.Tensor, "rows batch pos d_model"],
         scores: Float[torch.Tensor, "n_senders n_receivers"],
         passes: int = 1,
         sign: float = 1.0,
         chunk: int | None = None,
+        queue: int | None = None,
+        first: int = 0,
     ) -> None:
+        rows = delta.shape[0]
+        if not 0 <= first <= first + rows <= graph.n_senders:
+            raise ValueError(
+                f"the buffer's senders {first}..{first + rows} are not within the graph's "
+                f"{graph.n_senders}"
+            )
         self.graph = graph
         self.chunk = chunk
         self.delta = delta
+        self.first = first
         self.scores = scores
         self.passes = passes
         self.sign = sign
         self.inputs: list[torch.Tensor] = []
-        self._flat = delta.view(graph.n_senders, -1)
+        self._flat = delta.view(rows, -1)
         self._handles: list[Any] = []
         self._pending: list[tuple[slice, int, torch.Tensor]] = []
         self._pending_width = 0
-        # Queue receiver gradients only where the sender buffer is large (neuron-group
-        # graphs): on small graphs one product per receiver hook is cheaper than the copies
-        # that batching them takes (benchmarks/circuit_tuning.py, tiny-gpt2 K=1).
-        batched = chunk is None and graph.n_senders > 256
-        self._capacity = max(16, graph.n_senders // 4) if batched else 1
+        self._capacity = default_queue(rows, chunk) if queue is None else max(1, queue)
 
     def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
-        """Forward hooks adding ``sign * a_s`` (detached) of every sender into ``delta``."""
-        return sender_hooks(model, self.graph, _writer(self.delta, sign))
+        """Forward hooks adding ``sign * a_s`` (detached) of the buffer's senders into ``delta``."""
+        return sender_hooks(model, self.graph, _writer(self.delta, sign, self.first))
 
     def receiver_hooks(self, model: Any) -> list[tuple[str, Any]]:
         """Forward hooks that make every receiver group's input score its edges on backward.
@@ -348,6 +392,8 @@ class EapKernel:
         """
 
         def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+            if n_up <= self.first:  # reads none of this buffer's senders
+                return x
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             self.inputs.append(x)
@@ -378,7 +424,8 @@ class EapKernel:
         """
         if not self._pending:
             return
-        n_up = max(n for _, n, _ in self._pending)
+        first, rows = self.first, self._flat.shape[0]
+        n_up = min(max(n for _, n, _ in self._pending) - first, rows)  # buffer rows read
         grads = [g for *_, g in self._pending]
         g = (grads[0] if len(grads) == 1 else torch.cat(grads)).T
         if self.chunk is None:
@@ -391,8 +438,8 @@ class EapKernel:
         scale = self.sign / self.passes
         offset = 0
         for columns, n, g in self._pending:
-            width = g.shape[0]
-            self.scores[:n, columns] += product[:n, offset : offset + width] * scale
+            width, n = g.shape[0], min(n - first, rows)
+            self.scores[first : first + n, columns] += product[:n, offset : offset + width] * scale
             offset += width
         self._pending, self._pending_width = [], 0
 
@@ -410,21 +457,22 @@ def _gradient_batch(
     model: Any,
     graph: Graph,
     run: _Runner,
-    delta: torch.Tensor,
+    kernel: EapKernel,
+    origin: torch.Tensor,
     ref_logits: torch.Tensor | None,
-    scores: torch.Tensor,
     totals: dict[str, float],
     n_total: int,
-    steps: int,
-    chunk: int | None = None,
 ) -> None:
-    """Accumulate ``delta . mean_alpha(dM/dx_r)`` into ``scores`` (EAP when steps == 1).
+    """Accumulate ``delta . mean_alpha(dM/dx_r)`` into the kernel's scores (EAP when its
+    ``passes`` == 1; else EAP-IG with that many steps).
 
-    ``delta`` holds ``a^ref`` on entry. The first pass is the clean input (alpha = 1): its
-    sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the time
-    the backward reads it, and its logits serve as the reference distribution for ``kl``.
+    ``kernel.delta`` holds ``a^ref`` on entry. The first pass is the clean input (alpha = 1):
+    its sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the
+    time the backward reads it, and its logits serve as the reference distribution for ``kl``.
+    The input leaf is shifted by ``(1 - alpha) * origin[0]``, the input sender's row:
+    ``origin`` is the kernel's buffer, or for a later sender chunk a one-row buffer of its own.
     """
-    kernel = EapKernel(graph, delta, scores, passes=steps, chunk=chunk)
+    steps = kernel.passes
     clean_logits: torch.Tensor | None = None
     batch = run.metric_batch
     layout = HookLayout.from_model(model)
@@ -435,12 +483,14 @@ def _gradient_batch(
             def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
                 base = x.detach()
                 if shift:
-                    base = base + shift * delta[0].to(base.dtype)
+                    base = base + shift * origin[0].to(base.dtype)
                 return base.requires_grad_(True)
 
             hooks = [(layout.input_hooks[0], leaf), *kernel.receiver_hooks(model)]
             if clean_logits is None:
                 hooks += kernel.sender_hooks(model, -1.0)
+                if origin is not kernel.delta:
+                    hooks += sender_hooks(model, graph, _writer(origin, -1.0))
             with torch.enable_grad():
                 logits = run(run.batch.clean, hooks)
                 if clean_logits is None:
@@ -460,6 +510,7 @@ def _exact_batch(
     graph: Graph,
     run: _Runner,
     delta: torch.Tensor,
+    first: int,
     ref_logits: torch.Tensor | None,
     scores: torch.Tensor,
     totals: dict[str, float],
@@ -471,18 +522,19 @@ def _exact_batch(
     ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
     Then, for one receiver column at a time, the batch is repeated once per chunk of
     senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (a
-    neuron group's own copy of the MLP input on a grouped graph).
+    neuron group's own copy of the MLP input on a grouped graph). ``delta``'s row 0 is
+    sender ``first`` (sender chunks): only its senders are patched.
     """
     batch = run.batch
     b = len(batch)
-    clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0)))
+    clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0, first)))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
     for column in range(graph.n_receivers):
-        n_up = graph.upstream[column]
-        for chunk in _chunks(range(n_up), max(1, max_copies)):
+        n_up = min(graph.upstream[column], first + delta.shape[0])
+        for chunk in _chunks(range(first, n_up), max(1, max_copies)):
             copies = len(chunk)
-            patch = delta[chunk.start : chunk.stop]  # [copies, b, p, d]
+            patch = delta[chunk.start - first : chunk.stop - first]  # [copies, b, p, d]
 
             def patch_column(
                 columns: slice,

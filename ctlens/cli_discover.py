@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ctlens.cli_support import phase, positive_int
+from ctlens.cli_support import memory_size, phase, positive_int
 from ctlens.sizes import parse_size
 from ctlens.types import Ablation, Method
 
@@ -55,6 +55,11 @@ def add_discover_command(commands: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--mlp-groups", type=positive_int, default=1,
                    help="split each MLP into this many neuron groups, nodes m{l}.n{j} "
                    "(default 1: one node per MLP)")
+    p.add_argument("--max-memory", type=memory_size, default=None,
+                   help="memory attribution's buffers may use per pass, e.g. 8GB or 7.5GiB "
+                   "(default: half of what is free on the device); over it, fewer receiver "
+                   "gradients are queued, the sender buffer is kept in the model's dtype, "
+                   "batches are split and, for long prompts, senders are scored in groups")
     p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -85,10 +90,12 @@ def run_discover(args: argparse.Namespace) -> int:
         scores = attribute(
             model, task.discovery, method=args.method, ablation=args.ablation,
             batch_size=args.batch_size, steps=args.steps, progress=sys.stderr.isatty(),
-            graph=graph,
+            graph=graph, max_memory=args.max_memory,
         )
     top = min(args.top, scores.graph.n_edges)
     _print_scores(scores, top)
+    if "memory" in scores.metadata:
+        print(f"\nwithin max_memory: {_fit_summary(scores.metadata['memory'])}")
     if args.out:
         circuit = Circuit.from_scores(scores, top_n=top_n or top)
         circuit.save(args.out)
@@ -112,3 +119,13 @@ def _print_scores(scores: EdgeScores, top: int) -> None:
     print("\ntop 10 nodes by |total effect|:")
     for name, value in nodes:
         print(f"  {name:<10} {value:+.4f}")
+
+
+def _fit_summary(memory: dict) -> str:
+    """What `ctlens.attribute` changed to fit its budget, from the scores' metadata."""
+    parts = [f"{memory['buffer_dtype']} sender buffer", f"batches of {memory['batch_size']}"]
+    if memory["receivers"] is not None:
+        parts.append(f"{memory['receivers']} receiver column(s) per product")
+    if memory["senders"] is not None:
+        parts.append(f"senders in groups of {memory['senders']}")
+    return ", ".join(parts)

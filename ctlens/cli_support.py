@@ -59,6 +59,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def memory_size(text: str) -> int:
+    """argparse ``type`` of ``--max-memory``: bytes or a size such as ``8GB`` or ``7.5GiB``
+    (`ctlens.memory.parse_bytes`, imported only when the flag is given)."""
+    from ctlens.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a memory size such as 8GB, 7.5GiB or 512MiB, got {text!r}"
+        ) from None
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-thread siblings counted once).
 

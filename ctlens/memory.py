@@ -1,30 +1,41 @@
-"""Fitting attribution into memory: which buffer dtype and batch size a byte budget allows.
+"""Fitting attribution into memory: buffer dtype, receiver and sender chunks, batch size.
 
 Per batch, `ctlens.attribute` holds one buffer of sender activation differences
 ``[n_senders, batch, pos, d_model]`` - its largest allocation (Llama-3.1-8B, 1,057 senders,
 at 8 x 128 tokens: 17.7 GB in fp32) - and the fp32 receiver gradients that wait to be
-multiplied with it (`ctlens.attribution.EapKernel` queues them, about a quarter of the
-sender count, so the buffer is read a few times per backward). `fit_attribution` picks,
-for a budget in bytes:
+multiplied with it (`ctlens.attribution.EapKernel` queues up to a quarter of the sender
+count on large graphs, so the buffer is read a few times per backward, not once per hook).
+`fit_attribution` picks, for a budget in bytes, the first of:
 
-1. an fp32 buffer at the caller's batch size, whenever it fits (the numbers are then
-   exactly those of an unbudgeted run);
-2. else, for a bf16/fp16 model, the buffer in the model's dtype, with the score products
-   still computed in fp32: the buffer's sender rows are upcast ``chunk`` rows at a time,
-   so no fp32 copy of the whole buffer is ever made, and receiver gradients are scored as
-   they arrive instead of queued;
-3. else smaller batches (micro-batches) of the same examples. Scores are means over
-   examples, so they do not change beyond rounding.
+1. the fp32 buffer, full queue, at the caller's batch size (exactly an unbudgeted run);
+2. **receiver chunks**: the fp32 buffer with fewer receiver columns queued per product
+   (down to one hook's columns). Same passes, same fp32 arithmetic per score; only the
+   grouping of the matrix products changes, so scores agree to float rounding;
+3. for a bf16/fp16 model, the buffer in the model's dtype, with the score products still
+   computed in fp32: the buffer's sender rows are upcast ``chunk`` rows at a time, so no
+   fp32 copy of the whole buffer is ever made, and receiver gradients are scored per hook;
+4. smaller batches (micro-batches) of the same examples. Scores are means over examples,
+   so they do not change beyond rounding;
+5. **sender chunks**, when not even one example's buffer fits: the senders are split into
+   ``ceil(n_senders / senders)`` contiguous groups and each group gets its own reference
+   forward, clean forward and backward, filling only its rows of the score matrix. This
+   is what lets long contexts fit (the buffer shrinks with the group, to one sender row),
+   at the price of one set of passes per group; scores are exactly those of one pass.
+   (``eap-ig`` keeps the input sender's row besides, to shift its inputs: one row more.)
 
-If a single example does not fit, the error says how much it needs. Scores stay fp32.
-The budget bounds these buffers - what attribution adds on top of one forward and backward
-pass - not the model's weights or its own activations. Without an explicit budget, half of
-the memory available on the model's device is used (CUDA: free device memory; CPU: the
-kernel's ``MemAvailable``); where that cannot be read, nothing is limited.
+Receiver chunking alone cannot rescue an example whose sender buffer is too large, and
+sender chunking costs whole passes, so the cheap levers go first. If one example does not
+fit even with one sender per pass, the error says how much it needs, before anything is
+allocated. Scores stay fp32. The budget bounds these buffers - what attribution adds on top
+of one forward and backward pass - not the model's weights or its own activations
+(`ctlens.plan` adds those). Without an explicit budget, half of the memory available on
+the model's device is used (CUDA: free device memory; CPU: the kernel's ``MemAvailable``);
+where that cannot be read, nothing is limited.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +55,22 @@ class AttributionFit:
     buffer_dtype: torch.dtype  # dtype of the sender-difference buffer
     chunk: int | None  # sender rows upcast to fp32 at a time (None: the buffer is fp32)
     budget: int | None  # bytes (None: unlimited)
+    receivers: int | None = None  # receiver columns queued per product (None: the default)
+    senders: int | None = None  # sender rows per pass (None: all, one set of passes)
 
     def changed(self, batch_size: int | None) -> bool:
         """True when this fit differs from an unbudgeted run at ``batch_size``."""
-        return self.buffer_dtype != torch.float32 or self.batch_size != batch_size
+        return (
+            self.buffer_dtype != torch.float32
+            or self.batch_size != batch_size
+            or self.receivers is not None
+            or self.senders is not None
+        )
+
+    def sender_groups(self, n_senders: int) -> list[range]:
+        """The contiguous sender ranges scored by separate passes (one range: all)."""
+        size = n_senders if self.senders is None else self.senders
+        return [range(s, min(s + size, n_senders)) for s in range(0, n_senders, size)]
 
     def as_metadata(self) -> dict[str, Any]:
         """A JSON-ready record for `EdgeScores.metadata`."""
@@ -56,6 +79,8 @@ class AttributionFit:
             "batch_size": self.batch_size,
             "buffer_dtype": str(self.buffer_dtype).removeprefix("torch."),
             "chunk": self.chunk,
+            "receivers": self.receivers,
+            "senders": self.senders,
         }
 
 
@@ -96,61 +121,123 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def default_queue(rows: int, chunk: int | None) -> int:
+    """Receiver columns `ctlens.attribution.EapKernel` queues per product by default: a
+    quarter of a large fp32 buffer's rows (at least 16), else 1 (each hook scored at once;
+    on small buffers one product per hook avoids the copies batching takes)."""
+    return max(16, rows // 4) if chunk is None and rows > 256 else 1
+
+
 def bytes_per_example(
-    n_senders: int, seq: int, d_model: int, n_heads: int, itemsize: int, chunk: int | None
+    rows: int, seq: int, d_model: int, width: int, itemsize: int, chunk: int | None,
+    queue: int | None = None,
 ) -> int:
-    """Attribution's buffer bytes per example: the sender buffer, the fp32 receiver
-    gradients `ctlens.attribution.EapKernel` holds twice (queue and concatenation) and, for
-    a low-precision buffer, ``chunk`` sender rows upcast to fp32. ``chunk=None`` (an fp32
-    buffer): gradients are queued, up to a quarter of the sender count (at least 16) plus
-    one layer's heads; with a ``chunk`` each hook is scored at once, one layer's heads."""
-    queued = max(16, n_senders // 4) + n_heads if chunk is None else n_heads
-    return seq * d_model * (n_senders * itemsize + 2 * queued * 4 + (chunk or 0) * 4)
+    """Attribution's buffer bytes per example: ``rows`` sender rows of ``itemsize`` bytes,
+    the fp32 receiver gradients `ctlens.attribution.EapKernel` holds twice (queue and
+    concatenation: up to ``queue - 1`` columns plus one hook's ``width``) and, for a
+    low-precision buffer, ``chunk`` sender rows upcast to fp32. ``queue=None``: the
+    kernel's default (`default_queue`)."""
+    queue = default_queue(rows, chunk) if queue is None else queue
+    return seq * d_model * (rows * itemsize + 2 * (queue - 1 + width) * 4 + (chunk or 0) * 4)
+
+
+def fit_buffers(
+    n_senders: int,
+    seq: int,
+    d_model: int,
+    width: int,
+    dtype: torch.dtype,
+    n_examples: int,
+    batch_size: int | None,
+    budget: int | None,
+) -> AttributionFit:
+    """`fit_attribution` from shapes alone (also what `ctlens.plan` predicts with).
+
+    ``width`` is the widest receiver hook (heads, or MLP neuron groups if more); ``dtype``
+    the model's. The regimes are tried in the module docstring's order.
+    """
+    want = n_examples if batch_size is None else min(batch_size, n_examples)
+
+    def need(rows: int, itemsize: int, chunk: int | None, queue: int | None = None) -> int:
+        return bytes_per_example(rows, seq, d_model, width, itemsize, chunk, queue)
+
+    full = default_queue(n_senders, None)
+    if budget is None or want * need(n_senders, 4, None) <= budget:
+        return AttributionFit(batch_size, torch.float32, None, budget)
+    per_column = seq * d_model * 2 * 4  # one more queued receiver column, twice, fp32
+    base = need(n_senders, 4, None, 1)
+    if full > 1 and want * base <= budget:  # receiver chunks
+        queue = min(full - 1, 1 + (budget // want - base) // per_column)
+        return AttributionFit(batch_size, torch.float32, None, budget, receivers=int(queue))
+    low = dtype.is_floating_point and dtype.itemsize < 4
+    item = dtype.itemsize if low else 4
+    buffer_dtype = dtype if low else torch.float32
+    if low:  # a low-precision buffer, upcast ``chunk`` rows at a time
+        row = want * seq * d_model * 4
+        chunk = min(n_senders // 2, (budget - want * need(n_senders, item, 1) + row) // row)
+        if chunk >= 1:
+            return AttributionFit(batch_size, dtype, int(chunk), budget)
+
+    def chunk_of(rows: int) -> int | None:
+        return min(rows, _CHUNK) if low else None
+
+    micro = budget // need(n_senders, item, chunk_of(n_senders), 1)
+    if micro >= 1:  # micro-batches; an fp32 buffer queues what the rest of the budget holds
+        queue = 1 if low else min(full, 1 + (budget // micro - base) // per_column)
+        receivers = None if queue == default_queue(n_senders, chunk_of(n_senders)) else queue
+        return AttributionFit(int(micro), buffer_dtype, chunk_of(n_senders), budget, receivers)
+    return _sender_chunks(n_senders, want, budget, item, buffer_dtype, chunk_of, need)
+
+
+def _sender_chunks(
+    n_senders: int, want: int, budget: int, item: int, buffer_dtype: torch.dtype,
+    chunk_of: Any, need: Any,
+) -> AttributionFit:
+    """Regime 5: the fewest sender groups whose buffer holds one example, or an error."""
+
+    def one(rows: int) -> int:
+        return need(rows, item, chunk_of(rows), 1)
+
+    if one(1) > budget:
+        raise ValueError(
+            f"attribution needs about {one(1) / 1e9:.3g} GB per example here even with one "
+            f"sender per pass (and {one(n_senders) / 1e9:.3g} GB with all {n_senders}), more "
+            f"than max_memory={budget / 1e9:.3g} GB; raise max_memory, shorten the prompts, "
+            "or attribute a smaller model"
+        )
+    lo, hi = 1, n_senders  # one(lo) fits, one(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if one(mid) <= budget else (lo, mid)
+    rows = math.ceil(n_senders / math.ceil(n_senders / lo))  # balanced groups
+    batch = min(want, budget // one(rows))
+    receivers = None if default_queue(rows, chunk_of(rows)) == 1 else 1
+    return AttributionFit(int(batch), buffer_dtype, chunk_of(rows), budget, receivers, rows)
 
 
 def fit_attribution(
     model: Any,
-    n_senders: int,
+    graph: Any,
     seq: int,
     n_examples: int,
     batch_size: int | None,
     max_memory: int | str | None,
 ) -> AttributionFit:
-    """Choose the buffer dtype, sender chunk and batch size for a budget (module docstring)."""
+    """Choose buffer dtype, chunks and batch size for ``graph`` on ``model`` (module docstring)."""
     if max_memory is None:
         free = available_memory(next(model.parameters()).device)
         budget = None if free is None else free // 2
     else:
         budget = parse_bytes(max_memory)
-    want = n_examples if batch_size is None else min(batch_size, n_examples)
-    d_model, n_heads = int(model.cfg.d_model), int(model.cfg.n_heads)
-
-    def need(itemsize: int, chunk: int | None) -> int:
-        return bytes_per_example(n_senders, seq, d_model, n_heads, itemsize, chunk)
-
-    if budget is None or want * need(4, None) <= budget:
-        return AttributionFit(batch_size, torch.float32, None, budget)
+    width = max(int(model.cfg.n_heads), graph.spec.mlp_groups)
     dtype = next(model.parameters()).dtype
-    chunk: int | None
-    if dtype.is_floating_point and dtype.itemsize < 4:
-        row = want * seq * d_model * 4  # one sender row upcast
-        room = budget - want * need(dtype.itemsize, 1) + row
-        chunk = min(n_senders // 2, room // row)
-        if chunk >= 1:
-            return AttributionFit(batch_size, dtype, int(chunk), budget)
-        chunk = min(n_senders, _CHUNK)
-        per_example = need(dtype.itemsize, chunk)
-    else:
-        dtype, chunk, per_example = torch.float32, None, need(4, None)
-    micro = budget // per_example
-    if micro < 1:
-        raise ValueError(
-            f"attribution needs about {per_example / 1e9:.3g} GB per example here (a buffer "
-            f"of {n_senders} senders x {seq} positions x d_model {d_model}), more than "
-            f"max_memory={budget / 1e9:.3g} GB; raise max_memory, shorten the prompts, or "
-            "attribute a smaller model"
-        )
-    return AttributionFit(int(micro), dtype, chunk, budget)
+    return fit_buffers(
+        graph.n_senders, seq, int(model.cfg.d_model), width, dtype, n_examples, batch_size,
+        budget,
+    )
 
 
-__all__ = ["AttributionFit", "available_memory", "fit_attribution", "parse_bytes"]
+__all__ = [
+    "AttributionFit", "available_memory", "bytes_per_example", "default_queue", "fit_attribution",
+    "fit_buffers", "parse_bytes",
+]

@@ -9,7 +9,12 @@ weights, no memory). It adds up what the ctlens code keeps alive at its peak:
   frozen slices exact (a copy of each partly-trainable attention matrix, its bool mask and
   its gradient scale). Embeddings, unembedding and norms are frozen, as by default.
 - the **sender buffer** ``[n_senders, batch, pos, d_model]`` in fp32 that EAP, EAP-IG and
-  batch discovery fill, the fp32 **score** matrix and the mean activations;
+  batch discovery fill, the fp32 **receiver gradients** queued to be multiplied with it,
+  the fp32 **score** matrix and the mean activations. For attribution with a budget, the
+  buffers are fitted exactly as `ctlens.attribute` fits them (`ctlens.memory.fit_buffers`,
+  given what the budget leaves after weights, activations and logits): fewer queued
+  receiver columns, a bf16/fp16 buffer, smaller batches or sender chunks, and the plan
+  reports that fit and the ``max_memory`` that reproduces it;
 - the **activations** autograd keeps for the backward. ctlens asks the bridge for per-head
   q/k/v inputs and per-head outputs (``[batch, pos, heads, d_model]`` tensors, normalised
   per head), and residual-width copies dominate; they are modelled per layer and token
@@ -35,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from ctlens.memory import AttributionFit, bytes_per_example, default_queue, fit_buffers
 
 Mode = Literal["attribute", "forward", "tune"]
 MODES: tuple[str, ...] = ("attribute", "forward", "tune")
@@ -105,6 +112,8 @@ class Plan:
     budget_bytes: int | None = None
     recommended_batch: int | None = None
     notes: list[str] = field(default_factory=list)
+    attribution: AttributionFit | None = None  # attribute mode: how its buffers are fitted
+    max_memory: int | None = None  # attribute mode with a budget: the max_memory to pass
 
     @property
     def peak_bytes(self) -> int:
@@ -125,6 +134,8 @@ class Plan:
             "peak_bytes": self.peak_bytes, "parts": dict(self.parts),
             "budget_bytes": self.budget_bytes, "fits": self.fits,
             "recommended_batch": self.recommended_batch, "notes": list(self.notes),
+            "attribution": None if self.attribution is None else self.attribution.as_metadata(),
+            "max_memory": self.max_memory,
         }
 
     def table(self) -> str:
@@ -197,21 +208,24 @@ def plan(
     shape = model_shape(model, dtype)
     budget_bytes = None if budget is None else parse_bytes(budget)
 
-    def at(batch: int) -> Plan:
+    def at(batch: int, fit: AttributionFit | None = None) -> Plan:
         parts = _parts(shape, mode, method, batch, seq_len, mlp_groups, ranks, shard,
-                       vocab_positions)
+                       vocab_positions, fit)
         return Plan(shape, mode, method if mode == "attribute" else None, batch, seq_len,
-                    ranks, shard, parts)
+                    ranks, shard, parts, attribution=fit)
 
     result = at(batch_size)
     buffer = result.parts.get("sender buffer", 0)
-    if buffer > 0.25 * result.peak_bytes:
+    if budget_bytes is None and buffer > 0.25 * result.peak_bytes:
         result.notes.append(
             f"the fp32 sender buffer is {buffer / result.peak_bytes:.0%} of the peak; "
-            "ctlens does not chunk it yet, so a smaller batch is the way to shrink it"
+            "with a budget, attribution chunks it (ctlens.memory): plan it with --budget"
         )
     if budget_bytes is not None:
         usable = int(budget_bytes * (1 - safety))
+        if mode == "attribute":
+            return _fit_attribution(at, shape, batch_size, seq_len, mlp_groups, budget_bytes,
+                                    usable, safety)
         smallest = at(ranks)
         if smallest.peak_bytes > usable:
             raise MemoryBudgetError(
@@ -223,22 +237,97 @@ def plan(
                 "sequence or a smaller dtype"
             )
         result.budget_bytes = budget_bytes
-        result.recommended_batch = _largest_batch(at, usable, ranks)
+        result.recommended_batch = _largest_batch(lambda b: at(b).peak_bytes <= usable, ranks)
         result.notes.append(f"budget keeps {safety:.0%} headroom for allocator overhead")
     return result
 
 
-def _largest_batch(at: Any, usable: int, step: int) -> int:
-    """The largest multiple of ``step`` whose peak fits ``usable`` bytes (peaks grow with it)."""
+def _fit_attribution(
+    at: Any, shape: ModelShape, batch_size: int, seq_len: int, mlp_groups: int,
+    budget_bytes: int, usable: int, safety: float,
+) -> Plan:
+    """An attribution plan within a budget, fitted as `ctlens.attribute` fits its buffers.
+
+    Attribution's ``max_memory`` covers its buffers only, and the batch it runs at sets the
+    model's activations too, so the plan takes the largest batch ``r <= batch_size`` whose
+    weights, activations and logits leave a ``max_memory`` with which `ctlens.attribute`
+    runs batches of at most ``r``, choosing the ``r`` whose batches are largest; the parts
+    are those of the batch that then runs.
+    """
+    n_send, _ = shape.graph_size(mlp_groups)
+    width = max(shape.n_heads, mlp_groups)
+
+    def room(batch: int) -> int:  # what the budget leaves attribution's buffers at ``batch``
+        parts = at(batch).parts
+        return usable - sum(v for k, v in parts.items() if k not in _BUFFERS)
+
+    def fit(batch: int, want: int) -> AttributionFit | None:
+        """The fit for ``want`` examples per call with the room left at ``batch``, if it
+        runs batches of at most ``batch``."""
+        if room(batch) < 1:
+            return None
+        try:
+            chosen = fit_buffers(n_send, seq_len, shape.d_model, width, shape.dtype, want, want,
+                                 room(batch))
+        except ValueError:
+            return None
+        return chosen if (chosen.batch_size or want) <= batch else None
+
+    fits = [(r, f) for r in range(batch_size, 0, -1) if (f := fit(r, batch_size))]
+    if not fits:
+        raise MemoryBudgetError(
+            f"{shape.name} cannot attribute in {budget_bytes / GIB:.2f} GiB ({safety:.0%} kept "
+            f"free): at one row of {seq_len} tokens, weights, activations and logits leave "
+            f"{room(1) / GIB:.2f} GiB, less than one example's sender buffer even with one "
+            "sender per pass; use a larger device, a shorter sequence or a smaller dtype"
+        )
+    # the largest batch that runs; for equal batches the most room (the cheapest regime)
+    r, chosen = max(fits, key=lambda rf: (rf[1].batch_size or batch_size, -rf[0]))
+    result = at(chosen.batch_size or batch_size, chosen)
+    result.batch_size = batch_size
+    result.budget_bytes = budget_bytes
+    result.max_memory = room(r)
+    result.recommended_batch = _largest_batch(
+        lambda b: (f := fit(b, b)) is not None and f.batch_size == b, 1
+    )
+    result.notes += [
+        f"attribute(..., batch_size={batch_size}, max_memory={room(r)}) runs "
+        f"{_describe(chosen, batch_size, n_send)}",
+        f"budget keeps {safety:.0%} headroom for allocator overhead",
+    ]
+    return result
+
+
+_BUFFERS = ("sender buffer", "receiver gradients")
+
+
+def _describe(fit: AttributionFit, batch_size: int, n_senders: int) -> str:
+    """How a fit runs, in words (for the plan's notes)."""
+    what = [f"a {str(fit.buffer_dtype).removeprefix('torch.')} sender buffer"]
+    if fit.chunk is not None:
+        what.append(f"upcast {fit.chunk} rows at a time")
+    if fit.receivers is not None:
+        what.append(f"{fit.receivers} receiver column(s) per product")
+    if fit.batch_size not in (None, batch_size):
+        what.append(f"batches of {fit.batch_size}")
+    if fit.senders is not None:
+        groups = len(fit.sender_groups(n_senders))
+        what.append(f"senders in {groups} groups of up to {fit.senders} ({groups} sets of "
+                    "passes per batch)")
+    return ", ".join(what)
+
+
+def _largest_batch(fits: Any, step: int) -> int:
+    """The largest multiple of ``step`` that ``fits`` (which holds below any batch it holds for)."""
     lo, hi = step, step
-    while at(hi * 2).peak_bytes <= usable and hi < 2**20:
+    while fits(hi * 2) and hi < 2**20:
         lo, hi = hi * 2, hi * 2
     hi *= 2
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         if mid <= lo:
             break
-        if at(mid).peak_bytes <= usable:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
@@ -247,9 +336,10 @@ def _largest_batch(at: Any, usable: int, step: int) -> int:
 
 def _parts(
     s: ModelShape, mode: str, method: str, batch: int, seq: int, mlp_groups: int,
-    ranks: int, shard: bool, positions: int,
+    ranks: int, shard: bool, positions: int, fit: AttributionFit | None = None,
 ) -> dict[str, int]:
-    """The named parts of the peak (bytes) for one device."""
+    """The named parts of the peak (bytes) for one device (attribution's buffers as
+    ``fit`` chooses them; default: unbudgeted)."""
     wb = s.bytes_per_param
     rows = math.ceil(batch / ranks)
     n = rows * seq  # tokens per forward on this device
@@ -264,10 +354,17 @@ def _parts(
     parts["activations"] = int(n * s.n_layers * per_token * wb)
     scores = n_send * n_recv * 4
     if mode == "attribute":
-        parts["sender buffer"] = n_send * n * d * 4
+        fit = fit or AttributionFit(None, torch.float32, None, None)
+        buffer_rows = n_send if fit.senders is None else fit.senders
+        item = torch.empty((), dtype=fit.buffer_dtype, device="meta").element_size()
+        parts["sender buffer"] = n * d * (buffer_rows * item + 4 * (fit.chunk or 0))
         parts["scores"] = scores
-        # one receiver hook's fp32 gradient and its permuted copy, the metric's logits
-        parts["backward transients"] = 2 * n * H * d * 4 + 3 * rows * positions * s.vocab * 4
+        # the fp32 receiver gradients queued (and concatenated) for one product
+        queue = fit.receivers or default_queue(buffer_rows, fit.chunk)
+        gradients = bytes_per_example(0, seq, d, max(H, mlp_groups), item, None, queue)
+        parts["receiver gradients"] = rows * gradients
+        # the metric's logits
+        parts["backward transients"] = 3 * rows * positions * s.vocab * 4
         if method == "eap-ig":
             parts["backward transients"] += n * d * 4
         return parts

@@ -361,6 +361,28 @@ def test_a_write_that_fails_late_is_one_line_and_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_discover_max_memory_chunks_senders_and_keeps_the_scores(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """--max-memory reaches attribution: under 150KB one example's buffer of tiny-gpt2's 28
+    senders no longer fits, so they are scored in groups, with the same top edges."""
+    argv = ["discover", "--model", "zoo:tiny-gpt2", "--n", "4", "--batch-size", "4",
+            "--top", "8", "--threads", "1"]
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert "within max_memory" not in plain
+    assert cli.main([*argv, "--max-memory", "150KB"]) == 0
+    fitted = capsys.readouterr().out
+    assert "within max_memory: float32 sender buffer, batches of 1, senders in groups of 10" \
+        in fitted
+    assert fitted.split("\nwithin max_memory")[0] == plain  # the same edges and scores
+    _one_line_error(capsys, [*argv, "--max-memory", "90KB"], "even with one sender per pass")
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--max-memory", "lots"])
+    assert stop.value.code == 2
+    assert "expected a memory size such as 8GB" in capsys.readouterr().err
+
+
 # --- report and diff ---------------------------------------------------------------------
 
 
@@ -378,3 +400,24 @@ def test_report_and_diff_print_their_phases(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "d.html"
     assert cli.main(["diff", str(snapshots[0]), str(snapshots[-1]), "-o", str(out)]) == 0
     assert "drawing and writing the diff ..." in capsys.readouterr().err and out.is_file()
+
+
+def test_tune_max_memory_reaches_the_config(capsys: pytest.CaptureFixture) -> None:
+    """``ctlens tune --max-memory`` is TuneConfig.max_memory (what task discovery passes to
+    `ctlens.attribute`); a bad size is a usage error before anything runs."""
+    import argparse
+
+    from ctlens.tuning.cli import add_tune_commands
+    from ctlens.tuning.config import TuneConfig
+
+    parser = argparse.ArgumentParser(prog="ctlens")
+    add_tune_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["tune", "--out", "run", "--max-memory", "1.5GiB"])
+    assert args.max_memory == int(1.5 * 2**30)
+    assert parser.parse_args(["tune", "--out", "run"]).max_memory is None
+    with pytest.raises(ValueError, match="is not a size"):
+        TuneConfig(max_memory="lots")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["tune", "--out", "run", "--max-memory", "3 parsecs"])
+    assert stop.value.code == 2
+    assert "expected a memory size" in capsys.readouterr().err

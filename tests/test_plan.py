@@ -208,3 +208,56 @@ def test_plan_and_delta_commands_are_registered(capsys: pytest.CaptureFixture) -
     assert err.startswith("ctlens plan: error: llama-3.1-8b needs") and err.count("\n") == 1
     assert main(["apply-delta", "base", "nowhere", "--out", "x"]) == 2
     assert "is not a ctlens delta" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mlp_groups", "regime"),
+    [("float32", 128, "receivers"), ("bfloat16", 1, "chunk"), ("float32", 1, "micro"),
+     ("bfloat16", 1, "senders"), ("float32", 1, "senders")],
+)
+def test_attribution_plan_fits_as_attribute_does(dtype: str, mlp_groups: int, regime: str) -> None:
+    """With a budget, the plan's attribution buffers are the fit `ctlens.attribute` makes
+    with the ``max_memory`` the plan names: same regime, same batch, within the budget."""
+    from conftest import tiny_gpt2_module
+
+    from ctlens.memory import bytes_per_example, fit_attribution
+
+    model = ctlens.load_model(tiny_gpt2_module(dtype=getattr(torch, dtype)))
+    graph = ctlens.Graph.from_model(model, mlp_groups=mlp_groups)
+    seq, batch = 64, 8
+    runs = {"micro": 3, "senders": 1}.get(regime, batch)  # the batch the fit should run
+    free = ctlens.plan(model, batch_size=runs, seq_len=seq, mlp_groups=mlp_groups)
+    fixed = free.peak_bytes - free.parts["sender buffer"] - free.parts["receiver gradients"]
+    width = max(model.cfg.n_heads, mlp_groups)
+
+    def per_example(rows: int, item: int, chunk: int | None, queue: int | None) -> int:
+        return bytes_per_example(rows, seq, model.cfg.d_model, width, item, chunk, queue)
+
+    s, item = graph.n_senders, 2 if dtype == "bfloat16" else 4
+    buffers = {  # attribution buffers that force each regime at batch 8
+        "receivers": batch * per_example(s, 4, None, 2),
+        "chunk": batch * per_example(s, 2, 2, 1),
+        "micro": 3 * per_example(s, 4, None, 1),
+        "senders": per_example(s // 2, item, min(s // 2, 16) if item == 2 else None, 1),
+    }[regime]
+    budget = int((fixed + buffers) / 0.9) + 1
+    p = ctlens.plan(model, batch_size=batch, seq_len=seq, mlp_groups=mlp_groups, budget=budget)
+    fit = p.attribution
+    assert fit is not None and p.max_memory is not None and p.fits
+    assert fit == fit_attribution(model, graph, seq, batch, batch, p.max_memory)
+    assert {"receivers": fit.receivers is not None, "chunk": fit.chunk is not None
+            and fit.batch_size == batch, "micro": fit.batch_size == runs and fit.senders is None,
+            "senders": fit.senders is not None}[regime]
+    run = fit.batch_size or batch
+    rows = graph.n_senders if fit.senders is None else fit.senders
+    item = fit.buffer_dtype.itemsize
+    assert p.parts["sender buffer"] + p.parts["receiver gradients"] == run * per_example(
+        rows, item, fit.chunk, fit.receivers
+    ) <= p.max_memory
+    assert "attribute(..., batch_size=8, max_memory=" in p.table()
+
+
+def test_attribution_plan_refuses_what_even_sender_chunks_cannot_fit() -> None:
+    with pytest.raises(MemoryBudgetError, match="even with one sender per pass"):
+        ctlens.plan("llama-3.1-8b", dtype="bfloat16", seq_len=8192, batch_size=1,
+                    budget="80GB")

@@ -19,6 +19,7 @@ import sys
 import typing
 from typing import Any
 
+from ctlens.cli_support import memory_size
 from ctlens.sizes import parse_size
 from ctlens.tuning.config import TuneConfig
 
@@ -40,6 +41,8 @@ _HELP: dict[str, str] = {
     "batch_metric": "what batch discovery differentiates: the task metric or minus the loss",
     "discovery_ablation": "ablation for --discovery task",
     "discovery_batches": "batches of discovery pairs per task discovery",
+    "max_memory": "memory budget of task discovery's attribution, e.g. 8GB (default: half "
+    "of what is free on the device)",
     "ema": "moving average of scores across rediscoveries (0: off)",
     "selection": "top_n: largest |score|; top_nodes: |score| x both ends' summed |scores| (paper)",
     "optimizer": "adamw, or sgd with --momentum (the paper's official code)",
@@ -92,7 +95,9 @@ def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different run in --out (only the run's own files)")
-    p.add_argument("--n", type=int, default=256, help="examples per discovery/eval set")
+    p.add_argument("--n", "--n-examples", dest="n", type=int, default=256,
+                   help="examples per discovery/eval set (under torchrun write --n-examples: "
+                        "torchrun reads a bare --n as an abbreviation of its own options)")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -119,6 +124,8 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     elif field.name in ("top_n", "top_n_start"):
         kind = parse_size if field.name == "top_n" else _optional(parse_size)
         p.add_argument(flag, type=kind, default=default, help=help_text)
+    elif field.name == "max_memory":
+        p.add_argument(flag, type=memory_size, default=default, help=help_text)
     elif field.name == "betas":
         p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
                        help=help_text)

@@ -76,6 +76,9 @@ class TuneConfig:
         discovery_ablation: ablation for ``"task"`` discovery: a `ctlens.types.Ablation`
             value, ``"corrupt"``, ``"mean"`` or ``"zero"``.
         discovery_batches: batches of ``batch_size`` discovery pairs per ``"task"`` discovery.
+        max_memory: the memory budget of ``"task"`` discovery's attribution (and of the
+            monitor circuit's), bytes or a size such as ``"8GB"``: `ctlens.attribute`'s
+            ``max_memory`` (None: half of what is free on the device).
         ema: exponential moving average of scores across rediscoveries
             (``s = ema * s_old + (1 - ema) * s_new``; 0 disables it).
         selection: how the N edges are chosen: ``"top_n"`` (largest |score|) or
@@ -124,6 +127,7 @@ class TuneConfig:
     batch_metric: Literal["task", "loss"] = "task"
     discovery_ablation: str = field(default="mean", metadata={"choices": ABLATIONS})
     discovery_batches: int = 4
+    max_memory: int | str | None = None
     ema: float = 0.0
     selection: Literal["top_n", "top_nodes"] = "top_n"
     train_embeddings: bool = False
@@ -192,6 +196,10 @@ class TuneConfig:
                 )
         if self.eval_examples is not None:
             _positive_int("eval_examples", self.eval_examples)
+        if self.max_memory is not None:
+            from ctlens.memory import parse_bytes
+
+            parse_bytes(self.max_memory)  # a clear error now, not at the first discovery
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not _finite(self.lr) or self.lr <= 0:

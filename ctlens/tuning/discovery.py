@@ -72,6 +72,7 @@ def task_scores(
     result = attribute(
         model, chosen[local], ablation=config.discovery_ablation, reference=reference,
         batch_size=config.batch_size, progress=False, graph=graph,
+        max_memory=config.max_memory,
     )
     return world.sum_(result.scores * (len(local) / want))
 
@@ -202,7 +203,8 @@ class CircuitDiscovery:
         if cfg.eval_examples is not None:
             data = data[: cfg.eval_examples]
         scores = attribute(self.model, data, ablation=cfg.discovery_ablation,
-                           batch_size=cfg.batch_size, progress=False, graph=self.graph)
+                           batch_size=cfg.batch_size, progress=False, graph=self.graph,
+                           max_memory=cfg.max_memory)
         n = top_n_after(cfg, step, self.graph.n_edges)
         circuit = Circuit.from_scores(scores, top_n=n)
         circuit.metadata = {"step": step, "top_n": n, "mode": cfg.mode, "discovery": "monitor"}

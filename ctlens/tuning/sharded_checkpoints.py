@@ -136,7 +136,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dict[str
         return
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = parameter_names(model)
-    for i, entry in saved["state"].items():
+    # consolidated states are numbered as an unsharded run's; a sharded GPT-2's optimizer
+    # lists its unfused q/k/v instead of c_attn (`ctlens.tuning.fused`)
+    live = saved if sharding is None else sharding.unfused.from_fused_order(saved)
+    for i, entry in live["state"].items():
         p = params[int(i)]
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
