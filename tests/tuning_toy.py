@@ -107,6 +107,7 @@ def main(spec: dict) -> None:
             if config.shard else None
         torch.save({"scores": scores, "weights": state, "local_bytes": local},
                    Path(ddp["dump"]) / f"rank{ddp['rank']}.pt")
+        dist.barrier()  # leave together, as `ctlens tune` does
     finally:
         dist.destroy_process_group()
 

@@ -188,8 +188,11 @@ def run_tune(args: argparse.Namespace) -> int:
     except RunWriteError as err:
         print(f"ctlens tune: error: {err.strerror}", file=sys.stderr)
         return 2
-    if config.shard is not None and torch.distributed.get_rank() != 0:
-        return 0  # rank 0 reports
+    if config.shard is not None:
+        rank = torch.distributed.get_rank()
+        _stop_process_group()
+        if rank != 0:
+            return 0  # rank 0 reports
     summary = {k: result.metrics.get(k) for k in
                ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))
@@ -197,6 +200,15 @@ def run_tune(args: argparse.Namespace) -> int:
           f"{', model/' if result.model_dir else ''}); plot with: ctlens report {result.out_dir}",
           file=sys.stderr)
     return 0
+
+
+def _stop_process_group() -> None:
+    """Leave together: every rank waits for the others, then closes its connections (a
+    rank that exits while a peer still talks to it can abort that peer)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _start_process_group(device: str | None) -> tuple[str | None, str | None]:

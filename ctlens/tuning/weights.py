@@ -221,9 +221,29 @@ def plain_hf_copy(model: Any, device: str | torch.device | None = None) -> torch
     with torch.device("meta"):
         fresh = type(source)(source.config)
     fresh.load_state_dict(state, strict=True, assign=True)
+    _fill_buffers(fresh, source, device)
     if getattr(source.config, "tie_word_embeddings", False):
         fresh.tie_weights()
     return fresh.eval()
+
+
+def _fill_buffers(fresh: torch.nn.Module, source: torch.nn.Module,
+                  device: str | torch.device | None) -> None:
+    """Copy the buffers a state dict leaves on the meta device (non-persistent ones, such as
+    Llama's rotary ``inv_freq``) from ``source``, whose module names may carry the bridge's
+    ``_original_component`` wrappers."""
+    buffers = {n.replace("._original_component", ""): b for n, b in source.named_buffers()}
+    for name, buffer in list(fresh.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if name not in buffers:
+            raise RuntimeError(f"cannot copy the model: its buffer {name} has no counterpart "
+                               "in the bridge's HF module")
+        owner, _, leaf = name.rpartition(".")
+        module = fresh.get_submodule(owner)
+        original = buffers[name]
+        module.register_buffer(leaf, original.detach().clone().to(device or original.device),
+                               persistent=leaf not in module._non_persistent_buffers_set)
 
 
 def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> Path:
