@@ -17,6 +17,8 @@ from plotly.subplots import make_subplots
 KINDS = ("attention q/k/v", "attention out", "MLP in", "MLP out", "embeddings", "norms",
          "unembedding")
 TRAINABLE_KINDS = KINDS[:4]
+KIND_COLOURS = dict(zip(KINDS, ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a",
+                                "#19d3f3", "#ff6692"), strict=True))
 COLOURS = {"full": "#444444", "gradient": "#1f77b4", "forward": "#17becf",
            "random-parameters": "#d62728", "random-composition": "#ff7f0e", "lora": "#2ca02c"}
 
@@ -40,6 +42,18 @@ def _shown(c: dict[str, Any], groups: int, paper: bool) -> bool:
 def _line(mode: str) -> dict[str, Any]:
     return {"color": COLOURS.get(mode.removeprefix(PAPER)),
             "dash": "dash" if mode.startswith(PAPER) else "solid"}
+
+
+def _loss_range(results: dict[str, Any], model: str, groups: int, paper: bool) -> list[float]:
+    """The general-loss axis of ``model``'s panels: every shown mode's mean path but
+    ``forward``'s, whose loss runs far off (its lines leave the panel; the tables have its
+    numbers)."""
+    values = [g[0] for c in results["conditions"] if c["model"] == model
+              and _shown(c, groups, paper) and c["mode"] != "forward"
+              for g in c["curve"]["general"]]
+    low, high = min(values), max(values)
+    pad = 0.05 * (high - low)
+    return [low - pad, high + pad]
 
 
 def pareto_figure(results: dict[str, Any], groups: int = 1, paper: bool = False) -> go.Figure:
@@ -74,13 +88,15 @@ def pareto_figure(results: dict[str, Any], groups: int = 1, paper: bool = False)
                     hovertext=[f"step {s}" for s in curve["step"]],
                 ), row=row, col=col)
                 shown.add(c["mode"])
-            fig.update_xaxes(title_text="general LM loss", row=row, col=col)
+            fig.update_xaxes(title_text="general LM loss",
+                             range=_loss_range(results, model, groups, paper), row=row, col=col)
         fig.update_yaxes(title_text="target: logit(wrong) - logit(right)", row=row, col=1)
     what = ("the authors' options (SGD, top-nodes, sequence loss)" if paper else "AdamW")
     mlps = "ungrouped MLPs" if groups == 1 else f"MLPs in {groups} neuron groups"
     fig.update_layout(title=f"Target vs general LM loss during training: {what}, {mlps}"
                             "<br><sub>mean and 95 % t-interval over seeds; up-left is "
-                            "better</sub>",
+                            "better; the axis spans every mode but forward, whose loss runs "
+                            "past it</sub>",
                       height=380 * max(1, len(models)), width=420 * n_cols + 160,
                       template="plotly_white")
     return fig
@@ -106,6 +122,7 @@ def moved_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
                   for c in conds]
         for kind in KINDS:
             fig.add_trace(go.Bar(x=labels, y=[c["moved_by_kind"][kind] / total for c in conds],
+                                 marker_color=KIND_COLOURS[kind],
                                  name=kind, legendgroup=kind, showlegend=kind not in shown),
                           row=row, col=1)
             shown.add(kind)
