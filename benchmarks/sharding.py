@@ -195,7 +195,7 @@ before sharding it. Ranks are listed as rank 0 / rank 1.
 
 {table}
 
-Parameters and optimizer state per rank are half under FSDP, as the issue expects. Since
+Parameters and optimizer state per rank are half under FSDP, as 2 ranks should give. Since
 the training step, each rediscovery's trainable masks (built from parameter shapes and cut
 to local rows), evaluation (every rank runs the sharded forward, block by block),
 `params_moved` (local rows against the start weights' rows read from the run's file) and
