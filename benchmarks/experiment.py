@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--models", default="zoo:tiny-gpt2,zoo:tiny-llama")
         p.add_argument("--groups", default="1,8",
                        help="MLP neuron groups per MLP (1: ungrouped), comma-separated")
-        p.add_argument("--sizes", default="0.01,0.04,0.15",
+        p.add_argument("--sizes", default="0.015,0.04,0.15",
                        help="circuit sizes as fractions of the valid edges")
         p.add_argument("--modes", default=",".join(MODES))
         p.add_argument("--seeds", default="1,2,3", help="reported seeds")
