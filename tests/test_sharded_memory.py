@@ -26,7 +26,7 @@ from ctlens.tuning import TuneConfig
 from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
 from ctlens.tuning.local_shards import StartWeights, local_index, local_masks
-from ctlens.tuning.rundir import RunDir
+from ctlens.tuning.rundir import RunDir, load_torch
 
 TOY = Path(__file__).with_name("tuning_toy.py")
 
@@ -105,14 +105,18 @@ def _free_port() -> int:
     {"mode": "full"},
     {"mode": "random", "random_match": "edges"},
     {"discovery": "task", "discovery_batches": 2},
-], ids=["gradient", "full", "random-edges", "task-discovery"])
+    {"mode": "forward"},
+    {"mode": "both", "discovery": "task", "discovery_batches": 2},
+], ids=["gradient", "full", "random-edges", "task-discovery", "forward", "both-task"])
 def test_sharded_run_never_gathers_and_matches_one_process(tmp_path: Path, extra: dict) -> None:
     """2 gloo ranks (tiny Llama: no fused q/k/v), shard='fsdp', DCP checkpoints, no export,
     with `Sharding.gathered` and `Sharding.optimizer_state` raising: the run completes
     (training, two rediscoveries or monitor circuits, evaluations and checkpoints gather
     nothing), and its metrics and final weights equal the unsharded one-process run's
     (metrics within 1e-4, trainable fraction exactly), in every mode that runs without
-    gathering (``random_match="parameters"`` / ``"composition"`` gather to size the match)."""
+    gathering (``random_match="parameters"`` / ``"composition"`` gather to size the match);
+    in the forward modes also the masked target and the saved means of the last discovery
+    (taken from the sharded forwards)."""
     config = {**dict(mode="gradient", top_n=30, steps=4, every_k=2, batch_size=6, lr=1e-2,
                      eval_every=2, save_every=2, eval_examples=6, ema=0.0, weight_decay=0.05,
                      export=False, progress=False), **extra}
@@ -138,11 +142,19 @@ def test_sharded_run_never_gathers_and_matches_one_process(tmp_path: Path, extra
     for a, b in zip(got, want, strict=True):
         assert a["trainable_fraction"] == b["trainable_fraction"]
         assert a["circuit_edges"] == b["circuit_edges"]
-        for key in ("target_metric", "general_loss", "params_moved"):
-            assert a[key] == pytest.approx(b[key], abs=1e-4, nan_ok=True), (a["step"], key)
+        assert a.keys() == b.keys()
+        for key in ("target_metric", "general_loss", "params_moved", "target_metric_masked"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-4, nan_ok=True), (a["step"], key)
         assert a["evals"] == pytest.approx(b["evals"], abs=1e-4)
     assert got[-1]["params_moved"] > 0
-    assert (got[-1]["trainable_fraction"] == 1) == (config["mode"] == "full")
+    assert (got[-1]["trainable_fraction"] == 1) == (config["mode"] in ("full", "forward"))
+    saved = [load_torch(RunDir(r).checkpoint_dir(4) / F.STATE)["means"]
+             for r in (run, tmp_path / "single")]
+    assert (saved[0] is None) == (saved[1] is None)
+    assert saved[1] is not None or config["mode"] not in ("forward", "both")
+    if saved[1] is not None:  # the step-2 discovery's means (the forward masks' reference)
+        torch.testing.assert_close(saved[0], saved[1], atol=1e-5, rtol=1e-5)
 
     end = tiny_model("llama")
     S.load_dcp_weights(end, RunDir(run).checkpoint_dir(4))

@@ -24,6 +24,7 @@ from tuning_toy import tiny_model, toy_task
 import ctlens
 from ctlens.tuning import TuneConfig
 from ctlens.tuning import weights as W
+from ctlens.tuning.enforcement import FORWARD_MODES, GRADIENT_MODES
 
 TOY = Path(__file__).with_name("tuning_toy.py")
 CONFIG = dict(mode="gradient", top_n=30, steps=10, every_k=1, ema=0.3, weight_decay=0.05,
@@ -183,7 +184,7 @@ def _fsdp_matches_single(tmp_path: Path, family: str, config: dict) -> None:
     ckpt = RunDir(run).checkpoint_dir(config["steps"])
     end = tiny_model(family)
     W.load_weights(end, ckpt / F.WEIGHTS)
-    if config["mode"] != "full":
+    if config["mode"] in GRADIENT_MODES:
         circuit = ctlens.Circuit.load(ckpt / F.CIRCUIT)
         names = {id(p): n for n, p in start.named_parameters()}
         ends = dict(end.named_parameters())
@@ -210,8 +211,15 @@ def _fsdp_matches_single(tmp_path: Path, family: str, config: dict) -> None:
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     singles = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text()
                .splitlines()]
-    for key in ("params_moved", "trainable_fraction", "target_metric"):
-        assert abs(records[-1][key] - singles[-1][key]) < 1e-4, key
+    assert [r["step"] for r in records] == [r["step"] for r in singles]
+    masked = config["mode"] in FORWARD_MODES
+    for got_record, want in zip(records, singles, strict=True):
+        assert ("target_metric_masked" in want) == (masked and want["step"] > 0)
+        for key in ("params_moved", "trainable_fraction", "target_metric", "general_loss",
+                    "target_metric_masked"):
+            if key in want:
+                assert abs(got_record[key] - want[key]) < 1e-4, (want["step"], key)
+        assert got_record["evals"] == pytest.approx(want["evals"], abs=1e-4)
 
 
 def test_fsdp_two_ranks_match_single_process_and_keep_frozen_slices(tmp_path: Path) -> None:
@@ -235,13 +243,25 @@ def test_fsdp_gpt2_modes_match_single_process(tmp_path: Path, extra: dict) -> No
     _fsdp_matches_single(tmp_path, "gpt2", {**FSDP_CONFIG, **extra})
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["forward", "both"])
+def test_fsdp_forward_modes_match_single_process(tmp_path: Path, family: str,
+                                                 mode: str) -> None:
+    """The forward modes sharded on 2 ranks (edge masks on activations, means from the
+    sharded forwards) equal the unsharded run, on Llama (no-gather paths) and GPT-2
+    (gathered evaluation), masked target included."""
+    _fsdp_matches_single(tmp_path, family, {**FSDP_CONFIG, "mode": mode})
+
+
 def test_fsdp_refusals() -> None:
     """Unsupported shard combinations fail early with a reason."""
-    for bad in ({"mode": "forward"}, {"mode": "both"}, {"mode": "lora"}):
-        with pytest.raises(ValueError, match="shard='fsdp' supports mode gradient / random / "
-                                             "full only.*Run it unsharded"):
-            TuneConfig(shard="fsdp", **bad)
-    for good in ({"mode": "full"}, {"mode": "random"}, {"discovery": "task"}):
+    with pytest.raises(ValueError, match="shard='fsdp' supports mode gradient / forward / "
+                                         "both / random / full only, not mode='lora'.*peft "
+                                         "copy.*Run it unsharded"):
+        TuneConfig(shard="fsdp", mode="lora")
+    for good in ({"mode": "full"}, {"mode": "random"}, {"discovery": "task"},
+                 {"mode": "forward"}, {"mode": "both"}):
         assert TuneConfig(shard="fsdp", **good).shard == "fsdp"
     with pytest.raises(ValueError, match="shard must be one of"):
         TuneConfig(shard="zero3")

@@ -62,7 +62,7 @@ _HELP: dict[str, str] = {
     "lora_rank": "LoRA rank (--mode lora)",
     "lora_alpha": "LoRA alpha (--mode lora)",
     "shard": "fsdp: shard weights, gradients and optimizer state with FSDP2 (under torchrun; "
-             "--mode gradient, random or full)",
+             "any --mode but lora)",
     "precision": "fp32, or bf16 / fp16: the training forward under autocast (fp32 weights, "
                  "loss and scores; fp16 with a loss scaler)",
     "checkpoint_format": "safetensors: consolidated weights (gathered); dcp: "

@@ -28,11 +28,9 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SHARDS: tuple[str, ...] = ("fsdp",)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMATS: tuple[str, ...] = ("safetensors", "dcp")
-SHARDED_MODES: tuple[str, ...] = ("gradient", "random", "full")
+SHARDED_MODES: tuple[str, ...] = ("gradient", "forward", "both", "random", "full")
 """Modes ``shard="fsdp"`` runs (each checked against the unsharded run)."""
 _UNSHARDED_WHY = {
-    "forward": "its edge masks have not been checked against the unsharded run under FSDP",
-    "both": "its edge masks have not been checked against the unsharded run under FSDP",
     "lora": "it trains a separate peft copy of the model, which ctlens does not shard",
 }
 LOSSES: tuple[str, ...] = ("target", "sequence")
@@ -100,9 +98,8 @@ class TuneConfig:
     Scale:
         shard: ``None`` (every rank holds the whole model) or ``"fsdp"`` (parameters,
             gradients and optimizer state sharded with PyTorch FSDP2 across the ranks of the
-            initialised process group; `ctlens.tuning.sharding`). Modes ``"gradient"``,
-            ``"random"`` and ``"full"``, with either discovery; not the forward modes or
-            ``"lora"`` (`SHARDED_MODES`).
+            initialised process group; `ctlens.tuning.sharding`). Every mode but ``"lora"``,
+            with either discovery (`SHARDED_MODES`).
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the training forward under
             `torch.autocast` with fp32 master weights, loss, backward and scores (``"fp16"``
             with a loss scaler); evaluation stays fp32 (`ctlens.tuning.precision`). Part of
