@@ -335,7 +335,8 @@ of the budget free):
 
 Sharded over 8 ranks (`ctlens plan --model llama-3.1-8b --mode tune --dtype bfloat16
 --seq-len 256 --ranks 8 --shard fsdp --budget 80GB`), a Llama-3.1-8B tuning step is
-predicted at {_fsdp_line()}. The sharded tuner itself is not in ctlens yet.
+predicted at {_fsdp_line()} (`shard="fsdp"`; its measured per-rank memory is in the
+sharding section below).
 """
 
 

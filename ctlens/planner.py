@@ -53,10 +53,10 @@ GIB = 1024**3
 # ``python benchmarks/plan.py --fit`` on fp32 CPU runs of small random GPT-2, Llama and
 # GPT-NeoX shapes; checked on other shapes by the same script (docs/benchmarks.md).
 _ACTIVATION: dict[str, tuple[float, float, float, float]] = {
-    "eap": (1.79, 20.06, 4.96, 0.69),
-    "eap-ig": (1.97, 22.1, 5.46, 0.76),
-    "forward": (2.89, 21.37, 5.34, 1.04),
-    "tune": (4.23, 8.15, 7.91, 0.0),
+    "eap": (1.91, 18.44, 4.29, 0.0),
+    "eap-ig": (2.18, 21.01, 4.89, 0.0),
+    "forward": (3.1, 16.65, 5.85, 0.0),
+    "tune": (4.02, 0.0, 8.61, 2.83),
 }
 
 
