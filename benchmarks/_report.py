@@ -1,4 +1,5 @@
-"""Shared helper for the benchmarks: keep each benchmark's section of docs/benchmarks.md.
+"""Shared helpers for the benchmarks: keep each benchmark's section of docs/benchmarks.md,
+and run a measurement in a fresh process (`run_worker`).
 
 Each benchmark owns the text between ``<!-- begin:NAME -->`` and ``<!-- end:NAME -->`` in
 ``docs/benchmarks.md`` and rewrites only that, so benchmarks can be re-run independently::
@@ -11,10 +12,14 @@ Each benchmark owns the text between ``<!-- begin:NAME -->`` and ``<!-- end:NAME
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = (
@@ -70,3 +75,16 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_worker(script: str | Path, spec: dict[str, Any], timeout: float = 3600
+               ) -> dict[str, Any]:
+    """Run ``script --worker SPEC`` in a fresh Python process (so one measurement leaves no
+    memory behind for the next) and parse the JSON it prints last."""
+    out = subprocess.run(
+        [sys.executable, str(script), "--worker", json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -322,16 +322,9 @@ def correlation(
 
 def run_worker(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     """Run `worker` in a fresh Python process and parse its JSON answer."""
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from _report import run_worker as run_script
+
+    return run_script(Path(__file__).resolve(), spec, timeout)
 
 
 # ------------------------------------------------------------------------------ main

@@ -30,7 +30,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,13 +125,9 @@ def _rss_kib(field: str) -> int:
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run `worker` in a fresh Python process and parse its JSON answer."""
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, timeout=3600, check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from _report import run_worker as run_script  # type: ignore[import-not-found]
+
+    return run_script(Path(__file__).resolve(), spec)
 
 
 def main() -> None:
