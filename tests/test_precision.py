@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,29 @@ def test_bf16_composes_with_fsdp(tmp_path: Path) -> None:
     for key, value in got.items():
         torch.testing.assert_close(value.detach(), expected[key].detach(), atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_fp16_resume_keeps_the_loss_scale(tmp_path: Path) -> None:
+    """A resumed fp16 run continues with the scale its checkpoint saved: a run whose scaler
+    grows every step (growth interval 1), cut back to its step-2 checkpoint and resumed,
+    ends with the uncut run's scale and bit-identical weights; the old behaviour (a fresh
+    scaler on resume) ends one growth short."""
+    def run(out: Path) -> CircuitTuner:
+        tuner = CircuitTuner(tiny_model(), toy_task(), TuneConfig(precision="fp16", **FAST))
+        tuner.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4,
+                                                      growth_interval=1)
+        tuner.run(out)
+        return tuner
+
+    whole = run(tmp_path / "whole")
+    saved = torch.load(tmp_path / "whole" / "checkpoints" / "step_000002" / "state.pt",
+                       weights_only=False)
+    assert saved["scaler"]["scale"] == 2.0**6  # grown once per step: the test can tell
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000004")
+    resumed = run(cut)
+    assert resumed.precision.scaler.get_scale() == whole.precision.scaler.get_scale() == 2.0**8
+    for a, b in zip(W.real_parameters(whole.model), W.real_parameters(resumed.model),
+                    strict=True):
+        assert torch.equal(a, b)

@@ -68,6 +68,7 @@ class CheckpointState:
     circuit: Circuit | None
     lora: dict[str, Any] | None
     config: TuneConfig
+    scaler: dict[str, Any] | None = None  # fp16's loss-scaler state (`Precision.state`)
 
 
 # ---------------------------------------------------------------------- the run's data
@@ -371,6 +372,7 @@ def state_dict(state: CheckpointState) -> dict[str, Any]:
         "circuit_metadata": None if circuit is None else json.dumps(circuit.metadata),
         "lora": state.lora,
         "config": json.dumps(state.config.to_dict()),
+        "scaler": state.scaler,
     }
 
 
@@ -393,7 +395,7 @@ def load_checkpoint(
         step=step, wall_time=float(saved["wall_time"]), optimizer=saved["optimizer"],
         scheduler=saved["scheduler"], torch_rng=saved["torch_rng"], ema=saved["ema"],
         means=saved["means"], last_loss=saved["last_loss"], circuit=circuit,
-        lora=saved["lora"], config=config,
+        lora=saved["lora"], config=config, scaler=saved.get("scaler"),
     )
 
 

@@ -12,8 +12,9 @@ records it) under `torch.autocast`; everything else stays fp32:
 ``"fp16"`` scales the loss with a `torch.amp.GradScaler` on the model's device (CUDA, or
 the CPU), so small gradients do not flush to zero: gradients are unscaled before clipping,
 a step whose gradients overflow is skipped, and discovery's backward is scaled the same
-way and its scores divided by the scale (a power of two: exact). The scaler's state is not
-checkpointed: a resumed ``fp16`` run starts again from the initial scale.
+way and its scores divided by the scale (a power of two: exact). The scaler's state (scale,
+growth tracker) is saved in every checkpoint, so a resumed ``fp16`` run continues with the
+scale it had (checkpoints written before this read as the initial scale).
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ class Precision:
         self.scaler: Any = None
         if precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device_type)
+
+    def state(self) -> dict[str, Any] | None:
+        """The loss scaler's state for a checkpoint (``None`` without one)."""
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_state(self, saved: dict[str, Any] | None) -> None:
+        """Restore :meth:`state` (``None``, from older checkpoints: keep the initial scale)."""
+        if self.scaler is not None and saved:
+            self.scaler.load_state_dict(saved)
 
     def forward(self) -> contextlib.AbstractContextManager[Any]:
         """The context the training forward runs in (autocast, or nothing for fp32)."""

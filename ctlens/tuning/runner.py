@@ -412,6 +412,7 @@ class CircuitTuner:
             ema=self.discovery.ema, means=enforcement.means, last_loss=self.last_loss,
             circuit=enforcement.circuit,
             lora=None if lora is None else lora.adapter_state(), config=self.config,
+            scaler=self.precision.state(),
         )
 
     def _resume(
@@ -421,6 +422,7 @@ class CircuitTuner:
         S.load_optimizer(enforcement.optimizer, self.model, state.optimizer, folder,
                          enforcement.sharding)
         scheduler.load_state_dict(state.scheduler)
+        self.precision.load_state(state.scaler)
         torch.set_rng_state(state.torch_rng)
         self.discovery.ema = state.ema
         enforcement.means = state.means
