@@ -22,14 +22,17 @@ independent and deterministic; a part waits for the learning-rate sweep of the o
 
 Run::
 
-    python benchmarks/experiment.py run --part 0/2 &  python benchmarks/experiment.py run --part 1/2
-    python benchmarks/experiment.py report   # results JSON, figures, docs/experiments.md
+    python benchmarks/experiment.py all --jobs 2   # the runs in 2 processes, then the report
+
+or by hand: ``run --part 0/2 & run --part 1/2``, then ``report`` (results JSON, figures,
+docs/experiments.md), each with the same flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -264,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "all"):
         p = sub.add_parser(name)
         p.add_argument("--models", default="zoo:tiny-gpt2,zoo:tiny-llama")
         p.add_argument("--groups", default="1,8",
@@ -289,13 +292,37 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=1)
     sub.choices["run"].add_argument("--part", default="0/1", help="I/N: every N-th job from I")
     sub.choices["run"].set_defaults(func=run)
-    sub.choices["report"].add_argument("--note", default="",
+    for name in ("report", "all"):
+        sub.choices[name].add_argument("--note", default="",
                                        help="what was cut and why (printed in the page)")
     sub.choices["report"].set_defaults(func=_report)
+    sub.choices["all"].add_argument("--jobs", type=int, default=2,
+                                    help="run processes in parallel (one --part each)")
+    sub.choices["all"].set_defaults(func=_all)
     args = parser.parse_args(argv)
     if set(args.seeds.split(",")) & {str(args.sweep_seed)}:
         parser.error("--sweep-seed must not be one of --seeds")
     args.func(args)
+
+
+GRID_FLAGS = ("models", "groups", "sizes", "modes", "seeds", "sweep_seed", "sweep_size", "lrs",
+              "paper_lrs", "steps", "batch_size", "eval_every", "n", "n_train", "threads")
+
+
+def grid_flags(args: argparse.Namespace) -> list[str]:
+    """The flags that define the grid (what the page prints as its command)."""
+    return [x for k in GRID_FLAGS for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
+def _all(args: argparse.Namespace) -> None:
+    """``run`` in ``--jobs`` processes (``--part i/jobs``), then ``report``: the page from
+    one command."""
+    flags = [*grid_flags(args), "--out", args.out]
+    procs = [subprocess.Popen([sys.executable, __file__, "run", *flags, "--part",
+                               f"{i}/{args.jobs}"]) for i in range(args.jobs)]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("a run process failed; its output is above (finished runs are kept)")
+    _report(args)
 
 
 def _report(args: argparse.Namespace) -> None:

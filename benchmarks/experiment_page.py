@@ -155,10 +155,11 @@ def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Pa
     parts = [
         "# Experiments: circuit-tuning against matched controls",
         "",
-        "Written by `python benchmarks/experiment.py report` from the run directories that "
-        "`python benchmarks/experiment.py run` makes (same flags; `--part I/N` splits the "
-        "runs over processes; re-running skips finished runs). Regenerate this page, "
-        "`benchmarks/results/experiment.json` and the figures with one command:",
+        "Written by `python benchmarks/experiment.py` from its run directories. Regenerate "
+        "this page, `benchmarks/results/experiment.json` and the figures with one command "
+        "(`all` runs the grid in `--jobs` processes, default 2, then writes the report; "
+        "re-running skips finished runs; `run --part I/N` and `report` do the two halves "
+        "by hand):",
         "",
         f"    {results['command']}",
         "",

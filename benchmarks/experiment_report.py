@@ -19,6 +19,7 @@ from experiment import (
     ROOT,
     THRESHOLDS,
     Condition,
+    grid_flags,
     main_conditions,
     points,
     records,
@@ -167,7 +168,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             start[model] = {"target": first["target_metric"], "general": first["general_loss"],
                             "accuracy": first.get("target_accuracy")}
     return {
-        "command": "python benchmarks/experiment.py run|report " + _flags(args),
+        "command": "python benchmarks/experiment.py all " + _flags(args),
         "thresholds": list(THRESHOLDS), "steps": args.steps, "eval_every": args.eval_every,
         "seeds": [int(s) for s in args.seeds.split(",")], "sweep_seed": args.sweep_seed,
         "sweep_size": args.sweep_size,
@@ -183,9 +184,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _flags(args: argparse.Namespace) -> str:
-    keys = ("models", "groups", "sizes", "modes", "seeds", "sweep_seed", "sweep_size", "lrs",
-            "paper_lrs", "steps", "batch_size", "eval_every", "n", "n_train", "threads")
-    return " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys)
+    return " ".join(grid_flags(args))
 
 
 def report(args: argparse.Namespace) -> None:
