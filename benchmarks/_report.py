@@ -88,3 +88,12 @@ def run_worker(script: str | Path, spec: dict[str, Any], timeout: float = 3600
     if out.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def proc_status_kib(field: str) -> int:
+    """A kB field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) of this process."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")

@@ -51,11 +51,9 @@ TARGETS = {"eap/baseline": 1.6, "eap/tl": 0.05, "eap-ig/baseline": 5.0, "mem eap
 
 
 def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from _report import proc_status_kib
+
+    return proc_status_kib(field)
 
 
 def _reset_peak() -> bool:

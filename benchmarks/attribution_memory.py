@@ -116,11 +116,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from _report import proc_status_kib  # type: ignore[import-not-found]
+
+    return proc_status_kib(field)
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
