@@ -11,10 +11,14 @@ edges and scores over it. A file is data from anywhere, so nothing it says is tr
   four million duplicates is refused in seconds, not loaded for minutes);
 - its scores must be finite (a circuit whose scores are all NaN would otherwise load, diff
   and report as if nothing were wrong).
+
+Both file kinds also share their header check (`check_header`: format, schema version,
+required fields) and how a document is refused when it is not plain JSON (`plain_json`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -27,6 +31,43 @@ from ctlens.graph import Graph, GraphSpec, check_mlp_groups
 MAX_DENSE_CELLS = 2**30
 """Largest ``n_senders * n_receivers`` a file may declare without a model to check it
 against: about 4 GB of fp32 scores. Llama-3.1-405B's graph has about 0.3e9 cells."""
+
+
+def check_header(doc: Any, source: str, kind: str, file_format: str, schema_version: int,
+                 required: Sequence[str], other_files: str, redo: str) -> dict[str, Any]:
+    """``doc`` as a ctlens ``kind`` file of ``file_format`` at ``schema_version`` holding
+    ``required``, or a ValueError that says which part is wrong (``other_files``: where a
+    file of another format goes; ``redo``: how to make the file again)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}; not a "
+                         f"ctlens {kind} file")
+    if doc.get("format") != file_format:
+        raise ValueError(
+            f"{source}: not a ctlens {kind} file (format={doc.get('format')!r}, expected "
+            f"{file_format!r}); {other_files}"
+        )
+    version = doc.get("schema_version")
+    if version != schema_version:
+        raise ValueError(
+            f"{source}: {kind} schema version {version!r} is not supported (this ctlens "
+            f"reads version {schema_version}); use the ctlens version that wrote it, or {redo}"
+        )
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing}")
+    return doc
+
+
+def plain_json(doc: Any, what: str) -> str:
+    """``doc`` as indented JSON text, or a ValueError saying that ``what`` (e.g. "cannot save
+    circuit: its metadata or scores are") is not plain JSON and what to keep it to."""
+    try:
+        return json.dumps(doc, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} not plain JSON ({err}); keep metadata to str/int/float/bool/list/dict "
+            "and finite numbers"
+        ) from None
 
 
 def dense_cells(spec: GraphSpec) -> int:

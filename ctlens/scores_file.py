@@ -28,7 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ctlens.file_limits import declared_graph, model_spec, require_finite
+from ctlens.file_limits import (
+    check_header,
+    declared_graph,
+    model_spec,
+    plain_json,
+    require_finite,
+)
 from ctlens.files import atomic_write_bytes, atomic_write_text, read_json
 from ctlens.graph import Graph
 
@@ -71,13 +77,7 @@ def save_scores(
         "sha256": hashlib.sha256(data).hexdigest(),
         "metadata": metadata,
     }
-    try:
-        text = json.dumps(doc, indent=1, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"cannot save edge scores: their metadata is not plain JSON ({err}); keep metadata "
-            "to str/int/float/bool/list/dict and finite numbers"
-        ) from None
+    text = plain_json(doc, "cannot save edge scores: their metadata is")
     atomic_write_bytes(matrix_path, data)
     atomic_write_text(sidecar_path, text)
     return matrix_path
@@ -125,23 +125,9 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not valid JSON ({err}); the file is corrupted or not an edge-score file"
         ) from None
-    if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(
-            f"{path}: not a ctlens edge-score file (format={found!r}, expected "
-            f"{FILE_FORMAT!r}); circuit files load with Circuit.load"
-        )
-    version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path}: edge-score schema version {version!r} is not supported (this ctlens "
-            f"reads version {SCHEMA_VERSION}); use the ctlens version that wrote it, or "
-            "re-run attribution"
-        )
-    missing = [k for k in ("graph", "shape", "sha256") if k not in doc]
-    if missing:
-        raise ValueError(f"{path}: missing field(s) {missing}")
-    return doc
+    return check_header(doc, str(path), "edge-score", FILE_FORMAT, SCHEMA_VERSION,
+                        ("graph", "shape", "sha256"),
+                        "circuit files load with Circuit.load", "re-run attribution")
 
 
 def _read_matrix(path: Path, shape: list[int], sha256: Any) -> torch.Tensor:

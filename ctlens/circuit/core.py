@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float
 from ctlens.circuit.file_format import circuit_document, parse_circuit_document
 from ctlens.circuit.mib import mib_document, parse_mib_document
 from ctlens.circuit.selection import select_mask, unpack_scores
-from ctlens.file_limits import model_spec, require_finite
+from ctlens.file_limits import model_spec, plain_json, require_finite
 from ctlens.files import atomic_write_text, read_json
 from ctlens.graph import Graph
 from ctlens.mlp_groups import coarsen_matrix
@@ -370,13 +370,7 @@ class Circuit:
     def save(self, path: str | Path) -> Path:
         """Write the circuit as versioned JSON, atomically (temporary file + ``os.replace``)."""
         path = Path(path)
-        try:
-            text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"cannot save circuit: its metadata or scores are not plain JSON ({err}); "
-                "keep metadata to str/int/float/bool/list/dict and finite numbers"
-            ) from None
+        text = plain_json(self.to_dict(), "cannot save circuit: its metadata or scores are")
         atomic_write_text(path, text)
         return path
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ctlens.file_limits import declared_graph, edge_indices, require_finite
+from ctlens.file_limits import check_header, declared_graph, edge_indices, require_finite
 from ctlens.graph import Graph, GraphSpec
 
 if TYPE_CHECKING:
@@ -88,23 +88,8 @@ def parse_circuit_document(
 
 def _document_graph(doc: Any, source: str, expected: GraphSpec | None) -> Graph:
     """Check the header of a circuit document and build its (bounded) graph."""
-    if not isinstance(doc, dict):
-        raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}")
-    if doc.get("format") != FILE_FORMAT:
-        raise ValueError(
-            f"{source}: not a ctlens circuit file (format={doc.get('format')!r}, expected "
-            f"{FILE_FORMAT!r}); for MIB / EAP-IG files use Circuit.from_mib_json"
-        )
-    version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{source}: circuit schema version {version!r} is not supported (this ctlens "
-            f"reads version {SCHEMA_VERSION}); use the ctlens version that wrote it, or "
-            "re-create the circuit"
-        )
-    missing = [k for k in ("graph", "edges") if k not in doc]
-    if missing:
-        raise ValueError(f"{source}: missing field(s) {missing}")
+    check_header(doc, source, "circuit", FILE_FORMAT, SCHEMA_VERSION, ("graph", "edges"),
+                 "for MIB / EAP-IG files use Circuit.from_mib_json", "re-create the circuit")
     return declared_graph(doc["graph"], source, expected)
 
 
