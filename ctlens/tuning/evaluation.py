@@ -1,11 +1,11 @@
 """Evaluation: one ``metrics.jsonl`` record and one circuit snapshot per evaluation.
 
-`Evaluator.evaluate` measures the current weights (the task's target metric and accuracy,
+`Evaluator.measure` measures the current weights (the task's target metric and accuracy,
 the other tasks' metrics, the held-out general LM loss, the fraction of real parameters
-moved since the start, and in forward modes the target metric with the circuit enforced),
-saves the circuit snapshot (the circuit in force, or in ``full`` / ``lora`` runs and at
-step 0 the monitor circuit of the current weights) and appends the record. The keys are
-those of ``docs/run-format.md``.
+moved since the start, and in forward modes the target metric with the circuit enforced);
+`Evaluator.write` saves the circuit snapshot (the circuit in force, or in ``full`` /
+``lora`` runs and at step 0 the monitor circuit of the current weights) and appends the
+record. The keys are those of ``docs/run-format.md``.
 """
 
 from __future__ import annotations
@@ -48,23 +48,6 @@ class Evaluator:
         self.config = config
         self.graph = graph
         self.target_eval = target_eval
-
-    def evaluate(
-        self,
-        rd: RunDir,
-        step: int,
-        initial: list[torch.Tensor] | StartWeights,
-        started: float,
-        enforcement: Enforcement,
-        discovery: CircuitDiscovery,
-        train_loss: float | None,
-        monitor: Circuit | None = None,
-    ) -> dict[str, Any]:
-        """Evaluate the current weights, save a circuit snapshot, append to metrics.jsonl
-        (`measure` then `write`, in this process alone)."""
-        record, circuit = self.measure(rd, step, initial, started, enforcement, discovery,
-                                       train_loss, monitor)
-        return self.write(rd, record, circuit)
 
     @torch.no_grad()
     def measure(
