@@ -232,7 +232,7 @@ def _fill_buffers(fresh: torch.nn.Module, source: torch.nn.Module,
     """Copy the buffers a state dict leaves on the meta device (non-persistent ones, such as
     Llama's rotary ``inv_freq``) from ``source``, whose module names may carry the bridge's
     ``_original_component`` wrappers."""
-    buffers = {n.replace("._original_component", ""): b for n, b in source.named_buffers()}
+    buffers = {hf_name(n): b for n, b in source.named_buffers()}
     for name, buffer in list(fresh.named_buffers()):
         if not buffer.is_meta:
             continue
