@@ -168,7 +168,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
             start[model] = {"target": first["target_metric"], "general": first["general_loss"],
                             "accuracy": first.get("target_accuracy")}
     return {
-        "command": "python benchmarks/experiment.py all " + _flags(args),
+        "command": "python benchmarks/experiment.py all " + " ".join(grid_flags(args)),
         "thresholds": list(THRESHOLDS), "steps": args.steps, "eval_every": args.eval_every,
         "seeds": [int(s) for s in args.seeds.split(",")], "sweep_seed": args.sweep_seed,
         "sweep_size": args.sweep_size,
@@ -181,10 +181,6 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                    f"{args.threads}, load average {os.getloadavg()[0]:.1f} when reported",
         "note": args.note,
     }
-
-
-def _flags(args: argparse.Namespace) -> str:
-    return " ".join(grid_flags(args))
 
 
 def report(args: argparse.Namespace) -> None:
