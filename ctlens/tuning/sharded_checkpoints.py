@@ -152,7 +152,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dict[str
     if sharding is None:
         optimizer.load_state_dict(saved)
     else:
-        sharding.load_optimizer_state(optimizer, saved)
+        sharding.load_optimizer_state(optimizer, live)
 
 
 def _load_dcp_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dict[str, Any],

@@ -55,7 +55,7 @@ from ctlens.circuit import Circuit
 from ctlens.masking.rules import parameter_rules
 from ctlens.tuning import weights as W
 from ctlens.tuning.fused import fused_layers, fused_parameter_ids, refused, unfuse
-from ctlens.tuning.local_shards import local_masks, parameter_count
+from ctlens.tuning.local_shards import local_masks, parameter_count, rows_of
 
 
 def rank_parameter_bytes(model: nn.Module, world_size: int) -> list[int]:
@@ -117,7 +117,6 @@ class Sharding:
 
         check_shardable(model)
         self.model = model
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.local = local_paths(model)  # before unfuse, which hides the fused layers
         """Whether rules and evaluation avoid gathering (`local_paths`)."""
         self.unfused = unfuse(model)
@@ -154,15 +153,11 @@ class Sharding:
             module.reshard()
 
     def local_rows(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of ``full`` (shaped like ``param``'s global shape)."""
-        chunks = full.chunk(self.size, dim=0) if full.dim() else (full,)
-        local = chunks[self.rank] if self.rank < len(chunks) else full[:0]
-        if local.shape != param.to_local().shape:
-            raise RuntimeError(
-                f"FSDP's local shard {tuple(param.to_local().shape)} is not rows "
-                f"{tuple(local.shape)} of {tuple(full.shape)}; this torch shards differently"
-            )
-        return local
+        """This rank's rows of ``full`` (shaped like ``param``'s global shape; `rows_of`)."""
+        if not full.dim():
+            return full
+        rows = rows_of(param)
+        return full[rows.start : rows.stop]
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()`` with every sharded state tensor gathered whole (a
@@ -179,11 +174,11 @@ class Sharding:
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
                              saved: dict[str, Any]) -> None:
-        """Load a state from :meth:`optimizer_state`, cutting each whole state tensor to this
-        rank's rows of its parameter."""
+        """Load a state from :meth:`optimizer_state`, already renumbered for this optimizer's
+        parameters (``self.unfused.from_fused_order``), cutting each whole state tensor to
+        this rank's rows of its parameter."""
         from torch.distributed.tensor import DTensor
 
-        saved = self.unfused.from_fused_order(saved)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         state = {}
         for i, entry in saved["state"].items():
