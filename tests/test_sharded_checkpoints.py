@@ -8,19 +8,16 @@ in subprocesses, about a minute each on an idle 2-core machine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from tuning_toy import tiny_model, toy_task
+from tuning_toy import finish_all, launch, launch_ranks, tiny_model, toy_task
 
 from ctlens import run_format as F
 from ctlens.tuning import TuneConfig
@@ -30,7 +27,6 @@ from ctlens.tuning.checkpoints import RunDirWarning
 from ctlens.tuning.rundir import load_torch, save_torch, sha256_file
 from ctlens.tuning.runner import CircuitTuner
 
-TOY = Path(__file__).with_name("tuning_toy.py")
 CFG = dict(mode="gradient", top_n=30, steps=4, every_k=2, batch_size=6, lr=1e-2, eval_every=2,
            save_every=2, eval_examples=6, ema=0.3, weight_decay=0.05, export=False,
            progress=False)
@@ -151,31 +147,16 @@ def test_shard_and_checkpoint_format_are_operational() -> None:
 # ---------------------------------------------------------------------- processes (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(out: Path, config: dict, world: int, **extra) -> list[subprocess.Popen]:
     """``world`` gloo ranks of tuning_toy.py on tiny Llama (0: one plain process)."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     dump = out.parent / "dump"
     dump.mkdir(exist_ok=True)
-    port = _free_port()
-    specs = [{"out": str(out), "config": config, "family": "llama", **extra}] if world == 0 \
-        else [{"out": str(out), "config": config, "family": "llama", **extra,
-               "ddp": {"rank": r, "world": world, "port": port, "dump": str(dump)}}
-              for r in range(world)]
-    return [subprocess.Popen([sys.executable, str(TOY), json.dumps(spec)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for spec in specs]
+    spec = {"out": str(out), "config": config, "family": "llama", **extra}
+    return [launch(spec)] if world == 0 else launch_ranks(spec, world, dump)
 
 
 def _finish(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out.decode()[-3000:]
+    finish_all(procs, timeout=600)
 
 
 @pytest.mark.slow

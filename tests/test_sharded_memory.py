@@ -8,16 +8,11 @@ The single-process tests check the local pieces against the whole-model oracles
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tuning_toy import tiny_model, toy_task
+from tuning_toy import finish_all, launch_ranks, tiny_model, toy_task
 
 import ctlens
 from ctlens import run_format as F
@@ -27,8 +22,6 @@ from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
 from ctlens.tuning.local_shards import StartWeights, local_index, local_masks
 from ctlens.tuning.rundir import RunDir, load_torch
-
-TOY = Path(__file__).with_name("tuning_toy.py")
 
 
 @pytest.mark.parametrize("index", [(...,), (slice(2, 5),), (slice(None), slice(1, 3)),
@@ -93,12 +86,6 @@ def test_start_weights_count_like_moved_fraction(tmp_path: Path) -> None:
     assert got == W.moved_fraction(model, snapshot) > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     {},
@@ -121,18 +108,11 @@ def test_sharded_run_never_gathers_and_matches_one_process(tmp_path: Path, extra
                      eval_every=2, save_every=2, eval_examples=6, ema=0.0, weight_decay=0.05,
                      export=False, progress=False), **extra}
     sharded = {**config, "shard": "fsdp", "checkpoint_format": "dcp"}
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    port, dump = _free_port(), tmp_path / "dump"
+    dump = tmp_path / "dump"
     dump.mkdir()
     run = tmp_path / "fsdp"
-    procs = [subprocess.Popen(
-        [sys.executable, str(TOY), json.dumps(
-            {"out": str(run), "config": sharded, "family": "llama", "forbid_gather": True,
-             "ddp": {"rank": r, "world": 2, "port": port, "dump": str(dump)}})],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out.decode()[-3000:]
+    finish_all(launch_ranks({"out": str(run), "config": sharded, "family": "llama",
+                             "forbid_gather": True}, 2, dump), timeout=600)
 
     single = tiny_model("llama")
     torch.set_num_threads(1)

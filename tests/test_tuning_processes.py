@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,45 +18,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tuning_toy import tiny_model, toy_task
+from tuning_toy import finish_all, launch, launch_ranks, tiny_model, toy_task
 
 import ctlens
 from ctlens.tuning import TuneConfig
 from ctlens.tuning import weights as W
 from ctlens.tuning.enforcement import FORWARD_MODES, GRADIENT_MODES
 
-TOY = Path(__file__).with_name("tuning_toy.py")
 CONFIG = dict(mode="gradient", top_n=30, steps=10, every_k=1, ema=0.3, weight_decay=0.05,
               batch_size=6, lr=1e-2, eval_every=1, save_every=2, eval_examples=6,
               progress=False)
 
 
 def _start(out: Path, config: dict, **extra) -> subprocess.Popen:
-    spec = json.dumps({"out": str(out), "config": config, **extra})
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(TOY), spec], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return launch({"out": str(out), "config": config, **extra})
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
-    _finish_all([proc], timeout)
-
-
-def _finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> None:
-    """Wait for every process; if any failed (an error, a signal, a timeout), fail with the
-    output of *every* rank: the first error is often on a rank other than 0."""
-    outputs = []
-    for proc in procs:
-        try:
-            out = proc.communicate(timeout=timeout)[0]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out = proc.communicate()[0] + f"\n[killed after {timeout} s]".encode()
-        outputs.append(out.decode(errors="replace"))
-    if any(proc.returncode != 0 for proc in procs):
-        raise AssertionError("\n".join(
-            f"----- rank {r}: exit {proc.returncode} -----\n{out[-3000:]}"
-            for r, (proc, out) in enumerate(zip(procs, outputs, strict=True))))
+    finish_all([proc], timeout)
 
 
 def _checkpoints(root: Path) -> list[str]:
@@ -96,24 +74,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert not [p for p in b.rglob("*") if ".tmp" in p.name], "temporary files left behind"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_data_parallel_matches_single_process(tmp_path: Path) -> None:
     config = {**CONFIG, "steps": 3, "eval_every": 3, "save_every": 3, "batch_size": 6,
               "ema": 0.0, "export": False}
-    port = _free_port()
     dump = tmp_path / "dump"
     dump.mkdir()
-    procs = [
-        _start(tmp_path / "ddp", config, ddp={"rank": r, "world": 2, "port": port,
-                                              "dump": str(dump)})
-        for r in range(2)
-    ]
-    _finish_all(procs)
+    finish_all(launch_ranks({"out": str(tmp_path / "ddp"), "config": config}, 2, dump))
     rank0 = torch.load(dump / "rank0.pt", weights_only=True)
     rank1 = torch.load(dump / "rank1.pt", weights_only=True)
 
@@ -141,13 +107,9 @@ def test_error_on_rank_zero_stops_every_rank(tmp_path: Path) -> None:
     out.mkdir()
     (out / "notes.txt").write_text("someone's notes\n")
     config = {**CONFIG, "steps": 2, "export": False}
-    port = _free_port()
     dump = tmp_path / "dump"
     dump.mkdir()
-    procs = [
-        _start(out, config, ddp={"rank": r, "world": 2, "port": port, "dump": str(dump)})
-        for r in range(2)
-    ]
+    procs = launch_ranks({"out": str(out), "config": config}, 2, dump)
     outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
     assert procs[0].returncode != 0 and "RunConflictError" in outputs[0], outputs[0][-2000:]
     assert procs[1].returncode != 0 and "RankFailedError" in outputs[1], outputs[1][-2000:]
@@ -283,11 +245,8 @@ def test_cli_shard_needs_torchrun(tmp_path: Path) -> None:
 
 
 def _fsdp_run(out: Path, config: dict, world: int, dump: Path, family: str = "llama") -> None:
-    port = _free_port()
-    procs = [_start(out, config, family=family,
-                    ddp={"rank": r, "world": world, "port": port, "dump": str(dump)})
-             for r in range(world)]
-    _finish_all(procs)
+    finish_all(launch_ranks({"out": str(out), "config": config, "family": family}, world,
+                            dump))
 
 
 def test_fsdp_resume_on_same_and_other_rank_count(tmp_path: Path) -> None:

@@ -5,11 +5,17 @@ toy task (used by the SIGKILL and data-parallel tests). JSON keys: ``out`` (run 
 ``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``, and
 with ``ddp`` optionally ``fail`` (``{"rank", "step"}``: that rank raises at that step) and
 ``forbid_gather`` (true: `Sharding.gathered` and `Sharding.optimizer_state` raise).
+
+The tests start such processes with `launch` (one) or `launch_ranks` (gloo ranks on a free
+port) and wait for them with `finish_all`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +28,45 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module  # noqa: E402
 
 import ctlens  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict) -> subprocess.Popen:
+    """Run this file on ``spec`` in a new process (one thread, fixed hash seed), output
+    captured."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, __file__, json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def launch_ranks(spec: dict, world: int, dump: Path) -> list[subprocess.Popen]:
+    """``world`` gloo ranks of ``spec`` rendezvousing on a free port, dumping to ``dump``."""
+    port = free_port()
+    return [launch({**spec, "ddp": {"rank": r, "world": world, "port": port,
+                                    "dump": str(dump)}}) for r in range(world)]
+
+
+def finish_all(procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    """Wait for every process; if any failed (an error, a signal, a timeout), fail with the
+    output of *every* rank: the first error is often on a rank other than 0."""
+    outputs = []
+    for proc in procs:
+        try:
+            out = proc.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0] + f"\n[killed after {timeout} s]".encode()
+        outputs.append(out.decode(errors="replace"))
+    if any(proc.returncode != 0 for proc in procs):
+        raise AssertionError("\n".join(
+            f"----- rank {r}: exit {proc.returncode} -----\n{out[-3000:]}"
+            for r, (proc, out) in enumerate(zip(procs, outputs, strict=True))))
 
 
 @dataclass(frozen=True)
