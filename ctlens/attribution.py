@@ -27,7 +27,7 @@ prompts, padding excluded, or over the TaskData / tokens given as ``reference``,
 precomputed ``[n_senders, seq, d_model]`` tensor from `mean_activations`) and ``zero``.
 
 With a built-in metric every pass stops at the final residual stream and unembeds only the
-metric positions (`ctlens.hooks.run_to_final_residual`); a custom metric callable gets the
+metric positions (`ctlens.bridge.hooks.run_to_final_residual`); a custom metric callable gets the
 full ``[batch, seq, vocab]`` logits. Buffers fit a memory budget (``max_memory``; see
 `ctlens.memory`): fewer receiver gradients queued per product (receiver chunks), the sender
 buffer in the model's dtype, smaller batches, and - when one example's buffer does not fit -
@@ -47,10 +47,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ctlens.data import MetricError, TaskData
-from ctlens.graph import Graph
-from ctlens.hooks import (
-    HookLayout,
+from ctlens.bridge.hooks import (
     SenderCallback,
     eval_mode,
     final_logits,
@@ -62,6 +59,9 @@ from ctlens.hooks import (
     sender_hooks,
     supports_truncated_forward,
 )
+from ctlens.bridge.names import HookLayout
+from ctlens.data import MetricError, TaskData
+from ctlens.graph import Graph
 from ctlens.memory import AttributionFit, default_queue, fit_attribution
 from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
 from ctlens.scores import EdgeScores, check_finite_scores

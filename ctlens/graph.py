@@ -8,7 +8,7 @@ every MLP ``m{l}``. Every component that *reads* it, before its LayerNorm, is a
 grouped-query attention the keys and values are read once per KV head: ``a{l}.g{g}.k``),
 each MLP ``m{l}`` and the unembedding ``logits``. With ``mlp_groups=G > 1`` each MLP is split
 into G equal groups of neurons ("MLP heads"), each both a sender and a receiver named
-``m{l}.n{j}`` (see `ctlens.mlp_groups`). Because the stream is a plain sum, a
+``m{l}.n{j}`` (see `ctlens.bridge.mlp_groups`). Because the stream is a plain sum, a
 receiver's input is exactly the sum of the outputs of the senders computed before it (plus
 constant biases), so "the edge s -> r" is well defined: the contribution of s to r's input.
 
@@ -22,18 +22,17 @@ Node objects and networkx graphs are views built from these tensors, never the s
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import networkx as nx
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 
+from ctlens.bridge.families import approximation
+from ctlens.bridge.names import HookRef, Role, node_hook
 from ctlens.types import Node, NodeKind
-
-if TYPE_CHECKING:
-    from ctlens.hooks import HookRef, Role
 
 GRAPH_SPEC_VERSION = 1
 
@@ -200,8 +199,6 @@ class Graph:
         ``mlp_groups`` splits each MLP into that many equal neuron groups; it must divide
         the MLP width ``model.cfg.d_mlp``.
         """
-        from ctlens.model import approximation
-
         cfg = model.cfg
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
@@ -316,17 +313,15 @@ class Graph:
     def hook_name(self, node: str | Node, role: Role | None = None) -> HookRef:
         """The TransformerLens hook ``node`` writes (sender) or reads (receiver).
 
-        Returns a `ctlens.hooks.HookRef` ``(name, index)``: e.g. ``a3.h5`` ->
+        Returns a `ctlens.bridge.names.HookRef` ``(name, index)``: e.g. ``a3.h5`` ->
         ``("blocks.3.attn.hook_result", 5)``, ``a3.g1.k`` -> ``("blocks.3.hook_k_input", 1)``,
         ``m3`` as a receiver -> ``("blocks.3.hook_mlp_in", None)``. ``ref.take(cache[ref.name])``
         is the node's activation in a ``run_with_cache`` result. An MLP is both a sender and a
         receiver: pass ``role="sender"`` or ``role="receiver"``. Under the frozen-norm
         linearisation an MLP sender is ``blocks.{l}.ln2_post.hook_out``, and a head's sender
         output is its ``hook_result`` slice times ``w_eff / blocks.{l}.ln1_post.hook_scale``
-        (`ctlens.hooks.frozen_norm_hooks`).
+        (`ctlens.bridge.hooks.frozen_norm_hooks`).
         """
-        from ctlens.hooks import node_hook
-
         name = node.name if isinstance(node, Node) else node
         both = (("sender", self.sender_index), ("receiver", self.receiver_index))
         roles = [r for r, index in both if name in index]
@@ -441,3 +436,41 @@ class Graph:
             f"Graph({self._describe()}: {self.n_senders} senders, "
             f"{self.n_receivers} receivers, {self.n_edges} valid edges)"
         )
+
+
+# ----------------------------------------------------------------- MLP groups, summed
+
+
+def coarse_indices(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sender and receiver of ``graph``, its index in the one-group graph."""
+    coarse = Graph(replace(graph.spec, mlp_groups=1))
+
+    def index(names: list[str], lookup: dict[str, int]) -> torch.Tensor:
+        return torch.tensor([lookup[name.split(".n")[0]] for name in names])
+
+    return (
+        index(graph.senders, coarse.sender_index),
+        index(graph.receivers, coarse.receiver_index),
+    )
+
+
+def coarsen_matrix(
+    graph: Graph, matrix: Float[torch.Tensor, "n_senders n_receivers"]
+) -> tuple[Graph, Float[torch.Tensor, "n_coarse_senders n_coarse_receivers"]]:
+    """Sum a dense matrix over the graph's MLP groups: ``(one-group graph, summed matrix)``.
+
+    Row ``m{l}`` of the result is the sum of rows ``m{l}.n*``; column ``m{l}`` likewise.
+    """
+    coarse = Graph(replace(graph.spec, mlp_groups=1))
+    rows, cols = coarse_indices(graph)
+    out = torch.zeros(coarse.n_senders, graph.n_receivers, dtype=matrix.dtype)
+    out.index_add_(0, rows, matrix.to(out.dtype).cpu())
+    summed = torch.zeros(coarse.n_senders, coarse.n_receivers, dtype=matrix.dtype)
+    summed.index_add_(1, cols, out)
+    return coarse, summed
+
+
+def groups_of(obj: Any) -> int:
+    """The ``mlp_groups`` of the graph of ``obj`` (a `Circuit`, `EdgeScores`); 1 if none."""
+    graph = getattr(obj, "graph", None)
+    return graph.spec.mlp_groups if isinstance(graph, Graph) else 1

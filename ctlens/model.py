@@ -19,72 +19,24 @@ sum of sender outputs) and blocks that normalise a component's output before add
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ctlens.bridge.families import (
+    APPROXIMATIONS,
+    FROZEN_NORM,
+    FROZEN_NORM_HOOKS,
+    HALF_PRECISION_FAILS,
+    REFUSED,
+    REQUIRED_HOOKS,
+    SUPPORTED,
+    architecture,
+)
+
 ZOO_PREFIX = "zoo:"
-
-# Architectures checked end to end (tests/test_families.py: logits, receiver gradients against
-# finite differences on the HF module, EAP against exact patching, gradient restriction,
-# export back to HF).
-SUPPORTED = {
-    "GPT2LMHeadModel": "GPT-2",
-    "LlamaForCausalLM": "Llama 2/3.x (grouped-query attention)",
-    "MistralForCausalLM": "Mistral (grouped-query attention)",
-    "Qwen2ForCausalLM": "Qwen2 / Qwen2.5 (q/k/v biases)",
-    "Qwen3ForCausalLM": "Qwen3 (per-head q/k norms)",
-    "GPTNeoXForCausalLM": "GPT-NeoX / Pythia (parallel attention + MLP, partial rotary)",
-    "Phi3ForCausalLM": "Phi-3 (fused qkv and fused gate/up projections)",
-    "OlmoForCausalLM": "OLMo (non-parametric LayerNorm)",
-}
-# Architectures whose sublayer outputs are normalised before they join the residual stream:
-# analysable only under the frozen-norm linearisation (docs/attribution.md), by opt-in.
-FROZEN_NORM = {
-    "Gemma2ForCausalLM": "Gemma 2",
-    "Gemma3ForCausalLM": "Gemma 3 (text)",
-    "Olmo2ForCausalLM": "OLMo-2",
-}
-APPROXIMATIONS = ("frozen-norm",)
-_NORMALISED_OUTPUTS = (
-    "normalises attention and MLP outputs before adding them to the residual stream, so a "
-    "receiver's input is not the sum of sender outputs. Pass "
-    "load_model(..., approximate='frozen-norm') to analyse it under the frozen-norm "
-    "linearisation (each head's share of its layer's normalised output; docs/attribution.md)"
-)
-REFUSED = {
-    "BertForMaskedLM": "post-norm blocks: the residual stream is normalised after every sum",
-    "OPTForCausalLM": "OPT-350m applies LayerNorm after the residual sum (post-norm) and "
-    "projects the embedding; its receiver inputs are not a plain sum of sender outputs",
-    "T5ForConditionalGeneration": "encoder-decoder models have no single residual stream",
-    "GPTJForCausalLM": "TransformerLens 4.3's GPT-J bridge raises NotImplementedError for "
-    "set_use_attn_result and set_use_split_qkv_input, so per-head outputs and per-head "
-    "q/k/v inputs (the graph's senders and receivers) cannot be hooked",
-    **{arch: f"{name} {_NORMALISED_OUTPUTS}" for arch, name in FROZEN_NORM.items()},
-}
-# TransformerLens 4.3's bridges of these fail in half precision (their attention multiplies
-# float32 weights with bfloat16 / float16 values); ctlens says so and how to load them.
-HALF_PRECISION_FAILS = {"OlmoForCausalLM", "Olmo2ForCausalLM"}
-# The hooks the graph reads (`ctlens.hooks`), checked on every loaded bridge.
-REQUIRED_HOOKS = (
-    "hook_embed",
-    "blocks.0.attn.hook_result",
-    "blocks.0.hook_q_input",
-    "blocks.0.hook_k_input",
-    "blocks.0.hook_v_input",
-    "blocks.0.hook_mlp_in",
-    "blocks.0.hook_mlp_out",
-    "ln_final.hook_in",
-)
-FROZEN_NORM_HOOKS = (
-    "blocks.0.ln1_post.hook_scale",
-    "blocks.0.ln1_post.hook_out",
-    "blocks.0.ln2_post.hook_out",
-)
-
 
 class UnsupportedModelError(ValueError):
     """The model's architecture cannot be analysed exactly by ctlens; the message says why."""
@@ -180,15 +132,9 @@ def _check_device(device: str | torch.device | None) -> None:
         raise ValueError(f"device {str(device)!r} was requested but MPS is not available")
 
 
-def _architecture(module: nn.Module) -> str:
-    config = getattr(module, "config", None)
-    names = getattr(config, "architectures", None) or []
-    return names[0] if names else type(module).__name__
-
-
-def check_architecture(module: nn.Module, approximate: str | None = None) -> str:
+def checkarchitecture(module: nn.Module, approximate: str | None = None) -> str:
     """Return the HF architecture name, or raise `UnsupportedModelError` with the reason."""
-    arch = _architecture(module)
+    arch = architecture(module)
     if arch in FROZEN_NORM and approximate == "frozen-norm":
         return arch
     if approximate is not None:
@@ -204,11 +150,6 @@ def check_architecture(module: nn.Module, approximate: str | None = None) -> str
     if arch not in SUPPORTED:
         raise UnsupportedModelError(f"{arch} is not supported: {_diagnose(module)}")
     return arch
-
-
-def approximation(model: Any) -> str | None:
-    """The approximation a `load_model` bridge was loaded under (None: exact)."""
-    return getattr(model, "_ctlens_approximate", None)
 
 
 def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
@@ -279,7 +220,7 @@ def _boot_hub(
             f"could not load {name!r} from the HuggingFace Hub ({err}). Offline? Use a zoo "
             "model ('zoo:tiny-gpt2'), a local directory, or an HF module you built."
         ) from err
-    check_architecture(bridge.original_model, approximate)
+    checkarchitecture(bridge.original_model, approximate)
     return _configure(bridge, approximate)
 
 
@@ -293,7 +234,7 @@ def _wrap(
 ) -> Any:
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    arch = check_architecture(module, approximate)
+    arch = checkarchitecture(module, approximate)
     module.eval()
     if dtype is not None:
         module.to(dtype)
@@ -315,7 +256,7 @@ def _enable_hooks(bridge: Any) -> None:
 
 def _configure(bridge: Any, approximate: str | None = None) -> Any:
     """Switch on the hooks ctlens reads and check that they fire."""
-    arch = _architecture(bridge.original_model)
+    arch = architecture(bridge.original_model)
     try:
         _enable_hooks(bridge)
     except (NotImplementedError, ValueError) as err:
@@ -349,7 +290,7 @@ def _diagnose(module: nn.Module) -> str:
     a plain sum), or that it meets them but is untested."""
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    arch = _architecture(module)
+    arch = architecture(module)
     known = ", ".join(sorted(SUPPORTED))
     tail = f" Supported architectures: {known}."
     config = getattr(module, "config", None)
@@ -374,59 +315,3 @@ def _diagnose(module: nn.Module) -> str:
         "to end (gradients, exact patching, parameter rules, export; tests/test_families.py "
         f"shows how).{tail}"
     )
-
-
-@dataclass(frozen=True)
-class SplitCopy:
-    """A fused HF parameter that the bridge split into separate q/k/v *copies*.
-
-    GPT-NeoX stores q, k and v interleaved per head in one ``query_key_value`` weight
-    (``[heads, 3, d_head, ...]``); TransformerLens 4.3 copies the three parts into separate
-    ``attn.q/k/v`` parameters, which the forward pass and the gradients use. The fused HF
-    parameter is then stale: `gather` writes the copies back into it (before saving or
-    exporting HF weights) and `scatter` reads it into the copies (after loading HF weights).
-    GPT-2's and Phi-3's fused weights need none of this: their parts are views.
-    """
-
-    fused: nn.Parameter
-    parts: tuple[nn.Parameter, ...]
-    n_heads: int
-
-    def _fused_parts(self) -> list[torch.Tensor]:
-        shaped = self.fused.detach().view(self.n_heads, len(self.parts), -1, *self.fused.shape[1:])
-        return [shaped[:, i] for i in range(len(self.parts))]
-
-    @torch.no_grad()
-    def gather(self) -> None:
-        """Copy the parts into the fused parameter."""
-        for target, part in zip(self._fused_parts(), self.parts, strict=True):
-            target.copy_(part.detach().view_as(target))
-
-    @torch.no_grad()
-    def scatter(self) -> None:
-        """Copy the fused parameter into the parts."""
-        for source, part in zip(self._fused_parts(), self.parts, strict=True):
-            part.copy_(source.reshape(part.shape))
-
-
-def split_copies(model: Any) -> list[SplitCopy]:
-    """Every fused HF parameter of ``model`` whose parts the bridge holds as copies.
-
-    Empty for plain HF modules and for families whose fused parameters are viewed, not
-    copied. See `SplitCopy`.
-    """
-    if _architecture(getattr(model, "original_model", model)) != "GPTNeoXForCausalLM":
-        return []
-    if not hasattr(model, "blocks"):
-        return []
-    copies = []
-    for block in model.blocks:
-        attn = block.attn
-        fused = attn.qkv.original_component
-        parts = [getattr(attn, n).original_component for n in ("q", "k", "v")]
-        for name in ("weight", "bias"):
-            whole = getattr(fused, name, None)
-            if isinstance(whole, nn.Parameter):
-                pieces = tuple(getattr(p, name) for p in parts)
-                copies.append(SplitCopy(whole, pieces, int(model.cfg.n_heads)))
-    return copies

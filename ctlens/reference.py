@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from ctlens.bridge.hooks import eval_mode, flat, model_device, run_to_final_residual, sender_hooks
 from ctlens.data import TaskData
 from ctlens.graph import Graph
-from ctlens.hooks import eval_mode, flat, model_device, run_to_final_residual, sender_hooks
 from ctlens.types import Ablation
 
 Reference = TaskData | torch.Tensor | None

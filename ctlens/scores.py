@@ -14,8 +14,7 @@ import networkx as nx
 import torch
 from jaxtyping import Float
 
-from ctlens.graph import Graph
-from ctlens.mlp_groups import coarsen_matrix
+from ctlens.graph import Graph, coarsen_matrix
 from ctlens.scores_file import load_scores, save_scores
 from ctlens.tables import edge_table
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float
 
+from ctlens.bridge.mlp_groups import neuron_slice
 from ctlens.graph import Graph, check_mlp_groups
-from ctlens.mlp_groups import neuron_slice
 from ctlens.types import Node, NodeKind
 
 if TYPE_CHECKING:

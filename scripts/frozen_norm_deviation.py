@@ -24,8 +24,8 @@ import torch
 import transformers
 
 import ctlens
+from ctlens.bridge.hooks import receiver_hooks
 from ctlens.graph import Graph
-from ctlens.hooks import receiver_hooks
 from ctlens.types import NodeKind
 
 SHAPE = dict(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ctlens.bridge.families import FROZEN_NORM
 from ctlens.graph import Graph, GraphSpec
-from ctlens.model import FROZEN_NORM
 from ctlens.real_shapes import SHAPES, RealShape
 
 NEURONS_PER_GROUP = 64

@@ -1,6 +1,6 @@
 """Retrain a shipped zoo model and record the check in its ``training.json``.
 
-The model card (``python -m ctlens.zoo.card``) shows what this records:
+The model card (``python scripts/zoo_card.py``) shows what this records:
 
     python scripts/zoo_check.py tiny-llama            # the shipped seed: bit-identical weights?
     python scripts/zoo_check.py tiny-llama --seed 1   # another seed: does the recipe still pass?
@@ -25,9 +25,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ctlens.zoo import model_dir, training_record
-from ctlens.zoo.card import induction_path_ranks
 from ctlens.zoo.evaluate import induction_heads
 from ctlens.zoo.train import train, write_record
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_card import induction_path_ranks  # noqa: E402
 
 
 def _same_weights(a: Path, b: Path) -> bool:

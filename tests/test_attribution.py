@@ -1,4 +1,4 @@
-"""Tests of ctlens.attribution and ctlens.hooks against independent oracles.
+"""Tests of ctlens.attribution and ctlens.bridge.hooks against independent oracles.
 
 The oracle here, `HFReference`, never touches ctlens or TransformerLens: it runs a *separate
 copy* of the plain HuggingFace module (the bridge rewires the module it wraps) with PyTorch
@@ -35,9 +35,9 @@ from transformers import (
 
 import ctlens
 from ctlens.attribution import mean_activations
+from ctlens.bridge.hooks import frozen_parameters, receiver_hooks, sender_hooks
 from ctlens.data import TaskData
 from ctlens.graph import Graph
-from ctlens.hooks import frozen_parameters, receiver_hooks, sender_hooks
 from ctlens.scores import EdgeScores
 
 # ------------------------------------------------------------------------------ the oracle
@@ -691,7 +691,7 @@ def test_sender_hooks_report_every_sender_once():
 
 def test_truncated_forward_matches_full_logits(pair):
     """`run_to_final_residual` + `final_logits` at chosen positions = the full forward's."""
-    from ctlens.hooks import final_logits, run_to_final_residual
+    from ctlens.bridge.hooks import final_logits, run_to_final_residual
 
     model, _ = pair
     data = random_task()

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 import ctlens
-from ctlens import cli, cli_support
-from ctlens.cli_support import UsageError, check_output, default_threads, physical_cores
+from ctlens import cli
+from ctlens.cli import support as cli_support
+from ctlens.cli.support import UsageError, check_output, default_threads, physical_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ctlens"
@@ -179,7 +180,7 @@ def test_library_never_imports_upward_through_a_package_face() -> None:
 
 def test_zoo_training_does_not_import_the_zoo_command_line() -> None:
     source = (PACKAGE / "zoo" / "train.py").read_text()
-    assert "ctlens.zoo.cli" not in source
+    assert "ctlens.cli.zoo" not in source
 
 
 # --- shared command-line plumbing --------------------------------------------------------
@@ -310,9 +311,9 @@ def test_errors_name_what_happened() -> None:
 
 
 def test_lazy_runner_imports_on_call() -> None:
-    run = cli_support.lazy_runner("ctlens.cli_support:positive_int")
+    run = cli_support.lazy_runner("ctlens.cli.support:positive_int")
     assert run("7") == 7  # type: ignore[arg-type]
-    assert "ctlens.cli_support" in run.__name__
+    assert "ctlens.cli.support" in run.__name__
 
 
 # --- discover, end to end on a zoo model -------------------------------------------------
@@ -407,11 +408,11 @@ def test_tune_max_memory_reaches_the_config(capsys: pytest.CaptureFixture) -> No
     `ctlens.attribute`); a bad size is a usage error before anything runs."""
     import argparse
 
-    from ctlens.tuning.cli import add_tune_commands
+    from ctlens.cli.tune import add_tune_command
     from ctlens.tuning.config import TuneConfig
 
     parser = argparse.ArgumentParser(prog="ctlens")
-    add_tune_commands(parser.add_subparsers(dest="command"))
+    add_tune_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["tune", "--out", "run", "--max-memory", "1.5GiB"])
     assert args.max_memory == int(1.5 * 2**30)
     assert parser.parse_args(["tune", "--out", "run"]).max_memory is None

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import ctlens
+from ctlens.cli.apply_delta import add_apply_delta_command
+from ctlens.cli.make_delta import add_make_delta_command
 from ctlens.delta import (
     DeltaMismatchError,
     DeltaOutputError,
@@ -21,14 +23,15 @@ from ctlens.delta import (
     weights_of,
     write_weights,
 )
-from ctlens.delta_cli import add_delta_commands
 from ctlens.tuning import weights
 
 
 def _cli(*args: str) -> int:
     """Run ``ctlens ARGS`` for the delta commands in process (errors -> exit 2)."""
     parser = argparse.ArgumentParser(prog="ctlens")
-    add_delta_commands(parser.add_subparsers(dest="command"))
+    commands = parser.add_subparsers(dest="command")
+    add_make_delta_command(commands)
+    add_apply_delta_command(commands)
     parsed = parser.parse_args(list(args))
     try:
         return parsed.func(parsed)

@@ -34,8 +34,8 @@ from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
 from torch import nn
 
 import ctlens
+from ctlens.bridge.hooks import frozen_parameters, receiver_hooks, sender_hooks
 from ctlens.graph import Graph, GraphSpec
-from ctlens.hooks import frozen_parameters, receiver_hooks, sender_hooks
 from ctlens.model import UnsupportedModelError
 from ctlens.tuning.weights import export_hf, hf_state_dict
 

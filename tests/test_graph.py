@@ -244,8 +244,9 @@ def test_hook_names_read_what_ctlens_records(tiny_model, groups):
     """``run_with_cache`` on each node's hook gives the activation ctlens's own sender and
     receiver hooks see, for every node (an MLP group sender: its neurons times its rows of
     W_out)."""
-    from ctlens.hooks import NeuronGroupRef, receiver_hooks, sender_hooks
-    from ctlens.mlp_groups import mlp_parts
+    from ctlens.bridge.hooks import receiver_hooks, sender_hooks
+    from ctlens.bridge.mlp_groups import mlp_parts
+    from ctlens.bridge.names import NeuronGroupRef
 
     graph = Graph.from_model(tiny_model, mlp_groups=groups)
     tokens = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 3, 8, 40, 49, 1]])

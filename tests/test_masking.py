@@ -10,7 +10,7 @@ from conftest import VOCAB, random_task, tiny_gpt2_module, tiny_llama_module
 
 import ctlens
 from ctlens import Circuit, EdgeScores, Graph
-from ctlens.hooks import HookLayout
+from ctlens.bridge.names import HookLayout
 from ctlens.masking import MIB_FRACTIONS, curve_areas, parameter_rules
 from ctlens.types import NodeKind
 

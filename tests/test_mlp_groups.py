@@ -389,7 +389,7 @@ def test_mib_export_refuses_groups_and_accepts_the_coarse_circuit(tmp_path):
 
 def refined(coarse: ctlens.Circuit, graph: Graph) -> ctlens.Circuit:
     """Every group edge whose one-group edge is in ``coarse``."""
-    from ctlens.mlp_groups import coarse_indices
+    from ctlens.graph import coarse_indices
 
     rows, cols = coarse_indices(graph)
     return ctlens.Circuit(graph, coarse.mask[rows][:, cols] & graph.valid)

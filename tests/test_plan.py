@@ -47,7 +47,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import ctlens  # noqa: E402
-from ctlens.plan_cli import add_plan_command  # noqa: E402
+from ctlens.cli.plan import add_plan_command  # noqa: E402
 from ctlens.planner import GIB, MemoryBudgetError, model_shape, parse_bytes  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def test_plan_is_the_function_and_the_cli_module_is_light() -> None:
     from ctlens.planner import plan
 
     assert ctlens.plan is plan
-    source = Path(ctlens.__file__).parent / "plan_cli.py"
+    source = Path(ctlens.__file__).parent / "cli" / "plan.py"
     body = ast.parse(source.read_text()).body
     top = [n for n in body if isinstance(n, ast.Import | ast.ImportFrom)]
     assert all("torch" not in ast.dump(n) and "ctlens" not in ast.dump(n) for n in top)

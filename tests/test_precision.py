@@ -107,10 +107,10 @@ def test_bad_precision_and_low_precision_weights_are_refused() -> None:
 
 
 def test_cli_has_precision() -> None:
-    from ctlens.tuning.cli import add_tune_commands, config_from_args
+    from ctlens.cli.tune import add_tune_command, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_tune_commands(parser.add_subparsers(dest="command"))
+    add_tune_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["tune", "--out", "x", "--precision", "bf16"])
     assert config_from_args(args).precision == "bf16"
     with pytest.raises(SystemExit):

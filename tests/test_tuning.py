@@ -353,10 +353,10 @@ def test_cli_options_mirror_the_config() -> None:
     import argparse
     import dataclasses
 
-    from ctlens.tuning.cli import add_tune_commands, config_from_args
+    from ctlens.cli.tune import add_tune_command, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_tune_commands(parser.add_subparsers(dest="command"))
+    add_tune_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["tune", "--out", "x", "--mode", "random", "--top-n", "12",
                               "--every-k", "4", "--steps", "9", "--lr", "0.5",
                               "--save-every", "3", "--eval-every", "2", "--seed", "7",

@@ -91,10 +91,10 @@ def test_sequence_loss_trains_every_token(tmp_path: Path) -> None:
 def test_options_are_cli_flags() -> None:
     import argparse
 
-    from ctlens.tuning.cli import add_tune_commands, config_from_args
+    from ctlens.cli.tune import add_tune_command, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_tune_commands(parser.add_subparsers(dest="command"))
+    add_tune_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["tune", "--out", "x", "--selection", "top_nodes", "--optimizer",
                               "sgd", "--momentum", "0.5", "--loss", "sequence"])
     cfg = config_from_args(args)

@@ -21,6 +21,8 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from ctlens import Circuit, EdgeScores, Graph, GraphSpec, viz
+from ctlens.cli.diff import add_diff_command
+from ctlens.cli.report import add_report_command
 
 # ---------------------------------------------------------------------------- fixtures
 
@@ -633,7 +635,9 @@ def test_single_snapshot_report_and_unscored_circuits(tmp_path: Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctlens")
-    viz.add_viz_commands(parser.add_subparsers(dest="command", required=True))
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_report_command(commands)
+    add_diff_command(commands)
     return parser
 
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import ctlens
 from ctlens import zoo
+from ctlens.cli.zoo import add_zoo_command
 from ctlens.tasks import generators, to_taskdata
 from ctlens.tasks.language import vocabulary
-from ctlens.zoo.cli import add_zoo_commands
 from ctlens.zoo.evaluate import THRESHOLDS, evaluate, induction_heads, passes
 from ctlens.zoo.train import lr_at, train
 
@@ -199,7 +199,7 @@ def test_train_rejects_bad_arguments(tmp_path):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctlens")
-    add_zoo_commands(parser.add_subparsers(dest="command"))
+    add_zoo_command(parser.add_subparsers(dest="command"))
     return parser
 
 

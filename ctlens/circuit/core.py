@@ -22,8 +22,7 @@ from ctlens.circuit.mib import mib_document, parse_mib_document
 from ctlens.circuit.selection import select_mask, unpack_scores
 from ctlens.file_limits import model_spec, plain_json, require_finite
 from ctlens.files import atomic_write_text, read_json
-from ctlens.graph import Graph
-from ctlens.mlp_groups import coarsen_matrix
+from ctlens.graph import Graph, coarsen_matrix
 from ctlens.tables import edge_table
 from ctlens.types import NodeKind
 
@@ -360,7 +359,9 @@ class Circuit:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document `save` writes (see `ctlens.circuit.file_format`)."""
-        return circuit_document(self)
+        return circuit_document(
+            self.graph, self.mask, self.scores, self.metadata, self.model_name
+        )
 
     @classmethod
     def from_dict(cls, doc: Any, source: str = "circuit document") -> Circuit:
@@ -430,7 +431,9 @@ class Circuit:
 
     def to_mib_dict(self) -> dict[str, Any]:
         """An EAP-IG / MIB-style ``{cfg, nodes, edges}`` document (see `ctlens.circuit.mib`)."""
-        return mib_document(self)
+        return mib_document(
+            self.graph, self.mask, self.scores, self.model_name, self.components
+        )
 
     def to_mib_json(self, path: str | Path) -> Path:
         """Write `to_mib_dict` to ``path`` atomically."""

@@ -15,35 +15,39 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ctlens.file_limits import check_header, declared_graph, edge_indices, require_finite
 from ctlens.graph import Graph, GraphSpec
 
-if TYPE_CHECKING:
-    from ctlens.circuit.core import Circuit
-
 SCHEMA_VERSION = 1
 FILE_FORMAT = "ctlens.circuit"
 
 
-def circuit_document(circuit: Circuit) -> dict[str, Any]:
-    """The JSON document `Circuit.save` writes."""
-    edges = [[s, r, score] for (s, r), score in circuit.edge_scores().items()]
-    all_scores = None
-    if circuit.scores is not None:
-        all_scores = circuit.scores[circuit.graph.valid].tolist()
+def circuit_document(
+    graph: Graph,
+    mask: torch.Tensor,
+    scores: torch.Tensor | None,
+    metadata: dict[str, Any],
+    model: str | None,
+) -> dict[str, Any]:
+    """The JSON document `Circuit.save` writes for a circuit of these parts."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    edges = [
+        [graph.senders[i], graph.receivers[j], None if scores is None else float(scores[i, j])]
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
+    ]
     return {
         "format": FILE_FORMAT,
         "schema_version": SCHEMA_VERSION,
-        "model": circuit.model_name,
-        "graph": circuit.graph.spec.to_dict(),
-        "n_edges": circuit.n_edges,
+        "model": model,
+        "graph": graph.spec.to_dict(),
+        "n_edges": int(mask.sum()),
         "edges": edges,
-        "scores": all_scores,
-        "metadata": circuit.metadata,
+        "scores": None if scores is None else scores[graph.valid].tolist(),
+        "metadata": metadata,
     }
 
 

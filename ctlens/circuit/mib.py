@@ -14,7 +14,7 @@ union of membership.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -22,17 +22,20 @@ from ctlens.file_limits import declared_graph
 from ctlens.graph import Graph, GraphSpec
 from ctlens.types import NodeKind
 
-if TYPE_CHECKING:
-    from ctlens.circuit.core import Circuit
 
-
-def mib_document(circuit: Circuit) -> dict[str, Any]:
-    """The EAP-IG / MIB-style ``{cfg, nodes, edges}`` document of ``circuit``.
+def mib_document(
+    graph: Graph,
+    mask: torch.Tensor,
+    scores: torch.Tensor | None,
+    model_name: str | None,
+    components: list[str],
+) -> dict[str, Any]:
+    """The EAP-IG / MIB-style ``{cfg, nodes, edges}`` document of a circuit of these parts
+    (``components``: `Circuit.components`).
 
     MIB names one node per MLP and has no edge names for groups of neurons, so a circuit on
     a grouped graph is refused: export ``circuit.coarsen()`` instead.
     """
-    graph = circuit.graph
     spec = graph.spec
     if spec.mlp_groups != 1:
         raise ValueError(
@@ -43,20 +46,20 @@ def mib_document(circuit: Circuit) -> dict[str, Any]:
     group = spec.n_heads // spec.n_kv_heads
     edges: dict[str, dict[str, Any]] = {}
     rows, cols = graph.valid.nonzero(as_tuple=True)
-    mask = circuit.mask[rows, cols].tolist()
-    values = [0.0] * len(mask) if circuit.scores is None else circuit.scores[rows, cols].tolist()
+    in_graph = mask[rows, cols].tolist()
+    values = [0.0] * len(in_graph) if scores is None else scores[rows, cols].tolist()
     for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
         names = mib_edge_names(graph, i, j, group)
         for name in names:
-            edges[name] = {"score": values[k] / len(names), "in_graph": bool(mask[k])}
-    used = set(circuit.components)
+            edges[name] = {"score": values[k] / len(names), "in_graph": bool(in_graph[k])}
+    used = set(components)
     nodes = {name: {"in_graph": name in used} for name in _mib_nodes(spec)}
     cfg = {
         "n_layers": spec.n_layers,
         "n_heads": spec.n_heads,
         "n_key_value_heads": spec.n_kv_heads,
         "parallel_attn_mlp": spec.parallel_attn_mlp,
-        "model_name": circuit.model_name,
+        "model_name": model_name,
     }
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
+from ctlens.bridge.hooks import eval_mode, model_device
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import Graph
-from ctlens.hooks import eval_mode, model_device
+from ctlens.graph import Graph, groups_of
 from ctlens.masking.forward import EdgeMask
-from ctlens.mlp_groups import groups_of
 from ctlens.reference import resolve_reference
 from ctlens.types import Ablation
 

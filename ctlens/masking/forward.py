@@ -41,18 +41,17 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ctlens.circuit import Circuit
-from ctlens.data import TaskData
-from ctlens.graph import Graph
-from ctlens.hooks import (
-    HookLayout,
+from ctlens.bridge.hooks import (
     eval_mode,
     flat,
     model_device,
     receiver_hooks,
     sender_hooks,
 )
-from ctlens.mlp_groups import groups_of
+from ctlens.bridge.names import HookLayout
+from ctlens.circuit import Circuit
+from ctlens.data import TaskData
+from ctlens.graph import Graph, groups_of
 from ctlens.reference import resolve_reference
 from ctlens.types import Ablation, NodeKind
 

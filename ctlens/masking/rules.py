@@ -27,7 +27,7 @@ storage) is left out of the rules.
 To support a new node kind add its `NodeRule` to the table of its role; to support a model
 family whose components differ (say, a fused gate/up projection) teach
 `ModelParts.from_model` where they are. `parameter_rules` itself does not change. MLP
-neuron groups (``mlp_groups`` > 1, `ctlens.mlp_groups`) are MLP nodes whose ``head`` is the
+neuron groups (``mlp_groups`` > 1, `ctlens.bridge.mlp_groups`) are MLP nodes whose ``head`` is the
 group index; the MLP rules open only that group's neurons.
 """
 
@@ -42,8 +42,7 @@ from jaxtyping import Bool
 from torch import nn
 
 from ctlens.circuit import Circuit
-from ctlens.graph import Graph
-from ctlens.mlp_groups import groups_of
+from ctlens.graph import Graph, groups_of
 from ctlens.types import Node, NodeKind
 
 
@@ -194,7 +193,7 @@ class RuleOptions:
 
     train_embeddings: bool = False
     train_unembedding: bool = False
-    mlp_groups: int = 1  # neuron groups per MLP in the circuit's graph (ctlens.mlp_groups)
+    mlp_groups: int = 1  # neuron groups per MLP in the circuit's graph (ctlens.bridge.mlp_groups)
 
 
 Opening = tuple[torch.Tensor | None, tuple[Any, ...]]

@@ -10,7 +10,8 @@
   `ctlens.tuning.rundir` (the layout and file operations).
 - `ctlens.tuning.weights`: the bridge's weights under HF names, parameter counting (shared
   storage once), checkpoint weights and the plain HF export (`export_hf`).
-- `ctlens.tuning.cli.add_tune_commands`: the ``ctlens tune`` command.
+
+The ``ctlens tune`` command is `ctlens.cli.tune`.
 
 Run directories follow ``docs/run-format.md`` (format version 1).
 """

@@ -29,7 +29,6 @@ import pickle
 import shutil
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from ctlens.circuit import Circuit
 from ctlens.graph import Graph
 from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
+from ctlens.tuning.checkpoint_state import CheckpointState, state_dict
 from ctlens.tuning.config import OPERATIONAL_FIELDS, TuneConfig
 from ctlens.tuning.rundir import RunConflictError, RunDir, load_torch, save_torch, sha256_file
 
@@ -51,24 +51,6 @@ _DAMAGE = (SafetensorError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.U
 
 class RunDirWarning(UserWarning):
     """Something about a resumed run directory that the user should know (one line)."""
-
-
-@dataclass
-class CheckpointState:
-    """What a checkpoint holds besides the weights (``state.pt``)."""
-
-    step: int
-    wall_time: float
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    torch_rng: torch.Tensor
-    ema: torch.Tensor | None
-    means: torch.Tensor | None
-    last_loss: float | None
-    circuit: Circuit | None
-    lora: dict[str, Any] | None
-    config: TuneConfig
-    scaler: dict[str, Any] | None = None  # fp16's loss-scaler state (`Precision.state`)
 
 
 # ---------------------------------------------------------------------- the run's data
@@ -353,27 +335,6 @@ def save_checkpoint(rd: RunDir, model: Any, state: CheckpointState, keep: int) -
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-def state_dict(state: CheckpointState) -> dict[str, Any]:
-    """``state.pt``'s contents for ``state`` (either weights layout)."""
-    circuit = state.circuit
-    return {
-        "step": state.step,
-        "wall_time": state.wall_time,
-        "optimizer": state.optimizer,
-        "scheduler": state.scheduler,
-        "torch_rng": state.torch_rng,
-        "ema": state.ema,
-        "means": state.means,
-        "last_loss": state.last_loss,
-        "circuit_mask": None if circuit is None else circuit.mask,
-        "circuit_scores": None if circuit is None else circuit.scores,
-        "circuit_metadata": None if circuit is None else json.dumps(circuit.metadata),
-        "lora": state.lora,
-        "config": json.dumps(state.config.to_dict()),
-        "scaler": state.scaler,
-    }
 
 
 def load_checkpoint(

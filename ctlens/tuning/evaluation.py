@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from ctlens.bridge.hooks import eval_mode
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
-from ctlens.hooks import eval_mode
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.discovery import CircuitDiscovery, top_n_after
@@ -178,7 +178,7 @@ class Evaluator:
 
 @contextlib.contextmanager
 def eval_if_training(model: Any) -> Iterator[None]:
-    """`ctlens.hooks.eval_mode`, skipped when the model is already in eval mode.
+    """`ctlens.bridge.hooks.eval_mode`, skipped when the model is already in eval mode.
 
     Switching a bridge's mode walks hundreds of hook modules; the tuner would pay that twice
     per step for nothing (`load_model` returns models in eval mode).

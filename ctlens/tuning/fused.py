@@ -33,41 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-_NAMES = ("weight", "bias")
-
-
-@dataclass(frozen=True)
-class FusedQKV:
-    """One attention layer's fused HF projection (``c_attn``) and the bridge's q/k/v parts."""
-
-    fused: nn.Module
-    parts: tuple[nn.Module, nn.Module, nn.Module]
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def fused_layers(model: Any) -> list[FusedQKV]:
-    """Every attention of ``model`` whose q/k/v weights are views of a fused parameter
-    (GPT-2's ``c_attn``); empty for other families and for plain HF modules."""
-    layers = []
-    for block in getattr(model, "blocks", ()):
-        attn = getattr(block, "attn", None)
-        names = ("qkv", "q", "k", "v")
-        if attn is None or not all(hasattr(attn, n) for n in names):
-            continue
-        fused, q, k, v = (getattr(attn, n).original_component for n in names)
-        whole = getattr(fused, "weight", None)
-        if isinstance(whole, nn.Parameter) and _storage(q.weight) == _storage(whole):
-            layers.append(FusedQKV(fused, (q, k, v)))
-    return layers
-
-
-def fused_parameter_ids(model: Any) -> set[int]:
-    """``id`` of every fused parameter (``c_attn`` weight and bias) that `unfuse` removes."""
-    return {id(p) for layer in fused_layers(model) for name in _NAMES
-            if isinstance(p := getattr(layer.fused, name, None), nn.Parameter)}
+from ctlens.bridge.families import (
+    FUSED_PARAMETER_NAMES,
+    FusedQKV,
+    fused_layers,
+    fused_parameter_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -131,13 +102,13 @@ def unfuse(model: Any) -> UnfusedQKV:
     has_bias = []
     for layer in layers:
         for part in layer.parts:
-            for name in _NAMES:
+            for name in FUSED_PARAMETER_NAMES:
                 p = getattr(part, name, None)
                 if isinstance(p, nn.Parameter):
                     own = p.detach().clone(memory_format=torch.contiguous_format)
                     setattr(part, name, nn.Parameter(own, requires_grad=p.requires_grad))
         has_bias.append(isinstance(getattr(layer.fused, "bias", None), nn.Parameter))
-        for name in _NAMES:
+        for name in FUSED_PARAMETER_NAMES:
             layer.fused.register_parameter(name, None)
     return UnfusedQKV(layers, slots, tuple(has_bias))
 
@@ -151,14 +122,14 @@ def refused(unfused: UnfusedQKV) -> Iterator[None]:
     try:
         for layer, bias in zip(unfused.layers, unfused.has_bias, strict=True):
             kept.append([(part, name, getattr(part, name)) for part in layer.parts
-                         for name in _NAMES[: 1 + bias]])
+                         for name in FUSED_PARAMETER_NAMES[: 1 + bias]])
             _fuse(layer, bias)
         yield
     finally:
         for layer, own in zip(unfused.layers, kept, strict=False):
             for part, name, p in own:
                 setattr(part, name, p)
-            for name in _NAMES:
+            for name in FUSED_PARAMETER_NAMES:
                 layer.fused.register_parameter(name, None)
 
 

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from jaxtyping import Bool
 from torch import nn
 
+from ctlens.bridge.families import split_copies
 from ctlens.circuit import Circuit
 from ctlens.masking.rules import rule_openings
-from ctlens.model import split_copies
 from ctlens.tuning import weights as W
 
 

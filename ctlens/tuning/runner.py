@@ -71,6 +71,7 @@ from ctlens.scores import EdgeScores
 from ctlens.tuning import checkpoints as C
 from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
+from ctlens.tuning.checkpoint_state import CheckpointState
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
 from ctlens.tuning.distributed import World
@@ -398,7 +399,7 @@ class CircuitTuner:
 
     def _checkpoint_state(
         self, step: int, wall_time: float, enforcement: Enforcement, scheduler: Any
-    ) -> C.CheckpointState:
+    ) -> CheckpointState:
         lora, sharding = enforcement.lora, enforcement.sharding
         if self.config.checkpoint_format == "dcp":
             optimizer = S.optimizer_groups(enforcement.optimizer)
@@ -406,7 +407,7 @@ class CircuitTuner:
             optimizer = enforcement.optimizer.state_dict()
         else:
             optimizer = sharding.optimizer_state(enforcement.optimizer)
-        return C.CheckpointState(
+        return CheckpointState(
             step=step, wall_time=wall_time, optimizer=optimizer,
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
             ema=self.discovery.ema, means=enforcement.means, last_loss=self.last_loss,
@@ -416,7 +417,7 @@ class CircuitTuner:
         )
 
     def _resume(
-        self, state: C.CheckpointState, enforcement: Enforcement, scheduler: Any, folder: Path
+        self, state: CheckpointState, enforcement: Enforcement, scheduler: Any, folder: Path
     ) -> None:
         """Restore the loop, discovery and enforcement from checkpoint ``folder``'s state."""
         S.load_optimizer(enforcement.optimizer, self.model, state.optimizer, folder,

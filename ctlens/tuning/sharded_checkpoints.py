@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ctlens import run_format as F
 from ctlens.tuning import weights as W
+from ctlens.tuning.checkpoint_state import CheckpointState, state_dict
 from ctlens.tuning.distributed import World
 from ctlens.tuning.rundir import RunDir, save_torch
 
@@ -192,15 +193,13 @@ def _load_dcp_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dic
 
 
 def save_dcp_checkpoint(rd: RunDir, model: Any, optimizer: torch.optim.Optimizer,
-                        state: Any, keep: int, world: World) -> None:
+                        state: CheckpointState, keep: int, world: World) -> None:
     """Write checkpoint ``state.step`` in DCP layout atomically (every rank calls this).
 
-    ``state`` is the `ctlens.tuning.checkpoints.CheckpointState` whose ``optimizer`` is
+    ``state`` is the `ctlens.tuning.checkpoint_state.CheckpointState` whose ``optimizer`` is
     :func:`optimizer_groups`'s. A failure on any rank raises on every rank, and the
     temporary folder is removed (or left to the next run's clean-up when a rank was killed).
     """
-    from ctlens.tuning import checkpoints as C
-
     tmp = rd.checkpoints / f".tmp-{F.step_name(state.step)}"
     steps = rd.checkpoint_steps() if world.is_main else []
     kept = f"the last good checkpoint (step {steps[-1]}) is kept" if steps else \
@@ -216,7 +215,7 @@ def save_dcp_checkpoint(rd: RunDir, model: Any, optimizer: torch.optim.Optimizer
         with rd.writing(what, kept):
             if state.circuit is not None:
                 state.circuit.save(tmp / F.CIRCUIT)
-            save_torch(C.state_dict(state), tmp / F.STATE)
+            save_torch(state_dict(state), tmp / F.STATE)
             rd.commit_checkpoint(tmp, state.step, keep)
 
     world.on_main(f"preparing {what}", prepare)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from ctlens.bridge.families import split_copies
 from ctlens.files import replace_dir
-from ctlens.model import split_copies
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
 

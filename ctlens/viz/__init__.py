@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from ctlens._lazy import lazy_exports
 
 if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API docs
-    from ctlens.viz.cli import add_viz_commands
     from ctlens.viz.evolution import jaccard_series, plot_evolution
     from ctlens.viz.figures import diff_counts, plot_circuit, plot_diff
     from ctlens.viz.layout import EdgeSet, Layout, as_edge_set
@@ -32,13 +31,12 @@ if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API d
     from ctlens.viz.run import Run, RunFormatError, read_run
 
 # Lazy (ctlens._lazy): plotly loads with the first figure, so that ``ctlens report --help``
-# and ``import ctlens.viz.cli`` stay light.
+# stays light.
 __getattr__, __dir__ = lazy_exports(__name__, {
     "EdgeSet": "ctlens.viz.layout",
     "Layout": "ctlens.viz.layout",
     "Run": "ctlens.viz.run",
     "RunFormatError": "ctlens.viz.run",
-    "add_viz_commands": "ctlens.viz.cli",
     "as_edge_set": "ctlens.viz.layout",
     "diff_counts": "ctlens.viz.figures",
     "jaccard_series": "ctlens.viz.evolution",
@@ -57,7 +55,6 @@ __all__ = [
     "Layout",
     "Run",
     "RunFormatError",
-    "add_viz_commands",
     "as_edge_set",
     "diff_counts",
     "jaccard_series",

@@ -16,13 +16,14 @@ node ``m{l}.n{j}``:
 Both are computed from the weights at hook time, one einsum per layer, without changing
 the model. The attribution, faithfulness and masking code sees a group sender like a head
 (``[batch, pos, G, d_model]``) and a group receiver like a q/k/v input, via
-`ctlens.hooks.sender_hooks` / `ctlens.hooks.receiver_hooks`.
+`ctlens.bridge.hooks.sender_hooks` / `ctlens.bridge.hooks.receiver_hooks`. Summing
+scores over a graph's groups (`coarsen_matrix`) lives with the graph in `ctlens.graph`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from jaxtyping import Float
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctlens.graph import Graph
+from ctlens.bridge.names import HookLayout
 
 Hook = tuple[str, Callable[..., Any]]
 
@@ -107,7 +108,7 @@ def sender_hook(
     def hook(post: torch.Tensor, hook: Any) -> None:
         report(group_outputs(post, parts.w_out, groups))
 
-    return f"blocks.{layer}.mlp.out.hook_in", hook
+    return HookLayout.mlp_post(layer), hook
 
 
 def receiver_hooks(
@@ -148,11 +149,11 @@ def receiver_hooks(
         return hook
 
     hooks: list[Hook] = [
-        (f"blocks.{layer}.hook_mlp_in", read),
-        (f"blocks.{layer}.mlp.in.hook_out", project(0)),
+        (HookLayout.mlp_in(layer), read),
+        (HookLayout.mlp_projection_out(layer, "in"), project(0)),
     ]
     if parts.w_gate is not None:
-        hooks.append((f"blocks.{layer}.mlp.gate.hook_out", project(1)))
+        hooks.append((HookLayout.mlp_projection_out(layer, "gate"), project(1)))
     return hooks
 
 
@@ -160,38 +161,3 @@ def neuron_slice(group: int, groups: int, d_mlp: int) -> slice:
     """The neurons of group ``group`` out of ``groups`` in an MLP of width ``d_mlp``."""
     width = d_mlp // groups
     return slice(group * width, (group + 1) * width)
-
-
-def coarse_indices(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each sender and receiver of ``graph``, its index in the one-group graph."""
-    coarse = Graph(replace(graph.spec, mlp_groups=1))
-
-    def index(names: list[str], lookup: dict[str, int]) -> torch.Tensor:
-        return torch.tensor([lookup[name.split(".n")[0]] for name in names])
-
-    return (
-        index(graph.senders, coarse.sender_index),
-        index(graph.receivers, coarse.receiver_index),
-    )
-
-
-def coarsen_matrix(
-    graph: Graph, matrix: Float[torch.Tensor, "n_senders n_receivers"]
-) -> tuple[Graph, Float[torch.Tensor, "n_coarse_senders n_coarse_receivers"]]:
-    """Sum a dense matrix over the graph's MLP groups: ``(one-group graph, summed matrix)``.
-
-    Row ``m{l}`` of the result is the sum of rows ``m{l}.n*``; column ``m{l}`` likewise.
-    """
-    coarse = Graph(replace(graph.spec, mlp_groups=1))
-    rows, cols = coarse_indices(graph)
-    out = torch.zeros(coarse.n_senders, graph.n_receivers, dtype=matrix.dtype)
-    out.index_add_(0, rows, matrix.to(out.dtype).cpu())
-    summed = torch.zeros(coarse.n_senders, coarse.n_receivers, dtype=matrix.dtype)
-    summed.index_add_(1, cols, out)
-    return coarse, summed
-
-
-def groups_of(obj: Any) -> int:
-    """The ``mlp_groups`` of the graph of ``obj`` (a `Circuit`, `EdgeScores`); 1 if none."""
-    graph = getattr(obj, "graph", None)
-    return graph.spec.mlp_groups if isinstance(graph, Graph) else 1

@@ -1,7 +1,8 @@
 """Where the graph's nodes live in a TransformerBridge, and hooks that read or patch them.
 
-This is the only module that knows hook names. It maps each group of graph nodes to one
-hook point and gives two building blocks that attribution, faithfulness and masking share:
+Hook names come from `ctlens.bridge.names`. This module maps each group of graph nodes to
+its hook point and gives two building blocks that attribution, faithfulness and masking
+share:
 
 - `sender_hooks`: forward hooks that hand each sender group's output (``[batch, pos, d]``
   for ``input`` and MLPs, ``[batch, pos, heads, d]`` for heads, ``[batch, pos, G, d]`` for
@@ -14,7 +15,7 @@ hook point and gives two building blocks that attribution, faithfulness and mask
 Receiver inputs are the tensors each component reads *before* its LayerNorm: per-head
 ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` (per KV head under grouped-query
 attention), ``hook_mlp_in`` for MLPs (repeated into one copy per neuron group on a grouped
-graph, see `ctlens.mlp_groups`) and ``ln_final.hook_in`` for the logits. The tensor a hook
+graph, see `ctlens.bridge.mlp_groups`) and ``ln_final.hook_in`` for the logits. The tensor a hook
 receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
 the skip connection also uses; the receiver callbacks therefore always get a fresh copy, so
 a gradient taken on it belongs to that receiver alone (DESIGN.md, the MLP pitfall). The q/k/v
@@ -30,136 +31,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ctlens import mlp_groups
-from ctlens.graph import Graph
-from ctlens.types import Node, NodeKind
+from ctlens.bridge import mlp_groups
+from ctlens.bridge.names import HookLayout
+from ctlens.types import NodeKind
+
+if TYPE_CHECKING:  # annotations only: the graph is passed in, never imported at run time
+    from ctlens.graph import Graph
 
 SenderCallback = Callable[[slice, torch.Tensor], None]
 """``fn(rows, activation)``: ``rows`` are sender indices; ``activation`` is ``[b, p, (n), d]``."""
 
 ReceiverCallback = Callable[[slice, int, torch.Tensor], torch.Tensor]
 """``fn(columns, n_upstream, x) -> x'``: ``x`` is ``[b, p, (n), d]``, a fresh tensor."""
-
-
-@dataclass(frozen=True)
-class HookLayout:
-    """Hook names for one model family."""
-
-    input_hooks: tuple[str, ...]
-    n_layers: int
-
-    @classmethod
-    def from_model(cls, model: Any) -> HookLayout:
-        """The layout of a `ctlens.load_model` bridge (token and, if any, position embedding)."""
-        hooks = model.hook_dict
-        inputs = tuple(name for name in ("hook_embed", "hook_pos_embed") if name in hooks)
-        if "hook_embed" not in inputs:
-            raise ValueError("the model has no hook_embed; is it a ctlens.load_model bridge?")
-        return cls(input_hooks=inputs, n_layers=model.cfg.n_layers)
-
-    @staticmethod
-    def head_out(layer: int) -> str:
-        """Per-head outputs of layer ``layer``: ``[batch, pos, n_heads, d_model]``, no b_O."""
-        return f"blocks.{layer}.attn.hook_result"
-
-    @staticmethod
-    def mlp_out(layer: int) -> str:
-        """Output of MLP ``layer``: ``[batch, pos, d_model]``."""
-        return f"blocks.{layer}.hook_mlp_out"
-
-    @staticmethod
-    def qkv_in(layer: int, kind: NodeKind) -> str:
-        """Per-head (per KV head for k/v under GQA) pre-LN q/k/v inputs of layer ``layer``."""
-        return f"blocks.{layer}.hook_{kind.value}_input"
-
-    @staticmethod
-    def mlp_in(layer: int) -> str:
-        """Pre-LN input of MLP ``layer`` (the residual stream itself: copy before patching)."""
-        return f"blocks.{layer}.hook_mlp_in"
-
-    logits_in = "ln_final.hook_in"
-    input_stream = "blocks.0.hook_resid_pre"
-    """The residual stream entering block 0: the ``input`` sender (token + position
-    embedding), which ctlens itself records as the sum of ``hook_embed`` and
-    ``hook_pos_embed``."""
-
-
-Role = Literal["sender", "receiver"]
-
-
-class HookRef(NamedTuple):
-    """The TransformerLens hook point a graph node writes (sender) or reads (receiver).
-
-    ``index`` is the node's position on the head axis (dim 2) of a ``[batch, pos, n, d]``
-    hook (head outputs, per-head q inputs, per-KV-head k/v inputs); ``None`` when the node
-    is the whole ``[batch, pos, d]`` activation.
-    """
-
-    name: str
-    index: int | None = None
-
-    def take(self, activation: torch.Tensor) -> torch.Tensor:
-        """This node's part of the hook's ``activation`` (from ``run_with_cache`` or a hook)."""
-        return activation if self.index is None else activation[:, :, self.index]
-
-
-class NeuronGroupRef(HookRef):
-    """The hook of an MLP neuron-group sender ``m{l}.n{j}``: the MLP's post-activation
-    neurons (``mlp.out.hook_in``), of which group ``index`` holds the j-th of ``groups``
-    equal blocks. The group's residual output is its neurons times its rows of W_out."""
-
-    groups: int
-
-    def __new__(cls, name: str, index: int, groups: int) -> NeuronGroupRef:
-        ref = super().__new__(cls, name, index)
-        ref.groups = groups
-        return ref
-
-    def take(self, activation: torch.Tensor) -> torch.Tensor:
-        """The group's neurons ``[..., d_mlp / groups]``."""
-        return activation.unflatten(-1, (self.groups, -1))[..., self.index, :]
-
-
-# (role, kind) -> the hook of a node of that kind; one entry per node kind, so new kinds of
-# node (MLP neuron groups, say) add a line here.
-_NODE_HOOKS: dict[tuple[str, NodeKind], Callable[[Node], HookRef]] = {
-    ("sender", NodeKind.INPUT): lambda n: HookRef(HookLayout.input_stream),
-    ("sender", NodeKind.HEAD): lambda n: HookRef(HookLayout.head_out(n.layer), n.head),
-    ("sender", NodeKind.MLP): lambda n: HookRef(HookLayout.mlp_out(n.layer)),
-    ("receiver", NodeKind.Q): lambda n: HookRef(HookLayout.qkv_in(n.layer, n.kind), n.head),
-    ("receiver", NodeKind.K): lambda n: HookRef(HookLayout.qkv_in(n.layer, n.kind), n.head),
-    ("receiver", NodeKind.V): lambda n: HookRef(HookLayout.qkv_in(n.layer, n.kind), n.head),
-    ("receiver", NodeKind.MLP): lambda n: HookRef(HookLayout.mlp_in(n.layer)),
-    ("receiver", NodeKind.LOGITS): lambda n: HookRef(HookLayout.logits_in),
-}
-
-
-# Under the frozen-norm linearisation an MLP's sender output is its normalised output.
-_FROZEN_NORM_HOOKS: dict[tuple[str, NodeKind], Callable[[Node], HookRef]] = {
-    ("sender", NodeKind.MLP): lambda n: HookRef(f"blocks.{n.layer}.ln2_post.hook_out"),
-}
-
-
-def node_hook(
-    node: Node, role: Role, approximate: str | None = None, mlp_groups: int = 1
-) -> HookRef:
-    """The hook a sender node writes or a receiver node reads (see `Graph.hook_name`)."""
-    if node.kind is NodeKind.MLP and mlp_groups != 1:
-        if role == "receiver":  # every group reads the whole MLP input
-            return HookRef(HookLayout.mlp_in(node.layer))  # type: ignore[arg-type]
-        return NeuronGroupRef(f"blocks.{node.layer}.mlp.out.hook_in", node.head, mlp_groups)
-    if approximate == "frozen-norm" and (role, node.kind) in _FROZEN_NORM_HOOKS:
-        return _FROZEN_NORM_HOOKS[(role, node.kind)](node)
-    try:
-        return _NODE_HOOKS[(role, node.kind)](node)
-    except KeyError:
-        raise ValueError(f"{node.name} ({node.kind.value}) has no {role} hook") from None
 
 
 def sender_hooks(
@@ -233,11 +121,11 @@ def frozen_norm_hooks(
 
         hooks += [
             (HookLayout.head_out(layer), keep("result")),
-            (f"blocks.{layer}.ln1_post.hook_scale", keep("scale")),
-            (f"blocks.{layer}.ln1_post.hook_out", share),
+            (HookLayout.post_norm(layer, "ln1_post", "hook_scale"), keep("scale")),
+            (HookLayout.post_norm(layer, "ln1_post", "hook_out"), share),
         ]
         mlp = graph.mlp_sender(layer)
-        out = f"blocks.{layer}.ln2_post.hook_out"
+        out = HookLayout.post_norm(layer, "ln2_post", "hook_out")
         hooks.append((out, lambda x, hook, r=slice(mlp, mlp + 1): callback(r, x)))
     return hooks
 

@@ -1,6 +1,6 @@
 """``ctlens zoo`` sub-commands: ``zoo list`` and ``zoo train NAME [--seed --steps --out]``.
 
-``ctlens/cli.py`` calls :func:`add_zoo_commands` with its sub-parser collection; each
+``ctlens.cli`` calls :func:`add_zoo_command` with its sub-parser collection; each
 registered parser sets ``func`` to a callable taking the parsed namespace and returning an
 exit code.
 """
@@ -68,7 +68,7 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_zoo_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_zoo_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``zoo list`` and ``zoo train`` under an argparse sub-parser collection."""
     zoo = subparsers.add_parser("zoo", help="ctlens's own tiny pretrained models")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)

@@ -1,6 +1,6 @@
-"""``ctlens make-delta`` and ``ctlens apply-delta``: the sparse export on the command line.
+"""``ctlens make-delta BASE TUNED --out DIR``: the change between two models as a small delta.
 
-Light at import time (no torch): the work is imported only when a command runs.
+Light at import time (no torch): the work is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 from typing import Any
 
 
-def add_delta_commands(subparsers: Any) -> None:
-    """Register ``make-delta`` and ``apply-delta`` on an argparse sub-parser collection."""
+def add_make_delta_command(subparsers: Any) -> None:
+    """Register ``make-delta`` on an argparse sub-parser collection."""
     make = subparsers.add_parser(
         "make-delta",
         help="write the change between two model directories as a small delta",
@@ -25,19 +25,6 @@ def add_delta_commands(subparsers: Any) -> None:
     make.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty --out that is not a delta, and all it holds")
     make.set_defaults(func=run_make_delta, out_kind="dir")
-    apply = subparsers.add_parser(
-        "apply-delta",
-        help="apply a delta to its base model directory, writing the tuned model",
-        description="Apply a delta written by make-delta (or ctlens.delta.save_delta) to the "
-        "base model directory it was made from; refuses any other base.",
-    )
-    apply.add_argument("base", help="the base HF model directory")
-    apply.add_argument("delta", help="the delta directory")
-    apply.add_argument("--out", required=True, help="the tuned model directory to write "
-                       "(new, empty, or a previous apply-delta output)")
-    apply.add_argument("--overwrite", action="store_true",
-                       help="replace a non-empty --out that apply-delta did not write")
-    apply.set_defaults(func=run_apply_delta, out_kind="dir")
 
 
 def _size(n: int) -> str:
@@ -57,13 +44,4 @@ def run_make_delta(args: argparse.Namespace) -> int:
     print(f"delta written to {info.path}: {info.changed_tensors} tensors changed, "
           f"{info.changed_values:,} of {info.total_values:,} values stored; "
           f"{_size(info.bytes)} vs {_size(full)} for the full weights")
-    return 0
-
-
-def run_apply_delta(args: argparse.Namespace) -> int:
-    """Run ``ctlens apply-delta``."""
-    from ctlens.delta import write_weights
-
-    out = write_weights(args.base, args.delta, args.out, overwrite=args.overwrite)
-    print(f"tuned model written to {out}")
     return 0

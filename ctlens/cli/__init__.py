@@ -6,12 +6,12 @@ function that takes argparse's sub-parser collection, adds its parser and sets `
 to build the parser, ``ctlens --help`` included, so it must import no torch, plotly or
 transformers at module level: put the implementation in functions that import what they
 need, or in another module named by ``func=lazy_runner("package.module:run_x")``
-(`ctlens.cli_support`). ``tests/test_cli.py`` checks that no ``--help`` loads torch.
+(`ctlens.cli.support`). ``tests/test_cli.py`` checks that no ``--help`` loads torch.
 
 What `main` does for every command, so that each one behaves the same:
 
 - ``--threads`` (where a command has it, otherwise the default): torch's CPU threads, see
-  `ctlens.cli_support.default_threads`;
+  `ctlens.cli.support.default_threads`;
 - ``--device``: refused at once when torch cannot use it here (no CUDA, say);
 - ``--out``: when the parser declares ``set_defaults(out_kind="file")`` (or ``"dir"``), the
   path is checked for its kind and for being writable before any work starts;
@@ -28,15 +28,17 @@ import sys
 from collections.abc import Sequence
 
 from ctlens._version import __version__
-from ctlens.cli_support import apply_threads, check_device, check_output, describe_os_error
+from ctlens.cli.support import apply_threads, check_device, check_output, describe_os_error
 
 COMMANDS: tuple[str, ...] = (
-    "ctlens.cli_discover:add_discover_command",
-    "ctlens.tuning.cli:add_tune_commands",
-    "ctlens.viz.cli:add_viz_commands",
-    "ctlens.zoo.cli:add_zoo_commands",
-    "ctlens.plan_cli:add_plan_command",
-    "ctlens.delta_cli:add_delta_commands",
+    "ctlens.cli.discover:add_discover_command",
+    "ctlens.cli.tune:add_tune_command",
+    "ctlens.cli.report:add_report_command",
+    "ctlens.cli.diff:add_diff_command",
+    "ctlens.cli.zoo:add_zoo_command",
+    "ctlens.cli.plan:add_plan_command",
+    "ctlens.cli.make_delta:add_make_delta_command",
+    "ctlens.cli.apply_delta:add_apply_delta_command",
 )
 """The sub-commands, in help order: ``"module:function"`` registering each (see above)."""
 
@@ -88,7 +90,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ctlens {name}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

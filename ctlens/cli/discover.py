@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ctlens.cli_support import memory_size, phase, positive_int
+from ctlens.cli.support import memory_size, phase, positive_int
 from ctlens.sizes import parse_size
 from ctlens.types import Ablation, Method
 

@@ -1,6 +1,6 @@
 """``ctlens tune``: a circuit-tuning run from the command line.
 
-``ctlens/cli.py`` calls `add_tune_commands` with its sub-parser collection. Every
+``ctlens.cli`` calls `add_tune_command` with its sub-parser collection. Every
 `TuneConfig` field has an option (``top_n`` -> ``--top-n``; booleans as ``--x/--no-x``;
 ``none`` for optional numbers), so the command and the Python API cannot drift apart::
 
@@ -19,7 +19,7 @@ import sys
 import typing
 from typing import Any
 
-from ctlens.cli_support import memory_size
+from ctlens.cli.support import memory_size
 from ctlens.sizes import parse_size
 from ctlens.tuning.config import TuneConfig
 
@@ -77,7 +77,7 @@ _HELP: dict[str, str] = {
 }
 
 
-def add_tune_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``ctlens tune`` on ``subparsers``; returns its parser."""
     p = subparsers.add_parser(
         "tune",

@@ -1,6 +1,6 @@
 """Model cards for the zoo, rendered from the shipped files (so the numbers are measured).
 
-``python -m ctlens.zoo.card NAME [NAME ...] --out docs/zoo`` writes ``docs/zoo/NAME.md``:
+``python scripts/zoo_card.py NAME [NAME ...] --out docs/zoo`` writes ``docs/zoo/NAME.md``:
 architecture, training data mixture, recipe, final loss and wall time (from
 ``training.json``), accuracy on every task, and the previous-token / induction heads found
 from attention patterns.
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Write the cards of the given zoo models (default: all shipped) to ``--out``."""
     from ctlens.zoo import names
 
-    parser = argparse.ArgumentParser(prog="python -m ctlens.zoo.card", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python scripts/zoo_card.py", description=__doc__)
     parser.add_argument("names", nargs="*", help="zoo models (default: all shipped)")
     parser.add_argument("--out", default="docs/zoo", help="output folder (default docs/zoo)")
     args = parser.parse_args(argv)
