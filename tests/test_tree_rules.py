@@ -74,6 +74,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "ctlens.attribution"),
     ("ctlens.circuit",),
     ("ctlens.masking",),
+    # learned circuits: gates trained through the masked forward, checked by faithfulness
+    ("ctlens.learning",),
     ("ctlens.tuning",),
     # scale: the planner, the HF Trainer callback, sparse deltas
     ("ctlens.planner", "ctlens.callback", "ctlens.delta"),
