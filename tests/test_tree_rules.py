@@ -71,7 +71,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ctlens.model", "ctlens.bridge.hooks"),
     # scores
     ("ctlens.reference", "ctlens.tables", "ctlens.scores_file", "ctlens.scores",
-     "ctlens.attribution"),
+     "ctlens.eap_kernel", "ctlens.attribution"),
     ("ctlens.circuit",),
     ("ctlens.masking",),
     ("ctlens.tuning",),
