@@ -5,10 +5,11 @@ A `TaskData` is the input of attribution and faithfulness. It holds right-padded
 where the metric is read and the answer ids there. Build it from tensors, from prompt
 strings (`TaskData.from_prompts`) or from a JSONL file (`TaskData.from_jsonl`).
 
-Tokenization rules (DESIGN.md): prompts get the tokenizer's usual BOS handling; an answer is
+Tokenization rules: prompts get the tokenizer's usual BOS handling; an answer is
 tokenized as the continuation of its prompt (a leading space is added when the answer has
 none, which is what BPE vocabularies such as GPT-2's expect) and must be one token; a
-clean/corrupt pair must tokenize to the same length. Each violation names the offending
+clean/corrupt pair must tokenize to the same length; a word the tokenizer does not know
+(one it would turn into its unknown token) is refused. Each violation names the offending
 example or line.
 
 Metrics map logits to one value per example (averaged over the metric positions):
@@ -297,7 +298,8 @@ class TaskData:
         wrong_answers: Sequence[str] | None = None,
         metric: str | MetricFn = "logit_diff",
     ) -> TaskData:
-        """Tokenize prompts and one-token answers following DESIGN.md's rules."""
+        """Tokenize prompts and one-token answers following the rules above: BOS as the
+        tokenizer adds it, one-token answers, equal clean/corrupt lengths, no unknown words."""
         if tokenizer is None:
             raise ValueError(
                 "no tokenizer: load the model with ctlens.load_model (which attaches one) "
@@ -332,12 +334,12 @@ class TaskData:
         correct = wrong = None
         if answers is not None:
             correct = [
-                _answer_id(tokenizer, p, a, i)
+                _answer_id(tokenizer, p, a, i, unk)
                 for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
             ]
         if wrong_answers is not None:
             wrong = [
-                _answer_id(tokenizer, p, a, i)
+                _answer_id(tokenizer, p, a, i, unk)
                 for i, (p, a) in enumerate(zip(prompts, wrong_answers, strict=True))
             ]
 
@@ -432,8 +434,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _answer_id(tokenizer: Any, prompt: str, answer: str, index: int) -> int:
-    """The single token that continues ``prompt`` with ``answer``."""
+def _answer_id(tokenizer: Any, prompt: str, answer: str, index: int, unk: int | None) -> int:
+    """The single token that continues ``prompt`` with ``answer`` (``unk``: see
+    `_unknown_token_id`)."""
     text = answer if answer[:1].isspace() else " " + answer
     prompt_ids = _encode(tokenizer, prompt)
     full_ids = _encode(tokenizer, prompt + text)
@@ -451,34 +454,47 @@ def _answer_id(tokenizer: Any, prompt: str, answer: str, index: int) -> int:
             f"answer {answer!r} is {len(continuation)} tokens {pieces} after its prompt; "
             "answers must be exactly one token",
         )
-    unk = _unknown_token_id(tokenizer)
     if unk is not None and continuation[0] == unk:
         raise _UnitError(index, _unknown_word_message(tokenizer, answer.strip(), "answer", answer))
     return int(continuation[0])
 
 
-def _unknown_token_id(tokenizer: Any) -> int | None:
-    """The id unknown words map to, if the tokenizer has a distinct one.
+#: A made-up word of rare characters: a tokenizer that can map text to its unknown token
+#: maps this to it (word-level and character-level vocabularies); a byte-level BPE cannot.
+_UNKNOWN_PROBE = "qzxj\u2603\u0f3a\U0001d54f"
 
-    GPT-2's tokenizer names ``<|endoftext|>`` (also its BOS/EOS) as ``unk``; a byte-level
-    BPE never produces it for a word, so such an id is not treated as unknown.
+
+def _unknown_token_id(tokenizer: Any) -> int | None:
+    """The id unknown words map to, when the tokenizer can produce one at all.
+
+    Asked of the tokenizer itself, by encoding `_UNKNOWN_PROBE`, not guessed from its special
+    ids: the zoo's word-level tokenizer maps unknown words to ``<unk>`` even when a
+    TransformerLens bridge has made that id its EOS too, while GPT-2's byte-level BPE names
+    ``<|endoftext|>`` (its BOS/EOS) as ``unk`` but never produces it for a word.
     """
     unk = getattr(tokenizer, "unk_token_id", None)
-    special = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad")}
-    return None if unk is None or unk in special else int(unk)
+    if unk is None:
+        return None
+    return int(unk) if unk in tokenizer(_UNKNOWN_PROBE, add_special_tokens=False)["input_ids"] \
+        else None
 
 
 def _encode_known(tokenizer: Any, text: str, unk: int | None, index: int, what: str) -> list[int]:
-    """`_encode`, refusing a text with a word the tokenizer does not know."""
+    """`_encode`, refusing a text with a word the tokenizer does not know.
+
+    Only the text's own tokens count: ``unk`` may also be a special token the tokenizer adds
+    (a BOS or EOS sharing its id).
+    """
     ids = _encode(tokenizer, text)
-    if unk is not None and unk in ids:
-        words = text.split()
-        word = next(
-            (w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]),
-            text,
-        )
+    if unk is not None and unk in ids and unk in _own_ids(tokenizer, text):
+        word = next((w for w in text.split() if unk in _own_ids(tokenizer, w)), text)
         raise _UnitError(index, _unknown_word_message(tokenizer, word, what, text))
     return ids
+
+
+def _own_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids of ``text`` alone, without the special tokens the tokenizer adds."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _unknown_word_message(tokenizer: Any, word: str, what: str, text: str) -> str:
