@@ -21,6 +21,7 @@ from ctlens.viz.layout import (
     as_edge_set,
     check_same_graph,
 )
+from ctlens.viz.positional import plot_span_circuit, plot_span_diff
 from ctlens.viz.run import Run, read_run
 from ctlens.viz.traces import (
     BOTH,
@@ -71,6 +72,9 @@ def plot_circuit(
             behind the "all N edges" button and their legend entry (None: draw all).
         labels: how many of the strongest edges get a text label.
 
+    A positional circuit (token spans) is drawn with a span axis: one column of this layout
+    per span, headed by its name (`ctlens.viz.positional`).
+
     Colour says what an edge does to the metric (score = M(edge ablated) - M(clean)): blue
     edges raise it (score < 0, ablating them lowers the metric), red edges lower it (score
     > 0), grey edges carry no score. Width and opacity grow with |score| (thirds of |score|
@@ -78,6 +82,8 @@ def plot_circuit(
     midpoint or a node for names and scores.
     """
     es = as_edge_set(circuit, top=top, label=label)
+    if es.graph.positional:  # a column per span (ctlens.viz.positional)
+        return plot_span_circuit(es, title, height, budget, labels)
     layout = Layout(es.graph)
     fig = go.Figure()
     edges = edge_traces(layout, es, budget=budget if es.scores is not None else None)
@@ -194,6 +200,8 @@ def plot_diff(
     layout = Layout(graph)
     ma, mb = ea.mask, eb.mask
     counts = diff_mask_counts(layout, ma, mb)
+    if graph.positional:  # a column per span (ctlens.viz.positional)
+        return plot_span_diff(ea, eb, counts, title, height)
     scores = eb.scores if eb.scores is not None else ea.scores
     classes = [
         (f"only in {ea.label}", ma & ~mb, ONLY_A, 2.2, 0.8),
