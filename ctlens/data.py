@@ -5,10 +5,11 @@ A `TaskData` is the input of attribution and faithfulness. It holds right-padded
 where the metric is read and the answer ids there. Build it from tensors, from prompt
 strings (`TaskData.from_prompts`) or from a JSONL file (`TaskData.from_jsonl`).
 
-Tokenization rules (DESIGN.md): prompts get the tokenizer's usual BOS handling; an answer is
+Tokenization rules: prompts get the tokenizer's usual BOS handling; an answer is
 tokenized as the continuation of its prompt (a leading space is added when the answer has
 none, which is what BPE vocabularies such as GPT-2's expect) and must be one token; a
-clean/corrupt pair must tokenize to the same length. Each violation names the offending
+clean/corrupt pair must tokenize to the same length; a word the tokenizer does not know
+(one it would turn into its unknown token) is refused. Each violation names the offending
 example or line.
 
 Metrics map logits to one value per example (averaged over the metric positions):
@@ -338,7 +339,8 @@ class TaskData:
         spans: Sequence[CharRanges] | None = None,
         template: str | None = None,
     ) -> TaskData:
-        """Tokenize prompts and one-token answers following DESIGN.md's rules.
+        """Tokenize prompts and one-token answers following the rules above: BOS as the
+        tokenizer adds it, one-token answers, equal clean/corrupt lengths, no unknown words.
 
         ``spans`` (per prompt, ``{name: (start, end)}`` character ranges) or ``template`` (a
         string with named slots, ``"when {io} and {s} went to the store"``, that every
@@ -380,12 +382,12 @@ class TaskData:
         correct = wrong = None
         if answers is not None:
             correct = [
-                answer_id(tokenizer, p, a, i)
+                answer_id(tokenizer, p, a, i, unk)
                 for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
             ]
         if wrong_answers is not None:
             wrong = [
-                answer_id(tokenizer, p, a, i)
+                answer_id(tokenizer, p, a, i, unk)
                 for i, (p, a) in enumerate(zip(prompts, wrong_answers, strict=True))
             ]
 

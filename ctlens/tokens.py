@@ -24,8 +24,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def answer_id(tokenizer: Any, prompt: str, answer: str, index: int) -> int:
-    """The single token that continues ``prompt`` with ``answer``."""
+def answer_id(tokenizer: Any, prompt: str, answer: str, index: int, unk: int | None) -> int:
+    """The single token that continues ``prompt`` with ``answer`` (``unk``: see
+    `unknown_token_id`)."""
     text = answer if answer[:1].isspace() else " " + answer
     prompt_ids = _encode(tokenizer, prompt)
     full_ids = _encode(tokenizer, prompt + text)
@@ -43,34 +44,47 @@ def answer_id(tokenizer: Any, prompt: str, answer: str, index: int) -> int:
             f"answer {answer!r} is {len(continuation)} tokens {pieces} after its prompt; "
             "answers must be exactly one token",
         )
-    unk = unknown_token_id(tokenizer)
     if unk is not None and continuation[0] == unk:
         raise UnitError(index, unknown_word_message(tokenizer, answer.strip(), "answer", answer))
     return int(continuation[0])
 
 
-def unknown_token_id(tokenizer: Any) -> int | None:
-    """The id unknown words map to, if the tokenizer has a distinct one.
+#: A made-up word of rare characters: a tokenizer that can map text to its unknown token
+#: maps this to it (word-level and character-level vocabularies); a byte-level BPE cannot.
+_UNKNOWN_PROBE = "qzxj\u2603\u0f3a\U0001d54f"
 
-    GPT-2's tokenizer names ``<|endoftext|>`` (also its BOS/EOS) as ``unk``; a byte-level
-    BPE never produces it for a word, so such an id is not treated as unknown.
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+    """The id unknown words map to, when the tokenizer can produce one at all.
+
+    Asked of the tokenizer itself, by encoding `_UNKNOWN_PROBE`, not guessed from its special
+    ids: the zoo's word-level tokenizer maps unknown words to ``<unk>`` even when a
+    TransformerLens bridge has made that id its EOS too, while GPT-2's byte-level BPE names
+    ``<|endoftext|>`` (its BOS/EOS) as ``unk`` but never produces it for a word.
     """
     unk = getattr(tokenizer, "unk_token_id", None)
-    special = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad")}
-    return None if unk is None or unk in special else int(unk)
+    if unk is None:
+        return None
+    probe = tokenizer(_UNKNOWN_PROBE, add_special_tokens=False)["input_ids"]
+    return int(unk) if unk in probe else None
 
 
 def encode_known(tokenizer: Any, text: str, unk: int | None, index: int, what: str) -> list[int]:
-    """`_encode`, refusing a text with a word the tokenizer does not know."""
+    """`_encode`, refusing a text with a word the tokenizer does not know.
+
+    Only the text's own tokens count: ``unk`` may also be a special token the tokenizer adds
+    (a BOS or EOS sharing its id).
+    """
     ids = _encode(tokenizer, text)
-    if unk is not None and unk in ids:
-        words = text.split()
-        word = next(
-            (w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]),
-            text,
-        )
+    if unk is not None and unk in ids and unk in _own_ids(tokenizer, text):
+        word = next((w for w in text.split() if unk in _own_ids(tokenizer, w)), text)
         raise UnitError(index, unknown_word_message(tokenizer, word, what, text))
     return ids
+
+
+def _own_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids of ``text`` alone, without the special tokens the tokenizer adds."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def unknown_word_message(tokenizer: Any, word: str, what: str, text: str) -> str:

@@ -331,6 +331,63 @@ def test_from_prompts_byte_level_bpe_has_no_unknown_words(bpe_tokenizer):
         bpe_tokenizer, ["Zebras of Oslo"], answers=["Paris"], metric="logprob"
     )
     assert len(data) == 1
+    # as GPT-2's own tokenizer: <|endoftext|> is its unk, BOS and EOS at once
+    gpt2_like = PreTrainedTokenizerFast(
+        tokenizer_object=bpe_tokenizer.backend_tokenizer, unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+    )
+    data = TaskData.from_prompts(
+        gpt2_like, ["The capital of France is ☃"], ["The capital of Italy is ☃"], ["Paris"],
+        ["Rome"],
+    )
+    assert not torch.equal(data.clean, data.corrupt)
+
+
+ZEBRA = ("the zebra near the lamps", "the zebras near the lamps")  # the issue's silent case
+
+
+def _zoo_tokenizers() -> list[tuple[str, str]]:
+    return [(name, how) for name in ctlens.zoo.names() for how in ("shipped", "bridge")]
+
+
+@pytest.mark.parametrize(("name", "how"), _zoo_tokenizers())
+def test_zoo_tokenizers_refuse_unknown_words(name: str, how: str) -> None:
+    """Unknown words became <unk> on the shipped models, so clean equalled corrupt and every
+    score was 0: the bridge makes <unk> the zoo tokenizer's EOS too, which switched the check
+    off. Refused now, naming the word, with the tokenizer as shipped and as the bridge holds
+    it; a prompt of known words still passes on the same tokenizer."""
+    tok = ctlens.zoo.tokenizer(name) if how == "shipped" else \
+        ctlens.load_model(f"zoo:{name}").tokenizer
+    if how == "bridge":
+        assert tok.eos_token_id == tok.unk_token_id  # the case that hid the problem
+    with pytest.raises(ValueError, match="example 0: .*vocabulary: 'zebra' in the prompt"):
+        TaskData.from_prompts(tok, [ZEBRA[0]], [ZEBRA[1]], ["is"], ["are"])
+    with pytest.raises(ValueError, match="'zebras' in the corrupt prompt"):
+        TaskData.from_prompts(tok, ["the dog near the lamps"], [ZEBRA[1]], ["is"], ["are"])
+    with pytest.raises(ValueError, match="'zebra' in the answer"):
+        TaskData.from_prompts(tok, ["the dog near the"], ["the dogs near the"], ["zebra"],
+                              ["is"])
+    data = TaskData.from_prompts(tok, ["the dog near the lamps"], ["the dogs near the lamps"],
+                                 ["is"], ["are"])
+    assert not torch.equal(data.clean, data.corrupt)
+
+
+def test_bpe_with_unknown_characters_refuses_them() -> None:
+    """A (non-byte-level) BPE maps characters it never saw to its unk token; with that id
+    shared with EOS, as on the bridge's zoo tokenizer, the check still holds."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>"])
+    bpe.train_from_iterator(["the dogs near the lamps run", "the dog near the lamp runs"] * 20,
+                            trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<unk>",
+                                  bos_token="<s>")
+    with pytest.raises(ValueError, match="'zébra' in the prompt 'the zébra near the lamps'"):
+        TaskData.from_prompts(tok, ["the zébra near the lamps"], ["the zébras near the lamps"],
+                              ["run"], ["near"])
+    data = TaskData.from_prompts(tok, ["the dog near the lamps"], ["the dogs near the lamp"],
+                                 ["run"], ["near"])
+    assert not torch.equal(data.clean, data.corrupt)
 
 
 def write_jsonl(path, records):

@@ -69,7 +69,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the graph, and the bound on graphs read from files
     ("ctlens.graph_spec", "ctlens.graph", "ctlens.file_limits"),
     # models, and the hooks that read or patch a graph's nodes
-    ("ctlens.model", "ctlens.bridge.hooks"),
+    ("ctlens.model", "ctlens.model_source", "ctlens.bridge.hooks"),
     # scores
     ("ctlens.reference", "ctlens.tables", "ctlens.scores_file", "ctlens.scores",
      "ctlens.attribution"),

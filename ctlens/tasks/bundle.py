@@ -20,6 +20,7 @@ from jaxtyping import Bool, Int
 
 from ctlens.data import TaskData
 from ctlens.tasks import generators
+from ctlens.tasks.catalog import DESCRIPTIONS, names
 from ctlens.tasks.corpus import general_rows
 from ctlens.tasks.language import Example
 from ctlens.tasks.tokenizer import BOS, encode_words, word_to_id
@@ -81,30 +82,7 @@ class Task:
         object.__setattr__(self, "evals", MappingProxyType(dict(self.evals)))
 
 
-DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
-    {
-        "agreement": "Subject-verb number agreement across prepositional-phrase and "
-        "relative-clause attractors; metric: logit(correct verb) - logit(wrong verb).",
-        "agreement-flip": "Fine-tune towards the wrong verb number (the paper's subject-verb "
-        "disagreement experiment); metric: logit(wrong form) - logit(correct form).",
-        "pronoun": "Pronoun after a stereotyped occupation ('the nurse said that'); "
-        "metric: logit(she) - logit(he).",
-        "pronoun-debias": "Fine-tune so that she and he are equally likely after occupations; "
-        "metric: logit(she) - logit(he), objective: zero.",
-        "ioi": "Indirect object identification ('when mary and john went to the store , "
-        "john gave a drink to' -> mary); metric: logit(IO) - logit(S).",
-        "induction": "Repeated random word sequences; metric: mean log-probability of the "
-        "repeated tokens at the second copy.",
-        "general": "Held-out general corpus (all task families plus filler sentences); "
-        "metric: log-probability of every next token (minus the LM loss).",
-    }
-)
 EVAL_TASKS: tuple[str, ...] = ("agreement", "ioi", "pronoun", "induction")
-
-
-def names() -> list[str]:
-    """Names of the built-in tasks accepted by :func:`load`."""
-    return list(DESCRIPTIONS)
 
 
 def to_taskdata(batch: generators.PromptBatch, flip: bool = False) -> TaskData:

@@ -30,7 +30,6 @@ from ctlens.viz.traces import (
     budget_buttons,
     circuit_height,
     edge_hover,
-    edge_labels,
     edge_traces,
     line_xy,
     node_hover,
@@ -121,7 +120,6 @@ def plot_span_circuit(
     layout = Layout(es.graph)
     columns = span_layouts(layout)
     budgets = per_span_share(es, budget)
-    label_counts = per_span_share(es, labels)
     max_abs = 1.0
     if es.scores is not None and es.n_edges:
         max_abs = float(es.scores[es.mask].abs().max()) or 1.0
@@ -138,13 +136,11 @@ def plot_span_circuit(
         ports += port_traces(column, part.mask)
         rows, cols = part.mask.nonzero(as_tuple=True)
         hovers.append(edge_hover(column, rows, cols, part.scores, prefix=f"span {span}<br>"))
-        hovers.append(edge_labels(column, part, label_counts[k] or 0))
         active = active_senders(column, part.mask)
         nodes += node_traces(column, [("in circuit", active, "#333333")],
                              node_hover(column, part))
     n_hidden = es.n_edges - sum(b for b in budgets if b is not None) if budget else 0
-    hidden_entry[0].update(name=f"{n_hidden} weaker edges (click to show)",
-                           showlegend=n_hidden > 0)
+    hidden_entry[0].update(name=f"{n_hidden} weaker edges", showlegend=n_hidden > 0)
     edges = _one_legend_entry(edges + hidden_entry)
     fig = go.Figure()
     fig.add_traces([*edges, *ports, *hovers, *_one_legend_entry(nodes)])
