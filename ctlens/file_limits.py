@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 
-from ctlens.graph import Graph, GraphSpec, check_mlp_groups
+from ctlens.graph import Graph, GraphSpec
 
 MAX_DENSE_CELLS = 2**30
 """Largest ``n_senders * n_receivers`` a file may declare without a model to check it
@@ -134,8 +133,7 @@ def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
     """
     groups = declared.get("mlp_groups", 1) if isinstance(declared, dict) else 1
     try:
-        check_mlp_groups(groups, int(getattr(model.cfg, "d_mlp", 0) or 0))
-        return replace(Graph.from_model(model).spec, mlp_groups=groups)
+        return GraphSpec.from_model(model, groups)
     except ValueError as err:
         raise ValueError(
             f"{source} splits each MLP into {groups!r} neuron groups, which this model "

@@ -104,6 +104,22 @@ class GraphSpec:
         return {"version": GRAPH_SPEC_VERSION, **fields}
 
     @classmethod
+    def from_model(cls, model: Any, mlp_groups: int = 1) -> GraphSpec:
+        """The spec of the graph of a model returned by `ctlens.load_model` (reads
+        ``model.cfg``; builds nothing). ``mlp_groups`` must divide the MLP width."""
+        cfg = model.cfg
+        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
+        return cls(
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=n_kv,
+            parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            mlp_groups=mlp_groups,
+            approximate=approximation(model),
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
         """Inverse of `to_dict`; refuses specs written by an incompatible version."""
         version = data.get("version", GRAPH_SPEC_VERSION)
@@ -199,19 +215,12 @@ class Graph:
         ``mlp_groups`` splits each MLP into that many equal neuron groups; it must divide
         the MLP width ``model.cfg.d_mlp``.
         """
-        cfg = model.cfg
-        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-        check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
-        return cls(
-            GraphSpec(
-                n_layers=cfg.n_layers,
-                n_heads=cfg.n_heads,
-                n_kv_heads=n_kv,
-                parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
-                mlp_groups=mlp_groups,
-                approximate=approximation(model),
-            )
-        )
+        return cls(GraphSpec.from_model(model, mlp_groups))
+
+    def belongs_to(self, model: Any) -> bool:
+        """Whether this is ``model``'s graph (with this graph's MLP grouping, which must
+        divide the model's MLP width). Compares specs: no graph is built."""
+        return GraphSpec.from_model(model, self.spec.mlp_groups) == self.spec
 
     # ----------------------------------------------------------------- names and counts
 
@@ -470,7 +479,15 @@ def coarsen_matrix(
     return coarse, summed
 
 
-def groups_of(obj: Any) -> int:
-    """The ``mlp_groups`` of the graph of ``obj`` (a `Circuit`, `EdgeScores`); 1 if none."""
-    graph = getattr(obj, "graph", None)
-    return graph.spec.mlp_groups if isinstance(graph, Graph) else 1
+def require_graph_of(model: Any, graph: Graph, what: str = "circuit") -> Graph:
+    """``graph`` when it is ``model``'s graph (`Graph.belongs_to`), else the one error that
+    says a ``what`` of another model was given. The public entry points that take a circuit
+    ask this once and pass the graph on."""
+    if not graph.belongs_to(model):
+        own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
+        raise ValueError(
+            f"the {what} belongs to another model's graph ({graph!r}); this model has "
+            f"{own!r}. Use a {what} found on this model."
+        )
+    return graph
+

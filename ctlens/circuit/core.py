@@ -407,13 +407,14 @@ class Circuit:
         """Raise ``ValueError`` unless the circuit belongs to ``model``'s graph."""
         groups = self.graph.spec.mlp_groups
         try:
-            graph = Graph.from_model(model, mlp_groups=groups)
+            belongs = self.graph.belongs_to(model)
         except ValueError as err:
             raise ValueError(
                 f"this circuit splits each MLP into {groups} neuron groups, which this model "
                 f"cannot: {err}"
             ) from None
-        if graph != self.graph:
+        if not belongs:
+            graph = Graph.from_model(model, mlp_groups=groups)
             raise ValueError(
                 f"this circuit belongs to another model's graph ({self.graph!r}, model "
                 f"{self.model_name!r}) but the model has {graph!r}; use a circuit found on "
