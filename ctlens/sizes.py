@@ -58,12 +58,12 @@ class CircuitSize:
             )
 
     @classmethod
-    def of(cls, size: Size | CircuitSize, name: str = "top_n") -> CircuitSize:
+    def of(cls, size: Size | CircuitSize | None, name: str = "top_n") -> CircuitSize:
         """``size`` as a `CircuitSize` named ``name`` (one made already is not checked
-        again)."""
+        again; anything that is not a size, None included, is refused)."""
         if isinstance(size, CircuitSize):
             return size if size.name == name else cls._unchecked(size.value, name)
-        return cls(size, name)
+        return cls(size, name)  # type: ignore[arg-type]  (__post_init__ refuses non-sizes)
 
     @classmethod
     def _unchecked(cls, value: Size, name: str) -> CircuitSize:

@@ -23,6 +23,7 @@ from ctlens.circuit.selection import select_mask, unpack_scores
 from ctlens.file_limits import model_spec, plain_json, require_finite
 from ctlens.files import atomic_write_text, read_json
 from ctlens.graph import Graph, coarsen_matrix
+from ctlens.sizes import CircuitSize
 from ctlens.tables import edge_table
 from ctlens.types import NodeKind
 
@@ -124,7 +125,7 @@ class Circuit:
         cls,
         scores: Any,
         method: str = "top_n",
-        top_n: int | float | None = None,
+        top_n: int | float | CircuitSize | None = None,
         threshold: float | None = None,
         prune: bool = False,
     ) -> Circuit:
@@ -134,7 +135,8 @@ class Circuit:
             scores: an `ctlens.EdgeScores`.
             method: ``"top_n"``, ``"threshold"`` or ``"greedy"``.
             top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges),
-                or a fraction of the valid edges as a float in (0, 1) (`ctlens.sizes`).
+                or a fraction of the valid edges as a float in (0, 1), or a `CircuitSize`
+                (`ctlens.sizes`: a fraction rounds to the nearest count).
             threshold: minimum |score| for ``threshold``.
             prune: afterwards drop edges on no ``input -> logits`` path (may leave fewer
                 than ``top_n`` edges).

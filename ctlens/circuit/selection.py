@@ -37,7 +37,7 @@ def select_mask(
     if method in ("top_n", "greedy"):
         if threshold is not None:
             raise ValueError(f"method {method!r} takes top_n, not threshold")
-        n = CircuitSize.of(top_n, "top_n").edges(graph.n_edges)  # type: ignore[arg-type]
+        n = CircuitSize.of(top_n, "top_n").edges(graph.n_edges)
         if method == "top_n":
             mask = top_n_mask(magnitude, graph, n)
         else:
