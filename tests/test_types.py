@@ -50,6 +50,8 @@ def test_tune_config_converts_once_and_writes_the_strings() -> None:
                       optimizer=Optimizer.SGD, loss=Loss.SEQUENCE,
                       discovery_ablation=Ablation.CORRUPT)
     assert same == config
+    assert all(type(v) is str for k, v in config.to_dict().items()
+               if k in ("mode", "selection", "optimizer", "loss", "discovery_ablation"))
     text = json.dumps(config.to_dict())
     assert '"mode": "forward"' in text and '"discovery_ablation": "corrupt"' in text
     assert TuneConfig.from_dict(json.loads(text)) == config

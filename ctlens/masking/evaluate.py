@@ -235,6 +235,11 @@ def faithfulness_curve(
     """
     ablation = Ablation.parse(ablation)
     graph = getattr(scores, "graph", None)
+    if isinstance(graph, Graph) and graph.positional and graph.belongs_to(model):
+        raise ValueError(
+            "these scores are positional (token spans); faithfulness is not available for "
+            "positional circuits yet: pass scores.coarsen()"
+        )
     if not (isinstance(graph, Graph) and graph.belongs_to(model)):
         raise ValueError(
             "scores must be ctlens.EdgeScores computed on this model (their graph differs or "

@@ -508,7 +508,14 @@ def circuit_graph(model: Any, circuit: Circuit) -> Graph:
     `ctlens.masking.rules.rule_openings`); nothing is rebuilt."""
     if not isinstance(circuit, Circuit):
         raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
-    return require_graph_of(model, circuit.graph)
+    graph = require_graph_of(model, circuit.graph)
+    if graph.positional:
+        raise ValueError(
+            f"the circuit is positional (token spans {list(graph.spans)}); forward masks and "
+            "faithfulness are not available for positional circuits yet: use "
+            "circuit.coarsen()"
+        )
+    return graph
 
 
 __all__ = ["EdgeMask", "circuit_graph", "edge_mask"]

@@ -2,6 +2,9 @@
 
 A circuit unlocks a node's parameters when the node takes part in a circuit edge: as a
 sender (it sends along at least one edge) or as a receiver (it reads along at least one).
+In a positional circuit that means at any span: parameters are shared across positions, so
+a node whose edge is kept at one span moves for every position (the forward mask, not the
+gradient restriction, is what makes an edge act at its span only).
 What a node unlocks is looked up by its role and kind in two tables, `SENDER_RULES` and
 `RECEIVER_RULES`, each entry a small function that names the slices it opens:
 
@@ -314,8 +317,8 @@ def rule_openings(
                 mapped.setdefault(id(p), p)
     openings: list[tuple[nn.Parameter, tuple[Any, ...]]] = []
     for role, table, nodes, active in (
-        ("sender", SENDER_RULES, graph.sender_nodes, circuit.mask.any(1)),
-        ("receiver", RECEIVER_RULES, graph.receiver_nodes, circuit.mask.any(0)),
+        ("sender", SENDER_RULES, graph.sender_nodes, circuit.sender_receiver_mask.any(1)),
+        ("receiver", RECEIVER_RULES, graph.receiver_nodes, circuit.sender_receiver_mask.any(0)),
     ):
         for i in active.nonzero()[:, 0].tolist():
             node = nodes[i]

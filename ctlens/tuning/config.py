@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from typing import Any, Literal
 
 from ctlens.sizes import CircuitSize
@@ -229,8 +230,9 @@ class TuneConfig:
         return self.mode.uses_circuit
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (``run.json``'s ``config``)."""
-        data = asdict(self)
+        """A JSON-ready dict of every field (``run.json``'s ``config``): plain values, the
+        enums as their strings."""
+        data = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self).items()}
         data["betas"] = list(self.betas)
         return data
 
