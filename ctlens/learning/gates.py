@@ -21,6 +21,9 @@ backward gives the gates' gradient (``-grad @ buffer.T``) and hands ``-(1 - G) @
 back to the live sender outputs, so gates upstream of a sender learn through it; the
 shared buffer never enters the autograd graph. At ``G = 1`` every product is zero and the
 receiver input is returned bit for bit; at ``G = 0`` the model is the fully ablated one.
+On a graph with MLP neuron groups, a group sender is reported like a head and a grouped
+MLP's receiver hook hands every group its own gated copy of the MLP input (a
+`ctlens.bridge.mlp_groups.GroupedInput`).
 
 Gates are hard-concrete variables (Louizos et al. 2018, as in Edge Pruning, Bhaskar et al.
 2024): `sample_gates` draws ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta)
@@ -47,6 +50,7 @@ from ctlens.bridge.hooks import (
     run_to_final_residual,
     sender_hooks,
 )
+from ctlens.bridge.mlp_groups import GroupedInput
 from ctlens.bridge.names import HookLayout
 from ctlens.graph import Graph
 from ctlens.types import Ablation
@@ -271,7 +275,9 @@ class GatedForward:
             (self.graph.n_senders, b, p, self.d_model), device=act.device, dtype=act.dtype
         )
 
-    def _on_receiver(self, columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+    def _on_receiver(
+        self, columns: slice, n_up: int, x: torch.Tensor
+    ) -> torch.Tensor | GroupedInput:
         if self._paused or self._gates is None:
             return x
         assert self._buffer is not None
@@ -286,7 +292,13 @@ class GatedForward:
         else:
             product = coef_t @ rows
         delta = product.view(-1, b, p, self.d_model)  # [cols, batch, pos, d_model]
-        return x + (delta[0] if x.ndim == 3 else delta.permute(1, 2, 0, 3))
+        if x.ndim == 4:  # q, k or v inputs, one per head
+            return x + delta.permute(1, 2, 0, 3)
+        if len(delta) == 1:  # an MLP or the logits
+            return x + delta[0]
+        # a grouped MLP reads one input; every neuron group gets its own gated copy
+        index = torch.arange(len(delta), device=x.device)
+        return GroupedInput(x, index, x[:, :, None] + delta.permute(1, 2, 0, 3))
 
 
 __all__ = ["BETA", "GAMMA", "ZETA", "GatedForward", "open_probability", "sample_gates"]

@@ -68,7 +68,7 @@ from ctlens.graph import Graph
 from ctlens.learning.gates import GatedForward, open_probability, sample_gates
 from ctlens.masking.evaluate import _check_separates, faithfulness
 from ctlens.reference import Reference, check_graph, resolve_reference
-from ctlens.sizes import edge_count
+from ctlens.sizes import CircuitSize
 from ctlens.types import Ablation
 
 OBJECTIVES = ("kl", "metric")
@@ -156,8 +156,13 @@ def learn_circuit(
     start = time.perf_counter()
     ablation = Ablation.parse(ablation)
     _check_arguments(data, steps, objective, batch_size, lr)
+    if isinstance(graph, Graph) and graph.positional:
+        raise ValueError(
+            f"learn_circuit learns one gate per edge, not per token span; {graph!r} is "
+            "positional: use a graph without spans (Graph.from_model(model))"
+        )
     graph = check_graph(model, graph)
-    n_keep = edge_count(top_n, graph.n_edges, "top_n")
+    n_keep = CircuitSize.of(top_n, "top_n").edges(graph.n_edges)
     data.check_vocab(model.cfg.d_vocab)
     data.check_context(getattr(model.cfg, "n_ctx", None))
     if not supports_truncated_forward(model):
