@@ -60,13 +60,14 @@ def test_no_module_imports_through_the_package_face(path: Path) -> None:
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared vocabulary and plumbing
     ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.files", "ctlens.run_format",
-     "ctlens.sizes", "ctlens.memory", "ctlens.data", "ctlens.real_shapes"),
+     "ctlens.sizes", "ctlens.memory", "ctlens.tokens", "ctlens.spans", "ctlens.data",
+     "ctlens.real_shapes"),
     # the bridge's facts: hook names, model families, MLP projections
     ("ctlens.bridge", "ctlens.bridge.names", "ctlens.bridge.families", "ctlens.bridge.mlp_groups"),
     # the built-in tasks and the model zoo
     ("ctlens.tasks", "ctlens.zoo"),
     # the graph, and the bound on graphs read from files
-    ("ctlens.graph", "ctlens.file_limits"),
+    ("ctlens.graph_spec", "ctlens.graph", "ctlens.file_limits"),
     # models, and the hooks that read or patch a graph's nodes
     ("ctlens.model", "ctlens.model_source", "ctlens.bridge.hooks"),
     # scores

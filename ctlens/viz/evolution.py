@@ -99,7 +99,9 @@ def plot_evolution(
     steps = _frame_steps(run.steps, max_frames)
     sets = {}
     for s in steps:
-        es = as_edge_set(run.circuits[s], label=f"step {s}")
+        # a positional run's snapshots are drawn with their spans merged (plot_circuit and
+        # plot_diff draw the span columns)
+        es = as_edge_set(run.circuits[s], label=f"step {s}").merged_spans()
         sets[s] = es.strongest(top if es.scores is not None else None)
     max_abs = max(
         (float((e.scores * e.mask).abs().max()) for e in sets.values() if e.scores is not None),

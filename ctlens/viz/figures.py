@@ -21,6 +21,7 @@ from ctlens.viz.layout import (
     as_edge_set,
     check_same_graph,
 )
+from ctlens.viz.positional import plot_span_circuit, plot_span_diff
 from ctlens.viz.run import Run, read_run
 from ctlens.viz.traces import (
     BOTH,
@@ -76,6 +77,9 @@ def plot_circuit(
         labels: how many of the strongest edges are listed, ranked with their scores, in
             the margin beside the drawing (0: none). Nothing is written on the drawing.
 
+    A positional circuit (token spans) is drawn with a span axis: one column of this layout
+    per span, headed by its name (`ctlens.viz.positional`).
+
     Colour says what an edge does to the metric (score = M(edge ablated) - M(clean)): blue
     edges raise it (score < 0, ablating them lowers the metric), red edges lower it (score
     > 0), grey edges carry no score. Width and opacity grow with |score| (thirds of |score|
@@ -84,6 +88,8 @@ def plot_circuit(
     edge's midpoint or a node for names and scores.
     """
     es = as_edge_set(circuit, top=top, label=label)
+    if es.graph.positional:  # a column per span (ctlens.viz.positional)
+        return plot_span_circuit(es, title, height, budget, labels)
     layout = Layout(es.graph)
     fig = go.Figure()
     edges = edge_traces(layout, es, budget=budget if es.scores is not None else None)
@@ -225,6 +231,8 @@ def plot_diff(
     layout = Layout(ea.graph)
     ma, mb = ea.mask, eb.mask
     counts = diff_mask_counts(layout, ma, mb)
+    if ea.graph.positional:  # a column per span (ctlens.viz.positional)
+        return plot_span_diff(ea, eb, counts, title, height)
     a_scores = ea.scores if ea.scores is not None else eb.scores
     b_scores = eb.scores if eb.scores is not None else ea.scores
     groups = [  # (legend name, edges, colour, width, opacity, scores), one per class

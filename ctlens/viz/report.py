@@ -324,6 +324,7 @@ def write_report(
         f"{figure_div(plot_evolution(run, top=top, max_frames=max_frames), 'ctlens-evolution')}"
         "</div>",
         f"<h2>Circuit at step {last}</h2>",
+        *_spans_note(run),
         f"<div class=\"fig\">"
         f"{figure_div(last_fig, 'ctlens-circuit')}"
         "</div>",
@@ -353,6 +354,19 @@ def write_report(
     ]
     title = f"ctlens report: {run.info.get('task', '?')} on {run.info.get('model', '?')}"
     return write_page(out_path, html_page(title, "\n".join(sections)))
+
+
+def _spans_note(run: Run) -> list[str]:
+    """For a positional run: what the span columns are (nothing for a position-free run)."""
+    if not run.graph.positional:
+        return []
+    spans = ", ".join(f"<b>{html.escape(name)}</b>" for name in run.graph.spans)
+    return [
+        "<p class=\"note\">This run's circuits are positional: every edge is kept or dropped "
+        f"per token span ({spans}). The circuit and the change below have one column per "
+        "span; the evolution slider above merges the spans (an edge is drawn when it is kept "
+        "at any span).</p>"
+    ]
 
 
 def _top(circuit: Any, top: int | None) -> int | None:
