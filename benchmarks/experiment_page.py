@@ -155,13 +155,14 @@ def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Pa
     parts = [
         "# Experiments: circuit-tuning against matched controls",
         "",
-        "Written by `python benchmarks/experiment.py` from its run directories. Regenerate "
-        "this page, `benchmarks/results/experiment.json` and the figures with one command "
-        "(`all` runs the grid in `--jobs` processes, default 2, then writes the report; "
-        "re-running skips finished runs; `run --part I/N` and `report` do the two halves "
-        "by hand):",
+        "Does fine-tuning only inside the task circuit cost less general capability than "
+        "full fine-tuning, or than training a random subgraph of the same size, at equal "
+        "progress on the task? The summary comes first; then how the runs were made, one "
+        "table per model, the figures, the learning-rate sweep, and the command that "
+        "regenerates this page.",
         "",
-        f"    {results['command']}",
+        *_summary(results, models),
+        "## How the runs were made",
         "",
         f"**What ran.** {results['runs_done']} of {results['runs_planned']} planned reported "
         f"runs, plus {len(results['sweep'])} learning-rate sweep runs; {results['machine']}.",
@@ -221,11 +222,13 @@ def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Pa
         "(full fine-tuning has no size), ungrouped: the lr with the "
         f"lowest general LM loss where the target first reaches "
         f"+{results['thresholds'][len(results['thresholds']) // 2]:g} (if none reaches it, the "
-        f"highest final target). Chosen: {chosen or 'sweep not finished'}.",
+        f"highest final target). Chosen: {chosen or 'sweep not finished'} (the sweep's "
+        "runs are tabulated [at the end](#learning-rate-sweep)).",
         "",
     ]
+    sweep: list[str] = []
     if results["sweep"]:
-        parts += [markdown_table(
+        sweep += [markdown_table(
             ["model", "mode", "lr", "target at end", "general at end",
              "general at middle threshold", "chosen"],
             [[s["model"].removeprefix("zoo:"), s["mode"], f"{s['lr']:g}",
@@ -233,7 +236,6 @@ def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Pa
               "not reached" if s["general_at_middle"] is None else
               f"{s['general_at_middle']:.3f}", "yes" if s["chosen"] else ""]
              for s in results["sweep"]]), ""]
-    parts += _summary(results, models)
     for model in models:
         start = results["start"].get(model)
         parts += [f"## {model}", ""]
@@ -254,4 +256,10 @@ def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Pa
             parts += [f"![{caption}]({rel})", ""]
         else:
             parts += [f"[{caption} (interactive HTML)]({rel})", ""]
+    parts += ["## Learning-rate sweep", "", *sweep, "## Regenerating this page", "",
+              "Written by `python benchmarks/experiment.py` from its run directories. "
+              "Regenerate this page, `benchmarks/results/experiment.json` and the figures with "
+              "one command (`all` runs the grid in `--jobs` processes, default 2, then writes "
+              "the report; re-running skips finished runs; `run --part I/N` and `report` do the "
+              "two halves by hand):", "", f"    {results['command']}", ""]
     ctlens.files.atomic_write_text(path, "\n".join(parts))

@@ -122,8 +122,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def check_tune(args: argparse.Namespace) -> None:
     """What ``ctlens tune`` can refuse before torch is imported: the model and task names,
-    and (without ``--overwrite``) an ``--out`` holding a run of another model, task or
-    config. The tuner checks the same again, with the graph and the data, once they exist."""
+    and (without ``--overwrite``) an ``--out`` holding a run of another model, task, config
+    or, for a built-in task, size (``--n-examples``, ``--n-train``). The tuner checks the
+    same again, with the graph and the data's checksums, once they exist."""
     check_model_and_task(args)
     run_json = Path(args.out) / "run.json"
     if args.overwrite or not run_json.is_file():
@@ -139,6 +140,11 @@ def check_tune(args: argparse.Namespace) -> None:
     new_config = config_from_args(args).semantic_dict()
     old_config |= {"model": old.get("model"), "task": old.get("task")}
     new_config |= {"model": args.model, "task": task}
+    data = old.get("data") or {}
+    if not is_task_file(args.task) and {"n_discovery", "n_train"} <= set(data):
+        # a built-in task's sizes are its flags (a JSONL task's come from its file)
+        old_config |= {"n_examples": data["n_discovery"], "n_train": data["n_train"]}
+        new_config |= {"n_examples": args.n, "n_train": args.n_train}
     changed = [key for key in sorted(set(old_config) | set(new_config), key=_flags_first)
                if old_config.get(key) != new_config.get(key)]
     if changed:

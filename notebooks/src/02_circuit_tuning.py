@@ -96,9 +96,11 @@ ctlens.viz.plot_evolution(runs / "circuit", top=50)
 # %% [markdown]
 # ## Before and after
 #
-# `plot_diff` draws two circuits on one layout: red edges only in the first, green only in
-# the second, grey in both. With a run directory it compares two of its snapshots (by
-# default the first and the last).
+# `plot_diff` draws two circuits on one layout: orange edges left the circuit (only in the
+# first), blue ones entered it (only in the second); at first only the 20 strongest of each
+# are drawn, and the buttons above the drawing show the rest and the kept edges (grey).
+# With a run directory it compares two of its snapshots (by default the first and the
+# last).
 
 # %%
 ctlens.viz.plot_diff(runs / "circuit")
@@ -230,7 +232,10 @@ ctlens.viz.plot_circuit(circuits[groups], label=f"circuit with {groups} groups p
 import json  # noqa: E402
 import sys  # noqa: E402
 
-bench = next((p for p in (Path("../benchmarks"), Path("benchmarks")) if p.is_dir()), None)
+# the repository's benchmarks/, from notebooks/, the repository root or the docs build
+here = Path.cwd().resolve()
+bench = next((d / "benchmarks" for d in (here, *here.parents)
+              if (d / "benchmarks" / "results").is_dir()), None)
 stored = None if bench is None else bench / "results" / "experiment.json"
 if stored is None or not stored.is_file():
     print("no stored results: run python benchmarks/experiment.py run, then report")
