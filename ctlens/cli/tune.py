@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +164,14 @@ def _flags_first(key: str) -> tuple[bool, str]:
 def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
     flag = "--" + field.name.replace("_", "-")
     help_text = _HELP.get(field.name, field.name)
-    default = field.default
+    default = field.default.value if isinstance(field.default, Enum) else field.default
     args = typing.get_args(hint)
+    words = _choices(hint)
     if hint is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                        help=help_text)
-    elif "choices" in field.metadata:
-        p.add_argument(flag, choices=list(field.metadata["choices"]), default=default,
-                       help=help_text)
-    elif typing.get_origin(hint) is typing.Literal:
-        p.add_argument(flag, choices=list(args), default=default, help=help_text)
+    elif words is not None:
+        p.add_argument(flag, choices=words, default=default, help=help_text)
     elif field.name in ("top_n", "top_n_start"):
         kind = parse_size if field.name == "top_n" else _optional(parse_size)
         p.add_argument(flag, type=kind, default=default, help=help_text)
@@ -181,15 +180,27 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     elif field.name == "betas":
         p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
                        help=help_text)
-    elif type(None) in args and typing.get_origin(args[0]) is typing.Literal:
-        p.add_argument(flag, choices=list(typing.get_args(args[0])), default=default,
-                       help=help_text)
     elif type(None) in args:
         inner = next(a for a in args if a is not type(None))
         note = "" if "none" in help_text else " (a number or 'none')"
         p.add_argument(flag, type=_optional(inner), default=default, help=help_text + note)
     else:
         p.add_argument(flag, type=hint, default=default, help=help_text)
+
+
+def _choices(hint: Any) -> list[str] | None:
+    """The words of an option typed as a string enum or a literal, optionally ``| None``
+    (the CLI takes the plain words; `TuneConfig` converts and checks them)."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] \
+        if type(None) in typing.get_args(hint) else [hint]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return [m.value for m in kind]
+    if typing.get_origin(kind) is typing.Literal:
+        return list(typing.get_args(kind))
+    return None
 
 
 def _optional(kind: type) -> Any:
@@ -216,24 +227,23 @@ def run_tune(args: argparse.Namespace) -> int:
         from ctlens.graph import Graph
         from ctlens.model import load_model
         from ctlens.tasks.bundle import load
-        from ctlens.tuning.discovery import check_top_n
+        from ctlens.tuning.parallel import strategy_type
         from ctlens.tuning.rundir import RunWriteError
         from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    device = args.device
-    if config.shard is not None:
-        device, error = _start_process_group(device)
-        if error:
-            print(f"ctlens tune: error: {error}", file=sys.stderr)
-            return 2
+    processes = strategy_type(config)
+    device, error = processes.join_processes(args.device)
+    if error:
+        print(f"ctlens tune: error: {error}", file=sys.stderr)
+        return 2
     with phase(f"loading {args.model}"):
         model = load_model(args.model, device=device)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
-    check_top_n(config, graph)  # before any task or attribution work
+    config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
     with phase(f"building task {args.task!r} ({args.n} examples, {args.n_train} training rows)"):
         task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
                     tokenizer=getattr(model, "tokenizer", None))
@@ -246,11 +256,8 @@ def run_tune(args: argparse.Namespace) -> int:
     except RunWriteError as err:
         print(f"ctlens tune: error: {err.strerror}", file=sys.stderr)
         return 2
-    if config.shard is not None:
-        rank = torch.distributed.get_rank()
-        _stop_process_group()
-        if rank != 0:
-            return 0  # rank 0 reports
+    if not processes.leave_processes():
+        return 0  # rank 0 reports
     summary = {k: result.metrics.get(k) for k in
                ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))
@@ -259,31 +266,3 @@ def run_tune(args: argparse.Namespace) -> int:
           file=sys.stderr)
     return 0
 
-
-def _stop_process_group() -> None:
-    """Leave together: every rank waits for the others, then closes its connections (a
-    rank that exits while a peer still talks to it can abort that peer)."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _start_process_group(device: str | None) -> tuple[str | None, str | None]:
-    """Initialise torch.distributed from torchrun's environment for ``--shard``.
-
-    Returns ``(device, error)``: gloo on CPU; NCCL and ``cuda:LOCAL_RANK`` for ``cuda``.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return device, ("--shard fsdp runs under torchrun (e.g. torchrun --nproc-per-node 2 "
-                        "-m ctlens tune --shard fsdp ...); RANK/WORLD_SIZE are not set")
-    cuda = device is not None and device.startswith("cuda")
-    if cuda and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device, None
