@@ -25,6 +25,8 @@ from ctlens.tuning.config import TuneConfig
 
 DEFAULT_MODEL = "zoo:tiny-gpt2"
 DEFAULT_TASK = "agreement-flip"
+GENERAL_ROWS = 128
+"""The task's general-corpus rows with ``--general-examples none`` (the tasks' default)."""
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
@@ -69,9 +71,12 @@ _HELP: dict[str, str] = {
                          "torch.distributed.checkpoint, each rank writes its own shard",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
+    "general_examples": "held-out general-corpus rows the general LM loss is measured on, "
+    "a setting of its own (none: the task's 128)",
     "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept on disk",
-    "seed": "seed of data order, random circuits and the task sample",
+    "seed": "seed of the batch order and the random draws (random circuits); the task "
+    "sample has its own, --data-seed",
     "export": "write the tuned model as an HF directory RUN/model at the end",
     "progress": "show a progress bar",
 }
@@ -99,6 +104,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="examples per discovery/eval set (under torchrun write --n-examples: "
                         "torchrun reads a bare --n as an abbreviation of its own options)")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the task sample (discovery, training, evaluation and general "
+                        "rows), separate from --seed")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     hints = typing.get_type_hints(TuneConfig)
@@ -179,7 +187,8 @@ def run_tune(args: argparse.Namespace) -> int:
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     check_top_n(config, graph)  # before any task or attribution work
-    task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+    task = load(args.task, n=args.n, seed=args.data_seed, n_train=args.n_train,
+                n_general=config.general_examples or GENERAL_ROWS,
                 tokenizer=getattr(model, "tokenizer", None))
     try:
         result = CircuitTuner(model, task, config, model_name=args.model).run(
