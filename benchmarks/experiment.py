@@ -413,9 +413,14 @@ GRID_FLAGS = ("models", "groups", "sizes", "modes", "seeds", "lrs", "paper_lrs",
               "n_train", "data_seed", "threads")
 
 
+_FLAG = {"n": "--n-examples"}
+"""Flags not spelled like their argument's name."""
+
+
 def grid_flags(args: argparse.Namespace) -> list[str]:
     """The flags that define the grid (what the page prints as its command)."""
-    return [x for k in GRID_FLAGS for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    return [x for k in GRID_FLAGS for x in (_FLAG.get(k, f"--{k.replace('_', '-')}"),
+                                             str(getattr(args, k)))]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -443,8 +448,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--steps", type=int, default=60)
         s.add_argument("--batch-size", type=int, default=16)
         s.add_argument("--eval-every", type=int, default=5)
-        s.add_argument("--n", type=int, default=48,
+        s.add_argument("--n-examples", dest="n", type=int, default=48,
                        help="examples per discovery and evaluation set")
+        s.add_argument("--n", dest="n", type=int, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)  # the old spelling, as in ctlens tune
         s.add_argument("--general-examples", type=int, default=128,
                        help="held-out general-corpus rows of the general LM loss")
         s.add_argument("--n-train", type=int, default=1024)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+from experiment_stats import mean_envelope
 from plotly.subplots import make_subplots
 
 PAPER = "paper-"
@@ -23,17 +24,29 @@ COLOURS = {"full": "#444444", "gradient": "#1f77b4", "forward": "#17becf",
            "random-parameters": "#d62728", "random-composition": "#ff7f0e", "lora": "#2ca02c"}
 
 
+def cells_of(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results' cells. Results written before the envelope protocol (one lr per mode,
+    no ``cells``) give one cell per condition, its envelope over that single lr: each
+    line is then that lr's path."""
+    if "cells" in results:
+        return results["cells"]
+    return [{**{k: c[k] for k in ("model", "groups", "size", "mode")}, "lrs": [c["lr"]],
+             "best_lrs": [c["lr"]],
+             "curve": mean_envelope({s: [p] for s, p in c.get("points_by_seed", {}).items()})}
+            for c in results["conditions"] if c.get("lr") is not None]
+
+
 def _is_full(mode: str) -> bool:
     return mode.removeprefix(PAPER) == "full"
 
 
 def _sizes(results: dict[str, Any], model: str) -> list[float]:
-    return sorted({c["size"] for c in results["cells"]
+    return sorted({c["size"] for c in cells_of(results)
                    if c["model"] == model and c["size"] is not None and c["curve"]["target"]})
 
 
 def _models(results: dict[str, Any]) -> list[str]:
-    return list(dict.fromkeys(c["model"] for c in results["cells"] if c["curve"]["target"]))
+    return list(dict.fromkeys(c["model"] for c in cells_of(results) if c["curve"]["target"]))
 
 
 def _shown(c: dict[str, Any], groups: int, paper: bool) -> bool:
@@ -57,9 +70,10 @@ def _band(mode: str) -> str:
 
 def _loss_range(results: dict[str, Any], model: str, groups: int, paper: bool
                 ) -> list[float] | None:
-    """The general-loss axis of ``model``'s panels: the shown modes' mean envelopes (a band
-    of few seeds can be far wider; it is clipped, the tables have its numbers)."""
-    values = [g[0] for c in results["cells"] if c["model"] == model
+    """The general-loss axis of ``model``'s panels: the shown modes' mean envelopes but
+    ``forward``'s, whose loss runs far off (a band of few seeds can be far wider too; both
+    are clipped, the tables have their numbers)."""
+    values = [g[0] for c in cells_of(results) if c["model"] == model and c["mode"] != "forward"
               and _shown(c, groups, paper) for g in c["curve"]["general"]]
     if not values:
         return None
@@ -83,7 +97,7 @@ def pareto_figure(results: dict[str, Any], groups: int = 1, paper: bool = False)
     shown = set()
     for row, model in enumerate(models, start=1):
         for col, size in enumerate(_sizes(results, model), start=1):
-            for c in results["cells"]:
+            for c in cells_of(results):
                 if c["model"] != model or not _shown(c, groups, paper) or \
                         c["size"] not in (size, None):
                     continue
@@ -132,7 +146,7 @@ def moved_figure(results: dict[str, Any], groups: int = 1) -> go.Figure:
                         subplot_titles=[m.removeprefix("zoo:") for m in models])
     shown = set()
     for row, model in enumerate(models, start=1):
-        cells = [c for c in results["cells"] if c["model"] == model
+        cells = [c for c in cells_of(results) if c["model"] == model
                  and (c["groups"] == groups or _is_full(c["mode"]))]
         conds = [(c, x) for c in cells if (x := _at_best_lr(results, c)) is not None]
         conds.sort(key=lambda p: (-1 if p[0]["size"] is None else p[0]["size"], p[0]["mode"]))
@@ -176,7 +190,7 @@ def write_figures(results: dict[str, Any], folder: Path) -> list[tuple[str, str]
     of the paper-* modes, and parameters moved); [(caption, path relative to docs/)]."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for groups in sorted({c["groups"] for c in results["cells"] if c["curve"]["target"]}):
+    for groups in sorted({c["groups"] for c in cells_of(results) if c["curve"]["target"]}):
         tag = "" if groups == 1 else f"_g{groups}"
         mlps = "ungrouped MLPs" if groups == 1 else f"MLPs in {groups} neuron groups"
         figures = [

@@ -298,11 +298,18 @@ def per_lr_appendix(results: dict[str, Any]) -> list[str]:
 
 def write_page(results: dict[str, Any], figures: list[tuple[str, str]], path: Path) -> None:
     parts = ["# Experiments: circuit-tuning against matched controls", "",
-             *summary(results), *protocol(results), *what_ran(results), *setup(results),
-             *model_sections(results), *per_lr_appendix(results), "## Figures", ""]
+             "Does fine-tuning only inside the task circuit cost less general capability than "
+             "full fine-tuning, or than training a random subgraph with as many trainable "
+             "parameters, at equal progress on the task? The summary and its verdict come "
+             "first; then the protocol, fixed before the runs; the setup; one section per "
+             "model; the figures; each learning rate on its own; and what ran, with the "
+             "command that regenerates this page.", "",
+             *summary(results), *protocol(results), *setup(results),
+             *model_sections(results), "## Figures", ""]
     for caption, rel in figures:
         if rel.endswith(".png"):
             parts += [f"![{caption}]({rel})", ""]
         else:
             parts += [f"[{caption} (interactive HTML)]({rel})", ""]
+    parts += [*per_lr_appendix(results), *what_ran(results)]
     ctlens.files.atomic_write_text(path, "\n".join(parts))

@@ -36,7 +36,15 @@ from experiment import (
     seconds_per_run,
 )
 from experiment_figures import KINDS
-from experiment_stats import area_between, crossing, envelope_at, holm, paired, t_interval
+from experiment_stats import (
+    area_between,
+    crossing,
+    envelope_at,
+    holm,
+    mean_envelope,
+    paired,
+    t_interval,
+)
 
 import ctlens.files
 
@@ -139,22 +147,6 @@ def condition_row(cell: Cell, lr: float, runs: dict[int, list[dict[str, Any]]],
     return row
 
 
-def _envelope_curve(curves: dict[int, list[list[tuple[float, float, float]]]],
-                    n_grid: int = 40) -> dict[str, list[Any]]:
-    """Mean over seeds of the envelope's general loss along a target grid, up to the
-    highest target every seed's envelope reached (the figure's line)."""
-    lo = max(min(p[0][1] for p in c) for c in curves.values())
-    hi = min(max(x[1] for p in c for x in p) for c in curves.values())
-    if not hi > lo:
-        return {"target": [], "general": []}
-    targets = [lo + (hi - lo) * i / n_grid for i in range(n_grid + 1)]
-    general = []
-    for t in targets:
-        values = [envelope_at(c, t) for c in curves.values()]
-        general.append(_ci([v[0] for v in values if v is not None]))
-    return {"target": targets, "general": general}
-
-
 def cell_row(cell: Cell, runs: dict[float, dict[int, list[dict[str, Any]]]],
              args: argparse.Namespace) -> dict[str, Any]:
     """One cell: its lrs, and per seed the envelope over them (only seeds with every lr
@@ -186,7 +178,7 @@ def cell_row(cell: Cell, runs: dict[float, dict[int, list[dict[str, Any]]]],
     row["best_lrs"] = best  # the extension rule's: most seeds' envelope pick at the middle
     row["best_on_edge"] = len(lrs) > 1 and bool({lrs[0], lrs[-1]} & set(best))
     row["curves_by_seed"] = curves
-    row["curve"] = _envelope_curve(curves) if curves else {"target": [], "general": []}
+    row["curve"] = mean_envelope(curves)
     return row
 
 

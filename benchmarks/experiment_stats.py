@@ -15,7 +15,8 @@ there.
   integrated over the target range both covered, divided by that range: in loss units,
   negative when the first keeps the general loss lower at the same target.
   `area_vs_reference` is the same for one curve on each side.
-- `t_interval`: mean and the half-width of the two-sided 95 % Student-t interval over seeds.
+- `t_interval`: mean and the half-width of the two-sided 95 % Student-t interval over seeds;
+  `mean_envelope`: the mean envelope over seeds along a target grid (the figures' lines).
 - `wilcoxon`: the exact two-sided Wilcoxon signed-rank test of paired differences (zeros
   dropped, tied magnitudes given their mean rank, infinite differences ranked above all
   finite ones); `holm`: Holm's step-down adjustment of a family of p-values.
@@ -114,6 +115,25 @@ def area_vs_reference(points: Sequence[Point], reference: Sequence[Point],
                       n_grid: int = 200) -> float | None:
     """`area_between` for one curve on each side."""
     return area_between([points], [reference], n_grid)
+
+
+def mean_envelope(curves_by_seed: Mapping[Any, Sequence[Sequence[Point]]], n_grid: int = 40
+                  ) -> dict[str, list[Any]]:
+    """The envelope's general loss along a grid of targets, mean and 95 % t half-width over
+    seeds (``[mean, half]`` per target), from the highest starting target to the highest
+    target every seed's envelope reached: ``{"target": [...], "general": [...]}``."""
+    if not curves_by_seed:
+        return {"target": [], "general": []}
+    lo = max(min(p[0][1] for p in c) for c in curves_by_seed.values())
+    hi = min(max(x[1] for p in c for x in p) for c in curves_by_seed.values())
+    if not hi > lo:
+        return {"target": [], "general": []}
+    targets = [lo + (hi - lo) * i / n_grid for i in range(n_grid + 1)]
+    general = []
+    for t in targets:
+        values = [envelope_at(c, t) for c in curves_by_seed.values()]
+        general.append(list(t_interval([v[0] for v in values if v is not None])))
+    return {"target": targets, "general": general}
 
 
 def _null_distribution(doubled_ranks: Sequence[int]) -> list[float]:

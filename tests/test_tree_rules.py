@@ -60,21 +60,23 @@ def test_no_module_imports_through_the_package_face(path: Path) -> None:
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared vocabulary and plumbing
     ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.files", "ctlens.run_format",
-     "ctlens.sizes", "ctlens.memory", "ctlens.data", "ctlens.real_shapes"),
+     "ctlens.sizes", "ctlens.memory", "ctlens.tokens", "ctlens.spans", "ctlens.data",
+     "ctlens.real_shapes"),
     # the bridge's facts: hook names, model families, MLP projections
     ("ctlens.bridge", "ctlens.bridge.names", "ctlens.bridge.families", "ctlens.bridge.mlp_groups"),
     # the built-in tasks and the model zoo
     ("ctlens.tasks", "ctlens.zoo"),
     # the graph, and the bound on graphs read from files
-    ("ctlens.graph", "ctlens.file_limits"),
+    ("ctlens.graph_spec", "ctlens.graph", "ctlens.file_limits"),
     # models, and the hooks that read or patch a graph's nodes
-    ("ctlens.model", "ctlens.bridge.hooks"),
+    ("ctlens.model", "ctlens.model_source", "ctlens.bridge.hooks"),
     # scores
     ("ctlens.reference", "ctlens.tables", "ctlens.scores_file", "ctlens.scores",
-     "ctlens.attribution"),
+     "ctlens.eap_kernel", "ctlens.attribution"),
     ("ctlens.circuit",),
     ("ctlens.masking",),
-    ("ctlens.tuning",),
+    # the tuner, with its parallelism strategies (one process, data parallel, FSDP)
+    ("ctlens.tuning", "ctlens.tuning.parallel"),
     # scale: the planner, the HF Trainer callback, sparse deltas
     ("ctlens.planner", "ctlens.callback", "ctlens.delta"),
     ("ctlens.viz",),

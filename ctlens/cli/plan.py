@@ -23,22 +23,40 @@ def add_plan_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="a real-shape name (gpt2, pythia-1b, llama-3.1-8b, ...; see "
                    "ctlens.real_shapes.names()), a local HF directory (config.json only is "
                    "read) or zoo:NAME")
-    p.add_argument("--mode", default="attribute", choices=["attribute", "forward", "tune"])
+    p.add_argument("--mode", dest="operation", default="attribute",
+                   choices=["attribute", "forward", "tune"])
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig"],
-                   help="attribution method (default eap)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per pass (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
+                   help="attribution method")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per pass")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--dtype", default=None, help="weights' dtype, e.g. bfloat16 "
-                   "(default: the checkpoint's, float32 for a real-shape name)")
+                   "(default: the checkpoint's, float32 for a real-shape name); ctlens tune "
+                   "trains fp32 weights, so plan --mode tune without it")
     p.add_argument("--mlp-groups", type=int, default=1, help="MLP neuron groups per layer")
-    p.add_argument("--ranks", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--ranks", type=int, default=1, help="processes")
     p.add_argument("--shard", choices=["fsdp"], default=None,
                    help="shard weights, gradients and optimizer state across --ranks")
     p.add_argument("--budget", default=None,
                    help="memory per device, e.g. 80GB or 24GiB: recommends a batch size")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run_plan)
+    p.set_defaults(func=run_plan, check=check_plan)
     return p
+
+
+def check_plan(args: argparse.Namespace) -> None:
+    """Refuse an unknown ``--model`` before torch is imported (names, zoo names and
+    directories: what `_source` reads later)."""
+    from pathlib import Path
+
+    from ctlens import real_shapes
+
+    text = args.model
+    if text.startswith("zoo:"):
+        from ctlens import zoo
+
+        zoo.model_dir(text[4:])
+    elif not Path(text).expanduser().is_dir():
+        real_shapes.shape(text)
 
 
 def _source(text: str) -> Any:
@@ -75,8 +93,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
     result = plan(
         _source(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
-        mode=args.mode, method=args.method, mlp_groups=args.mlp_groups, dtype=args.dtype,
-        ranks=args.ranks, shard=args.shard == "fsdp", budget=args.budget,
+        operation=args.operation, method=args.method, mlp_groups=args.mlp_groups,
+        dtype=args.dtype, ranks=args.ranks, shard=args.shard, budget=args.budget,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

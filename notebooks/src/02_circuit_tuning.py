@@ -96,9 +96,11 @@ ctlens.viz.plot_evolution(runs / "circuit", top=50)
 # %% [markdown]
 # ## Before and after
 #
-# `plot_diff` draws two circuits on one layout: red edges only in the first, green only in
-# the second, grey in both. With a run directory it compares two of its snapshots (by
-# default the first and the last).
+# `plot_diff` draws two circuits on one layout: orange edges left the circuit (only in the
+# first), blue ones entered it (only in the second); at first only the 20 strongest of each
+# are drawn, and the buttons above the drawing show the rest and the kept edges (grey).
+# With a run directory it compares two of its snapshots (by default the first and the
+# last).
 
 # %%
 ctlens.viz.plot_diff(runs / "circuit")
@@ -230,14 +232,20 @@ ctlens.viz.plot_circuit(circuits[groups], label=f"circuit with {groups} groups p
 import json  # noqa: E402
 import sys  # noqa: E402
 
-bench = next((p for p in (Path("../benchmarks"), Path("benchmarks")) if p.is_dir()), None)
+# the repository's benchmarks/, from notebooks/, the repository root or the docs build
+here = Path.cwd().resolve()
+bench = next((d / "benchmarks" for d in (here, *here.parents)
+              if (d / "benchmarks" / "results").is_dir()), None)
 stored = None if bench is None else bench / "results" / "experiment.json"
-results = json.loads(stored.read_text()) if stored is not None and stored.is_file() else None
-if results is None or results.get("protocol") != "envelope":
-    print("no stored results of the envelope protocol: run python benchmarks/experiment.py all")
+if stored is None or not stored.is_file():
+    print("no stored results: run python benchmarks/experiment.py all")
 else:
     sys.path.insert(0, str(bench.resolve()))
     from experiment_figures import pareto_figure  # the figure docs/experiments.md shows
 
+    results = json.loads(stored.read_text())
     print(f"{results['runs_done']} runs, seeds {results['seeds']}, {results['steps']} steps")
+    if results.get("protocol") != "envelope":
+        print("these results predate the envelope protocol (one lr per mode): each line is "
+              "that lr's path; python benchmarks/experiment.py all regenerates them")
     pareto_figure(results, groups=1).show()
