@@ -35,6 +35,8 @@ from ctlens.tuning.config import TuneConfig
 DEFAULT_TASK = "agreement-flip"
 """``ctlens discover``'s default task (agreement) with the answers swapped: the paper's
 subject-verb disagreement experiment."""
+GENERAL_ROWS = 128
+"""The task's general-corpus rows with ``--general-examples none`` (the tasks' default)."""
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
@@ -79,9 +81,12 @@ _HELP: dict[str, str] = {
                          "torch.distributed.checkpoint, each rank writes its own shard",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
+    "general_examples": "held-out general-corpus rows the general LM loss is measured on, "
+    "a setting of its own (none: the task's 128)",
     "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept on disk",
-    "seed": "seed of data order, random circuits and the task sample",
+    "seed": "seed of the batch order and the random draws (random circuits); the task "
+    "sample has its own, --data-seed",
     "export": "write the tuned model as an HF directory RUN/model at the end",
     "progress": "show a progress bar",
 }
@@ -109,6 +114,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="replace a different run in --out (only the run's own files)")
     add_n_examples(p, 256, "examples per discovery and evaluation set")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the task sample (discovery, training, evaluation and general "
+                        "rows), separate from --seed")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
@@ -245,7 +253,8 @@ def run_tune(args: argparse.Namespace) -> int:
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
     with phase(f"building task {args.task!r} ({args.n} examples, {args.n_train} training rows)"):
-        task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+        task = load(args.task, n=args.n, seed=args.data_seed, n_train=args.n_train,
+                    n_general=config.general_examples or GENERAL_ROWS,
                     tokenizer=getattr(model, "tokenizer", None))
     print(f"circuit-tuning ({config.mode}) for {config.steps} steps into {args.out}, "
           f"evaluating every {config.eval_every}", file=sys.stderr)
