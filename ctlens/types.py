@@ -39,7 +39,7 @@ class Choice(str, Enum):
 
 
 class Ablation(str, Enum):
-    """What an ablated sender is replaced with (DESIGN.md, Attribution).
+    """What an ablated sender is replaced with (docs/concepts.md, Ablations).
 
     - ``corrupt``: its activation on the paired corrupted prompt.
     - ``mean``: its mean activation per position over a reference set, padding excluded.

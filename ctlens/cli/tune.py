@@ -38,6 +38,8 @@ from ctlens.tuning.config import TuneConfig
 DEFAULT_TASK = "agreement-flip"
 """``ctlens discover``'s default task (agreement) with the answers swapped: the paper's
 subject-verb disagreement experiment."""
+GENERAL_ROWS = 128
+"""The task's general-corpus rows with ``--general-examples none`` (the tasks' default)."""
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
@@ -82,9 +84,12 @@ _HELP: dict[str, str] = {
                          "torch.distributed.checkpoint, each rank writes its own shard",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
+    "general_examples": "held-out general-corpus rows the general LM loss is measured on, "
+    "a setting of its own (none: the task's 128)",
     "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept on disk",
-    "seed": "seed of data order, random circuits and the task sample",
+    "seed": "seed of the batch order and the random draws (random circuits); the task "
+    "sample has its own, --data-seed",
     "export": "write the tuned model as an HF directory RUN/model at the end",
     "progress": "show a progress bar",
 }
@@ -112,6 +117,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="replace a different run in --out (only the run's own files)")
     add_n_examples(p, 256, "examples per discovery and evaluation set")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the task sample (discovery, training, evaluation and general "
+                        "rows), separate from --seed")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
@@ -131,9 +139,10 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def check_tune(args: argparse.Namespace) -> None:
     """What ``ctlens tune`` can refuse before torch is imported: the model and task names,
-    and (without ``--overwrite``) an ``--out`` holding a run of another model, task or
-    config. The tuner checks the same again, with the graph and the data, once they exist.
-    Also a ``--circuit`` that is no file, or given with a mode that has no circuit."""
+    and (without ``--overwrite``) an ``--out`` holding a run of another model, task, config
+    or, for a built-in task, size (``--n-examples``, ``--n-train``). The tuner checks the
+    same again, with the graph and the data's checksums, once they exist. Also a
+    ``--circuit`` that is no file, or given with a mode that has no circuit."""
     check_model_and_task(args)
     if args.circuit is not None:
         if not Path(args.circuit).is_file():
@@ -156,6 +165,11 @@ def check_tune(args: argparse.Namespace) -> None:
     new_config = config_from_args(args).semantic_dict()
     old_config |= {"model": old.get("model"), "task": old.get("task")}
     new_config |= {"model": args.model, "task": task}
+    data = old.get("data") or {}
+    if not is_task_file(args.task) and {"n_discovery", "n_train"} <= set(data):
+        # a built-in task's sizes are its flags (a JSONL task's come from its file)
+        old_config |= {"n_examples": data["n_discovery"], "n_train": data["n_train"]}
+        new_config |= {"n_examples": args.n, "n_train": args.n_train}
     changed = [key for key in sorted(set(old_config) | set(new_config), key=_flags_first)
                if old_config.get(key) != new_config.get(key)]
     if changed:
@@ -262,7 +276,8 @@ def run_tune(args: argparse.Namespace) -> int:
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
     with phase(f"building task {args.task!r} ({args.n} examples, {args.n_train} training rows)"):
-        task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+        task = load(args.task, n=args.n, seed=args.data_seed, n_train=args.n_train,
+                    n_general=config.general_examples or GENERAL_ROWS,
                     tokenizer=getattr(model, "tokenizer", None))
     inside = "" if fixed is None else f" inside the {fixed.n_edges}-edge circuit of {args.circuit}"
     print(f"circuit-tuning ({config.mode}){inside} for {config.steps} steps into {args.out}, "

@@ -102,8 +102,12 @@ class TuneConfig:
             gathered; `ctlens.tuning.sharded_checkpoints`). Either resumes on any number of
             ranks, sharded or not; ``shard`` and ``checkpoint_format`` may change on resume.
     Bookkeeping:
-        eval_every, eval_examples (per evaluation set; ``None``: all), save_every,
-        keep_checkpoints, seed, export (write ``model/`` at the end), progress (tqdm).
+        eval_every, eval_examples (per evaluation set; ``None``: all), general_examples
+        (the first rows of the task's general corpus that the general LM loss is measured
+        on, a setting of its own; ``None``: all; a ``run.json`` written before it existed
+        reads as its ``eval_examples``, which cut those rows then), save_every,
+        keep_checkpoints, seed (the batch order and the random draws; the task sample is
+        the task's own), export (write ``model/`` at the end), progress (tqdm).
     """
 
     mode: Mode = Mode.GRADIENT
@@ -142,6 +146,7 @@ class TuneConfig:
     checkpoint_format: Literal["safetensors", "dcp"] = "safetensors"
     eval_every: int = 50
     eval_examples: int | None = 128
+    general_examples: int | None = 128
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -187,8 +192,9 @@ class TuneConfig:
                     f"give mlp_groups ({self.mlp_groups}) or mlp_group_size "
                     f"({self.mlp_group_size}), not both"
                 )
-        if self.eval_examples is not None:
-            _positive_int("eval_examples", self.eval_examples)
+        for name in ("eval_examples", "general_examples"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if self.max_memory is not None:
             from ctlens.memory import parse_bytes
 
@@ -239,10 +245,13 @@ class TuneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
         """Inverse of `to_dict`; unknown keys are ignored (forward compatibility), a missing
-        ``random_match`` reads as ``"edges"`` (what runs did before it existed)."""
+        ``random_match`` reads as ``"edges"`` and a missing ``general_examples`` as the
+        ``eval_examples`` (what runs did before each existed)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("random_match", "edges")  # written before random_match existed
+        if "eval_examples" in values:  # written before general_examples existed
+            values.setdefault("general_examples", values["eval_examples"])
         return cls(**values)
 
     def semantic_dict(self) -> dict[str, Any]:

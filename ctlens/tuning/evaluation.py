@@ -154,15 +154,17 @@ class Evaluator:
             return self.metric_mean(data)[0]
 
     def general_loss(self) -> float:
-        """Mean next-token loss on the task's general corpus (NaN when it has none)."""
+        """Mean next-token loss on the first ``general_examples`` rows of the task's general
+        corpus (all with ``None``; NaN when it has none)."""
         tokens = getattr(self.task, "general_tokens", None)
         if tokens is None:
             return float("nan")
         mask = getattr(self.task, "general_attention_mask", None)
         if mask is None:
             mask = torch.ones_like(tokens, dtype=torch.bool)
-        if self.config.eval_examples is not None:
-            tokens, mask = tokens[: self.config.eval_examples], mask[: self.config.eval_examples]
+        rows = self.config.general_examples
+        if rows is not None:
+            tokens, mask = tokens[:rows], mask[:rows]
         nll_sum, count = 0.0, 0.0
         for start in range(0, tokens.shape[0], 32):
             chunk, m = tokens[start : start + 32], mask[start : start + 32]
