@@ -59,7 +59,8 @@ def test_no_module_imports_through_the_package_face(path: Path) -> None:
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared vocabulary and plumbing
-    ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.files", "ctlens.run_format",
+    ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.dir_lock", "ctlens.files",
+     "ctlens.outputs", "ctlens.run_format",
      "ctlens.sizes", "ctlens.memory", "ctlens.data", "ctlens.real_shapes"),
     # the bridge's facts: hook names, model families, MLP projections
     ("ctlens.bridge", "ctlens.bridge.names", "ctlens.bridge.families", "ctlens.bridge.mlp_groups"),
@@ -76,7 +77,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ctlens.masking",),
     ("ctlens.tuning",),
     # scale: the planner, the HF Trainer callback, sparse deltas
-    ("ctlens.planner", "ctlens.callback", "ctlens.delta"),
+    ("ctlens.planner", "ctlens.callback", "ctlens.delta_manifest", "ctlens.delta"),
     ("ctlens.viz",),
     # the command line and the package face
     ("ctlens.cli", "ctlens.__main__", "ctlens"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ctlens.bridge.families import split_copies
-from ctlens.files import replace_dir
+from ctlens.outputs import replace_dir, staging_dir
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
 
@@ -255,8 +254,7 @@ def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> 
     """
     out = Path(out_dir)
     fresh = plain_hf_copy(model, device="cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
