@@ -13,10 +13,12 @@ Running the same command again on its ``--out`` directory resumes the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from ctlens.cli.support import memory_size
@@ -159,6 +161,27 @@ def run_tune(args: argparse.Namespace) -> int:
     """Run ``ctlens tune``; prints the last evaluation and where the results are."""
     import torch
 
+    from ctlens.tuning.rundir import RunDir
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args)
+    device = args.device
+    if config.shard is not None:  # rank 0 locks --out in CircuitTuner.run
+        device, error = _start_process_group(device)
+        if error:
+            print(f"ctlens tune: error: {error}", file=sys.stderr)
+            return 2
+    with contextlib.ExitStack() as held:
+        if config.shard is None:  # before any loading: a second tune on --out stops at once
+            held.enter_context(RunDir(Path(args.out)).lock())
+        return _tune(args, config, device)
+
+
+def _tune(args: argparse.Namespace, config: TuneConfig, device: str | None) -> int:
+    """Load the model and task, then run (or resume) the tuning in ``args.out``."""
+    import torch
+
     from ctlens.graph import Graph
     from ctlens.model import load_model
     from ctlens.tasks.bundle import load
@@ -166,15 +189,6 @@ def run_tune(args: argparse.Namespace) -> int:
     from ctlens.tuning.rundir import RunWriteError
     from ctlens.tuning.runner import CircuitTuner
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    config = config_from_args(args)
-    device = args.device
-    if config.shard is not None:
-        device, error = _start_process_group(device)
-        if error:
-            print(f"ctlens tune: error: {error}", file=sys.stderr)
-            return 2
     model = load_model(args.model, device=device)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))

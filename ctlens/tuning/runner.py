@@ -74,7 +74,7 @@ from ctlens.tuning import weights as W
 from ctlens.tuning.checkpoint_state import CheckpointState
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
-from ctlens.tuning.distributed import World
+from ctlens.tuning.distributed import World, check_rows_per_rank
 from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
 from ctlens.tuning.fused import fused_layers
@@ -156,11 +156,7 @@ class CircuitTuner:
                 "c_attn) yet: its shards would be named after the unfused q/k/v and could not "
                 "resume unsharded; use checkpoint_format='safetensors' (the default)"
             )
-        if self.config.batch_size < self.world.size:
-            raise ValueError(
-                f"batch_size={self.config.batch_size} is smaller than the number of ranks "
-                f"({self.world.size}); every rank needs at least one row"
-            )
+        check_rows_per_rank(self.config.batch_size, self.world.size)
         if n_train < 1:
             raise ValueError("the task has no training rows")
         vocab = model.cfg.d_vocab
@@ -188,10 +184,20 @@ class CircuitTuner:
 
         An ``out_dir`` holding this run resumes from its newest checkpoint; one holding a
         different run (other model, task or config) is refused unless ``overwrite``, which
-        removes only what a run owns (``docs/run-format.md``).
+        removes only what a run owns (``docs/run-format.md``). The directory is locked
+        for the run (`ctlens.dir_lock`): a second tuner on it stops at once.
         """
-        cfg = self.config
         rd = RunDir(Path(out_dir))
+        lock = self.world.on_main("locking the run directory", rd.lock)
+        try:
+            return self._run(rd, overwrite)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, rd: RunDir, overwrite: bool) -> RunResult:
+        """`run`, with the run directory locked."""
+        cfg = self.config
         start_step, wall_offset = self._prepare(rd, overwrite)
         initial = self._start_weights(rd)
         state = None
