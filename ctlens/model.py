@@ -35,6 +35,8 @@ from ctlens.bridge.families import (
     SUPPORTED,
     architecture,
 )
+from ctlens.files import WEIGHTS_INDEX, safetensors_header, weight_files
+from ctlens.types import COMPUTE_DTYPES, DEVICE_TYPES
 
 ZOO_PREFIX = "zoo:"
 
@@ -73,7 +75,7 @@ def load_model(
     Returns:
         A `TransformerBridge` in eval mode with ctlens's hooks enabled.
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     _check_device(device)
     if approximate is not None and approximate not in APPROXIMATIONS:
         raise ValueError(
@@ -105,12 +107,22 @@ def load_model(
     return _boot_hub(text, tokenizer, *options)
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` (a ``torch.dtype`` or its name) if ctlens computes in it (`COMPUTE_DTYPES`),
+    else a ``ValueError`` naming the ones it does (`ctlens.plan` checks with it too)."""
+    if dtype is None:
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(
+        torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    name = str(value).removeprefix("torch.")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, the dtypes ctlens computes in, "
+            f"not {name} (float8 and integer weights need scales the bridge does not apply); "
+            "load the model in bfloat16 or float32"
+        )
     return value
 
 
@@ -130,6 +142,9 @@ def _check_device(device: str | torch.device | None) -> None:
         )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r} was requested but MPS is not available")
+    if kind not in DEVICE_TYPES:
+        raise ValueError(f"device {str(device)!r}: ctlens runs on {', '.join(DEVICE_TYPES)}, "
+                         f"not on {kind} devices; use device='cpu' or 'cuda'")
 
 
 def checkarchitecture(module: nn.Module, approximate: str | None = None) -> str:
@@ -159,6 +174,11 @@ def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
         raise FileNotFoundError(
             f"{path} holds no config.json; is it a HuggingFace model directory?"
         )
+    if (path / WEIGHTS_INDEX).is_file() or any(path.glob("*.safetensors")):
+        # a missing shard or a cut file is named here, not re-initialised by transformers
+        # or reported in safetensors' parser terms
+        for file in weight_files(path):
+            safetensors_header(file)
     module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     if tokenizer is None:
         try:
