@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--steps", type=int, default=60)
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--eval-every", type=int, default=5)
-        p.add_argument("--n", type=int, default=48, help="examples per evaluation set")
+        p.add_argument("--n-examples", dest="n", type=int, default=48,
+                       help="examples per evaluation set")
+        p.add_argument("--n", dest="n", type=int, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)  # the old spelling, as in ctlens tune
         p.add_argument("--n-train", type=int, default=1024)
         p.add_argument("--out", default="/tmp/ctlens-experiment")
         p.add_argument("--threads", type=int, default=1)
@@ -309,9 +312,14 @@ GRID_FLAGS = ("models", "groups", "sizes", "modes", "seeds", "sweep_seed", "swee
               "paper_lrs", "steps", "batch_size", "eval_every", "n", "n_train", "threads")
 
 
+_FLAG = {"n": "--n-examples"}
+"""Flags not spelled like their argument's name."""
+
+
 def grid_flags(args: argparse.Namespace) -> list[str]:
     """The flags that define the grid (what the page prints as its command)."""
-    return [x for k in GRID_FLAGS for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    return [x for k in GRID_FLAGS for x in (_FLAG.get(k, f"--{k.replace('_', '-')}"),
+                                             str(getattr(args, k)))]
 
 
 def _all(args: argparse.Namespace) -> None:

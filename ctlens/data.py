@@ -5,10 +5,11 @@ A `TaskData` is the input of attribution and faithfulness. It holds right-padded
 where the metric is read and the answer ids there. Build it from tensors, from prompt
 strings (`TaskData.from_prompts`) or from a JSONL file (`TaskData.from_jsonl`).
 
-Tokenization rules (DESIGN.md): prompts get the tokenizer's usual BOS handling; an answer is
+Tokenization rules: prompts get the tokenizer's usual BOS handling; an answer is
 tokenized as the continuation of its prompt (a leading space is added when the answer has
 none, which is what BPE vocabularies such as GPT-2's expect) and must be one token; a
-clean/corrupt pair must tokenize to the same length. Each violation names the offending
+clean/corrupt pair must tokenize to the same length; a word the tokenizer does not know
+(one it would turn into its unknown token) is refused. Each violation names the offending
 example or line.
 
 Metrics map logits to one value per example (averaged over the metric positions):
@@ -35,6 +36,14 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
+from ctlens.spans import CharRanges, check_span_labels, prompt_span_labels
+from ctlens.tokens import (
+    UnitError,
+    answer_id,
+    encode_known,
+    unknown_token_id,
+)
+
 MetricFn = Callable[..., torch.Tensor]
 BUILTIN_METRICS = ("logit_diff", "prob_diff", "logprob", "kl")
 JSONL_FIELDS = ("prompt", "corrupt_prompt", "answer", "wrong_answer")
@@ -54,6 +63,10 @@ class TaskData:
             last non-padding token of each example.
         attention_mask: bool ``[batch, seq]``, True on real tokens; default: all True.
         metric: a built-in metric name or a callable (see the module docstring).
+        spans: optional ``[batch, seq]`` span label per token, an index into
+            ``span_names`` (`ctlens.spans`): every real token needs one; padding is stored
+            as -1 (no span). Positional attribution and circuits score edges per span.
+        span_names: the names of the span labels 0, 1, ... (given with ``spans``).
     """
 
     clean: Int[torch.Tensor, "batch seq"]
@@ -63,6 +76,8 @@ class TaskData:
     positions: Int[torch.Tensor, " batch *P"] | None = None
     attention_mask: Bool[torch.Tensor, "batch seq"] | None = None
     metric: str | MetricFn = "logit_diff"
+    spans: Int[torch.Tensor, "batch seq"] | None = None
+    span_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         clean = _as_long(self.clean, "clean")
@@ -104,6 +119,14 @@ class TaskData:
         if (mask.long().diff(dim=1) > 0).any():
             raise ValueError("attention_mask must be right-padded: True tokens first, then False")
         object.__setattr__(self, "attention_mask", mask)
+        if self.spans is not None:
+            labels, names = check_span_labels(self.spans, self.span_names, mask)
+            object.__setattr__(self, "spans", labels)
+            object.__setattr__(self, "span_names", names)
+        elif self.span_names is not None:
+            raise ValueError(
+                "span_names were given without spans: pass spans=[batch, seq] labels too"
+            )
 
         positions = self.positions
         positions = (lengths - 1) if positions is None else _as_long(positions, "positions")
@@ -195,7 +218,7 @@ class TaskData:
         if keep == self.clean.shape[1]:
             return self
         fields = self._fields()
-        for name in ("clean", "corrupt", "attention_mask"):
+        for name in ("clean", "corrupt", "attention_mask", "spans"):
             if fields[name] is not None:
                 fields[name] = fields[name][:, :keep]
         return replace(self, **fields)
@@ -208,7 +231,24 @@ class TaskData:
             "wrong": self.wrong,
             "positions": self.positions,
             "attention_mask": self.attention_mask,
+            "spans": self.spans,
         }
+
+    @property
+    def n_spans(self) -> int:
+        """Number of spans (0 without spans)."""
+        return 0 if self.span_names is None else len(self.span_names)
+
+    def with_position_spans(self) -> TaskData:
+        """A copy whose spans are the token positions: span ``p{t}`` is position ``t``.
+
+        With prompts of one length this is PEAP's per-position schema; with padded prompts
+        of different lengths a position has no shared role, so named spans align better.
+        """
+        assert self.attention_mask is not None
+        seq = self.clean.shape[1]
+        labels = torch.arange(seq, device=self.device).expand_as(self.clean)
+        return replace(self, spans=labels, span_names=tuple(f"p{t}" for t in range(seq)))
 
     def check_vocab(self, d_vocab: int) -> None:
         """Raise if a token id is outside ``[0, d_vocab)``."""
@@ -294,8 +334,18 @@ class TaskData:
         answers: Sequence[str] | None = None,
         wrong_answers: Sequence[str] | None = None,
         metric: str | MetricFn = "logit_diff",
+        spans: Sequence[CharRanges] | None = None,
+        template: str | None = None,
     ) -> TaskData:
-        """Tokenize prompts and one-token answers following DESIGN.md's rules."""
+        """Tokenize prompts and one-token answers following the rules above: BOS as the
+        tokenizer adds it, one-token answers, equal clean/corrupt lengths, no unknown words.
+
+        ``spans`` (per prompt, ``{name: (start, end)}`` character ranges) or ``template`` (a
+        string with named slots, ``"when {io} and {s} went to the store"``, that every
+        prompt must match) label each token with a span (`ctlens.spans`); tokens outside
+        the named spans go to ``"other"``, the last span. The corrupt prompts share the
+        clean prompts' token positions, hence their spans.
+        """
         if tokenizer is None:
             raise ValueError(
                 "no tokenizer: load the model with ctlens.load_model (which attaches one) "
@@ -311,17 +361,17 @@ class TaskData:
             if seq is not None and len(seq) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(seq)} {name}")
 
-        unk = _unknown_token_id(tokenizer)
-        clean_ids = [_encode_known(tokenizer, p, unk, i, "prompt") for i, p in enumerate(prompts)]
+        unk = unknown_token_id(tokenizer)
+        clean_ids = [encode_known(tokenizer, p, unk, i, "prompt") for i, p in enumerate(prompts)]
         corrupt_ids = None
         if corrupt_prompts is not None:
             corrupt_ids = [
-                _encode_known(tokenizer, p, unk, i, "corrupt prompt")
+                encode_known(tokenizer, p, unk, i, "corrupt prompt")
                 for i, p in enumerate(corrupt_prompts)
             ]
             for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids, strict=True)):
                 if len(a) != len(b):
-                    raise _UnitError(
+                    raise UnitError(
                         i,
                         f"the clean prompt has {len(a)} tokens but the corrupt prompt has "
                         f"{len(b)}; corrupted prompts must have the same token length as their "
@@ -330,18 +380,23 @@ class TaskData:
         correct = wrong = None
         if answers is not None:
             correct = [
-                _answer_id(tokenizer, p, a, i)
+                answer_id(tokenizer, p, a, i, unk)
                 for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
             ]
         if wrong_answers is not None:
             wrong = [
-                _answer_id(tokenizer, p, a, i)
+                answer_id(tokenizer, p, a, i, unk)
                 for i, (p, a) in enumerate(zip(prompts, wrong_answers, strict=True))
             ]
 
+        labels: list[list[int]] | None = None
+        names: tuple[str, ...] | None = None
+        if spans is not None or template is not None:
+            labels, names = prompt_span_labels(tokenizer, prompts, clean_ids, spans, template)
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = 0 if pad is None else pad
         width = max(len(ids) for ids in clean_ids)
+        span_tensor = None if labels is None else torch.full((len(prompts), width), -1)
         clean = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.bool)
         corrupt = None if corrupt_ids is None else clean.clone()
@@ -350,6 +405,8 @@ class TaskData:
             mask[i, : len(ids)] = True
             if corrupt is not None and corrupt_ids is not None:
                 corrupt[i, : len(ids)] = torch.tensor(corrupt_ids[i])
+            if span_tensor is not None and labels is not None:
+                span_tensor[i, : len(ids)] = torch.tensor(labels[i])
         return cls(
             clean=clean,
             corrupt=corrupt,
@@ -357,13 +414,23 @@ class TaskData:
             wrong=None if wrong is None else torch.tensor(wrong),
             attention_mask=mask,
             metric=metric,
+            spans=span_tensor,
+            span_names=names,
         )
 
     @classmethod
     def from_jsonl(
-        cls, path: str | Path, tokenizer: Any, metric: str | MetricFn = "logit_diff"
+        cls,
+        path: str | Path,
+        tokenizer: Any,
+        metric: str | MetricFn = "logit_diff",
+        template: str | None = None,
     ) -> TaskData:
-        """Load ``prompt``, ``corrupt_prompt``, ``answer``, ``wrong_answer`` records."""
+        """Load ``prompt``, ``corrupt_prompt``, ``answer``, ``wrong_answer`` records.
+
+        Spans (`from_prompts`): a ``template`` every prompt matches, or a ``spans`` field
+        on every line (``{"subject": [0, 8], ...}``, character ranges of the prompt).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"task file {path} does not exist")
@@ -389,6 +456,13 @@ class TaskData:
         if not records:
             raise ValueError(f"task file {path} holds no examples")
         lines = [r["_line"] for r in records]
+        with_spans = [r["_line"] for r in records if "spans" in r]
+        if with_spans and len(with_spans) != len(records):
+            missing = next(r["_line"] for r in records if "spans" not in r)
+            raise ValueError(
+                f"{path}, line {missing}: no 'spans' field, but line {with_spans[0]} has one; "
+                "give spans on every line or on none"
+            )
         try:
             return cls.from_prompts(
                 tokenizer,
@@ -397,21 +471,14 @@ class TaskData:
                 [r["answer"] for r in records],
                 [r["wrong_answer"] for r in records],
                 metric=metric,
+                spans=[r["spans"] for r in records] if with_spans else None,
+                template=template,
             )
-        except _UnitError as err:
+        except UnitError as err:
             raise ValueError(f"{path}, line {lines[err.index]}: {err.message}") from None
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class _UnitError(ValueError):
-    """An error about example ``index``; `from_jsonl` rewrites it to name the file line."""
-
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(f"example {index}: {message}")
-        self.index = index
-        self.message = message
 
 
 def _as_long(value: Any, name: str) -> torch.Tensor:
@@ -424,68 +491,6 @@ def _as_long(value: Any, name: str) -> torch.Tensor:
 def _ids_2d(ids: torch.Tensor | None) -> torch.Tensor:
     assert ids is not None
     return ids if ids.ndim == 2 else ids[:, None]
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text)["input_ids"])
-
-
-def _answer_id(tokenizer: Any, prompt: str, answer: str, index: int) -> int:
-    """The single token that continues ``prompt`` with ``answer``."""
-    text = answer if answer[:1].isspace() else " " + answer
-    prompt_ids = _encode(tokenizer, prompt)
-    full_ids = _encode(tokenizer, prompt + text)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and full_ids and full_ids[-1] == eos and prompt_ids[-1:] == [eos]:
-        prompt_ids, full_ids = prompt_ids[:-1], full_ids[:-1]
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        continuation = full_ids[len(prompt_ids) :]
-    if len(continuation) != 1:
-        pieces = [tokenizer.decode([t]) for t in continuation]
-        raise _UnitError(
-            index,
-            f"answer {answer!r} is {len(continuation)} tokens {pieces} after its prompt; "
-            "answers must be exactly one token",
-        )
-    unk = _unknown_token_id(tokenizer)
-    if unk is not None and continuation[0] == unk:
-        raise _UnitError(index, _unknown_word_message(tokenizer, answer.strip(), "answer", answer))
-    return int(continuation[0])
-
-
-def _unknown_token_id(tokenizer: Any) -> int | None:
-    """The id unknown words map to, if the tokenizer has a distinct one.
-
-    GPT-2's tokenizer names ``<|endoftext|>`` (also its BOS/EOS) as ``unk``; a byte-level
-    BPE never produces it for a word, so such an id is not treated as unknown.
-    """
-    unk = getattr(tokenizer, "unk_token_id", None)
-    special = {getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad")}
-    return None if unk is None or unk in special else int(unk)
-
-
-def _encode_known(tokenizer: Any, text: str, unk: int | None, index: int, what: str) -> list[int]:
-    """`_encode`, refusing a text with a word the tokenizer does not know."""
-    ids = _encode(tokenizer, text)
-    if unk is not None and unk in ids:
-        words = text.split()
-        word = next(
-            (w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]),
-            text,
-        )
-        raise _UnitError(index, _unknown_word_message(tokenizer, word, what, text))
-    return ids
-
-
-def _unknown_word_message(tokenizer: Any, word: str, what: str, text: str) -> str:
-    unk_name = getattr(tokenizer, "unk_token", "<unk>")
-    return (
-        f"a word is not in the tokenizer's vocabulary: {word!r} in the {what} {text!r} would "
-        f"become {unk_name!r} (silently changing the task; two prompts that differ only "
-        "there become equal and score 0); use only words the tokenizer knows"
-    )
 
 
 def _call_user_metric(fn: MetricFn, logits: torch.Tensor, batch: TaskData) -> torch.Tensor:

@@ -28,16 +28,20 @@ from jaxtyping import Bool, Float, Int
 
 from ctlens.graph import Graph, GraphSpec, check_mlp_groups
 
+MAX_SPANS = 4096
+"""Most token spans a file may declare (a span per position of a 4,096-token context)."""
 MAX_DENSE_CELLS = 2**30
 """Largest ``n_senders * n_receivers`` a file may declare without a model to check it
 against: about 4 GB of fp32 scores. Llama-3.1-405B's graph has about 0.3e9 cells."""
 
 
-def check_header(doc: Any, source: str, kind: str, file_format: str, schema_version: int,
-                 required: Sequence[str], other_files: str, redo: str) -> dict[str, Any]:
-    """``doc`` as a ctlens ``kind`` file of ``file_format`` at ``schema_version`` holding
-    ``required``, or a ValueError that says which part is wrong (``other_files``: where a
-    file of another format goes; ``redo``: how to make the file again)."""
+def check_header(doc: Any, source: str, kind: str, file_format: str,
+                 schema_version: int | tuple[int, ...], required: Sequence[str],
+                 other_files: str, redo: str) -> dict[str, Any]:
+    """``doc`` as a ctlens ``kind`` file of ``file_format`` at ``schema_version`` (one of
+    them, when several are read) holding ``required``, or a ValueError that says which part
+    is wrong (``other_files``: where a file of another format goes; ``redo``: how to make
+    the file again)."""
     if not isinstance(doc, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(doc).__name__}; not a "
                          f"ctlens {kind} file")
@@ -47,10 +51,12 @@ def check_header(doc: Any, source: str, kind: str, file_format: str, schema_vers
             f"{file_format!r}); {other_files}"
         )
     version = doc.get("schema_version")
-    if version != schema_version:
+    versions = schema_version if isinstance(schema_version, tuple) else (schema_version,)
+    if version not in versions or isinstance(version, bool):
+        readable = " and ".join(map(str, versions))
         raise ValueError(
             f"{source}: {kind} schema version {version!r} is not supported (this ctlens "
-            f"reads version {schema_version}); use the ctlens version that wrote it, or {redo}"
+            f"reads version {readable}); use the ctlens version that wrote it, or {redo}"
         )
     missing = [k for k in required if k not in doc]
     if missing:
@@ -84,9 +90,10 @@ def graph_shape(spec: GraphSpec) -> tuple[int, int]:
 
 
 def dense_cells(spec: GraphSpec) -> int:
-    """``n_senders * n_receivers`` of the graph ``spec`` describes (`graph_shape`)."""
+    """``n_senders * n_receivers`` (times the spans of a positional graph) of the graph
+    ``spec`` describes (`graph_shape`), without building it."""
     n_senders, n_receivers = graph_shape(spec)
-    return n_senders * n_receivers
+    return n_senders * n_receivers * max(1, len(spec.spans))
 
 
 def declared_graph(doc: Any, source: str, expected: GraphSpec | None = None) -> Graph:
@@ -103,6 +110,7 @@ def declared_graph(doc: Any, source: str, expected: GraphSpec | None = None) -> 
         value = doc.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{source}: bad graph spec ({key} must be an integer, got {value!r})")
+    _declared_spans(doc, source)
     try:
         spec = GraphSpec.from_dict(doc)
     except (TypeError, ValueError, AttributeError) as err:
@@ -141,14 +149,22 @@ def check_graph_size(spec: GraphSpec, source: str, where: str, fix: str) -> None
 
 
 def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
-    """The model's graph spec with the MLP grouping a file declares, without building it.
+    """The model's graph spec with the MLP grouping and the token spans a file declares,
+    without building it.
 
-    The grouping must split the model's MLP width evenly (`ctlens.graph.check_mlp_groups`).
+    The grouping must split the model's MLP width evenly (`ctlens.graph.check_mlp_groups`);
+    spans belong to the data, not the model, so the file's are taken as they are (whether
+    they match a task is checked where the task is known, `Graph.check_spans`).
     """
     groups = declared.get("mlp_groups", 1) if isinstance(declared, dict) else 1
+    spans = _declared_spans(declared, source) if isinstance(declared, dict) else ()
+    try:
+        spec = replace(Graph.from_model(model).spec, spans=spans)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: bad graph spec ({err})") from None
     try:
         check_mlp_groups(groups, int(getattr(model.cfg, "d_mlp", 0) or 0))
-        return replace(Graph.from_model(model).spec, mlp_groups=groups)
+        return replace(spec, mlp_groups=groups)
     except ValueError as err:
         raise ValueError(
             f"{source} splits each MLP into {groups!r} neuron groups, which this model "
@@ -156,12 +172,29 @@ def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
         ) from None
 
 
-def edge_indices(
-    graph: Graph, senders: Sequence[Any], receivers: Sequence[Any], source: str
-) -> tuple[Int[torch.Tensor, " n"], Int[torch.Tensor, " n"]]:
-    """Rows and columns of the listed edges; refuses unknown, invalid and repeated edges.
+def _declared_spans(doc: dict[str, Any], source: str) -> tuple[Any, ...]:
+    """The ``spans`` list of a declared graph spec, bounded (names are checked by `GraphSpec`)."""
+    spans = doc.get("spans")
+    if spans is not None and not (isinstance(spans, list) and len(spans) <= MAX_SPANS):
+        raise ValueError(
+            f"{source}: bad graph spec (spans must be a list of at most {MAX_SPANS} names, "
+            f"got {spans!r:.80})"
+        )
+    return tuple(spans or ())
 
-    ``senders[k] -> receivers[k]`` is the file's edge ``k``; errors name the first bad one.
+
+def edge_indices(
+    graph: Graph,
+    senders: Sequence[Any],
+    receivers: Sequence[Any],
+    source: str,
+    spans: Sequence[Any] | None = None,
+) -> tuple[Int[torch.Tensor, " n"], ...]:
+    """Dense indices (rows, columns and, on a positional graph, spans) of the listed edges;
+    refuses unknown, invalid and repeated edges and unknown spans.
+
+    ``senders[k] -> receivers[k]`` (at ``spans[k]``) is the file's edge ``k``; errors name the
+    first bad one.
     """
     rows = torch.tensor([graph.sender_index.get(str(s), -1) for s in senders], dtype=torch.long)
     cols = torch.tensor([graph.receiver_index.get(str(r), -1) for r in receivers], dtype=torch.long)
@@ -174,15 +207,29 @@ def edge_indices(
         k = int(invalid.nonzero()[0])
         _raise_edge_error(graph, str(senders[k]), str(receivers[k]), k, source)
     keys = rows * graph.n_receivers + cols
+    index: tuple[torch.Tensor, ...] = (rows, cols)
+    if spans is not None:
+        lookup = {name: k for k, name in enumerate(graph.spans)}
+        at = torch.tensor([lookup.get(span, -1) if isinstance(span, str) else -1
+                           for span in spans], dtype=torch.long)
+        if bool((at < 0).any()):
+            k = int((at < 0).nonzero()[0])
+            raise ValueError(
+                f"{source}: edge {k} ({senders[k]} -> {receivers[k]}) is at span {spans[k]!r}, "
+                f"which is not one of the file's spans {list(graph.spans)}"
+            )
+        keys = keys * graph.n_spans + at
+        index = (rows, cols, at)
     later = _repeated(keys)
     if later is not None:
         first = int((keys[:later] == keys[later]).nonzero()[0])
+        at_span = "" if spans is None else f" at span {spans[later]}"
         raise ValueError(
-            f"{source}: edge {later} ({senders[later]} -> {receivers[later]}) repeats edge "
-            f"{first}; each edge may be listed once (the file is corrupted or was not "
+            f"{source}: edge {later} ({senders[later]} -> {receivers[later]}{at_span}) repeats "
+            f"edge {first}; each edge may be listed once (the file is corrupted or was not "
             "written by ctlens)"
         )
-    return rows, cols
+    return index
 
 
 def _repeated(keys: Int[torch.Tensor, " n"]) -> int | None:
@@ -232,4 +279,5 @@ def require_finite(
 
 def _describe(spec: GraphSpec) -> str:
     text = f"{spec.n_layers} layers, {spec.n_heads} heads, {spec.n_kv_heads} KV heads"
-    return text if spec.mlp_groups == 1 else f"{text}, {spec.mlp_groups} MLP groups"
+    text += "" if spec.mlp_groups == 1 else f", {spec.mlp_groups} MLP groups"
+    return text + (f", spans {list(spec.spans)}" if spec.spans else "")

@@ -12,6 +12,14 @@ into G equal groups of neurons ("MLP heads"), each both a sender and a receiver 
 receiver's input is exactly the sum of the outputs of the senders computed before it (plus
 constant biases), so "the edge s -> r" is well defined: the contribution of s to r's input.
 
+A *positional* graph (``spans=(...)``, `ctlens.spans`) splits every edge by the token span
+where the receiver reads it: the edge ``(s, r, span)`` is the contribution of s to r's
+input at the positions of that span (the sender writes the residual stream at those same
+positions; attention moves information across positions inside the receiving head, so a
+head's k input at ``subject`` and its q input at ``end`` are different edges). Dense
+tensors then gain a last axis of spans (`Graph.dense_shape`); validity does not depend on
+the span. Without spans (the default) the graph is exactly the position-free one.
+
 Storage is dense: ``Graph.valid`` is a bool ``[n_senders, n_receivers]`` tensor. Senders are
 ordered by the time they write and receivers by the time they read, so the senders that a
 receiver may read are always a *prefix* of the sender list (``Graph.upstream``). The
@@ -22,7 +30,8 @@ Node objects and networkx graphs are views built from these tensors, never the s
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
@@ -32,111 +41,9 @@ from jaxtyping import Bool, Float
 
 from ctlens.bridge.families import approximation
 from ctlens.bridge.names import HookRef, Role, node_hook
+from ctlens.data import TaskData
+from ctlens.graph_spec import GraphSpec, check_mlp_groups
 from ctlens.types import Node, NodeKind
-
-GRAPH_SPEC_VERSION = 1
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """Everything that determines a graph: layer and head counts and the block layout.
-
-    ``parallel_attn_mlp`` is True for GPT-NeoX style blocks, where a layer's MLP reads the
-    same residual stream as that layer's heads (so it cannot read their outputs).
-    ``mlp_groups`` is the number of equal neuron groups each MLP is split into (1: each MLP
-    is one node ``m{l}``; G > 1: nodes ``m{l}.n0`` .. ``m{l}.n{G-1}``). Whether it divides
-    the MLP width is checked where the model is known (`Graph.from_model`).
-    ``approximate`` is ``"frozen-norm"`` for models loaded with that opt-in (Gemma 2/3,
-    OLMo-2): senders are then shares of normalised sublayer outputs (docs/attribution.md),
-    and scores, circuits and runs on such a graph say so through its spec.
-    """
-
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    parallel_attn_mlp: bool = False
-    mlp_groups: int = 1
-    approximate: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_layers < 1 or self.n_heads < 1 or self.n_kv_heads < 1:
-            raise ValueError(f"a graph needs at least one layer and one head, got {self}")
-        if (
-            not isinstance(self.mlp_groups, int)
-            or isinstance(self.mlp_groups, bool)
-            or self.mlp_groups < 1
-        ):
-            raise ValueError(
-                f"mlp_groups must be a positive integer (1: one node per MLP), got "
-                f"{self.mlp_groups!r}"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
-        if self.approximate not in (None, "frozen-norm"):
-            raise ValueError(
-                f"unknown approximation {self.approximate!r}; expected None or 'frozen-norm'"
-            )
-        if self.approximate and self.mlp_groups != 1:
-            raise ValueError(
-                "MLP neuron groups are not supported under the frozen-norm approximation "
-                "(a group's share of the normalised MLP output is not implemented); use "
-                "mlp_groups=1"
-            )
-
-    @property
-    def grouped(self) -> bool:
-        """True when keys and values are shared by groups of heads (grouped-query attention)."""
-        return self.n_kv_heads != self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, tagged with the spec version.
-
-        ``mlp_groups`` is written only when it is not 1 and ``approximate`` only when set, so
-        files of plain graphs are unchanged.
-        """
-        fields = asdict(self)
-        if self.mlp_groups == 1:
-            del fields["mlp_groups"]
-        if self.approximate is None:
-            del fields["approximate"]
-        return {"version": GRAPH_SPEC_VERSION, **fields}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
-        """Inverse of `to_dict`; refuses specs written by an incompatible version."""
-        version = data.get("version", GRAPH_SPEC_VERSION)
-        if version != GRAPH_SPEC_VERSION:
-            raise ValueError(
-                f"graph spec version {version} is not supported (this ctlens reads version "
-                f"{GRAPH_SPEC_VERSION}); upgrade ctlens or re-create the file"
-            )
-        fields = (
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "parallel_attn_mlp",
-            "mlp_groups",
-            "approximate",
-        )
-        missing = [f for f in fields[:3] if f not in data]
-        if missing:
-            raise ValueError(f"graph spec is missing {missing}; got keys {sorted(data)}")
-        return cls(**{f: data[f] for f in fields if f in data})
-
-
-def check_mlp_groups(mlp_groups: Any, d_mlp: int) -> None:
-    """Raise a clear ``ValueError`` unless ``mlp_groups`` is a positive divisor of ``d_mlp``."""
-    divisors = [g for g in range(1, d_mlp + 1) if d_mlp % g == 0] if d_mlp > 0 else []
-    valid = isinstance(mlp_groups, int) and not isinstance(mlp_groups, bool) and mlp_groups >= 1
-    if valid and (d_mlp <= 0 or d_mlp % mlp_groups == 0):
-        return
-    shown = ", ".join(map(str, divisors[:24])) + (" ..." if len(divisors) > 24 else "")
-    raise ValueError(
-        f"mlp_groups={mlp_groups!r} does not split the MLP width {d_mlp} into equal groups; "
-        f"choose a divisor of {d_mlp}: {shown}"
-    )
 
 
 def mlp_nodes(layer: int, groups: int) -> list[Node]:
@@ -193,12 +100,23 @@ class Graph:
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_model(cls, model: Any, mlp_groups: int = 1) -> Graph:
+    def from_model(
+        cls, model: Any, mlp_groups: int = 1, spans: Sequence[str] | TaskData | None = None
+    ) -> Graph:
         """The graph of a model returned by `ctlens.load_model` (reads ``model.cfg``).
 
         ``mlp_groups`` splits each MLP into that many equal neuron groups; it must divide
-        the MLP width ``model.cfg.d_mlp``.
+        the MLP width ``model.cfg.d_mlp``. ``spans`` (span names, or a `TaskData` whose
+        ``span_names`` to use) makes the graph positional (module docstring).
         """
+        if isinstance(spans, TaskData):
+            if spans.span_names is None:
+                raise ValueError(
+                    "this TaskData has no spans; build it with spans (TaskData.from_prompts("
+                    "..., spans=... or template=...), a built-in task, or "
+                    "data.with_position_spans())"
+                )
+            spans = spans.span_names
         cfg = model.cfg
         n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
@@ -210,6 +128,7 @@ class Graph:
                 parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
                 mlp_groups=mlp_groups,
                 approximate=approximation(model),
+                spans=tuple(spans or ()),
             )
         )
 
@@ -247,8 +166,78 @@ class Graph:
 
     @cached_property
     def n_edges(self) -> int:
-        """Number of valid edges (each receiver's upstream prefix, summed)."""
+        """Number of valid edges (each receiver's upstream prefix, summed); on a positional
+        graph, of valid (edge, span) pairs: `n_sender_receiver_edges` times the spans."""
+        return self.n_sender_receiver_edges * max(1, self.n_spans)
+
+    @cached_property
+    def n_sender_receiver_edges(self) -> int:
+        """Number of valid ``sender -> receiver`` edges, whatever the spans."""
         return sum(self.upstream)
+
+    # ----------------------------------------------------------------- spans
+
+    @property
+    def spans(self) -> tuple[str, ...]:
+        """Span names of a positional graph, in index order (empty: position-free)."""
+        return self.spec.spans
+
+    @property
+    def positional(self) -> bool:
+        """True when edges are split by token span."""
+        return self.spec.positional
+
+    @property
+    def n_spans(self) -> int:
+        """Number of spans (0 for a position-free graph)."""
+        return len(self.spec.spans)
+
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        """Shape of scores and masks: ``(n_senders, n_receivers)``, plus ``n_spans`` when
+        positional."""
+        base = (self.n_senders, self.n_receivers)
+        return (*base, self.n_spans) if self.positional else base
+
+    @cached_property
+    def dense_valid(self) -> Bool[torch.Tensor, "n_senders n_receivers *spans"]:
+        """`valid` broadcast to `dense_shape` (validity does not depend on the span)."""
+        if not self.positional:
+            return self.valid
+        return self.valid[..., None].expand(*self.dense_shape).contiguous()
+
+    def span_position(self, span: str) -> int:
+        """Index of ``span`` on the span axis; a clear error for an unknown name."""
+        if not self.positional:
+            raise ValueError(
+                f"span {span!r} given, but this graph is position-free (built without "
+                "spans); build it with Graph.from_model(model, spans=...)"
+            )
+        if span not in self.spec.spans:
+            raise KeyError(
+                f"{span!r} is not a span of this graph; its spans are {list(self.spans)}"
+            )
+        return self.spec.spans.index(span)
+
+    def check_spans(self, span_names: Sequence[str] | None, what: str) -> None:
+        """Raise unless ``span_names`` (of ``what``, e.g. "the task data") are this graph's."""
+        if tuple(span_names or ()) == self.spans:
+            return
+        if not self.positional:
+            raise ValueError(
+                f"{what} has spans {list(span_names or ())} but the graph (circuit or scores) "
+                "is position-free; use a positional one, or drop the spans"
+            )
+        if span_names is None:
+            raise ValueError(
+                f"the graph (circuit or scores) is positional with spans {list(self.spans)} "
+                f"but {what} has no spans; give it the same spans (e.g. the task it was found "
+                "on) or use circuit.coarsen() for a position-free circuit"
+            )
+        raise ValueError(
+            f"the spans do not match: the graph (circuit or scores) has {list(self.spans)} "
+            f"but {what} has {list(span_names)}; use data with the same span schema"
+        )
 
     def sender_slice(self, layer: int) -> slice:
         """Rows of layer ``layer``'s heads in the sender list."""
@@ -302,13 +291,42 @@ class Graph:
             )
         return i, j
 
-    def edges(self) -> list[tuple[str, str]]:
-        """All valid edges as ``(sender, receiver)`` name pairs, sender-major."""
-        rows, cols = self.valid.nonzero(as_tuple=True)
-        return [
-            (self.senders[i], self.receivers[j])
-            for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
-        ]
+    def edges(self) -> list[tuple[str, ...]]:
+        """All valid edges as ``(sender, receiver)`` name pairs, sender-major; on a
+        positional graph ``(sender, receiver, span)`` triples, span-minor."""
+        return self.named(self.dense_valid)
+
+    def named(
+        self, cells: Bool[torch.Tensor, "n_senders n_receivers *spans"]
+    ) -> list[tuple[str, ...]]:
+        """The True cells of a dense bool tensor as edge names (see `edges`)."""
+        return [self.cell_name(index) for index in cells.nonzero().tolist()]
+
+    def cell_name(self, index: Sequence[int]) -> tuple[str, ...]:
+        """The edge name of the dense cell ``index``: ``(sender, receiver[, span])``."""
+        names = (self.senders[index[0]], self.receivers[index[1]])
+        return (*names, self.spans[index[2]]) if self.positional else names
+
+    def cell_label(self, index: Sequence[int] | int) -> str:
+        """``"sender -> receiver"`` (``... at span S`` when positional) of a dense cell, given
+        by its index or its position in the flattened tensor (for error messages)."""
+        if isinstance(index, int):
+            index = [int(v) for v in torch.unravel_index(torch.tensor(index), self.dense_shape)]
+        name = self.cell_name(index)
+        return " -> ".join(name[:2]) + (f" at span {name[2]}" if self.positional else "")
+
+    def cell(self, edge: Sequence[str]) -> tuple[int, ...]:
+        """Dense index of an edge given by name: ``(sender, receiver)``, or ``(sender,
+        receiver, span)`` on a positional graph; a clear error for anything else."""
+        width = 3 if self.positional else 2
+        if not isinstance(edge, (tuple, list)) or len(edge) != width:
+            shape = "(sender, receiver, span) triple" if self.positional else (
+                "(sender, receiver) pair")
+            hint = f" (this graph is positional, spans {list(self.spans)})" if self.positional \
+                else ""
+            raise TypeError(f"each edge must be a {shape}{hint}, got {edge!r:.80}")
+        i, j = self.edge_index(str(edge[0]), str(edge[1]))
+        return (i, j, self.span_position(str(edge[2]))) if self.positional else (i, j)
 
     def hook_name(self, node: str | Node, role: Role | None = None) -> HookRef:
         """The TransformerLens hook ``node`` writes (sender) or reads (receiver).
@@ -346,6 +364,7 @@ class Graph:
         s = self.spec
         text = f"{s.n_layers} layers, {s.n_heads} heads, {s.n_kv_heads} KV heads"
         text += f", {s.mlp_groups} groups per MLP" if s.mlp_groups != 1 else ""
+        text += f", spans {list(s.spans)}" if s.spans else ""
         return text + (f", {s.approximate}" if s.approximate else "")
 
     def _mlp_hint(self, name: str) -> str:
@@ -369,9 +388,12 @@ class Graph:
         axis, or None for a whole activation. Each valid edge carries ``internal=False``. So
         that path algorithms see through attention heads, each q/k/v receiver also has an
         edge to the head(s) it feeds, marked ``internal=True``. ``G.graph["spec"]`` holds the
-        spec, so `Graph.from_networkx` rebuilds the graph exactly.
+        spec, so `Graph.from_networkx` rebuilds the graph exactly. A positional graph gives
+        an ``nx.MultiDiGraph``: one edge per (edge, span), keyed by the span name and
+        carrying it as ``span`` (internal edges get integer keys); `network_edges` walks
+        either kind.
         """
-        g = nx.DiGraph(spec=self.spec.to_dict())
+        g = (nx.MultiDiGraph if self.positional else nx.DiGraph)(spec=self.spec.to_dict())
         senders = set(self.senders)
         receivers = set(self.receivers)
         for node in (*self.sender_nodes, *self.receiver_nodes):
@@ -389,7 +411,10 @@ class Graph:
             if node.name in receivers:
                 into = self.hook_name(node.name, "receiver")
                 g.nodes[node.name].update(hook_in=into.name, hook_in_index=into.index)
-        g.add_edges_from(self.edges(), internal=False)
+        if self.positional:
+            g.add_edges_from((s, r, k, {"span": k, "internal": False}) for s, r, k in self.edges())
+        else:
+            g.add_edges_from(self.edges(), internal=False)
         group = self.spec.n_heads // self.spec.n_kv_heads
         for node in self.receiver_nodes:
             if node.kind is NodeKind.Q:
@@ -438,12 +463,29 @@ class Graph:
         )
 
 
-# ----------------------------------------------------------------- MLP groups, summed
+def network_edges(
+    graph: Graph, g: nx.DiGraph
+) -> Iterator[tuple[tuple[int, ...], dict[str, Any]]]:
+    """Each non-internal edge of ``g`` (a `Graph.to_networkx` view of ``graph``, possibly
+    with attributes added): its dense index and its live attribute dict. An edge unknown to
+    ``graph`` (a name, an invalid pair, a span) raises with the edge named."""
+    if g.is_multigraph():
+        edges: Iterable[tuple[str, str, Any, dict[str, Any]]] = g.edges(keys=True, data=True)
+    else:
+        edges = ((s, r, None, attrs) for s, r, attrs in g.edges(data=True))
+    for s, r, key, attrs in edges:
+        if attrs.get("internal", False):
+            continue
+        name = (s, r, attrs.get("span", key)) if graph.positional else (s, r)
+        yield graph.cell(name), attrs
+
+
+# ----------------------------------------------------------------- MLP groups and spans, summed
 
 
 def coarse_indices(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
     """For each sender and receiver of ``graph``, its index in the one-group graph."""
-    coarse = Graph(replace(graph.spec, mlp_groups=1))
+    coarse = Graph(replace(graph.spec, mlp_groups=1, spans=()))
 
     def index(names: list[str], lookup: dict[str, int]) -> torch.Tensor:
         return torch.tensor([lookup[name.split(".n")[0]] for name in names])
@@ -455,13 +497,19 @@ def coarse_indices(graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def coarsen_matrix(
-    graph: Graph, matrix: Float[torch.Tensor, "n_senders n_receivers"]
+    graph: Graph, matrix: Float[torch.Tensor, "n_senders n_receivers *spans"]
 ) -> tuple[Graph, Float[torch.Tensor, "n_coarse_senders n_coarse_receivers"]]:
-    """Sum a dense matrix over the graph's MLP groups: ``(one-group graph, summed matrix)``.
+    """Sum a dense matrix over the graph's spans and MLP groups: ``(plain graph, summed
+    matrix)``.
 
-    Row ``m{l}`` of the result is the sum of rows ``m{l}.n*``; column ``m{l}`` likewise.
+    Row ``m{l}`` of the result is the sum of rows ``m{l}.n*``; column ``m{l}`` likewise; a
+    positional matrix is first summed over its span axis.
     """
-    coarse = Graph(replace(graph.spec, mlp_groups=1))
+    if graph.positional:
+        matrix = matrix.sum(-1)
+    coarse = Graph(replace(graph.spec, mlp_groups=1, spans=()))
+    if graph.spec.mlp_groups == 1:
+        return coarse, matrix
     rows, cols = coarse_indices(graph)
     out = torch.zeros(coarse.n_senders, graph.n_receivers, dtype=matrix.dtype)
     out.index_add_(0, rows, matrix.to(out.dtype).cpu())
@@ -474,3 +522,11 @@ def groups_of(obj: Any) -> int:
     """The ``mlp_groups`` of the graph of ``obj`` (a `Circuit`, `EdgeScores`); 1 if none."""
     graph = getattr(obj, "graph", None)
     return graph.spec.mlp_groups if isinstance(graph, Graph) else 1
+
+
+def model_graph(model: Any, like: Any) -> Graph:
+    """``model``'s graph with the MLP groups and spans of ``like`` (a `Circuit`,
+    `EdgeScores` or `Graph`): the graph ``like`` must belong to on this model."""
+    graph = like if isinstance(like, Graph) else getattr(like, "graph", None)
+    spans = graph.spans if isinstance(graph, Graph) else ()
+    return Graph.from_model(model, mlp_groups=groups_of(like), spans=spans)

@@ -36,18 +36,14 @@ from ctlens.bridge.families import (
     architecture,
 )
 from ctlens.files import WEIGHTS_INDEX, safetensors_header, weight_files
+from ctlens.model_source import ZOO_PREFIX, check_hub, hub_reachable, source_kind
+from ctlens.model_source import HubUnreachableError as HubUnreachableError  # its old home
 from ctlens.types import COMPUTE_DTYPES, DEVICE_TYPES
 
-ZOO_PREFIX = "zoo:"
 
 class UnsupportedModelError(ValueError):
     """The model's architecture cannot be analysed exactly by ctlens; the message says why."""
 
-
-class HubUnreachableError(ConnectionError, ValueError):
-    """A hub name was given but the HuggingFace Hub cannot be reached (and the model is not
-    cached). A `ConnectionError` (an ``OSError``) and a ``ValueError``, so callers that
-    report bad input in one line (the CLI) catch it."""
 
 
 def load_model(
@@ -91,19 +87,15 @@ def load_model(
             f"got {type(source).__name__}"
         )
     text = str(source)
-    if text.startswith(ZOO_PREFIX):
+    kind = source_kind(text)  # the same reading as the command line's checks
+    if kind == "zoo":
         from ctlens.zoo import load_hf
 
         module, zoo_tokenizer = load_hf(text[len(ZOO_PREFIX) :])
         return _wrap(module, tokenizer or zoo_tokenizer, *options, name=text)
-    path = Path(text).expanduser()
-    if path.is_dir():
+    if kind == "directory":
+        path = Path(text).expanduser()
         return _wrap(*_load_directory(path, tokenizer), *options, name=str(path))
-    if path.suffix or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(
-            f"{text!r} is not a model directory; pass a directory holding config.json and "
-            "weights, a zoo name like 'zoo:tiny-gpt2', or a hub name like 'gpt2'"
-        )
     return _boot_hub(text, tokenizer, *options)
 
 
@@ -170,10 +162,6 @@ def checkarchitecture(module: nn.Module, approximate: str | None = None) -> str:
 def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} holds no config.json; is it a HuggingFace model directory?"
-        )
     if (path / WEIGHTS_INDEX).is_file() or any(path.glob("*.safetensors")):
         # a missing shard or a cut file is named here, not re-initialised by transformers
         # or reported in safetensors' parser terms
@@ -188,30 +176,6 @@ def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
     return module, tokenizer
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when a TCP connection to the HuggingFace Hub endpoint opens within ``timeout``."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_hint(name: str) -> str:
-    from ctlens import zoo
-
-    if name in zoo.names():
-        return f"did you mean 'zoo:{name}'?"
-    return f"use a zoo model ('zoo:NAME'; shipped: {', '.join(zoo.names())}) or a local directory"
-
-
 def _boot_hub(
     name: str,
     tokenizer: Any,
@@ -219,18 +183,9 @@ def _boot_hub(
     dtype: torch.dtype | None,
     approximate: str | None,
 ) -> Any:
-    import os
-
-    from huggingface_hub import try_to_load_from_cache
     from transformer_lens.model_bridge import TransformerBridge
 
-    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not cached and (offline or not hub_reachable()):
-        raise HubUnreachableError(
-            f"{name!r} is not a zoo model, a directory or a cached hub model, and the "
-            f"HuggingFace Hub cannot be reached (offline?): {_hub_hint(name)}"
-        )
+    check_hub(name, reachable=lambda: hub_reachable())  # looked up here: tests replace it
     try:
         bridge = TransformerBridge.boot_transformers(
             name, device=device, dtype=dtype or torch.float32, tokenizer=tokenizer

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import PretrainedConfig, PreTrainedModel
+if TYPE_CHECKING:  # torch and transformers load in `build`: `ctlens plan` checks names first
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -130,17 +131,19 @@ def shape(name: str) -> RealShape:
     raise UnknownShapeError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
 
 
-def build(name: str | RealShape, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build(name: str | RealShape, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The HF module of ``name`` on the meta device: real shapes, no storage, no weights.
 
-    Use it to count parameters or plan memory; it cannot run a forward pass with data.
+    ``dtype`` defaults to float32. Use it to count parameters or plan memory; it cannot run
+    a forward pass with data.
     """
+    import torch
     import transformers
 
     s = shape(name) if isinstance(name, str) else name
     with torch.device("meta"):
         module = getattr(transformers, s.architecture)(s.hf_config())
-    return module.to(dtype)
+    return module.to(dtype or torch.float32)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

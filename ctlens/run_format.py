@@ -44,6 +44,9 @@ DCP_OPTIMIZER = "optimizer."
 CHECKPOINT_CHECKSUMS = "checksums.json"
 """A checkpoint's ``{file name: sha256}``, written last, inside its directory."""
 
+RUN_LOCK_HOLDER = "a ctlens tuning run"
+"""Who holds a run directory's lock (`ctlens.dir_lock`), in the refusal's words."""
+
 OWNED: tuple[str, ...] = (RUN_JSON, METRICS, CIRCUITS, CHECKPOINTS, MODEL, REPORT)
 """Top-level names a run owns inside its directory."""
 

@@ -1,11 +1,12 @@
 """The edge-score file pair written by `EdgeScores.save` and read by `EdgeScores.load`.
 
 ``NAME.safetensors`` holds the dense fp32 ``[n_senders, n_receivers]`` matrix as one tensor,
-``scores``; ``NAME.json`` (the sidecar) says what it is::
+``scores`` (``[n_senders, n_receivers, n_spans]`` for positional scores); ``NAME.json`` (the
+sidecar) says what it is::
 
-    {"format": "ctlens.edge_scores", "schema_version": 1,
-     "graph": {"version": 1, "n_layers": 2, ...},       # GraphSpec.to_dict()
-     "shape": [n_senders, n_receivers],
+    {"format": "ctlens.edge_scores", "schema_version": 1,  # 2 for positional scores
+     "graph": {"version": 1, "n_layers": 2, ...},       # GraphSpec.to_dict(), with spans
+     "shape": [n_senders, n_receivers],                   # (+ n_spans)
      "matrix": "NAME.safetensors", "sha256": "...",      # the matrix file and its checksum
      "metadata": {...}}                                   # EdgeScores.metadata
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,9 @@ from ctlens.graph import Graph
 
 FILE_FORMAT = "ctlens.edge_scores"
 SCHEMA_VERSION = 1
+POSITIONAL_SCHEMA_VERSION = 2
+"""Positional scores are written as version 2 (a span axis; a reader of version 1 only
+refuses them clearly); position-free scores stay version 1, readable by older ctlens."""
 TENSOR_NAME = "scores"
 HEADER_SLACK = 1 << 16
 """Bytes a matrix file may hold beyond its fp32 data (the safetensors header)."""
@@ -60,19 +65,13 @@ def save_scores(
 ) -> Path:
     """Write the file pair (see the module docstring); returns the matrix path."""
     matrix_path, sidecar_path = file_pair(path)
-
-    n_r = graph.n_receivers
-
-    def edge(k: int) -> str:
-        return f"{graph.senders[k // n_r]} -> {graph.receivers[k % n_r]}"
-
-    require_finite(scores, graph.valid, edge, "cannot save edge scores")
+    require_finite(scores, graph.dense_valid, graph.cell_label, "cannot save edge scores")
     data = save_safetensors({TENSOR_NAME: scores.detach().float().cpu().contiguous()})
     doc = {
         "format": FILE_FORMAT,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": POSITIONAL_SCHEMA_VERSION if graph.positional else SCHEMA_VERSION,
         "graph": graph.spec.to_dict(),
-        "shape": [graph.n_senders, graph.n_receivers],
+        "shape": list(graph.dense_shape),
         "matrix": matrix_path.name,
         "sha256": hashlib.sha256(data).hexdigest(),
         "metadata": metadata,
@@ -96,19 +95,20 @@ def load_scores(
     source = str(sidecar_path)
     expected = None if model is None else model_spec(model, doc["graph"], source)
     graph = declared_graph(doc["graph"], source, expected)
-    shape = [graph.n_senders, graph.n_receivers]
+    if graph.positional != (doc["schema_version"] == POSITIONAL_SCHEMA_VERSION):
+        raise ValueError(
+            f"{source}: schema version {doc['schema_version']} does not fit its graph "
+            f"({'with' if graph.positional else 'without'} spans); the file is corrupted"
+        )
+    shape = list(graph.dense_shape)
     if doc.get("shape") != shape:
+        spans = f" x {shape[2]} spans" if graph.positional else ""
         raise ValueError(
             f"{source}: 'shape' is {doc.get('shape')!r} but its graph has {shape[0]} senders "
-            f"x {shape[1]} receivers; the file is corrupted"
+            f"x {shape[1]} receivers{spans}; the file is corrupted"
         )
     scores = _read_matrix(matrix_path, shape, doc.get("sha256"))
-    n_r = graph.n_receivers
-
-    def edge(k: int) -> str:
-        return f"{graph.senders[k // n_r]} -> {graph.receivers[k % n_r]}"
-
-    require_finite(scores, graph.valid, edge, str(matrix_path))
+    require_finite(scores, graph.dense_valid, graph.cell_label, str(matrix_path))
     metadata = doc.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{source}: 'metadata' must be a JSON object")
@@ -122,19 +122,20 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not valid JSON ({err}); the file is corrupted or not an edge-score file"
         ) from None
-    return check_header(doc, str(path), "edge-score", FILE_FORMAT, SCHEMA_VERSION,
+    return check_header(doc, str(path), "edge-score", FILE_FORMAT,
+                        (SCHEMA_VERSION, POSITIONAL_SCHEMA_VERSION),
                         ("graph", "shape", "sha256"),
                         "circuit files load with Circuit.load", "re-run attribution")
 
 
 def _read_matrix(path: Path, shape: list[int], sha256: Any) -> torch.Tensor:
     """The fp32 matrix, after its size, checksum, name, shape and dtype are checked."""
-    limit = 4 * shape[0] * shape[1] + HEADER_SLACK
+    limit = 4 * math.prod(shape) + HEADER_SLACK
     size = path.stat().st_size
     if size > limit:
         raise ValueError(
-            f"{path} is {size:,} bytes, more than a {shape[0]} x {shape[1]} fp32 matrix "
-            f"needs ({limit:,} at most); it does not belong to this sidecar"
+            f"{path} is {size:,} bytes, more than a {' x '.join(map(str, shape))} fp32 "
+            f"matrix needs ({limit:,} at most); it does not belong to this sidecar"
         )
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:

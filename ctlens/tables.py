@@ -1,7 +1,8 @@
 """Edge tables: `EdgeScores.to_pandas` and `Circuit.to_pandas` as one pandas DataFrame.
 
 One row per valid edge, in graph order (sender-major), with the sender's and the receiver's
-name and node attributes, the score and, for a circuit, whether the edge is in it. Node
+name and node attributes, the score and, for a circuit, whether the edge is in it. On a
+positional graph there is one row per valid edge and span, with a ``span`` column. Node
 attributes come from `NODE_COLUMNS` (``kind``, ``layer``, ``head``, ``mlp_group``, ``hook``),
 each written once per end of the edge (``sender_kind``, ``receiver_kind``, ...): a new node
 attribute is one more entry there. Given the MLP width ``d_mlp``, each end also gets the
@@ -63,8 +64,8 @@ def require_pandas() -> Any:
 
 def edge_table(
     graph: Graph,
-    scores: Float[torch.Tensor, "n_senders n_receivers"] | None,
-    mask: Bool[torch.Tensor, "n_senders n_receivers"] | None = None,
+    scores: Float[torch.Tensor, "n_senders n_receivers *spans"] | None,
+    mask: Bool[torch.Tensor, "n_senders n_receivers *spans"] | None = None,
     d_mlp: int | None = None,
 ) -> pd.DataFrame:
     """A DataFrame with one row per valid edge of ``graph`` (see the module docstring).
@@ -75,8 +76,8 @@ def edge_table(
     pandas = require_pandas()
     if d_mlp is not None:
         check_mlp_groups(graph.spec.mlp_groups, d_mlp)
-    rows, cols = graph.valid.nonzero(as_tuple=True)
-    row_list, col_list = rows.tolist(), cols.tolist()
+    cells = graph.dense_valid.nonzero(as_tuple=True)
+    row_list, col_list = cells[0].tolist(), cells[1].tolist()
     columns: dict[str, Any] = {
         "sender": pandas.array([graph.senders[i] for i in row_list], dtype="string"),
         "receiver": pandas.array([graph.receivers[j] for j in col_list], dtype="string"),
@@ -92,12 +93,14 @@ def edge_table(
         for name, bound in (("neuron_start", 0), ("neuron_stop", 1)):
             values = [None if slices[k] is None else slices[k][bound] for k in index]
             columns[f"{end}_{name}"] = pandas.array(values, dtype="Int64")
+    if graph.positional:
+        columns["span"] = pandas.array([graph.spans[k] for k in cells[2].tolist()], dtype="string")
     if scores is None:
         columns["score"] = torch.full((len(row_list),), float("nan")).numpy()
     else:
-        columns["score"] = scores[rows, cols].float().numpy()
+        columns["score"] = scores[cells].float().numpy()
     if mask is not None:
-        columns["in_circuit"] = mask[rows, cols].numpy()
+        columns["in_circuit"] = mask[cells].numpy()
     return pandas.DataFrame(columns)
 
 

@@ -39,9 +39,14 @@ command). Every command prints what it does and exits with status 2 and a one-li
   work: a directory where a file is expected, a file where a directory is expected, or a
   place that cannot be written (read-only file system, no permission) is a one-line error.
   A write that fails later (a full disk) is one line too, and the previous file is intact.
-- **Progress.** `discover`, `report` and `diff` print their phases with wall times on
-  stderr (and a progress bar while attributing, when stderr is a terminal); results go to
-  stdout. `ctlens --help` and every `--help` answer without loading torch.
+- **Names first.** A wrong `--model` or `--task` (and, for `tune`, an `--out` holding a
+  run of another model, task or config) is a one-line error before torch is even imported,
+  well under a second. `ctlens tasks` lists the built-in tasks; `ctlens zoo list` the
+  shipped models.
+- **Progress.** `discover`, `tune`, `report` and `diff` print their phases with wall times
+  on stderr (`discover` adds a progress bar while attributing when stderr is a terminal,
+  `tune` one for its steps); results go to stdout. `ctlens --help` and every `--help`
+  answer without loading torch.
 
 | command | what it does |
 |---|---|
@@ -130,7 +135,8 @@ def _command(parser: argparse.ArgumentParser, summary: str, level: int) -> list[
         lines += [description, ""]
     lines += ["```text", _usage(parser), "```", ""]
     rows = [a for a in parser._actions
-            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+            and a.help != argparse.SUPPRESS]  # hidden aliases (tune's --n) stay undocumented
     if rows:
         lines += ["| argument | default | description |", "|---|---|---|"]
         for action in rows:

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import ctlens
 from ctlens.data import TaskData
+from ctlens.spans import OTHER, PADDING
 
 WORDS = [
     "<pad>",
@@ -330,6 +331,63 @@ def test_from_prompts_byte_level_bpe_has_no_unknown_words(bpe_tokenizer):
         bpe_tokenizer, ["Zebras of Oslo"], answers=["Paris"], metric="logprob"
     )
     assert len(data) == 1
+    # as GPT-2's own tokenizer: <|endoftext|> is its unk, BOS and EOS at once
+    gpt2_like = PreTrainedTokenizerFast(
+        tokenizer_object=bpe_tokenizer.backend_tokenizer, unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+    )
+    data = TaskData.from_prompts(
+        gpt2_like, ["The capital of France is ☃"], ["The capital of Italy is ☃"], ["Paris"],
+        ["Rome"],
+    )
+    assert not torch.equal(data.clean, data.corrupt)
+
+
+ZEBRA = ("the zebra near the lamps", "the zebras near the lamps")  # the issue's silent case
+
+
+def _zoo_tokenizers() -> list[tuple[str, str]]:
+    return [(name, how) for name in ctlens.zoo.names() for how in ("shipped", "bridge")]
+
+
+@pytest.mark.parametrize(("name", "how"), _zoo_tokenizers())
+def test_zoo_tokenizers_refuse_unknown_words(name: str, how: str) -> None:
+    """Unknown words became <unk> on the shipped models, so clean equalled corrupt and every
+    score was 0: the bridge makes <unk> the zoo tokenizer's EOS too, which switched the check
+    off. Refused now, naming the word, with the tokenizer as shipped and as the bridge holds
+    it; a prompt of known words still passes on the same tokenizer."""
+    tok = ctlens.zoo.tokenizer(name) if how == "shipped" else \
+        ctlens.load_model(f"zoo:{name}").tokenizer
+    if how == "bridge":
+        assert tok.eos_token_id == tok.unk_token_id  # the case that hid the problem
+    with pytest.raises(ValueError, match="example 0: .*vocabulary: 'zebra' in the prompt"):
+        TaskData.from_prompts(tok, [ZEBRA[0]], [ZEBRA[1]], ["is"], ["are"])
+    with pytest.raises(ValueError, match="'zebras' in the corrupt prompt"):
+        TaskData.from_prompts(tok, ["the dog near the lamps"], [ZEBRA[1]], ["is"], ["are"])
+    with pytest.raises(ValueError, match="'zebra' in the answer"):
+        TaskData.from_prompts(tok, ["the dog near the"], ["the dogs near the"], ["zebra"],
+                              ["is"])
+    data = TaskData.from_prompts(tok, ["the dog near the lamps"], ["the dogs near the lamps"],
+                                 ["is"], ["are"])
+    assert not torch.equal(data.clean, data.corrupt)
+
+
+def test_bpe_with_unknown_characters_refuses_them() -> None:
+    """A (non-byte-level) BPE maps characters it never saw to its unk token; with that id
+    shared with EOS, as on the bridge's zoo tokenizer, the check still holds."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>"])
+    bpe.train_from_iterator(["the dogs near the lamps run", "the dog near the lamp runs"] * 20,
+                            trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<unk>",
+                                  bos_token="<s>")
+    with pytest.raises(ValueError, match="'zébra' in the prompt 'the zébra near the lamps'"):
+        TaskData.from_prompts(tok, ["the zébra near the lamps"], ["the zébras near the lamps"],
+                              ["run"], ["near"])
+    data = TaskData.from_prompts(tok, ["the dog near the lamps"], ["the dogs near the lamp"],
+                                 ["run"], ["near"])
+    assert not torch.equal(data.clean, data.corrupt)
 
 
 def write_jsonl(path, records):
@@ -386,3 +444,143 @@ def test_from_jsonl_errors_name_the_line(word_tokenizer, tmp_path):
 
 def test_public_names():
     assert ctlens.TaskData is TaskData
+
+
+def labelled(data: TaskData, tokenizer, row: int = 0) -> list[tuple[str, str]]:
+    """(token, span name) of one example's real tokens."""
+    n = int(data.attention_mask[row].sum())
+    tokens = tokenizer.convert_ids_to_tokens(data.clean[row, :n].tolist())
+    return [(t, data.span_names[k]) for t, k in zip(tokens, data.spans[row, :n].tolist(),
+                                                    strict=True)]
+
+
+# ---------------------------------------------------------------- TaskData spans
+
+
+def test_template_labels_tokens_and_aligns_prompts_of_different_lengths(word_tokenizer):
+    data = TaskData.from_prompts(
+        word_tokenizer,
+        ["the capital of france is", "the big city is"],
+        ["the capital of italy is", "the big capital is"],
+        ["paris", "rome"],
+        ["rome", "paris"],
+        template="the {subject} is",
+    )
+    assert data.span_names == ("subject", OTHER)
+    assert labelled(data, word_tokenizer, 0) == [
+        ("<bos>", OTHER), ("the", OTHER), ("capital", "subject"), ("of", "subject"),
+        ("france", "subject"), ("is", OTHER),
+    ]
+    assert labelled(data, word_tokenizer, 1)[2:4] == [("big", "subject"), ("city", "subject")]
+    assert data.spans[1, -1] == PADDING  # padding is in no span
+    # a slot takes the shortest text that lets the rest match: only the last one runs on
+    late = TaskData.from_prompts(word_tokenizer, ["the capital of france is"],
+                                 template="the {subject} {end}", metric="kl")
+    assert [s for _, s in labelled(late, word_tokenizer)][2:] == ["subject", "end", "end", "end"]
+    # "end" sits at different positions but is one span: it aligns the prompts
+    ends = TaskData.from_prompts(word_tokenizer, ["the capital of france is", "the big city is"],
+                                 spans=[{"end": (22, 24)}, {"end": (13, 15)}], metric="kl")
+    assert (ends.spans == 0).nonzero()[:, 1].tolist() == [5, 4]
+
+
+def test_character_ranges_with_a_byte_level_bpe(bpe_tokenizer):
+    prompt = "The capital of France is"
+    start = prompt.index("France")
+    data = TaskData.from_prompts(
+        bpe_tokenizer, [prompt], answers=["Paris"], wrong_answers=["Rome"],
+        spans=[{"country": (start, start + len("France")), "end": [(21, 24)]}],
+    )
+    spans = dict((t, s) for t, s in labelled(data, bpe_tokenizer))
+    # the token carries its leading space; the word alone is the span
+    assert spans["ĠFrance"] == "country" and spans["Ġis"] == "end"
+    assert data.span_names == ("country", "end", OTHER)
+
+
+def test_template_and_range_errors_name_the_mismatch(word_tokenizer):
+    prompts = ["the capital of france is", "big city is"]
+    with pytest.raises(ValueError, match=r"example 1: the prompt 'big city is' does not match "
+                       r"the template 'the \{subject\} \{end\}': expected the text 'the '"):
+        TaskData.from_prompts(word_tokenizer, prompts, template="the {subject} {end}")
+    with pytest.raises(ValueError, match="template ends at character 15 but the prompt goes on"):
+        TaskData.from_prompts(word_tokenizer, ["the big city is big"],
+                              template="the {subject} is")
+    with pytest.raises(ValueError, match="cuts the token 'capital'"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], spans=[{"x": (4, 8)}])
+    with pytest.raises(ValueError, match="characters 4-99 but the prompt .* has 24"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], spans=[{"x": (4, 99)}])
+    with pytest.raises(ValueError, match="spans 'a' .* and 'b' .* overlap"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], spans=[{"a": (0, 11), "b": (4, 14)}])
+    with pytest.raises(ValueError, match="holds no token"):
+        TaskData.from_prompts(word_tokenizer, ["the  city"], spans=[{"gap": (3, 4)}])
+    with pytest.raises(ValueError, match="1 prompts but 2 span mappings"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], spans=[{}, {}])
+    with pytest.raises(ValueError, match="not both"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], spans=[{}], template="{a} is")
+    with pytest.raises(ValueError, match="slots {a} and {b} touch"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], template="{a}{b}")
+    with pytest.raises(ValueError, match="has no named slot"):
+        TaskData.from_prompts(word_tokenizer, prompts[:1], template="the city")
+
+
+def test_tensor_spans_are_checked():
+    clean = torch.tensor([[1, 2, 3, 0], [1, 2, 3, 4]])
+    mask = torch.tensor([[True, True, True, False], [True] * 4])
+    base = {"clean": clean, "attention_mask": mask, "correct": torch.ones(2, dtype=torch.long),
+            "metric": "logprob"}
+    data = TaskData(**base, spans=torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]]),
+                    span_names=("a", "b"))
+    assert data.spans[0].tolist() == [0, 1, 1, PADDING]  # padding normalised to no span
+    assert data.n_spans == 2
+    with pytest.raises(ValueError, match="the spans do not cover example 1: its token 2"):
+        TaskData(**base, spans=torch.tensor([[0, 1, 1, 1], [0, 0, -1, 1]]), span_names=("a", "b"))
+    with pytest.raises(ValueError, match="span label 2 is not one of the 2 spans"):
+        TaskData(**base, spans=torch.tensor([[0, 1, 2, 1], [0, 0, 1, 1]]), span_names=("a", "b"))
+    with pytest.raises(ValueError, match="without span_names"):
+        TaskData(**base, spans=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="without spans"):
+        TaskData(**base, span_names=("a",))
+    with pytest.raises(ValueError, match=r"names \['a'\] more than once"):
+        TaskData(**base, spans=torch.zeros(2, 4, dtype=torch.long), span_names=("a", "a"))
+    with pytest.raises(ValueError, match=r"spans has shape \(2, 3\)"):
+        TaskData(**base, spans=torch.zeros(2, 3, dtype=torch.long), span_names=("a",))
+
+
+def test_spans_follow_slicing_trimming_and_devices(word_tokenizer):
+    data = TaskData.from_prompts(
+        word_tokenizer, ["the capital of france is", "the big city is"],
+        answers=["paris", "rome"], wrong_answers=["rome", "paris"], template="the {subject} {end}",
+    )
+    second = data[1:].trimmed()
+    assert second.clean.shape == second.spans.shape == (1, 5)
+    assert second.span_names == data.span_names
+    assert torch.equal(second.spans[0], data.spans[1, :5])
+    assert [len(b) for b in data.batches(1)] == [1, 1]
+    positions = data.with_position_spans()
+    assert positions.span_names == tuple(f"p{t}" for t in range(6))
+    assert positions.spans[1].tolist() == [0, 1, 2, 3, 4, PADDING]
+
+
+def test_jsonl_spans_and_template(word_tokenizer, tmp_path):
+    lines = [
+        {"prompt": "the capital of france is", "corrupt_prompt": "the capital of italy is",
+         "answer": "paris", "wrong_answer": "rome", "spans": {"country": [15, 21]}},
+        {"prompt": "the big city is", "corrupt_prompt": "the big capital is",
+         "answer": "rome", "wrong_answer": "paris", "spans": {"country": [[8, 12]]}},
+    ]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines))
+    data = TaskData.from_jsonl(path, word_tokenizer)
+    assert data.span_names == ("country", OTHER)
+    assert labelled(data, word_tokenizer, 1)[3] == ("city", "country")
+    lines[1]["spans"] = {"country": [8, 11]}
+    path.write_text("\n".join(json.dumps(r) for r in lines))
+    with pytest.raises(ValueError, match=r"task.jsonl, line 2: span 'country' .* cuts the token"):
+        TaskData.from_jsonl(path, word_tokenizer)
+    del lines[1]["spans"]
+    path.write_text("\n".join(json.dumps(r) for r in lines))
+    with pytest.raises(ValueError, match="line 2: no 'spans' field, but line 1 has one"):
+        TaskData.from_jsonl(path, word_tokenizer)
+    del lines[0]["spans"]
+    path.write_text("\n".join(json.dumps(r) for r in lines))
+    with pytest.raises(ValueError, match="line 2: the prompt 'the big city is' does not match"):
+        TaskData.from_jsonl(path, word_tokenizer, template="the capital of {country} is")

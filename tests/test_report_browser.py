@@ -224,11 +224,15 @@ def test_show_all_edges_button_reveals_the_hidden_edges(report: Path, tmp_path: 
         ' var g = document.getElementById("ctlens-circuit");'
         ' function hidden() { return g.data.filter(function (t) {'
         '   return t.visible === "legendonly"; }).length; }'
-        ' var before = hidden();'
+        ' function faded() { var item = Array.from(g.querySelectorAll(".legend .traces"))'
+        '   .filter(function (t) { return /weaker edges/.test(t.textContent); })[0];'
+        '   return item.style.opacity; }'
+        ' var before = hidden(), fadedBefore = faded();'
         ' var buttons = Array.from(g.querySelectorAll(".updatemenu-button"));'
         ' var all = buttons.filter(function (b) { return b.textContent === "all 60 edges"; })[0];'
-        ' g.on("plotly_restyle", function () {'
-        '   console.log("RESTYLED|" + before + "|" + hidden()); });'
+        ' g.on("plotly_restyle", function () { setTimeout(function () {'
+        '   console.log("RESTYLED|" + before + "|" + hidden() + "|" + fadedBefore + "|"'
+        '               + faded()); }, 0); });'
         ' all.dispatchEvent(new MouseEvent("click", {bubbles: true}));'
         "});</script></body>"
     )
@@ -236,10 +240,43 @@ def test_show_all_edges_button_reveals_the_hidden_edges(report: Path, tmp_path: 
     page.write_text(report.read_text(encoding="utf-8").replace("</body>", probe), "utf-8")
     result = run_browser(page, tmp_path, "--dump-dom", "--enable-logging=stderr", "--v=0")
     lines = console_lines(result.stderr)
-    found = re.search(r"RESTYLED\|(\d+)\|(\d+)", lines[0]) if len(lines) == 1 else None
+    found = re.search(r"RESTYLED\|(\d+)\|(\d+)\|([\d.]*)\|([\d.]*)", lines[0]) \
+        if len(lines) == 1 else None
     assert found, lines
     before, after = int(found.group(1)), int(found.group(2))
     assert before >= 2 and after == 0  # hidden edge traces (and their legend entry) shown
+    # the legend follows: its "weaker edges" entry was faded (hidden) and is now full
+    assert float(found.group(3)) < 1 and float(found.group(4) or 1) == 1
+
+
+def test_diff_filter_shows_every_edge_that_entered(report: Path, tmp_path: Path) -> None:
+    """The diff's "all entered" button, clicked in a copy of the report: the entered edges
+    beyond the first strongest appear, the left ones go."""
+    probe = (
+        '<script>window.addEventListener("load", function () {'
+        ' var g = document.getElementById("ctlens-diff");'
+        ' function drawn(word) { return g._fullData.filter(function (t) {'
+        '   return t.visible === true && t.mode === "lines" && t.name.indexOf(word) === 0; })'
+        '   .reduce(function (n, t) { return n + Math.floor(t.x.length / 3); }, 0); }'
+        ' var before = [drawn("entered"), drawn("left")];'
+        ' var button = Array.from(g.querySelectorAll(".updatemenu-button")).filter(function (b)'
+        '   { return b.textContent === "all entered"; })[0];'
+        ' g.on("plotly_restyle", function () {'
+        '   console.log("FILTERED|" + before.join(",") + "|" + drawn("entered") + ","'
+        '               + drawn("left")); });'
+        ' button.dispatchEvent(new MouseEvent("click", {bubbles: true}));'
+        "});</script></body>"
+    )
+    page = tmp_path / "filtered.html"
+    page.write_text(report.read_text(encoding="utf-8").replace("</body>", probe), "utf-8")
+    result = run_browser(page, tmp_path, "--dump-dom", "--enable-logging=stderr", "--v=0")
+    lines = console_lines(result.stderr)
+    found = re.search(r"FILTERED\|(\d+),(\d+)\|(\d+),(\d+)", lines[0]) \
+        if len(lines) == 1 else None
+    assert found, lines
+    entered_before, left_before, entered_after, left_after = map(int, found.groups())
+    assert entered_before == left_before == 20  # the 20 strongest of each, at first
+    assert entered_after > 20 and left_after == 0
 
 
 @pytest.mark.parametrize("click", [True, False])

@@ -48,12 +48,13 @@ def _ctlens(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_second_tune_stops_at_once_naming_the_running_process(tmp_path: Path) -> None:
-    """The lock is taken before the model loads: a model that does not exist is never
-    reached. Released on a normal exit (the lock file is gone) and on SIGKILL (stale: its
-    pid is dead on this host, so the next process takes it over)."""
+    """The lock is taken before anything loads: the refusal is the only line on stderr (no
+    "loading torch" phase before it). Released on a normal exit (the lock file is gone)
+    and on SIGKILL (stale: its pid is dead on this host, so the next process takes it
+    over)."""
     out = tmp_path / "run"
     holder = _holder(out)
-    second = _ctlens("tune", "--model", "zoo:no-such-model", "--out", str(out))
+    second = _ctlens("tune", "--model", "zoo:tiny-gpt2", "--out", str(out))
     assert second.returncode == 2
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ctlens tune: error:"), second.stderr

@@ -60,16 +60,16 @@ def test_no_module_imports_through_the_package_face(path: Path) -> None:
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared vocabulary and plumbing
     ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.dir_lock", "ctlens.files",
-     "ctlens.outputs", "ctlens.run_format",
-     "ctlens.sizes", "ctlens.memory", "ctlens.data", "ctlens.real_shapes"),
+     "ctlens.outputs", "ctlens.run_format", "ctlens.sizes", "ctlens.memory", "ctlens.tokens",
+     "ctlens.spans", "ctlens.data", "ctlens.real_shapes"),
     # the bridge's facts: hook names, model families, MLP projections
     ("ctlens.bridge", "ctlens.bridge.names", "ctlens.bridge.families", "ctlens.bridge.mlp_groups"),
     # the built-in tasks and the model zoo
     ("ctlens.tasks", "ctlens.zoo"),
     # the graph, and the bound on graphs read from files
-    ("ctlens.graph", "ctlens.file_limits"),
+    ("ctlens.graph_spec", "ctlens.graph", "ctlens.file_limits"),
     # models, and the hooks that read or patch a graph's nodes
-    ("ctlens.model", "ctlens.bridge.hooks"),
+    ("ctlens.model", "ctlens.model_source", "ctlens.bridge.hooks"),
     # scores
     ("ctlens.reference", "ctlens.tables", "ctlens.scores_file", "ctlens.scores",
      "ctlens.attribution"),

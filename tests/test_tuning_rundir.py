@@ -189,7 +189,10 @@ def test_cli_write_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys) -> No
     monkeypatch.setattr(CircuitTuner, "run", full)
     assert main(["tune", "--out", str(tmp_path / "r"), "--top-n", "30"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ctlens tune: error: could not write the checkpoint: disk full"]
+    # the error is one line, the last; only tune's progress lines precede it
+    assert err[-1] == "ctlens tune: error: could not write the checkpoint: disk full"
+    assert [line for line in err if line.startswith("ctlens tune: error")] == err[-1:], err
+    assert "Traceback" not in "".join(err), err
 
 
 def test_cli_checks_top_n_before_loading_the_task(tmp_path, monkeypatch, capsys) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -99,6 +101,17 @@ def n_segments(trace: go.Scatter) -> int:
     return int(len(x) // 3)
 
 
+def ranked_box(fig: go.Figure) -> tuple[Any, list[tuple[str, str, float]]]:
+    """The ranked-edges annotation and its rows ``(sender, receiver, score)``."""
+    (box,) = [a for a in fig.layout.annotations if a.name == "ranked edges"]
+    rows = []
+    for line in box.text.split("<br>")[1:]:
+        edge, score = re.match(r"\d+\. (.+?)  <span[^>]*>(.+)</span>", line).groups()
+        sender, receiver = edge.split(" → ")
+        rows.append((sender, receiver, float(score)))
+    return box, rows
+
+
 def hover_trace(fig: go.Figure, prefix: str = "") -> list[go.Scatter]:
     return [
         t for t in fig.data
@@ -115,7 +128,7 @@ def test_plot_circuit_draws_every_edge_once_in_few_traces(graph: Graph) -> None:
     lines = edge_line_traces(fig)
     assert len(lines) == 32  # sign x (q, k, v, MLP/logits) x 4 width bins
     assert sum(n_segments(t) for t in lines) == circuit.n_edges
-    assert len(fig.data) < 45
+    assert len(fig.data) < 60  # a fixed handful: edges, ports, nodes and the marks legend
     (hover,) = hover_trace(fig)
     assert len(hover.text) == circuit.n_edges
     names = {tuple(t.split("<br>")[0].split(" → ")) for t in hover.text}
@@ -144,14 +157,59 @@ def test_plot_circuit_draws_every_edge_once_in_few_traces(graph: Graph) -> None:
     assert any(n_segments(t) > 0 for t in lines
                if t.line.width == widest and t.name.startswith(sign))
     assert f"{circuit.n_edges} edges" in fig.layout.title.text
-    assert f"{len(circuit.components)} components" in fig.layout.title.text
-    shown = [t for t in lines if t.visible is not False and t.visible != "legendonly"]
-    legend = [t.name for t in shown if t.showlegend]
-    assert len(legend) == len(set(legend)) == len({
-        ("lowers" if v > 0 else "raises", r.split(".")[-1] if r.count(".") == 2 else "resid")
-        for (_, r), v in zip(circuit.edges, values, strict=True)
+    # plain words: the nodes a circuit uses, not "components" (read as connected components)
+    assert f"between {len(circuit.components)} nodes" in fig.layout.title.text
+    assert "components" not in fig.layout.title.text
+    # one legend entry per sign drawn (a click shows or hides all its edges)
+    entries = [t.name for t in fig.data if t.showlegend
+               and (t.legendgroup or "").startswith("sign-")]
+    assert sorted(entries) == sorted({
+        "lowers metric (score > 0)" if v > 0 else "raises metric (score < 0)" for v in values
         if abs(v) >= sorted(map(abs, values), reverse=True)[viz.traces.EDGE_BUDGET - 1]
     })
+
+
+def test_plot_circuit_has_a_legend_entry_for_every_mark(graph: Graph) -> None:
+    """Heads, MLPs, input, logits and the q/k/v inputs each have a legend entry with the
+    symbol drawn (ports on the dash of the edges they receive); in-circuit heads are named."""
+    circuit = circuit_of(graph, 0, 60)
+    fig = viz.plot_circuit(circuit)
+    marks = [t for t in fig.data if t.legendgroup == "marks"]
+    assert all(t.showlegend for t in marks)
+    symbols = {t.marker.symbol for t in marks}
+    drawn: set[str] = set()
+    for t in fig.data:
+        if t.mode in ("markers", "markers+text") and t.name != "edges":  # nodes and ports
+            symbol = t.marker.symbol
+            drawn |= {symbol} if isinstance(symbol, str) else set(symbol or ())
+    assert {"circle", "square", "diamond", "star", "triangle-up"} <= drawn <= symbols
+    dashes = {t.line.dash for t in marks if t.mode == "lines+markers"}
+    assert dashes == {"solid", "dash", "dot"}
+    names = " ".join(t.name for t in marks)
+    for word in ("head", "MLP", "input", "logits", "q input", "k input", "v input"):
+        assert word in names, word
+    heads = {c for c in circuit.components if re.fullmatch(r"a\d+\.h\d+", c)}
+    (members,) = [t for t in fig.data if t.name == "in circuit"]
+    assert heads and heads <= {str(x) for x in members.text}
+
+
+def test_plot_circuit_writes_no_edge_names_on_the_drawing(graph: Graph) -> None:
+    """Edge names never sit on an edge or a node: no text trace carries one, and the ranked
+    list of the strongest edges is an annotation below the axes (outside the drawing)."""
+    circuit = circuit_of(graph, 0, 60)
+    fig = viz.plot_circuit(circuit, labels=6)
+    texts = [str(x) for t in fig.data if "text" in (t.mode or "") and t.text is not None
+             for x in t.text]
+    assert not [x for x in texts if "→" in x]
+    box, rows = ranked_box(fig)
+    assert box.yref == "paper" and box.y == 0 and box.yanchor == "top" and box.yshift < 0
+    ranked = sorted(((s, r, circuit.scores[graph.edge_index(s, r)].item())
+                     for s, r in circuit.edges), key=lambda e: -abs(e[2]))[:6]
+    assert [(s, r) for s, r, _ in rows] == [(s, r) for s, r, _ in ranked]
+    assert [v for *_, v in rows] == pytest.approx([v for *_, v in ranked], rel=1e-2)
+    assert fig.layout.margin.b > 6 * 16  # room made for it below the drawing
+    assert not [a for a in viz.plot_circuit(circuit, labels=0).layout.annotations
+                if a.name == "ranked edges"]
 
 
 def test_plot_circuit_edge_budget_hides_the_weakest(graph: Graph) -> None:
@@ -184,7 +242,9 @@ def test_plot_circuit_edge_budget_hides_the_weakest(graph: Graph) -> None:
 
     assert ends(hidden) == coords(ranked[25:])  # the 35 weakest wait behind "show all"
     # one legend entry and two buttons reveal them: the buttons restyle exactly those traces
-    (entry,) = [t for t in fig.data if t.name == "35 weaker edges (click to show)"]
+    # the entry names no state ("click to show"): a faded entry is hidden, a full one shown,
+    # so it stays true after "all edges"
+    (entry,) = [t for t in fig.data if t.name == "35 weaker edges"]
     assert entry.visible == "legendonly" and entry.legendgroup == hidden[0].legendgroup
     assert {t.legendgroup for t in hidden} == {entry.legendgroup}
     (menu,) = fig.layout.updatemenus
@@ -194,9 +254,9 @@ def test_plot_circuit_edge_budget_hides_the_weakest(graph: Graph) -> None:
     assert indices == {i for i, t in enumerate(fig.data) if t.visible == "legendonly"}
     assert menu.buttons[1].args[0] == {"visible": True}
     assert "the 25 strongest drawn" in fig.layout.title.text
-    # the four strongest edges are labelled, with their scores
-    (text,) = [t for t in fig.data if t.name == "edge labels"]
-    assert [s.split(" ")[0] for s in text.text] == [f"{s}→{r}" for s, r in ranked[:4]]
+    # the four strongest edges are listed beside the drawing, with their scores
+    _, rows = ranked_box(fig)
+    assert [(s, r) for s, r, _ in rows] == ranked[:4]
     # budget=None draws every edge; a circuit within the budget has no buttons
     assert not [t for t in edge_line_traces(viz.plot_circuit(circuit, budget=None))
                 if t.visible == "legendonly" and n_segments(t)]
@@ -279,7 +339,7 @@ def test_plot_circuit_gpt2_small_size_is_fast() -> None:
     start = time.perf_counter()
     fig = viz.plot_circuit(circuit)
     assert time.perf_counter() - start < 10  # the benchmark's target is 2 s; CI is shared
-    assert len(fig.data) < 45
+    assert len(fig.data) < 60
     assert sum(n_segments(t) for t in edge_line_traces(fig)) == 1000
 
 
@@ -292,24 +352,24 @@ def test_plot_diff_counts_equal_the_set_differences(graph: Graph) -> None:
     only_b = set(b.edges) - set(a.edges)
     both = set(a.edges) & set(b.edges)
     assert only_a and only_b and both
-    fig = viz.plot_diff(a, b)
+    fig = viz.plot_diff(a, b, budget=None)
     lines = edge_line_traces(fig)
-    assert len(lines) == 12
+    assert len(lines) == 24  # (left, entered, kept) x (strongest, rest) x receiver class
 
     def drawn(prefix: str) -> int:
         return sum(n_segments(t) for t in lines if t.name.startswith(prefix))
 
-    assert drawn("only in a") == len(only_a)
-    assert drawn("only in b") == len(only_b)
-    assert drawn("in both") == len(both)
+    assert drawn("left: only in a") == len(only_a)
+    assert drawn("entered: only in b") == len(only_b)
+    assert drawn("kept: in both") == len(both)
     hovered = {
-        p: {tuple(t.split("<br>")[1].split(" → ")) for t in hover_trace(fig, p)[0].text}
-        for p in ("only in a", "only in b", "in both")
+        p: {tuple(t.split("<br>")[1].split(" → ")) for h in hover_trace(fig, p) for t in h.text}
+        for p in ("left", "entered", "kept")
     }
-    assert hovered == {"only in a": only_a, "only in b": only_b, "in both": both}
+    assert hovered == {"left": only_a, "entered": only_b, "kept": both}
     title = fig.layout.title.text
     jaccard = len(both) / len(only_a | only_b | both)
-    assert f"{len(only_a)} only in a, {len(only_b)} only in b, {len(both)} in both" in title
+    assert f"{len(only_a)} left, {len(only_b)} entered, {len(both)} kept" in title
     assert f"edge Jaccard {jaccard:.3f}" in title
     assert f"node Jaccard {a.node_jaccard(b):.3f}" in title
     counts = viz.diff_counts(a, b)
@@ -319,6 +379,64 @@ def test_plot_diff_counts_equal_the_set_differences(graph: Graph) -> None:
     assert (counts["nodes_only_a"], counts["nodes_only_b"], counts["nodes_both"]) == (
         len(ca - cb), len(cb - ca), len(ca & cb)
     )
+
+
+def test_plot_diff_draws_the_strongest_changes_in_colour_blind_safe_colours(
+    graph: Graph,
+) -> None:
+    """At first the ``budget`` strongest edges that left (by a's scores) and that entered
+    (by b's) are drawn, kept edges hidden; the filter buttons show each class in full; hover
+    gives each edge's score in its own circuit; orange and blue, not red and green."""
+    a, b = circuit_of(graph, 0, 50), circuit_of(graph, 1, 70)
+    only_a = set(a.edges) - set(b.edges)
+    only_b = set(b.edges) - set(a.edges)
+    fig = viz.plot_diff(a, b, budget=5)
+    lines = edge_line_traces(fig)
+
+    def shown(prefix: str, visible: list[Any] | None = None) -> set[tuple[str, str]]:
+        layout = viz.Layout(graph)
+        ends = {}
+        for s_, r_ in {*a.edges, *b.edges}:
+            i, j = graph.sender_index[s_], graph.receiver_index[r_]
+            ends[(round(float(layout.sender_x[i]), 6), round(float(layout.sender_y[i]), 6),
+                  round(float(layout.receiver_x[j]), 6), round(float(layout.receiver_y[j]), 6))
+                 ] = (s_, r_)
+        out = set()
+        for k, t in enumerate(fig.data):
+            on = (visible[k] if visible is not None else t.visible) is True
+            if t in lines and t.name.startswith(prefix) and on:
+                x, y = np.asarray(t.x, dtype=float), np.asarray(t.y, dtype=float)
+                out |= {ends[tuple(round(v, 6) for v in (x[i], y[i], x[i + 1], y[i + 1]))]
+                        for i in range(0, len(x) - 2, 3)}
+        return out
+
+    def strongest(circuit: Circuit, edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        return set(sorted(edges, key=lambda e: -abs(
+            circuit.scores[graph.edge_index(*e)].item()))[:5])
+
+    assert shown("left") == strongest(a, only_a)
+    assert shown("entered") == strongest(b, only_b)
+    assert shown("kept") == set()
+    (menu,) = fig.layout.updatemenus
+    buttons = {btn.label: btn.args[0]["visible"] for btn in menu.buttons}
+    assert list(buttons) == ["strongest changes", "all entered", "all left", "all changes",
+                             "with kept edges"]
+    assert all(len(v) == len(fig.data) for v in buttons.values())
+    assert shown("entered", buttons["all entered"]) == only_b
+    assert shown("left", buttons["all entered"]) == set()
+    assert shown("left", buttons["all changes"]) == only_a
+    assert shown("kept", buttons["with kept edges"]) == set(a.edges) & set(b.edges)
+    # hover: an edge that left carries a's score, one that entered b's
+    for prefix, circuit in (("left", a), ("entered", b)):
+        for h in hover_trace(fig, prefix):
+            for text in h.text:
+                edge = tuple(text.split("<br>")[1].split(" → "))
+                score = float(text.split("score ")[1].split(" ")[0])
+                assert score == pytest.approx(circuit.scores[graph.edge_index(*edge)].item(),
+                                              rel=1e-3)
+    colours = {t.name.split(":")[0]: t.line.color for t in lines}
+    assert colours["left"].startswith("rgba(230,159,0") and colours["entered"].startswith(
+        "rgba(0,114,178")  # Okabe and Ito's orange and blue
 
 
 def test_plot_diff_nodes_classified(graph: Graph) -> None:
@@ -341,8 +459,8 @@ def test_plot_diff_of_snapshots_paths_and_run(run_dir: Path) -> None:
     by_run = viz.plot_diff(run_dir, steps=(0, 30))
     assert "step 0" in by_run.layout.title.text and "step 30" in by_run.layout.title.text
     for fig in (by_path, by_run):
-        only_a = [t for t in edge_line_traces(fig) if t.name.startswith("only in step")]
-        assert sum(n_segments(t) for t in only_a[:4]) == expected
+        only_a = [t for t in edge_line_traces(fig) if t.name.startswith("left: only in step")]
+        assert sum(n_segments(t) for t in only_a) == expected
     default = viz.plot_diff(run_dir)
     assert default.layout.title.text == by_run.layout.title.text
     with pytest.raises(KeyError, match="available steps: 0, 10, 20, 30"):
@@ -402,12 +520,22 @@ def test_plot_evolution_frames_and_curves(run_dir: Path) -> None:
         assert list(frame.traces) == list(range(n_circuit))
         lines = [t for t in frame.data if t.mode == "lines" and "→" in (t.name or "")]
         assert sum(n_segments(t) for t in lines) == run.circuits[step].n_edges
-        assert sum(bool(t.showlegend) for t in lines) == 8  # a legend that does not change
+        entries = [t for t in frame.data if (t.legendgroup or "").startswith("sign-")
+                   and t.showlegend]
+        assert len(entries) == 2  # one per sign, in every frame: a legend that does not change
         assert len(frame.layout.shapes) == 6
         assert frame.layout.shapes[0].x0 == step
+        # the frame's strongest edges, listed beside the charts, never on the drawing
+        (box,) = [a for a in frame.layout.annotations if a.name == "ranked edges"]
+        assert f"at step {step}" in box.text and box.x > 1
+        first = box.text.split("<br>")[1]
+        circuit = run.circuits[step]
+        top = max(circuit.edges, key=lambda e: abs(circuit.scores[
+            circuit.graph.edge_index(*e)].item()))
+        assert first.startswith(f"1. {top[0]} → {top[1]}  ")
     curves = {t.name: t for t in fig.data[n_circuit:]}
     assert list(curves["target metric"].y) == [1.0, 0.5, 0.0, -0.5]
-    assert list(curves["params moved"].y) == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert list(curves["changed since step 0"].y) == pytest.approx([0.0, 0.05, 0.1, 0.15])
     assert set(curves) >= {"general loss", "circuit edges", "eval: ioi", "eval: induction",
                            "edge Jaccard to first", "node Jaccard to previous"}
     circuits = [run.circuits[s] for s in run.steps]
@@ -433,11 +561,15 @@ def test_plot_evolution_panels_teach(run_dir: Path) -> None:
     curves = {t.name: t for t in fig.data[n_circuit:]}
     jaccard = [c for n, c in curves.items() if "Jaccard" in n]
     tasks = [c for n, c in curves.items() if n.startswith("eval: ")]
-    assert len(jaccard) == 4 and len(tasks) == 2
+    params = [curves["changed since step 0"], curves["trainable at this step"]]
+    marks = [c for c in curves.values() if c.legendgroup == "marks"]
+    assert len(jaccard) == 4 and len(tasks) == 2 and len(marks) == len(viz.traces.MARKS)
     assert {c.legend for c in jaccard} == {"legend2"} and {c.legend for c in tasks} == {"legend3"}
-    assert all(c.showlegend for c in jaccard + tasks)
+    assert {c.legend for c in params} == {"legend4"}
+    assert all(c.showlegend for c in jaccard + tasks + params + marks)
     assert not {c.line.color for c in jaccard} & {c.line.color for c in tasks}
-    assert not any(c.showlegend for n, c in curves.items() if c not in jaccard + tasks)
+    assert not any(c.showlegend for c in curves.values() if c not in jaccard + tasks + params
+                   + marks)
     legend2, legend3 = fig.layout.legend2, fig.layout.legend3
     assert legend2.y < fig.get_subplot(4, 1).yaxis.domain[0]  # under its own chart
     assert legend3.x == pytest.approx(fig.get_subplot(4, 3).xaxis.domain[0])
@@ -446,6 +578,11 @@ def test_plot_evolution_panels_teach(run_dir: Path) -> None:
         assert sub.xaxis.title.text == "step" and sub.yaxis.title.text, (row, col)
     titles = [a.text for a in fig.layout.annotations]
     assert "target metric (goal: higher ↑)" in titles  # agreement-flip maximises its metric
+    # the slider's "snapshot at step N" sits at its right end: the play buttons are at its left
+    (slider,) = fig.layout.sliders
+    assert slider.currentvalue.xanchor == "right" and slider.currentvalue.prefix
+    (play,) = [m for m in fig.layout.updatemenus if m.buttons[0].method == "animate"]
+    assert play.x < slider.x < slider.x + slider.len
     size = fig.get_subplot(3, 3).yaxis
     assert size.range[0] == 0 and size.range[1] > 40 and size.tickformat == "d"
     assert size.dtick >= 1 and float(size.dtick).is_integer()
@@ -587,14 +724,49 @@ def test_report_tables_show_formatted_values(run_dir: Path) -> None:
     text = viz.write_report(run_dir).read_text(encoding="utf-8")
     metrics = text[text.index("<h2>Metrics</h2>"):]
     assert "{" not in metrics and "circuit_file" not in metrics  # no raw dicts, no paths
-    # evals become columns under one heading; numbers to 4 significant digits
+    # evals become columns under one heading; one number format per column (task metrics
+    # signed to 3 decimals, losses to 3, shares in percent, counts whole)
     assert '<th colspan="2" class="group">evals</th>' in metrics
     assert 'title="evals.ioi"' in metrics
-    assert "<td>0.89</td>" in metrics and "<td>0.8</td>" in metrics  # evals.ioi, induction
+    assert "<td>+0.890</td>" in metrics and "<td>+0.800</td>" in metrics  # ioi, induction
     assert "<td>3.012</td>" in metrics and "3.01234" not in metrics
     assert '<th colspan="2" class="group">evals_<wbr>accuracy</th>' in metrics
+    assert "<td>50.0 %</td>" in metrics and "<td>25.0 %</td>" in metrics
+    table = metrics[:metrics.index("</table>")]
+    body = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[3:]]
+    for column in zip(*body, strict=True):
+        shapes = {re.sub(r"\d", "9", re.sub(r"^[+-]?\d+", "±9", cell)) for cell in column
+                  if cell}
+        assert len(shapes) == 1, column  # 0.09649 beside 13.15 is gone
     config = text[text.index("<h2>Config</h2>"):text.index("<h2>Metrics</h2>")]
     assert "<td class=\"k\">1, 2</td>" in config  # a list, spelled out
+
+
+def test_report_explains_its_words_and_ranks_the_changes(run_dir: Path) -> None:
+    """The page says what "params moved" and "trainable fraction" mean, calls nodes nodes,
+    and lists the edges that entered and left with their scores from their own snapshots
+    (checked against the circuits read directly)."""
+    text = viz.write_report(run_dir).read_text(encoding="utf-8")
+    for phrase in ("changed since step 0", "trainable at this step", "the union",
+                   "<dt>params_moved</dt>", "<dt>trainable_fraction</dt>"):
+        assert phrase in text, phrase
+    page = text[text.index("<body>"):text.index("<h2>Config</h2>")]
+    assert "components" not in page
+    run = viz.read_run(run_dir)
+    first, last = run.circuits[0], run.circuits[30]
+    diff = text[text.index("<h2>Circuit change"):text.index('id="ctlens-diff"')]
+    tables = diff.split('<table class="edges">')[1:]
+    assert len(tables) == 2 and "entered" in tables[0] and "left" in tables[1]
+    for table, mine, other in ((tables[0], last, first), (tables[1], first, last)):
+        rows = re.findall(r"<td>(\d+)</td><td class=\"k\">(.+?) → (.+?)</td><td[^>]*>(.+?)</td>",
+                          table)
+        only = set(mine.edges) - set(other.edges)
+        expected = sorted(only, key=lambda e: -abs(mine.scores[mine.graph.edge_index(*e)].item()))
+        assert [(s_, r_) for _, s_, r_, _ in rows] == expected[:15]
+        assert f"of {len(only)})" in table or len(only) <= 15
+        for _, s_, r_, score in rows:
+            assert float(score) == pytest.approx(
+                mine.scores[mine.graph.edge_index(s_, r_)].item(), abs=1e-4)
 
 
 def test_report_removes_stale_temporaries(run_dir: Path) -> None:

@@ -22,7 +22,7 @@ from ctlens.circuit.mib import mib_document, parse_mib_document
 from ctlens.circuit.selection import select_mask, unpack_scores
 from ctlens.file_limits import model_spec, plain_json, require_finite
 from ctlens.files import atomic_write_text, read_json, require_file
-from ctlens.graph import Graph, coarsen_matrix
+from ctlens.graph import Graph, coarsen_matrix, network_edges
 from ctlens.tables import edge_table
 from ctlens.types import NodeKind
 
@@ -35,9 +35,10 @@ class Circuit:
 
     Args:
         graph: the model's edge graph.
-        mask: bool ``[n_senders, n_receivers]``; True marks a circuit edge. Must be False
-            wherever ``graph.valid`` is False.
-        scores: optional fp32 ``[n_senders, n_receivers]`` edge scores (0 where invalid).
+        mask: bool ``[n_senders, n_receivers]`` (``[n_senders, n_receivers, n_spans]`` on a
+            positional graph: `Graph.dense_shape`); True marks a circuit edge (an (edge,
+            span) pair). Must be False wherever ``graph.valid`` is False.
+        scores: optional fp32 edge scores of the same shape (0 where invalid).
         metadata: JSON-serialisable information (how it was selected, from which scores).
         model_name: the name of the model the circuit belongs to, if known.
 
@@ -47,23 +48,23 @@ class Circuit:
     def __init__(
         self,
         graph: Graph,
-        mask: Bool[torch.Tensor, "n_senders n_receivers"],
-        scores: Float[torch.Tensor, "n_senders n_receivers"] | None = None,
+        mask: Bool[torch.Tensor, "n_senders n_receivers *spans"],
+        scores: Float[torch.Tensor, "n_senders n_receivers *spans"] | None = None,
         metadata: dict[str, Any] | None = None,
         model_name: str | None = None,
     ) -> None:
         if not isinstance(graph, Graph):
             raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
-        expected = (graph.n_senders, graph.n_receivers)
+        expected = graph.dense_shape
         mask = torch.as_tensor(mask)
         if tuple(mask.shape) != expected:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
         mask = mask.detach().cpu().clone()
-        invalid = mask & ~graph.valid
+        invalid = mask & ~graph.dense_valid
         if invalid.any():
-            i, j = (int(v) for v in invalid.nonzero()[0])
+            i, j = (int(v) for v in invalid.nonzero()[0][:2])
             raise ValueError(
                 f"the mask selects {int(invalid.sum())} invalid edge(s), e.g. "
                 f"{graph.senders[i]} -> {graph.receivers[j]} ({graph.receivers[j]} reads the "
@@ -73,13 +74,8 @@ class Circuit:
             scores = torch.as_tensor(scores)
             if tuple(scores.shape) != expected:
                 raise ValueError(f"scores have shape {tuple(scores.shape)}, expected {expected}")
-            scores = scores.detach().float().cpu() * graph.valid
-            n_r = graph.n_receivers
-
-            def edge(k: int) -> str:
-                return f"{graph.senders[k // n_r]} -> {graph.receivers[k % n_r]}"
-
-            require_finite(scores, graph.valid, edge, "circuit scores")
+            scores = scores.detach().float().cpu() * graph.dense_valid
+            require_finite(scores, graph.dense_valid, graph.cell_label, "circuit scores")
         self.graph = graph
         self.mask = mask
         self.scores = scores
@@ -91,32 +87,30 @@ class Circuit:
     @classmethod
     def empty(cls, graph: Graph, model_name: str | None = None) -> Circuit:
         """The circuit with no edges (every edge ablated)."""
-        mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
-        return cls(graph, mask, model_name=model_name)
+        return cls(graph, torch.zeros(graph.dense_shape, dtype=torch.bool), model_name=model_name)
 
     @classmethod
     def full(cls, graph: Graph, model_name: str | None = None) -> Circuit:
         """The circuit with every valid edge (the unablated model)."""
-        return cls(graph, graph.valid.clone(), model_name=model_name)
+        return cls(graph, graph.dense_valid.clone(), model_name=model_name)
 
     @classmethod
     def from_edges(
         cls,
         graph: Graph,
-        edges: Iterable[tuple[str, str]],
-        scores: Float[torch.Tensor, "n_senders n_receivers"] | None = None,
+        edges: Iterable[tuple[str, ...]],
+        scores: Float[torch.Tensor, "n_senders n_receivers *spans"] | None = None,
         metadata: dict[str, Any] | None = None,
         model_name: str | None = None,
     ) -> Circuit:
-        """A circuit from ``(sender, receiver)`` name pairs.
+        """A circuit from ``(sender, receiver)`` name pairs, or ``(sender, receiver, span)``
+        triples on a positional graph.
 
-        Unknown names and invalid edges raise with the offending pair named.
+        Unknown names, unknown spans and invalid edges raise with the offending edge named.
         """
-        mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
-        for pair in edges:
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise TypeError(f"each edge must be a (sender, receiver) pair, got {pair!r}")
-            mask[graph.edge_index(str(pair[0]), str(pair[1]))] = True
+        mask = torch.zeros(graph.dense_shape, dtype=torch.bool)
+        for edge in edges:
+            mask[graph.cell(edge)] = True
         return cls(graph, mask, scores, metadata, model_name)
 
     @classmethod
@@ -131,10 +125,12 @@ class Circuit:
         """Select a circuit from `EdgeScores` (see the module docstring for the methods).
 
         Args:
-            scores: an `ctlens.EdgeScores`.
+            scores: an `ctlens.EdgeScores`; positional scores give a positional circuit,
+                selected over (edge, span) pairs.
             method: ``"top_n"``, ``"threshold"`` or ``"greedy"``.
-            top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges),
-                or a fraction of the valid edges as a float in (0, 1) (`ctlens.sizes`).
+            top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges;
+                on a positional graph, of (edge, span) pairs), or a fraction of them as a
+                float in (0, 1) (`ctlens.sizes`).
             threshold: minimum |score| for ``threshold``.
             prune: afterwards drop edges on no ``input -> logits`` path (may leave fewer
                 than ``top_n`` edges).
@@ -152,22 +148,33 @@ class Circuit:
 
     @property
     def n_edges(self) -> int:
-        """Number of circuit edges."""
+        """Number of circuit edges ((edge, span) pairs on a positional graph)."""
         return int(self.mask.sum())
 
     @property
-    def edges(self) -> list[tuple[str, str]]:
-        """Circuit edges as ``(sender, receiver)`` name pairs, sender-major graph order."""
-        rows, cols = self.mask.nonzero(as_tuple=True)
-        s, r = self.graph.senders, self.graph.receivers
-        return [(s[i], r[j]) for i, j in zip(rows.tolist(), cols.tolist(), strict=True)]
+    def spans(self) -> tuple[str, ...]:
+        """Span names of a positional circuit (the last axis of `mask`); empty otherwise."""
+        return self.graph.spans
+
+    @property
+    def edges(self) -> list[tuple[str, ...]]:
+        """Circuit edges as ``(sender, receiver)`` name pairs, sender-major graph order; on a
+        positional graph ``(sender, receiver, span)`` triples."""
+        return self.graph.named(self.mask)
+
+    @property
+    def sender_receiver_mask(self) -> Bool[torch.Tensor, "n_senders n_receivers"]:
+        """Bool ``[n_senders, n_receivers]``: the edges in the circuit at any span (the mask
+        itself for a position-free circuit)."""
+        return self.mask.any(-1) if self.graph.positional else self.mask
 
     @property
     def nodes(self) -> list[str]:
         """Graph node names (senders and receivers, e.g. ``a0.h1``, ``a1.h0.q``, ``m0``) that
         at least one circuit edge touches, in graph order (senders first)."""
-        sent = self.mask.any(1).tolist()
-        read = self.mask.any(0).tolist()
+        mask = self.sender_receiver_mask
+        sent = mask.any(1).tolist()
+        read = mask.any(0).tolist()
         names = [n for n, on in zip(self.graph.senders, sent, strict=True) if on]
         seen = set(names)
         names += [
@@ -181,8 +188,9 @@ class Circuit:
         and ``logits``. A q/k/v receiver counts as the head(s) it feeds."""
         found: set[str] = set()
         group = self.graph.spec.n_heads // self.graph.spec.n_kv_heads
-        sent = self.mask.any(1).tolist()
-        read = self.mask.any(0).tolist()
+        mask = self.sender_receiver_mask
+        sent = mask.any(1).tolist()
+        read = mask.any(0).tolist()
         for node, on in zip(self.graph.sender_nodes, sent, strict=True):
             if on:
                 found.add(node.name)
@@ -202,30 +210,36 @@ class Circuit:
         return sorted(found, key=order.__getitem__)
 
     def coarsen(self) -> Circuit:
-        """This circuit on the one-group graph: an MLP edge is in it when any group edge is.
+        """This circuit on the plain graph: an MLP edge is in it when any group edge is, and
+        an edge of a positional circuit when it is in it at any span (the spans are dropped).
 
-        Scores, if any, are summed over groups (as `EdgeScores.coarsen`).
+        Scores, if any, are summed over groups and spans (as `EdgeScores.coarsen`).
         """
-        if self.graph.spec.mlp_groups == 1:
+        spec = self.graph.spec
+        if spec.mlp_groups == 1 and not spec.spans:
             return self
         graph, counts = coarsen_matrix(self.graph, self.mask.float())
         scores = None if self.scores is None else coarsen_matrix(self.graph, self.scores)[1]
-        metadata = {**self.metadata, "coarsened_from_mlp_groups": self.graph.spec.mlp_groups}
+        metadata = dict(self.metadata)
+        if spec.mlp_groups != 1:
+            metadata["coarsened_from_mlp_groups"] = spec.mlp_groups
+        if spec.spans:
+            metadata["coarsened_from_spans"] = list(spec.spans)
         return Circuit(graph, counts > 0, scores, metadata, self.model_name)
 
-    def edge_scores(self) -> dict[tuple[str, str], float | None]:
-        """``{(sender, receiver): score}`` for the circuit edges (``None`` without scores)."""
-        rows, cols = self.mask.nonzero(as_tuple=True)
-        s, r = self.graph.senders, self.graph.receivers
+    def edge_scores(self) -> dict[tuple[str, ...], float | None]:
+        """``{edge: score}`` for the circuit edges (names as in `edges`; ``None`` without
+        scores)."""
+        cells = self.mask.nonzero().tolist()
         return {
-            (s[i], r[j]): (None if self.scores is None else float(self.scores[i, j]))
-            for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
+            self.graph.cell_name(c): None if self.scores is None else float(self.scores[tuple(c)])
+            for c in cells
         }
 
     def __contains__(self, edge: object) -> bool:
-        if not (isinstance(edge, tuple) and len(edge) == 2):
+        if not (isinstance(edge, tuple) and len(edge) == (3 if self.graph.positional else 2)):
             return False
-        return bool(self.mask[self.graph.edge_index(str(edge[0]), str(edge[1]))])
+        return bool(self.mask[self.graph.cell(edge)])
 
     def __len__(self) -> int:
         return self.n_edges
@@ -242,9 +256,11 @@ class Circuit:
 
     def __repr__(self) -> str:
         name = f"{self.model_name}, " if self.model_name else ""
+        edges = "(edge, span) pairs" if self.graph.positional else "edges"
+        spans = f", spans {list(self.spans)}" if self.graph.positional else ""
         return (
-            f"Circuit({name}{self.n_edges} of {self.graph.n_edges} edges, "
-            f"{len(self.components)} components)"
+            f"Circuit({name}{self.n_edges} of {self.graph.n_edges} {edges}, "
+            f"{len(self.components)} components{spans})"
         )
 
     # ------------------------------------------------------------------ set algebra
@@ -304,18 +320,15 @@ class Circuit:
 
         ``G.graph`` carries ``spec``, ``model_name`` and ``metadata``, so `from_networkx`
         rebuilds the circuit exactly. Internal q/k/v -> head edges get ``in_circuit=False``.
+        A positional circuit gives an ``nx.MultiDiGraph`` with a ``span`` on every edge
+        (`Graph.to_networkx`).
         """
         g = self.graph.to_networkx()
         nx.set_edge_attributes(g, False, "in_circuit")
-        rows, cols = self.graph.valid.nonzero(as_tuple=True)
-        s, r = self.graph.senders, self.graph.receivers
-        mask = self.mask[rows, cols].tolist()
-        values = None if self.scores is None else self.scores[rows, cols].tolist()
-        for k, (i, j) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-            attrs = g.edges[s[i], r[j]]
-            attrs["in_circuit"] = bool(mask[k])
-            if values is not None:
-                attrs["score"] = values[k]
+        for index, attrs in network_edges(self.graph, g):
+            attrs["in_circuit"] = bool(self.mask[index])
+            if self.scores is not None:
+                attrs["score"] = float(self.scores[index])
         g.graph["model_name"] = self.model_name
         g.graph["metadata"] = dict(self.metadata)
         return g
@@ -325,17 +338,14 @@ class Circuit:
         """Inverse of `to_networkx`: edges with ``in_circuit=True`` form the circuit;
         ``score`` attributes (if any edge has one) become the scores."""
         graph = Graph.from_networkx(g)
-        mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
-        scores = torch.zeros(graph.n_senders, graph.n_receivers)
+        mask = torch.zeros(graph.dense_shape, dtype=torch.bool)
+        scores = torch.zeros(graph.dense_shape)
         has_scores = False
-        for s, r, attrs in g.edges(data=True):
-            if attrs.get("internal", False):
-                continue
-            i, j = graph.edge_index(s, r)
-            mask[i, j] = bool(attrs.get("in_circuit", False))
+        for index, attrs in network_edges(graph, g):
+            mask[index] = bool(attrs.get("in_circuit", False))
             if "score" in attrs:
                 has_scores = True
-                scores[i, j] = float(attrs["score"])
+                scores[index] = float(attrs["score"])
         return cls(
             graph,
             mask,
@@ -345,10 +355,10 @@ class Circuit:
         )
 
     def to_pandas(self, d_mlp: int | None = None) -> pd.DataFrame:
-        """One row per valid edge of the graph (not only the circuit's): the columns of
-        `EdgeScores.to_pandas` (names, node attributes, hooks and, given the MLP width
-        ``d_mlp``, each MLP node's neuron slice), ``score`` (NaN without scores) and
-        ``in_circuit``.
+        """One row per valid edge of the graph (not only the circuit's; per edge and span for a
+        positional circuit): the columns of `EdgeScores.to_pandas` (names, node attributes,
+        hooks, ``span`` when positional and, given the MLP width ``d_mlp``, each MLP node's
+        neuron slice), ``score`` (NaN without scores) and ``in_circuit``.
 
         Filter with ``df[df.in_circuit]``. Needs pandas (``pip install "ctlens[pandas]"``);
         see `ctlens.tables`.
@@ -406,7 +416,7 @@ class Circuit:
         """Raise ``ValueError`` unless the circuit belongs to ``model``'s graph."""
         groups = self.graph.spec.mlp_groups
         try:
-            graph = Graph.from_model(model, mlp_groups=groups)
+            graph = Graph.from_model(model, mlp_groups=groups, spans=self.graph.spans)
         except ValueError as err:
             raise ValueError(
                 f"this circuit splits each MLP into {groups} neuron groups, which this model "

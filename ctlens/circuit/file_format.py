@@ -11,6 +11,13 @@
 
 ``scores`` lists the score of every valid edge in the order of ``graph.valid.nonzero()``
 (sender-major) so that a circuit with scores round-trips losslessly.
+
+A positional circuit (`ctlens.graph`, token spans) is written as schema version 2: the
+graph spec names the spans (``"spans": ["subject", "end", "other"]``), each edge is
+``[sender, receiver, span, score]``, and ``scores`` lists every valid (edge, span) pair in
+``Graph.dense_valid.nonzero()`` order (sender, receiver, span). Position-free circuits stay
+version 1, so files written before spans existed load unchanged and older ctlens versions
+still read today's position-free files (and refuse positional ones by their version).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from ctlens.file_limits import check_header, declared_graph, edge_indices, requi
 from ctlens.graph import Graph, GraphSpec
 
 SCHEMA_VERSION = 1
+POSITIONAL_SCHEMA_VERSION = 2
 FILE_FORMAT = "ctlens.circuit"
 
 
@@ -34,19 +42,19 @@ def circuit_document(
     model: str | None,
 ) -> dict[str, Any]:
     """The JSON document `Circuit.save` writes for a circuit of these parts."""
-    rows, cols = mask.nonzero(as_tuple=True)
+    cells = mask.nonzero().tolist()
     edges = [
-        [graph.senders[i], graph.receivers[j], None if scores is None else float(scores[i, j])]
-        for i, j in zip(rows.tolist(), cols.tolist(), strict=True)
+        [*graph.cell_name(c), None if scores is None else float(scores[tuple(c)])]
+        for c in cells
     ]
     return {
         "format": FILE_FORMAT,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": POSITIONAL_SCHEMA_VERSION if graph.positional else SCHEMA_VERSION,
         "model": model,
         "graph": graph.spec.to_dict(),
         "n_edges": int(mask.sum()),
         "edges": edges,
-        "scores": None if scores is None else scores[graph.valid].tolist(),
+        "scores": None if scores is None else scores[graph.dense_valid].tolist(),
         "metadata": metadata,
     }
 
@@ -73,14 +81,14 @@ def parse_circuit_document(
                 f"({graph.n_edges}), got {got}"
             )
         values = _numbers(raw, f"{source}: 'scores'")
-        rows, cols = graph.valid.nonzero(as_tuple=True)
+        cells = graph.dense_valid.nonzero()
 
         def valid_edge(k: int) -> str:
-            return f"{graph.senders[int(rows[k])]} -> {graph.receivers[int(cols[k])]}"
+            return graph.cell_label(cells[k].tolist())
 
         require_finite(values, None, valid_edge, f"{source}: 'scores'")
-        scores = torch.zeros(graph.n_senders, graph.n_receivers)
-        scores[graph.valid] = values
+        scores = torch.zeros(graph.dense_shape)
+        scores[graph.dense_valid] = values
     elif any_edge_score:
         scores = edge_scores
     metadata = doc.get("metadata") or {}
@@ -92,9 +100,16 @@ def parse_circuit_document(
 
 def _document_graph(doc: Any, source: str, expected: GraphSpec | None) -> Graph:
     """Check the header of a circuit document and build its (bounded) graph."""
-    check_header(doc, source, "circuit", FILE_FORMAT, SCHEMA_VERSION, ("graph", "edges"),
-                 "for MIB / EAP-IG files use Circuit.from_mib_json", "re-create the circuit")
-    return declared_graph(doc["graph"], source, expected)
+    check_header(doc, source, "circuit", FILE_FORMAT, (SCHEMA_VERSION, POSITIONAL_SCHEMA_VERSION),
+                 ("graph", "edges"), "for MIB / EAP-IG files use Circuit.from_mib_json",
+                 "re-create the circuit")
+    graph = declared_graph(doc["graph"], source, expected)
+    if graph.positional != (doc["schema_version"] == POSITIONAL_SCHEMA_VERSION):
+        raise ValueError(
+            f"{source}: schema version {doc['schema_version']} does not fit its graph "
+            f"({'with' if graph.positional else 'without'} spans); the file is corrupted"
+        )
+    return graph
 
 
 def _parse_edges(
@@ -106,37 +121,41 @@ def _parse_edges(
     of millions of edges is checked in seconds and a repeated edge is refused by name.
     """
     items = doc["edges"]
+    names = 3 if graph.positional else 2  # sender, receiver (, span)
+    shape = "[sender, receiver, span, score]" if graph.positional else "[sender, receiver, score]"
     if not isinstance(items, list):
-        raise ValueError(f"{source}: 'edges' must be a list of [sender, receiver, score]")
+        raise ValueError(f"{source}: 'edges' must be a list of {shape}")
     malformed = next(
-        (k for k, item in enumerate(items) if not (isinstance(item, list) and len(item) in (2, 3))),
+        (k for k, item in enumerate(items)
+         if not (isinstance(item, list) and len(item) in (names, names + 1))),
         None,
     )
     if malformed is not None:
         raise ValueError(
-            f"{source}: edge {malformed} must be [sender, receiver, score], "
-            f"got {items[malformed]!r:.200}"
+            f"{source}: edge {malformed} must be {shape}, got {items[malformed]!r:.200}"
         )
     if "n_edges" in doc and doc["n_edges"] != len(items):
         raise ValueError(
             f"{source}: declares {doc['n_edges']} edges but lists {len(items)}; the file is "
             "corrupted"
         )
-    rows, cols = edge_indices(graph, [i[0] for i in items], [i[1] for i in items], source)
-    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
-    mask[rows, cols] = True
-    edge_scores = torch.zeros(graph.n_senders, graph.n_receivers)
-    scored = [k for k, item in enumerate(items) if len(item) == 3 and item[2] is not None]
+    spans = [i[2] for i in items] if graph.positional else None
+    index = edge_indices(graph, [i[0] for i in items], [i[1] for i in items], source, spans)
+    mask = torch.zeros(graph.dense_shape, dtype=torch.bool)
+    mask[index] = True
+    edge_scores = torch.zeros(graph.dense_shape)
+    scored = [k for k, item in enumerate(items) if len(item) > names and item[names] is not None]
     if scored:
-        values = _numbers([items[k][2] for k in scored], f"{source}: edge scores")
+        values = _numbers([items[k][names] for k in scored], f"{source}: edge scores")
 
         def listed_edge(k: int) -> str:
             item = items[scored[k]]
-            return f"edge {scored[k]} ({item[0]} -> {item[1]})"
+            at = f" at span {item[2]}" if graph.positional else ""
+            return f"edge {scored[k]} ({item[0]} -> {item[1]}{at})"
 
         require_finite(values, None, listed_edge, source)
-        index = torch.tensor(scored)
-        edge_scores[rows[index], cols[index]] = values
+        chosen = torch.tensor(scored)
+        edge_scores[tuple(t[chosen] for t in index)] = values
     return mask, edge_scores, bool(scored)
 
 

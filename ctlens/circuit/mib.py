@@ -33,10 +33,17 @@ def mib_document(
     """The EAP-IG / MIB-style ``{cfg, nodes, edges}`` document of a circuit of these parts
     (``components``: `Circuit.components`).
 
-    MIB names one node per MLP and has no edge names for groups of neurons, so a circuit on
-    a grouped graph is refused: export ``circuit.coarsen()`` instead.
+    MIB names one node per MLP and has no edge names for groups of neurons or positions, so
+    a circuit on a grouped or positional graph is refused: export ``circuit.coarsen()``
+    instead.
     """
     spec = graph.spec
+    if spec.spans:
+        raise ValueError(
+            f"this circuit is positional (spans {list(spec.spans)}); MIB's edge format has no "
+            "positions. Export circuit.coarsen() (an edge is in it when it is in the circuit "
+            "at any span; scores summed over spans) instead"
+        )
     if spec.mlp_groups != 1:
         raise ValueError(
             f"this circuit splits each MLP into {spec.mlp_groups} neuron groups; MIB's edge "

@@ -10,6 +10,9 @@ need, or in another module named by ``func=lazy_runner("package.module:run_x")``
 
 What `main` does for every command, so that each one behaves the same:
 
+- names first: a parser's ``set_defaults(check=f)`` runs ``f(args)`` before anything else,
+  and before torch is imported, so a wrong model or task name fails in one line at once;
+- help: every option's default is said once (`ctlens.cli.support.HelpFormatter`);
 - ``--threads`` (where a command has it, otherwise the default): torch's CPU threads, see
   `ctlens.cli.support.default_threads`;
 - ``--device``: refused at once when torch cannot use it here (no CUDA, say);
@@ -17,7 +20,9 @@ What `main` does for every command, so that each one behaves the same:
   path is checked for its kind and for being writable before any work starts;
 - errors: a `UsageError`, ``ValueError``, ``KeyError``, ``TypeError`` or ``OSError`` (file
   not found, read-only file system, disk full) is printed as one line,
-  ``ctlens COMMAND: error: ...``, and the exit status is 2; Ctrl-C exits with 130.
+  ``ctlens COMMAND: error: ...``, and the exit status is 2; Ctrl-C exits with 130. A library
+  message that gives both spellings of an option, ``name=value (--flag ...)``, keeps the
+  command line's (`CLI_SPELLING`).
 """
 
 from __future__ import annotations
@@ -30,11 +35,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctlens._version import __version__
-from ctlens.cli.support import apply_threads, check_device, check_output, describe_os_error
+from ctlens.cli.support import (
+    HelpFormatter,
+    apply_threads,
+    check_device,
+    check_output,
+    describe_os_error,
+)
 
 COMMANDS: tuple[str, ...] = (
     "ctlens.cli.discover:add_discover_command",
     "ctlens.cli.tune:add_tune_command",
+    "ctlens.cli.tasks:add_tasks_command",
     "ctlens.cli.report:add_report_command",
     "ctlens.cli.diff:add_diff_command",
     "ctlens.cli.zoo:add_zoo_command",
@@ -43,6 +55,9 @@ COMMANDS: tuple[str, ...] = (
     "ctlens.cli.apply_delta:add_apply_delta_command",
 )
 """The sub-commands, in help order: ``"module:function"`` registering each (see above)."""
+
+CLI_SPELLING = re.compile(r"\b[a-z_]+=\S+ \((--[^)]+)\)")
+"""``overwrite=True (--overwrite)`` in a library message: the command line keeps the flag."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,11 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in COMMANDS:
         module_name, _, function = entry.partition(":")
         getattr(importlib.import_module(module_name), function)(commands)
+    _use_formatter(parser)
     return parser
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """`HelpFormatter` for ``parser``'s sub-commands, at every depth (``zoo train``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.formatter_class = HelpFormatter
+                _use_formatter(child)
 
 
 def _prepare(args: argparse.Namespace) -> None:
     """The checks and settings every command gets before it runs (module docstring)."""
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
     out_kind = getattr(args, "out_kind", None)
     if out_kind is not None and getattr(args, "out", None) is not None:
         check_output(args.out, out_kind)
@@ -88,7 +116,7 @@ def _one_line(err: BaseException) -> str:
         text = str(err.args[0])
     else:
         text = str(err) or type(err).__name__
-    return " ".join(text.split())
+    return CLI_SPELLING.sub(r"\1", " ".join(text.split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Shows the whole first half of the pipeline in one command::
 
-    ctlens discover                                  # zoo default model, agreement task
+    ctlens discover                                  # zoo:tiny-gpt2, agreement task
     ctlens discover --model zoo:tiny-gpt2 --task ioi --method eap-ig --top 30 --out ioi.json
 
 The parser is built from light modules (``ctlens --help`` loads no torch); the run imports
@@ -15,15 +15,22 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ctlens.cli.support import memory_size, phase, positive_int
+from ctlens.cli.support import (
+    DEFAULT_MODEL,
+    add_n_examples,
+    check_model_and_task,
+    memory_size,
+    phase,
+    positive_int,
+)
 from ctlens.sizes import parse_size
 from ctlens.types import Ablation, Method
 
 if TYPE_CHECKING:
     from ctlens.scores import EdgeScores
 
-DEFAULT_MODEL = "zoo:tiny-llama"
 DEFAULT_TASK = "agreement"
+"""The behaviour ``ctlens tune``'s default task (agreement-flip) fine-tunes away from."""
 
 
 def add_discover_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,19 +42,19 @@ def add_discover_command(commands: argparse._SubParsersAction) -> argparse.Argum
         "patching, print the strongest edges and nodes, and optionally save the circuit. "
         "Phases and their times go to stderr, results to stdout.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}): "
-                   "zoo:NAME, a local HF directory or a hub name")
-    p.add_argument("--task", default=DEFAULT_TASK, help=f"task name or JSONL file "
-                   f"(default {DEFAULT_TASK}; see ctlens.tasks.names())")
-    p.add_argument("--method", default=Method.EAP.value, choices=[m.value for m in Method])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo:NAME, a local HF directory "
+                   "or a hub name; ctlens tune starts from the same model")
+    p.add_argument("--task", default=DEFAULT_TASK, help="a built-in task (ctlens tasks lists "
+                   "them) or a JSONL file; agreement is the behaviour that ctlens tune's "
+                   "agreement-flip fine-tunes away from")
+    p.add_argument("--method", default=Method.EAP.value, choices=[m.value for m in Method],
+                   help="attribution method")
     p.add_argument("--ablation", default=Ablation.CORRUPT.value,
-                   choices=[a.value for a in Ablation])
-    p.add_argument("--n", type=positive_int, default=128,
-                   help="examples to attribute on (default 128)")
-    p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="examples per pass (default 32)")
+                   choices=[a.value for a in Ablation], help="what an ablated edge carries")
+    add_n_examples(p, 128, "examples to attribute on")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per pass")
     p.add_argument("--steps", type=positive_int, default=5, help="integration steps for eap-ig")
-    p.add_argument("--top", type=positive_int, default=20, help="edges to print (default 20)")
+    p.add_argument("--top", type=positive_int, default=20, help="edges to print")
     p.add_argument("--top-n", type=parse_size, default=None,
                    help="edges to keep in the saved circuit: a count (at most the graph's "
                    "valid edges, checked before attribution runs), or a fraction of the valid "
@@ -61,12 +68,12 @@ def add_discover_command(commands: argparse._SubParsersAction) -> argparse.Argum
                    "gradients are queued, the sender buffer is kept in the model's dtype, "
                    "batches are split and, for long prompts, senders are scored in groups")
     p.add_argument("--seed", type=int, default=0, help="seed for the task sample")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
                    "minus one, at least 1)")
     p.add_argument("--out", default=None, help="write the circuit as JSON to this path")
-    p.set_defaults(func=run_discover, out_kind="file")
+    p.set_defaults(func=run_discover, out_kind="file", check=check_model_and_task)
     return p
 
 

@@ -25,20 +25,37 @@ def add_plan_command(subparsers: Any) -> argparse.ArgumentParser:
                    "read) or zoo:NAME")
     p.add_argument("--mode", default="attribute", choices=["attribute", "forward", "tune"])
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig"],
-                   help="attribution method (default eap)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per pass (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
+                   help="attribution method")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per pass")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     p.add_argument("--dtype", default=None, help="weights' dtype, e.g. bfloat16 "
-                   "(default: the checkpoint's, float32 for a real-shape name)")
+                   "(default: the checkpoint's, float32 for a real-shape name); ctlens tune "
+                   "trains fp32 weights, so plan --mode tune without it")
     p.add_argument("--mlp-groups", type=int, default=1, help="MLP neuron groups per layer")
-    p.add_argument("--ranks", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--ranks", type=int, default=1, help="processes")
     p.add_argument("--shard", choices=["fsdp"], default=None,
                    help="shard weights, gradients and optimizer state across --ranks")
     p.add_argument("--budget", default=None,
                    help="memory per device, e.g. 80GB or 24GiB: recommends a batch size")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run_plan)
+    p.set_defaults(func=run_plan, check=check_plan)
     return p
+
+
+def check_plan(args: argparse.Namespace) -> None:
+    """Refuse an unknown ``--model`` before torch is imported (names, zoo names and
+    directories: what `_source` reads later)."""
+    from pathlib import Path
+
+    from ctlens import real_shapes
+
+    text = args.model
+    if text.startswith("zoo:"):
+        from ctlens import zoo
+
+        zoo.model_dir(text[4:])
+    elif not Path(text).expanduser().is_dir():
+        real_shapes.shape(text)
 
 
 def _source(text: str) -> Any:

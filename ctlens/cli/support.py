@@ -5,6 +5,9 @@ build its parsers, and ``ctlens --help`` must answer without loading torch.
 
 - `UsageError`: a bad argument or environment; ``ctlens`` prints it as one line and exits 2.
 - `lazy_runner`: a sub-command's ``func`` that imports its implementation only when run.
+- `HelpFormatter`: every option's help states its default once.
+- `DEFAULT_MODEL`, `add_n_examples`, `check_model_and_task`: what ``discover`` and ``tune``
+  share (one default model, one name for the example count, names checked before torch).
 - `positive_int`: an argparse ``type`` for counts.
 - `default_threads` / `apply_threads`: the CPU thread count every command runs with.
 - `check_device`: ``--device cuda`` on a machine without CUDA fails before any work.
@@ -31,9 +34,45 @@ from ctlens.types import DEVICE_TYPES
 
 OutputKind = Literal["file", "dir"]
 
+DEFAULT_MODEL = "zoo:tiny-gpt2"
+"""The model ``discover`` and ``tune`` use without ``--model``: one story across both, with
+``discover`` finding its agreement circuit and ``tune`` flipping that behaviour."""
+
 
 class UsageError(ValueError):
     """A bad argument, device or output path; the message says what to change."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Ends an option's help with ``(default: X)`` unless its text already names the default,
+    the default is unset (None, False) or the option is required: said once, never twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (text is None or text == argparse.SUPPRESS or "default" in text
+                or not action.option_strings or action.required or action.default is None
+                or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def add_n_examples(parser: argparse.ArgumentParser, default: int, help_text: str) -> None:
+    """``--n-examples N`` (into ``args.n``), the one documented spelling; ``--n`` stays as a
+    hidden alias (torchrun, the documented launcher, takes a bare ``--n`` as its own)."""
+    parser.add_argument("--n-examples", dest="n", type=positive_int, default=default,
+                        metavar="N", help=help_text)
+    parser.add_argument("--n", dest="n", type=positive_int, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+
+
+def check_model_and_task(args: argparse.Namespace) -> None:
+    """Refuse an unknown ``--model`` or ``--task`` before torch is imported (a typo then
+    fails in a fraction of a second, not after the 3 s import and a model load)."""
+    from ctlens.model_source import check_source
+    from ctlens.tasks.catalog import check_name
+
+    check_source(args.model)
+    check_name(args.task)
 
 
 def lazy_runner(target: str) -> Callable[[argparse.Namespace], int]:

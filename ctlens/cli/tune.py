@@ -21,12 +21,22 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ctlens.cli.support import memory_size
+from ctlens.cli.support import (
+    DEFAULT_MODEL,
+    UsageError,
+    add_n_examples,
+    check_model_and_task,
+    memory_size,
+    phase,
+)
+from ctlens.dir_lock import DirLock
+from ctlens.run_format import RUN_LOCK_HOLDER
 from ctlens.sizes import parse_size
 from ctlens.tuning.config import TuneConfig
 
-DEFAULT_MODEL = "zoo:tiny-gpt2"
 DEFAULT_TASK = "agreement-flip"
+"""``ctlens discover``'s default task (agreement) with the answers swapped: the paper's
+subject-verb disagreement experiment."""
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
@@ -88,26 +98,63 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "steps (arXiv 2502.06106), or run a baseline (full, random, lora). Writes a run "
         "directory (docs/run-format.md): run.json, metrics.jsonl, circuits/, checkpoints/, "
         "model/. Running the same command again resumes from the last checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="zoo:NAME, a local HF model directory or a hub name")
+                   help="zoo:NAME, a local HF model directory or a hub name; ctlens discover "
+                   "starts from the same model")
     p.add_argument("--task", default=DEFAULT_TASK,
-                   help="task name (ctlens.tasks.names()) or a JSONL file")
+                   help="a built-in task (ctlens tasks lists them) or a JSONL file; "
+                   "agreement-flip tunes towards the wrong verb number (the paper's experiment) "
+                   "on the circuit ctlens discover finds for agreement")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different run in --out (only the run's own files)")
-    p.add_argument("--n", "--n-examples", dest="n", type=int, default=256,
-                   help="examples per discovery/eval set (under torchrun write --n-examples: "
-                        "torchrun reads a bare --n as an abbreviation of its own options)")
+    add_n_examples(p, 256, "examples per discovery and evaluation set")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
+                   "minus one, at least 1)")
     hints = typing.get_type_hints(TuneConfig)
     for field in dataclasses.fields(TuneConfig):
         _add_field(p, field, hints[field.name])
-    p.set_defaults(func=run_tune, out_kind="dir")
+    p.set_defaults(func=run_tune, out_kind="dir", check=check_tune)
     return p
+
+
+def check_tune(args: argparse.Namespace) -> None:
+    """What ``ctlens tune`` can refuse before torch is imported: the model and task names,
+    and (without ``--overwrite``) an ``--out`` holding a run of another model, task or
+    config. The tuner checks the same again, with the graph and the data, once they exist."""
+    check_model_and_task(args)
+    run_json = Path(args.out) / "run.json"
+    if args.overwrite or not run_json.is_file():
+        return
+    try:
+        old = json.loads(run_json.read_text())
+        old_config = TuneConfig.from_dict(old.get("config", {})).semantic_dict()
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # not a readable run: the tuner says what is wrong with it
+    from ctlens.tasks.catalog import is_task_file
+
+    task = Path(args.task).stem if is_task_file(args.task) else args.task
+    new_config = config_from_args(args).semantic_dict()
+    old_config |= {"model": old.get("model"), "task": old.get("task")}
+    new_config |= {"model": args.model, "task": task}
+    changed = [key for key in sorted(set(old_config) | set(new_config), key=_flags_first)
+               if old_config.get(key) != new_config.get(key)]
+    if changed:
+        said = "; ".join(f"--{key.replace('_', '-')} {old_config.get(key)!r} there, "
+                         f"{new_config.get(key)!r} now" for key in changed[:4])
+        steps = ("a run's --steps cannot be changed (its learning-rate and top-N schedules "
+                 "depend on them); " if "steps" in changed else "")
+        raise UsageError(f"--out {args.out} holds a different run ({said}); {steps}choose "
+                         "another --out, or pass --overwrite to replace it")
+
+
+def _flags_first(key: str) -> tuple[bool, str]:
+    """Model and task first in a list of differences: the likeliest mistake."""
+    return key not in ("model", "task"), key
 
 
 def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
@@ -136,8 +183,8 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
                        help=help_text)
     elif type(None) in args:
         inner = next(a for a in args if a is not type(None))
-        p.add_argument(flag, type=_optional(inner), default=default,
-                       help=help_text + " (a number or 'none')")
+        note = "" if "none" in help_text else " (a number or 'none')"
+        p.add_argument(flag, type=_optional(inner), default=default, help=help_text + note)
     else:
         p.add_argument(flag, type=hint, default=default, help=help_text)
 
@@ -158,43 +205,47 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    """Run ``ctlens tune``; prints the last evaluation and where the results are."""
-    import torch
+    """Run ``ctlens tune``; prints its phases (stderr), the last evaluation and where the
+    results are. ``--out`` is locked first (`ctlens.dir_lock`), before anything loads, so a
+    second ``ctlens tune`` on it stops at once; under ``--shard`` rank 0 locks it in
+    `CircuitTuner.run`."""
+    config = config_from_args(args)
+    with contextlib.ExitStack() as held:
+        if config.shard is None:
+            held.enter_context(DirLock(args.out, RUN_LOCK_HOLDER))
+        return _tune(args, config)
 
-    from ctlens.tuning.rundir import RunDir
+
+def _tune(args: argparse.Namespace, config: TuneConfig) -> int:
+    """Load torch, the model and the task, then run (or resume) the tuning in ``--out``."""
+    with phase("loading torch and the tuner"):
+        import torch
+
+        from ctlens.graph import Graph
+        from ctlens.model import load_model
+        from ctlens.tasks.bundle import load
+        from ctlens.tuning.discovery import check_top_n
+        from ctlens.tuning.rundir import RunWriteError
+        from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = config_from_args(args)
     device = args.device
-    if config.shard is not None:  # rank 0 locks --out in CircuitTuner.run
+    if config.shard is not None:
         device, error = _start_process_group(device)
         if error:
             print(f"ctlens tune: error: {error}", file=sys.stderr)
             return 2
-    with contextlib.ExitStack() as held:
-        if config.shard is None:  # before any loading: a second tune on --out stops at once
-            held.enter_context(RunDir(Path(args.out)).lock())
-        return _tune(args, config, device)
-
-
-def _tune(args: argparse.Namespace, config: TuneConfig, device: str | None) -> int:
-    """Load the model and task, then run (or resume) the tuning in ``args.out``."""
-    import torch
-
-    from ctlens.graph import Graph
-    from ctlens.model import load_model
-    from ctlens.tasks.bundle import load
-    from ctlens.tuning.discovery import check_top_n
-    from ctlens.tuning.rundir import RunWriteError
-    from ctlens.tuning.runner import CircuitTuner
-
-    model = load_model(args.model, device=device)
+    with phase(f"loading {args.model}"):
+        model = load_model(args.model, device=device)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     check_top_n(config, graph)  # before any task or attribution work
-    task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
-                tokenizer=getattr(model, "tokenizer", None))
+    with phase(f"building task {args.task!r} ({args.n} examples, {args.n_train} training rows)"):
+        task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+                    tokenizer=getattr(model, "tokenizer", None))
+    print(f"circuit-tuning ({config.mode}) for {config.steps} steps into {args.out}, "
+          f"evaluating every {config.eval_every}", file=sys.stderr)
     try:
         result = CircuitTuner(model, task, config, model_name=args.model).run(
             args.out, overwrite=args.overwrite

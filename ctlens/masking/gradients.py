@@ -120,7 +120,9 @@ def restrict_gradients(
 
     Args:
         model: a bridge from `ctlens.load_model`.
-        circuit: a `Circuit` of this model's graph.
+        circuit: a `Circuit` of this model's graph. A positional circuit opens a node's
+            parameters when the node takes part in a circuit edge at any span: parameters
+            are shared across token positions, so they cannot move for one span only.
         optimizer: if given, frozen entries of its parameters are copied back after every
             ``optimizer.step()`` so they stay bit-identical under momentum and weight decay.
             Without it, only gradients are masked (momentum or weight decay may still move

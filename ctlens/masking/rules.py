@@ -2,6 +2,9 @@
 
 A circuit unlocks a node's parameters when the node takes part in a circuit edge: as a
 sender (it sends along at least one edge) or as a receiver (it reads along at least one).
+In a positional circuit that means at any span: parameters are shared across positions, so
+a node whose edge is kept at one span moves for every position (the forward mask, not the
+gradient restriction, is what makes an edge act at its span only).
 What a node unlocks is looked up by its role and kind in two tables, `SENDER_RULES` and
 `RECEIVER_RULES`, each entry a small function that names the slices it opens:
 
@@ -42,7 +45,7 @@ from jaxtyping import Bool
 from torch import nn
 
 from ctlens.circuit import Circuit
-from ctlens.graph import Graph, groups_of
+from ctlens.graph import model_graph
 from ctlens.types import Node, NodeKind
 
 
@@ -317,7 +320,7 @@ def rule_openings(
     Reads only the model's structure and parameter shapes, never their values, so it works
     on sharded parameters (`ctlens.tuning.local_rules` cuts the openings to a rank's rows).
     """
-    graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
+    graph = model_graph(model, circuit)
     if circuit.graph != graph:
         raise ValueError(
             f"the circuit belongs to another model's graph ({circuit.graph!r}); this model has "
@@ -332,8 +335,8 @@ def rule_openings(
                 mapped.setdefault(id(p), p)
     openings: list[tuple[nn.Parameter, tuple[Any, ...]]] = []
     for role, table, nodes, active in (
-        ("sender", SENDER_RULES, graph.sender_nodes, circuit.mask.any(1)),
-        ("receiver", RECEIVER_RULES, graph.receiver_nodes, circuit.mask.any(0)),
+        ("sender", SENDER_RULES, graph.sender_nodes, circuit.sender_receiver_mask.any(1)),
+        ("receiver", RECEIVER_RULES, graph.receiver_nodes, circuit.sender_receiver_mask.any(0)),
     ):
         for i in active.nonzero()[:, 0].tolist():
             node = nodes[i]

@@ -30,16 +30,17 @@ from ctlens.tasks.language import vocabulary
 from ctlens.tasks.tokenizer import TOKENIZER_PATH, tokenizer
 
 if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API docs
-    from ctlens.tasks.bundle import DESCRIPTIONS, Task, load, load_jsonl, names, to_taskdata
+    from ctlens.tasks.bundle import Task, load, load_jsonl, to_taskdata
+    from ctlens.tasks.catalog import DESCRIPTIONS, names
     from ctlens.tasks.generators import PromptBatch
 
 _EXPORTS: dict[str, str] = {
-    "DESCRIPTIONS": "ctlens.tasks.bundle",
+    "DESCRIPTIONS": "ctlens.tasks.catalog",
     "PromptBatch": "ctlens.tasks.generators",
     "Task": "ctlens.tasks.bundle",
     "load": "ctlens.tasks.bundle",
     "load_jsonl": "ctlens.tasks.bundle",
-    "names": "ctlens.tasks.bundle",
+    "names": "ctlens.tasks.catalog",
     "to_taskdata": "ctlens.tasks.bundle",
 }
 

@@ -20,6 +20,7 @@ from jaxtyping import Bool, Int
 
 from ctlens.data import TaskData
 from ctlens.tasks import generators
+from ctlens.tasks.catalog import DESCRIPTIONS, names
 from ctlens.tasks.corpus import general_rows
 from ctlens.tasks.language import Example
 from ctlens.tasks.tokenizer import BOS, encode_words, word_to_id
@@ -81,30 +82,7 @@ class Task:
         object.__setattr__(self, "evals", MappingProxyType(dict(self.evals)))
 
 
-DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
-    {
-        "agreement": "Subject-verb number agreement across prepositional-phrase and "
-        "relative-clause attractors; metric: logit(correct verb) - logit(wrong verb).",
-        "agreement-flip": "Fine-tune towards the wrong verb number (the paper's subject-verb "
-        "disagreement experiment); metric: logit(wrong form) - logit(correct form).",
-        "pronoun": "Pronoun after a stereotyped occupation ('the nurse said that'); "
-        "metric: logit(she) - logit(he).",
-        "pronoun-debias": "Fine-tune so that she and he are equally likely after occupations; "
-        "metric: logit(she) - logit(he), objective: zero.",
-        "ioi": "Indirect object identification ('when mary and john went to the store , "
-        "john gave a drink to' -> mary); metric: logit(IO) - logit(S).",
-        "induction": "Repeated random word sequences; metric: mean log-probability of the "
-        "repeated tokens at the second copy.",
-        "general": "Held-out general corpus (all task families plus filler sentences); "
-        "metric: log-probability of every next token (minus the LM loss).",
-    }
-)
 EVAL_TASKS: tuple[str, ...] = ("agreement", "ioi", "pronoun", "induction")
-
-
-def names() -> list[str]:
-    """Names of the built-in tasks accepted by :func:`load`."""
-    return list(DESCRIPTIONS)
 
 
 def to_taskdata(batch: generators.PromptBatch, flip: bool = False) -> TaskData:
@@ -122,15 +100,21 @@ def to_taskdata(batch: generators.PromptBatch, flip: bool = False) -> TaskData:
         positions=batch.positions,
         attention_mask=batch.attention_mask,
         metric=batch.metric,
+        spans=batch.spans,
+        span_names=batch.span_names,
     )
 
 
 def _training_rows(
-    examples: list[Example], flip: bool = False
+    examples: list[Example], span_names: tuple[str, ...], flip: bool = False
 ) -> tuple[
     Int[torch.Tensor, "n seq"], Bool[torch.Tensor, "n seq"], Bool[torch.Tensor, "n seq"], TaskData
 ]:
-    """``<bos> prompt target`` rows; the target is ``next_word()`` (or ``wrong`` if ``flip``)."""
+    """``<bos> prompt target`` rows; the target is ``next_word()`` (or ``wrong`` if ``flip``).
+
+    The prompt's tokens carry its spans (`generators.SPANS`); the target token, read by no
+    metric, goes to ``other``.
+    """
     bos = word_to_id()[BOS]
     rows, targets, contrasts = [], [], []
     for e in examples:
@@ -140,6 +124,8 @@ def _training_rows(
         targets.append(encode_words([target])[0])
         contrasts.append(encode_words([contrast])[0])
     tokens, attention = generators.pad_rows(rows)
+    other = span_names.index("other")
+    spans = [[*r, other] for r in generators.span_rows(examples, span_names)]
     last = attention.sum(1) - 1
     target_mask = torch.zeros_like(attention)
     target_mask[torch.arange(len(rows)), last] = True
@@ -149,6 +135,8 @@ def _training_rows(
         wrong=torch.tensor(contrasts),
         positions=last - 1,
         attention_mask=attention,
+        spans=generators.pad_labels(spans),
+        span_names=span_names,
     )
     return tokens, target_mask, attention, data
 
@@ -203,7 +191,9 @@ def load(
             if base == "pronoun"
             else generators.examples(base, n_train, seed, "train")
         )
-        tokens, target_mask, attention, train_data = _training_rows(train_examples, flip=flip)
+        tokens, target_mask, attention, train_data = _training_rows(
+            train_examples, generators.SPANS[base], flip=flip
+        )
         if flip:
             evals[name] = to_taskdata(generators.agreement(n, seed, "eval"), flip=True)
         if name == "pronoun-debias":
@@ -245,12 +235,16 @@ def load(
 
 
 def _next_token_data(tokens: Int[torch.Tensor, "n ctx"]) -> TaskData:
-    """Full rows scored on the log-probability of every next token (no corrupt)."""
+    """Full rows scored on the log-probability of every next token (no corrupt).
+
+    Corpus text has no roles shared across rows, so its spans are the token positions
+    (`TaskData.with_position_spans`; every row has the same length).
+    """
     n, ctx = tokens.shape
     positions = torch.arange(ctx - 1).expand(n, -1).clone()
     return TaskData(
         clean=tokens, correct=tokens[:, 1:].clone(), positions=positions, metric="logprob"
-    )
+    ).with_position_spans()
 
 
 def load_jsonl(

@@ -30,6 +30,16 @@ from ctlens.tasks.language import (
 )
 from ctlens.tasks.tokenizer import BOS, PAD, encode_words, word_to_id
 
+SPANS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "agreement": ("subject", "attractor", "end", "other"),
+    "pronoun": ("occupation", "end", "other"),
+    "ioi": ("io", "s1", "s2", "end", "other"),
+    "induction": ("first", "second", "other"),
+})
+"""The token spans of each task family (positional circuits, `ctlens.spans`): the words'
+roles (`Example.roles`; induction: the two copies), ``end`` the last prompt token, where the
+answer is predicted (it wins over a role), and ``other`` the rest (``<bos>``, fillers)."""
+
 
 @dataclass(frozen=True)
 class PromptBatch:
@@ -38,6 +48,8 @@ class PromptBatch:
     ``positions``/``correct``/``wrong`` are ``[n]`` for single-answer tasks and ``[n, P]``
     for induction (``wrong`` is None there; the metric is the log-probability). ``groups``
     names a per-example property (occupation, subject number) for grouped evaluations.
+    ``spans`` labels each token with its span, an index into ``span_names`` (`SPANS`;
+    -1 on padding).
     """
 
     clean: Int[torch.Tensor, "n seq"]
@@ -48,6 +60,8 @@ class PromptBatch:
     wrong: Int[torch.Tensor, " n *p"] | None
     metric: str
     groups: tuple[str, ...] = ()
+    spans: Int[torch.Tensor, "n seq"] | None = None
+    span_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -72,7 +86,24 @@ def pad_rows(
     return ids, mask
 
 
-def batch_from_examples(examples: Sequence[Example], metric: str = "logit_diff") -> PromptBatch:
+def span_rows(
+    examples: Sequence[Example], names: tuple[str, ...], end: bool = True
+) -> list[list[int]]:
+    """Per example, the span label of ``<bos>`` and each prompt word (`SPANS` ``names``):
+    its role, ``end`` for the last word (unless ``end=False``), else ``other``."""
+    index = {name: k for k, name in enumerate(names)}
+    rows = []
+    for e in examples:
+        roles = [*(e.roles or ("",) * len(e.prompt))]
+        if end:
+            roles[-1] = "end"
+        rows.append([index["other"], *(index[r or "other"] for r in roles)])
+    return rows
+
+
+def batch_from_examples(
+    examples: Sequence[Example], span_names: tuple[str, ...], metric: str = "logit_diff"
+) -> PromptBatch:
     """Encode examples (``<bos>`` + prompt) into a right-padded :class:`PromptBatch`."""
     if not examples:
         raise ValueError("need at least one example to build a batch")
@@ -93,7 +124,17 @@ def batch_from_examples(examples: Sequence[Example], metric: str = "logit_diff")
         wrong=torch.tensor(encode_words([e.wrong for e in examples])),
         metric=metric,
         groups=tuple(e.group for e in examples),
+        spans=pad_labels(span_rows(examples, span_names)),
+        span_names=span_names,
     )
+
+
+def pad_labels(rows: Sequence[Sequence[int]]) -> Int[torch.Tensor, "n seq"]:
+    """Right-pad span label lists with -1 (no span)."""
+    labels = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return labels
 
 
 def examples(
@@ -132,7 +173,7 @@ def examples(
 
 def agreement(n: int, seed: int = 0, stream: str = "eval") -> PromptBatch:
     """Subject-verb agreement pairs; corrupt flips the subject's number."""
-    return batch_from_examples(examples("agreement", n, seed, stream))
+    return batch_from_examples(examples("agreement", n, seed, stream), SPANS["agreement"])
 
 
 def pronoun(n: int, seed: int = 0, stream: str = "eval") -> PromptBatch:
@@ -141,12 +182,12 @@ def pronoun(n: int, seed: int = 0, stream: str = "eval") -> PromptBatch:
     Answer ``she``, wrong ``he`` for every example (metric: she - he logit difference);
     ``groups`` holds each example's occupation.
     """
-    return batch_from_examples(examples("pronoun", n, seed, stream))
+    return batch_from_examples(examples("pronoun", n, seed, stream), SPANS["pronoun"])
 
 
 def ioi(n: int, seed: int = 0, stream: str = "eval") -> PromptBatch:
     """Indirect-object identification; answer IO, wrong S; corrupt replaces S by a 3rd name."""
-    return batch_from_examples(examples("ioi", n, seed, stream))
+    return batch_from_examples(examples("ioi", n, seed, stream), SPANS["ioi"])
 
 
 def induction(n: int, seed: int = 0, stream: str = "eval", length: int = 12) -> PromptBatch:
@@ -175,6 +216,8 @@ def induction(n: int, seed: int = 0, stream: str = "eval", length: int = 12) -> 
     clean, mask = pad_rows(clean_rows)
     corrupt, _ = pad_rows(corrupt_rows)
     positions = torch.arange(length + 1, 2 * length).expand(n, -1).clone()
+    first, second, other = range(3)  # SPANS["induction"]
+    spans = torch.tensor([other] + [first] * length + [second] * length).expand(n, -1).clone()
     return PromptBatch(
         clean=clean,
         corrupt=corrupt,
@@ -183,6 +226,8 @@ def induction(n: int, seed: int = 0, stream: str = "eval", length: int = 12) -> 
         correct=clean.gather(1, positions + 1),
         wrong=None,
         metric="logprob",
+        spans=spans,
+        span_names=SPANS["induction"],
     )
 
 

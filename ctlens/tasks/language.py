@@ -290,7 +290,9 @@ class Example:
     text when it is not ``answer`` (pronoun examples sample it from the corpus statistics);
     ``rest`` is the rest of the sentence after it. ``group`` records a property that
     evaluations group by (the occupation for pronoun examples, ``"sg"``/``"pl"`` for
-    agreement, else empty).
+    agreement, else empty). ``roles`` names the role of each prompt word (``"subject"``,
+    ``"io"``, ...; ``""`` for none): the token spans of positional circuits
+    (`ctlens.tasks.generators.SPANS` adds ``"end"``, the last word, and ``"other"``).
     """
 
     prompt: tuple[str, ...]
@@ -300,6 +302,7 @@ class Example:
     rest: tuple[str, ...] = ()
     group: str = ""
     target: str | None = None
+    roles: tuple[str, ...] = ()
 
     def next_word(self) -> str:
         """The word that follows the prompt in the clean sentence."""
@@ -355,6 +358,7 @@ def agreement_example(rng: random.Random, max_attractors: int = 2) -> Example:
         wrong=wrong,
         rest=tuple(rest),
         group="pl" if plural else "sg",
+        roles=("subject",) * len(subject) + ("attractor",) * len(attractors),
     )
 
 
@@ -408,6 +412,7 @@ def pronoun_example(
     corrupt = [other if w == "{occ}" else w for w in words]
     clean = clean[:2] + pp + clean[2:]
     corrupt = corrupt[:2] + pp + corrupt[2:]
+    roles = tuple("occupation" if i == 1 else "" for i in range(len(clean)))  # "the {occ} .."
     pronoun = "she" if rng.random() < she_rate else "he"
     return Example(
         prompt=tuple(clean),
@@ -417,6 +422,7 @@ def pronoun_example(
         rest=tuple(rng.choice(PRONOUN_CONTINUATIONS).split()),
         group=occupation,
         target=pronoun,
+        roles=roles,
     )
 
 
@@ -432,7 +438,11 @@ def ioi_example(rng: random.Random) -> Example:
     place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
     clean = template.format(a=a, b=b, s=s, place=place, obj=obj).split()
     corrupt = template.format(a=a, b=b, s=c, place=place, obj=obj).split()
-    return Example(prompt=tuple(clean), corrupt=tuple(corrupt), answer=io, wrong=s, rest=(".",))
+    slot_role = {"{a}": "io" if a == io else "s1", "{b}": "io" if b == io else "s1", "{s}": "s2"}
+    roles = tuple(slot_role.get(word, "") for word in template.split())
+    return Example(
+        prompt=tuple(clean), corrupt=tuple(corrupt), answer=io, wrong=s, rest=(".",), roles=roles
+    )
 
 
 def induction_sequence(rng: random.Random, length: int) -> list[str]:

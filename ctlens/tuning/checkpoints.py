@@ -231,8 +231,8 @@ def _other_run(saved: dict[str, Any], config: TuneConfig, graph: dict[str, Any])
     if differ:
         return "; ".join(differ[:3])
     senders, receivers = graph_shape(GraphSpec.from_dict(graph))
-    mask = saved.get("circuit_mask")
-    if mask is not None and tuple(mask.shape) != (senders, receivers):
+    mask = saved.get("circuit_mask")  # [senders, receivers] (and spans, when positional)
+    if mask is not None and tuple(mask.shape[:2]) != (senders, receivers):
         return (f"a circuit over {mask.shape[0]} x {mask.shape[1]} edges, but this model's "
                 f"graph has {senders} x {receivers}")
     return ""

@@ -135,7 +135,7 @@ class RunDir:
         the same directory stops at once, naming the process that holds it."""
         if self.root.exists() and not self.root.is_dir():
             raise RunConflictError(f"{self.root} is a file, not a directory; choose a directory")
-        held = DirLock(self.root, "a ctlens tuning run")
+        held = DirLock(self.root, F.RUN_LOCK_HOLDER)
         held.acquire()
         return held
 

@@ -15,8 +15,10 @@ every real storage of the bridge's parameters must be covered by a mapped key, o
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +258,8 @@ def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> 
     fresh = plain_hf_copy(model, device="cpu")
     tmp = staging_dir(out)
     try:
-        fresh.save_pretrained(tmp, safe_serialization=True)
+        with _no_hf_progress_bar():  # one small shard: its bar only broke the tuner's lines
+            fresh.save_pretrained(tmp, safe_serialization=True)
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if tok is not None and hasattr(tok, "save_pretrained"):
             tok.save_pretrained(tmp)
@@ -266,3 +269,16 @@ def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> 
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
+
+@contextlib.contextmanager
+def _no_hf_progress_bar() -> Iterator[None]:
+    """transformers' progress bars off inside the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

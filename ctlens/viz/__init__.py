@@ -4,8 +4,10 @@
   ``input`` at the bottom, one row of heads per layer with the layer's MLP in a column to
   the right, ``logits`` at the top. Edges end at q/k/v ports below each head (q left, k
   centre, v right; dash q solid, k dashed, v dotted); width is |score|, colour the sign.
-- `plot_diff` puts two circuits on that layout: only in a (red), only in b (green), both
-  (grey), with counts and Jaccard similarities in the title.
+  The legend names every mark; edge names are listed beside the drawing, never on it.
+- `plot_diff` puts two circuits on that layout: the edges that left (only in a, orange),
+  entered (only in b, blue) and were kept (grey), the strongest changes first with filter
+  buttons for the rest, counts and Jaccard similarities in the title.
 - `plot_evolution` shows a run's circuit snapshots on a slider above its metric curves.
 - `plot_node_scores` is a layer x head heatmap (plus an MLP column) of node scores.
 - `write_report` writes ``RUN_DIR/report.html``: all of the above plus config and metrics,

@@ -10,22 +10,24 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ctlens.viz.figures import diff_mask_counts
-from ctlens.viz.layout import Layout, active_senders, as_edge_set
+from ctlens.viz.layout import EdgeSet, Layout, active_senders, as_edge_set
 from ctlens.viz.run import Run, read_run
 from ctlens.viz.traces import (
     EDGE_BUDGET,
+    EDGE_LABELS,
     LEGEND_TITLE,
     Trace,
     budget_buttons,
     circuit_axes,
     circuit_height,
     edge_hover,
-    edge_labels,
     edge_traces,
     hidden_edge_traces,
+    mark_legend,
     node_hover,
     node_traces,
     port_traces,
+    ranked_edges_box,
     scatter,
     style,
 )
@@ -62,10 +64,15 @@ def _frame_steps(steps: list[int], max_frames: int) -> list[int]:
 
 #: curve colours: other tasks get their own set, unlike the Jaccard curves (blues, see below)
 _TASK_COLOURS = ("#d95f02", "#7570b3", "#1b9e77", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
+#: the two parameter shares, in plain words (docs/run-format.md: params_moved and
+#: trainable_fraction)
+PARAMS_MOVED = "changed since step 0"
+TRAINABLE = "trainable at this step"
 _JACCARD_STYLE = {
     "edge Jaccard to first": ("#08519c", "solid"), "node Jaccard to first": ("#08519c", "dash"),
     "edge Jaccard to previous": ("#6baed6", "solid"),
     "node Jaccard to previous": ("#6baed6", "dash"),
+    PARAMS_MOVED: ("#1f4e79", "solid"), TRAINABLE: ("#1f4e79", "dot"),
 }
 _GOAL = {"maximize": "goal: higher ↑", "minimize": "goal: lower ↓", "zero": "goal: 0"}
 
@@ -92,7 +99,9 @@ def plot_evolution(
     steps = _frame_steps(run.steps, max_frames)
     sets = {}
     for s in steps:
-        es = as_edge_set(run.circuits[s], label=f"step {s}")
+        # a positional run's snapshots are drawn with their spans merged (plot_circuit and
+        # plot_diff draw the span columns)
+        es = as_edge_set(run.circuits[s], label=f"step {s}").merged_spans()
         sets[s] = es.strongest(top if es.scores is not None else None)
     max_abs = max(
         (float((e.scores * e.mask).abs().max()) for e in sets.values() if e.scores is not None),
@@ -102,7 +111,7 @@ def plot_evolution(
     goal = _GOAL.get(target_objective(run) or "", "")
     titles = ["", f"target metric ({goal})" if goal else "target metric",
               "general loss (held-out LM)", "circuit size (edges)",
-              "Jaccard similarity", "fraction of parameters moved",
+              "Jaccard similarity", "share of the model's parameters",
               "other tasks" if evals else "training loss"]
     fig = make_subplots(
         rows=4, cols=3,
@@ -118,7 +127,6 @@ def plot_evolution(
                              budget=budget if es.scores is not None else None)
         traces += port_traces(layout, es.mask)
         traces.append(edge_hover(layout, rows, cols, es.scores))
-        traces.append(edge_labels(layout, es))
         active = active_senders(layout, es.mask)
         traces += node_traces(layout, [("in circuit", active, "#333333")],
                               node_hover(layout, es))
@@ -130,6 +138,9 @@ def plot_evolution(
         fig.add_trace(trace, row=1, col=1)
     circuit_axes(fig, layout, row=1, col=1)
     axes = _metric_panels(fig, run, evals)
+    fig.add_traces(mark_legend())
+    titles = list(fig.layout.annotations)  # the panels' titles, kept in every frame
+    beside = fig.get_subplot(3, 3).yaxis.domain[1]  # right of the first charts
 
     def frame_title(step: int) -> str:
         es = sets[step]
@@ -144,7 +155,8 @@ def plot_evolution(
 
     fig.frames = [
         go.Frame(name=str(s), data=frame_data(s), traces=list(range(n_circuit)),
-                 layout={"shapes": _step_markers(axes, s), "title": {"text": frame_title(s)}})
+                 layout={"shapes": _step_markers(axes, s), "title": {"text": frame_title(s)},
+                         "annotations": _annotations(titles, layout, sets[s], s, beside)})
         for s in steps
     ]
     total_height = height or max(1250, circuit_height(layout) + 750)
@@ -160,10 +172,22 @@ def plot_evolution(
     fig.update_layout(
         sliders=[slider] if len(steps) > 1 else [], updatemenus=menus,
         shapes=_step_markers(axes, steps[0]),
+        annotations=_annotations(titles, layout, sets[steps[0]], steps[0], beside),
         legend={"x": 1.01, "y": 1.0, "yanchor": "top", "title": {"text": LEGEND_TITLE}},
         **_panel_legends(fig, total_height),
     )
     return fig
+
+
+def _annotations(titles: list[Any], layout: Layout, es: EdgeSet, step: int,
+                 y: float) -> list[Any]:
+    """A frame's annotations: the panels' titles and its ranked strongest edges, listed in
+    the right margin from paper height ``y`` down (beside the charts, off the drawing)."""
+    box = ranked_edges_box(layout, es, EDGE_LABELS, x=1.02, y=y)
+    if box is None:
+        return titles
+    box["text"] = box["text"].replace("edges</b>", f"edges at step {step}</b>", 1)
+    return [*titles, box]
 
 
 def target_objective(run: Run) -> str | None:
@@ -181,11 +205,11 @@ def target_objective(run: Run) -> str | None:
 
 
 def _panel_legends(fig: go.Figure, total_height: int) -> dict[str, Any]:
-    """The Jaccard legend under its chart, the other tasks' legend under theirs."""
+    """The Jaccard, parameter and other tasks' legends, each under its chart."""
     margin = fig.layout.margin
     plot_px = total_height - (margin.t or 0) - (margin.b or 0)
     out = {}
-    for name, col in (("legend2", 1), ("legend3", 3)):
+    for name, col in (("legend2", 1), ("legend4", 2), ("legend3", 3)):
         ax = fig.get_subplot(4, col)
         out[name] = {"x": ax.xaxis.domain[0], "xanchor": "left", "yanchor": "top",
                      "y": ax.yaxis.domain[0] - 42 / plot_px, "font": {"size": 11},
@@ -205,11 +229,12 @@ def _metric_panels(fig: go.Figure, run: Run, evals: Series) -> list[Any]:
         (3, 2, {"general loss": run.metric_series("general_loss")}, "LM loss (nats)"),
         (3, 3, {"circuit edges": run.metric_series("circuit_edges")}, "edges"),
         (4, 1, jaccard_series(run), "Jaccard"),
-        (4, 2, {"params moved": run.metric_series("params_moved")}, "fraction"),
+        (4, 2, {PARAMS_MOVED: run.metric_series("params_moved"),
+                TRAINABLE: _trainable_series(run)}, "share"),
         (4, 3, others, "metric" if evals else "loss"),
     ]
     for row, col, series, ytitle in panels:
-        own = {(4, 1): "legend2", (4, 3): "legend3"}.get((row, col))
+        own = {(4, 1): "legend2", (4, 2): "legend4", (4, 3): "legend3"}.get((row, col))
         for k, (name, (xs, ys)) in enumerate(series.items()):
             single = ("#1f4e79", "solid") if len(series) == 1 else None
             colour, dash = _JACCARD_STYLE.get(name) or single or (_TASK_COLOURS[k % 7], "solid")
@@ -223,8 +248,18 @@ def _metric_panels(fig: go.Figure, run: Run, evals: Series) -> list[Any]:
         fig.update_xaxes(title_text="step", title_standoff=4, row=row, col=col)
         fig.update_yaxes(title_text=ytitle, title_standoff=4, row=row, col=col)
     fig.update_yaxes(range=[-0.02, 1.02], row=4, col=1)
+    fig.update_yaxes(range=[-0.02, 1.02], tickformat=".0%", row=4, col=2)
     fig.update_yaxes(**_integer_axis(run.metric_series("circuit_edges")[1]), row=3, col=3)
     return [fig.get_subplot(r, c) for r, c, _, _ in panels]
+
+
+def _trainable_series(run: Run) -> tuple[list[int], list[float]]:
+    """``trainable_fraction`` at the steps where a circuit was in force (not at step 0,
+    where the circuit is only measured and nothing is restricted yet)."""
+    monitored = {row["step"] for row in run.metrics if row.get("circuit_source") == "monitor"}
+    xs, ys = run.metric_series("trainable_fraction")
+    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if x not in monitored]
+    return [x for x, _ in kept], [y for _, y in kept]
 
 
 def _integer_axis(values: list[float]) -> dict[str, Any]:
@@ -254,7 +289,9 @@ def _animation_controls(steps: list[int], y: float) -> tuple[dict[str, Any], dic
     """The snapshot slider and the play/pause buttons, both top-anchored at ``y``."""
     slider = {
         "active": 0, "x": 0.08, "len": 0.9, "y": y, "yanchor": "top",
-        "currentvalue": {"prefix": "snapshot at step ", "font": {"size": 12}},
+        # shown at the slider's right end: at its left the play buttons would cover it
+        "currentvalue": {"prefix": "snapshot at step ", "font": {"size": 12},
+                         "xanchor": "right"},
         "pad": {"t": 0, "b": 0},
         "steps": [
             {"label": str(s), "method": "animate",

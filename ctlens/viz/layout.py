@@ -23,7 +23,7 @@ Figures draw edges as a handful of traces (one per edge class, segments separate
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -165,7 +165,8 @@ class EdgeSet:
     """What a circuit figure needs: a graph, a boolean edge mask and optional dense scores.
 
     Built by `as_edge_set` from a `Circuit`, an `EdgeScores` (its top edges) or a snapshot
-    path; ``label`` names it in titles and legends.
+    path; ``label`` names it in titles and legends. On a positional graph ``mask`` and
+    ``scores`` have a last axis of spans (`ctlens.graph.Graph.dense_shape`).
     """
 
     graph: Graph
@@ -196,20 +197,33 @@ class EdgeSet:
             self.graph, keep.view_as(self.mask), self.scores, self.label, dict(self.metadata)
         )
 
+    def merged_spans(self) -> EdgeSet:
+        """A positional set with its spans merged (an edge is in it when it is at any span;
+        scores summed over spans, the position-free score); a position-free set unchanged."""
+        if not self.graph.positional:
+            return self
+        from ctlens.graph import coarsen_matrix
+
+        graph = Graph(replace(self.graph.spec, spans=()))
+        scores = None if self.scores is None else coarsen_matrix(self.graph, self.scores)[1]
+        return EdgeSet(graph, self.mask.any(-1), scores, self.label, dict(self.metadata))
+
 
 def active_senders(layout: Layout, mask: torch.Tensor) -> torch.Tensor:
-    """Bool per sender row: the node sends an edge of ``mask`` or owns a port that receives one."""
+    """Bool per sender row: the node sends an edge of ``mask`` or owns a port that receives one
+    (at any span, for a positional mask)."""
+    mask = mask.any(-1) if mask.ndim == 3 else mask
     return mask.any(1) | ((mask.any(0).float() @ layout.owner_matrix) > 0)
 
 
 def _dense_scores(obj: Any, graph: Graph) -> torch.Tensor | None:
-    """Dense ``[n_senders, n_receivers]`` fp32 scores from a tensor, EdgeScores or None."""
+    """Dense fp32 scores (`Graph.dense_shape`) from a tensor, EdgeScores or None."""
     if obj is None:
         return None
     tensor = obj.scores if hasattr(obj, "scores") and not isinstance(obj, torch.Tensor) else obj
     if not isinstance(tensor, torch.Tensor):
         return None
-    expected = (graph.n_senders, graph.n_receivers)
+    expected = graph.dense_shape
     if tuple(tensor.shape) != expected:
         raise ValueError(f"scores have shape {tuple(tensor.shape)}, expected {expected}")
     return tensor.detach().float().cpu()
@@ -236,13 +250,13 @@ def as_edge_set(obj: Any, top: int | None = None, label: str | None = None) -> E
         k = min(200 if top is None else top, obj.graph.n_edges)
         if k < 1:
             raise ValueError(f"top must be a positive number of edges, got {top}")
-        magnitude = obj.scores.abs().masked_fill(~obj.graph.valid, -1.0).flatten()
-        mask = torch.zeros(obj.graph.n_senders * obj.graph.n_receivers, dtype=torch.bool)
+        magnitude = obj.scores.abs().masked_fill(~obj.graph.dense_valid, -1.0).flatten()
+        mask = torch.zeros(magnitude.numel(), dtype=torch.bool)
         mask[magnitude.topk(k).indices] = True
         method = obj.metadata.get("method")
         result = EdgeSet(
             obj.graph,
-            mask.view(obj.graph.n_senders, obj.graph.n_receivers),
+            mask.view(obj.graph.dense_shape),
             obj.scores,
             label or (f"top {k} edges ({method})" if method else f"top {k} edges"),
             dict(obj.metadata),
@@ -251,10 +265,9 @@ def as_edge_set(obj: Any, top: int | None = None, label: str | None = None) -> E
     elif hasattr(obj, "graph") and hasattr(obj, "mask"):
         graph = obj.graph
         mask = torch.as_tensor(obj.mask).bool().cpu()
-        if tuple(mask.shape) != (graph.n_senders, graph.n_receivers):
+        if tuple(mask.shape) != graph.dense_shape:
             raise ValueError(
-                f"circuit mask has shape {tuple(mask.shape)}, expected "
-                f"{(graph.n_senders, graph.n_receivers)}"
+                f"circuit mask has shape {tuple(mask.shape)}, expected {graph.dense_shape}"
             )
         result = EdgeSet(
             graph,

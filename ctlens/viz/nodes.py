@@ -26,7 +26,8 @@ def _node_score_table(scores: Any) -> tuple[dict[str, float], str]:
             raise ValueError("this circuit has no scores; pass the EdgeScores it came from")
         dense = scores.scores * scores.mask
         names = scores.graph.senders
-        return ({n: float(v) for n, v in zip(names, dense.sum(1).tolist(), strict=True)},
+        totals = dense.flatten(1).sum(1)  # a positional circuit: over receivers and spans
+        return ({n: float(v) for n, v in zip(names, totals.tolist(), strict=True)},
                 "sum of the node's outgoing circuit-edge scores")
     if isinstance(scores, Mapping):
         return {str(k): float(v) for k, v in scores.items()}, "node score"

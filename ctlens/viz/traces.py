@@ -25,10 +25,13 @@ RAISES = "#2166ac"
 LOWERS = "#c0392b"
 SIGN_LABEL = ("raises metric (score < 0)", "lowers metric (score > 0)")
 CONVENTION = "score = M(edge ablated) − M(clean)"
-LEGEND_TITLE = f"<b>edge colour</b>: {CONVENTION}<br>"
+LEGEND_TITLE = (f"<b>edge colour</b>: {CONVENTION}<br>"
+                "<span style='font-size:10px'>faded entries are hidden: click one to show "
+                "it</span><br>")
 UNSCORED = "#555555"
-ONLY_A = "#d62728"
-ONLY_B = "#2ca02c"
+#: the diff's colours, safe for colour-blind readers (Okabe and Ito's orange and blue)
+ONLY_A = "#e69f00"
+ONLY_B = "#0072b2"
 BOTH = "#8c8c8c"
 INACTIVE = "#d9d9d9"
 #: line widths and opacities of the edge bins. Bin 0 holds the edges beyond the figure's edge
@@ -39,13 +42,25 @@ LEGEND_BIN = 2
 HIDDEN_BIN = 0
 #: how many edges a circuit figure draws at first (the rest behind "show all")
 EDGE_BUDGET = 40
-#: how many of the strongest edges get a text label
-EDGE_LABELS = 5
+#: how many of the strongest edges are listed, ranked, beside the circuit
+EDGE_LABELS = 8
 CLASS_LABEL = {"q": "q input (solid)", "k": "k input (dashed)", "v": "v input (dotted)",
                "resid": "MLP / logits input"}
 CLASS_DASH = {"q": DASH[NodeKind.Q], "k": DASH[NodeKind.K], "v": DASH[NodeKind.V],
               "resid": DASH[NodeKind.MLP]}
 PLOT_CONFIG: dict[str, Any] = {"displaylogo": False, "responsive": True}
+#: node and port marks: (legend name, marker symbol, size, line dash or None); one legend
+#: entry each, a port's drawn on the dash of the edges it receives
+MARKS: tuple[tuple[str, str, int, str | None], ...] = (
+    ("attention head a{l}.h{h}", "circle", 11, None),
+    ("MLP m{l}", "square", 11, None),
+    ("input (embeddings)", "diamond", 11, None),
+    ("logits", "star", 13, None),
+    ("a head's q input: solid edges", "triangle-up", 7, "solid"),
+    ("a head's k input: dashed edges", "square", 6, "dash"),
+    ("a head's v input: dotted edges", "diamond", 6, "dot"),
+)
+PORT_SYMBOL = {NodeKind.Q: "triangle-up", NodeKind.K: "square", NodeKind.V: "diamond"}
 
 Trace = dict[str, Any]
 
@@ -121,7 +136,7 @@ def port_traces(layout: Layout, mask: torch.Tensor) -> list[Trace]:
     g = layout.graph
     read = mask.any(0)
     n_in = mask.sum(0)
-    symbols = {NodeKind.Q: "triangle-up", NodeKind.K: "square", NodeKind.V: "diamond"}
+    symbols = PORT_SYMBOL
     ports: dict[NodeKind, list[int]] = {kind: [] for kind in symbols}
     lx: list[float | None] = []
     ly: list[float | None] = []
@@ -163,22 +178,26 @@ def node_traces(
     covered = torch.zeros(g.n_senders, dtype=torch.bool)
     traces: list[Trace] = []
 
-    def trace(rows: list[int], name: str, colour: str, size: int, legend: bool) -> Trace:
+    def trace(rows: list[int], name: str, colour: str, size: int, legend: bool,
+              label_heads: bool) -> Trace:
         # heads first: the legend shows the first point's symbol
         rows = sorted(rows, key=lambda i: g.sender_nodes[i].kind is not NodeKind.HEAD)
         nodes = [g.sender_nodes[i] for i in rows]
-        # a neuron group m{l}.n{j} sits in a tight band beside its layer: label it n{j}
+        # a neuron group m{l}.n{j} sits in a tight band beside its layer: label it n{j};
+        # a head in the circuit gets its name above-left (its ports hang below it)
         labels = [
-            "" if n.kind is NodeKind.HEAD else n.name.split(".")[-1] if "." in n.name else n.name
+            (n.name if label_heads else "") if n.kind is NodeKind.HEAD
+            else n.name.split(".")[-1] if "." in n.name else n.name
             for n in nodes
         ]
+        where = ["top left" if n.kind is NodeKind.HEAD else "middle right" for n in nodes]
         text = [
             (hover or {}).get(i, g.sender_nodes[i].name) for i in rows
         ]
         return scatter(
             x=layout.sender_x[rows].numpy(), y=layout.sender_y[rows].numpy(),
-            mode="markers+text", text=strings(labels), textposition="middle right",
-            textfont={"size": 10, "color": "#333333"}, hovertext=strings(text),
+            mode="markers+text", text=strings(labels), textposition=where,
+            textfont={"size": 9, "color": "#555555"}, hovertext=strings(text),
             hoverinfo="text",
             name=name, showlegend=legend,
             marker={"symbol": [symbol[n.kind] for n in nodes], "size": size, "color": colour,
@@ -188,9 +207,10 @@ def node_traces(
     for name, members, colour in groups:
         members = members & ~covered
         covered |= members
-        traces.append(trace(members.nonzero().flatten().tolist(), name, colour, 12, True))
+        traces.append(trace(members.nonzero().flatten().tolist(), name, colour, 12, True,
+                            True))
     rest = (~covered).nonzero().flatten().tolist()
-    traces.append(trace(rest, "not in circuit", INACTIVE, 8, False))
+    traces.append(trace(rest, "not in circuit", INACTIVE, 8, False, False))
     lx, ly = layout.logits_xy
     traces.append(
         scatter(
@@ -239,17 +259,18 @@ def edge_traces(
     layout: Layout, es: EdgeSet, max_abs: float | None = None, all_legend: bool = False,
     budget: int | None = EDGE_BUDGET,
 ) -> list[Trace]:
-    """A fixed list of ``2 x 4 x 4`` line traces (sign x receiver class x bin), then one
-    legend entry for the edges beyond the budget.
+    """A fixed list of ``2 x (4 x 4 + 1)`` line traces (per sign: receiver class x bin, then
+    the sign's legend entry), then one legend entry for the edges beyond the budget.
 
     Always the same traces in the same order, empty ones included, so animation frames can
     replace them one for one. Bin `HIDDEN_BIN` holds the edges beyond the ``budget``
     strongest (all edges are drawn when ``budget`` is None): they start hidden
     (``visible="legendonly"``, one legend group) and show with their legend entry or a
     "show all" button. Without scores every edge is drawn grey, in the first colour slot,
-    named "unscored", and nothing is hidden. Each (sign, class) has one legend entry,
-    carried by bin `LEGEND_BIN` so the swatch is visible; ``all_legend`` keeps entries for
-    empty classes too (animation frames need a legend that does not change).
+    named "unscored", and nothing is hidden. Each sign has one legend entry (`legend_entry`:
+    one legend group, a click hides or shows all its edges); `mark_legend` says which dash
+    feeds which input. ``all_legend`` keeps entries for empty signs too (animation frames
+    need a legend that does not change).
     """
     rows, cols = es.mask.nonzero(as_tuple=True)
     cls = receiver_class_index(layout)[cols]
@@ -266,34 +287,43 @@ def edge_traces(
         labels, colours = ("unscored", SIGN_LABEL[1]), (UNSCORED, LOWERS)
     traces: list[Trace] = []
     for sign, (label, colour) in enumerate(zip(labels, colours, strict=True)):
+        visible_sign = (sign_of == sign) & (bins != HIDDEN_BIN)
         for c, cname in enumerate(RECEIVER_CLASSES):
             select_cls = (sign_of == sign) & (cls == c)
-            visible_cls = select_cls & (bins != HIDDEN_BIN)
             for b in range(len(WIDTHS)):
                 select = select_cls & (bins == b)
                 x, y = line_xy(layout, rows[select], cols[select])
-                legend = b == LEGEND_BIN and (all_legend or bool(visible_cls.any()))
-                if legend and not len(x):
-                    x, y = np.array([np.nan]), np.array([np.nan])  # keeps the legend entry
                 hidden = b == HIDDEN_BIN
                 traces.append(
                     scatter(
                         x=x, y=y, mode="lines", hoverinfo="skip",
                         name=f"{label} → {CLASS_LABEL[cname]}",
-                        legendgroup="beyond budget" if hidden else f"{sign}-{cname}",
-                        showlegend=legend, visible="legendonly" if hidden else True,
+                        legendgroup="beyond budget" if hidden else f"sign-{sign}",
+                        showlegend=False, visible="legendonly" if hidden else True,
                         line={"color": rgba(colour, OPACITY[b]), "width": WIDTHS[b],
                               "dash": CLASS_DASH[cname]},
                     )
                 )
+        # the sign's one legend entry (a click shows or hides all its edges); the marks
+        # legend says which dash feeds which input
+        traces.append(legend_entry(label, f"sign-{sign}", rgba(colour, OPACITY[LEGEND_BIN]),
+                                   all_legend or bool(visible_sign.any())))
     n_hidden = int((bins == HIDDEN_BIN).sum()) if es.scores is not None else 0
     traces.append(scatter(
         x=[np.nan], y=[np.nan], mode="lines", hoverinfo="skip", legendgroup="beyond budget",
-        name=f"{n_hidden} weaker edges (click to show)" if n_hidden else "no edges hidden",
+        name=f"{n_hidden} weaker edges" if n_hidden else "no edges hidden",
         showlegend=all_legend or n_hidden > 0, visible="legendonly",
         line={"color": rgba(UNSCORED, OPACITY[HIDDEN_BIN]), "width": 2},
     ))
     return traces
+
+
+def legend_entry(name: str, group: str, colour: str, show: bool, width: float = 2.4) -> Trace:
+    """A legend entry (a solid line swatch) for a legend group whose traces draw the edges
+    and stay out of the legend; it draws nothing itself."""
+    return scatter(x=[np.nan], y=[np.nan], mode="lines", hoverinfo="skip", name=name,
+                   legendgroup=group, showlegend=show,
+                   line={"color": colour, "width": width, "dash": "solid"})
 
 
 def hidden_edge_traces(traces: list[Trace]) -> list[int]:
@@ -319,31 +349,52 @@ def budget_buttons(
     }
 
 
-def edge_labels(layout: Layout, es: EdgeSet, k: int = EDGE_LABELS) -> Trace:
-    """Text labels ("sender → receiver  score") on the ``k`` strongest edges by |score|,
-    placed 45 % of the way from sender to receiver (away from the crowded receivers), each
-    lifted above any earlier label it would overlap."""
+def strongest_edges(layout: Layout, es: EdgeSet, k: int = EDGE_LABELS) -> list[
+        tuple[str, str, float]]:
+    """The ``k`` strongest edges of ``es`` by |score|: ``(sender, receiver, score)``."""
     rows, cols = es.mask.nonzero(as_tuple=True)
     if es.scores is None or k < 1 or not len(rows):
-        rows, cols = rows[:0], cols[:0]
-        values = torch.zeros(0)
-    else:
-        values = es.scores[rows, cols]
-        order = values.abs().argsort(descending=True, stable=True)[:k]
-        rows, cols, values = rows[order], cols[order], values[order]
+        return []
+    values = es.scores[rows, cols]
+    order = values.abs().argsort(descending=True, stable=True)[:k]
     g = layout.graph
-    x = (0.55 * layout.sender_x[rows] + 0.45 * layout.receiver_x[cols]).numpy()
-    y = (0.55 * layout.sender_y[rows] + 0.45 * layout.receiver_y[cols]).numpy()
-    for k in range(len(y)):  # lift a label off any earlier one it would overlap
-        while any(abs(x[k] - x[i]) < 2.5 and abs(y[k] - y[i]) < 0.4 for i in range(k)):
-            y[k] += 0.4
-    text = [f"{g.senders[i]}→{g.receivers[j]} {v:+.2g}"
-            for i, j, v in zip(rows.tolist(), cols.tolist(), values.tolist(), strict=True)]
-    colours = [RAISES if v <= 0 else LOWERS for v in values.tolist()]
-    return scatter(
-        x=x, y=y, mode="text", text=strings(text), hoverinfo="skip", showlegend=False,
-        name="edge labels", textfont={"size": 11, "color": colours or "#333333"},
-    )
+    return [(g.senders[i], g.receivers[j], v) for i, j, v in
+            zip(rows[order].tolist(), cols[order].tolist(), values[order].tolist(), strict=True)]
+
+
+def ranked_edges_box(
+    layout: Layout, es: EdgeSet, k: int, x: float, y: float, xanchor: str = "left",
+    yanchor: str = "top", yshift: int = 0,
+) -> dict[str, Any] | None:
+    """The ``k`` strongest edges as a ranked list, an annotation anchored at paper ``(x, y)``.
+
+    Edge names are never written on the drawing, where they would cross edges and nodes;
+    this list (placed outside the drawing by the caller) and the hover text (edge
+    midpoints) name them instead.
+    """
+    ranked = strongest_edges(layout, es, k)
+    if not ranked:
+        return None
+    lines = [f"{rank}. {s} → {r}  <span style='color:{RAISES if v <= 0 else LOWERS}'>"
+             f"{v:+.3g}</span>" for rank, (s, r, v) in enumerate(ranked, start=1)]
+    return {"text": f"<b>strongest {len(ranked)} edges</b> (score)<br>" + "<br>".join(lines),
+            "xref": "paper", "yref": "paper", "x": x, "y": y, "xanchor": xanchor,
+            "yanchor": yanchor, "yshift": yshift, "align": "left", "showarrow": False,
+            "name": "ranked edges",
+            "font": {"size": 11, "color": "#333333"}, "bgcolor": "rgba(255,255,255,0.9)",
+            "bordercolor": "#dddddd", "borderwidth": 1, "borderpad": 4}
+
+
+def mark_legend() -> list[Trace]:
+    """One legend entry per node and port mark (the drawing's symbols), nothing drawn."""
+    return [scatter(x=[np.nan, np.nan], y=[np.nan, np.nan], name=name, hoverinfo="skip",
+                    mode="markers" if dash is None else "lines+markers",
+                    legendgroup="marks", legendgrouptitle={"text": "<b>marks</b>"},
+                    showlegend=True,
+                    line={"color": "#888888", "width": 1.5, "dash": dash or "solid"},
+                    marker={"symbol": symbol, "size": size,
+                            "color": "#333333" if dash is None else "#666666"})
+            for name, symbol, size, dash in MARKS]
 
 
 def node_hover(layout: Layout, es: EdgeSet) -> dict[int, str]:
