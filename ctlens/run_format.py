@@ -13,8 +13,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ctlens.files import describe_path
-
 FORMAT = "ctlens-run"
 """``run.json["format"]`` of every ctlens run directory."""
 VERSION = 1
@@ -124,9 +122,9 @@ def read_run_doc(
 ) -> dict[str, Any] | None:
     """``run_dir/run.json`` checked by `check_run_doc`; None when there is no such file."""
     path = run_dir / RUN_JSON
-    if path.exists() and not path.is_file():
-        raise RunFormatError(f"{path} is {describe_path(path)}, not a file, so {run_dir} holds "
-                             "no readable run description; move it away")
+    if path.is_dir():  # worded as ctlens.files.describe_path does (pure Python here)
+        raise RunFormatError(f"{path} is a directory, not a file, so {run_dir} holds no "
+                             "readable run description; move it away")
     if not path.is_file():
         return None
     try:
