@@ -10,11 +10,12 @@ output, x_r the receiver's input and M the task metric. Rank edges by |score|.
 Methods:
 
 - ``eap``: per batch, one reference forward (no grad) records a_s^ref, one clean forward
-  records a_s^clean and one backward gives every dM/dx_r. Sender outputs land in one
-  ``[n_senders, batch, pos, d_model]`` buffer; when a receiver's gradient arrives, a single
-  matrix product with the prefix of senders it may read fills its column(s) of the score
-  matrix. Parameters are frozen during the backward, so only activation gradients are
-  computed. No Python loop over examples, positions or edges.
+  records a_s^clean and one backward gives every dM/dx_r. Sender outputs land in the EAP
+  kernel's store (`ctlens.eap_kernel`: ``[senders, batch, pos, d_model]`` rows, a
+  neuron-grouped MLP as its hidden activation); queued receiver gradients are multiplied
+  with the prefix of senders they may read to fill their columns of the score matrix.
+  Parameters are frozen during the backward, so only activation gradients are computed.
+  No Python loop over examples, positions or edges.
 - ``eap-ig``: integrated gradients on the input embedding. The gradients are averaged over
   ``steps`` inputs interpolated between the reference and the clean input
   (alpha = 1/steps, 2/steps, ..., 1), then dotted with the same activation differences.
@@ -41,14 +42,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ctlens.bridge.hooks import (
-    SenderCallback,
     eval_mode,
     final_logits,
     flat,
@@ -56,13 +56,14 @@ from ctlens.bridge.hooks import (
     model_device,
     receiver_hooks,
     run_to_final_residual,
-    sender_hooks,
     supports_truncated_forward,
 )
+from ctlens.bridge.mlp_groups import GroupedInput
 from ctlens.bridge.names import HookLayout
 from ctlens.data import MetricError, TaskData
+from ctlens.eap_kernel import EapKernel, SenderStore
 from ctlens.graph import Graph
-from ctlens.memory import AttributionFit, default_queue, fit_attribution
+from ctlens.memory import AttributionFit, fit_attribution
 from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
 from ctlens.scores import EdgeScores, check_finite_scores
 from ctlens.types import Ablation, Method
@@ -188,19 +189,17 @@ def _score_batch(
     metric to ``totals``)."""
     # eap-ig shifts the input by the input sender's difference: a later group keeps that row
     groups = [group, range(1)] if method is Method.EAP_IG and group.start else [group]
-    buffers, ref_logits = _reference_activations(
+    stores, ref_logits = _reference_activations(
         model, graph, run, ref_tokens, means, fit.buffer_dtype, groups
     )
     if method is Method.EXACT:
-        _exact_batch(
-            model, graph, run, buffers[0], group.start, ref_logits, scores, totals, n_total
-        )
+        _exact_batch(model, graph, run, stores[0], ref_logits, scores, totals, n_total)
     else:
         kernel = EapKernel(
-            graph, buffers[0], scores, passes=steps if method is Method.EAP_IG else 1,
-            chunk=fit.chunk, queue=fit.receivers, first=group.start,
+            graph, stores[0], scores, passes=steps if method is Method.EAP_IG else 1,
+            chunk=fit.chunk, queue=fit.receivers,
         )
-        _gradient_batch(model, graph, run, kernel, buffers[-1], ref_logits, totals, n_total)
+        _gradient_batch(model, run, kernel, stores[-1], ref_logits, totals, n_total)
 
 
 class _Runner:
@@ -257,50 +256,24 @@ def _reference_activations(
     means: torch.Tensor | None,
     dtype: torch.dtype,
     groups: list[range],
-) -> tuple[list[Float[torch.Tensor, "group batch pos d_model"]], torch.Tensor | None]:
+) -> tuple[list[SenderStore], torch.Tensor | None]:
     """``a^ref`` for the senders of each of ``groups`` (one no-grad forward for all of them
     under corrupt ablation).
 
-    Returns one buffer per group (in ``dtype``) and, under corrupt ablation, the reference
-    run's logits.
+    Returns one `SenderStore` per group (in ``dtype``) and, under corrupt ablation, the
+    reference run's logits.
     """
     b, p = run.batch.clean.shape
-    buffers = [
-        torch.zeros((len(g), b, p, model.cfg.d_model), device=run.batch.device, dtype=dtype)
-        for g in groups
-    ]
+    stores = [SenderStore(model, graph, b, p, dtype, g) for g in groups]
     ref_logits = None
     if ref_tokens is not None:
-        pairs = zip(buffers, groups, strict=True)
-        writers = [_writer(buffer, +1.0, g.start) for buffer, g in pairs]
-
-        def write(rows: slice, act: torch.Tensor) -> None:
-            for writer in writers:
-                writer(rows, act)
-
+        hooks = [hook for store in stores for hook in store.hooks(model, +1.0)]
         with torch.no_grad():
-            ref_logits = run(ref_tokens, sender_hooks(model, graph, write))
+            ref_logits = run(ref_tokens, hooks)
     elif means is not None:
-        for buffer, g in zip(buffers, groups, strict=True):
-            buffer += means[g.start : g.stop, None, :p]
-    return buffers, ref_logits
-
-
-def _writer(buffer: torch.Tensor, sign: float, first: int = 0) -> SenderCallback:
-    """A sender callback that adds ``sign * activation`` (detached) into ``buffer``, whose
-    row 0 is sender ``first``; senders outside its rows are skipped."""
-    stop = first + buffer.shape[0]
-
-    def write(rows: slice, act: torch.Tensor) -> None:
-        lo, hi = max(rows.start, first), min(rows.stop, stop)
-        if lo >= hi:
-            return
-        act = flat(act.detach())
-        if hi - lo != rows.stop - rows.start:
-            act = act[:, :, lo - rows.start : hi - rows.start]
-        buffer[lo - first : hi - first] += sign * act.float().permute(2, 0, 1, 3)
-
-    return write
+        for store in stores:
+            store.add_means(means)
+    return stores, ref_logits
 
 
 def _record_metrics(
@@ -315,150 +288,11 @@ def _record_metrics(
             totals["corrupt"] += float(batch.metric_values(ref_logits, clean_logits).sum())
 
 
-class EapKernel:
-    """The one EAP kernel: ``scores[s, r] += sum over batch and positions of delta_s . dL/dx_r``.
-
-    Shared by `attribute` (methods ``eap`` and ``eap-ig``) and the tuner's ``"batch"``
-    discovery (`ctlens.tuning.discovery`), so both compute edge scores the same way and
-    attribution's oracle tests cover the tuner's default path too.
-
-    ``delta`` is a ``[rows, batch, pos, d_model]`` buffer of the activations of senders
-    ``first .. first + rows`` (all of them unless the senders are chunked): the
-    hooks of :meth:`sender_hooks` add ``sign * a_s`` into it during a forward pass, and the
-    caller completes it to ``a_s^ref - a_s^clean`` before the backward (`attribute` fills
-    ``a^ref`` first and subtracts the clean run; batch discovery records ``-a^clean`` and
-    adds the batch means afterwards). The hooks of :meth:`receiver_hooks` register, on each
-    receiver group's input, a gradient hook that multiplies the prefix of senders the
-    receiver may read with that gradient (queued, several receiver groups per matrix
-    product: :meth:`flush`) and adds ``sign * product / passes`` into ``scores``: the scores
-    of every backward pass through those inputs accumulate, until :meth:`close` flushes and
-    removes the hooks. Receivers that read none of the buffer's senders get no hook.
-
-    Args:
-        graph: the model's graph.
-        delta: the activation buffer described above (read at backward time).
-        scores: ``[n_senders, n_receivers]`` fp32 accumulator.
-        passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
-        sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
-        chunk: for a low-precision ``delta`` (`ctlens.memory`): sender rows upcast to fp32
-            per product; None: the whole prefix at once.
-        queue: receiver columns queued before a product (receiver chunks; 1: each hook
-            scored at once). None: `ctlens.memory.default_queue` - a quarter of a large fp32
-            buffer's rows; on small buffers, or low-precision ones, 1.
-        first: the sender index of ``delta``'s first row (sender chunks; 0: all senders).
-    """
-
-    def __init__(
-        self,
-        graph: Graph,
-        delta: Float[torch.Tensor, "rows batch pos d_model"],
-        scores: Float[torch.Tensor, "n_senders n_receivers"],
-        passes: int = 1,
-        sign: float = 1.0,
-        chunk: int | None = None,
-        queue: int | None = None,
-        first: int = 0,
-    ) -> None:
-        rows = delta.shape[0]
-        if not 0 <= first <= first + rows <= graph.n_senders:
-            raise ValueError(
-                f"the buffer's senders {first}..{first + rows} are not within the graph's "
-                f"{graph.n_senders}"
-            )
-        self.graph = graph
-        self.chunk = chunk
-        self.delta = delta
-        self.first = first
-        self.scores = scores
-        self.passes = passes
-        self.sign = sign
-        self.inputs: list[torch.Tensor] = []
-        self._flat = delta.view(rows, -1)
-        self._handles: list[Any] = []
-        self._pending: list[tuple[slice, int, torch.Tensor]] = []
-        self._pending_width = 0
-        self._capacity = default_queue(rows, chunk) if queue is None else max(1, queue)
-
-    def sender_hooks(self, model: Any, sign: float) -> list[tuple[str, Any]]:
-        """Forward hooks adding ``sign * a_s`` (detached) of the buffer's senders into ``delta``."""
-        return sender_hooks(model, self.graph, _writer(self.delta, sign, self.first))
-
-    def receiver_hooks(self, model: Any) -> list[tuple[str, Any]]:
-        """Forward hooks that make every receiver group's input score its edges on backward.
-
-        An input that does not require grad (frozen parameters, no grad-carrying leaf) is
-        replaced by a detached leaf that does; the inputs are kept in ``self.inputs`` for
-        ``torch.autograd.grad``.
-        """
-
-        def on_receiver(columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
-            if n_up <= self.first:  # reads none of this buffer's senders
-                return x
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
-            self.inputs.append(x)
-            self._handles.append(x.register_hook(self._accumulate(columns, n_up)))
-            return x
-
-        return receiver_hooks(model, self.graph, on_receiver)
-
-    def _accumulate(self, columns: slice, n_up: int) -> Any:
-        def accumulate(grad: torch.Tensor) -> None:
-            width = columns.stop - columns.start
-            g = flat(grad).float().permute(2, 0, 1, 3).reshape(width, -1)
-            self._pending.append((columns, n_up, g))
-            self._pending_width += width
-            if self._pending_width >= self._capacity:
-                self.flush()
-
-        return accumulate
-
-    def flush(self) -> None:
-        """Score the queued receiver gradients with one matrix product.
-
-        Each product reads the whole upstream prefix of the sender buffer, so gradients are
-        queued until they fill a quarter of the buffer's rows and then multiplied with the
-        longest prefix among them (gradients arrive latest layer first). With many senders
-        (neuron-group graphs) the buffer is read a few times per backward instead of once
-        per receiver hook. `close` flushes too.
-        """
-        if not self._pending:
-            return
-        first, rows = self.first, self._flat.shape[0]
-        n_up = min(max(n for _, n, _ in self._pending) - first, rows)  # buffer rows read
-        grads = [g for *_, g in self._pending]
-        g = (grads[0] if len(grads) == 1 else torch.cat(grads)).T
-        if self.chunk is None:
-            product = self._flat[:n_up].float() @ g
-        else:  # a low-precision buffer: upcast a few sender rows at a time
-            product = torch.cat([
-                self._flat[start : min(start + self.chunk, n_up)].float() @ g
-                for start in range(0, n_up, self.chunk)
-            ])
-        scale = self.sign / self.passes
-        offset = 0
-        for columns, n, g in self._pending:
-            width, n = g.shape[0], min(n - first, rows)
-            self.scores[first : first + n, columns] += product[:n, offset : offset + width] * scale
-            offset += width
-        self._pending, self._pending_width = [], 0
-
-    def close(self) -> None:
-        """Score what is queued and remove the gradient hooks: later backward passes no
-        longer add to ``scores``."""
-        self.flush()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.inputs = []
-
-
 def _gradient_batch(
     model: Any,
-    graph: Graph,
     run: _Runner,
     kernel: EapKernel,
-    origin: torch.Tensor,
+    origin: SenderStore,
     ref_logits: torch.Tensor | None,
     totals: dict[str, float],
     n_total: int,
@@ -466,11 +300,11 @@ def _gradient_batch(
     """Accumulate ``delta . mean_alpha(dM/dx_r)`` into the kernel's scores (EAP when its
     ``passes`` == 1; else EAP-IG with that many steps).
 
-    ``kernel.delta`` holds ``a^ref`` on entry. The first pass is the clean input (alpha = 1):
+    ``kernel.store`` holds ``a^ref`` on entry. The first pass is the clean input (alpha = 1):
     its sender hooks subtract ``a^clean`` so that ``delta`` is ``a^ref - a^clean`` by the
     time the backward reads it, and its logits serve as the reference distribution for ``kl``.
-    The input leaf is shifted by ``(1 - alpha) * origin[0]``, the input sender's row:
-    ``origin`` is the kernel's buffer, or for a later sender chunk a one-row buffer of its own.
+    The input leaf is shifted by ``(1 - alpha)`` times the input sender's row of ``origin``:
+    the kernel's store, or for a later sender chunk a one-row store of its own.
     """
     steps = kernel.passes
     clean_logits: torch.Tensor | None = None
@@ -483,14 +317,14 @@ def _gradient_batch(
             def leaf(x: torch.Tensor, hook: Any, shift: float = shift) -> torch.Tensor:
                 base = x.detach()
                 if shift:
-                    base = base + shift * origin[0].to(base.dtype)
+                    base = base + shift * origin.input_row().to(base.dtype)
                 return base.requires_grad_(True)
 
             hooks = [(layout.input_hooks[0], leaf), *kernel.receiver_hooks(model)]
             if clean_logits is None:
                 hooks += kernel.sender_hooks(model, -1.0)
-                if origin is not kernel.delta:
-                    hooks += sender_hooks(model, graph, _writer(origin, -1.0))
+                if origin is not kernel.store:
+                    hooks += origin.hooks(model, -1.0)
             with torch.enable_grad():
                 logits = run(run.batch.clean, hooks)
                 if clean_logits is None:
@@ -509,8 +343,7 @@ def _exact_batch(
     model: Any,
     graph: Graph,
     run: _Runner,
-    delta: torch.Tensor,
-    first: int,
+    store: SenderStore,
     ref_logits: torch.Tensor | None,
     scores: torch.Tensor,
     totals: dict[str, float],
@@ -519,39 +352,24 @@ def _exact_batch(
 ) -> None:
     """Patch each edge for real: ``scores[s, r] += sum_examples (M(s->r ablated) - M(clean))``.
 
-    ``delta`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
+    ``store`` holds ``a^ref`` on entry; a clean forward turns it into ``a^ref - a^clean``.
     Then, for one receiver column at a time, the batch is repeated once per chunk of
-    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (a
-    neuron group's own copy of the MLP input on a grouped graph). ``delta``'s row 0 is
-    sender ``first`` (sender chunks): only its senders are patched.
+    senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (on a
+    grouped graph, an input of that neuron group's own, `GroupedInput`). Only the store's
+    senders (a sender chunk) are patched.
     """
     batch = run.batch
     b = len(batch)
-    clean_logits = run(batch.clean, sender_hooks(model, graph, _writer(delta, -1.0, first)))
+    clean_logits = run(batch.clean, store.hooks(model, -1.0))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
     for column in range(graph.n_receivers):
-        n_up = min(graph.upstream[column], first + delta.shape[0])
-        for chunk in _chunks(range(first, n_up), max(1, max_copies)):
+        n_up = min(graph.upstream[column], store.stop)
+        for chunk in _chunks(range(store.first, n_up), max(1, max_copies)):
             copies = len(chunk)
-            patch = delta[chunk.start - first : chunk.stop - first]  # [copies, b, p, d]
-
-            def patch_column(
-                columns: slice,
-                n_up: int,
-                x: torch.Tensor,
-                patch: torch.Tensor = patch,
-                column: int = column,
-            ) -> torch.Tensor:
-                if not columns.start <= column < columns.stop:
-                    return x
-                x = x.clone()
-                view = flat(x).view(patch.shape[0], b, *flat(x).shape[1:])
-                view[:, :, :, column - columns.start] += patch.to(x.dtype)
-                return x
-
+            patch = store.expanded(chunk.start, chunk.stop)  # [copies, b, p, d]
+            hooks = receiver_hooks(model, graph, partial(_patch_column, column, patch))
             index = torch.arange(b).repeat(copies)
-            hooks = receiver_hooks(model, graph, patch_column)
             logits = run(batch.clean[index], hooks, batch[index])
             repeated = run.metric_rows(index)
             values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
@@ -559,9 +377,30 @@ def _exact_batch(
             scores[chunk.start : chunk.stop, column] += effect / n_total
 
 
+def _patch_column(
+    column: int, patch: torch.Tensor, columns: slice, n_up: int, x: torch.Tensor
+) -> torch.Tensor | GroupedInput:
+    """A receiver callback for `_exact_batch`: copy c of the repeated batch adds ``patch[c]``
+    to receiver ``column``'s input."""
+    if not columns.start <= column < columns.stop:
+        return x
+    copies = patch.shape[0]
+    if x.ndim == 3 and columns.stop - columns.start > 1:  # one group of a grouped MLP
+        own = x + patch.reshape(x.shape).to(x.dtype)
+        index = torch.tensor([column - columns.start], device=x.device)
+        return GroupedInput(x, index, own[:, :, None])
+    x = x.clone()
+    view = flat(x).view(copies, x.shape[0] // copies, *flat(x).shape[1:])
+    view[:, :, :, column - columns.start] += patch.to(x.dtype)
+    return x
+
+
 def _chunks(items: range, size: int) -> Iterable[range]:
     for start in range(items.start, items.stop, size):
         yield range(start, min(start + size, items.stop))
 
 
-__all__ = ["EapKernel", "Reference", "attribute", "mean_activations", "resolve_reference"]
+__all__ = [
+    "EapKernel", "Reference", "SenderStore", "attribute", "mean_activations",
+    "resolve_reference",
+]

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 
 from ctlens.tokens import UnitError
 
@@ -339,3 +339,74 @@ def _offsets(tokenizer: Any, prompt: str, ids: list[int], index: int) -> list[tu
     if list(encoded["input_ids"]) != list(ids):
         raise UnitError(index, "the tokenizer gave other tokens when asked for offsets")
     return [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+
+
+# ---------------------------------------------------------------------- products per span
+
+
+class SpanOrder:
+    """A batch's token cells ``(example, position)`` grouped by span, for products per span.
+
+    ``perm`` lists the flat cells ``b * pos + t`` span by span (each span's cells in their
+    batch order), padding (no span) left out; span ``k``'s cells are
+    ``perm[bounds[k]:bounds[k + 1]]``. A tensor whose cell axis is sorted by `sort_rows_`
+    gives each span a contiguous block, so a sum over a span's cells is one matrix product
+    on a view: positional EAP costs the same multiply-adds as position-free EAP (each cell
+    is in one span), in ``n_spans`` products instead of one.
+    """
+
+    def __init__(self, labels: Int[torch.Tensor, "batch pos"], n_spans: int) -> None:
+        flat = labels.reshape(-1)
+        kept = (flat >= 0).nonzero()[:, 0]
+        order = torch.sort(flat[kept], stable=True).indices
+        self.perm = kept[order]
+        counts = torch.bincount(flat[kept], minlength=n_spans).tolist()
+        bounds = [0]
+        for count in counts:
+            bounds.append(bounds[-1] + count)
+        self.bounds = tuple(bounds)
+        self.n_spans = n_spans
+        self.n_cells = flat.numel()
+
+    def sort_rows_(self, buffer: Float[torch.Tensor, "rows batch pos d"]) -> None:
+        """Reorder the cells of every row of ``buffer`` in place to `perm`'s order (padding
+        cells moved to the end), one row at a time (one row of scratch memory)."""
+        rows, d = buffer.shape[0], buffer.shape[-1]
+        cells = buffer.view(rows, self.n_cells, d)
+        order = self.full_order(buffer.device)
+        for row in range(rows):
+            cells[row].copy_(cells[row].index_select(0, order))
+
+    def unsort(self, row: Float[torch.Tensor, "batch pos d"]) -> torch.Tensor:
+        """One row sorted by `sort_rows_`, back in ``(batch, pos)`` order."""
+        out = torch.empty_like(row)
+        out.view(self.n_cells, -1)[self.full_order(row.device)] = row.reshape(self.n_cells, -1)
+        return out
+
+    def full_order(self, device: torch.device) -> torch.Tensor:
+        """`perm`, then the padding cells: a permutation of every cell."""
+        rest = torch.ones(self.n_cells, dtype=torch.bool)
+        rest[self.perm] = False
+        return torch.cat([self.perm, rest.nonzero()[:, 0]]).to(device)
+
+    def products(
+        self,
+        rows: Float[torch.Tensor, "n cells d"],
+        grads: Float[torch.Tensor, "w cells d"],
+    ) -> Float[torch.Tensor, "n w n_spans"]:
+        """``out[i, j, k] = sum over span k's cells of rows[i, c] . grads[j, c]``, with both
+        tensors' cell axes already in sorted order (`sort_rows_`; ``grads`` through
+        `sorted_cells`)."""
+        n, w = rows.shape[0], grads.shape[0]
+        out = rows.new_zeros((n, w, self.n_spans), dtype=torch.float32)
+        for k in range(self.n_spans):
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            if hi > lo:
+                out[:, :, k] = (rows[:, lo:hi].reshape(n, -1).float()
+                                @ grads[:, lo:hi].reshape(w, -1).float().T)
+        return out
+
+    def sorted_cells(self, tensor: Float[torch.Tensor, "w batch pos d"]) -> torch.Tensor:
+        """``[w, kept cells, d]``: ``tensor``'s cells in `perm`'s order (a copy)."""
+        w, d = tensor.shape[0], tensor.shape[-1]
+        return tensor.reshape(w, self.n_cells, d).index_select(1, self.perm.to(tensor.device))

@@ -303,9 +303,13 @@ def test_circuit_figure_has_a_column_per_span(model):
     assert per_span == circuit.mask.flatten(0, 1).sum(0).tolist()
     hover = [t for trace in fig.data if trace.name == "edges" for t in trace.text]
     assert len(hover) == circuit.n_edges and all("span " in t for t in hover)
-    budgeted = plot_circuit(circuit, budget=10)
+    budgeted = plot_circuit(circuit, budget=10, labels=3)
     assert "the 10 strongest drawn" in budgeted.layout.title.text
     assert any("20 weaker edges" in (t.name or "") for t in budgeted.data)
+    ranked = budgeted.layout.annotations[0].text  # the ranked list under the drawing
+    (s, r, span), value = max(circuit.edge_scores().items(), key=lambda kv: abs(kv[1]))
+    assert f"1. {s} → {r} @ {span}" in ranked and "<br>4. " not in ranked
+    assert any(t.legendgroup == "marks" for t in budgeted.data)  # mark_legend
 
 
 def test_diff_and_node_scores_of_positional_circuits(model):
@@ -319,7 +323,35 @@ def test_diff_and_node_scores_of_positional_circuits(model):
     fig = plot_diff(a, b)
     assert len(_segments(fig, "only in a")) == counts["edges_only_a"]
     assert len(_segments(fig, "in both")) == counts["edges_both"]
-    assert "per span" in fig.layout.title.text
+    assert "(edge, span) pairs" in fig.layout.title.text
+    assert [t.strip("<b/>") for t in fig.layout.xaxis.ticktext] == list(SPANS)
+    hover = [t for trace in fig.data if trace.name == "edges" for t in trace.text]
+    assert len(hover) == int((a.mask | b.mask).sum()) and all("span " in t for t in hover)
     heat = np.array(plot_node_scores(a).data[0].z, dtype=float)
     # heads and MLPs: the sum of their kept (edge, span) pairs' scores
     assert np.nansum(heat) == pytest.approx(float((a.scores * a.mask)[1:].sum()), rel=1e-5)
+
+
+# ---------------------------------------------------------------- products per span
+
+
+def test_span_order_products_equal_one_hot_sums():
+    from ctlens.spans import SpanOrder, span_one_hot
+
+    gen = torch.Generator().manual_seed(0)
+    b, p, d, n, w, k = 3, 5, 4, 6, 2, 4
+    labels = torch.randint(0, k - 1, (b, p), generator=gen)  # span k-1 stays empty
+    labels[1, 3:] = PADDING
+    rows = torch.randn(n, b, p, d, generator=gen, dtype=torch.float64)
+    grads = torch.randn(w, b, p, d, generator=gen, dtype=torch.float64)
+    expected = torch.einsum("nbpd,wbpd,bpk->nwk", rows, grads,
+                            span_one_hot(labels, k, torch.float64))
+    order = SpanOrder(labels, k)
+    assert order.bounds[-1] == int((labels >= 0).sum()) and order.bounds[-2] == order.bounds[-1]
+    sorted_rows = rows.clone()
+    order.sort_rows_(sorted_rows)
+    got = order.products(sorted_rows.view(n, b * p, d), order.sorted_cells(grads))
+    torch.testing.assert_close(got, expected.float())
+    torch.testing.assert_close(order.unsort(sorted_rows[2]), rows[2])
+    torch.testing.assert_close(got.sum(-1), torch.einsum(
+        "nbpd,wbpd->nw", rows * (labels >= 0)[None, ..., None], grads).float())

@@ -72,7 +72,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ctlens.model", "ctlens.model_source", "ctlens.bridge.hooks"),
     # scores
     ("ctlens.reference", "ctlens.tables", "ctlens.scores_file", "ctlens.scores",
-     "ctlens.attribution"),
+     "ctlens.eap_kernel", "ctlens.attribution"),
     ("ctlens.circuit",),
     ("ctlens.masking",),
     ("ctlens.tuning",),

@@ -6,16 +6,19 @@ share:
 
 - `sender_hooks`: forward hooks that hand each sender group's output (``[batch, pos, d]``
   for ``input`` and MLPs, ``[batch, pos, heads, d]`` for heads, ``[batch, pos, G, d]`` for
-  the neuron groups of a graph built with ``mlp_groups=G``) to a callback together with
-  the rows it occupies in the graph's sender list;
+  the neuron groups of a graph built with ``mlp_groups=G``, or, given a ``hidden``
+  callback, a grouped MLP's hidden activation ``[batch, pos, d_mlp]`` instead) to a callback
+  together with the rows it occupies in the graph's sender list;
 - `receiver_hooks`: forward hooks that hand each receiver group's input to a callback with
   its columns and the number of senders it may read (always a prefix of the sender list),
-  and use the callback's return value as the new input.
+  and use the callback's return value as the new input; `group_gradient_hooks` hand the
+  neuron groups' input gradients on instead, during the backward.
 
 Receiver inputs are the tensors each component reads *before* its LayerNorm: per-head
 ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` (per KV head under grouped-query
-attention), ``hook_mlp_in`` for MLPs (repeated into one copy per neuron group on a grouped
-graph, see `ctlens.bridge.mlp_groups`) and ``ln_final.hook_in`` for the logits. The tensor a hook
+attention), ``hook_mlp_in`` for MLPs (on a grouped graph one input for all its neuron
+groups, of which some may get inputs of their own, see `ctlens.bridge.mlp_groups`) and
+``ln_final.hook_in`` for the logits. The tensor a hook
 receives at ``hook_mlp_in`` and ``ln_final.hook_in`` is the residual stream itself, which
 the skip connection also uses; the receiver callbacks therefore always get a fresh copy, so
 a gradient taken on it belongs to that receiver alone (DESIGN.md, the MLP pitfall). The q/k/v
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ctlens.bridge import mlp_groups
+from ctlens.bridge.mlp_groups import GroupedInput, Watch
 from ctlens.bridge.names import HookLayout
 from ctlens.types import NodeKind
 
@@ -46,19 +50,26 @@ if TYPE_CHECKING:  # annotations only: the graph is passed in, never imported at
 SenderCallback = Callable[[slice, torch.Tensor], None]
 """``fn(rows, activation)``: ``rows`` are sender indices; ``activation`` is ``[b, p, (n), d]``."""
 
-ReceiverCallback = Callable[[slice, int, torch.Tensor], torch.Tensor]
-"""``fn(columns, n_upstream, x) -> x'``: ``x`` is ``[b, p, (n), d]``, a fresh tensor."""
+HiddenCallback = Callable[[int, torch.Tensor], None]
+"""``fn(layer, hidden)``: a grouped MLP's hidden activation ``[b, p, d_mlp]``."""
+
+ReceiverCallback = Callable[[slice, int, torch.Tensor], "torch.Tensor | GroupedInput"]
+"""``fn(columns, n_upstream, x) -> x'``: ``x`` is ``[b, p, (n), d]``, a fresh tensor. A grouped
+MLP's columns get its one ``[b, p, d]`` input, read by every group, and may return a
+`GroupedInput` that gives some groups inputs of their own."""
 
 
 def sender_hooks(
-    model: Any, graph: Graph, callback: SenderCallback
+    model: Any, graph: Graph, callback: SenderCallback, hidden: HiddenCallback | None = None
 ) -> list[tuple[str, Callable[..., None]]]:
     """Forward hooks that report every sender group's output to ``callback``.
 
     The ``input`` sender is the sum of the token and position embeddings: the callback is
     called once per embedding hook with the same row, so it must accumulate. Under the
     frozen-norm linearisation (``graph.spec.approximate``) head and MLP outputs are read
-    after the post-sublayer norm (`frozen_norm_hooks`).
+    after the post-sublayer norm (`frozen_norm_hooks`). With ``hidden``, a grouped MLP
+    reports its hidden activation to ``hidden`` (``d_mlp`` per token) instead of its groups'
+    outputs to ``callback`` (``G * d_model`` per token).
     """
     layout = HookLayout.from_model(model)
     hooks: list[tuple[str, Callable[..., None]]] = []
@@ -78,10 +89,19 @@ def sender_hooks(
         hooks.append((layout.head_out(layer), make(graph.sender_slice(layer))))
         if groups == 1:
             hooks.append((layout.mlp_out(layer), make(graph.mlp_senders(layer))))
+        elif hidden is not None:
+            hooks.append((layout.mlp_post(layer), _hidden_hook(hidden, layer)))
         else:
             report = partial(callback, graph.mlp_senders(layer))
             hooks.append(mlp_groups.sender_hook(model, layer, groups, report))
     return hooks
+
+
+def _hidden_hook(hidden: HiddenCallback, layer: int) -> Callable[..., None]:
+    def hook(post: torch.Tensor, hook: Any) -> None:
+        hidden(layer, post)
+
+    return hook
 
 
 def frozen_norm_hooks(
@@ -131,9 +151,12 @@ def frozen_norm_hooks(
 
 
 def receiver_hooks(
-    model: Any, graph: Graph, callback: ReceiverCallback
+    model: Any, graph: Graph, callback: ReceiverCallback, groups: bool = True
 ) -> list[tuple[str, Callable[..., torch.Tensor]]]:
-    """Forward hooks that pass every receiver group's input through ``callback``."""
+    """Forward hooks that pass every receiver group's input through ``callback``.
+
+    ``groups=False`` leaves out a grouped graph's MLP receivers (see `group_gradient_hooks`).
+    """
     layout = HookLayout.from_model(model)
     hooks: list[tuple[str, Callable[..., torch.Tensor]]] = []
 
@@ -153,11 +176,43 @@ def receiver_hooks(
         columns = graph.receiver_slice(layer, NodeKind.MLP)
         if graph.spec.mlp_groups == 1:
             hooks.append((layout.mlp_in(layer), make(columns, True)))
-        else:
-            transform = partial(callback, columns, graph.upstream[columns.start])
+        elif groups:
+            transform = partial(_fresh_call, callback, columns, graph.upstream[columns.start])
             hooks += mlp_groups.receiver_hooks(model, layer, graph.spec.mlp_groups, transform)
     last = graph.n_receivers - 1
     hooks.append((layout.logits_in, make(slice(last, last + 1), True)))
+    return hooks
+
+
+def _fresh_call(
+    callback: ReceiverCallback, columns: slice, n_upstream: int, x: torch.Tensor
+) -> torch.Tensor | GroupedInput:
+    return callback(columns, n_upstream, x.clone())
+
+
+def group_gradient_hooks(
+    model: Any,
+    graph: Graph,
+    watch: Watch,
+    callback: Callable[[slice, int, Callable[[torch.Tensor], None]], None],
+    chunk: int,
+) -> list[tuple[str, Callable[..., None]]]:
+    """Hooks that hand a grouped graph's MLP receiver gradients to ``callback`` during the
+    backward: ``fn(columns, n_upstream, fill)``, where ``fill(out)`` writes the columns'
+    gradients into ``out`` (``[len(columns), b, p, d]``), at most ``chunk`` columns at a time
+    (`ctlens.bridge.mlp_groups.gradient_hooks`). ``watch(tensor, hook)`` registers each
+    gradient hook (the caller keeps the handles)."""
+    hooks: list[tuple[str, Callable[..., None]]] = []
+    for layer in range(graph.spec.n_layers):
+        columns = graph.receiver_slice(layer, NodeKind.MLP)
+        n_up = graph.upstream[columns.start]
+
+        def on_gradient(select: slice, fill: Callable[[torch.Tensor], None],
+                        first: int = columns.start, n_up: int = n_up) -> None:
+            callback(slice(first + select.start, first + select.stop), n_up, fill)
+
+        groups = graph.spec.mlp_groups
+        hooks += mlp_groups.gradient_hooks(model, layer, groups, watch, on_gradient, chunk)
     return hooks
 
 

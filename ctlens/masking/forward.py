@@ -29,13 +29,21 @@ function whose backward hands ``coef.T @ grad`` back to the live sender outputs,
 function, while the shared buffer never enters the autograd graph. Every receiver sees
 upstream senders that are themselves computed under the mask: the result is exactly the
 model with those edges removed.
+
+MLP neuron groups (``mlp_groups=G``): a grouped MLP reports its hidden activation, and only
+the group outputs some hook reads are computed from it (``hidden[..., g] @ W_out[g]``,
+live); a running sum over its groups is the hidden activation times all of W_out. Its
+receivers get one input for every group without an edge of its own in the hook's matrix
+(``x`` in the excluded form, the ablated stream ``x - S_n + R_n`` in the kept form) and a
+`ctlens.bridge.mlp_groups.GroupedInput` for the others, so only groups whose input differs
+are normed and projected separately. The corrupt reference is recorded for every sender.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -48,89 +56,14 @@ from ctlens.bridge.hooks import (
     receiver_hooks,
     sender_hooks,
 )
+from ctlens.bridge.mlp_groups import GroupedInput, mlp_parts
 from ctlens.bridge.names import HookLayout
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, groups_of
+from ctlens.masking.plans import HookPlan, LiveSum, MaskPlan
 from ctlens.reference import resolve_reference
 from ctlens.types import Ablation, NodeKind
-
-
-class _LiveSum(torch.autograd.Function):
-    """``coef_t @ rows`` where ``rows`` holds detached copies of live sender outputs.
-
-    Forward: one matrix product on rows of the shared buffer. Backward: ``coef_t.T @ grad``
-    gives the gradient of every row used; each live activation gets its rows back, reshaped
-    to its own layout. The buffer never enters the autograd graph, so no in-place write into
-    it is recorded and the backward costs one product per hook.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        coef_t: torch.Tensor,
-        rows: torch.Tensor,
-        maps: list[tuple[torch.Tensor, torch.Tensor, int]],
-        *acts: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(coef_t)
-        ctx.maps = maps
-        ctx.layout = [(act.shape, act.ndim) for act in acts]
-        ctx.rows_shape = rows.shape
-        return coef_t @ rows.reshape(rows.shape[0], rows[0].numel() if len(rows) else 0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (coef_t,) = ctx.saved_tensors
-        # under autocast the forward product (and so ``grad``) is in the autocast dtype
-        rows_grad = (coef_t.T.to(grad.dtype) @ grad).view(ctx.rows_shape)  # [m, b, p, d]
-        grads: list[torch.Tensor | None] = [None, None, None]
-        for (positions, local, n_local), (shape, ndim) in zip(ctx.maps, ctx.layout, strict=True):
-            if len(local) == n_local:  # every row of this sender group was used, in order
-                g = rows_grad[positions[0] : positions[0] + n_local]
-            else:
-                g = rows_grad.new_zeros((n_local, *rows_grad.shape[1:]))
-                g[local] = rows_grad[positions]
-            g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
-            grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
-        return tuple(grads)
-
-
-@dataclass(frozen=True)
-class _GroupPlan:
-    """Precomputed ablation for one receiver hook (a group of receiver columns).
-
-    Two equivalent forms; `EdgeMask.plan` picks the one that reads fewer sender rows:
-
-    - ``excluded``: ``x' = x + C - coef_t @ A[:n]`` with ``coef_t`` the excluded edges and
-      ``rows`` the prefix ``0..n``;
-    - ``kept``: ``x' = x - S_n + C + coef_t @ A[rows]`` with ``coef_t`` the circuit's (kept)
-      edges, ``rows`` the senders that have one, and ``S_n`` the live sum of all ``n``
-      upstream senders. Because ``x - S_n`` is the constant biases, this equals the
-      excluded form; it reads only the circuit's rows, which is cheap for small circuits.
-    """
-
-    kind: str  # "none", "excluded" or "kept"
-    n_upstream: int  # senders this hook may read (a prefix of the sender list)
-    rows: torch.Tensor | None  # sender rows used (None: the prefix 0..n_rows)
-    n_rows: int
-    coef_t: torch.Tensor | None  # [n_cols, n_rows] 0/1, model dtype
-    const: torch.Tensor | None  # mean ablation: [n_cols, pos, d_model]
-    maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]]  # sender group start -> rows
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything the hooks need to enforce one circuit."""
-
-    circuit: Circuit
-    groups: dict[int, _GroupPlan]  # first receiver column of the hook -> plan
-    n_rows: int  # buffer rows any hook reads
-    n_prefix: int  # senders whose running sum a "kept" hook needs (0: none)
-
-    @property
-    def active(self) -> bool:
-        return self.n_rows > 0 or self.n_prefix > 0
 
 
 class EdgeMask:
@@ -165,6 +98,10 @@ class EdgeMask:
         self._prefix: dict[int, torch.Tensor] = {}  # n -> live sum of senders 0..n
         self._ref_prefix: dict[int, torch.Tensor] = {}  # n -> sum of reference senders 0..n
         spec = self.graph.spec
+        self._w_out = {  # a grouped graph's MLP output projections
+            layer: mlp_parts(model, layer).w_out
+            for layer in range(spec.n_layers) if spec.mlp_groups > 1
+        }
         self._sender_groups = [(0, 1)]
         for layer in range(spec.n_layers):
             heads = self.graph.sender_slice(layer)
@@ -248,7 +185,7 @@ class EdgeMask:
         """The ``(hook_name, fn)`` pairs this mask needs: sender outputs, receiver inputs."""
         first_input = HookLayout.from_model(self.model).input_hooks[0]
         hooks: list[tuple[str, Any]] = []
-        for name, fn in sender_hooks(self.model, self.graph, self._on_sender):
+        for name, fn in sender_hooks(self.model, self.graph, self._on_sender, self._on_hidden):
             if name == first_input:
                 fn = self._marks_new_forward(fn)
             hooks.append((name, fn))
@@ -257,7 +194,7 @@ class EdgeMask:
 
     # -------------------------------------------------------------- planning
 
-    def plan(self, circuit: Circuit) -> _Plan:
+    def plan(self, circuit: Circuit) -> MaskPlan:
         """Precompute, per receiver hook, the excluded-edge matrix and reference constant."""
         if not isinstance(circuit, Circuit):
             raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
@@ -268,7 +205,7 @@ class EdgeMask:
                 f"model has {graph!r}. Use a circuit found on this model."
             )
         excluded = graph.valid & ~circuit.mask
-        groups: dict[int, _GroupPlan] = {}
+        groups: dict[int, HookPlan] = {}
         columns_list = [
             graph.receiver_slice(layer, kind)
             for layer in range(graph.spec.n_layers)
@@ -280,15 +217,18 @@ class EdgeMask:
             block = excluded[:n_up, columns]
             dropped = block.any(1).nonzero()[:, 0]
             if not len(dropped):
-                groups[columns.start] = _GroupPlan("none", n_up, None, 0, None, None, {})
+                groups[columns.start] = HookPlan("none", n_up, None, 0, None, None, {})
                 continue
             n_excluded = self._group_end(int(dropped.max()))
             kept = circuit.mask[:n_up, columns]
             kept_rows = kept.any(1).nonzero()[:, 0]
             if len(kept_rows) + 2 < n_excluded:
-                groups[columns.start] = self._kept_plan(n_up, kept, kept_rows)
+                plan = self._kept_plan(n_up, kept, kept_rows)
             else:
-                groups[columns.start] = self._excluded_plan(n_up, block, n_excluded)
+                plan = self._excluded_plan(n_up, block, n_excluded)
+            if columns.stop - columns.start > 1 and columns == self._mlp_columns(columns):
+                plan = self._grouped_plan(plan)
+            groups[columns.start] = plan
         n_rows = max(
             (self._group_end(int(g.rows.max())) if g.rows is not None and len(g.rows) else g.n_rows)
             if g.kind != "none"
@@ -296,37 +236,85 @@ class EdgeMask:
             for g in groups.values()
         )
         n_prefix = max((g.n_upstream for g in groups.values() if g.kind == "kept"), default=0)
-        return _Plan(circuit, groups, n_rows, n_prefix)
+        computed = self._computed(groups.values())
+        for start, g in groups.items():
+            if g.kind != "none":
+                rows = range(g.n_rows) if g.rows is None else g.rows.tolist()
+                groups[start] = replace(g, maps=self._maps(list(rows), computed))
+        return MaskPlan(circuit, groups, n_rows, n_prefix, computed)
 
-    def _maps(self, rows: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
-        """For each sender group: positions in ``rows`` of its rows and their local index."""
+    def _mlp_columns(self, columns: slice) -> slice | None:
+        """The grouped MLP receiver columns ``columns`` starts, if any."""
+        if self.graph.spec.mlp_groups == 1 or columns.start >= self.graph.n_receivers - 1:
+            return None
+        layer = self.graph.receiver_nodes[columns.start].layer
+        assert layer is not None
+        return self.graph.receiver_slice(layer, NodeKind.MLP)
+
+    def _computed(self, plans: Any) -> dict[int, torch.Tensor]:
+        """For each grouped MLP layer, the groups whose output some hook reads."""
+        if self.graph.spec.mlp_groups == 1:
+            return {}
+        read = torch.zeros(self.graph.n_senders, dtype=torch.bool)
+        for g in plans:
+            if g.kind == "none":
+                continue
+            if g.rows is None:
+                read[: g.n_rows] = True
+            else:
+                read[g.rows.cpu()] = True
+        computed = {}
+        for layer in self._w_out:
+            chosen = read[self.graph.mlp_senders(layer)].nonzero()[:, 0]
+            if len(chosen):
+                computed[layer] = chosen.to(self.device)
+        return computed
+
+    def _maps(
+        self, rows: list[int], computed: dict[int, torch.Tensor]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
+        """For each sender group: positions in ``rows`` of its rows and their index in its
+        live activation (a grouped MLP's holds only its ``computed`` groups)."""
         maps: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        grouped = {self.graph.mlp_senders(layer).start: layer for layer in computed}
         for start, stop in self._sender_groups:
-            hits = [(k, r - start) for k, r in enumerate(rows) if start <= r < stop]
+            local_of = {r: r - start for r in range(start, stop)}
+            if start in grouped:
+                chosen = computed[grouped[start]].tolist()
+                local_of = {start + g: k for k, g in enumerate(chosen)}
+            hits = [(k, local_of[r]) for k, r in enumerate(rows) if start <= r < stop]
             if hits:
                 positions = torch.tensor([k for k, _ in hits])
                 local = torch.tensor([j for _, j in hits])
-                maps[start] = (positions, local, stop - start)
+                maps[start] = (positions, local, len(local_of))
         return maps
 
-    def _excluded_plan(self, n_up: int, block: torch.Tensor, n_rows: int) -> _GroupPlan:
+    def _excluded_plan(self, n_up: int, block: torch.Tensor, n_rows: int) -> HookPlan:
         coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
         const = None
         if self.ablation is Ablation.MEAN and self._means is not None:
             const = torch.einsum("cs,spd->cpd", coef_t, self._means[:n_rows])
-        return _GroupPlan(
-            "excluded", n_up, None, n_rows, coef_t, const, self._maps(list(range(n_rows)))
-        )
+        return HookPlan("excluded", n_up, None, n_rows, coef_t, const, {})
 
-    def _kept_plan(self, n_up: int, kept: torch.Tensor, rows: torch.Tensor) -> _GroupPlan:
+    def _kept_plan(self, n_up: int, kept: torch.Tensor, rows: torch.Tensor) -> HookPlan:
         coef_t = kept[rows].T.contiguous().to(self.device, self.dtype)
         const = None
         if self.ablation is Ablation.MEAN and self._means is not None:
             means = self._means
             const = means[:n_up].sum(0)[None] - torch.einsum("cs,spd->cpd", coef_t, means[rows])
-        return _GroupPlan(
-            "kept", n_up, rows.to(self.device), len(rows), coef_t, const, self._maps(rows.tolist())
-        )
+        return HookPlan("kept", n_up, rows.to(self.device), len(rows), coef_t, const, {})
+
+    def _grouped_plan(self, plan: HookPlan) -> HookPlan:
+        """A grouped MLP hook's plan: only the groups (columns) with an edge in its matrix
+        get inputs of their own; the rest read the common input (module docstring)."""
+        assert plan.coef_t is not None
+        special = plan.coef_t.any(1).nonzero()[:, 0]
+        const = None if plan.const is None else plan.const[special]
+        common = None
+        if plan.kind == "kept" and self.ablation is Ablation.MEAN and self._means is not None:
+            common = self._means[: plan.n_upstream].sum(0)
+        return replace(plan, coef_t=plan.coef_t[special], const=const, special=special,
+                       common=common)
 
     def _group_end(self, row: int) -> int:
         """End of the sender group (input, a layer's heads, an MLP or its neuron groups) holding
@@ -339,7 +327,7 @@ class EdgeMask:
         layer, offset = divmod(row - 1, per_layer)
         return 1 + layer * per_layer + (heads if offset < heads else per_layer)
 
-    def use(self, plan: _Plan) -> None:
+    def use(self, plan: MaskPlan) -> None:
         """Enforce a plan made by `plan` (lets callers switch circuits without replanning)."""
         self._plan = plan
 
@@ -407,14 +395,57 @@ class EdgeMask:
         if old is None or tuple(old.shape) != shape or old.dtype != act.dtype:
             self._buffer = torch.empty(shape, device=act.device, dtype=act.dtype)
 
-    def _on_receiver(self, columns: slice, n_up: int, x: torch.Tensor) -> torch.Tensor:
+    def _on_hidden(self, layer: int, post: torch.Tensor) -> None:
+        """A grouped MLP's hidden activation: its running sum, and the group outputs some
+        hook reads (live, into the buffer rows of those groups)."""
+        plan = self._plan
+        if self._paused or not plan.active:
+            return
+        rows = self.graph.mlp_senders(layer)
+        w_out = self._w_out[layer]
+        if rows.start < plan.n_prefix:
+            self._prefix[rows.stop] = self._prefix[rows.start] + post @ w_out.to(post.dtype)
+        chosen = plan.computed.get(layer)
+        if chosen is None or rows.start >= plan.n_rows:
+            return
+        groups = self.graph.spec.mlp_groups
+        weights = w_out.reshape(groups, -1, w_out.shape[1]).index_select(0, chosen)
+        hidden = post.unflatten(-1, (groups, -1)).index_select(2, chosen)
+        act = torch.einsum("bpsw,swd->bpsd", hidden, weights.to(post.dtype))  # [b, p, S, d]
+        assert self._buffer is not None
+        with torch.no_grad():
+            self._buffer.index_copy_(0, rows.start + chosen, act.permute(2, 0, 1, 3))
+        if act.requires_grad:
+            self._parts.append((rows.start, rows.stop, act))
+
+    def _on_receiver(
+        self, columns: slice, n_up: int, x: torch.Tensor
+    ) -> torch.Tensor | GroupedInput:
         if self._paused:
             return x
         group = self._plan.groups[columns.start]
         if group.kind == "none":
             return x
+        live, const = self._terms(group, *x.shape[:2])
+        if group.special is not None:
+            return self._grouped_input(group, x, live, const)
+        # update x in place: it is a fresh tensor (the bridge forks q/k/v inputs, and
+        # receiver_hooks copies the MLP and logits inputs), so no one else reads it
+        view = x.unsqueeze(0) if x.ndim == 3 else x.permute(2, 0, 1, 3)  # [cols, b, p, d]
+        if group.kind == "excluded":
+            view.sub_(live)
+        else:
+            view.sub_(self._prefix[group.n_upstream]).add_(live)
+        if isinstance(const, torch.Tensor):
+            view.add_(const)
+        return x
+
+    def _terms(
+        self, group: HookPlan, b: int, p: int
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``coef_t @ A[rows]`` (live) and the reference constant of each of the hook's
+        columns (``[cols, b, p, d]``; the constant 0.0 under zero ablation)."""
         assert self._buffer is not None and group.coef_t is not None
-        b, p = x.shape[:2]
         n = group.n_rows
         if group.rows is None:
             rows = self._buffer[:n]
@@ -425,7 +456,7 @@ class EdgeMask:
         parts = [part for part in self._parts if part[0] in group.maps]
         if parts and torch.is_grad_enabled():
             maps = [group.maps[start] for start, _, _ in parts]
-            product = _LiveSum.apply(group.coef_t, rows, maps, *[a for *_, a in parts])
+            product = LiveSum.apply(group.coef_t, rows, maps, *[a for *_, a in parts])
         else:
             product = group.coef_t @ rows.reshape(n, b * p * self.d_model)
         live = product.view(-1, b, p, self.d_model)  # [cols, batch, pos, d_model]
@@ -440,16 +471,27 @@ class EdgeMask:
         elif self.ablation is Ablation.MEAN:
             assert group.const is not None
             const = group.const[:, None, :p].to(live.dtype)
-        # update x in place: it is a fresh tensor (the bridge forks q/k/v inputs, and
-        # receiver_hooks copies the MLP and logits inputs), so no one else reads it
-        view = x.unsqueeze(0) if x.ndim == 3 else x.permute(2, 0, 1, 3)  # [cols, b, p, d]
-        if group.kind == "excluded":
-            view.sub_(live)
+        return live, const
+
+    def _grouped_input(
+        self, group: HookPlan, x: torch.Tensor, live: torch.Tensor, const: torch.Tensor | float
+    ) -> GroupedInput:
+        """A grouped MLP's inputs: ``group.special`` groups read their own (as `_on_receiver`
+        computes one column's), the others the input every group would read without an edge
+        of its own in the matrix (``x`` excluded, ``x - S_n + R_n`` kept)."""
+        common = x
+        if group.kind == "kept":
+            base = x - self._prefix[group.n_upstream]
+            own = base[None] + live
+            common = base
+            if self.ablation is Ablation.CORRUPT:
+                common = base + self._ref_prefix[group.n_upstream].to(x.dtype)
+            elif group.common is not None:
+                common = base + group.common[: x.shape[1]].to(x.dtype)
         else:
-            view.sub_(self._prefix[group.n_upstream]).add_(live)
-        if isinstance(const, torch.Tensor):
-            view.add_(const)
-        return x
+            own = x[None] - live
+        own = own + const
+        return GroupedInput(common, group.special, own.permute(1, 2, 0, 3))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from ctlens.attribution import EapKernel, attribute, mean_activations
+from ctlens.attribution import EapKernel, SenderStore, attribute, mean_activations
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -124,12 +124,12 @@ class CircuitDiscovery:
     # ------------------------------------------------------------------ batch discovery
 
     def recorded_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, EapKernel]:
-        """The training forward, recorded by an `EapKernel` (its buffer holds ``-a_s``)."""
+        """The training forward, recorded by an `EapKernel` (its store holds ``-a_s``)."""
         graph = self.graph
         b, p = tokens.shape
-        acts = torch.zeros(graph.n_senders, b, p, self.model.cfg.d_model, device=tokens.device)
+        store = SenderStore(self.model, graph, b, p, torch.float32)
         scores = torch.zeros(graph.n_senders, graph.n_receivers, device=tokens.device)
-        kernel = EapKernel(graph, acts, scores)
+        kernel = EapKernel(graph, store, scores)
         hooks = [*kernel.sender_hooks(self.model, -1.0), *kernel.receiver_hooks(self.model)]
         with torch.enable_grad():
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
@@ -152,15 +152,9 @@ class CircuitDiscovery:
         """
         n_rows = self.world.sum_scalar(float(len(local)))
         use_loss = self.config.batch_metric == "loss" or metric_sum is None
-        neg_acts = kernel.delta
-        mask = self.task.train_attention_mask[local].to(neg_acts.device).float()
-        total = -torch.einsum("nbpd,bp->npd", neg_acts, mask)
-        count = mask.sum(0)
-        self.world.sum_(total)
-        self.world.sum_(count)
-        means = total / count.clamp(min=1)[None, :, None]
-        neg_acts += means[:, None]  # the buffer is now (mean - a_s) ...
-        neg_acts *= mask[None, :, :, None]  # ... and zero at padding
+        store = kernel.store
+        mask = self.task.train_attention_mask[local].to(store.plain.device)
+        means = store.expanded_means(*store.center(mask, self.world))  # (mean - a_s), 0 at padding
         try:
             if use_loss:
                 kernel.sign = -1.0

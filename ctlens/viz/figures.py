@@ -21,7 +21,7 @@ from ctlens.viz.layout import (
     as_edge_set,
     check_same_graph,
 )
-from ctlens.viz.positional import plot_span_circuit, plot_span_diff
+from ctlens.viz.positional import plot_span_circuit, span_axes, span_layouts
 from ctlens.viz.run import Run, read_run
 from ctlens.viz.traces import (
     BOTH,
@@ -225,14 +225,21 @@ def plot_diff(
     |score| in the circuit each belongs to; None: all); the buttons above the drawing show
     all that entered, all that left, all changes, or everything with the kept edges.
     Hovering an edge gives its score in its own circuit. The title gives the counts and the
-    edge and node Jaccard similarities.
+    edge and node Jaccard similarities. Positional circuits are drawn with a column per span
+    and counted in (edge, span) pairs (`ctlens.viz.positional`).
     """
     ea, eb = diff_pair(a, b, steps, labels)
     layout = Layout(ea.graph)
     ma, mb = ea.mask, eb.mask
     counts = diff_mask_counts(layout, ma, mb)
-    if ea.graph.positional:  # a column per span (ctlens.viz.positional)
-        return plot_span_diff(ea, eb, counts, title, height)
+    positional = ea.graph.positional  # then a column per span (ctlens.viz.positional)
+    columns = span_layouts(layout) if positional else [layout]
+    spans = ea.graph.spans if positional else ("",)
+
+    def at(tensor: torch.Tensor | None, c: int) -> torch.Tensor | None:
+        """Column ``c``'s part of a (positional) mask or score tensor."""
+        return tensor[..., c] if positional and tensor is not None else tensor
+
     a_scores = ea.scores if ea.scores is not None else eb.scores
     b_scores = eb.scores if eb.scores is not None else ea.scores
     groups = [  # (legend name, edges, colour, width, opacity, scores), one per class
@@ -247,31 +254,41 @@ def plot_diff(
     for k, (name, mask, colour, width, alpha, scores) in enumerate(groups):
         strong = _strongest(mask, scores, budget if k < 2 else None)
         for part, edges in ((2 * k, strong), (2 * k + 1, mask & ~strong)):
-            traces = _class_traces(layout, edges, name, colour, width, alpha,
-                                   legend=part == 2 * k)
-            shown = part in _DIFF_PARTS[0][1]
-            for t in traces:
-                t["visible"] = True if shown else "legendonly"
-            rows, cols = edges.nonzero(as_tuple=True)
-            hover = edge_hover(layout, rows, cols, scores, prefix=f"{name}<br>")
-            fig.add_traces([*traces, {**hover, "visible": shown}])
-            owner += [part] * (len(traces) + 1)
-    ports = port_traces(layout, ma | mb)
-    na, nb = _components(layout, ma), _components(layout, mb)
-    nodes = node_traces(
-        layout,
-        [(f"nodes in both ({counts['nodes_both']})", na & nb, "#555555"),
-         (f"nodes only in {ea.label} ({counts['nodes_only_a']})", na & ~nb, ONLY_A),
-         (f"nodes only in {eb.label} ({counts['nodes_only_b']})", nb & ~na, ONLY_B)],
-    )
+            for c, (column, span) in enumerate(zip(columns, spans, strict=True)):
+                traces = _class_traces(column, at(edges, c), name, colour, width, alpha,
+                                       legend=part == 2 * k and c == 0)
+                shown = part in _DIFF_PARTS[0][1]
+                for t in traces:
+                    t["visible"] = True if shown else "legendonly"
+                rows, cols = at(edges, c).nonzero(as_tuple=True)  # type: ignore[union-attr]
+                where = f"span {span}<br>" if positional else ""
+                hover = edge_hover(column, rows, cols, at(scores, c), prefix=f"{name}<br>{where}")
+                fig.add_traces([*traces, {**hover, "visible": shown}])
+                owner += [part] * (len(traces) + 1)
+    ports = [t for c, column in enumerate(columns) for t in port_traces(column, at(ma | mb, c))]
+    nodes = []
+    for c, column in enumerate(columns):  # per span: a node's edges at that span
+        na, nb = _components(column, at(ma, c)), _components(column, at(mb, c))
+        n = {k: "at that span" if positional else counts[k]
+             for k in ("nodes_both", "nodes_only_a", "nodes_only_b")}
+        nodes += [{**t, "showlegend": t.get("showlegend") and c == 0} for t in node_traces(
+            column,
+            [(f"nodes in both ({n['nodes_both']})", na & nb, "#555555"),
+             (f"nodes only in {ea.label} ({n['nodes_only_a']})", na & ~nb, ONLY_A),
+             (f"nodes only in {eb.label} ({n['nodes_only_b']})", nb & ~na, ONLY_B)],
+        )]
     fig.add_traces([*ports, *nodes, *mark_legend()])
     owner += [-1] * (len(ports) + len(nodes) + len(MARKS))
-    circuit_axes(fig, layout)
+    if positional:
+        span_axes(fig, layout, columns)
+    else:
+        circuit_axes(fig, layout)
     if title is None:
         drawn = "" if budget is None else (f" · drawn at first: the {budget} strongest that "
                                            "left and that entered")
+        unit = "(edge, span) pairs" if positional else "edges"
         title = (
-            f"{ea.label} ({counts['edges_a']} edges) → {eb.label} ({counts['edges_b']} edges): "
+            f"{ea.label} ({counts['edges_a']} {unit}) → {eb.label} ({counts['edges_b']} {unit}): "
             f"{counts['edges_only_a']} left, {counts['edges_only_b']} entered, "
             f"{counts['edges_both']} kept<br>"
             f"<sup>edge Jaccard {counts['edge_jaccard']:.3f} · node Jaccard "

@@ -8,36 +8,29 @@ sender writes, and the receiver reads, at that span's positions; attention moves
 between columns inside a head, which the figure does not draw). The traces are those of the
 position-free figures (`ctlens.viz.traces`), built per column on a shifted `Layout`, with
 one legend entry per class and one edge budget and colour scale for the whole figure.
-`ctlens.viz.plot_circuit` and `ctlens.viz.plot_diff` hand positional circuits here.
+`ctlens.viz.plot_circuit` hands positional circuits here, and `ctlens.viz.plot_diff` draws
+its columns with `span_layouts` and `span_axes`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import plotly.graph_objects as go
 
-from ctlens.viz.layout import RECEIVER_CLASSES, EdgeSet, Layout, active_senders
+from ctlens.viz.layout import EdgeSet, Layout, active_senders
 from ctlens.viz.traces import (
-    BOTH,
-    CLASS_DASH,
-    CLASS_LABEL,
     LEGEND_TITLE,
-    ONLY_A,
-    ONLY_B,
     Trace,
     budget_buttons,
     circuit_height,
     edge_hover,
     edge_traces,
-    line_xy,
+    mark_legend,
     node_hover,
     node_traces,
     port_traces,
-    receiver_class_index,
-    rgba,
-    scatter,
+    ranked_edges_box,
     style,
 )
 
@@ -116,7 +109,8 @@ def span_axes(fig: go.Figure, layout: Layout, columns: list[Layout]) -> None:
 def plot_span_circuit(
     es: EdgeSet, title: str | None, height: int | None, budget: int | None, labels: int
 ) -> go.Figure:
-    """`ctlens.viz.plot_circuit` of a positional edge set: a column per span."""
+    """`ctlens.viz.plot_circuit` of a positional edge set: a column per span, the same
+    legends, budget buttons and ranked list (pairs named with their span)."""
     layout = Layout(es.graph)
     columns = span_layouts(layout)
     budgets = per_span_share(es, budget)
@@ -143,76 +137,23 @@ def plot_span_circuit(
     hidden_entry[0].update(name=f"{n_hidden} weaker edges", showlegend=n_hidden > 0)
     edges = _one_legend_entry(edges + hidden_entry)
     fig = go.Figure()
-    fig.add_traces([*edges, *ports, *hovers, *_one_legend_entry(nodes)])
+    fig.add_traces([*edges, *ports, *hovers, *_one_legend_entry(nodes), *mark_legend()])
+    # the ranked list goes under the drawing, below the span names, never on it
+    box = ranked_edges_box(layout, es, labels, x=0.0, y=0.0, yshift=-30)
+    below = 0 if box is None else 16 * (min(labels, es.n_edges) + 1) + 40
+    if box is not None:
+        fig.add_annotation(box)
     span_axes(fig, layout, columns)
     if es.scores is not None and budget is not None and es.n_edges > budget:
         hidden = [i for i, t in enumerate(edges) if t.get("visible") == "legendonly"]
         fig.update_layout(updatemenus=[budget_buttons(hidden, budget, es.n_edges, 1.0, 1.01)])
     if title is None:
         active = active_senders(layout, es.mask)
-        title = (f"{es.label}: {es.n_edges} (edge, span) pairs over {es.graph.n_spans} spans, "
-                 f"{int(active.sum()) + 1} components")
+        title = (f"{es.label}: {es.n_edges} (edge, span) pairs between {int(active.sum()) + 1} "
+                 f"nodes (heads, MLPs, input, logits), a column per span")
         if n_hidden:
             title += (f"<br><sup>the {es.n_edges - n_hidden} strongest drawn; the rest behind "
                       f"'all {es.n_edges} edges' or the legend</sup>")
-    style(fig, title, height or circuit_height(layout))
-    fig.update_layout(legend_title_text=LEGEND_TITLE, margin={"t": 90})
-    return fig
-
-
-def plot_span_diff(
-    ea: EdgeSet, eb: EdgeSet, counts: dict[str, Any], title: str | None, height: int | None
-) -> go.Figure:
-    """`ctlens.viz.plot_diff` of two positional edge sets: a column per span (``counts``:
-    `ctlens.viz.figures.diff_mask_counts`, over (edge, span) pairs)."""
-    layout = Layout(ea.graph)
-    columns = span_layouts(layout)
-    cls_index = receiver_class_index(layout)
-    ma, mb = ea.mask, eb.mask
-    scores = eb.scores if eb.scores is not None else ea.scores
-    classes = [
-        (f"only in {ea.label}", ma & ~mb, ONLY_A, 2.2, 0.8),
-        (f"only in {eb.label}", mb & ~ma, ONLY_B, 2.2, 0.8),
-        ("in both", ma & mb, BOTH, 0.9, 0.35),
-    ]
-    lines: list[Trace] = []
-    extra: list[Trace] = []
-    nodes: list[Trace] = []
-    for k, (column, span) in enumerate(zip(columns, ea.graph.spans, strict=True)):
-        for name, mask, colour, width, alpha in classes:
-            rows, cols = mask[..., k].nonzero(as_tuple=True)
-            cls = cls_index[cols]
-            for c, cname in enumerate(RECEIVER_CLASSES):
-                select = cls == c
-                x, y = line_xy(column, rows[select], cols[select])
-                lines.append(scatter(
-                    x=x, y=y, mode="lines", hoverinfo="skip",
-                    name=f"{name} → {CLASS_LABEL[cname]}", legendgroup=f"{name}-{cname}",
-                    showlegend=bool(select.any()),
-                    line={"color": rgba(colour, alpha), "width": width,
-                          "dash": CLASS_DASH[cname]},
-                ))
-            part = None if scores is None else scores[..., k]
-            extra.append(edge_hover(column, rows, cols, part, prefix=f"{name}<br>span {span}<br>"))
-        extra += port_traces(column, (ma | mb)[..., k])
-        na, nb = active_senders(column, ma[..., k]), active_senders(column, mb[..., k])
-        nodes += node_traces(column, [
-            ("nodes in both", na & nb, "#555555"),
-            (f"nodes only in {ea.label}", na & ~nb, ONLY_A),
-            (f"nodes only in {eb.label}", nb & ~na, ONLY_B),
-        ])
-    fig = go.Figure()
-    fig.add_traces([*_one_legend_entry(lines), *extra, *_one_legend_entry(nodes)])
-    span_axes(fig, layout, columns)
-    if title is None:
-        title = (
-            f"{ea.label} vs {eb.label}, per span: {counts['edges_only_a']} (edge, span) pairs "
-            f"only in {ea.label}, {counts['edges_only_b']} only in {eb.label}, "
-            f"{counts['edges_both']} in both<br><sup>pair Jaccard "
-            f"{counts['edge_jaccard']:.3f} · node Jaccard {counts['node_jaccard']:.3f} (nodes "
-            f"at any span: {counts['nodes_only_a']} only in {ea.label}, "
-            f"{counts['nodes_only_b']} only in {eb.label}, {counts['nodes_both']} in both)</sup>"
-        )
-    style(fig, title, height or circuit_height(layout))
-    fig.update_layout(margin={"t": 90})
+    style(fig, title, (height or circuit_height(layout)) + below)
+    fig.update_layout(legend_title_text=LEGEND_TITLE, margin={"t": 90, "b": 40 + below})
     return fig

@@ -351,15 +351,20 @@ def budget_buttons(
 
 def strongest_edges(layout: Layout, es: EdgeSet, k: int = EDGE_LABELS) -> list[
         tuple[str, str, float]]:
-    """The ``k`` strongest edges of ``es`` by |score|: ``(sender, receiver, score)``."""
-    rows, cols = es.mask.nonzero(as_tuple=True)
-    if es.scores is None or k < 1 or not len(rows):
+    """The ``k`` strongest edges of ``es`` by |score|: ``(sender, receiver, score)``; for a
+    positional set the receiver is named with its span, ``"a1.h0.k @ subject"``."""
+    cells = es.mask.nonzero()
+    if es.scores is None or k < 1 or not len(cells):
         return []
-    values = es.scores[rows, cols]
+    values = es.scores[es.mask]  # in the order of ``cells``
     order = values.abs().argsort(descending=True, stable=True)[:k]
     g = layout.graph
-    return [(g.senders[i], g.receivers[j], v) for i, j, v in
-            zip(rows[order].tolist(), cols[order].tolist(), values[order].tolist(), strict=True)]
+
+    def receiver(cell: list[int]) -> str:
+        return g.receivers[cell[1]] + (f" @ {g.spans[cell[2]]}" if len(cell) == 3 else "")
+
+    return [(g.senders[c[0]], receiver(c), v) for c, v in
+            zip(cells[order].tolist(), values[order].tolist(), strict=True)]
 
 
 def ranked_edges_box(
