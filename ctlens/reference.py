@@ -152,8 +152,8 @@ def check_graph(model: Any, graph: Graph | None) -> Graph:
             f"graph {graph!r} is positional (token spans); positional attribution and masking "
             "are not available yet: use Graph.from_model(model) without spans"
         )
-    own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
-    if own != graph:
+    if not graph.belongs_to(model):
+        own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
         raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
     return graph
 

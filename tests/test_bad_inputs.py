@@ -115,7 +115,7 @@ def test_float16_weights_are_refused_by_the_tuner_naming_float16() -> None:
 def test_negative_sizes_reach_their_own_check(capsys: pytest.CaptureFixture) -> None:
     """argparse took ``-5GB`` for an option ("expected one argument")."""
     _one_line(capsys, ["plan", "--model", "gpt2", "--budget", "-5GB"],
-              "cannot read the memory budget '-5GB'")
+              "budget='-5GB': the memory budget must be positive")
     with pytest.raises(SystemExit) as info:  # an argparse type error: usage, then the line
         main(["tune", "--out", "never", "--max-memory", "-1GB"])
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -60,7 +60,7 @@ from ctlens.bridge.mlp_groups import GroupedInput, mlp_parts
 from ctlens.bridge.names import HookLayout
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import Graph, groups_of
+from ctlens.graph import Graph, require_graph_of
 from ctlens.masking.plans import HookPlan, LiveSum, MaskPlan
 from ctlens.reference import resolve_reference
 from ctlens.types import Ablation, NodeKind
@@ -82,9 +82,11 @@ class EdgeMask:
     - `paused()`: a context inside which forwards run unmasked.
     """
 
-    def __init__(self, model: Any, circuit: Circuit, ablation: Ablation) -> None:
+    def __init__(self, model: Any, circuit: Circuit, ablation: Ablation, graph: Graph) -> None:
+        """``graph``: the model's graph, checked against it once by the caller (`edge_mask`,
+        `ctlens.faithfulness`); every circuit enforced must be of it."""
         self.model = model
-        self.graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
+        self.graph = graph
         self.ablation = ablation
         self.device = model_device(model)
         self.dtype = next(model.parameters()).dtype
@@ -531,7 +533,7 @@ def edge_mask(
     reference forward runs in eval mode and restores the mode).
     """
     ablation = Ablation.parse(ablation)
-    mask = EdgeMask(model, circuit, ablation)
+    mask = EdgeMask(model, circuit, ablation, circuit_graph(model, circuit))
     corrupt, means = resolve_reference(model, mask.graph, None, ablation, reference, batch_size)
     if means is not None:
         mask.set_means(means)
@@ -542,4 +544,20 @@ def edge_mask(
 
 
 
-__all__ = ["EdgeMask", "edge_mask"]
+def circuit_graph(model: Any, circuit: Circuit) -> Graph:
+    """The graph of ``circuit``, a `Circuit` of ``model``: the one check of a circuit against
+    its model that the entry points taking one make (`edge_mask`, `ctlens.faithfulness`,
+    `ctlens.masking.rules.rule_openings`); nothing is rebuilt."""
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+    graph = require_graph_of(model, circuit.graph)
+    if graph.positional:
+        raise ValueError(
+            f"the circuit is positional (token spans {list(graph.spans)}); forward masks and "
+            "faithfulness are not available for positional circuits yet: use "
+            "circuit.coarsen()"
+        )
+    return graph
+
+
+__all__ = ["EdgeMask", "circuit_graph", "edge_mask"]
