@@ -103,6 +103,29 @@ def test_batch_discovery_equals_attribute(family: str) -> None:
     torch.testing.assert_close(batch, expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("family", "groups", "small_graph"),
+                         [("gpt2", 4, 256), ("llama", 4, 256), ("gpt2", 4, 0), ("gpt2", 1, 0)])
+def test_batch_discovery_equals_attribute_grouped_and_queues(
+    family: str, groups: int, small_graph: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neuron groups and the kernel's queue (one product for a small graph's receivers,
+    ``small_graph=0``: the default per-hook products) leave batch discovery's scores equal
+    to `ctlens.attribute` on the same grouped graph."""
+    from ctlens.tuning import discovery
+
+    monkeypatch.setattr(discovery, "SMALL_GRAPH", small_graph)
+    model, task = tiny_model(family), toy_task()
+    tuner = CircuitTuner(model, task, TuneConfig(mode="gradient", batch_size=6, top_n=30,
+                                                 mlp_groups=groups))
+    rows = tuner._global_rows(2)
+    batch = tuner.batch_scores(2).scores
+    graph = ctlens.Graph.from_model(model, mlp_groups=groups)
+    expected = ctlens.attribute(model, task.train_data[rows], method="eap", ablation="mean",
+                                batch_size=None, progress=False, graph=graph).scores
+    assert batch.shape == expected.shape and batch.abs().max() > 0
+    torch.testing.assert_close(batch, expected, atol=1e-6, rtol=1e-4)
+
+
 def test_batch_discovery_with_loss_metric_equals_attribute() -> None:
     """With ``batch_metric="loss"`` the metric is minus the target-token LM loss."""
     model, task = tiny_model(), toy_task()
