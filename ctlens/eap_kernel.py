@@ -396,7 +396,8 @@ class EapKernel:
         assert self._queue is not None
         g = self._queue[: self._pending_width].T
         spans, self._pending, self._pending_width = self._pending, [], 0
-        self.store.score(g, spans, self.scores, self.sign / self.passes, self.chunk)
+        with torch.no_grad():  # `close` flushes outside the backward, weights may need grad
+            self.store.score(g, spans, self.scores, self.sign / self.passes, self.chunk)
 
     def close(self) -> None:
         """Score what is queued and remove the gradient hooks: later backward passes no

@@ -36,7 +36,8 @@ from ctlens.tuning.distributed import World
 from ctlens.types import Ablation, Selection
 
 SMALL_GRAPH = 256
-"""Senders up to which batch discovery queues every receiver gradient for one product."""
+"""Senders up to which batch discovery queues as many receiver columns as the store has rows
+(the kernel's default there is 1: a grouped layer's rows were expanded again per hook)."""
 
 Scores = Float[torch.Tensor, "n_senders n_receivers"]
 Means = Float[torch.Tensor, "n_senders seq d_model"]
@@ -171,8 +172,9 @@ class CircuitDiscovery:
         b, p = tokens.shape
         store = SenderStore(self.model, graph, b, p, torch.float32)
         scores = torch.zeros(graph.n_senders, graph.n_receivers, device=tokens.device)
-        # a small graph's receivers are all scored by one product per backward
-        queue = graph.n_receivers if graph.n_senders <= SMALL_GRAPH else None
+        # a small graph's receivers are scored a store's worth of columns per product: the
+        # queue is no larger than the store (`SenderStore.center` works in place)
+        queue = graph.n_senders if graph.n_senders <= SMALL_GRAPH else None
         kernel = EapKernel(graph, store, scores, queue=queue)
         hooks = [*kernel.sender_hooks(self.model, -1.0), *kernel.receiver_hooks(self.model)]
         with torch.enable_grad():
