@@ -14,8 +14,8 @@ The controlled experiment (seeds, intervals, matched controls; docs/experiments.
 
 Run::
 
-    python benchmarks/circuit_tuning.py speed [--gpt2-small] [--groups 8] [--steps 10]
-        [--rounds 3]
+    python benchmarks/circuit_tuning.py speed [--gpt2-small] [--models NAME ...]
+        [--groups 8] [--steps 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -72,16 +72,16 @@ def _speed_task(model: Any, n: int, seq: int, seed: int = 0) -> Any:
 
 def speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
+    # (label, build, batch, seq, groups); each row loads a fresh module (seed 0)
     models: list[tuple[str, Any, int, int, int]] = []
-    for name in ctlens.zoo.names():
-        torch.manual_seed(0)
-        module = ctlens.zoo.spec(name).build().eval()
-        models.append((f"{name} (zoo shape)", module, 16, 24, 1))
+    for name in args.models or ctlens.zoo.names():
+        build = ctlens.zoo.spec(name).build
+        models.append((f"{name} (zoo shape)", build, 16, 24, 1))
         if args.groups > 1:
-            models.append((f"{name} (zoo shape, {args.groups} groups)", module, 16, 24,
+            models.append((f"{name} (zoo shape, {args.groups} groups)", build, 16, 24,
                            args.groups))
     if args.gpt2_small:
-        models.append(("GPT-2 small shape", _gpt2_small(), 8, 32, 1))
+        models.append(("GPT-2 small shape", _gpt2_small, 8, 32, 1))
     configs = {
         "full": dict(mode="full"),
         "K=1": dict(mode="gradient", every_k=1),
@@ -90,8 +90,9 @@ def speed(args: argparse.Namespace) -> None:
     }
     rows = []
     verdicts = []
-    for label, module, batch, seq, groups in models:
-        model = ctlens.load_model(module)
+    for label, build, batch, seq, groups in models:
+        torch.manual_seed(0)
+        model = ctlens.load_model(build().eval())
         task = _speed_task(model, 8 * batch, seq)
         n_edges = ctlens.Graph.from_model(model, mlp_groups=groups).n_edges
         top_n = max(1, n_edges // 20)
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gpt2-small", action="store_true")
+    p.add_argument("--models", nargs="+", choices=ctlens.zoo.names(), default=None,
+                   help="zoo models to time (default: all)")
     p.add_argument("--groups", type=int, default=8,
                    help="neuron groups per MLP of the grouped rows (1: none)")
     p.add_argument("--no-report", action="store_true")
