@@ -310,7 +310,7 @@ class CircuitTuner:
         with self.parallel.gathered():
             return self.discovery.matched_random_circuit(target, t)
 
-    def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``"batch"`` discovery's scores and batch means on step ``step``, no update."""
         local = self._local_rows(step)
         tokens = self.task.train_tokens[local]
@@ -324,7 +324,7 @@ class CircuitTuner:
     def _scores_of(
         self, kernel: Any, local: torch.Tensor, loss: torch.Tensor,
         metric_sum: torch.Tensor | None, training: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """`CircuitDiscovery.batch_scores` through the loss scale (``fp16``), unscaled."""
         scale = self.precision.scale
         scores, means, done = self.discovery.batch_scores(
