@@ -528,5 +528,6 @@ def model_graph(model: Any, like: Any) -> Graph:
     """``model``'s graph with the MLP groups and spans of ``like`` (a `Circuit`,
     `EdgeScores` or `Graph`): the graph ``like`` must belong to on this model."""
     graph = like if isinstance(like, Graph) else getattr(like, "graph", None)
-    spans = graph.spans if isinstance(graph, Graph) else ()
-    return Graph.from_model(model, mlp_groups=groups_of(like), spans=spans)
+    if not isinstance(graph, Graph):
+        return Graph.from_model(model)
+    return Graph.from_model(model, mlp_groups=graph.spec.mlp_groups, spans=graph.spans)

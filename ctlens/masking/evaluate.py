@@ -22,7 +22,7 @@ import torch
 from ctlens.bridge.hooks import eval_mode, model_device
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import Graph, groups_of
+from ctlens.graph import model_graph
 from ctlens.masking.forward import EdgeMask
 from ctlens.reference import resolve_reference
 from ctlens.types import Ablation
@@ -113,7 +113,9 @@ def _evaluate(
     """
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
-    graph = Graph.from_model(model, mlp_groups=groups_of(circuits[0]))
+    graph = model_graph(model, circuits[0])
+    if graph.positional:  # each (edge, span) pair is patched at its span's positions
+        graph.check_spans(data.span_names, "the task data")
     data.check_vocab(model.cfg.d_vocab)
     data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
@@ -134,6 +136,8 @@ def _evaluate(
                 with mask.paused():
                     full_logits = model(batch.clean)
                 full_total += float(batch.metric_values(full_logits, full_logits).sum())
+                if graph.positional:
+                    mask.set_spans(batch.spans)
                 ref_logits = None
                 if corrupt is not None:
                     tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
@@ -179,7 +183,7 @@ def faithfulness(
             task does not separate the model from its fully ablated version on this data.
     """
     ablation = Ablation.parse(ablation)
-    graph = Graph.from_model(model, mlp_groups=groups_of(circuit))
+    graph = model_graph(model, circuit)
     if not isinstance(circuit, Circuit):
         raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
     empty = Circuit.empty(graph)
@@ -232,7 +236,7 @@ def faithfulness_curve(
         ValueError: when the full model and the empty circuit agree, as in `faithfulness`.
     """
     ablation = Ablation.parse(ablation)
-    graph = Graph.from_model(model, mlp_groups=groups_of(scores))
+    graph = model_graph(model, scores)
     if getattr(scores, "graph", None) != graph:
         raise ValueError(
             "scores must be ctlens.EdgeScores computed on this model (their graph differs or "
