@@ -69,7 +69,7 @@ def _speed_task(model: Any, n: int, seq: int, seed: int = 0) -> Any:
 def speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     models: list[tuple[str, Any, int, int]] = []
-    for name in ("tiny-gpt2", "tiny-llama"):
+    for name in ctlens.zoo.names():
         torch.manual_seed(0)
         models.append((f"{name} (zoo shape)", ctlens.zoo.spec(name).build().eval(), 16, 24))
     if args.gpt2_small:

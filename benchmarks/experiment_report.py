@@ -2,6 +2,13 @@
 
 Reads only finished run directories (``benchmarks/experiment.py`` makes them), so it can be
 re-run at any time; the notebook reads the JSON it writes (benchmarks/results/experiment.json).
+
+The JSON holds ``conditions`` (one entry per model, grouping, size, mode and lr, with its
+``seeds`` and per-seed trajectories), ``cells`` (per model, grouping, size and mode: the
+lrs run, the best lr, and per seed the envelope over the lrs at each threshold), and
+``comparisons`` (the paired cells: circuit-tuning minus each control, per measure, with n,
+the counts of seeds where one side never got there, the t interval, the Wilcoxon test and,
+for the headline cells, Holm's adjustment and the verdict).
 """
 
 from __future__ import annotations
@@ -15,25 +22,42 @@ from typing import Any
 
 import torch
 from experiment import (
-    RESULTS,
-    ROOT,
+    MIDDLE,
     THRESHOLDS,
-    Condition,
+    Cell,
+    best_lrs,
+    cell_lrs,
+    cells,
     grid_flags,
-    main_conditions,
+    is_full,
+    parse_seeds,
     points,
     records,
-    reference_mode,
-    sweep_conditions,
-    sweep_lrs,
+    seconds_per_run,
 )
 from experiment_figures import KINDS
-from experiment_stats import area_vs_reference, crossing, t_interval
+from experiment_stats import (
+    area_between,
+    crossing,
+    envelope_at,
+    holm,
+    mean_envelope,
+    paired,
+    t_interval,
+)
 
 import ctlens.files
 
-DOC = ROOT / "docs" / "experiments.md"
-FIGURES = ROOT / "docs" / "img"
+ALPHA = 0.05
+"""Family-wise error rate of the headline cells (Holm)."""
+
+CONTROLS = {"gradient": ("random-parameters", "full", "random-composition", "forward", "lora"),
+            "paper-gradient": ("paper-random-parameters", "paper-full")}
+"""What each circuit-tuning mode is compared with (when both ran)."""
+
+HEADLINE = (("gradient", "random-parameters"), ("gradient", "full"))
+"""The headline comparisons (at ``--headline-size``, the middle threshold, every model and
+grouping): the family Holm's correction runs over."""
 
 
 def _kind(name: str) -> str:
@@ -82,103 +106,164 @@ def _ci(values: list[float]) -> list[float | None] | None:
     return [mean, half]
 
 
-def _condition_row(conds: list[Condition], runs: dict[str, list[dict[str, Any]]],
-                   reference: dict[int, list[dict[str, Any]]], args: argparse.Namespace
-                   ) -> dict[str, Any]:
-    """Mean and 95 % t-interval over the seeds that finished, for one condition."""
-    done = [c for c in conds if c.key in runs]
-    recs = {c.seed: runs[c.key] for c in done}
-    row: dict[str, Any] = {
-        "model": conds[0].model, "groups": conds[0].groups, "size": conds[0].size,
-        "mode": conds[0].mode, "lr": None if conds[0].lr != conds[0].lr else conds[0].lr,
-        "seeds": sorted(recs),
-        "seeds_planned": sorted(c.seed for c in conds),
-    }
-    if not recs:
+def condition_row(cell: Cell, lr: float, runs: dict[int, list[dict[str, Any]]],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """One cell at one lr: mean and 95 % t-interval over the seeds that finished (a
+    secondary view: the comparisons use the envelope over the lrs)."""
+    row: dict[str, Any] = {"model": cell.model, "groups": cell.groups, "size": cell.size,
+                           "mode": cell.mode, "lr": lr, "seeds": sorted(runs),
+                           "seeds_planned": parse_seeds(args.seeds)}
+    if not runs:
         return row
-    cfg = json.loads((Path(args.out) / done[0].key / "run.json").read_text())["config"]
-    row["top_n"] = cfg.get("top_n") if conds[0].size is not None else None
-    row["lora_rank"] = cfg.get("lora_rank") if conds[0].mode == "lora" else None
-    last = [r[-1] for r in recs.values()]
+    cfg = json.loads((Path(args.out) / cell.at(lr, row["seeds"][0]).key / "run.json")
+                     .read_text())["config"]
+    row["top_n"] = cfg.get("top_n") if cell.size is not None else None
+    row["lora_rank"] = cfg.get("lora_rank") if cell.mode == "lora" else None
+    last = [r[-1] for r in runs.values()]
     row["final_target"] = _ci([x["target_metric"] for x in last])
     row["final_general"] = _ci([x["general_loss"] for x in last])
     row["params_moved"] = _ci([x["params_moved"] for x in last])
-    trainable = [sum(x.get("trainable_fraction", 1.0) for x in r[1:]) / max(1, len(r) - 1)
-                 for r in recs.values()]
-    row["trainable_fraction"] = _ci(trainable)
+    row["trainable_fraction"] = _ci([sum(x.get("trainable_fraction", 1.0) for x in r[1:])
+                                     / max(1, len(r) - 1) for r in runs.values()])
     matched = [[x["discovered_trainable_fraction"] for x in r[1:]
-                if "discovered_trainable_fraction" in x] for r in recs.values()]
+                if "discovered_trainable_fraction" in x] for r in runs.values()]
     row["discovered_trainable_fraction"] = _ci([sum(m) / len(m) for m in matched if m])
     row["at_threshold"] = {}
     for th in THRESHOLDS:
-        hits = [crossing(points(r), th) for r in recs.values()]
-        reached = [h for h in hits if h is not None]
+        hits = {s: crossing(points(r), th) for s, r in runs.items()}
+        reached = [h for h in hits.values() if h is not None]
         row["at_threshold"][f"{th:g}"] = {
             "reached": len(reached), "of": len(hits),
             "general": _ci([h[1] for h in reached]), "step": _ci([h[0] for h in reached]),
-            "by_seed": {s: (None if h is None else h[1]) for s, h in zip(recs, hits,
-                                                                         strict=True)},
+            "by_seed": {s: (None if h is None else h[1]) for s, h in hits.items()},
         }
-    areas = {s: area_vs_reference(points(r), points(reference[s]))
-             for s, r in recs.items() if s in reference}
-    row["area_vs_full_by_seed"] = areas
-    row["points_by_seed"] = {s: points(r) for s, r in recs.items()}
-    row["area_vs_full"] = _ci([a for a in areas.values() if a is not None])
-    steps = [x["step"] for x in next(iter(recs.values()))]
-    row["curve"] = {
-        "step": steps,
-        "target": [_ci([r[i]["target_metric"] for r in recs.values()]) for i in range(len(steps))],
-        "general": [_ci([r[i]["general_loss"] for r in recs.values()]) for i in range(len(steps))],
-    }
-    kinds = [moved_by_kind(Path(args.out) / c.key, c.model) for c in done
-             if (Path(args.out) / c.key / "model" / "model.safetensors").is_file()]
+    row["points_by_seed"] = {s: points(r) for s, r in runs.items()}
+    row["seconds"] = _ci([x["wall_time"] for x in last])
+    kinds = [moved_by_kind(Path(args.out) / cell.at(lr, s).key, cell.model) for s in runs
+             if (Path(args.out) / cell.at(lr, s).key / "model" / "model.safetensors").is_file()]
     if kinds:
         row["moved_by_kind"] = {k: sum(x[k][0] for x in kinds) / len(kinds) for k in KINDS}
         row["kind_totals"] = {k: kinds[0][k][1] for k in KINDS}
     return row
 
 
+def cell_row(cell: Cell, runs: dict[float, dict[int, list[dict[str, Any]]]],
+             args: argparse.Namespace) -> dict[str, Any]:
+    """One cell: its lrs, and per seed the envelope over them (only seeds with every lr
+    finished count: an envelope over fewer lrs would not be the protocol's)."""
+    lrs, final = cell_lrs(cell, args)
+    seeds = [s for s in parse_seeds(args.seeds) if all(s in runs.get(lr, {}) for lr in lrs)]
+    curves = {s: [points(runs[lr][s]) for lr in lrs] for s in seeds}
+    row: dict[str, Any] = {"model": cell.model, "groups": cell.groups, "size": cell.size,
+                           "mode": cell.mode, "lrs": lrs, "grid_final": final,
+                           "base_lrs": sorted(float(x) for x in (
+                               args.paper_lrs if cell.mode.startswith("paper-") else args.lrs
+                           ).split(",")), "seeds": seeds, "envelope": {}}
+    for th in THRESHOLDS:
+        by_seed: dict[int, dict[str, float] | None] = {}
+        for s in seeds:
+            hit = envelope_at(curves[s], th)
+            by_seed[s] = None if hit is None else {"general": hit[0], "lr": lrs[hit[1]]}
+        picked: dict[str, int] = {}
+        for v in by_seed.values():
+            if v is not None:
+                picked[f"{v['lr']:g}"] = picked.get(f"{v['lr']:g}", 0) + 1
+        row["envelope"][f"{th:g}"] = {
+            "by_seed": by_seed, "reached": sum(v is not None for v in by_seed.values()),
+            "of": len(seeds), "picked_lrs": picked,
+            "general": _ci([v["general"] for v in by_seed.values() if v is not None]),
+        }
+    best = sorted(best_lrs({lr: {s: runs[lr][s] for s in seeds} for lr in lrs})) \
+        if seeds else []
+    row["best_lrs"] = best  # the extension rule's: most seeds' envelope pick at the middle
+    row["best_on_edge"] = len(lrs) > 1 and bool({lrs[0], lrs[-1]} & set(best))
+    row["curves_by_seed"] = curves
+    row["curve"] = mean_envelope(curves)
+    return row
+
+
+def _values(cell: dict[str, Any], threshold: str) -> dict[int, float | None]:
+    return {s: (None if v is None else v["general"])
+            for s, v in cell["envelope"][threshold]["by_seed"].items()}
+
+
+def comparison_rows(cell_rows: list[dict[str, Any]], args: argparse.Namespace
+                    ) -> list[dict[str, Any]]:
+    """Every paired cell: circuit-tuning minus each control that ran, per measure (each
+    threshold, and the area between the envelopes), with the headline family Holm-adjusted."""
+    by = {(c["model"], c["groups"], c["size"], c["mode"]): c for c in cell_rows if c["seeds"]}
+    out = []
+    for (model, groups, size, mode), ct in by.items():
+        for other in CONTROLS.get(mode, ()):
+            control = by.get((model, 1, None, other) if is_full(other)
+                             else (model, groups, size, other))
+            if control is None:
+                continue
+            for th in THRESHOLDS:
+                key = f"{th:g}"
+                cmp = paired(_values(ct, key), _values(control, key))
+                out.append({"model": model, "groups": groups, "size": size, "mode": mode,
+                            "control": other, "measure": f"target {th:+g}", **cmp,
+                            "headline": (mode, other) in HEADLINE and th == MIDDLE
+                            and size == args.headline_size})
+            areas = {s: area_between(ct["curves_by_seed"][s], control["curves_by_seed"][s])
+                     for s in ct["curves_by_seed"] if s in control["curves_by_seed"]}
+            cmp = paired(areas, {s: None if a is None else 0.0 for s, a in areas.items()})
+            out.append({"model": model, "groups": groups, "size": size, "mode": mode,
+                        "control": other, "measure": "area", **cmp, "headline": False})
+    family = [c for c in out if c["headline"]]
+    for c, p in zip(family, holm([c["wilcoxon"][2] for c in family]), strict=True):
+        c["holm_p"] = p
+    for c in out:
+        p = c.get("holm_p", c["wilcoxon"][2])
+        w_plus, w_minus, _ = c["wilcoxon"]
+        c["verdict"] = ("not resolved" if p >= ALPHA else
+                        "circuit-tuning lower" if w_minus > w_plus else "circuit-tuning higher")
+    return out
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
-    """Every finished run, aggregated per condition, with the sweep and the chosen lrs."""
+    """Every finished run, aggregated per condition (lr), per cell (envelope) and per paired
+    comparison."""
     out = Path(args.out)
-    chosen = sweep_lrs(args, wait=False)
-    sweep = []
-    for c in sweep_conditions(args):
-        r = records(out / c.key, args.steps)
-        if r is not None:
-            hit = crossing(points(r), THRESHOLDS[len(THRESHOLDS) // 2])
-            sweep.append({"model": c.model, "mode": c.mode, "lr": c.lr, "seed": c.seed,
-                          "final_target": r[-1]["target_metric"],
-                          "final_general": r[-1]["general_loss"],
-                          "general_at_middle": None if hit is None else hit[1],
-                          "chosen": chosen.get((c.model, c.mode)) == c.lr})
-    conds = main_conditions(args, lambda m, mode: chosen.get((m, mode), float("nan")))
-    runs = {c.key: r for c in conds if (r := records(out / c.key, args.steps)) is not None}
-    groups: dict[tuple[Any, ...], list[Condition]] = {}
-    for c in conds:
-        groups.setdefault((c.model, c.groups, c.size, c.mode), []).append(c)
-    rows, start = [], {}
-    for (model, _, _, _), cs in groups.items():
-        full = reference_mode(cs[0].mode)
-        reference = {c.seed: runs[c.key] for c in groups.get((model, 1, None, full), [])
-                     if c.key in runs}
-        rows.append(_condition_row(cs, runs, reference, args))
-        first = next((runs[c.key][0] for c in cs if c.key in runs), None)
-        if first is not None:
-            start[model] = {"target": first["target_metric"], "general": first["general_loss"],
-                            "accuracy": first.get("target_accuracy")}
+    conditions, cell_rows = [], []
+    n_done = n_planned = 0
+    start: dict[str, dict[str, Any]] = {}
+    for cell in cells(args):
+        lrs, _ = cell_lrs(cell, args)
+        runs: dict[float, dict[int, list[dict[str, Any]]]] = {}
+        for lr in lrs:
+            for seed in parse_seeds(args.seeds):
+                n_planned += 1
+                recs = records(out / cell.at(lr, seed).key, args.steps)
+                if recs is not None:
+                    runs.setdefault(lr, {})[seed] = recs
+                    n_done += 1
+                    start.setdefault(cell.model, {"target": recs[0]["target_metric"],
+                                                  "general": recs[0]["general_loss"],
+                                                  "accuracy": recs[0].get("target_accuracy")})
+            conditions.append(condition_row(cell, lr, runs.get(lr, {}), args))
+        cell_rows.append(cell_row(cell, runs, args))
+    comparisons = comparison_rows(cell_rows, args)
+    for row in cell_rows:
+        del row["curves_by_seed"]  # the same trajectories are in the conditions
     return {
+        "protocol": "envelope",
         "command": "python benchmarks/experiment.py all " + " ".join(grid_flags(args)),
-        "thresholds": list(THRESHOLDS), "steps": args.steps, "eval_every": args.eval_every,
-        "seeds": [int(s) for s in args.seeds.split(",")], "sweep_seed": args.sweep_seed,
-        "sweep_size": args.sweep_size,
+        "thresholds": list(THRESHOLDS), "middle": MIDDLE, "alpha": ALPHA,
+        "headline": [list(h) for h in HEADLINE], "headline_size": args.headline_size,
+        "steps": args.steps, "eval_every": args.eval_every, "batch_size": args.batch_size,
+        "n_examples": args.n, "general_examples": args.general_examples,
+        "data_seed": args.data_seed, "seeds": parse_seeds(args.seeds),
         "lrs": [float(x) for x in args.lrs.split(",")],
         "paper_lrs": [float(x) for x in args.paper_lrs.split(",")],
-        "chosen_lr": {f"{m} {mode}": lr for (m, mode), lr in chosen.items()},
-        "sweep": sweep, "start": start, "conditions": rows,
-        "runs_done": len(runs), "runs_planned": len(conds),
+        "max_extend": args.max_extend, "start": start, "conditions": conditions,
+        "cells": cell_rows, "comparisons": comparisons,
+        "seconds_per_run": seconds_per_run(args),
+        "runs_done": n_done, "runs_planned": n_planned,
         "machine": f"{platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, torch threads "
-                   f"{args.threads}, load average {os.getloadavg()[0]:.1f} when reported",
+                   f"{args.threads} per run, {args.jobs} runs at a time, load average "
+                   f"{os.getloadavg()[0]:.1f} when reported",
         "note": args.note,
     }
 
@@ -189,10 +274,11 @@ def report(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     results = collect(args)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    ctlens.files.atomic_write_text(RESULTS, json.dumps(results, indent=1))
-    figures = write_figures(results, FIGURES)
-    write_page(results, figures, DOC)
-    print(f"{results['runs_done']}/{results['runs_planned']} runs; wrote {RESULTS}, {DOC}")
-
-
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ctlens.files.atomic_write_text(path, json.dumps(results, indent=1))
+    docs = Path(args.docs)
+    figures = write_figures(results, docs / "img")
+    write_page(results, figures, docs / "experiments.md")
+    print(f"{results['runs_done']}/{results['runs_planned']} runs; wrote {path}, "
+          f"{docs / 'experiments.md'}")

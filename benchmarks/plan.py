@@ -200,10 +200,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 def _plan(case: dict[str, Any]) -> Any:
     from ctlens.planner import plan
 
-    mode = {"eap": "attribute", "eap-ig": "attribute", "forward": "forward", "tune": "tune"}
+    operation = {"eap": "attribute", "eap-ig": "attribute", "forward": "forward",
+                 "tune": "tune"}
     method = case["op"] if case["op"].startswith("eap") else "eap"
     return plan(build_module_meta(case["shape"]), batch_size=case["batch"],
-                       seq_len=case["seq"], mode=mode[case["op"]], method=method)
+                       seq_len=case["seq"], operation=operation[case["op"]], method=method)
 
 
 def build_module_meta(shape: str) -> Any:
@@ -290,11 +291,11 @@ def real_table(seq: int = 256, budget: str = "80GB") -> str:
              f"for {budget} |", "|---|---|---|---:|---:|---:|---:|"]
     for name in REAL:
         dtype = "float32" if name == "gpt2" else "bfloat16"
-        for mode, label in (("attribute", "EAP"), ("tune", "tuning step")):
-            peaks = [plan(name, batch_size=b, seq_len=seq, mode=mode,
+        for operation, label in (("attribute", "EAP"), ("tune", "tuning step")):
+            peaks = [plan(name, batch_size=b, seq_len=seq, operation=operation,
                                  dtype=dtype).peak_bytes / GIB for b in (1, 8, 32)]
             try:
-                best = str(plan(name, seq_len=seq, mode=mode, dtype=dtype,
+                best = str(plan(name, seq_len=seq, operation=operation, dtype=dtype,
                                        budget=budget).recommended_batch)
             except MemoryBudgetError:
                 best = "does not fit"
@@ -343,8 +344,8 @@ sharding section below).
 def _fsdp_line() -> str:
     from ctlens.planner import GIB, plan
 
-    p = plan("llama-3.1-8b", mode="tune", dtype="bfloat16", seq_len=256, batch_size=8,
-             ranks=8, shard=True, budget="80GB")
+    p = plan("llama-3.1-8b", operation="tune", dtype="bfloat16", seq_len=256, batch_size=8,
+             ranks=8, shard="fsdp", budget="80GB")
     return (f"{p.peak_bytes / GIB:.1f} GiB per GPU at a global batch of 8, and the largest "
             f"global batch that fits 80 GB is {p.recommended_batch}")
 

@@ -6,12 +6,13 @@ before ``on_pre_optimizer_step``. So the callback does what `CircuitTuner` does 
 
 - ``on_step_begin`` (before the step's forward), every ``every_k`` optimizer steps: score
   the task's discovery pairs with EAP (as `CircuitTuner` does: ``discovery_batches``
-  batches from a rotating offset, the configured ablation), keep the top-N edges (the
-  `TuneConfig` schedule) and enter `ctlens.restrict_gradients` for the new circuit, given
-  the trainer's optimizer. The restriction's gradient hooks zero the frozen entries as the
-  gradients are computed, so clipping and the optimizer see restricted gradients, and its
-  optimizer post-hook copies frozen slices back after every step (exact under momentum and
-  weight decay).
+  batches from a rotating offset, the configured ablation), select the circuit with the
+  tuner's own rule (`ctlens.tuning.discovery.CircuitSelection`: the moving average, then
+  the top N of the `TuneConfig` schedule by ``selection``) and enter
+  `ctlens.restrict_gradients` for the new circuit, given the trainer's optimizer. The
+  restriction's gradient hooks zero the frozen entries as the gradients are computed, so
+  clipping and the optimizer see restricted gradients, and its optimizer post-hook copies
+  frozen slices back after every step (exact under momentum and weight decay).
 - ``on_train_end``: leave the restriction (flags and hooks restored).
 
 The model the trainer runs must compute through the bridge (``ctlens.load_model``), whose
@@ -30,9 +31,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from ctlens.circuit import Circuit
 from ctlens.graph import Graph
-from ctlens.scores import EdgeScores
 from ctlens.tuning.config import TuneConfig
-from ctlens.tuning.discovery import check_top_n, task_scores
+from ctlens.tuning.discovery import CircuitSelection, task_scores
 from ctlens.tuning.distributed import World
 
 
@@ -77,7 +77,8 @@ class CircuitTuningCallback(TrainerCallback):
             ``discovery`` attribute (`ctlens.tasks.load`).
         config: a `TuneConfig`; read are ``top_n`` and its schedule, ``steps`` (for the
             schedule), ``every_k``, ``batch_size``, ``discovery_batches``,
-            ``discovery_ablation``, ``ema``, ``train_embeddings``, ``train_unembedding``.
+            ``discovery_ablation``, ``ema``, ``selection``, ``train_embeddings``,
+            ``train_unembedding``.
             Only ``mode="gradient"`` is supported (the forward pass belongs to the trainer).
 
     Attributes:
@@ -94,8 +95,8 @@ class CircuitTuningCallback(TrainerCallback):
         if self.config.mode != "gradient":
             raise ValueError(
                 f"CircuitTuningCallback restricts gradients only (mode='gradient'); got "
-                f"mode={self.config.mode!r}: forward masking needs the trainer's forward pass, "
-                "use CircuitTuner for it"
+                f"mode={self.config.mode.value!r}: forward masking needs the trainer's forward "
+                "pass, use CircuitTuner for it"
             )
         data = getattr(discovery, "discovery", discovery)
         if not isinstance(data, TaskData):
@@ -107,10 +108,10 @@ class CircuitTuningCallback(TrainerCallback):
         self.data = data
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
         self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
-        check_top_n(self.config, self.graph)
+        self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         self.circuit: Circuit | None = None
         self.history: list[tuple[int, int]] = []
-        self._ema: torch.Tensor | None = None
+        self._selection = CircuitSelection(self.config, self.graph, None, discovery="task")
         self._stack: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------ trainer events
@@ -132,16 +133,11 @@ class CircuitTuningCallback(TrainerCallback):
     # ------------------------------------------------------------------ the work
 
     def discover(self, t: int) -> Circuit:
-        """The circuit of optimizer step ``t``: EAP on the discovery pairs, top-N edges."""
-        cfg = self.config
-        scores = task_scores(self.model, self.data, cfg, self.graph, t, World.current())
-        if cfg.ema > 0:
-            if self._ema is not None:
-                scores = cfg.ema * self._ema + (1 - cfg.ema) * scores
-            self._ema = scores
-        top_n = cfg.top_n_at(t, self.graph.n_edges)
-        circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=top_n)
-        circuit.metadata = {"step": t, "top_n": top_n, "mode": "gradient", "discovery": "task"}
+        """The circuit of optimizer step ``t``: EAP on the discovery pairs, then the tuner's
+        selection (`ctlens.tuning.discovery.CircuitSelection`)."""
+        scores = task_scores(self.model, self.data, self.config, self.graph, t,
+                             World.current())
+        circuit = self._selection.select(scores, t)
         self.history.append((t, circuit.n_edges))
         return circuit
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float, Int
 
-from ctlens.graph import Graph, GraphSpec, check_mlp_groups
+from ctlens.graph import Graph
+from ctlens.graph_spec import GraphSpec, check_mlp_groups
 
 MAX_SPANS = 4096
 """Most token spans a file may declare (a span per position of a 4,096-token context)."""
@@ -139,14 +140,15 @@ def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:
     """The model's graph spec with the MLP grouping and the token spans a file declares,
     without building it.
 
-    The grouping must split the model's MLP width evenly (`ctlens.graph.check_mlp_groups`);
-    spans belong to the data, not the model, so the file's are taken as they are (whether
-    they match a task is checked where the task is known, `Graph.check_spans`).
+    The grouping must split the model's MLP width evenly
+    (`ctlens.graph_spec.check_mlp_groups`); spans belong to the data, not the model, so the
+    file's are taken as they are (whether they match a task is checked where the task is
+    known, `Graph.check_spans`).
     """
     groups = declared.get("mlp_groups", 1) if isinstance(declared, dict) else 1
     spans = _declared_spans(declared, source) if isinstance(declared, dict) else ()
     try:
-        spec = replace(Graph.from_model(model).spec, spans=spans)
+        spec = GraphSpec.from_model(model, spans=spans)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: bad graph spec ({err})") from None
     try:

@@ -39,10 +39,9 @@ import networkx as nx
 import torch
 from jaxtyping import Bool, Float
 
-from ctlens.bridge.families import approximation
 from ctlens.bridge.names import HookRef, Role, node_hook
 from ctlens.data import TaskData
-from ctlens.graph_spec import GraphSpec, check_mlp_groups
+from ctlens.graph_spec import GraphSpec
 from ctlens.types import Node, NodeKind
 
 
@@ -117,20 +116,13 @@ class Graph:
                     "data.with_position_spans())"
                 )
             spans = spans.span_names
-        cfg = model.cfg
-        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-        check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
-        return cls(
-            GraphSpec(
-                n_layers=cfg.n_layers,
-                n_heads=cfg.n_heads,
-                n_kv_heads=n_kv,
-                parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
-                mlp_groups=mlp_groups,
-                approximate=approximation(model),
-                spans=tuple(spans or ()),
-            )
-        )
+        return cls(GraphSpec.from_model(model, mlp_groups, tuple(spans or ())))
+
+    def belongs_to(self, model: Any) -> bool:
+        """Whether this is ``model``'s graph (with this graph's MLP grouping, which must
+        divide the model's MLP width, and its spans). Compares specs: no graph is built."""
+        spec = self.spec
+        return GraphSpec.from_model(model, spec.mlp_groups, spec.spans) == spec
 
     # ----------------------------------------------------------------- names and counts
 
@@ -518,16 +510,14 @@ def coarsen_matrix(
     return coarse, summed
 
 
-def groups_of(obj: Any) -> int:
-    """The ``mlp_groups`` of the graph of ``obj`` (a `Circuit`, `EdgeScores`); 1 if none."""
-    graph = getattr(obj, "graph", None)
-    return graph.spec.mlp_groups if isinstance(graph, Graph) else 1
-
-
-def model_graph(model: Any, like: Any) -> Graph:
-    """``model``'s graph with the MLP groups and spans of ``like`` (a `Circuit`,
-    `EdgeScores` or `Graph`): the graph ``like`` must belong to on this model."""
-    graph = like if isinstance(like, Graph) else getattr(like, "graph", None)
-    if not isinstance(graph, Graph):
-        return Graph.from_model(model)
-    return Graph.from_model(model, mlp_groups=graph.spec.mlp_groups, spans=graph.spans)
+def require_graph_of(model: Any, graph: Graph, what: str = "circuit") -> Graph:
+    """``graph`` when it is ``model``'s graph (`Graph.belongs_to`), else the one error that
+    says a ``what`` of another model was given. The public entry points that take a circuit
+    ask this once and pass the graph on."""
+    if not graph.belongs_to(model):
+        own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups, spans=graph.spans)
+        raise ValueError(
+            f"the {what} belongs to another model's graph ({graph!r}); this model has "
+            f"{own!r}. Use a {what} found on this model."
+        )
+    return graph

@@ -5,9 +5,11 @@ edges from it. Files record a graph by its spec (`GraphSpec.to_dict`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ctlens.bridge.families import approximation
 from ctlens.spans import check_span_names
 
 GRAPH_SPEC_VERSION = 1
@@ -88,6 +90,24 @@ class GraphSpec:
         else:
             del fields["spans"]
         return {"version": GRAPH_SPEC_VERSION, **fields}
+
+    @classmethod
+    def from_model(cls, model: Any, mlp_groups: int = 1,
+                   spans: Sequence[str] = ()) -> GraphSpec:
+        """The spec of the graph of a model returned by `ctlens.load_model` (reads
+        ``model.cfg``; builds nothing). ``mlp_groups`` must divide the MLP width."""
+        cfg = model.cfg
+        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        check_mlp_groups(mlp_groups, int(getattr(cfg, "d_mlp", 0) or 0))
+        return cls(
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            n_kv_heads=n_kv,
+            parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            mlp_groups=mlp_groups,
+            approximate=approximation(model),
+            spans=tuple(spans or ()),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphSpec:

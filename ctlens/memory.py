@@ -44,6 +44,8 @@ import torch
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*([-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
+"""A memory size: a number (sign, decimals, exponent), optional spaces, an optional unit."""
 _CHUNK = 16  # sender rows upcast at a time when micro-batching a low-precision buffer
 
 
@@ -84,23 +86,35 @@ class AttributionFit:
         }
 
 
-def parse_bytes(value: int | str) -> int:
-    """``8_000_000_000``, ``"8GB"``, ``"7.5 GiB"`` or ``"512MiB"`` as a number of bytes."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"max_memory must be bytes (an int) or a string like '8GB', got {value!r}")
-    if isinstance(value, int):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if match is None or match.group(2).lower() not in _UNITS:
+def parse_bytes(value: int | float | str, name: str = "max_memory") -> int:
+    """A memory size as a number of bytes: ``8_000_000_000``, ``8e9``, ``"8GB"``,
+    ``"7.5 GiB"``, ``"512MiB"`` (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; any case).
+
+    The one reader of every memory size a user passes (``max_memory``, ``ctlens plan``'s
+    ``budget``; ``name`` says which in the errors): a number must be a whole number of
+    bytes, a string a positive number with an optional unit, and the size at least one byte.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{name} must be bytes (a whole number) or a string like '8GB', "
+                        f"got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise TypeError(f"{name} must be bytes (a whole number) or a string like '8GB', "
+                        f"got {value!r}")
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        unit = "" if match is None else match.group(2).lower()
+        if match is None or unit not in _UNITS or not math.isfinite(float(match.group(1))):
             raise ValueError(
-                f"max_memory={value!r} is not a size: use bytes or a number with a unit "
-                "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '8GB'"
+                f"{name}={value!r}: cannot read the memory budget, it is not a size; write "
+                "bytes or a positive number with a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, "
+                "TiB), e.g. 8GB, 24GiB or 512MiB"
             )
-        number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"max_memory must be positive, got {value!r}")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    else:
+        size = int(value)
+    if size < 1:
+        raise ValueError(f"{name}={value!r}: the memory budget must be positive (at least "
+                         "one byte)")
     return size
 
 

@@ -24,10 +24,15 @@ weights, no memory). It adds up what the ctlens code keeps alive at its peak:
   checked on other shapes by the same script;
 - the **logits** the loss or metric reads (only the metric positions for attribution).
 
-Under FSDP with ``ranks`` processes, weights, gradients and optimizer state are divided by
-the number of ranks and two layers' worth of full weights are added (the all-gathered layer
-and the prefetched next one); activations follow the per-rank rows of the global batch.
-Without sharding, ``ranks`` is data parallelism: only the batch is divided.
+Under FSDP (``shard="fsdp"``, as in `ctlens.TuneConfig`) with ``ranks`` processes,
+weights, gradients and optimizer state are divided by the number of ranks and two layers'
+worth of full weights are added (the all-gathered layer and the prefetched next one);
+activations follow the per-rank rows of the global batch. Without sharding, ``ranks`` is
+data parallelism: only the batch is divided.
+
+What is planned is an *operation* (``"attribute"``, ``"forward"``, ``"tune"``); ``ctlens
+plan`` calls it ``--mode``, and `plan` still takes ``mode=``, but it is not a
+`TuneConfig` mode (``"tune"`` plans one step in ``mode="gradient"``).
 
 The predictions are for one device; CUDA's caching allocator and fragmentation add a few
 percent on a GPU, so leave headroom (``safety``, default 10 %).
@@ -41,10 +46,17 @@ from typing import Any, Literal
 
 import torch
 
-from ctlens.memory import AttributionFit, bytes_per_example, default_queue, fit_buffers
+from ctlens.memory import (
+    AttributionFit,
+    bytes_per_example,
+    default_queue,
+    fit_buffers,
+    parse_bytes,
+)
+from ctlens.types import Shard, parse_choice
 
-Mode = Literal["attribute", "forward", "tune"]
-MODES: tuple[str, ...] = ("attribute", "forward", "tune")
+Operation = Literal["attribute", "forward", "tune"]
+OPERATIONS: tuple[str, ...] = ("attribute", "forward", "tune")
 METHODS: tuple[str, ...] = ("eap", "eap-ig")
 GIB = 1024**3
 
@@ -102,18 +114,18 @@ class Plan:
     """A prediction: the peak in bytes, its parts, and (with a budget) the advice."""
 
     shape: ModelShape
-    mode: str
+    operation: str
     method: str | None
     batch_size: int
     seq_len: int
     ranks: int
-    shard: bool
+    shard: Shard | None
     parts: dict[str, int]
     budget_bytes: int | None = None
     recommended_batch: int | None = None
     notes: list[str] = field(default_factory=list)
-    attribution: AttributionFit | None = None  # attribute mode: how its buffers are fitted
-    max_memory: int | None = None  # attribute mode with a budget: the max_memory to pass
+    attribution: AttributionFit | None = None  # attribute: how its buffers are fitted
+    max_memory: int | None = None  # attribute with a budget: the max_memory to pass
 
     @property
     def peak_bytes(self) -> int:
@@ -128,9 +140,9 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``ctlens plan --json``)."""
         return {
-            "model": self.shape.name, "mode": self.mode, "method": self.method,
+            "model": self.shape.name, "mode": self.operation, "method": self.method,
             "batch_size": self.batch_size, "seq_len": self.seq_len, "ranks": self.ranks,
-            "shard": self.shard, "dtype": str(self.shape.dtype).removeprefix("torch."),
+            "shard": self.shard is not None, "dtype": str(self.shape.dtype).removeprefix("torch."),
             "peak_bytes": self.peak_bytes, "parts": dict(self.parts),
             "budget_bytes": self.budget_bytes, "fits": self.fits,
             "recommended_batch": self.recommended_batch, "notes": list(self.notes),
@@ -140,8 +152,9 @@ class Plan:
 
     def table(self) -> str:
         """Human-readable breakdown (what ``ctlens plan`` prints)."""
-        what = self.mode if self.method is None else f"{self.mode} ({self.method})"
-        par = f", {self.ranks} ranks{' FSDP' if self.shard else ' data-parallel'}"
+        what = self.operation if self.method is None else f"{self.operation} ({self.method})"
+        sharded = self.shard is not None
+        par = f", {self.ranks} ranks{' FSDP' if sharded else ' data-parallel'}"
         lines = [
             f"{self.shape.name}: {what}, batch {self.batch_size} x {self.seq_len} tokens, "
             f"{str(self.shape.dtype).removeprefix('torch.')}"
@@ -163,15 +176,17 @@ def plan(
     model: Any,
     batch_size: int = 8,
     seq_len: int = 128,
-    mode: Mode = "attribute",
+    operation: Operation | None = None,
     method: str = "eap",
     mlp_groups: int = 1,
     dtype: torch.dtype | str | None = None,
     ranks: int = 1,
-    shard: bool = False,
+    shard: Shard | str | bool | None = None,
     budget: float | int | str | None = None,
     safety: float = 0.1,
     vocab_positions: int = 1,
+    *,
+    mode: Operation | None = None,
 ) -> Plan:
     """Predict the peak memory of one ctlens operation without allocating anything.
 
@@ -180,23 +195,31 @@ def plan(
             from `ctlens.real_shapes` (e.g. ``"llama-3.1-8b"``).
         batch_size: rows per forward pass (the global batch when ``ranks > 1``).
         seq_len: tokens per row.
-        mode: ``"attribute"`` (`ctlens.attribute`), ``"forward"`` (a training forward and
-            backward under `ctlens.edge_mask`) or ``"tune"`` (one `CircuitTuner` step in
-            gradient mode with batch discovery and AdamW).
+        operation: ``"attribute"`` (`ctlens.attribute`; the default), ``"forward"`` (a
+            training forward and backward under `ctlens.edge_mask`) or ``"tune"`` (one
+            `CircuitTuner` step in gradient mode with batch discovery and AdamW).
         method: ``"eap"`` or ``"eap-ig"`` (attribution only).
         mlp_groups: MLP neuron groups per layer in the graph (1: one node per MLP).
         dtype: the weights' dtype (default: the model's, float32 for a config or name).
-        ranks: number of processes; ``shard`` selects FSDP (else data parallelism).
+        ranks: number of processes; ``shard="fsdp"`` (`TuneConfig`'s word; ``True`` also
+            reads as it) selects FSDP, ``None`` data parallelism.
         budget: memory per device, bytes or a string like ``"80GB"`` / ``"24GiB"``; the plan
             then recommends the largest batch size that fits.
         safety: fraction of the budget kept free for allocator overhead.
         vocab_positions: metric positions per row (attribution logits).
+        mode: ``operation`` under the name ``ctlens plan --mode`` gives it (give one).
 
     Raises:
         MemoryBudgetError: the budget is below the peak at batch size 1.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if mode is not None and operation is not None and mode != operation:
+        raise ValueError(f"operation={operation!r} and mode={mode!r} name the same thing; "
+                         "give one")
+    name = "operation" if mode is None else "mode"
+    operation = mode or operation or "attribute"
+    if operation not in OPERATIONS:
+        raise ValueError(f"{name} must be one of {', '.join(OPERATIONS)}; got {operation!r}")
+    shard = _shard(shard)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("ranks", ranks),
@@ -206,13 +229,13 @@ def plan(
     if not 0 <= safety < 1:
         raise ValueError(f"safety must be in [0, 1), got {safety!r}")
     shape = model_shape(model, dtype)
-    budget_bytes = None if budget is None else parse_bytes(budget)
+    budget_bytes = None if budget is None else parse_bytes(budget, "budget")
 
     def at(batch: int, fit: AttributionFit | None = None) -> Plan:
-        parts = _parts(shape, mode, method, batch, seq_len, mlp_groups, ranks, shard,
-                       vocab_positions, fit)
-        return Plan(shape, mode, method if mode == "attribute" else None, batch, seq_len,
-                    ranks, shard, parts, attribution=fit)
+        parts = _parts(shape, operation, method, batch, seq_len, mlp_groups, ranks,
+                       shard is not None, vocab_positions, fit)
+        return Plan(shape, operation, method if operation == "attribute" else None, batch,
+                    seq_len, ranks, shard, parts, attribution=fit)
 
     result = at(batch_size)
     buffer = result.parts.get("sender buffer", 0)
@@ -223,23 +246,31 @@ def plan(
         )
     if budget_bytes is not None:
         usable = int(budget_bytes * (1 - safety))
-        if mode == "attribute":
+        if operation == "attribute":
             return _fit_attribution(at, shape, batch_size, seq_len, mlp_groups, budget_bytes,
                                     usable, safety)
         smallest = at(ranks)
         if smallest.peak_bytes > usable:
             raise MemoryBudgetError(
                 f"{shape.name} needs {smallest.peak_bytes / GIB:.2f} GiB per device for "
-                f"{mode} at the smallest batch ({ranks} row(s) of {seq_len} tokens), more "
+                f"{operation} at the smallest batch ({ranks} row(s) of {seq_len} tokens), more "
                 f"than the {usable / GIB:.2f} GiB usable of the {budget_bytes / GIB:.2f} GiB "
                 f"budget ({safety:.0%} kept free); "
-                "use a larger device, more ranks with shard=True (--shard fsdp), a shorter "
+                "use a larger device, more ranks with shard='fsdp' (--shard fsdp), a shorter "
                 "sequence or a smaller dtype"
             )
         result.budget_bytes = budget_bytes
         result.recommended_batch = _largest_batch(lambda b: at(b).peak_bytes <= usable, ranks)
         result.notes.append(f"budget keeps {safety:.0%} headroom for allocator overhead")
     return result
+
+
+def _shard(value: Shard | str | bool | None) -> Shard | None:
+    """``shard`` in `TuneConfig`'s words: ``"fsdp"`` (or ``True``, FSDP being the only
+    sharding) or None (``False``)."""
+    if value is None or value is False:
+        return None
+    return Shard.FSDP if value is True else parse_choice(Shard, value, "shard")
 
 
 def _fit_attribution(
@@ -335,7 +366,7 @@ def _largest_batch(fits: Any, step: int) -> int:
 
 
 def _parts(
-    s: ModelShape, mode: str, method: str, batch: int, seq: int, mlp_groups: int,
+    s: ModelShape, operation: str, method: str, batch: int, seq: int, mlp_groups: int,
     ranks: int, shard: bool, positions: int, fit: AttributionFit | None = None,
 ) -> dict[str, int]:
     """The named parts of the peak (bytes) for one device (attribution's buffers as
@@ -348,12 +379,12 @@ def _parts(
     parts: dict[str, int] = {"weights": s.n_params * wb // divide}
     if shard and ranks > 1:
         parts["fsdp all-gathered layers"] = 2 * s.largest_layer_params * wb
-    c_qkv, c_res, c_mlp, c_att = _ACTIVATION[method if mode == "attribute" else mode]
+    c_qkv, c_res, c_mlp, c_att = _ACTIVATION[method if operation == "attribute" else operation]
     H, K, d = s.n_heads, s.n_kv_heads, s.d_model
     per_token = c_qkv * (H + 2 * K) * d + c_res * d + c_mlp * s.mlp_width + c_att * H * seq
     parts["activations"] = int(n * s.n_layers * per_token * wb)
     scores = n_send * n_recv * 4
-    if mode == "attribute":
+    if operation == "attribute":
         fit = fit or AttributionFit(None, torch.float32, None, None)
         buffer_rows = n_send if fit.senders is None else fit.senders
         item = torch.empty((), dtype=fit.buffer_dtype, device="meta").element_size()
@@ -369,9 +400,9 @@ def _parts(
             parts["backward transients"] += n * d * 4
         return parts
     trainable = s.attn_params + s.mlp_params
-    parts["gradients"] = (trainable if mode == "tune" else s.n_params) * wb // divide
+    parts["gradients"] = (trainable if operation == "tune" else s.n_params) * wb // divide
     parts["logits"] = n * s.vocab * (wb + 8)
-    if mode == "forward":
+    if operation == "forward":
         parts["mean activations"] = n_send * seq * d * 4
         return parts
     parts["optimizer state"] = 2 * trainable * wb // divide
@@ -486,29 +517,3 @@ def _shape_of(module: torch.nn.Module, name: str, dtype: torch.dtype) -> ModelSh
         largest_layer_params=max(layers.values(), default=0),
         dtype=dtype,
     )
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: float | int | str) -> int:
-    """Bytes from a number or a string like ``"80GB"``, ``"24 GiB"``, ``"512MiB"``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0 or not math.isfinite(value):
-            raise ValueError(f"a memory budget must be positive, got {value!r}")
-        return int(value)
-    text = str(value).strip().lower().replace(" ", "")
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number):]
-    try:
-        amount = float(number)
-    except ValueError:
-        amount = -1.0
-    if unit not in _UNITS or not math.isfinite(amount) or amount <= 0:
-        raise ValueError(
-            f"cannot read the memory budget {value!r}; write a positive number with a unit, "
-            "e.g. 80GB, 24GiB or 512MiB"
-        )
-    return int(amount * _UNITS[unit])
-

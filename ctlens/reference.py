@@ -16,7 +16,7 @@ from jaxtyping import Float
 
 from ctlens.bridge.hooks import eval_mode, flat, model_device, run_to_final_residual, sender_hooks
 from ctlens.data import TaskData
-from ctlens.graph import Graph, model_graph
+from ctlens.graph import Graph
 from ctlens.types import Ablation
 
 Reference = TaskData | torch.Tensor | None
@@ -139,8 +139,7 @@ def resolve_reference(
 
 
 def check_graph(model: Any, graph: Graph | None) -> Graph:
-    """``graph``, or the model's one-group graph; refuses a graph of another model (a
-    positional graph belongs to a model when its spans aside it is the model's).
+    """``graph``, or the model's one-group graph; refuses a graph of another model.
 
     Shared by `ctlens.attribute` and `mean_activations`, which take a ``graph=`` argument.
     """
@@ -148,8 +147,8 @@ def check_graph(model: Any, graph: Graph | None) -> Graph:
         return Graph.from_model(model)
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
-    own = model_graph(model, graph)
-    if own != graph:
+    if not graph.belongs_to(model):
+        own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups, spans=graph.spans)
         raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
     return graph
 

@@ -387,7 +387,7 @@ class SpanOrder:
 
     def full_order(self, device: torch.device) -> torch.Tensor:
         """`perm`, then the padding cells: a permutation of every cell."""
-        rest = torch.ones(self.n_cells, dtype=torch.bool)
+        rest = torch.ones(self.n_cells, dtype=torch.bool, device=self.perm.device)
         rest[self.perm] = False
         return torch.cat([self.perm, rest.nonzero()[:, 0]]).to(device)
 

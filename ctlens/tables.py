@@ -21,7 +21,8 @@ import torch
 from jaxtyping import Bool, Float
 
 from ctlens.bridge.mlp_groups import neuron_slice
-from ctlens.graph import Graph, check_mlp_groups
+from ctlens.graph import Graph
+from ctlens.graph_spec import check_mlp_groups
 from ctlens.types import Node, NodeKind
 
 if TYPE_CHECKING:

@@ -8,10 +8,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(kind: type[E], value: object, name: str) -> E:
+    """``value`` (a member or its string) as a member of ``kind``; otherwise one
+    ``ValueError`` naming the option ``name`` and every choice."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}") from None
+
+
+class Choice(str, Enum):
+    """A closed set of option words that behaves as its plain strings.
+
+    A member equals, hashes, prints and serialises (JSON, ``run.json``) as its value, so a
+    configuration holding members reads, compares and writes exactly as one holding the
+    strings; only the set of words is closed.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 class Ablation(str, Enum):
-    """What an ablated sender is replaced with (DESIGN.md, Attribution).
+    """What an ablated sender is replaced with (docs/concepts.md, Ablations).
 
     - ``corrupt``: its activation on the paired corrupted prompt.
     - ``mean``: its mean activation per position over a reference set, padding excluded.
@@ -47,6 +75,64 @@ class Method(str, Enum):
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
             raise ValueError(f"unknown method {value!r}; choose one of {choices}") from None
+
+
+class Mode(Choice):
+    """What a circuit-tuning run trains (`ctlens.TuneConfig`'s ``mode``): the paper's
+    ``gradient`` restriction, ``forward`` masking, ``both``, or a baseline (``full``
+    fine-tuning, a ``random`` circuit, ``lora`` adapters)."""
+
+    GRADIENT = "gradient"
+    FORWARD = "forward"
+    BOTH = "both"
+    FULL = "full"
+    RANDOM = "random"
+    LORA = "lora"
+
+    @property
+    def uses_circuit(self) -> bool:
+        """Whether the run selects and enforces a circuit (not ``full`` or ``lora``)."""
+        return self in (Mode.GRADIENT, Mode.FORWARD, Mode.BOTH, Mode.RANDOM)
+
+    @property
+    def restricts_gradients(self) -> bool:
+        """Whether only the circuit's parameters move (``random`` is enforced like
+        ``gradient``)."""
+        return self in (Mode.GRADIENT, Mode.BOTH, Mode.RANDOM)
+
+    @property
+    def masks_forward(self) -> bool:
+        """Whether the training forward runs with the edges outside the circuit ablated."""
+        return self in (Mode.FORWARD, Mode.BOTH)
+
+
+class Selection(Choice):
+    """How a tuner keeps its N edges: ``top_n`` (largest |score|) or ``top_nodes`` (|score|
+    times both ends' summed |scores|, the paper's official code)."""
+
+    TOP_N = "top_n"
+    TOP_NODES = "top_nodes"
+
+
+class Optimizer(Choice):
+    """A tuner's optimizer: ``adamw`` or ``sgd`` (with momentum)."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class Loss(Choice):
+    """A tuner's training loss: the NLL of the ``target`` tokens or of the whole
+    ``sequence``."""
+
+    TARGET = "target"
+    SEQUENCE = "sequence"
+
+
+class Shard(Choice):
+    """How a tuner shards the model across processes: ``fsdp`` (PyTorch FSDP2)."""
+
+    FSDP = "fsdp"
 
 
 class NodeKind(str, Enum):

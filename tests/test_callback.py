@@ -115,3 +115,30 @@ def test_bridge_causal_lm_loss_matches_the_tuner_loss() -> None:
     expected = (nll * target[:, 1:]).sum() / target[:, 1:].sum()
     assert torch.allclose(out.loss, expected)
     assert BridgeCausalLM(model)(tokens).loss is None
+
+
+def test_callback_selects_as_the_tuner_does() -> None:
+    """The callback keeps the tuner's selection rule: with ``selection="top_nodes"`` its
+    circuit is the top N by |score| x sender's summed |scores| x receiver's summed |scores|
+    (computed here by hand), and with ``ema`` the second circuit ranks the averaged scores."""
+    from ctlens.tuning.discovery import task_scores
+    from ctlens.tuning.distributed import World
+
+    model = ctlens.load_model("zoo:tiny-gpt2")
+    task = _task()
+    cfg = ctlens.TuneConfig(**{**CONFIG, "selection": "top_nodes", "ema": 0.5})
+    callback = CircuitTuningCallback(model, task, cfg)
+    graph = callback.graph
+    first = callback.discover(0)
+    second = callback.discover(2)
+    raw = [task_scores(model, task.discovery, cfg, graph, t, World()).float().cpu()
+           for t in (0, 2)]
+    for circuit, scores in ((first, raw[0]), (second, 0.5 * raw[0] + 0.5 * raw[1])):
+        magnitude = scores.abs() * graph.valid
+        rank = magnitude * magnitude.sum(1, keepdim=True) * magnitude.sum(0, keepdim=True)
+        top = rank.flatten().topk(cfg.top_n).indices
+        want = {(graph.senders[int(i) // graph.n_receivers],
+                 graph.receivers[int(i) % graph.n_receivers]) for i in top}
+        assert set(circuit.edges) == want
+        assert circuit.metadata["selection"] == "top_nodes"
+        assert circuit.metadata["discovery"] == "task"

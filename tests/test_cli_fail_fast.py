@@ -35,11 +35,13 @@ def _run_fresh(argv: list[str], cwd: Path = ROOT) -> tuple[int, str, str, bool]:
 
 
 def _write_run(out: Path, model: str, task: str, **config: object) -> None:
-    """A ``run.json`` as the tuner writes it (only what the early check reads)."""
+    """A ``run.json`` as the tuner writes it (only what the early check reads), for the
+    default --n-examples 256 and --n-train 1024."""
     from ctlens.tuning.config import TuneConfig
 
     out.mkdir(parents=True)
-    doc = {"model": model, "task": task, "config": TuneConfig(**config).to_dict()}
+    doc = {"model": model, "task": task, "config": TuneConfig(**config).to_dict(),
+           "data": {"n_train": 1024, "train_length": 12, "n_discovery": 256}}
     (out / "run.json").write_text(json.dumps(doc))
 
 
@@ -102,6 +104,10 @@ def test_the_same_run_passes_the_early_check(tmp_path: Path) -> None:
                               "--no-progress"])
     check_tune(same)
     check_tune(parser.parse_args(["tune", "--out", str(out), "--steps", "9", "--overwrite"]))
+    other_size = parser.parse_args(["tune", "--out", str(out), "--steps", "60", "--top-n",
+                                    "120", "--n-examples", "64", "--n-train", "1024"])
+    with pytest.raises(ValueError, match="--n-examples 256 there, 64 now"):
+        check_tune(other_size)
 
 
 def test_library_messages_keep_the_command_line_spelling() -> None:

@@ -132,3 +132,32 @@ def test_mkdocs_nav_points_at_existing_pages():
     assert pages
     for page in pages:
         assert (ROOT / "docs" / page).exists(), f"mkdocs.yml nav names missing docs/{page}"
+
+
+def test_docs_build_executes_the_tutorials_and_checks_their_outputs():
+    """The site shows the tutorials' outputs and figures: mkdocs-jupyter executes them (a
+    failing cell fails the build), and scripts/check_site.py, run by CI after the build,
+    refuses a page without outputs or with fewer figures than its notebook draws."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_constructor("!ENV", lambda loader, node: loader.construct_sequence(node)[-1])
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=_Loader)
+    (jupyter,) = [p["mkdocs-jupyter"] for p in config["plugins"]
+                  if isinstance(p, dict) and "mkdocs-jupyter" in p]
+    assert jupyter["execute"] is True and jupyter["allow_errors"] is False
+    assert "check_site.py" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    check = _script("check_site")
+    drawn = {p.stem: check.figures_drawn(nbformat.read(p, as_version=4)) for p in NOTEBOOKS}
+    assert drawn == {"01_quickstart": 3, "02_circuit_tuning": 5, "03_teaching_induction": 4,
+                     "04_your_own_model": 1}
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+    output = '<div class="jp-RenderedText jp-OutputArea-output" data-mime-type="text/plain">'
+    figure = '<div class="plotly-graph-div" id="x"></div>'
+    assert check.problems(output + figure * 3, notebook, "q") == []
+    assert check.problems(figure * 3, notebook, "q") == [
+        "q: no cell output (were the notebooks executed?)"]
+    assert check.problems(output + figure, notebook, "q") == [
+        "q: 1 plotly figures on the page, the notebook draws 3"]

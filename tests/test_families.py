@@ -758,3 +758,28 @@ def test_bfloat16_scores_track_float32(name):
     assert half.scores.dtype == torch.float32 and torch.isfinite(half.scores).all()
     corr = float(torch.corrcoef(torch.stack([half.scores[valid], full.scores[valid]]))[0, 1])
     assert corr > 0.95, corr
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2_module, tiny_llama_module])
+def test_the_one_reader_of_the_bridges_hf_modules(build: Callable[..., nn.Module]) -> None:
+    """`hf_component` / `output_axis` / `projection_xw` (what the gradient rules and the MLP
+    groups read) give ``y = x W + b`` exactly as the HF module computes it, Linear or
+    Conv1D; anything else is refused."""
+    from ctlens.bridge.families import hf_component, output_axis, projection_xw
+
+    model = ctlens.load_model(build(dtype=torch.float64))
+    x = torch.randn(3, model.cfg.d_model, dtype=torch.float64)
+    for name in ("in", "out"):
+        component = getattr(model.blocks[0].mlp, name)
+        module = hf_component(component, f"blocks[0].mlp.{name}")
+        weight, bias = projection_xw(component, f"blocks[0].mlp.{name}")
+        inputs = x if name == "in" else torch.randn(3, weight.shape[0], dtype=torch.float64)
+        want = module(inputs)
+        got = inputs @ weight + (0 if bias is None else bias)
+        torch.testing.assert_close(got, want)
+        axis = output_axis(module, name)
+        assert module.weight.shape[axis] == want.shape[-1]
+    with pytest.raises(ValueError, match="blocks.0..ln2 is a .*nn.Linear and transformers' Conv1D"):
+        output_axis(hf_component(model.blocks[0].ln2, "blocks[0].ln2"), "blocks[0].ln2")
+    with pytest.raises(ValueError, match="x exposes no original_component"):
+        hf_component(object(), "x")

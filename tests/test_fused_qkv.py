@@ -1,4 +1,4 @@
-"""GPT-2's fused q/k/v made shardable (`ctlens.tuning.fused`), on one process."""
+"""GPT-2's fused q/k/v made shardable (`ctlens.tuning.parallel.fused`), on one process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from tuning_toy import tiny_model
 
 from ctlens.tuning import weights as W
-from ctlens.tuning.fused import fused_layers, refused, unfuse
+from ctlens.tuning.parallel.fused import fused_layers, refused, unfuse
 
 
 def test_unfuse_keeps_the_function_and_refused_restores_the_layout() -> None:

@@ -493,7 +493,8 @@ def test_faithfulness_curve_mib_grid_and_areas(tiny_model, task) -> None:
     scores = EdgeScores(torch.randn(graph.n_senders, graph.n_receivers, generator=gen), graph)
     curve = ctlens.faithfulness_curve(tiny_model, task, scores, batch_size=None)
     assert curve.fractions == MIB_FRACTIONS
-    assert curve.n_edges == tuple(max(1, int(f * graph.n_edges)) for f in MIB_FRACTIONS)
+    # the one rounding rule of circuit sizes (issue 24; it floored before)
+    assert curve.n_edges == tuple(max(1, round(f * graph.n_edges)) for f in MIB_FRACTIONS)
     assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-9)
     single = ctlens.faithfulness(
         tiny_model,

@@ -216,3 +216,23 @@ def test_task_discovery_passes_the_tuners_budget() -> None:
     torch.testing.assert_close(fitted, plain, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="even with one sender per pass"):
         task_scores(model, data, TuneConfig(**config, max_memory=budget // 4), graph, 0, World())
+
+
+def test_one_reader_of_memory_sizes() -> None:
+    """`ctlens.plan`'s budget and ``max_memory`` share `parse_bytes`: the union of what
+    either accepted, one wording of each error, naming the option."""
+    from ctlens import planner
+
+    assert planner.parse_bytes is parse_bytes
+    for text, size in (("80GB", 80 * 10**9), ("24 GiB", 24 * 2**30), ("8e9", 8 * 10**9),
+                       (".5 kb", 500), ("512mib", 512 * 2**20), (8e9, 8 * 10**9)):
+        assert parse_bytes(text) == size
+    for bad in ("-1GB", "GB", "3 parsecs", "0.1B", "1e400"):
+        with pytest.raises(ValueError, match=r"^budget="):
+            parse_bytes(bad, "budget")
+    with pytest.raises(TypeError, match="budget must be bytes"):
+        parse_bytes(2.5, "budget")
+    with pytest.raises(ValueError, match="budget='lots': cannot read the memory budget, it "
+                                         "is not a size"):
+        ctlens.plan("gpt2", budget="lots")
+    assert ctlens.plan("gpt2", budget=24e9).budget_bytes == 24 * 10**9

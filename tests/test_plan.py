@@ -261,3 +261,22 @@ def test_attribution_plan_refuses_what_even_sender_chunks_cannot_fit() -> None:
     with pytest.raises(MemoryBudgetError, match="even with one sender per pass"):
         ctlens.plan("llama-3.1-8b", dtype="bfloat16", seq_len=8192, batch_size=1,
                     budget="80GB")
+
+
+def test_plan_speaks_the_tuner_words() -> None:
+    """``operation=`` (what ``--mode`` sets; ``mode=`` still reads) is not a TuneConfig
+    mode; ``shard="fsdp"`` is TuneConfig's word, ``True`` reads as it, and the JSON of
+    ``ctlens plan --json`` keeps its keys and values."""
+    fsdp = ctlens.plan("gpt2", operation="tune", ranks=4, shard="fsdp")
+    legacy = ctlens.plan("gpt2", mode="tune", ranks=4, shard=True)
+    assert fsdp.parts == legacy.parts and fsdp.operation == legacy.operation == "tune"
+    assert fsdp.to_dict()["shard"] is True and fsdp.to_dict()["mode"] == "tune"
+    assert ctlens.plan("gpt2", ranks=4, shard=None).to_dict()["shard"] is False
+    assert ctlens.plan("gpt2", ranks=4, shard=False).parts == \
+        ctlens.plan("gpt2", ranks=4).parts
+    with pytest.raises(ValueError, match="shard must be one of 'fsdp'; got 'ddp'"):
+        ctlens.plan("gpt2", shard="ddp")
+    with pytest.raises(ValueError, match="operation must be one of"):
+        ctlens.plan("gpt2", operation="train")
+    with pytest.raises(ValueError, match="give one"):
+        ctlens.plan("gpt2", operation="tune", mode="forward")

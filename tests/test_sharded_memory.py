@@ -1,5 +1,5 @@
 """A sharded run never gathers the whole model: rules cut to local rows, params_moved from
-local rows, and evaluation on every rank (issue 15, `ctlens.tuning.local_shards`).
+local rows, and evaluation on every rank (issue 15, `ctlens.tuning.parallel.local_shards`).
 
 The single-process tests check the local pieces against the whole-model oracles
 (`parameter_rules`, `moved_fraction`); the gloo test (slow) runs a 2-rank sharded run with
@@ -20,7 +20,7 @@ from ctlens.masking.rules import parameter_rules
 from ctlens.tuning import TuneConfig
 from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
-from ctlens.tuning.local_shards import StartWeights, local_index, local_masks
+from ctlens.tuning.parallel.local_shards import StartWeights, local_index, local_masks
 from ctlens.tuning.rundir import RunDir, load_torch
 
 

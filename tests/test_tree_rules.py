@@ -75,7 +75,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "ctlens.eap_kernel", "ctlens.attribution"),
     ("ctlens.circuit",),
     ("ctlens.masking",),
-    ("ctlens.tuning",),
+    # the tuner, with its parallelism strategies (one process, data parallel, FSDP)
+    ("ctlens.tuning", "ctlens.tuning.parallel"),
     # scale: the planner, the HF Trainer callback, sparse deltas
     ("ctlens.planner", "ctlens.callback", "ctlens.delta"),
     ("ctlens.viz",),

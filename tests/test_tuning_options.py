@@ -165,3 +165,140 @@ def test_random_run_records_both_fractions(tmp_path: Path) -> None:
     for record in records[1:]:
         mine, theirs = record["trainable_fraction"], record["discovered_trainable_fraction"]
         assert 0 < mine <= theirs < 1 and theirs - mine < 0.05, record
+
+
+def _one_node(graph: ctlens.Graph, role: str, index: int) -> torch.Tensor:
+    """The mask that unlocks one node alone (a sender by its edge to logits, a receiver by
+    its edge from input)."""
+    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    if role == "sender":
+        mask[index, graph.n_receivers - 1] = True
+    else:
+        mask[0, index] = True
+    return mask
+
+
+def _nodes_of(circuit: ctlens.Circuit) -> dict[tuple[str, int], str]:
+    """{(role, index): kind} of the nodes (but input and logits) the circuit unlocks."""
+    graph = circuit.graph
+    out = {}
+    for role, nodes, used in (("sender", graph.sender_nodes, circuit.mask.any(1)),
+                              ("receiver", graph.receiver_nodes, circuit.mask.any(0))):
+        for i, node in enumerate(nodes):
+            if bool(used[i]) and node.kind.value not in ("input", "logits"):
+                out[(role, i)] = f"{role}:{node.kind.value}"
+    return out
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("match", ["parameters", "composition"])
+def test_random_control_bound_holds_at_every_step(match: str, groups: int,
+                                                  tmp_path: Path) -> None:
+    """At every step of a run, counted independently on the union of parameters (the
+    parameter rules' masks of whole circuits, b_O once per layer): the random circuit never
+    exceeds the discovered one's count (per kind for composition), and falls short by less
+    than the smallest amount a node it did not draw would add."""
+    from ctlens.tuning.controls import trainable_count
+
+    model = tiny_model()
+    steps = 12
+    cfg = TuneConfig(mode="random", random_match=match, mlp_groups=groups,
+                     **{**FAST, "steps": steps, "top_n": 12})
+    tuner = CircuitTuner(model, toy_task(), cfg)
+    seen: list[tuple[int, ctlens.Circuit, ctlens.Circuit]] = []
+    draw = tuner.discovery.matched_random_circuit
+
+    def spy(target: ctlens.Circuit, t: int) -> ctlens.Circuit:
+        control = draw(target, t)
+        seen.append((t, target, control))
+        return control
+
+    tuner.discovery.matched_random_circuit = spy  # type: ignore[method-assign]
+    tuner.run(tmp_path / "r")
+    assert [t for t, _, _ in seen] == list(range(steps))
+    graph = tuner.graph
+    every = {(role, i): f"{role}:{n.kind.value}"
+             for role, nodes in (("sender", graph.sender_nodes),
+                                 ("receiver", graph.receiver_nodes))
+             for i, n in enumerate(nodes) if n.kind.value not in ("input", "logits")}
+
+    def count(nodes: list[tuple[str, int]]) -> int:
+        mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+        for role, i in nodes:
+            mask |= _one_node(graph, role, i)
+        return trainable_count(model, ctlens.Circuit(graph, mask, None, {}), cfg)
+
+    short_by = []
+    for _, target, control in seen:
+        wanted, drawn = _nodes_of(target), _nodes_of(control)
+        assert control.metadata["discovered_trainable_fraction"] == pytest.approx(
+            trainable_count(model, target, cfg) / W.count_real_parameters(model))
+        kinds = sorted(set(every.values())) if match == "composition" else [None]
+        for kind in kinds:
+            def of_kind(nodes: dict, kind: str | None = kind) -> list[tuple[str, int]]:
+                return [n for n, k in nodes.items() if kind is None or k == kind]
+
+            budget, matched = count(of_kind(wanted)), count(of_kind(drawn))
+            assert matched <= budget, (kind, matched, budget)
+            left = [count([*of_kind(drawn), n]) - matched for n in of_kind(every)
+                    if n not in drawn]
+            if left:
+                assert budget - matched < min(left), (kind, budget, matched, min(left))
+            else:
+                assert matched == budget
+            short_by.append(budget - matched)
+    assert any(short_by)  # the draws were not all exact: the bound was really exercised
+
+
+def test_general_loss_has_its_own_number_of_rows(tmp_path: Path) -> None:
+    """general_examples, not eval_examples, sets the rows of the general LM loss."""
+    from ctlens.tuning.evaluation import Evaluator
+
+    task = toy_task()
+    model = tiny_model()
+    rows = [float(_lm_loss(model, task.general_tokens[:k])) for k in (2, 3, 4)]
+    assert len(set(rows)) == 3  # the row count changes the number
+    for eval_examples, general_examples, expected in ((6, 2, rows[0]), (2, 3, rows[1]),
+                                                      (6, None, rows[2]), (1, 99, rows[2])):
+        cfg = TuneConfig(**{**FAST, "eval_examples": eval_examples,
+                            "general_examples": general_examples})
+        evaluator = Evaluator(model, task, cfg, ctlens.Graph.from_model(model), "toy")
+        with torch.no_grad():
+            assert evaluator.general_loss() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="general_examples must be a positive integer"):
+        TuneConfig(general_examples=0)
+    # a run.json written before the option measured eval_examples rows: it reads as that
+    old = {k: v for k, v in TuneConfig(eval_examples=48).to_dict().items()
+           if k != "general_examples"}
+    assert TuneConfig.from_dict(old).general_examples == 48
+    assert TuneConfig().general_examples == 128
+
+
+def _lm_loss(model: object, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(tokens)
+    logp = logits[:, :-1].float().log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:, None]).mean()
+
+
+def test_cli_seed_leaves_the_task_sample_to_data_seed(tmp_path: Path, capsys) -> None:
+    """`ctlens tune --seed` changes the batch order and random draws only: the task sample
+    (every tensor's sha256 in run.json) follows --data-seed, and --general-examples sets the
+    general rows the task is loaded with."""
+    from ctlens.cli import main
+
+    def data(*flags: str) -> dict:
+        out = tmp_path / "-".join(flags)
+        argv = ["tune", "--model", "zoo:tiny-gpt2", "--steps", "1", "--batch-size", "4",
+                "--n-examples", "8", "--n-train", "16", "--eval-examples", "4",
+                "--general-examples", "6", "--top-n", "0.02", "--no-export",
+                "--no-progress", "--out", str(out), *flags]
+        assert main(argv) == 0, capsys.readouterr().err
+        return json.loads((out / "run.json").read_text())["data"]
+
+    base = data()
+    assert base["n_general"] == 6
+    assert data("--seed", "3") == base
+    moved = data("--data-seed", "3")
+    assert moved["train_sha256"] != base["train_sha256"]
+    assert moved["general_sha256"] != base["general_sha256"]

@@ -20,7 +20,7 @@ from ctlens.tasks.language import vocabulary
 from ctlens.zoo.evaluate import THRESHOLDS, evaluate, induction_heads, passes
 from ctlens.zoo.train import lr_at, train
 
-SHIPPED = ("tiny-gpt2", "tiny-llama")
+SHIPPED = ("mini-gpt2", "tiny-gpt2", "tiny-llama")
 FRESH_SEED = 2024  # differs from training.json's evaluation seed (12345)
 
 
@@ -37,7 +37,7 @@ def test_names_and_unknown_name():
     message = str(err.value)
     assert "tiny-gpt3" in message and all(name in message for name in SHIPPED)
     assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
-    with pytest.raises(ValueError, match="available: tiny-gpt2, tiny-llama"):
+    with pytest.raises(ValueError, match="available: mini-gpt2, tiny-gpt2, tiny-llama"):
         ctlens.zoo.spec("nope")
 
 
@@ -78,6 +78,25 @@ def test_architectures():
     assert cfg.hidden_act == "silu" and type(llama.model.norm).__name__ == "LlamaRMSNorm"
     assert type(gpt2.transformer.ln_f).__name__ == "LayerNorm"
     assert gpt2.transformer.wpe.weight.shape[0] == gpt2.config.n_positions
+
+
+def test_mini_gpt2_has_gpt2_smalls_proportions():
+    """MLPs of 4 x d_model with GELU hold about two thirds of the non-embedding parameters
+    (GPT-2 small: 56.6M of 84.9M, 0.667), in at least 6 layers of at least 8 heads."""
+    model, _ = zoo.load_hf("mini-gpt2")
+    cfg = model.config
+    assert cfg.n_inner == 4 * cfg.n_embd and cfg.activation_function.startswith("gelu")
+    assert cfg.n_layer >= 6 and cfg.n_head >= 8
+    named = dict(model.transformer.named_parameters())
+    embedding = sum(p.numel() for n, p in named.items() if n.startswith(("wte", "wpe")))
+    mlp = sum(p.numel() for n, p in named.items() if ".mlp." in n)
+    share = mlp / (sum(p.numel() for p in named.values()) - embedding)
+    assert 0.64 < share < 0.69, share
+    tiny, _ = zoo.load_hf("tiny-gpt2")
+    tiny_named = dict(tiny.transformer.named_parameters())
+    tiny_mlp = sum(p.numel() for n, p in tiny_named.items() if ".mlp." in n)
+    tiny_rest = sum(p.numel() for n, p in tiny_named.items() if not n.startswith(("wte", "wpe")))
+    assert tiny_mlp / tiny_rest < 0.51  # what the third model adds: realistic proportions
 
 
 def test_thresholds_on_fresh_samples(shipped):
@@ -227,8 +246,9 @@ def test_cli(tmp_path, capsys):
 def test_retraining_reproduces_shipped_accuracies(tmp_path, name):
     """Retrain with the shipped recipe (seed, steps, threads): the same accuracies.
 
-    About 8 minutes per model on 2 idle cores. Accuracies, not bits, are compared: the bits
-    also depend on the CPU's kernels (``scripts/zoo_check.py`` records a bit-level check).
+    About 8 minutes per tiny model and 13 for mini-gpt2 on 2 idle cores. Accuracies, not
+    bits, are compared: the bits also depend on the CPU's kernels (``scripts/zoo_check.py``
+    records a bit-level check).
     """
     record = zoo.training_record(name)
     recipe = record["recipe"]

@@ -159,7 +159,7 @@ def main(spec: dict) -> None:
 
 def _forbid_gather() -> None:
     """Make every way a sharded run gathers whole parameters or optimizer state raise."""
-    from ctlens.tuning.sharding import Sharding
+    from ctlens.tuning.parallel.sharding import Sharding
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the sharded run gathered the whole model")

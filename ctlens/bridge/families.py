@@ -5,6 +5,10 @@
   `HALF_PRECISION_FAILS`, and the hooks every loaded bridge must fire (`REQUIRED_HOOKS`,
   `FROZEN_NORM_HOOKS`). `ctlens.model` loads and checks models against them.
 - `approximation`: the approximation a loaded bridge carries (None: exact).
+- The HF modules behind the bridge's components: `hf_component` (the one reader of a
+  component's ``original_component``) and `output_axis` (``nn.Linear`` holds
+  ``[out, in]``, transformers' GPT-2 ``Conv1D`` ``[in, out]``), with `projection_xw`
+  (a projection as ``y = x W + b``).
 - Fused q/k/v: GPT-2's ``c_attn`` whose q/k/v parameters the bridge holds as *views*
   (`FusedQKV`, `fused_layers`, `fused_parameter_ids`), and GPT-NeoX's ``query_key_value``
   whose parts it holds as *copies* (`SplitCopy`, `split_copies`).
@@ -134,14 +138,48 @@ def split_copies(model: Any) -> list[SplitCopy]:
     copies = []
     for block in model.blocks:
         attn = block.attn
-        fused = attn.qkv.original_component
-        parts = [getattr(attn, n).original_component for n in ("q", "k", "v")]
+        fused = hf_component(attn.qkv, "attn.qkv")
+        parts = [hf_component(getattr(attn, n), f"attn.{n}") for n in ("q", "k", "v")]
         for name in ("weight", "bias"):
             whole = getattr(fused, name, None)
             if isinstance(whole, nn.Parameter):
                 pieces = tuple(getattr(p, name) for p in parts)
                 copies.append(SplitCopy(whole, pieces, int(model.cfg.n_heads)))
     return copies
+
+
+def hf_component(component: Any, where: str) -> nn.Module:
+    """The HF module a bridge component (``model.blocks[0].attn.q``, ``model.embed``, ...)
+    wraps: its ``original_component``. ``where`` names the component in the error."""
+    module = getattr(component, "original_component", None)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{where} exposes no original_component; is this a ctlens bridge?")
+    return module
+
+
+def output_axis(module: nn.Module, where: str) -> int:
+    """The axis of ``module.weight`` that indexes its outputs: 0 for ``nn.Linear``
+    (``[out, in]``), 1 for transformers' ``Conv1D`` (GPT-2's ``[in, out]``); any other
+    module is refused, naming ``where``."""
+    if isinstance(module, nn.Linear):
+        return 0
+    if type(module).__name__ == "Conv1D":
+        return 1
+    raise ValueError(
+        f"{where} is a {type(module).__name__}; ctlens reads nn.Linear and transformers' "
+        "Conv1D weights only"
+    )
+
+
+def projection_xw(
+    component: Any, where: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W, b)`` of a bridge component's projection with ``W`` as ``[d_in, d_out]``
+    (``y = x W + b``): the weight itself for ``Conv1D``, its transpose (a view) for
+    ``nn.Linear``."""
+    module = hf_component(component, where)
+    weight = module.weight
+    return (weight.T if output_axis(module, where) == 0 else weight), module.bias
 
 
 FUSED_PARAMETER_NAMES = ("weight", "bias")
@@ -169,7 +207,7 @@ def fused_layers(model: Any) -> list[FusedQKV]:
         names = ("qkv", "q", "k", "v")
         if attn is None or not all(hasattr(attn, n) for n in names):
             continue
-        fused, q, k, v = (getattr(attn, n).original_component for n in names)
+        fused, q, k, v = (hf_component(getattr(attn, n), f"attn.{n}") for n in names)
         whole = getattr(fused, "weight", None)
         if isinstance(whole, nn.Parameter) and _storage(q.weight) == _storage(whole):
             layers.append(FusedQKV(fused, (q, k, v)))

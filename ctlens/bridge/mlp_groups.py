@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ctlens.bridge.families import hf_component, projection_xw
 from ctlens.bridge.names import HookLayout
 
 Hook = tuple[str, Callable[..., Any]]
@@ -54,29 +55,17 @@ class MLPParts:
     norm: nn.Module
 
 
-def _linear(bridge: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W, b)`` of a bridge's linear layer with ``W`` as ``[d_in, d_out]`` (``y = x W + b``)."""
-    module = bridge._original_component
-    weight = module.weight
-    if isinstance(module, nn.Linear):
-        weight = weight.T
-    elif type(module).__name__ != "Conv1D":
-        raise TypeError(
-            f"MLP groups need a Linear or Conv1D projection, found {type(module).__name__}"
-        )
-    return weight, module.bias
-
-
 def mlp_parts(model: Any, layer: int) -> MLPParts:
     """The projections and norm of MLP ``layer`` of a `ctlens.load_model` bridge."""
     block = model.blocks[layer]
     mlp = block.mlp
-    w_in, b_in = _linear(getattr(mlp, "in"))
+    where = f"blocks[{layer}].mlp"
+    w_in, b_in = projection_xw(getattr(mlp, "in"), f"{where}.in")
     w_gate = b_gate = None
     if hasattr(mlp, "gate"):
-        w_gate, b_gate = _linear(mlp.gate)
-    w_out, _ = _linear(mlp.out)
-    norm = block.ln2._original_component
+        w_gate, b_gate = projection_xw(mlp.gate, f"{where}.gate")
+    w_out, _ = projection_xw(mlp.out, f"{where}.out")
+    norm = hf_component(block.ln2, f"blocks[{layer}].ln2")
     return MLPParts(w_in, b_in, w_gate, b_gate, w_out, norm)
 
 

@@ -23,6 +23,7 @@ from ctlens.circuit.selection import select_mask, unpack_scores
 from ctlens.file_limits import model_spec, plain_json, require_finite
 from ctlens.files import atomic_write_text, read_json
 from ctlens.graph import Graph, coarsen_matrix, network_edges
+from ctlens.sizes import CircuitSize
 from ctlens.tables import edge_table
 from ctlens.types import NodeKind
 
@@ -118,7 +119,7 @@ class Circuit:
         cls,
         scores: Any,
         method: str = "top_n",
-        top_n: int | float | None = None,
+        top_n: int | float | CircuitSize | None = None,
         threshold: float | None = None,
         prune: bool = False,
     ) -> Circuit:
@@ -130,7 +131,8 @@ class Circuit:
             method: ``"top_n"``, ``"threshold"`` or ``"greedy"``.
             top_n: number of edges for ``top_n`` and ``greedy`` (1 .. number of valid edges;
                 on a positional graph, of (edge, span) pairs), or a fraction of them as a
-                float in (0, 1) (`ctlens.sizes`).
+                float in (0, 1), or a `CircuitSize` (`ctlens.sizes`: a fraction rounds to the
+                nearest count).
             threshold: minimum |score| for ``threshold``.
             prune: afterwards drop edges on no ``input -> logits`` path (may leave fewer
                 than ``top_n`` edges).
@@ -417,13 +419,14 @@ class Circuit:
         """Raise ``ValueError`` unless the circuit belongs to ``model``'s graph."""
         groups = self.graph.spec.mlp_groups
         try:
-            graph = Graph.from_model(model, mlp_groups=groups, spans=self.graph.spans)
+            belongs = self.graph.belongs_to(model)
         except ValueError as err:
             raise ValueError(
                 f"this circuit splits each MLP into {groups} neuron groups, which this model "
                 f"cannot: {err}"
             ) from None
-        if graph != self.graph:
+        if not belongs:
+            graph = Graph.from_model(model, mlp_groups=groups, spans=self.graph.spans)
             raise ValueError(
                 f"this circuit belongs to another model's graph ({self.graph!r}, model "
                 f"{self.model_name!r}) but the model has {graph!r}; use a circuit found on "

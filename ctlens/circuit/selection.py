@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ctlens.graph import Graph
-from ctlens.sizes import edge_count
+from ctlens.sizes import CircuitSize
 from ctlens.types import NodeKind
 
 SELECTION_METHODS = ("top_n", "threshold", "greedy")
@@ -27,7 +27,7 @@ def select_mask(
     graph: Graph,
     dense: Float[torch.Tensor, "n_senders n_receivers *spans"],
     method: str,
-    top_n: int | float | None,
+    top_n: int | float | CircuitSize | None,
     threshold: float | None,
     prune: bool,
 ) -> Bool[torch.Tensor, "n_senders n_receivers *spans"]:
@@ -38,14 +38,11 @@ def select_mask(
     if method in ("top_n", "greedy"):
         if threshold is not None:
             raise ValueError(f"method {method!r} takes top_n, not threshold")
-        if isinstance(top_n, float):
-            top_n = edge_count(top_n, graph.n_edges)
-        check_top_n(top_n, graph)
-        assert top_n is not None
+        n = CircuitSize.of(top_n, "top_n").edges(graph.n_edges)
         if method == "top_n":
-            mask = top_n_mask(magnitude, graph, top_n)
+            mask = top_n_mask(magnitude, graph, n)
         else:
-            mask = greedy_mask(magnitude, graph, top_n)
+            mask = greedy_mask(magnitude, graph, n)
     else:
         if top_n is not None:
             raise ValueError("method 'threshold' takes threshold, not top_n")
@@ -70,17 +67,6 @@ def unpack_scores(scores: Any) -> tuple[Graph, torch.Tensor]:
     if not torch.isfinite(dense).all():
         raise ValueError("the edge scores contain NaN or inf; re-run attribution")
     return graph, dense
-
-
-def check_top_n(top_n: Any, graph: Graph) -> None:
-    """Raise ``ValueError`` unless ``top_n`` is an integer between 1 and the valid edges."""
-    if isinstance(top_n, bool) or not isinstance(top_n, int):
-        raise ValueError(f"top_n must be an integer number of edges, got {top_n!r}")
-    if not 1 <= top_n <= graph.n_edges:
-        raise ValueError(
-            f"top_n={top_n} is out of range: choose between 1 and the number of valid edges "
-            f"({graph.n_edges}), or a fraction of them such as 0.05"
-        )
 
 
 def top_n_mask(magnitude: torch.Tensor, graph: Graph, top_n: int) -> torch.Tensor:

@@ -83,14 +83,15 @@ def run_discover(args: argparse.Namespace) -> int:
     from ctlens.circuit import Circuit
     from ctlens.graph import Graph
     from ctlens.model import load_model
-    from ctlens.sizes import edge_count
+    from ctlens.sizes import CircuitSize
     from ctlens.tasks.bundle import load
 
     with phase(f"loading {args.model}"):
         model = load_model(args.model, device=args.device)
     graph = Graph.from_model(model, mlp_groups=args.mlp_groups)
     # sizes are checked against the graph before any task or attribution work
-    top_n = None if args.top_n is None else edge_count(args.top_n, graph.n_edges, "--top-n")
+    top_n = None if args.top_n is None else \
+        CircuitSize.of(args.top_n, "--top-n").edges(graph.n_edges)
     with phase(f"building task {args.task!r} ({args.n} examples)"):
         task = load(args.task, n=args.n, seed=args.seed, tokenizer=model.tokenizer)
     with phase(f"attributing ({args.method}, {args.ablation} ablation)"):

@@ -23,7 +23,8 @@ def add_plan_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="a real-shape name (gpt2, pythia-1b, llama-3.1-8b, ...; see "
                    "ctlens.real_shapes.names()), a local HF directory (config.json only is "
                    "read) or zoo:NAME")
-    p.add_argument("--mode", default="attribute", choices=["attribute", "forward", "tune"])
+    p.add_argument("--mode", dest="operation", default="attribute",
+                   choices=["attribute", "forward", "tune"])
     p.add_argument("--method", default="eap", choices=["eap", "eap-ig"],
                    help="attribution method")
     p.add_argument("--batch-size", type=int, default=8, help="rows per pass")
@@ -92,8 +93,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
     result = plan(
         _source(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
-        mode=args.mode, method=args.method, mlp_groups=args.mlp_groups, dtype=args.dtype,
-        ranks=args.ranks, shard=args.shard == "fsdp", budget=args.budget,
+        operation=args.operation, method=args.method, mlp_groups=args.mlp_groups,
+        dtype=args.dtype, ranks=args.ranks, shard=args.shard, budget=args.budget,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from ctlens.tuning.config import TuneConfig
 DEFAULT_TASK = "agreement-flip"
 """``ctlens discover``'s default task (agreement) with the answers swapped: the paper's
 subject-verb disagreement experiment."""
+GENERAL_ROWS = 128
+"""The task's general-corpus rows with ``--general-examples none`` (the tasks' default)."""
 
 _HELP: dict[str, str] = {
     "mode": "gradient (the paper's), forward, both; baselines full, random, lora",
@@ -78,9 +81,12 @@ _HELP: dict[str, str] = {
                          "torch.distributed.checkpoint, each rank writes its own shard",
     "eval_every": "evaluate (metrics.jsonl + circuit snapshot) every N steps",
     "eval_examples": "examples per evaluation set (none: all)",
+    "general_examples": "held-out general-corpus rows the general LM loss is measured on, "
+    "a setting of its own (none: the task's 128)",
     "save_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept on disk",
-    "seed": "seed of data order, random circuits and the task sample",
+    "seed": "seed of the batch order and the random draws (random circuits); the task "
+    "sample has its own, --data-seed",
     "export": "write the tuned model as an HF directory RUN/model at the end",
     "progress": "show a progress bar",
 }
@@ -108,6 +114,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help="replace a different run in --out (only the run's own files)")
     add_n_examples(p, 256, "examples per discovery and evaluation set")
     p.add_argument("--n-train", type=int, default=1024, help="training rows")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the task sample (discovery, training, evaluation and general "
+                        "rows), separate from --seed")
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
@@ -121,8 +130,9 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 def check_tune(args: argparse.Namespace) -> None:
     """What ``ctlens tune`` can refuse before torch is imported: the model and task names,
-    and (without ``--overwrite``) an ``--out`` holding a run of another model, task or
-    config. The tuner checks the same again, with the graph and the data, once they exist."""
+    and (without ``--overwrite``) an ``--out`` holding a run of another model, task, config
+    or, for a built-in task, size (``--n-examples``, ``--n-train``). The tuner checks the
+    same again, with the graph and the data's checksums, once they exist."""
     check_model_and_task(args)
     run_json = Path(args.out) / "run.json"
     if args.overwrite or not run_json.is_file():
@@ -138,6 +148,11 @@ def check_tune(args: argparse.Namespace) -> None:
     new_config = config_from_args(args).semantic_dict()
     old_config |= {"model": old.get("model"), "task": old.get("task")}
     new_config |= {"model": args.model, "task": task}
+    data = old.get("data") or {}
+    if not is_task_file(args.task) and {"n_discovery", "n_train"} <= set(data):
+        # a built-in task's sizes are its flags (a JSONL task's come from its file)
+        old_config |= {"n_examples": data["n_discovery"], "n_train": data["n_train"]}
+        new_config |= {"n_examples": args.n, "n_train": args.n_train}
     changed = [key for key in sorted(set(old_config) | set(new_config), key=_flags_first)
                if old_config.get(key) != new_config.get(key)]
     if changed:
@@ -157,16 +172,14 @@ def _flags_first(key: str) -> tuple[bool, str]:
 def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
     flag = "--" + field.name.replace("_", "-")
     help_text = _HELP.get(field.name, field.name)
-    default = field.default
+    default = field.default.value if isinstance(field.default, Enum) else field.default
     args = typing.get_args(hint)
+    words = _choices(hint)
     if hint is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                        help=help_text)
-    elif "choices" in field.metadata:
-        p.add_argument(flag, choices=list(field.metadata["choices"]), default=default,
-                       help=help_text)
-    elif typing.get_origin(hint) is typing.Literal:
-        p.add_argument(flag, choices=list(args), default=default, help=help_text)
+    elif words is not None:
+        p.add_argument(flag, choices=words, default=default, help=help_text)
     elif field.name in ("top_n", "top_n_start"):
         kind = parse_size if field.name == "top_n" else _optional(parse_size)
         p.add_argument(flag, type=kind, default=default, help=help_text)
@@ -175,15 +188,27 @@ def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) 
     elif field.name == "betas":
         p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
                        help=help_text)
-    elif type(None) in args and typing.get_origin(args[0]) is typing.Literal:
-        p.add_argument(flag, choices=list(typing.get_args(args[0])), default=default,
-                       help=help_text)
     elif type(None) in args:
         inner = next(a for a in args if a is not type(None))
         note = "" if "none" in help_text else " (a number or 'none')"
         p.add_argument(flag, type=_optional(inner), default=default, help=help_text + note)
     else:
         p.add_argument(flag, type=hint, default=default, help=help_text)
+
+
+def _choices(hint: Any) -> list[str] | None:
+    """The words of an option typed as a string enum or a literal, optionally ``| None``
+    (the CLI takes the plain words; `TuneConfig` converts and checks them)."""
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] \
+        if type(None) in typing.get_args(hint) else [hint]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return [m.value for m in kind]
+    if typing.get_origin(kind) is typing.Literal:
+        return list(typing.get_args(kind))
+    return None
 
 
 def _optional(kind: type) -> Any:
@@ -210,26 +235,26 @@ def run_tune(args: argparse.Namespace) -> int:
         from ctlens.graph import Graph
         from ctlens.model import load_model
         from ctlens.tasks.bundle import load
-        from ctlens.tuning.discovery import check_top_n
+        from ctlens.tuning.parallel import strategy_type
         from ctlens.tuning.rundir import RunWriteError
         from ctlens.tuning.runner import CircuitTuner
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    device = args.device
-    if config.shard is not None:
-        device, error = _start_process_group(device)
-        if error:
-            print(f"ctlens tune: error: {error}", file=sys.stderr)
-            return 2
+    processes = strategy_type(config)
+    device, error = processes.join_processes(args.device)
+    if error:
+        print(f"ctlens tune: error: {error}", file=sys.stderr)
+        return 2
     with phase(f"loading {args.model}"):
         model = load_model(args.model, device=device)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
-    check_top_n(config, graph)  # before any task or attribution work
+    config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
     with phase(f"building task {args.task!r} ({args.n} examples, {args.n_train} training rows)"):
-        task = load(args.task, n=args.n, seed=config.seed, n_train=args.n_train,
+        task = load(args.task, n=args.n, seed=args.data_seed, n_train=args.n_train,
+                    n_general=config.general_examples or GENERAL_ROWS,
                     tokenizer=getattr(model, "tokenizer", None))
     print(f"circuit-tuning ({config.mode}) for {config.steps} steps into {args.out}, "
           f"evaluating every {config.eval_every}", file=sys.stderr)
@@ -240,11 +265,8 @@ def run_tune(args: argparse.Namespace) -> int:
     except RunWriteError as err:
         print(f"ctlens tune: error: {err.strerror}", file=sys.stderr)
         return 2
-    if config.shard is not None:
-        rank = torch.distributed.get_rank()
-        _stop_process_group()
-        if rank != 0:
-            return 0  # rank 0 reports
+    if not processes.leave_processes():
+        return 0  # rank 0 reports
     summary = {k: result.metrics.get(k) for k in
                ("step", "target_metric", "general_loss", "circuit_edges", "params_moved")}
     print(json.dumps(summary))
@@ -253,31 +275,3 @@ def run_tune(args: argparse.Namespace) -> int:
           file=sys.stderr)
     return 0
 
-
-def _stop_process_group() -> None:
-    """Leave together: every rank waits for the others, then closes its connections (a
-    rank that exits while a peer still talks to it can abort that peer)."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _start_process_group(device: str | None) -> tuple[str | None, str | None]:
-    """Initialise torch.distributed from torchrun's environment for ``--shard``.
-
-    Returns ``(device, error)``: gloo on CPU; NCCL and ``cuda:LOCAL_RANK`` for ``cuda``.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return device, ("--shard fsdp runs under torchrun (e.g. torchrun --nproc-per-node 2 "
-                        "-m ctlens tune --shard fsdp ...); RANK/WORLD_SIZE are not set")
-    cuda = device is not None and device.startswith("cuda")
-    if cuda and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device, None

@@ -4,8 +4,9 @@ It uses the forward masks of `ctlens.masking.forward`: per batch, one plain forw
 (M_full), one masked forward per circuit, and one with the empty circuit (M_empty);
 faithfulness = (M_circuit - M_empty) / (M_full - M_empty) with every M the mean metric over
 the dataset. The curve uses MIB's grid (0.1 ... 100 % of valid edges, top-N by |score|,
-``int(fraction * n_edges)`` edges, at least 1) and MIB's areas: with x the fraction of edges
-and f the faithfulness at each grid point, CPR = sum of trapezoids
+each fraction made a count by the one rule of every circuit size,
+`ctlens.sizes.fraction_edges`: rounded to the nearest, at least 1) and MIB's areas: with
+x the fraction of edges and f the faithfulness at each grid point, CPR = sum of trapezoids
 ``(x_{i+1} - x_i) (f_i + f_{i+1}) / 2`` and CMD = the same over ``|1 - f|``. The integration
 starts at the first grid point (0.001), not at 0, exactly as MIB's evaluation does; x is
 not rescaled.
@@ -22,9 +23,10 @@ import torch
 from ctlens.bridge.hooks import eval_mode, model_device
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import model_graph
-from ctlens.masking.forward import EdgeMask
+from ctlens.graph import Graph
+from ctlens.masking.forward import EdgeMask, circuit_graph
 from ctlens.reference import resolve_reference
+from ctlens.sizes import fraction_edges
 from ctlens.types import Ablation
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -98,12 +100,14 @@ def _normalize(value: float, full: float, empty: float) -> float:
 def _evaluate(
     model: Any,
     data: TaskData,
+    graph: Graph,
     circuits: Sequence[Circuit],
     ablation: Ablation,
     reference: TaskData | torch.Tensor | None,
     batch_size: int | None,
 ) -> tuple[float, list[float]]:
-    """Mean metric of the unmasked model and of each circuit, over ``data`` in batches.
+    """Mean metric of the unmasked model and of each circuit (of ``graph``, the model's,
+    checked by the caller), over ``data`` in batches.
 
     One set of hooks serves all circuits: per batch, one plain forward, (corrupt) one
     reference forward, then one masked forward per circuit with its precomputed plan. Under
@@ -113,7 +117,6 @@ def _evaluate(
     """
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
-    graph = model_graph(model, circuits[0])
     if graph.positional:  # each (edge, span) pair is patched at its span's positions
         graph.check_spans(data.span_names, "the task data")
     data.check_vocab(model.cfg.d_vocab)
@@ -123,7 +126,7 @@ def _evaluate(
     totals = [0.0] * len(circuits)
     with eval_mode(model), torch.no_grad():
         corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
-        mask = EdgeMask(model, circuits[0], ablation)
+        mask = EdgeMask(model, circuits[0], ablation, graph)
         if means is not None:
             mask.set_means(means)
         plans = [mask.plan(c) for c in circuits]
@@ -183,12 +186,10 @@ def faithfulness(
             task does not separate the model from its fully ablated version on this data.
     """
     ablation = Ablation.parse(ablation)
-    graph = model_graph(model, circuit)
-    if not isinstance(circuit, Circuit):
-        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+    graph = circuit_graph(model, circuit)
     empty = Circuit.empty(graph)
     full, (m_circuit, m_empty) = _evaluate(
-        model, data, [circuit, empty], ablation, reference, batch_size
+        model, data, graph, [circuit, empty], ablation, reference, batch_size
     )
     _check_separates(full, m_empty, ablation, len(data))
     value = _normalize(m_circuit, full, m_empty)
@@ -222,7 +223,8 @@ def faithfulness_curve(
         data: the task examples and metric.
         scores: `ctlens.EdgeScores` of this model.
         sizes: increasing fractions of the valid edges in (0, 1]; default MIB's grid
-            `MIB_FRACTIONS` (0.1 % ... 100 %). Each gives ``max(1, int(f * n_edges))`` edges.
+            `MIB_FRACTIONS` (0.1 % ... 100 %). Each gives ``fraction_edges(f, n_edges)``
+            edges (``f * n_edges`` rounded to the nearest count, at least one).
         method: ``"top_n"`` (default) or ``"greedy"`` (see `Circuit.from_scores`).
         prune: prune each circuit (`Circuit.from_scores`).
         ablation: ``"corrupt"``, ``"mean"`` or ``"zero"``, as in `faithfulness`.
@@ -236,8 +238,8 @@ def faithfulness_curve(
         ValueError: when the full model and the empty circuit agree, as in `faithfulness`.
     """
     ablation = Ablation.parse(ablation)
-    graph = model_graph(model, scores)
-    if getattr(scores, "graph", None) != graph:
+    graph = getattr(scores, "graph", None)
+    if not (isinstance(graph, Graph) and graph.belongs_to(model)):
         raise ValueError(
             "scores must be ctlens.EdgeScores computed on this model (their graph differs or "
             "they are not EdgeScores)"
@@ -249,10 +251,11 @@ def faithfulness_curve(
         raise ValueError(f"sizes must be strictly increasing, got {fractions}")
     if method not in ("top_n", "greedy"):
         raise ValueError(f"method must be 'top_n' or 'greedy', got {method!r}")
-    counts = tuple(max(1, int(f * graph.n_edges)) for f in fractions)
+    counts = tuple(fraction_edges(f, graph.n_edges) for f in fractions)
     circuits = [Circuit.from_scores(scores, method, top_n=n, prune=prune) for n in counts]
     empty = Circuit.empty(graph)
-    full, metrics = _evaluate(model, data, [*circuits, empty], ablation, reference, batch_size)
+    full, metrics = _evaluate(model, data, graph, [*circuits, empty], ablation, reference,
+                              batch_size)
     m_empty = metrics.pop()
     _check_separates(full, m_empty, ablation, len(data))
     faith = tuple(_normalize(m, full, m_empty) for m in metrics)

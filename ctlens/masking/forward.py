@@ -65,9 +65,9 @@ from ctlens.bridge.mlp_groups import GroupedInput, mlp_parts
 from ctlens.bridge.names import HookLayout
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import model_graph
-from ctlens.masking.plans import HookPlan, LiveSum, MaskPlan
-from ctlens.masking.positional import span_coefficients, span_constant, span_mix
+from ctlens.graph import Graph, require_graph_of
+from ctlens.masking.plans import HookPlan, MaskPlan
+from ctlens.masking.positional import mix_rows, span_coefficients, span_constant
 from ctlens.reference import resolve_reference
 from ctlens.spans import SpanOrder
 from ctlens.types import Ablation, NodeKind
@@ -91,9 +91,11 @@ class EdgeMask:
     - `paused()`: a context inside which forwards run unmasked.
     """
 
-    def __init__(self, model: Any, circuit: Circuit, ablation: Ablation) -> None:
+    def __init__(self, model: Any, circuit: Circuit, ablation: Ablation, graph: Graph) -> None:
+        """``graph``: the model's graph, checked against it once by the caller (`edge_mask`,
+        `ctlens.faithfulness`); every circuit enforced must be of it."""
         self.model = model
-        self.graph = model_graph(model, circuit)
+        self.graph = graph
         self._order: SpanOrder | None = None  # positional: this batch's cells by span
         self._ref_cells: torch.Tensor | None = None  # the corrupt reference, cells by span
         self.ablation = ablation
@@ -189,7 +191,7 @@ class EdgeMask:
         if not self.graph.positional:
             raise ValueError("set_spans is for positional circuits; this circuit has no spans")
         labels = torch.as_tensor(labels, device=self.device).long()
-        if labels.ndim != 2 or (labels >= self.graph.n_spans).any():
+        if labels.ndim != 2 or bool(((labels < -1) | (labels >= self.graph.n_spans)).any()):
             raise ValueError(f"span labels must be [batch, seq] indices into the circuit's "
                              f"spans {list(self.graph.spans)} (-1 on padding)")
         self._order = SpanOrder(labels, self.graph.n_spans)
@@ -489,12 +491,12 @@ class EdgeMask:
             ref_rows = None if ref is None else ref.index_select(0, group.rows)
         parts = [part for part in self._parts if part[0] in group.maps]
         maps = [group.maps[start] for start, _, _ in parts]
-        live = self._mix(group.coef_t, rows, maps, [a for *_, a in parts], b, p)
+        live = mix_rows(group.coef_t, self._order, rows, maps, [a for *_, a in parts])
         const: torch.Tensor | float = 0.0
         if self.ablation is Ablation.CORRUPT:
             assert ref_rows is not None
             with torch.no_grad():
-                const = self._mix(group.coef_t, ref_rows.to(live.dtype), [], [], b, p)
+                const = mix_rows(group.coef_t, self._order, ref_rows.to(live.dtype), [], [])
                 if group.kind == "kept":
                     const = self._ref_prefix[group.n_upstream][None].to(live.dtype) - const
         elif self.ablation is Ablation.MEAN:
@@ -502,21 +504,6 @@ class EdgeMask:
             const = (group.const[:, None, :p] if self._order is None
                      else span_constant(group.const, self._order.labels)).to(live.dtype)
         return live, const
-
-    def _mix(
-        self, coef_t: torch.Tensor, rows: torch.Tensor, maps: list[Any], acts: list[torch.Tensor],
-        b: int, p: int,
-    ) -> Float[torch.Tensor, "cols batch pos d_model"]:
-        """``coef_t @ rows`` per cell (per span on a positional graph), live when ``acts``
-        are given under autograd."""
-        if self._order is not None:
-            return span_mix(coef_t, self._order, rows, maps, acts)
-        n = rows.shape[0]
-        if acts and torch.is_grad_enabled():
-            product = LiveSum.apply(coef_t, rows, maps, *acts)
-        else:
-            product = coef_t @ rows.reshape(n, b * p * self.d_model)
-        return product.view(-1, b, p, self.d_model)
 
     def _cells(self, rows: Float[torch.Tensor, "m batch pos d_model"]) -> torch.Tensor:
         """Sender rows as the buffer holds them: as they are, or their cells sorted by span."""
@@ -584,7 +571,7 @@ def edge_mask(
     reference forward runs in eval mode and restores the mode).
     """
     ablation = Ablation.parse(ablation)
-    mask = EdgeMask(model, circuit, ablation)
+    mask = EdgeMask(model, circuit, ablation, circuit_graph(model, circuit))
     if spans is not None:
         mask.set_spans(spans)
     corrupt, means = resolve_reference(model, mask.graph, None, ablation, reference, batch_size)
@@ -597,4 +584,13 @@ def edge_mask(
 
 
 
-__all__ = ["EdgeMask", "edge_mask"]
+def circuit_graph(model: Any, circuit: Circuit) -> Graph:
+    """The graph of ``circuit``, a `Circuit` of ``model``: the one check of a circuit against
+    its model that the entry points taking one make (`edge_mask`, `ctlens.faithfulness`,
+    `ctlens.masking.rules.rule_openings`); nothing is rebuilt."""
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+    return require_graph_of(model, circuit.graph)
+
+
+__all__ = ["EdgeMask", "circuit_graph", "edge_mask"]

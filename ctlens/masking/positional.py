@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from ctlens.masking.plans import act_grads
+from ctlens.masking.plans import LiveSum, act_grads
 from ctlens.spans import SpanOrder
 
 
@@ -54,18 +54,28 @@ class SpanLiveSum(torch.autograd.Function):
         return (None, None, None, None, *act_grads(ctx.maps, ctx.layout, rows_grad))
 
 
-def span_mix(
-    coef_t: Float[torch.Tensor, "spans cols n"],
-    order: SpanOrder,
-    rows: Float[torch.Tensor, "n kept d"],
-    maps: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None,
-    acts: list[torch.Tensor] | None = None,
+def mix_rows(
+    coef_t: Float[torch.Tensor, "*spans cols n"],
+    order: SpanOrder | None,
+    rows: torch.Tensor,
+    maps: list[tuple[torch.Tensor, torch.Tensor, int]],
+    acts: list[torch.Tensor],
 ) -> Float[torch.Tensor, "cols batch pos d"]:
-    """Each cell's rows mixed by its span's coefficients, in ``(batch, pos)`` order (zero on
-    padding); with ``maps`` and ``acts`` under autograd, through `SpanLiveSum`."""
-    if acts and torch.is_grad_enabled():
-        return SpanLiveSum.apply(coef_t, order, rows, maps, *acts)
-    return order.natural(order.combine(coef_t, rows))
+    """A hook's ``coef_t @ rows`` per cell: position-free (``order`` None, ``rows`` ``[n, b,
+    p, d]``, through `LiveSum`) or each cell's rows mixed by its span's coefficients
+    (``rows`` ``[n, kept cells, d]`` sorted by span; zero on padding; through `SpanLiveSum`).
+    Live (gradients to ``acts``, located by ``maps``) when ``acts`` are given under autograd."""
+    live = bool(acts) and torch.is_grad_enabled()
+    if order is not None:
+        if live:
+            return SpanLiveSum.apply(coef_t, order, rows, maps, *acts)
+        return order.natural(order.combine(coef_t, rows))
+    n, b, p, d = rows.shape
+    if live:
+        product = LiveSum.apply(coef_t, rows, maps, *acts)
+    else:
+        product = coef_t @ rows.reshape(n, b * p * d)
+    return product.view(-1, b, p, d)
 
 
 def span_constant(
@@ -83,4 +93,4 @@ def span_coefficients(block: torch.Tensor) -> torch.Tensor:
     return block.T if block.ndim == 2 else block.permute(2, 1, 0)
 
 
-__all__ = ["SpanLiveSum", "span_coefficients", "span_constant", "span_mix"]
+__all__ = ["SpanLiveSum", "mix_rows", "span_coefficients", "span_constant"]

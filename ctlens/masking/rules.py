@@ -44,8 +44,9 @@ import torch
 from jaxtyping import Bool
 from torch import nn
 
+from ctlens.bridge.families import hf_component, output_axis
 from ctlens.circuit import Circuit
-from ctlens.graph import model_graph
+from ctlens.graph import require_graph_of
 from ctlens.types import Node, NodeKind
 
 
@@ -65,18 +66,6 @@ class ParameterRule:
 # ------------------------------------------------------------------------------ model parts
 
 
-def _orientation(module: nn.Module, where: str) -> int:
-    """The axis of ``module.weight`` that indexes outputs (0 for nn.Linear, 1 for Conv1D)."""
-    if isinstance(module, nn.Linear):
-        return 0
-    if type(module).__name__ == "Conv1D":
-        return 1
-    raise ValueError(
-        f"{where} is a {type(module).__name__}; restrict_gradients knows nn.Linear and "
-        "transformers' Conv1D weights only"
-    )
-
-
 @dataclass(frozen=True)
 class Projection:
     """One weight (and optional bias) of the model, with index helpers for its two axes."""
@@ -94,12 +83,12 @@ class Projection:
 
     def outputs(self, index: slice) -> tuple[Any, ...]:
         """The weight entries that produce outputs ``index``."""
-        axis = _orientation(self.module, self.where)
+        axis = output_axis(self.module, self.where)
         return (index,) if axis == 0 else (slice(None), index)
 
     def inputs(self, index: slice) -> tuple[Any, ...]:
         """The weight entries that read inputs ``index``."""
-        axis = _orientation(self.module, self.where)
+        axis = output_axis(self.module, self.where)
         return (slice(None), index) if axis == 0 else (index,)
 
 
@@ -108,10 +97,7 @@ def _component(parent: Any, name: str, where: str) -> Projection | None:
     child = getattr(parent, name, None)
     if child is None:
         return None
-    module = getattr(child, "original_component", None)
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"{where}.{name} exposes no original_component; is this a ctlens bridge?")
-    return Projection(module, f"{where}.{name}")
+    return Projection(hf_component(child, f"{where}.{name}"), f"{where}.{name}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +138,7 @@ class ModelParts:
                 )
             for projection in attn.values():
                 assert projection is not None
-                _orientation(projection.module, projection.where)  # refuse unknown weights now
+                output_axis(projection.module, projection.where)  # refuse unknown weights now
             inputs = [_component(block.mlp, name, f"{where}.mlp") for name in ("in", "gate")]
             output = _component(block.mlp, "out", f"{where}.mlp")
             if inputs[0] is None or output is None:
@@ -238,7 +224,7 @@ def _mlp_sender(parts: ModelParts, node: Node, options: RuleOptions) -> Iterator
     if node.head is None:
         yield from _whole(output)
         return
-    axis = 1 - _orientation(output.module, output.where)  # the input (neuron) axis
+    axis = 1 - output_axis(output.module, output.where)  # the input (neuron) axis
     yield output.weight, output.inputs(_neurons(output, node, options, axis))
     yield output.bias, (...,)  # b_out, shared by the MLP's groups: moves when any group sends
 
@@ -257,7 +243,8 @@ def _mlp_receiver(parts: ModelParts, node: Node, options: RuleOptions) -> Iterat
         if node.head is None:
             yield from _whole(projection)
             continue
-        neurons = _neurons(projection, node, options, _orientation(projection.module, ""))
+        neurons = _neurons(projection, node, options,
+                           output_axis(projection.module, projection.where))
         yield projection.weight, projection.outputs(neurons)
         yield projection.bias, (neurons,)
 
@@ -320,12 +307,7 @@ def rule_openings(
     Reads only the model's structure and parameter shapes, never their values, so it works
     on sharded parameters (`ctlens.tuning.local_rules` cuts the openings to a rank's rows).
     """
-    graph = model_graph(model, circuit)
-    if circuit.graph != graph:
-        raise ValueError(
-            f"the circuit belongs to another model's graph ({circuit.graph!r}); this model has "
-            f"{graph!r}. Use a circuit found on this model."
-        )
+    graph = require_graph_of(model, circuit.graph)
     parts = ModelParts.from_model(model)
     options = RuleOptions(train_embeddings, train_unembedding, graph.spec.mlp_groups)
     mapped: dict[int, nn.Parameter] = {}

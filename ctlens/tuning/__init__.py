@@ -7,7 +7,8 @@
   `ctlens.tuning.discovery` (scores, EMA, selection), `ctlens.tuning.enforcement` (the
   circuit in force, restriction, masks, optimizer), `ctlens.tuning.evaluation` (metrics
   records), `ctlens.tuning.checkpoints` (prepare / resume protocol, checkpoints, export) over
-  `ctlens.tuning.rundir` (the layout and file operations).
+  `ctlens.tuning.rundir` (the layout and file operations), and `ctlens.tuning.parallel`
+  (the strategy for one process, data parallelism or FSDP sharding).
 - `ctlens.tuning.weights`: the bridge's weights under HF names, parameter counting (shared
   storage once), checkpoint weights and the plain HF export (`export_hf`).
 

@@ -7,25 +7,20 @@ checkpoint only needs the step (plus the learning-rate scheduler's own state, sa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
 from typing import Any, Literal
 
-from ctlens.sizes import check_size, edge_count
-from ctlens.types import Ablation
+from ctlens.sizes import CircuitSize
+from ctlens.types import Ablation, Loss, Mode, Optimizer, Selection, Shard, parse_choice
 
-Mode = Literal["gradient", "forward", "both", "full", "random", "lora"]
 Schedule = Literal["constant", "linear", "cosine"]
 Discovery = Literal["batch", "task"]
 
-MODES: tuple[str, ...] = ("gradient", "forward", "both", "full", "random", "lora")
-CIRCUIT_MODES: tuple[str, ...] = ("gradient", "forward", "both", "random")
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 DISCOVERIES: tuple[str, ...] = ("batch", "task")
 BATCH_METRICS: tuple[str, ...] = ("task", "loss")
-SELECTIONS: tuple[str, ...] = ("top_n", "top_nodes")
 RANDOM_MATCHES: tuple[str, ...] = ("edges", "parameters", "composition")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
-SHARDS: tuple[str, ...] = ("fsdp",)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMATS: tuple[str, ...] = ("safetensors", "dcp")
 SHARDED_MODES: tuple[str, ...] = ("gradient", "forward", "both", "random", "full")
@@ -33,9 +28,6 @@ SHARDED_MODES: tuple[str, ...] = ("gradient", "forward", "both", "random", "full
 _UNSHARDED_WHY = {
     "lora": "it trains a separate peft copy of the model, which ctlens does not shard",
 }
-LOSSES: tuple[str, ...] = ("target", "sequence")
-ABLATIONS: tuple[str, ...] = tuple(a.value for a in Ablation)
-"""``discovery_ablation``'s choices: the `ctlens.types.Ablation` enum's values."""
 
 # Fields that do not change what a run computes: a resumed run may differ in these.
 # (``shard`` changes only the float summation order: within 1e-4 of an unsharded run.)
@@ -98,8 +90,8 @@ class TuneConfig:
     Scale:
         shard: ``None`` (every rank holds the whole model) or ``"fsdp"`` (parameters,
             gradients and optimizer state sharded with PyTorch FSDP2 across the ranks of the
-            initialised process group; `ctlens.tuning.sharding`). Every mode but ``"lora"``,
-            with either discovery (`SHARDED_MODES`).
+            initialised process group; `ctlens.tuning.parallel.fsdp`). Every mode but
+            ``"lora"``, with either discovery (`SHARDED_MODES`).
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"``: the training forward under
             `torch.autocast` with fp32 master weights, loss, backward and scores (``"fp16"``
             with a loss scaler); evaluation stays fp32 (`ctlens.tuning.precision`). Part of
@@ -110,27 +102,31 @@ class TuneConfig:
             gathered; `ctlens.tuning.sharded_checkpoints`). Either resumes on any number of
             ranks, sharded or not; ``shard`` and ``checkpoint_format`` may change on resume.
     Bookkeeping:
-        eval_every, eval_examples (per evaluation set; ``None``: all), save_every,
-        keep_checkpoints, seed, export (write ``model/`` at the end), progress (tqdm).
+        eval_every, eval_examples (per evaluation set; ``None``: all), general_examples
+        (the first rows of the task's general corpus that the general LM loss is measured
+        on, a setting of its own; ``None``: all; a ``run.json`` written before it existed
+        reads as its ``eval_examples``, which cut those rows then), save_every,
+        keep_checkpoints, seed (the batch order and the random draws; the task sample is
+        the task's own), export (write ``model/`` at the end), progress (tqdm).
     """
 
-    mode: Mode = "gradient"
+    mode: Mode = Mode.GRADIENT
     random_match: Literal["edges", "parameters", "composition"] = "parameters"
-    top_n: int | float = 300
-    top_n_start: int | float | None = None
+    top_n: int | float | CircuitSize = 300
+    top_n_start: int | float | CircuitSize | None = None
     top_n_schedule: Schedule = "constant"
     every_k: int = 1
     discovery: Discovery = "batch"
     batch_metric: Literal["task", "loss"] = "task"
-    discovery_ablation: str = field(default="mean", metadata={"choices": ABLATIONS})
+    discovery_ablation: Ablation = Ablation.MEAN
     discovery_batches: int = 4
     max_memory: int | str | None = None
     ema: float = 0.0
-    selection: Literal["top_n", "top_nodes"] = "top_n"
+    selection: Selection = Selection.TOP_N
     train_embeddings: bool = False
     train_unembedding: bool = False
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    loss: Literal["target", "sequence"] = "target"
+    optimizer: Optimizer = Optimizer.ADAMW
+    loss: Loss = Loss.TARGET
     steps: int = 200
     batch_size: int = 16
     lr: float = 1e-3
@@ -145,11 +141,12 @@ class TuneConfig:
     mlp_group_size: int | None = None
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    shard: Literal["fsdp"] | None = None
+    shard: Shard | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     checkpoint_format: Literal["safetensors", "dcp"] = "safetensors"
     eval_every: int = 50
     eval_examples: int | None = 128
+    general_examples: int | None = 128
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -158,13 +155,14 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
-        _choice("mode", self.mode, MODES)
+        _set(self, "mode", parse_choice(Mode, self.mode, "mode"))
         _choice("top_n_schedule", self.top_n_schedule, SCHEDULES)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("discovery", self.discovery, DISCOVERIES)
         _choice("batch_metric", self.batch_metric, BATCH_METRICS)
-        _choice("discovery_ablation", self.discovery_ablation, ABLATIONS)
-        _choice("selection", self.selection, SELECTIONS)
+        _set(self, "discovery_ablation",
+             parse_choice(Ablation, self.discovery_ablation, "discovery_ablation"))
+        _set(self, "selection", parse_choice(Selection, self.selection, "selection"))
         _choice("random_match", self.random_match, RANDOM_MATCHES)
         if self.mode == "random" and self.random_match != "edges" and (
             self.train_embeddings or self.train_unembedding
@@ -173,17 +171,20 @@ class TuneConfig:
                 f"random_match={self.random_match!r} draws nodes other than input and logits; "
                 "use it without train_embeddings / train_unembedding, or random_match='edges'"
             )
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("loss", self.loss, LOSSES)
+        _set(self, "optimizer", parse_choice(Optimizer, self.optimizer, "optimizer"))
+        _set(self, "loss", parse_choice(Loss, self.loss, "loss"))
         if not (_finite(self.momentum) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        object.__setattr__(self, "discovery_ablation", Ablation(self.discovery_ablation).value)
         for name in ("steps", "every_k", "batch_size", "eval_every", "save_every",
                      "discovery_batches", "lora_rank", "keep_checkpoints", "mlp_groups"):
             _positive_int(name, getattr(self, name))
-        check_size(self.top_n, "top_n")
+        end = CircuitSize.of(self.top_n, "top_n")
+        start = end if self.top_n_start is None else CircuitSize.of(self.top_n_start,
+                                                                    "top_n_start")
+        _set(self, "top_n", end.value)
         if self.top_n_start is not None:
-            check_size(self.top_n_start, "top_n_start")
+            _set(self, "top_n_start", start.value)
+        _set(self, "_sizes", (start, end))  # the checked schedule ends (not a field)
         if self.mlp_group_size is not None:
             _positive_int("mlp_group_size", self.mlp_group_size)
             if self.mlp_groups != 1:
@@ -191,8 +192,9 @@ class TuneConfig:
                     f"give mlp_groups ({self.mlp_groups}) or mlp_group_size "
                     f"({self.mlp_group_size}), not both"
                 )
-        if self.eval_examples is not None:
-            _positive_int("eval_examples", self.eval_examples)
+        for name in ("eval_examples", "general_examples"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if self.max_memory is not None:
             from ctlens.memory import parse_bytes
 
@@ -214,11 +216,12 @@ class TuneConfig:
         if not _finite(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if self.shard is not None:
-            _choice("shard", self.shard, SHARDS)
+            _set(self, "shard", parse_choice(Shard, self.shard, "shard"))
             if self.mode not in SHARDED_MODES:
                 raise ValueError(
                     f"shard='fsdp' supports mode {' / '.join(SHARDED_MODES)} only, not "
-                    f"mode={self.mode!r}: {_UNSHARDED_WHY.get(self.mode, 'untested')}. Run it "
+                    f"mode={self.mode.value!r}: {_UNSHARDED_WHY.get(self.mode, 'untested')}. "
+                    "Run it "
                     "unsharded (shard=None; with torchrun it is then data-parallel, each rank "
                     "holding the whole model), or use mode='gradient'"
                 )
@@ -230,21 +233,25 @@ class TuneConfig:
     @property
     def uses_circuit(self) -> bool:
         """Whether the run selects and enforces a circuit (not ``full`` or ``lora``)."""
-        return self.mode in CIRCUIT_MODES
+        return self.mode.uses_circuit
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (``run.json``'s ``config``)."""
-        data = asdict(self)
+        """A JSON-ready dict of every field (``run.json``'s ``config``): plain values, the
+        enums as their strings."""
+        data = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self).items()}
         data["betas"] = list(self.betas)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
         """Inverse of `to_dict`; unknown keys are ignored (forward compatibility), a missing
-        ``random_match`` reads as ``"edges"`` (what runs did before it existed)."""
+        ``random_match`` reads as ``"edges"`` and a missing ``general_examples`` as the
+        ``eval_examples`` (what runs did before each existed)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("random_match", "edges")  # written before random_match existed
+        if "eval_examples" in values:  # written before general_examples existed
+            values.setdefault("general_examples", values["eval_examples"])
         return cls(**values)
 
     def semantic_dict(self) -> dict[str, Any]:
@@ -256,20 +263,25 @@ class TuneConfig:
             del data["precision"]  # likewise for precision
         return data
 
-    def top_n_at(self, step: int, n_edges: int | None = None) -> int:
-        """N of the top-N schedule at optimizer step ``step`` (0-based).
+    def top_n_ends(self, n_edges: int | None) -> tuple[int, int]:
+        """The schedule's first and last N on a graph with ``n_edges`` valid edges: where a
+        size meets the graph (`ctlens.sizes.CircuitSize.edges`), so a count larger than the
+        graph is refused here. `CircuitTuner`, ``ctlens tune`` and the Trainer callback ask
+        before any attribution. A fraction (``top_n=0.01``) needs ``n_edges``."""
+        start, end = self._sizes
+        for size in (end, start):  # top_n first, as it is named first
+            if isinstance(size.value, float) and n_edges is None:
+                raise ValueError(f"{size.name}={size.value} is a fraction: pass the graph's "
+                                 "n_edges")
+        if n_edges is None:
+            return int(start.value), int(end.value)
+        last = end.edges(n_edges)
+        return start.edges(n_edges), last
 
-        A fraction (``top_n=0.01``) is a share of the graph's ``n_edges`` valid edges, so
-        ``n_edges`` is then required.
-        """
-        ends = []
-        for name, value in (("top_n", self.top_n), ("top_n_start", self.top_n_start)):
-            if isinstance(value, float):
-                if n_edges is None:
-                    raise ValueError(f"{name}={value} is a fraction: pass the graph's n_edges")
-                value = edge_count(value, n_edges, name)
-            ends.append(value)
-        end, start = ends[0], ends[0] if ends[1] is None else ends[1]
+    def top_n_at(self, step: int, n_edges: int | None = None) -> int:
+        """N of the top-N schedule at optimizer step ``step`` (0-based); ``n_edges`` as in
+        `top_n_ends`."""
+        start, end = self.top_n_ends(n_edges)
         frac = _progress(self.top_n_schedule, step, self.steps)
         return int(round(start + (end - start) * frac))
 
@@ -303,6 +315,11 @@ def _progress(schedule: str, step: int, total: int) -> float:
     if schedule == "linear":
         return t
     return (1.0 - math.cos(math.pi * t)) / 2.0
+
+
+def _set(config: TuneConfig, name: str, value: Any) -> None:
+    """Store a validated, converted field on the frozen config."""
+    object.__setattr__(config, name, value)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -11,9 +11,10 @@ Three sources of edge scores, then one selection rule:
 - ``"task"``: `ctlens.attribute` on ``discovery_batches`` batches of the discovery pairs.
 - ``mode="random"``: N random valid edges, seeded by ``(seed, step)``.
 
-`CircuitDiscovery.select` optionally smooths scores by an exponential moving average
-across rediscoveries (its one piece of state, ``ema``) and keeps the top N, N from the
-schedule by the one step -> N rule, `top_n_after`.
+`CircuitSelection` (what `CircuitDiscovery.select` and `ctlens.CircuitTuningCallback` call)
+optionally smooths scores by an exponential moving average across rediscoveries (its one
+piece of state, ``ema``) and keeps the top N (by ``selection``), N from the schedule by the
+one step -> N rule, `top_n_after`.
 """
 
 from __future__ import annotations
@@ -32,24 +33,10 @@ from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.controls import MatchedControl, trainable_count
 from ctlens.tuning.distributed import World
+from ctlens.types import Ablation, Selection
 
 Scores = Float[torch.Tensor, "n_senders n_receivers"]
 Means = Float[torch.Tensor, "n_senders seq d_model"]
-
-
-def check_top_n(config: TuneConfig, graph: Graph) -> None:
-    """Refuse a top-N schedule that asks for more edges than ``graph`` has.
-
-    The tuner's one check of N against the graph (`TuneConfig` checks N >= 1 without a
-    graph); `CircuitTuner` and ``ctlens tune`` call it before any attribution runs.
-    """
-    for name in ("top_n", "top_n_start"):
-        value = getattr(config, name)
-        if isinstance(value, int) and value > graph.n_edges:
-            raise ValueError(
-                f"{name}={value} is larger than the model's graph ({graph.n_edges} valid "
-                f"edges); choose at most {graph.n_edges}, or a fraction such as 0.01"
-            )
 
 
 def task_scores(
@@ -66,7 +53,7 @@ def task_scores(
     start = (t // config.every_k) * want % n
     chosen = data[(torch.arange(want) + start) % n]
     reference = None
-    if config.discovery_ablation == "mean":
+    if config.discovery_ablation is Ablation.MEAN:
         reference = mean_activations(model, chosen, batch_size=config.batch_size, graph=graph)
     local = world.shard(torch.arange(want))
     result = attribute(
@@ -96,6 +83,46 @@ def top_n_after(config: TuneConfig, steps_taken: int, n_edges: int | None = None
     return config.top_n_at(max(steps_taken - 1, 0), n_edges)
 
 
+class CircuitSelection:
+    """The tuner's selection rule: scores -> the circuit of step ``t`` (module docstring).
+
+    Args:
+        config: the run's configuration (``ema``, ``selection``, the top-N schedule).
+        graph: the model's graph.
+        model_name: recorded in every circuit it selects.
+        discovery: the ``discovery`` its circuits' metadata records (default
+            ``config.discovery``).
+    """
+
+    def __init__(self, config: TuneConfig, graph: Graph, model_name: str | None,
+                 discovery: str | None = None) -> None:
+        self.config = config
+        self.graph = graph
+        self.model_name = model_name
+        self.discovery = config.discovery if discovery is None else discovery
+        self.ema: Scores | None = None
+        """The moving average of scores so far (``ema > 0``; saved in checkpoints)."""
+
+    def select(self, scores: Scores, t: int) -> Circuit:
+        """The top-N circuit of ``scores`` (after the moving average) for step ``t``."""
+        cfg = self.config
+        scores = scores.detach().float().cpu()
+        if cfg.ema > 0:
+            self.ema = scores if self.ema is None else cfg.ema * self.ema + (1 - cfg.ema) * scores
+            scores = self.ema
+        n = cfg.top_n_at(t, self.graph.n_edges)
+        metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": self.discovery}
+        if cfg.selection is Selection.TOP_NODES:
+            ranked = Circuit.from_scores(EdgeScores(top_nodes_rank(scores, self.graph),
+                                                    self.graph, {}), top_n=n)
+            metadata["selection"] = "top_nodes"
+            return Circuit(self.graph, ranked.mask, scores, metadata, self.model_name)
+        circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=n)
+        circuit.metadata = metadata
+        circuit.model_name = self.model_name
+        return circuit
+
+
 class CircuitDiscovery:
     """Scores edges and selects the circuit for one run (see the module docstring).
 
@@ -106,20 +133,32 @@ class CircuitDiscovery:
         graph: the model's graph.
         world: this process's place among data-parallel ranks.
         model_name: recorded in every circuit it selects.
+        task_world: the ranks ``"task"`` discovery divides its rows among (default:
+            ``world``; the run's parallelism says, `ctlens.tuning.parallel`).
     """
 
     def __init__(
         self, model: Any, task: Any, config: TuneConfig, graph: Graph, world: World,
-        model_name: str,
+        model_name: str, task_world: World | None = None,
     ) -> None:
         self.model = model
         self.task = task
         self.config = config
         self.graph = graph
         self.world = world
+        self.task_world = world if task_world is None else task_world
         self.model_name = model_name
-        self.ema: Scores | None = None
+        self.selection = CircuitSelection(config, graph, model_name)
         self._control: MatchedControl | None = None
+
+    @property
+    def ema(self) -> Scores | None:
+        """The selection's moving average of scores (`CircuitSelection.ema`)."""
+        return self.selection.ema
+
+    @ema.setter
+    def ema(self, value: Scores | None) -> None:
+        self.selection.ema = value
 
     # ------------------------------------------------------------------ batch discovery
 
@@ -173,14 +212,12 @@ class CircuitDiscovery:
     # ------------------------------------------------------------------ task discovery
 
     def task_scores(self, t: int) -> Scores:
-        """``"task"`` discovery: mean scores over batches of the discovery pairs.
-
-        On a sharded model (``shard="fsdp"``) every rank scores all the rows: FSDP's
-        all-gathers need every rank to run the same forwards and backwards, which uneven
-        per-rank shards of the rows (different batch counts) would break.
-        """
-        world = World() if self.config.shard is not None else self.world
-        return task_scores(self.model, self.task.discovery, self.config, self.graph, t, world)
+        """``"task"`` discovery: mean scores over batches of the discovery pairs, divided
+        among the ranks of ``task_world`` (a sharded model's strategy gives one rank: every
+        rank scores all the rows, as FSDP's all-gathers need every rank to run the same
+        forwards and backwards, which uneven per-rank shards of the rows would break)."""
+        return task_scores(self.model, self.task.discovery, self.config, self.graph, t,
+                           self.task_world)
 
     def training_means(self, rows: torch.Tensor) -> Means:
         """Per-position mean sender outputs over training rows ``rows`` (forward modes)."""
@@ -208,23 +245,8 @@ class CircuitDiscovery:
     # ------------------------------------------------------------------ selection
 
     def select(self, scores: Scores, t: int) -> Circuit:
-        """The top-N circuit of ``scores`` (after the moving average) for step ``t``."""
-        cfg = self.config
-        scores = scores.detach().float().cpu()
-        if cfg.ema > 0:
-            self.ema = scores if self.ema is None else cfg.ema * self.ema + (1 - cfg.ema) * scores
-            scores = self.ema
-        n = cfg.top_n_at(t, self.graph.n_edges)
-        metadata = {"step": t, "top_n": n, "mode": cfg.mode, "discovery": cfg.discovery}
-        if cfg.selection == "top_nodes":
-            ranked = Circuit.from_scores(EdgeScores(top_nodes_rank(scores, self.graph),
-                                                    self.graph, {}), top_n=n)
-            metadata["selection"] = "top_nodes"
-            return Circuit(self.graph, ranked.mask, scores, metadata, self.model_name)
-        circuit = Circuit.from_scores(EdgeScores(scores, self.graph, {}), top_n=n)
-        circuit.metadata = metadata
-        circuit.model_name = self.model_name
-        return circuit
+        """The top-N circuit of ``scores`` for step ``t`` (`CircuitSelection.select`)."""
+        return self.selection.select(scores, t)
 
     def random_circuit(self, t: int) -> Circuit:
         """``mode="random"``: N random valid edges, seeded by ``(seed, t)``."""

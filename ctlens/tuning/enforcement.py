@@ -11,8 +11,10 @@
   the means being those of the discovery that chose the circuit.
 - **the trainable fraction**: real parameters the optimizer may change now.
 
-Under ``shard="fsdp"`` the restriction is `ctlens.tuning.sharding.ShardedRestriction` on
-the sharded parameters (no hooks: :meth:`Enforcement.mask_grads` runs after every backward).
+The restriction itself comes from the run's parallelism
+(`ctlens.tuning.parallel.base.Parallelism.restrict`): `ctlens.restrict_gradients`, or on
+FSDP-sharded parameters `ctlens.tuning.parallel.sharding.ShardedRestriction` (no hooks:
+:meth:`Enforcement.after_backward` masks every backward's gradients).
 
 It also builds the optimizer (over the bridge's parameters, or a LoRA copy's adapters in
 ``mode="lora"``), so the optimizer the restriction needs is never looked up elsewhere.
@@ -21,16 +23,20 @@ It also builds the optimizer (over the bridge's parameters, or a LoRA copy's ada
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ctlens.circuit import Circuit
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
+from ctlens.types import Ablation, Mode, Optimizer
 
-GRADIENT_MODES: tuple[str, ...] = ("gradient", "both", "random")
-FORWARD_MODES: tuple[str, ...] = ("forward", "both")
+if TYPE_CHECKING:
+    from ctlens.tuning.parallel.base import Parallelism, Restriction
+
+GRADIENT_MODES: tuple[Mode, ...] = tuple(m for m in Mode if m.restricts_gradients)
+FORWARD_MODES: tuple[Mode, ...] = tuple(m for m in Mode if m.masks_forward)
 
 
 class Enforcement:
@@ -39,15 +45,16 @@ class Enforcement:
     Args:
         model: the bridge being tuned.
         config: the run's configuration (mode, optimizer settings, LoRA size).
-        sharding: the model's `Sharding` under ``shard="fsdp"`` (already applied).
+        parallel: the run's parallelism (the model already wrapped by it), which makes
+            the gradient restriction.
     """
 
-    def __init__(self, model: Any, config: TuneConfig, sharding: Any = None) -> None:
+    def __init__(self, model: Any, config: TuneConfig, parallel: Parallelism) -> None:
         self.model = model
         self.config = config
-        self.sharding = sharding
+        self.parallel = parallel
         self.lora: Any = None
-        if config.mode == "lora":
+        if config.mode is Mode.LORA:
             from ctlens.tuning.lora import LoraBackend
 
             self.lora = LoraBackend(model, config.lora_rank, config.lora_alpha)
@@ -55,7 +62,7 @@ class Enforcement:
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer: torch.optim.Optimizer
-        if config.optimizer == "sgd":
+        if config.optimizer is Optimizer.SGD:
             self.optimizer = torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
                                              weight_decay=config.weight_decay)
         else:
@@ -63,10 +70,7 @@ class Enforcement:
                                                weight_decay=config.weight_decay)
         self.circuit: Circuit | None = None
         self.means: torch.Tensor | None = None
-        self._restriction: contextlib.ExitStack | None = None
-        self._rules: list[Any] = []
-        self._mask_sharded: Any = None
-        self._sharded_fraction = 1.0
+        self._restriction: Restriction | None = None
 
     def enter(self, circuit: Circuit, means: torch.Tensor | None = None) -> None:
         """Make ``circuit`` the one in force (``means``: its forward-mask reference, if any);
@@ -75,67 +79,41 @@ class Enforcement:
         if means is not None:
             self.means = means
         self.release()
-        if self.config.mode in GRADIENT_MODES and self.sharding is not None:
-            from ctlens.tuning.sharding import ShardedRestriction
-
-            sharded = ShardedRestriction(self.sharding, circuit, self.optimizer,
-                                         self.config.train_embeddings,
-                                         self.config.train_unembedding)
-            self._sharded_fraction = sharded.trainable_fraction
-            self._restriction = contextlib.ExitStack()
-            self._restriction.callback(sharded.close)
-            self._mask_sharded = sharded.mask_grads
-        elif self.config.mode in GRADIENT_MODES:
-            from ctlens.masking import restrict_gradients
-
-            stack = contextlib.ExitStack()
-            self._rules = stack.enter_context(restrict_gradients(
-                self.model, circuit, optimizer=self.optimizer,
-                train_embeddings=self.config.train_embeddings,
-                train_unembedding=self.config.train_unembedding,
-            )).rules
-            self._restriction = stack
+        if self.config.mode.restricts_gradients:
+            self._restriction = self.parallel.restrict(
+                self.model, circuit, self.optimizer, self.config.train_embeddings,
+                self.config.train_unembedding,
+            )
 
     def mask_grads(self) -> None:
-        """Apply the restriction to gradients computed before it was entered (and, sharded,
-        to every step's gradients)."""
-        if self._restriction is None:
-            return
-        if self._mask_sharded is not None:
-            self._mask_sharded()
-            return
-        for rule in self._rules:
-            p, keep = rule.parameter, rule.trainable
-            if p.grad is None:
-                continue
-            if not bool(keep.any()):
-                p.grad = None
-            elif not bool(keep.all()):
-                p.grad.mul_(keep.to(p.grad.dtype))
+        """Apply the restriction to gradients computed before it was entered."""
+        if self._restriction is not None:
+            self._restriction.mask_grads()
+
+    def after_backward(self) -> None:
+        """Apply the restriction to this backward's gradients where no hook did."""
+        if self._restriction is not None:
+            self._restriction.after_backward()
 
     def forward_mask(self) -> contextlib.AbstractContextManager[Any]:
         """The training forward's edge mask (forward modes with a circuit), else a no-op."""
-        if self.config.mode not in FORWARD_MODES or self.circuit is None:
+        if not self.config.mode.masks_forward or self.circuit is None:
             return contextlib.nullcontext()
         from ctlens.masking import edge_mask
 
-        return edge_mask(self.model, self.circuit, ablation="mean", reference=self.means)
+        return edge_mask(self.model, self.circuit, ablation=Ablation.MEAN, reference=self.means)
 
     def release(self) -> None:
         """Lift the gradient restriction (every parameter trainable again)."""
         if self._restriction is not None:
             self._restriction.close()
             self._restriction = None
-            self._rules = []
-            self._mask_sharded = None
 
     def trainable_fraction(self) -> float:
         """Fraction of real parameters the optimizer may change under the current setting."""
         if self.lora is not None:
             total = W.count_real_parameters(self.model)
             return sum(p.numel() for p in self.lora.parameters()) / total
-        if self._mask_sharded is not None:  # no collective: counted when entered
-            return self._sharded_fraction
-        if self._restriction is not None and self._rules:
-            return sum(r.n_trainable for r in self._rules) / W.count_real_parameters(self.model)
+        if self._restriction is not None:
+            return self._restriction.trainable_fraction()
         return 1.0

@@ -24,9 +24,10 @@ from ctlens.graph import Graph
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.discovery import CircuitDiscovery, top_n_after
-from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
-from ctlens.tuning.local_shards import StartWeights
+from ctlens.tuning.enforcement import Enforcement
+from ctlens.tuning.parallel.local_shards import StartWeights
 from ctlens.tuning.rundir import RunDir
+from ctlens.types import Ablation
 
 
 class Evaluator:
@@ -68,8 +69,8 @@ class Evaluator:
         modes, when the caller found it already (a sharded model scores it on every rank:
         one rank alone cannot run FSDP's backward); otherwise ``discovery.monitor_circuit``
         finds it here. Writes nothing. On a sharded model without gathering
-        (`ctlens.tuning.sharding.local_paths`) every rank must call it (its forwards and
-        ``params_moved`` are collectives); all get the same record.
+        (`ctlens.tuning.parallel.sharding.local_paths`) every rank must call it (its forwards
+        and ``params_moved`` are collectives); all get the same record.
         """
         cfg = self.config
         if enforcement.lora is not None:
@@ -82,8 +83,6 @@ class Evaluator:
             target_accuracy = accuracy.pop(self.target_eval)
             general = self.general_loss()
             masked = self.masked_target(enforcement)
-        if enforcement.sharding is not None and enforcement.sharding.local:
-            enforcement.sharding.reshard()  # params_moved reads the local rows
         in_force = enforcement.circuit
         if in_force is not None:
             circuit = in_force
@@ -144,26 +143,28 @@ class Evaluator:
 
     def masked_target(self, enforcement: Enforcement) -> float | None:
         """Forward modes: the target metric with the circuit enforced (means: the eval set)."""
-        if self.config.mode not in FORWARD_MODES or enforcement.circuit is None:
+        if not self.config.mode.masks_forward or enforcement.circuit is None:
             return None
         from ctlens.masking import edge_mask
 
         data = self.task.evals[self.target_eval]
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
-        with edge_mask(self.model, enforcement.circuit, ablation="mean", reference=data):
+        with edge_mask(self.model, enforcement.circuit, ablation=Ablation.MEAN, reference=data):
             return self.metric_mean(data)[0]
 
     def general_loss(self) -> float:
-        """Mean next-token loss on the task's general corpus (NaN when it has none)."""
+        """Mean next-token loss on the first ``general_examples`` rows of the task's general
+        corpus (all with ``None``; NaN when it has none)."""
         tokens = getattr(self.task, "general_tokens", None)
         if tokens is None:
             return float("nan")
         mask = getattr(self.task, "general_attention_mask", None)
         if mask is None:
             mask = torch.ones_like(tokens, dtype=torch.bool)
-        if self.config.eval_examples is not None:
-            tokens, mask = tokens[: self.config.eval_examples], mask[: self.config.eval_examples]
+        rows = self.config.general_examples
+        if rows is not None:
+            tokens, mask = tokens[:rows], mask[:rows]
         nll_sum, count = 0.0, 0.0
         for start in range(0, tokens.shape[0], 32):
             chunk, m = tokens[start : start + 32], mask[start : start + 32]

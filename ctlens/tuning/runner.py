@@ -40,19 +40,16 @@ This module is the loop that drives them. The run directory format is
 With ``torch.distributed`` initialised, every rank takes its shard of each global batch;
 gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
-weights; only rank 0 writes files. With ``shard="fsdp"`` the model is sharded in place
-(`ctlens.tuning.sharding`) after the run directory is prepared and stays sharded after
-`CircuitTuner.run` returns; consolidated checkpoints and export gather it for their
-duration (``checkpoint_format="dcp"`` checkpoints do not), and so do evaluation and the
-rules on GPT-2, whose fused q/k/v the no-gather paths do not map
-(`ctlens.tuning.sharding.local_paths`), and ``mode="random"``'s sizing of a circuit matched
-on parameters. A rank that stops mid-run
-stops the others (`World.peer_failures`).
+weights; only rank 0 writes files. How the processes hold the model -- one process, data
+parallel, or ``shard="fsdp"`` -- is the run's parallelism strategy
+(`ctlens.tuning.parallel`), which owns the checks, wrapping, gathering, evaluation's
+placement, start weights, gradient reduction and checkpoint writing; this loop asks it
+and never branches on it. A rank that stops mid-run stops the others
+(`World.peer_failures`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -69,24 +66,16 @@ from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
 from ctlens.tuning import checkpoints as C
-from ctlens.tuning import sharded_checkpoints as S
-from ctlens.tuning import weights as W
 from ctlens.tuning.checkpoint_state import CheckpointState
 from ctlens.tuning.config import TuneConfig
-from ctlens.tuning.discovery import CircuitDiscovery, check_top_n
+from ctlens.tuning.discovery import CircuitDiscovery
 from ctlens.tuning.distributed import World
-from ctlens.tuning.enforcement import FORWARD_MODES, Enforcement
+from ctlens.tuning.enforcement import Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
-from ctlens.tuning.fused import fused_layers
-from ctlens.tuning.local_shards import StartWeights
+from ctlens.tuning.parallel import parallelism
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
-from ctlens.tuning.sharding import (
-    Sharding,
-    check_shardable,
-    local_paths,
-    rank_parameter_bytes,
-)
+from ctlens.types import Ablation, Loss, Mode
 
 ExtraLoss = Callable[[torch.Tensor, TaskData], torch.Tensor]
 """``fn(logits, batch) -> scalar`` added to the loss; ``batch`` holds the step's rows."""
@@ -145,22 +134,11 @@ class CircuitTuner:
         self.task = task
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
         self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
-        check_top_n(self.config, self.graph)
+        self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
-        if self.config.shard is not None:
-            check_shardable(model)
-        if self.config.checkpoint_format == "dcp" and fused_layers(model):
-            raise ValueError(
-                "checkpoint_format='dcp' does not support models with fused q/k/v (GPT-2's "
-                "c_attn) yet: its shards would be named after the unfused q/k/v and could not "
-                "resume unsharded; use checkpoint_format='safetensors' (the default)"
-            )
-        if self.config.batch_size < self.world.size:
-            raise ValueError(
-                f"batch_size={self.config.batch_size} is smaller than the number of ranks "
-                f"({self.world.size}); every rank needs at least one row"
-            )
+        self.parallel = parallelism(model, self.config, self.world)
+        """How the run's processes hold the model (`ctlens.tuning.parallel`)."""
         if n_train < 1:
             raise ValueError("the task has no training rows")
         vocab = model.cfg.d_vocab
@@ -174,12 +152,9 @@ class CircuitTuner:
         self.extra_loss = extra_loss
         self.precision = Precision(self.config.precision, model)
         self.discovery = CircuitDiscovery(model, task, self.config, self.graph, self.world,
-                                          self.model_name)
+                                          self.model_name, task_world=self.parallel.task_world)
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
         self.last_loss: float | None = None
-        self._sharding: Sharding | None = None
-        self._local = local_paths(model)
-        """Whether a sharded run avoids gathering (decided on the unsharded model)."""
 
     # ------------------------------------------------------------------ public API
 
@@ -193,13 +168,13 @@ class CircuitTuner:
         cfg = self.config
         rd = RunDir(Path(out_dir))
         start_step, wall_offset = self._prepare(rd, overwrite)
-        initial = self._start_weights(rd)
+        parallel = self.parallel
+        initial = parallel.start_weights(rd, self.model)
         state = None
-        if start_step > 0:  # the weights load before sharding
+        if start_step > 0:  # the weights load before the model is wrapped
             state = C.load_checkpoint(rd, start_step, self.model, self.graph, self.model_name,
                                       cfg)
-        sharding = self._sharding
-        enforcement = Enforcement(self.model, cfg, sharding)
+        enforcement = Enforcement(self.model, cfg, parallel)
         started = time.perf_counter() - wall_offset
         last: dict[str, Any] = {}
         done = {r["step"] for r in rd.read_metrics()} if self.world.is_main else set()
@@ -212,11 +187,7 @@ class CircuitTuner:
         )
 
         def evaluate(step: int) -> dict[str, Any]:
-            monitor = None
-            if sharding is not None and enforcement.circuit is None:  # a collective
-                monitor = self.discovery.monitor_circuit(step)
-
-            def measure() -> tuple[dict[str, Any], Circuit]:
+            def measure(monitor: Circuit | None) -> tuple[dict[str, Any], Circuit]:
                 return self.evaluator.measure(rd, step, initial, started, enforcement,
                                               self.discovery, self.last_loss, monitor)
 
@@ -225,38 +196,28 @@ class CircuitTuner:
                                 general=f"{record['general_loss']:.3f}")
                 return self.evaluator.write(rd, record, circuit)
 
-            if sharding is None or not sharding.local:  # rank 0 alone, on the whole model
-                with gathered():
-                    return self.world.on_main(f"evaluating step {step}",
-                                              lambda: write(*measure())) or {}
-            measured = measure()  # every rank: the sharded forwards are collectives
-            return self.world.on_main(f"writing the evaluation of step {step}",
-                                      lambda: write(*measured)) or {}
+            def monitor() -> Circuit:
+                return self.discovery.monitor_circuit(step)
+
+            in_force = enforcement.circuit is not None
+            return parallel.evaluate(step, measure, write, None if in_force else monitor) or {}
 
         def save(step: int) -> None:
-            state = self._checkpoint_state(step, time.perf_counter() - started, enforcement,
-                                           scheduler)
-            if cfg.checkpoint_format == "dcp":  # every rank writes its own shard
-                S.save_dcp_checkpoint(rd, self.model, enforcement.optimizer, state,
-                                      cfg.keep_checkpoints, self.world)
-                return
-            with gathered():
-                self.world.on_main(
-                    f"saving the checkpoint of step {step}",
-                    lambda: C.save_checkpoint(rd, self.model, state, cfg.keep_checkpoints),
-                )
-
-        def gathered() -> Any:
-            return contextlib.nullcontext() if sharding is None else sharding.gathered()
+            wall = time.perf_counter() - started
+            parallel.save_checkpoint(
+                rd, self.model, enforcement.optimizer,
+                lambda optimizer: self._checkpoint_state(step, wall, enforcement, scheduler,
+                                                         optimizer),
+                cfg.checkpoint_format, cfg.keep_checkpoints,
+            )
 
         try:
             if start_step == 0 and 0 not in done:
-                # before sharding: step 0's monitor circuit runs a backward on rank 0 alone
+                # before wrapping: step 0's monitor circuit runs a backward on rank 0 alone
                 last = evaluate(0)
-            if cfg.shard is not None and sharding is None:
+            if parallel.wrap(self.model):  # new parameters: a new optimizer
                 enforcement.release()
-                sharding = self._sharding = Sharding(self.model)
-                enforcement = Enforcement(self.model, cfg, sharding)
+                enforcement = Enforcement(self.model, cfg, parallel)
             scheduler = torch.optim.lr_scheduler.LambdaLR(enforcement.optimizer, cfg.lr_factor)
             if state is not None:
                 self._resume(state, enforcement, scheduler, rd.checkpoint_dir(start_step))
@@ -271,7 +232,7 @@ class CircuitTuner:
                         save(s)
             model_dir = None
             if cfg.export:
-                with gathered():
+                with parallel.gathered():
                     model_dir = self.world.on_main(
                         "exporting the model",
                         lambda: C.export_model(rd, self.model, enforcement.lora),
@@ -284,23 +245,14 @@ class CircuitTuner:
             last = records[-1] if records else {}
         return RunResult(rd.root, last, model_dir)
 
-    def _start_weights(self, rd: RunDir) -> list[torch.Tensor] | StartWeights:
-        """What ``params_moved`` compares with: a sharded run without gathering
-        (`ctlens.tuning.sharding.local_paths`) reads the run's start-weights file when it
-        measures, so no rank holds them; otherwise a snapshot kept in memory."""
-        if self.config.shard is not None and self._local:
-            return StartWeights(rd.initial_weights)
-        return C.initial_snapshot(rd, self.model)
-
     def time_steps(self, n_steps: int, warmup: int = 2) -> list[float]:
         """Seconds per optimizer step for ``n_steps`` steps after ``warmup`` untimed ones.
 
         Trains the model in memory (no run directory, no evaluation): a benchmark helper,
         unsharded only.
         """
-        if self.config.shard is not None:
-            raise ValueError("time_steps does not shard; time a shard='fsdp' run with run()")
-        enforcement = Enforcement(self.model, self.config)
+        self.parallel.check_time_steps()
+        enforcement = Enforcement(self.model, self.config, self.parallel)
         scheduler = torch.optim.lr_scheduler.LambdaLR(enforcement.optimizer,
                                                       self.config.lr_factor)
         times = []
@@ -321,7 +273,7 @@ class CircuitTuner:
         of the concatenated global batch.
         """
         scores, _ = self._batch_discovery(step)
-        return EdgeScores(scores, self.graph, {"method": "eap", "ablation": "mean",
+        return EdgeScores(scores, self.graph, {"method": "eap", "ablation": Ablation.MEAN.value,
                                                "discovery": "batch", "step": step})
 
     def _random_circuit(self, t: int) -> Circuit:
@@ -334,7 +286,7 @@ class CircuitTuner:
             scores = self._batch_discovery(t)[0]
         target = self.discovery.select(scores, t)
         # the parameter rules' counts read whole parameters (every model, not only GPT-2)
-        with contextlib.nullcontext() if self._sharding is None else self._sharding.gathered():
+        with self.parallel.gathered():
             return self.discovery.matched_random_circuit(target, t)
 
     def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +326,8 @@ class CircuitTuner:
         )
         start, wall = prepared if prepared is not None else (0, 0.0)
         start = self.world.broadcast_int(start)
-        if self.world.active and start == 0 and not self.world.is_main:
-            W.load_weights(self.model, rd.initial_weights)
+        if start == 0:
+            self.parallel.share_start_weights(rd, self.model)
         return start, wall
 
     def _run_doc(self) -> dict[str, Any]:
@@ -390,23 +342,16 @@ class CircuitTuner:
             "config": self.config.to_dict(),
             "created": now_iso(),
             "ctlens_version": __version__,
-            "world_size": self.world.size,
-            "sharded": self.config.shard is not None,
-            "rank_parameter_bytes": rank_parameter_bytes(self.model, self.world.size)
-            if self.config.shard is not None else None,
+            **self.parallel.run_record(self.model),
             "data": C.data_record(self.task),
         }
 
     def _checkpoint_state(
-        self, step: int, wall_time: float, enforcement: Enforcement, scheduler: Any
+        self, step: int, wall_time: float, enforcement: Enforcement, scheduler: Any,
+        optimizer: dict[str, Any],
     ) -> CheckpointState:
-        lora, sharding = enforcement.lora, enforcement.sharding
-        if self.config.checkpoint_format == "dcp":
-            optimizer = S.optimizer_groups(enforcement.optimizer)
-        elif sharding is None:
-            optimizer = enforcement.optimizer.state_dict()
-        else:
-            optimizer = sharding.optimizer_state(enforcement.optimizer)
+        """``state.pt`` of step ``step``, with ``optimizer`` as the parallelism writes it."""
+        lora = enforcement.lora
         return CheckpointState(
             step=step, wall_time=wall_time, optimizer=optimizer,
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
@@ -420,8 +365,8 @@ class CircuitTuner:
         self, state: CheckpointState, enforcement: Enforcement, scheduler: Any, folder: Path
     ) -> None:
         """Restore the loop, discovery and enforcement from checkpoint ``folder``'s state."""
-        S.load_optimizer(enforcement.optimizer, self.model, state.optimizer, folder,
-                         enforcement.sharding)
+        self.parallel.load_optimizer(enforcement.optimizer, self.model, state.optimizer,
+                                     folder)
         scheduler.load_state_dict(state.scheduler)
         self.precision.load_state(state.scaler)
         torch.set_rng_state(state.torch_rng)
@@ -469,13 +414,13 @@ class CircuitTuner:
         record = False
         if discover:
             enforcement.release()
-            if cfg.mode == "random":
+            if cfg.mode is Mode.RANDOM:
                 enforcement.enter(self._random_circuit(t))
             elif cfg.discovery == "task":
                 enforcement.enter(self.discovery.select(self.discovery.task_scores(t), t))
-                if cfg.mode in FORWARD_MODES:
+                if cfg.mode.masks_forward:
                     enforcement.means = self.discovery.training_means(self._global_rows(t))
-            elif cfg.mode in FORWARD_MODES:
+            elif cfg.mode.masks_forward:
                 # the circuit (and its means) must be known before the masked forward
                 scores, means = self._batch_discovery(t)
                 enforcement.enter(self.discovery.select(scores, t), means)
@@ -504,12 +449,8 @@ class CircuitTuner:
                 self.precision.scale(loss).backward()
         del logits, kernel
         self.last_loss = self.world.sum_scalar(float(loss.detach()))
-        if enforcement.sharding is not None:  # FSDP summed the gradients
-            enforcement.mask_grads()
-        elif self.world.active:
-            for p in enforcement.params:
-                if p.grad is not None:
-                    self.world.sum_(p.grad)
+        self.parallel.sum_gradients(enforcement.params)
+        enforcement.after_backward()
         self.precision.step(optimizer, enforcement.params, cfg.grad_clip)
         scheduler.step()
 
@@ -519,7 +460,7 @@ class CircuitTuner:
         """Training loss (normalised by global counts) and the batch's summed task metric."""
         task, cfg = self.task, self.config
         tokens = task.train_tokens[local].to(logits.device)
-        if cfg.loss == "sequence":  # every real token predicted from a real token
+        if cfg.loss is Loss.SEQUENCE:  # every real token predicted from a real token
             real = task.train_attention_mask[local].to(logits.device)
             target = real[:, 1:] & real[:, :-1]
         else:

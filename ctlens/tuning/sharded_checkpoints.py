@@ -27,7 +27,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -128,18 +128,29 @@ def optimizer_groups(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {LAYOUT_KEY: "dcp", "param_groups": optimizer.state_dict()["param_groups"]}
 
 
+class OptimizerLayout(Protocol):
+    """How this run's optimizer lists its state against a consolidated checkpoint's
+    (`ctlens.tuning.parallel.base.Parallelism` implements it)."""
+
+    def from_consolidated(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A consolidated (unsharded run's) state renumbered for this optimizer."""
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer,
+                             saved: dict[str, Any]) -> None:
+        """Load a `from_consolidated` state into ``optimizer``."""
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dict[str, Any],
-                   folder: Path, sharding: Any | None) -> None:
+                   folder: Path, layout: OptimizerLayout) -> None:
     """Load ``saved`` (``state.pt``'s optimizer entry of checkpoint ``folder``) into
-    ``optimizer``, whatever the layout that wrote it and however the model is sharded now."""
+    ``optimizer``, whatever the layout that wrote it and however the model is held now
+    (``layout``: the run's parallelism)."""
     if saved.get(LAYOUT_KEY) == "dcp":
         _load_dcp_optimizer(optimizer, model, saved, folder)
         return
     params = [p for g in optimizer.param_groups for p in g["params"]]
     names = parameter_names(model)
-    # consolidated states are numbered as an unsharded run's; a sharded GPT-2's optimizer
-    # lists its unfused q/k/v instead of c_attn (`ctlens.tuning.fused`)
-    live = saved if sharding is None else sharding.unfused.from_fused_order(saved)
+    live = layout.from_consolidated(saved)
     for i, entry in live["state"].items():
         p = params[int(i)]
         for key, value in entry.items():
@@ -150,10 +161,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dict[str
                     "checkpoint holds a part of it (written by another sharding), which this "
                     "ctlens cannot read: resume from a consolidated or a DCP checkpoint"
                 )
-    if sharding is None:
-        optimizer.load_state_dict(saved)
-    else:
-        sharding.load_optimizer_state(optimizer, live)
+    layout.load_optimizer_state(optimizer, live)
 
 
 def _load_dcp_optimizer(optimizer: torch.optim.Optimizer, model: Any, saved: dict[str, Any],

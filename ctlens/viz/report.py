@@ -318,8 +318,8 @@ def write_report(
         "dotted), and the legend names every mark. Only the strongest edges are drawn at "
         "first: press <i>all edges</i> (above the circuit, right) or click the <i>weaker "
         "edges</i> legend entry to show the rest (a faded legend entry is hidden). The "
-        "strongest edges are listed, ranked, beside the circuit; hover edges and nodes for "
-        "names and scores.</p>",
+        "snapshot's strongest edges are listed, ranked, right of the charts below it; hover "
+        "edges and nodes for names and scores.</p>",
         f"<div class=\"fig\">"
         f"{figure_div(plot_evolution(run, top=top, max_frames=max_frames), 'ctlens-evolution')}"
         "</div>",

@@ -9,8 +9,10 @@ with no network::
     model, tok = ctlens.zoo.load_hf("tiny-llama")   # plain HF module, eval mode
     bridge = ctlens.load_model("zoo:tiny-llama")    # the same, wrapped in a TransformerBridge
 
-Models: ``tiny-llama`` (RMSNorm, rotary, SwiGLU, grouped-query attention) and ``tiny-gpt2``
-(LayerNorm, learned positions); model cards in ``docs/zoo/``.
+Models: ``tiny-llama`` (RMSNorm, rotary, SwiGLU, grouped-query attention), ``tiny-gpt2``
+(LayerNorm, learned positions) and ``mini-gpt2`` (GPT-2 small's proportions: 6 layers of 8
+heads, MLPs of 4 x d_model holding two thirds of the non-embedding parameters); model cards
+in ``docs/zoo/``.
 """
 
 from __future__ import annotations

@@ -127,6 +127,21 @@ SPECS: Mapping[str, ModelSpec] = MappingProxyType(
             description="GPT-2-style: LayerNorm, learned absolute positions, GELU MLP, "
             "tied embeddings.",
         ),
+        "mini-gpt2": ModelSpec(
+            name="mini-gpt2",
+            architecture="gpt2",
+            config={
+                "n_embd": 128,
+                "n_layer": 6,
+                "n_head": 8,
+                "n_positions": 64,
+                "n_inner": 512,
+                "layer_norm_epsilon": 1e-5,
+            },
+            recipe=Recipe(steps=5000, mixture=dict(ZOO_MIXTURE)),
+            description="GPT-2 small's proportions: 6 layers of 8 heads, GELU MLP of 4 x "
+            "d_model holding two thirds of the non-embedding parameters, tied embeddings.",
+        ),
     }
 )
 """All zoo model specs by name."""

@@ -96,9 +96,11 @@ ctlens.viz.plot_evolution(runs / "circuit", top=50)
 # %% [markdown]
 # ## Before and after
 #
-# `plot_diff` draws two circuits on one layout: red edges only in the first, green only in
-# the second, grey in both. With a run directory it compares two of its snapshots (by
-# default the first and the last).
+# `plot_diff` draws two circuits on one layout: orange edges left the circuit (only in the
+# first), blue ones entered it (only in the second); at first only the 20 strongest of each
+# are drawn, and the buttons above the drawing show the rest and the kept edges (grey).
+# With a run directory it compares two of its snapshots (by default the first and the
+# last).
 
 # %%
 ctlens.viz.plot_diff(runs / "circuit")
@@ -214,30 +216,36 @@ ctlens.viz.plot_circuit(circuits[groups], label=f"circuit with {groups} groups p
 # %% [markdown]
 # ## Against matched controls: the stored experiment
 #
-# One run at one seed says little. `benchmarks/experiment.py` runs every mode over several
-# seeds and compares them at *matched target*: circuit-tuning (`gradient`, `forward`), full
-# fine-tuning, random circuits with the same number of trainable parameters in total
-# (`random-parameters`) or per node kind (`random-composition`), LoRA with as many adapter
-# parameters, and the same comparison under the circuit-tuning authors' own options (SGD,
-# top-nodes selection, sequence loss; the `paper-*` modes). This cell only *reads* the
-# results it stored (`benchmarks/results/experiment.json`; the grid takes far longer than a
-# notebook should) and draws the same Pareto figure as `docs/experiments.md`: each mode's
-# path through target and general LM loss, mean over seeds with 95 % t-intervals, one panel
-# per model and circuit size. Up and to the left is better. The tables, the paired
-# comparisons and what was run are in `docs/experiments.md`.
+# One run at one seed and one learning rate says little. `benchmarks/experiment.py` runs
+# circuit-tuning (`gradient`), full fine-tuning and random circuits with the same number of
+# trainable parameters (`random-parameters`) at every learning rate of a grid, over ten
+# paired seeds, on every zoo model, and compares them at *matched target* on the envelope
+# over the learning rates: at each target, the lowest general LM loss any learning rate
+# had when its target first got there. This cell only *reads* the results it stored
+# (`benchmarks/results/experiment.json`; the grid takes hours, far longer than a notebook
+# should) and draws the same figure as `docs/experiments.md`: each mode's envelope through
+# target and general LM loss, mean over seeds with 95 % t-intervals, one panel per model.
+# Left is better. The verdict, the tests and every paired cell are in
+# `docs/experiments.md`.
 
 # %%
 import json  # noqa: E402
 import sys  # noqa: E402
 
-bench = next((p for p in (Path("../benchmarks"), Path("benchmarks")) if p.is_dir()), None)
+# the repository's benchmarks/, from notebooks/, the repository root or the docs build
+here = Path.cwd().resolve()
+bench = next((d / "benchmarks" for d in (here, *here.parents)
+              if (d / "benchmarks" / "results").is_dir()), None)
 stored = None if bench is None else bench / "results" / "experiment.json"
 if stored is None or not stored.is_file():
-    print("no stored results: run python benchmarks/experiment.py run, then report")
+    print("no stored results: run python benchmarks/experiment.py all")
 else:
     sys.path.insert(0, str(bench.resolve()))
     from experiment_figures import pareto_figure  # the figure docs/experiments.md shows
 
     results = json.loads(stored.read_text())
     print(f"{results['runs_done']} runs, seeds {results['seeds']}, {results['steps']} steps")
+    if results.get("protocol") != "envelope":
+        print("these results predate the envelope protocol (one lr per mode): each line is "
+              "that lr's path; python benchmarks/experiment.py all regenerates them")
     pareto_figure(results, groups=1).show()

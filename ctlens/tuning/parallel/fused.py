@@ -12,7 +12,7 @@ fourth, duplicate copy.
 `unfuse` therefore gives the q/k/v parameters their own contiguous storage (same shapes,
 same values) and unregisters ``c_attn``'s weight and bias, so FSDP shards exactly the
 parameters the forward uses and each real weight once. `refused` (entered by
-`ctlens.tuning.sharding.Sharding.gathered` once every parameter is whole) rebuilds the
+`ctlens.tuning.parallel.sharding.Sharding.gathered` once every parameter is whole) rebuilds the
 bridge's own layout for its duration -- a fused ``c_attn`` parameter with q/k/v views into
 it -- so the weight mapping (`ctlens.tuning.weights`), checkpoints, export, real-parameter
 counts and the gradient rules see the model exactly as an unsharded run does.

@@ -8,15 +8,16 @@ reduce-scatter *sums* the gradients (divide factor 1: the loss is already normal
 global counts).
 
 Which work gathers the whole model depends on one switch, `local_paths` (recorded as
-`Sharding.local`):
+`ctlens.tuning.parallel.fsdp.FullySharded.local`, the strategy that uses this module):
 
 - models without fused q/k/v (Llama, NeoX, ...): nothing but export and consolidated
   checkpoints gathers. Gradient restriction (`ShardedRestriction`) builds the trainable masks
-  for this rank's rows only, from parameter shapes (`ctlens.tuning.local_shards.local_masks`),
-  and sums the counts across ranks; evaluation runs on every rank through the sharded model
-  (FSDP gathers one block at a time), then `Sharding.reshard` frees what FSDP2 keeps
-  gathered after a forward without backward, ``params_moved`` compares each rank's rows with
-  the run's start-weights file (`ctlens.tuning.local_shards.StartWeights`) and rank 0 writes.
+  for this rank's rows only, from parameter shapes
+  (`ctlens.tuning.parallel.local_shards.local_masks`), and sums the counts across ranks;
+  evaluation runs on every rank through the sharded model (FSDP gathers one block at a
+  time), then `Sharding.reshard` frees what FSDP2 keeps gathered after a forward without
+  backward, ``params_moved`` compares each rank's rows with the run's start-weights file
+  (`ctlens.tuning.parallel.local_shards.StartWeights`) and rank 0 writes.
 - GPT-2 (fused ``c_attn``): the rules are computed on the gathered model (one all-gather per
   rediscovery) and evaluation runs on rank 0 inside :meth:`Sharding.gathered`, against a
   start-weights snapshot every rank keeps.
@@ -37,8 +38,9 @@ layout with every state tensor gathered whole); ``"dcp"`` ones gather nothing
 not.
 
 GPT-2's q/k/v parameters are views of its fused ``c_attn`` weight, which ``fully_shard``
-refuses: `ctlens.tuning.fused` gives them their own storage before sharding and rebuilds the
-fused layout inside :meth:`Sharding.gathered`, so files and counts are an unsharded run's.
+refuses: `ctlens.tuning.parallel.fused` gives them their own storage before sharding and
+rebuilds the fused layout inside :meth:`Sharding.gathered`, so files and counts are an
+unsharded run's.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from torch import nn
 from ctlens.circuit import Circuit
 from ctlens.masking.rules import parameter_rules
 from ctlens.tuning import weights as W
-from ctlens.tuning.fused import fused_layers, fused_parameter_ids, refused, unfuse
-from ctlens.tuning.local_shards import local_masks, parameter_count, rows_of
+from ctlens.tuning.parallel.fused import fused_layers, fused_parameter_ids, refused, unfuse
+from ctlens.tuning.parallel.local_shards import local_masks, parameter_count, rows_of
 
 
 def rank_parameter_bytes(model: nn.Module, world_size: int) -> list[int]:
@@ -76,7 +78,7 @@ def rank_parameter_bytes(model: nn.Module, world_size: int) -> list[int]:
 def check_shardable(model: Any) -> None:
     """Refuse (ValueError) what ``shard="fsdp"`` cannot do: no process group, or parameters
     that are non-contiguous views of another tensor (other than GPT-2's q/k/v views of
-    ``c_attn``, which `ctlens.tuning.fused` unfuses)."""
+    ``c_attn``, which `ctlens.tuning.parallel.fused` unfuses)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "shard='fsdp' needs torch.distributed initialised; launch the run with torchrun "
@@ -98,10 +100,10 @@ def local_paths(model: Any) -> bool:
     for models without fused q/k/v, False for GPT-2. Call it on the unsharded model.
 
     Why GPT-2 gathers: the local trainable masks (`ctlens.masking.rules.rule_openings`) and
-    the start-weight rows (`ctlens.tuning.local_shards.StartWeights`, read from
+    the start-weight rows (`ctlens.tuning.parallel.local_shards.StartWeights`, read from
     ``initial/weights.safetensors``) are in the bridge's fused layout -- q/k/v as views of
     ``c_attn``, whose file tensor is ``[d_model, 3 * d_model]`` -- while a rank holds rows of
-    the unfused q/k/v copies (`ctlens.tuning.fused.unfuse`). Mapping ``c_attn`` columns to
+    the unfused q/k/v copies (`ctlens.tuning.parallel.fused.unfuse`). Mapping ``c_attn`` columns to
     those shards is not done, so GPT-2 keeps the gathered paths, which are tested to match a
     one-process run.
     """
@@ -109,16 +111,13 @@ def local_paths(model: Any) -> bool:
 
 
 class Sharding:
-    """FSDP2 sharding of one bridge across the initialised process group (in place);
-    `check_shardable` says what it refuses."""
+    """FSDP2 sharding of one bridge across the initialised process group (in place), of a
+    model `check_shardable` accepted."""
 
     def __init__(self, model: Any) -> None:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        check_shardable(model)
         self.model = model
-        self.local = local_paths(model)  # before unfuse, which hides the fused layers
-        """Whether rules and evaluation avoid gathering (`local_paths`)."""
         self.unfused = unfuse(model)
         for block in getattr(model, "blocks", ()):
             fully_shard(block)
@@ -193,25 +192,35 @@ class Sharding:
 
 
 class ShardedRestriction:
-    """Gradient restriction to ``circuit`` on FSDP2-sharded parameters (module docstring).
+    """Gradient restriction to ``circuit`` on FSDP2-sharded parameters (module docstring);
+    ``local``: the masks are built for this rank's rows alone (`local_paths`), else on the
+    gathered model.
 
     Call :meth:`mask_grads` after the backward and before clipping; frozen entries are
     restored by an optimizer step post-hook until :meth:`close`.
     """
 
     def __init__(self, sharding: Sharding, circuit: Circuit, optimizer: torch.optim.Optimizer,
-                 train_embeddings: bool, train_unembedding: bool) -> None:
+                 train_embeddings: bool, train_unembedding: bool, local: bool) -> None:
         options = (circuit, train_embeddings, train_unembedding)
-        masks, total = (_local_masks if sharding.local else _gathered_masks)(sharding, *options)
+        masks, total = (_local_masks if local else _gathered_masks)(sharding, *options)
         self.n_trainable = int(sum(count for _, count, _ in masks))
         """The entries the circuit lets change, over all ranks."""
-        self.trainable_fraction = self.n_trainable / total
-        """`n_trainable` over the model's real parameters (counted when entered)."""
+        self._fraction = self.n_trainable / total
         self._parts: list[tuple[Any, bool, torch.Tensor, torch.Tensor | None]] = []
         for p, count, keep in masks:
             old = None if bool(keep.all()) else p.to_local().detach().clone()
             self._parts.append((p, count == 0, keep, old))
         self._handle = optimizer.register_step_post_hook(self._restore)
+
+    def trainable_fraction(self) -> float:
+        """`n_trainable` over the model's real parameters (counted when entered: no
+        collective)."""
+        return self._fraction
+
+    def after_backward(self) -> None:
+        """`mask_grads`: no hook zeroes a sharded parameter's gradient (module docstring)."""
+        self.mask_grads()
 
     def mask_grads(self) -> None:
         """Zero frozen entries of the local gradients (drop wholly frozen parameters')."""

@@ -1,8 +1,8 @@
 """What a rank of a sharded run computes from its own rows, without gathering the model.
 
 Under ``shard="fsdp"`` each rank holds rows ``torch.chunk`` gives it (dim 0) of every
-parameter (`ctlens.tuning.sharding`). Two things the tuner needs per rediscovery and per
-evaluation are computed here from those rows alone:
+parameter (`ctlens.tuning.parallel.sharding`). Two things the tuner needs per rediscovery
+and per evaluation are computed here from those rows alone:
 
 - **the trainable masks** of a circuit (`local_masks`): `ctlens.masking.rules` names the
   slices a circuit opens from the model's structure and parameter shapes only
@@ -16,6 +16,7 @@ evaluation are computed here from those rows alone:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def local(p: torch.Tensor) -> torch.Tensor:
 
 def check_resharded(params: list[torch.Tensor]) -> bool:
     """Whether ``params`` are sharded; RuntimeError when only some are (a module left
-    gathered after a forward: call `ctlens.tuning.sharding.Sharding.reshard` first)."""
+    gathered after a forward: call `ctlens.tuning.parallel.sharding.Sharding.reshard`
+    first)."""
     sharded = [_is_sharded(p) for p in params]
     if any(sharded) and not all(sharded):
         raise RuntimeError(
@@ -123,10 +125,13 @@ def parameter_count(model: Any) -> int:
 
 class StartWeights:
     """The run's start weights, read from its initial-weights file (``path``) whenever
-    ``params_moved`` is measured, so that no rank holds a copy of them."""
+    ``params_moved`` is measured, so that no rank holds a copy of them. ``reshard`` (if
+    given) runs first: it frees what FSDP2 keeps gathered after a forward without backward
+    (`ctlens.tuning.parallel.sharding.Sharding.reshard`), so the local rows are read."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reshard: Callable[[], None] | None = None) -> None:
         self.path = Path(path)
+        self._reshard = reshard
 
     @torch.no_grad()
     def moved_fraction(self, model: Any) -> float:
@@ -138,6 +143,8 @@ class StartWeights:
         """
         from safetensors import safe_open
 
+        if self._reshard is not None:
+            self._reshard()
         module = W.hf_module(model)
         named = {W.hf_name(n): p for n, p in module.named_parameters(remove_duplicate=False)}
         sharded = check_resharded(list(named.values()))
