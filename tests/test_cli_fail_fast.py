@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ctlens import cli
+from ctlens import cli, zoo
 from ctlens.cli.support import DEFAULT_MODEL
 from ctlens.tasks.catalog import DESCRIPTIONS
 
@@ -49,7 +49,7 @@ def _write_run(out: Path, model: str, task: str, **config: object) -> None:
     ("argv", "needles"),
     [
         (["discover", "--model", "zoo:tiny-gtp2"],
-         ["unknown zoo model 'tiny-gtp2'", "available: tiny-gpt2, tiny-llama"]),
+         ["unknown zoo model 'tiny-gtp2'", "available: " + ", ".join(zoo.names())]),
         (["discover", "--task", "agreemnt"],
          ["unknown task 'agreemnt'", "ctlens tasks", "agreement-flip"]),
         (["discover", "--task", "missing.jsonl"], ["task file missing.jsonl does not exist"]),
