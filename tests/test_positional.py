@@ -136,13 +136,8 @@ def test_exact_patches_one_span_at_a_time():
         assert float(exact.scores[i, j, k]) == pytest.approx(effect, rel=1e-6, abs=1e-9)
 
 
-FAST_ZOO = ("tiny-gpt2", "tiny-llama")  # mini-gpt2's exact patching takes many minutes
-
-
-@pytest.mark.parametrize("name", [
-    name if name in FAST_ZOO else pytest.param(name, marks=pytest.mark.slow)
-    for name in ctlens.zoo.names()
-])
+@pytest.mark.slow  # exact patching per span: 1-2 minutes per tiny model, far more for mini-gpt2
+@pytest.mark.parametrize("name", ctlens.zoo.names())
 def test_per_span_eap_tracks_per_span_exact_on_zoo_models(name):
     """Per-span EAP against per-span exact patching: its Pearson r is within 0.05 of
     position-free EAP's r with position-free exact patching (the oracle of issue 22)."""
