@@ -275,13 +275,11 @@ class TaskData:
             return
         assert self.attention_mask is not None
         lengths = self.attention_mask.sum(1)
-        if int(lengths.max()) > n_ctx:
-            row = int((lengths > n_ctx).nonzero()[0])
-            raise ValueError(
-                f"example {row} has {int(lengths[row])} tokens but the model's context is "
-                f"{n_ctx} positions (model.cfg.n_ctx); shorten the prompt(s) to at most "
-                f"{n_ctx} tokens or use a model with a longer context"
-            )
+        over = (lengths > n_ctx).nonzero()
+        row = int(over[0]) if len(over) else 0
+        check_length(int(lengths[row]), n_ctx, f"example {row}",
+                     f"shorten the prompt(s) to at most {n_ctx} tokens or use a model with a "
+                     "longer context")
 
     # ------------------------------------------------------------------ metrics
 
@@ -559,3 +557,11 @@ def _check_metric_values(values: torch.Tensor, logits: torch.Tensor) -> None:
             "zero) and fix or drop that example"
         )
     raise MetricError(row, f"the metric returned {shown} (not finite); {cause}")
+
+
+def check_length(tokens: int, n_ctx: int | None, what: str, fix: str) -> None:
+    """Refuse ``what`` (``tokens`` long) beyond the model's context of ``n_ctx`` positions
+    (None: unknown, nothing checked); attribution, faithfulness and `ctlens.plan` check so."""
+    if n_ctx is not None and tokens > n_ctx:
+        raise ValueError(f"{what} has {tokens} tokens but the model's context is {n_ctx} "
+                         f"positions (model.cfg.n_ctx); {fix}")

@@ -6,23 +6,29 @@ weights (HF names, as `ctlens.tuning.weights.hf_state_dict` gives them) and writ
 directory holding:
 
 - ``delta.safetensors``: for every changed tensor, the tuned values of its changed slices,
-  concatenated along the slicing axis (key: the tensor's HF name);
-- ``manifest.json``: format and version, which slices (per tensor: axis and index ranges),
-  shapes and dtypes, and the SHA-256 of every base tensor, so that `apply_delta` can refuse
-  a different base.
+  concatenated along the slicing axis (key: the tensor's HF name); its metadata holds the
+  SHA-256 of the manifest (without ``delta_sha256``), so an edited manifest is caught;
+- ``manifest.json`` (`ctlens.delta_manifest`): format and version, which slices (per
+  tensor: axis and index ranges), shapes and dtypes, the SHA-256 of ``delta.safetensors``,
+  of every base tensor and (for a base read from files) of every base weights file.
 
-The values are the tuned values themselves, not differences, so base + delta reproduces the
-tuned weights bit for bit. A tensor is sliced along the axis (rows or columns for a matrix,
-entries for a vector) that stores fewest values; one whose slices would not be smaller is
-stored whole.
+`apply_delta` checks all of it before it changes or writes anything: the delta's own file
+(a flipped byte or a cut is refused), the manifest's structure and binding, the base's
+weights files (a missing, extra or changed shard is named), every base tensor (a missing or
+extra one is named) and every changed slice. The values are the tuned values themselves,
+not differences, so base + delta reproduces the tuned weights bit for bit. A tensor is
+sliced along the axis (rows or columns for a matrix, entries for a vector) that stores
+fewest values; one whose slices would not be smaller is stored whole.
+
+Output directories follow `ctlens.outputs` (the rule ``ctlens tune`` follows too): a new or
+empty directory or a previous output of the same kind is written; files the command did not
+write are never deleted or replaced; ``overwrite`` writes beside them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,24 +36,78 @@ from typing import Any, Literal
 
 import torch
 
-from ctlens.files import replace_dir
+from ctlens import delta_manifest as M
+from ctlens.delta_manifest import (
+    APPLIED,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    WEIGHTS,
+    DeltaFileError,
+    DeltaMismatchError,
+    read_manifest,
+)
+from ctlens.files import (
+    WEIGHTS_INDEX,
+    read_safetensors,
+    require_dir,
+    safetensors_header,
+    weight_files,
+)
+from ctlens.outputs import (
+    OutputConflictError,
+    OutputKind,
+    OutputPlan,
+    check_output_dir,
+    publish,
+    staging_dir,
+)
 
-FORMAT = "ctlens-delta"
-VERSION = 1
-WEIGHTS = "delta.safetensors"
-MANIFEST = "manifest.json"
-APPLIED = "apply-delta"
-"""``model.safetensors`` metadata ``ctlens`` of a directory `write_weights` wrote."""
+__all__ = [
+    "APPLIED", "FORMAT", "MANIFEST", "VERSION", "WEIGHTS", "DeltaFileError", "DeltaInfo",
+    "DeltaMismatchError", "DeltaOutputError", "apply_delta", "check_out_dir", "read_manifest",
+    "save_delta", "weights_of", "write_weights",
+]
 
 State = Mapping[str, torch.Tensor]
+MODEL_WEIGHTS = "model.safetensors"
+
+DeltaOutputError = OutputConflictError
+"""``out_dir`` is refused (`ctlens.outputs.check_output_dir`; the message says why)."""
 
 
-class DeltaMismatchError(ValueError):
-    """The delta does not belong to these base weights (the message says which tensor)."""
+def _own_delta(path: Path) -> set[str]:
+    """The entries of ``path`` that a delta wrote (each recognised by its content)."""
+    own = set()
+    if M.is_delta_manifest(path / MANIFEST):
+        own.add(MANIFEST)
+    if _marker(path / WEIGHTS).get("format") == FORMAT:
+        own.add(WEIGHTS)
+    return own
 
 
-class DeltaOutputError(ValueError):
-    """``out_dir`` holds something that is not a previous output of the same kind."""
+def _own_applied(path: Path) -> set[str]:
+    """The entries of ``path`` that `write_weights` wrote: its weights (marked) and the
+    files those list as copied with them."""
+    marker = _marker(path / MODEL_WEIGHTS)
+    if marker.get("ctlens") != APPLIED:
+        return set()
+    try:
+        copied = json.loads(marker.get("files", "[]"))
+    except ValueError:
+        copied = []
+    return {MODEL_WEIGHTS, *(n for n in copied if isinstance(n, str) and (path / n).is_file())}
+
+
+def _marker(path: Path) -> dict[str, str]:
+    try:
+        return safetensors_header(path) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+DELTA_OUTPUT = OutputKind("ctlens delta", _own_delta)
+MODEL_OUTPUT = OutputKind("model directory written by apply-delta", _own_applied)
 
 
 def check_out_dir(
@@ -55,60 +115,21 @@ def check_out_dir(
     kind: Literal["delta", "model"],
     inputs: tuple[Any, ...] = (),
     overwrite: bool = False,
-) -> Path:
+) -> OutputPlan:
     """Check, before any work, that ``out_dir`` may receive a delta or an applied model.
 
-    Accepted: a missing or empty directory, or a previous output of the same kind (a delta
-    directory for ``"delta"``, a directory `write_weights` wrote for ``"model"``), which is
-    replaced. Anything else is refused unless ``overwrite``; a file, or one of ``inputs``
-    (the paths being read), always.
+    The rule is `ctlens.outputs.check_output_dir`'s. For ``"model"`` the first input is the
+    base directory, whose files the output copies (so they are names it writes).
 
     Raises:
         DeltaOutputError: the message says what is there and how to proceed.
     """
-    out = Path(out_dir)
-    what = "delta" if kind == "delta" else "model directory written by apply-delta"
-    for item in inputs:
-        if isinstance(item, (str, Path)) and Path(item).exists() and (
-            out.resolve() == Path(item).resolve()
-        ):
-            raise DeltaOutputError(f"the output {out} is also an input; write elsewhere")
-    if out.exists() and not out.is_dir():
-        raise DeltaOutputError(f"the output {out} is a file; give a directory (new, empty, "
-                               f"or a previous {what})")
-    if not out.is_dir() or overwrite:
-        return out
-    entries = sorted(p.name for p in out.iterdir())
-    previous = _is_delta(out) if kind == "delta" else _is_applied(out)
-    if entries and not previous:
-        raise DeltaOutputError(
-            f"the output {out} is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and "
-            f"is not a previous {what}; choose a new directory, or pass overwrite=True "
-            "(--overwrite) to replace it and everything in it"
-        )
-    return out
-
-
-def _is_delta(path: Path) -> bool:
-    """Whether ``path`` holds a ctlens delta and nothing else."""
-    names = {p.name for p in path.iterdir()}
-    if not names <= {WEIGHTS, MANIFEST} or MANIFEST not in names:
-        return False
-    try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _is_applied(path: Path) -> bool:
-    """Whether ``path`` is a model directory `write_weights` wrote (its weights say so)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            return (f.metadata() or {}).get("ctlens") == APPLIED
-    except Exception:  # missing or not safetensors: not ours
-        return False
+    if kind == "delta":
+        return check_output_dir(out_dir, DELTA_OUTPUT, {WEIGHTS, MANIFEST}, inputs, overwrite)
+    base = Path(inputs[0]) if inputs and isinstance(inputs[0], (str, Path)) else None
+    writes = {MODEL_WEIGHTS, *(p.name for p in _copied_files(base))} if base else {
+        MODEL_WEIGHTS}
+    return check_output_dir(out_dir, MODEL_OUTPUT, writes, inputs, overwrite)
 
 
 @dataclass(frozen=True)
@@ -122,11 +143,15 @@ class DeltaInfo:
     total_values: int  # entries of the whole model
 
 
+# ---------------------------------------------------------------------- reading weights
+
+
 def weights_of(source: Any) -> dict[str, torch.Tensor]:
     """HF-named weights of a bridge, an HF module, a mapping, a safetensors file or HF dir.
 
     Tied duplicates are dropped (one name per storage). Tensors of a model are its own, not
-    copies; files are read onto the CPU.
+    copies; files are read onto the CPU, every shard of a directory checked against its
+    index (`weight_files`).
     """
     if isinstance(source, Mapping):
         return dict(source)
@@ -135,33 +160,30 @@ def weights_of(source: Any) -> dict[str, torch.Tensor]:
 
         return {k: v.detach() for k, v in unique_state_dict(source).items()}
     if isinstance(source, (str, Path)):
-        return _read_weights(Path(source))
+        out: dict[str, torch.Tensor] = {}
+        for file in weight_files(Path(source)):
+            tensors = read_safetensors(file)
+            repeated = sorted(set(out) & set(tensors))
+            if repeated:
+                raise ValueError(f"{file} repeats the tensor {repeated[0]!r} of another "
+                                 "weights file in its directory; remove the stray file")
+            out.update(tensors)
+        return out
     raise TypeError(
         "weights come from a model, a {name: tensor} mapping, a .safetensors file or an HF "
         f"model directory; got {type(source).__name__}"
     )
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if path.is_file() and path.suffix == ".safetensors":
-        return load_file(str(path))
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not files:
-        raise FileNotFoundError(
-            f"{path} is neither a .safetensors file nor a model directory holding "
-            "*.safetensors weights"
-        )
-    out: dict[str, torch.Tensor] = {}
-    for file in files:
-        out.update(load_file(str(file)))
-    return out
+def _copied_files(base: Path) -> list[Path]:
+    """The files of a base directory that an applied model copies (all but its weights)."""
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if p.is_file() and p.suffix != ".safetensors"
+                  and p.name != WEIGHTS_INDEX)
 
 
-def _digest(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
+# ---------------------------------------------------------------------- slicing
 
 
 def _ranges(index: torch.Tensor) -> list[list[int]]:
@@ -173,12 +195,6 @@ def _ranges(index: torch.Tensor) -> list[list[int]]:
         else:
             runs.append([i, i + 1])
     return runs
-
-
-def _index(runs: list[list[int]]) -> torch.Tensor:
-    if not runs:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.arange(a, b) for a, b in runs])
 
 
 def _slices(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int | None, list[list[int]]]:
@@ -198,15 +214,18 @@ def _slices(base: torch.Tensor, tuned: torch.Tensor) -> tuple[int | None, list[l
     return (None, []) if axis is None or index is None else (axis, _ranges(index))
 
 
+# ---------------------------------------------------------------------- save
+
+
 def save_delta(base: Any, tuned: Any, out_dir: str | Path, overwrite: bool = False) -> DeltaInfo:
-    """Write the change from ``base`` to ``tuned`` weights as a delta directory, atomically.
+    """Write the change from ``base`` to ``tuned`` weights as a delta directory.
 
     Args:
         base: the weights before tuning (model, mapping, safetensors file or HF directory).
         tuned: the weights after tuning, in the same layout.
-        out_dir: the directory to create: new, empty or a previous delta (replaced only
-            once the new one is complete); anything else only with ``overwrite``.
-        overwrite: replace a non-empty ``out_dir`` that is not a delta, and all it holds.
+        out_dir: the directory to write: new, empty or a previous delta (replaced only
+            once the new one is complete); one holding other files only with ``overwrite``.
+        overwrite: write beside files the command did not write (they are kept).
 
     Raises:
         DeltaOutputError: ``out_dir`` is refused (`check_out_dir`), before any reading.
@@ -214,14 +233,13 @@ def save_delta(base: Any, tuned: Any, out_dir: str | Path, overwrite: bool = Fal
     """
     from safetensors.torch import save_file
 
-    out = check_out_dir(out_dir, "delta", (base, tuned), overwrite)
+    plan = check_out_dir(out_dir, "delta", (base, tuned), overwrite)
     old, new = weights_of(base), weights_of(tuned)
     if set(old) != set(new):
         only = sorted(set(old) ^ set(new))[:5]
         raise ValueError(f"base and tuned weights hold different tensors (e.g. {only})")
     values: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {}
-    stored = 0
     for name in sorted(new):
         a, b = old[name].detach().cpu(), new[name].detach().cpu()
         if a.shape != b.shape or a.dtype != b.dtype:
@@ -230,44 +248,36 @@ def save_delta(base: Any, tuned: Any, out_dir: str | Path, overwrite: bool = Fal
         if torch.equal(a, b):
             continue
         axis, runs = _slices(a, b)
-        part = b if axis is None else b.index_select(axis, _index(runs))
+        part = b if axis is None else b.index_select(axis, M.run_index(runs))
         values[name] = part.contiguous()
-        stored += part.numel()
         entries[name] = {"shape": list(b.shape), "dtype": str(b.dtype).removeprefix("torch."),
                          "axis": axis, "ranges": runs}
     manifest = {
         "format": FORMAT, "version": VERSION,
         "changed": entries,
-        "base_sha256": {k: _digest(v) for k, v in sorted(old.items())},
+        "base_sha256": {k: M.tensor_digest(v) for k, v in sorted(old.items())},
+        "base_files": M.file_digests(
+            weight_files(Path(base)) if isinstance(base, (str, Path)) else None),
         "total_values": sum(v.numel() for v in new.values()),
-        "stored_values": stored,
+        "stored_values": sum(v.numel() for v in values.values()),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(plan.path)
     try:
-        save_file(values, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_file(values, str(tmp / WEIGHTS),
+                  metadata={"format": FORMAT, "manifest_sha256": M.manifest_digest(manifest)})
+        manifest["delta_sha256"] = M.sha256_file(tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)
+        publish(tmp, plan, order=(MANIFEST, WEIGHTS))  # a torn pair fails delta_sha256
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    out = plan.path
     size = sum(f.stat().st_size for f in (out / WEIGHTS, out / MANIFEST))
-    return DeltaInfo(out, size, len(entries), stored, manifest["total_values"])
+    return DeltaInfo(out, size, len(entries), manifest["stored_values"],
+                     manifest["total_values"])
 
 
-
-def read_manifest(delta_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a delta directory, checked for format and version."""
-    path = Path(delta_dir) / MANIFEST
-    if not path.is_file() or not (Path(delta_dir) / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{delta_dir} is not a ctlens delta (needs {MANIFEST} and "
-                                f"{WEIGHTS}; write one with ctlens.delta.save_delta)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        found = (manifest.get("format"), manifest.get("version"))
-        raise ValueError(f"{path} is not a {FORMAT} version {VERSION} manifest (found "
-                         f"format {found[0]!r}, version {found[1]!r}); re-create the delta")
-    return manifest
+# ---------------------------------------------------------------------- apply
 
 
 def apply_delta(base: Any, delta_dir: str | Path, check: bool = True) -> dict[str, torch.Tensor]:
@@ -275,32 +285,22 @@ def apply_delta(base: Any, delta_dir: str | Path, check: bool = True) -> dict[st
 
     A model's own tensors are updated in place (the model becomes the tuned model); a
     mapping, file or directory is read and the result returned (write it with
-    `write_weights` or ``ctlens apply-delta``).
+    `write_weights` or ``ctlens apply-delta``). Everything is checked before anything
+    changes (module docstring).
 
     Raises:
-        DeltaMismatchError: (with ``check``) a base tensor differs from the one the delta
-            was made from, or a changed tensor is missing or shaped differently. Nothing is
-            modified then.
+        DeltaFileError: the delta directory is damaged, edited or not a delta.
+        DeltaMismatchError: the base is not the one the delta was made from: a weights file
+            missing, extra or changed, a tensor missing or extra, or (with ``check``) a
+            tensor's values differ. Nothing is modified then.
     """
-    from safetensors.torch import load_file
-
     manifest = read_manifest(delta_dir)
+    if isinstance(base, (str, Path)):
+        M.check_base_files(Path(base), manifest, weight_files)
     weights = weights_of(base)
+    M.check_base_tensors(weights, manifest, check)
+    values = M.read_values(Path(delta_dir), manifest)
     in_place = isinstance(base, torch.nn.Module)
-    for name, entry in manifest["changed"].items():
-        if name not in weights:
-            raise DeltaMismatchError(f"the base has no tensor {name!r}, which the delta changes")
-        if list(weights[name].shape) != entry["shape"]:
-            raise DeltaMismatchError(f"{name}: base shape {list(weights[name].shape)} vs "
-                                     f"{entry['shape']} in the delta")
-    if check:
-        for name, digest in manifest["base_sha256"].items():
-            if name in weights and _digest(weights[name]) != digest:
-                raise DeltaMismatchError(
-                    f"this delta was made from other base weights: {name} differs; apply it "
-                    "to the model it was made from"
-                )
-    values = load_file(str(Path(delta_dir) / WEIGHTS))
     out = dict(weights)
     for name, entry in manifest["changed"].items():
         target = weights[name] if in_place else weights[name].clone()
@@ -309,7 +309,7 @@ def apply_delta(base: Any, delta_dir: str | Path, check: bool = True) -> dict[st
             if entry["axis"] is None:
                 target.copy_(part)
             else:
-                index = _index(entry["ranges"]).to(target.device)
+                index = M.run_index(entry["ranges"]).to(target.device)
                 target.index_copy_(entry["axis"], index, part)
         out[name] = target
     return out
@@ -320,29 +320,31 @@ def write_weights(
 ) -> Path:
     """Write the HF model directory ``base_dir`` with the delta applied to ``out_dir``.
 
-    Every file of ``base_dir`` is copied except its ``*.safetensors`` weights, which are
-    written as one ``model.safetensors`` holding the tuned weights (marked as this
-    function's output). Atomic: ``out_dir`` appears complete or not at all. ``out_dir``
-    must be new, empty or a previous output of this function, unless ``overwrite``
-    (`check_out_dir`, before any reading).
+    Every file of ``base_dir`` is copied except its ``*.safetensors`` weights and their
+    index, which become one ``model.safetensors`` holding the tuned weights (marked as this
+    function's output, with the names of the files copied beside it). ``out_dir`` must be
+    new, empty or a previous output of this function; one holding other files only with
+    ``overwrite``, which writes beside them (`check_out_dir`, before any reading). Nothing
+    is written unless every check of `apply_delta` passes; a new or previous output is
+    replaced atomically.
     """
     from safetensors.torch import save_file
 
-    base = Path(base_dir)
-    out = check_out_dir(out_dir, "model", (base, delta_dir), overwrite)
+    plan = check_out_dir(out_dir, "model", (base_dir, delta_dir), overwrite)
+    read_manifest(delta_dir)  # the delta is named first when both are wrong
+    base = require_dir(base_dir, "the base model directory",
+                       "apply-delta writes an HF model directory from a base directory")
     tuned = apply_delta(base, delta_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    copied = _copied_files(base)
+    tmp = staging_dir(plan.path)
     try:
-        for item in base.iterdir():
-            if item.is_file() and item.suffix != ".safetensors" and item.name != (
-                "model.safetensors.index.json"
-            ):
-                shutil.copy2(item, tmp / item.name)
-        save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", "ctlens": APPLIED})
-        replace_dir(tmp, out)
+        for item in copied:
+            shutil.copy2(item, tmp / item.name)
+        names = json.dumps([p.name for p in copied])
+        save_file({k: v.contiguous() for k, v in tuned.items()}, str(tmp / MODEL_WEIGHTS),
+                  metadata={"format": "pt", "ctlens": APPLIED, "files": names})
+        publish(tmp, plan, order=(MODEL_WEIGHTS, *(p.name for p in copied)))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return plan.path

@@ -77,9 +77,8 @@ def plain_json(doc: Any, what: str) -> str:
         ) from None
 
 
-def dense_cells(spec: GraphSpec) -> int:
-    """``n_senders * n_receivers`` (times the spans of a positional graph) of the graph
-    ``spec`` describes, without building it.
+def graph_shape(spec: GraphSpec) -> tuple[int, int]:
+    """``(n_senders, n_receivers)`` of the graph ``spec`` describes, without building it.
 
     Must follow `Graph`'s node lists: ``input``, then per layer each head and the MLP's
     ``mlp_groups`` nodes (senders); per layer each head's q, each KV head's k and v and the
@@ -88,6 +87,13 @@ def dense_cells(spec: GraphSpec) -> int:
     groups = spec.mlp_groups
     n_senders = 1 + spec.n_layers * (spec.n_heads + groups)
     n_receivers = spec.n_layers * (spec.n_heads + 2 * spec.n_kv_heads + groups) + 1
+    return n_senders, n_receivers
+
+
+def dense_cells(spec: GraphSpec) -> int:
+    """``n_senders * n_receivers`` (times the spans of a positional graph) of the graph
+    ``spec`` describes (`graph_shape`), without building it."""
+    n_senders, n_receivers = graph_shape(spec)
     return n_senders * n_receivers * max(1, len(spec.spans))
 
 
@@ -121,19 +127,26 @@ def checked_graph(spec: GraphSpec, source: str, expected: GraphSpec | None = Non
             f"{source} belongs to another model's graph ({_describe(spec)}) but the model "
             f"has {_describe(expected)}; use a file written for this model"
         )
+    hint = (
+        "pass model=... to check the file against your model"
+        if expected is None
+        else "split the MLPs into fewer neuron groups"
+    )
+    check_graph_size(spec, source, " from a file",
+                     f"the file is corrupted or hostile, or else {hint}")
+    return Graph(spec)
+
+
+def check_graph_size(spec: GraphSpec, source: str, where: str, fix: str) -> None:
+    """Refuse a graph over `MAX_DENSE_CELLS` before anything is built for it: what a file
+    declares (``where``: " from a file") and what the planner reads from a config."""
     cells = dense_cells(spec)
     if cells > MAX_DENSE_CELLS:
-        hint = (
-            "pass model=... to check the file against your model"
-            if expected is None
-            else "split the MLPs into fewer neuron groups"
-        )
         raise ValueError(
             f"{source} declares a graph of {_describe(spec)}: {cells:,} sender x receiver "
-            f"cells, more than the {MAX_DENSE_CELLS:,} ctlens accepts from a file (over 4 GB "
-            f"per dense matrix); the file is corrupted or hostile, or else {hint}"
+            f"cells, more than the {MAX_DENSE_CELLS:,} ctlens accepts{where} (over 4 GB "
+            f"per dense matrix); {fix}"
         )
-    return Graph(spec)
 
 
 def model_spec(model: Any, declared: Any, source: str) -> GraphSpec:

@@ -35,8 +35,10 @@ from ctlens.bridge.families import (
     SUPPORTED,
     architecture,
 )
+from ctlens.files import WEIGHTS_INDEX, safetensors_header, weight_files
 from ctlens.model_source import ZOO_PREFIX, check_hub, hub_reachable, source_kind
 from ctlens.model_source import HubUnreachableError as HubUnreachableError  # its old home
+from ctlens.types import COMPUTE_DTYPES, DEVICE_TYPES
 
 
 class UnsupportedModelError(ValueError):
@@ -69,7 +71,7 @@ def load_model(
     Returns:
         A `TransformerBridge` in eval mode with ctlens's hooks enabled.
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     _check_device(device)
     if approximate is not None and approximate not in APPROXIMATIONS:
         raise ValueError(
@@ -97,12 +99,22 @@ def load_model(
     return _boot_hub(text, tokenizer, *options)
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` (a ``torch.dtype`` or its name) if ctlens computes in it (`COMPUTE_DTYPES`),
+    else a ``ValueError`` naming the ones it does (`ctlens.plan` checks with it too)."""
+    if dtype is None:
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(
+        torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    name = str(value).removeprefix("torch.")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, the dtypes ctlens computes in, "
+            f"not {name} (float8 and integer weights need scales the bridge does not apply); "
+            "load the model in bfloat16 or float32"
+        )
     return value
 
 
@@ -122,6 +134,9 @@ def _check_device(device: str | torch.device | None) -> None:
         )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r} was requested but MPS is not available")
+    if kind not in DEVICE_TYPES:
+        raise ValueError(f"device {str(device)!r}: ctlens runs on {', '.join(DEVICE_TYPES)}, "
+                         f"not on {kind} devices; use device='cpu' or 'cuda'")
 
 
 def checkarchitecture(module: nn.Module, approximate: str | None = None) -> str:
@@ -147,6 +162,11 @@ def checkarchitecture(module: nn.Module, approximate: str | None = None) -> str:
 def _load_directory(path: Path, tokenizer: Any | None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (path / WEIGHTS_INDEX).is_file() or any(path.glob("*.safetensors")):
+        # a missing shard or a cut file is named here, not re-initialised by transformers
+        # or reported in safetensors' parser terms
+        for file in weight_files(path):
+            safetensors_header(file)
     module = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     if tokenizer is None:
         try:

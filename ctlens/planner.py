@@ -40,12 +40,14 @@ percent on a GPU, so leave headroom (``safety``, default 10 %).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from ctlens.data import check_length
+from ctlens.file_limits import check_graph_size, graph_shape
+from ctlens.graph_spec import GraphSpec, check_mlp_groups
 from ctlens.memory import (
     AttributionFit,
     bytes_per_example,
@@ -53,12 +55,20 @@ from ctlens.memory import (
     fit_buffers,
     parse_bytes,
 )
+from ctlens.tuning.distributed import check_rows_per_rank
 from ctlens.types import Shard, parse_choice
 
 Operation = Literal["attribute", "forward", "tune"]
 OPERATIONS: tuple[str, ...] = ("attribute", "forward", "tune")
 METHODS: tuple[str, ...] = ("eap", "eap-ig")
 GIB = 1024**3
+MAX_PEAK_BYTES = 2**60
+"""A plan past this (an exbibyte) is refused as beyond any device, not printed."""
+MAX_TOKENS = 2**40
+"""Tokens per pass (``batch_size * seq_len``) past which a plan is refused outright."""
+MAX_SIZE = 2**24
+"""The largest layer count, width or vocabulary read from a config (real models' are under
+2^20; beyond 2^24 a weight matrix's size overflows torch's byte count)."""
 
 # Activation elements kept per layer and token, by operation (see the module docstring):
 # (c_qkv, c_res, c_mlp, c_att) for (H + 2 H_kv) d, d, the MLP width and H T. Fitted with
@@ -93,6 +103,7 @@ class ModelShape:
     mlp_params: int  # MLP matrices and biases of every block
     largest_layer_params: int  # the largest block (what FSDP all-gathers at once)
     dtype: torch.dtype = torch.float32
+    n_ctx: int | None = None  # positions the model reads (None: unknown)
 
     @property
     def mlp_width(self) -> int:
@@ -105,8 +116,11 @@ class ModelShape:
 
     def graph_size(self, mlp_groups: int = 1) -> tuple[int, int]:
         """``(n_senders, n_receivers)`` of ctlens's graph for this shape."""
-        L, H, K, G = self.n_layers, self.n_heads, self.n_kv_heads, mlp_groups
-        return 1 + L * (H + G), L * (H + 2 * K + G) + 1
+        return graph_shape(self.graph_spec(mlp_groups))
+
+    def graph_spec(self, mlp_groups: int = 1) -> GraphSpec:
+        """The spec of ctlens's graph for this shape (checked as `GraphSpec` checks)."""
+        return GraphSpec(self.n_layers, self.n_heads, self.n_kv_heads, mlp_groups=mlp_groups)
 
 
 @dataclass
@@ -229,6 +243,7 @@ def plan(
     if not 0 <= safety < 1:
         raise ValueError(f"safety must be in [0, 1), got {safety!r}")
     shape = model_shape(model, dtype)
+    check_inputs(shape, batch_size, seq_len, mlp_groups, ranks)
     budget_bytes = None if budget is None else parse_bytes(budget, "budget")
 
     def at(batch: int, fit: AttributionFit | None = None) -> Plan:
@@ -238,6 +253,12 @@ def plan(
                     seq_len, ranks, shard, parts, attribution=fit)
 
     result = at(batch_size)
+    if result.peak_bytes > MAX_PEAK_BYTES:
+        raise ValueError(
+            f"{shape.name} would need about 2^{result.peak_bytes.bit_length() - 1} bytes for "
+            f"{operation} at batch {batch_size} x {seq_len} tokens, beyond any device (the plan "
+            f"stops at 2^{MAX_PEAK_BYTES.bit_length() - 1}); lower --batch-size or --seq-len"
+        )
     buffer = result.parts.get("sender buffer", 0)
     if budget_bytes is None and buffer > 0.25 * result.peak_bytes:
         result.notes.append(
@@ -263,6 +284,26 @@ def plan(
         result.recommended_batch = _largest_batch(lambda b: at(b).peak_bytes <= usable, ranks)
         result.notes.append(f"budget keeps {safety:.0%} headroom for allocator overhead")
     return result
+
+
+def check_inputs(
+    shape: ModelShape, batch_size: int, seq_len: int, mlp_groups: int, ranks: int
+) -> None:
+    """Refuse what the planned operation refuses, with the checks it makes: MLP groups
+    that do not divide the MLP width (`Graph.from_model`), a graph past the bound on files
+    (`ctlens.file_limits`), rows longer than the model's context (attribution,
+    faithfulness, tuning) and fewer rows than ranks (`CircuitTuner`)."""
+    check_mlp_groups(mlp_groups, shape.d_mlp)
+    check_graph_size(shape.graph_spec(mlp_groups), shape.name, "",
+                     "split the MLPs into fewer neuron groups")
+    check_length(seq_len, shape.n_ctx, "seq_len (--seq-len): a row",
+                 f"plan at most {shape.n_ctx} tokens per row")
+    check_rows_per_rank(batch_size, ranks)
+    if batch_size * seq_len > MAX_TOKENS:
+        raise ValueError(
+            f"batch_size x seq_len is more than {MAX_TOKENS:,} tokens per pass, beyond any "
+            "device; lower batch_size (--batch-size) or seq_len (--seq-len)"
+        )
 
 
 def _shard(value: Shard | str | bool | None) -> Shard | None:
@@ -372,7 +413,7 @@ def _parts(
     """The named parts of the peak (bytes) for one device (attribution's buffers as
     ``fit`` chooses them; default: unbudgeted)."""
     wb = s.bytes_per_param
-    rows = math.ceil(batch / ranks)
+    rows = -(-batch // ranks)  # integers throughout: a huge batch must not overflow a float
     n = rows * seq  # tokens per forward on this device
     n_send, n_recv = s.graph_size(mlp_groups)
     divide = ranks if shard else 1
@@ -429,9 +470,13 @@ def model_shape(model: Any, dtype: torch.dtype | str | None = None) -> ModelShap
     elif isinstance(model, PretrainedConfig):
         from transformers import AutoModelForCausalLM
 
+        name = _name(model)
+        sizes = config_sizes(model, name)  # before building anything from the config
+        check_graph_size(GraphSpec(sizes["n_layers"], sizes["n_heads"], sizes["n_kv_heads"]),
+                         f"the config of {name}", "", "a real model's graph is far smaller: "
+                         "the config is damaged")
         with torch.device("meta"):
             module = AutoModelForCausalLM.from_config(model)
-        name = _name(model)
     elif isinstance(model, torch.nn.Module) and hasattr(model, "original_model"):
         # a bridge: its parameters include views of fused weights, so plan from a meta
         # copy of the wrapped HF module's config (same shapes, counted once)
@@ -454,31 +499,52 @@ def _name(config: Any) -> str:
 
 
 def _dtype(dtype: torch.dtype | str | None, module: torch.nn.Module) -> torch.dtype:
-    if dtype is None:
+    """``dtype`` as `ctlens.load_model` reads it (the same refusals), else the module's."""
+    from ctlens.model import parse_dtype
+
+    chosen = parse_dtype(dtype)
+    if chosen is None:
         first = next(module.parameters(), None)
         return first.dtype if first is not None else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype like 'bfloat16', got {dtype!r}")
-    return value
+    return chosen
+
+
+_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "n_layers": ("num_hidden_layers", "n_layer"),
+    "d_model": ("hidden_size", "n_embd", "d_model"),
+    "n_heads": ("num_attention_heads", "n_head"),
+    "n_kv_heads": ("num_key_value_heads",),
+    "d_mlp": ("intermediate_size", "n_inner"),
+    "vocab": ("vocab_size",),
+    "n_ctx": ("n_positions", "max_position_embeddings", "n_ctx"),
+}
+"""Where an HF config keeps each size the planner reads (first key present wins)."""
+
+
+def config_sizes(cfg: Any, name: str) -> dict[str, int]:
+    """The sizes of an HF config (`_CONFIG_KEYS`), each a positive integer up to `MAX_SIZE`,
+    or a ValueError naming the key: a damaged config (``num_hidden_layers = -3``) is refused
+    before anything is built from it. ``n_ctx`` is absent when the config does not say."""
+    sizes: dict[str, int] = {}
+    for size, keys in _CONFIG_KEYS.items():
+        key = next((k for k in keys if getattr(cfg, k, None) is not None), None)
+        if key is None:
+            if size in ("n_kv_heads", "d_mlp", "n_ctx"):
+                continue  # defaults below; an unknown context is not checked
+            raise ValueError(f"the config of {name} has none of {keys}; cannot plan its memory")
+        value = getattr(cfg, key)
+        bound = value if size == "n_ctx" else MAX_SIZE  # a context is only compared to rows
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            raise ValueError(f"the config of {name} says {key} = {value!r}; a model needs a "
+                             f"positive integer up to {MAX_SIZE:,} there: the config is damaged")
+        sizes[size] = value
+    sizes.setdefault("n_kv_heads", sizes["n_heads"])
+    sizes.setdefault("d_mlp", 4 * sizes["d_model"])
+    return sizes
 
 
 def _shape_of(module: torch.nn.Module, name: str, dtype: torch.dtype) -> ModelShape:
-    cfg = module.config
-
-    def get(*keys: str, default: Any = None) -> Any:
-        for key in keys:
-            value = getattr(cfg, key, None)
-            if value is not None:
-                return value
-        if default is None:
-            raise ValueError(f"the model's config has none of {keys}; cannot plan its memory")
-        return default
-
-    d = int(get("hidden_size", "n_embd", "d_model"))
-    heads = int(get("num_attention_heads", "n_head"))
+    sizes = config_sizes(module.config, name)
     seen: set[int] = set()
     attn = mlp = total = 0
     layers: dict[str, int] = {}
@@ -501,19 +567,19 @@ def _shape_of(module: torch.nn.Module, name: str, dtype: torch.dtype) -> ModelSh
             attn += p.numel()
         elif "mlp" in parts:
             mlp += p.numel()
-    n_layers = int(get("num_hidden_layers", "n_layer"))
     return ModelShape(
         name=name,
-        n_layers=n_layers,
-        d_model=d,
-        n_heads=heads,
-        n_kv_heads=int(get("num_key_value_heads", default=heads)),
-        d_mlp=int(get("intermediate_size", "n_inner", default=4 * d)),
+        n_layers=sizes["n_layers"],
+        d_model=sizes["d_model"],
+        n_heads=sizes["n_heads"],
+        n_kv_heads=sizes["n_kv_heads"],
+        d_mlp=sizes["d_mlp"],
         gated_mlp=gated,
-        vocab=int(get("vocab_size")),
+        vocab=sizes["vocab"],
         n_params=total,
         attn_params=attn,
         mlp_params=mlp,
         largest_layer_params=max(layers.values(), default=0),
         dtype=dtype,
+        n_ctx=sizes.get("n_ctx"),
     )

@@ -42,6 +42,9 @@ DCP_OPTIMIZER = "optimizer."
 CHECKPOINT_CHECKSUMS = "checksums.json"
 """A checkpoint's ``{file name: sha256}``, written last, inside its directory."""
 
+RUN_LOCK_HOLDER = "a ctlens tuning run"
+"""Who holds a run directory's lock (`ctlens.dir_lock`), in the refusal's words."""
+
 OWNED: tuple[str, ...] = (RUN_JSON, METRICS, CIRCUITS, CHECKPOINTS, MODEL, REPORT)
 """Top-level names a run owns inside its directory."""
 
@@ -53,6 +56,12 @@ METRIC_KEYS: tuple[str, ...] = (
     "wall_time",
 )
 """Keys every ``metrics.jsonl`` record has."""
+
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": str, "task": str, "graph": dict, "config": dict,
+}
+"""Fields every ``run.json`` has, with their JSON types (checked by `check_run_doc`)."""
+
 
 class RunFormatError(ValueError):
     """A run directory that does not follow docs/run-format.md."""
@@ -81,8 +90,12 @@ def snapshot_name(step: int) -> str:
 # ------------------------------------------------------------------ checks
 
 
-def check_run_doc(doc: Any, source: Path | str) -> dict[str, Any]:
-    """Check a parsed ``run.json``; returns it, or raises `RunFormatError` naming ``source``."""
+def check_run_doc(
+    doc: Any, source: Path | str, required: tuple[str, ...] = ("graph",)
+) -> dict[str, Any]:
+    """Check a parsed ``run.json`` (format, version, the ``required`` fields of
+    `REQUIRED_FIELDS` with their types); returns it, or raises `RunFormatError` naming
+    ``source``. The visualiser needs the graph; the tuner, resuming, everything."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else doc
         raise RunFormatError(
@@ -94,21 +107,34 @@ def check_run_doc(doc: Any, source: Path | str) -> dict[str, Any]:
             f"{source} has run format version {doc.get('version')!r}; this ctlens reads and "
             f"writes version {VERSION}: use the ctlens version that wrote the run"
         )
-    if "graph" not in doc:
-        raise RunFormatError(f"{source} has no \"graph\" spec; it was not written by ctlens")
+    for key in required:
+        if not isinstance(doc.get(key), REQUIRED_FIELDS[key]):
+            what = "has no" if key not in doc else f"has a {type(doc[key]).__name__} for"
+            raise RunFormatError(
+                f"{source} {what} \"{key}\"; it was not written by ctlens, or was edited: "
+                "restore it from a copy, or move it away to start a new run in its directory"
+            )
     return doc
 
 
-def read_run_doc(run_dir: Path) -> dict[str, Any] | None:
+def read_run_doc(
+    run_dir: Path, required: tuple[str, ...] = ("graph",)
+) -> dict[str, Any] | None:
     """``run_dir/run.json`` checked by `check_run_doc`; None when there is no such file."""
     path = run_dir / RUN_JSON
+    if path.is_dir():  # worded as ctlens.files.describe_path does (pure Python here)
+        raise RunFormatError(f"{path} is a directory, not a file, so {run_dir} holds no "
+                             "readable run description; move it away")
     if not path.is_file():
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunFormatError(f"{path} is not valid JSON ({err}); it may be truncated") from None
-    return check_run_doc(doc, path)
+        raise RunFormatError(
+            f"{path} is not valid JSON ({err}); it may be truncated: restore it from a copy, or "
+            "move it away to start a new run in its directory"
+        ) from None
+    return check_run_doc(doc, path, required)
 
 
 def missing_metric_keys(record: dict[str, Any]) -> list[str]:

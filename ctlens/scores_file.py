@@ -37,7 +37,7 @@ from ctlens.file_limits import (
     plain_json,
     require_finite,
 )
-from ctlens.files import atomic_write_bytes, atomic_write_text, read_json
+from ctlens.files import atomic_write_bytes, atomic_write_text, read_json, require_file
 from ctlens.graph import Graph
 
 FILE_FORMAT = "ctlens.edge_scores"
@@ -88,13 +88,10 @@ def load_scores(
     """``(scores, graph, metadata)`` from a file pair, every part checked (module docstring);
     with ``model``, the declared graph must be that model's (with the declared MLP groups)."""
     matrix_path, sidecar_path = file_pair(path)
-    for needed in (sidecar_path, matrix_path):
-        if not needed.is_file():
-            raise FileNotFoundError(
-                f"edge-score file {needed} does not exist; EdgeScores.save writes "
-                f"{matrix_path.name} and {sidecar_path.name} side by side: keep them together"
-            )
-    doc = _read_sidecar(sidecar_path)
+    keep = (f"EdgeScores.save writes {matrix_path.name} and {sidecar_path.name} side by side: "
+            "keep them together")
+    doc = _read_sidecar(require_file(sidecar_path, "edge-score file", keep))  # a circuit
+    require_file(matrix_path, "edge-score file", keep)  # file is named as one first
     source = str(sidecar_path)
     expected = None if model is None else model_spec(model, doc["graph"], source)
     graph = declared_graph(doc["graph"], source, expected)

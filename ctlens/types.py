@@ -37,6 +37,14 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
+"""The torch device types ctlens runs on (``meta`` holds no values; XLA and others are
+untested): `ctlens.load_model` and every command's ``--device`` refuse the rest."""
+
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
+"""The weight dtypes ctlens computes in. float8 and integer weights need scales or
+dequantisation that the bridge does not apply."""
+
 
 class Ablation(str, Enum):
     """What an ablated sender is replaced with (docs/concepts.md, Ablations).

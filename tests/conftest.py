@@ -22,15 +22,17 @@ VOCAB = 50
 torch.set_num_threads(1)
 
 
-def tiny_gpt2_module(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
-    """A 2-layer GPT-2 with 4 heads, d_model 32, no dropout."""
+def tiny_gpt2_module(
+    seed: int = 0, dtype: torch.dtype = torch.float32, n_ctx: int = 16
+) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 with 4 heads, d_model 32, ``n_ctx`` positions, no dropout."""
     torch.manual_seed(seed)
     config = GPT2Config(
         n_layer=2,
         n_embd=32,
         n_head=4,
         vocab_size=VOCAB,
-        n_positions=16,
+        n_positions=n_ctx,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

@@ -173,8 +173,8 @@ def _pair() -> tuple[dict, dict]:
 
 def test_delta_output_is_checked_before_any_work(tmp_path: Path) -> None:
     """A directory that is not a previous delta is refused (before the inputs are even
-    read: ``base=3`` would be a TypeError) unless ``overwrite``; a previous delta is
-    replaced; a file or an input is always refused."""
+    read: ``base=3`` would be a TypeError) unless ``overwrite``, which writes beside the
+    user's files; a previous delta is replaced; a file or an input is always refused."""
     base, tuned = _pair()
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -182,8 +182,10 @@ def test_delta_output_is_checked_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(DeltaOutputError, match="not empty .*'notes.txt'.*--overwrite"):
         save_delta(3, tuned, mine)
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
-    save_delta(base, tuned, mine, overwrite=True)
-    assert sorted(p.name for p in mine.iterdir()) == ["delta.safetensors", "manifest.json"]
+    save_delta(base, tuned, mine, overwrite=True)  # written beside the user's file, kept
+    assert sorted(p.name for p in mine.iterdir()) == [
+        "delta.safetensors", "manifest.json", "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
 
     (tmp_path / "empty").mkdir()
     save_delta(base, tuned, tmp_path / "empty")
@@ -201,7 +203,8 @@ def test_delta_output_is_checked_before_any_work(tmp_path: Path) -> None:
 
 def test_applied_model_output_is_checked_before_any_work(tmp_path: Path) -> None:
     """apply-delta replaces its own earlier output, refuses any other non-empty directory
-    (unless overwrite) and never writes over the base or the delta."""
+    (unless overwrite), never replaces a file it did not write, and never writes over the
+    base or the delta."""
     base, tuned = _pair()
     base_dir = tmp_path / "base"
     base_dir.mkdir()
@@ -214,11 +217,13 @@ def test_applied_model_output_is_checked_before_any_work(tmp_path: Path) -> None
     other = tmp_path / "other_model"
     other.mkdir()
     save_file(base, str(other / "model.safetensors"))  # a model apply-delta did not write
-    with pytest.raises(DeltaOutputError, match="not a previous model directory written by"):
+    with pytest.raises(DeltaOutputError,
+                       match="holds no model directory written by apply-delta"):
         write_weights(base_dir, tmp_path / "nothing", other)  # refused before reading
     assert torch.equal(weights_of(other)["v"], base["v"])
-    write_weights(base_dir, tmp_path / "d", other, overwrite=True)
-    assert torch.equal(weights_of(other)["v"], tuned["v"])
+    with pytest.raises(DeltaOutputError, match="model.safetensors that no .* never deletes"):
+        write_weights(base_dir, tmp_path / "d", other, overwrite=True)  # the user's weights
+    assert torch.equal(weights_of(other)["v"], base["v"])
     for target in (base_dir, tmp_path / "d"):
         with pytest.raises(DeltaOutputError, match="also an input"):
             write_weights(base_dir, tmp_path / "d", target, overwrite=True)
@@ -241,6 +246,7 @@ def test_delta_commands_check_out(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("ctlens make-delta: error:") and "--overwrite" in err
     assert err.count("\n") == 1 and (mine / "notes.txt").exists()
-    assert main([*args, "--overwrite"]) == 0 and not (mine / "notes.txt").exists()
+    assert main([*args, "--overwrite"]) == 0  # beside the user's file, which is kept
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "manifest.json").is_file()
     assert main([*args[:-1], str(tmp_path / "a.safetensors")]) == 2
     assert "is a file" in capsys.readouterr().err

@@ -222,7 +222,8 @@ def test_attribution_plan_fits_as_attribute_does(dtype: str, mlp_groups: int, re
 
     from ctlens.memory import bytes_per_example, fit_attribution
 
-    model = ctlens.load_model(tiny_gpt2_module(dtype=getattr(torch, dtype)))
+    # 64 positions: the planner refuses rows longer than the model's context, as attribute does
+    model = ctlens.load_model(tiny_gpt2_module(dtype=getattr(torch, dtype), n_ctx=64))
     graph = ctlens.Graph.from_model(model, mlp_groups=mlp_groups)
     seq, batch = 64, 8
     runs = {"micro": 3, "senders": 1}.get(regime, batch)  # the batch the fit should run

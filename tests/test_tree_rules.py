@@ -59,9 +59,9 @@ def test_no_module_imports_through_the_package_face(path: Path) -> None:
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # shared vocabulary and plumbing
-    ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.files", "ctlens.run_format",
-     "ctlens.sizes", "ctlens.memory", "ctlens.tokens", "ctlens.spans", "ctlens.data",
-     "ctlens.real_shapes"),
+    ("ctlens.types", "ctlens._version", "ctlens._lazy", "ctlens.dir_lock", "ctlens.files",
+     "ctlens.outputs", "ctlens.run_format", "ctlens.sizes", "ctlens.memory", "ctlens.tokens",
+     "ctlens.spans", "ctlens.data", "ctlens.real_shapes"),
     # the bridge's facts: hook names, model families, MLP projections
     ("ctlens.bridge", "ctlens.bridge.names", "ctlens.bridge.families", "ctlens.bridge.mlp_groups"),
     # the built-in tasks and the model zoo
@@ -78,7 +78,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the tuner, with its parallelism strategies (one process, data parallel, FSDP)
     ("ctlens.tuning", "ctlens.tuning.parallel"),
     # scale: the planner, the HF Trainer callback, sparse deltas
-    ("ctlens.planner", "ctlens.callback", "ctlens.delta"),
+    ("ctlens.planner", "ctlens.callback", "ctlens.delta_manifest", "ctlens.delta"),
     ("ctlens.viz",),
     # the command line and the package face
     ("ctlens.cli", "ctlens.__main__", "ctlens"),

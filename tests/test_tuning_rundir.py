@@ -213,3 +213,66 @@ def test_cli_checks_top_n_before_loading_the_task(tmp_path, monkeypatch, capsys)
 def test_training_rows_longer_than_the_context_are_refused() -> None:
     with pytest.raises(ValueError, match="20 tokens long but the model's context is 16"):
         CircuitTuner(tiny_model(), toy_task(seq=20), CFG)
+
+
+# ---------------------------------------------------------------------- issue 26
+
+
+def test_checkpoint_without_its_checksums_is_not_trusted(finished, tmp_path: Path) -> None:
+    """A run that records checksums seals every checkpoint with checksums.json before the
+    checkpoint appears, so one without it was changed afterwards: it is set aside like a
+    damaged one, and the run resumes from the previous intact checkpoint (one warning naming
+    both), recomputing the rest exactly."""
+    root = _copy(finished[0], tmp_path / "run")
+    step4 = root / "checkpoints" / "step_000004"
+    _flip(step4 / "weights.safetensors")
+    (step4 / "checksums.json").unlink()
+    weights, lines = _resume(root)
+    assert len(lines) == 1, lines
+    assert "checksums.json is missing" in lines[0] and "resuming from checkpoint step 2" in \
+        lines[0]
+    assert (root / "checkpoints" / "step_000004.damaged").is_dir()
+    for a, b in zip(weights, finished[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unreadable_run_json_is_named_and_never_cleared(finished, tmp_path: Path) -> None:
+    """A torn run.json, one without "config" and one that is a directory: each is one
+    message that says what it is, with or without --overwrite, and nothing is deleted."""
+    cases = {
+        "torn": (lambda p: p.write_text(p.read_text()[:40]), "is not valid JSON"),
+        "no config": (lambda p: p.write_text(json.dumps(
+            {k: v for k, v in json.loads(p.read_text()).items() if k != "config"})),
+            'has no "config"'),
+        "a directory": (lambda p: (p.unlink(), p.mkdir()), "run.json is a directory"),
+    }
+    for name, (damage, expected) in cases.items():
+        root = _copy(finished[0], tmp_path / name.replace(" ", "_"))
+        damage(root / "run.json")
+        before = sorted(p.relative_to(root) for p in root.rglob("*"))
+        for overwrite in (False, True):
+            with pytest.raises(RunConflictError, match=expected) as info:
+                CircuitTuner(tiny_model(), toy_task(), CFG).run(root, overwrite=overwrite)
+            assert "no ctlens run wrote" not in str(info.value)
+            assert "different run" not in str(info.value)
+            if overwrite:
+                assert "--overwrite does not delete it" in str(info.value)
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_checkpoint_state_of_another_run_is_refused_naming_the_file(
+    finished, tmp_path: Path
+) -> None:
+    """A checkpoint folder copied from a run of the same model with other MLP groups: its
+    weights fit and its checksums match, but its state.pt is another run's."""
+    other = tmp_path / "other"
+    grouped = TuneConfig(**{**CFG.to_dict(), "mlp_groups": 2, "betas": CFG.betas})
+    CircuitTuner(tiny_model(), toy_task(), grouped).run(other)
+    root = _copy(finished[0], tmp_path / "run")
+    import shutil
+
+    shutil.rmtree(root / "checkpoints" / "step_000004")
+    shutil.copytree(other / "checkpoints" / "step_000004", root / "checkpoints" / "step_000004")
+    with pytest.raises(W.CheckpointMismatchError,
+                       match=r"step_000004/state.pt was written by another run \(mlp_groups"):
+        CircuitTuner(tiny_model(), toy_task(), CFG).run(root)

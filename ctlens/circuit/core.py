@@ -21,7 +21,7 @@ from ctlens.circuit.file_format import circuit_document, parse_circuit_document
 from ctlens.circuit.mib import mib_document, parse_mib_document
 from ctlens.circuit.selection import select_mask, unpack_scores
 from ctlens.file_limits import model_spec, plain_json, require_finite
-from ctlens.files import atomic_write_text, read_json
+from ctlens.files import atomic_write_text, read_json, require_file
 from ctlens.graph import Graph, coarsen_matrix, network_edges
 from ctlens.sizes import CircuitSize
 from ctlens.tables import edge_table
@@ -397,9 +397,8 @@ class Circuit:
                 ``ValueError``); a different recorded model name only warns, because a
                 fine-tuned or re-saved model keeps its graph under a new name.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"circuit file {path} does not exist")
+        path = require_file(path, "circuit file",
+                            "Circuit.load reads the .json file that Circuit.save wrote")
         try:
             doc = read_json(path)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -32,6 +32,7 @@ import importlib
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ctlens._version import __version__
 from ctlens.cli.support import (
@@ -59,9 +60,21 @@ CLI_SPELLING = re.compile(r"\b[a-z_]+=\S+ \((--[^)]+)\)")
 """``overwrite=True (--overwrite)`` in a library message: the command line keeps the flag."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a value starting with ``-`` and a digit (``--budget -5GB``,
+    ``--lr -1e-3``) is taken as the option's value, whose own check then names what is
+    wrong, instead of as an unknown option ("expected one argument"). No ctlens option
+    looks like a negative number, so nothing else changes. Sub-parsers are built with
+    the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also read by scripts/cli_reference.py for docs/cli.md)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctlens",
         description="Find the circuit a transformer uses for a task, fine-tune inside it, "
         "and show how it changes.",

@@ -22,7 +22,8 @@ def add_apply_delta_command(subparsers: Any) -> None:
     apply.add_argument("--out", required=True, help="the tuned model directory to write "
                        "(new, empty, or a previous apply-delta output)")
     apply.add_argument("--overwrite", action="store_true",
-                       help="replace a non-empty --out that apply-delta did not write")
+                       help="write into a non-empty --out beside files apply-delta did not "
+                       "write (they are kept)")
     apply.set_defaults(func=run_apply_delta, out_kind="dir")
 
 

@@ -16,14 +16,15 @@ def add_make_delta_command(subparsers: Any) -> None:
         help="write the change between two model directories as a small delta",
         description="Compare a base and a tuned HF model directory (or .safetensors files) "
         "and write the changed slices (delta.safetensors) with a manifest of which slices "
-        "and the base's checksums.",
+        "and the checksums of the delta and the base.",
     )
     make.add_argument("base", help="the model before tuning (HF directory or .safetensors)")
     make.add_argument("tuned", help="the tuned model (e.g. RUN/model), same layout")
     make.add_argument("--out", required=True,
                       help="the delta directory to write (new, empty, or a previous delta)")
     make.add_argument("--overwrite", action="store_true",
-                      help="replace a non-empty --out that is not a delta, and all it holds")
+                      help="write into a non-empty --out beside files make-delta did not "
+                      "write (they are kept)")
     make.set_defaults(func=run_make_delta, out_kind="dir")
 
 

@@ -84,7 +84,12 @@ def real_shapes_config(path: Any) -> Any:
 
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no config.json; pass a model directory")
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as err:  # transformers' validation errors share no base but Exception
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"{Path(path) / 'config.json'} is not a readable model config "
+                         f"({why}); the file is damaged or not an HF config") from None
 
 
 def run_plan(args: argparse.Namespace) -> int:

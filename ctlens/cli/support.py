@@ -29,6 +29,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
+from ctlens.files import describe_path
+from ctlens.types import DEVICE_TYPES
+
 OutputKind = Literal["file", "dir"]
 
 DEFAULT_MODEL = "zoo:tiny-gpt2"
@@ -181,6 +184,9 @@ def check_device(device: str | None) -> None:
             )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: MPS is not available, use --device cpu")
+    elif parsed.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {device}: ctlens runs on {', '.join(DEVICE_TYPES)}, not on "
+                         f"{parsed.type} devices; use --device cpu or cuda")
 
 
 def check_output(path: str | Path, kind: OutputKind, flag: str = "--out") -> Path:
@@ -193,10 +199,11 @@ def check_output(path: str | Path, kind: OutputKind, flag: str = "--out") -> Pat
     """
     path = Path(path)
     if kind == "file" and path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; name a file (inside it, for example)")
+        raise UsageError(f"{flag} {path} is {describe_path(path)}, not a file; name a file "
+                         "(inside it, for example)")
     if kind == "dir" and path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is a file; give a directory (new, empty, or one "
-                         "this command wrote before)")
+        raise UsageError(f"{flag} {path} is {describe_path(path)}, not a directory; give a "
+                         "directory (new, empty, or one this command wrote before)")
     target = path if kind == "dir" else path.parent
     existing = target
     while not existing.exists():

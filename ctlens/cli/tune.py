@@ -13,6 +13,7 @@ Running the same command again on its ``--out`` directory resumes the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -29,6 +30,8 @@ from ctlens.cli.support import (
     memory_size,
     phase,
 )
+from ctlens.dir_lock import DirLock
+from ctlens.run_format import RUN_LOCK_HOLDER
 from ctlens.sizes import parse_size
 from ctlens.tuning.config import TuneConfig
 
@@ -228,7 +231,18 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
 
 def run_tune(args: argparse.Namespace) -> int:
     """Run ``ctlens tune``; prints its phases (stderr), the last evaluation and where the
-    results are."""
+    results are. ``--out`` is locked first (`ctlens.dir_lock`), before anything loads, so a
+    second ``ctlens tune`` on it stops at once; under ``--shard`` rank 0 locks it in
+    `CircuitTuner.run`."""
+    config = config_from_args(args)
+    with contextlib.ExitStack() as held:
+        if config.shard is None:
+            held.enter_context(DirLock(args.out, RUN_LOCK_HOLDER))
+        return _tune(args, config)
+
+
+def _tune(args: argparse.Namespace, config: TuneConfig) -> int:
+    """Load torch, the model and the task, then run (or resume) the tuning in ``--out``."""
     with phase("loading torch and the tuner"):
         import torch
 
@@ -241,7 +255,6 @@ def run_tune(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = config_from_args(args)
     processes = strategy_type(config)
     device, error = processes.join_processes(args.device)
     if error:

@@ -37,7 +37,8 @@ from safetensors import SafetensorError
 
 from ctlens import run_format as F
 from ctlens.circuit import Circuit
-from ctlens.graph import Graph
+from ctlens.file_limits import graph_shape
+from ctlens.graph import Graph, GraphSpec
 from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
 from ctlens.tuning.checkpoint_state import CheckpointState, state_dict
@@ -105,10 +106,13 @@ def prepare_run(
         raise RunConflictError(f"{rd.root} is a file, not a directory; choose a directory")
     try:
         existing = rd.read_run()
-    except RunConflictError:
+    except RunConflictError as err:
         if not overwrite:
             raise
-        existing = {}  # an unreadable run.json: not a run, so nothing is cleared
+        raise RunConflictError(
+            f"{err}. --overwrite does not delete it: without a readable {F.RUN_JSON} ctlens "
+            f"cannot tell which files of {rd.root} a run wrote"
+        ) from None
     if existing and not same_run(existing, doc, config):
         if not overwrite:
             raise RunConflictError(
@@ -125,20 +129,7 @@ def prepare_run(
 
 
 def _create(rd: RunDir, model: Any, doc: dict[str, Any], overwrite: bool) -> None:
-    foreign = rd.foreign_entries()
-    if foreign and not overwrite:
-        raise RunConflictError(
-            f"{rd.root} is not empty and holds no ctlens run ({', '.join(foreign[:3])}); "
-            "choose an empty or new directory, or pass overwrite=True (--overwrite) to write "
-            "beside these files"
-        )
-    clash = [name for name in foreign if name.rstrip("/") in F.OWNED]
-    if clash:
-        raise RunConflictError(
-            f"{rd.root} holds {', '.join(clash)} that no ctlens run wrote; a run would "
-            "replace them and --overwrite never deletes such files: move them away or "
-            "choose another directory"
-        )
+    rd.check_output(overwrite)
     with rd.writing("the run's start weights and run.json", "nothing was lost"):
         rd.root.mkdir(parents=True, exist_ok=True)
         rd.clean_temporaries()
@@ -161,9 +152,9 @@ def _resume(
     damaged: list[tuple[int, str]] = []
     start, wall = 0, 0.0
     for step in reversed(rd.checkpoint_steps()):
-        reason = rd.checkpoint_damage(step)
+        reason = rd.checkpoint_damage(step, checksummed="initial_sha256" in existing)
         if reason is None:
-            reason, state_wall = _try_read(rd, step, model)
+            reason, state_wall = _try_read(rd, step, model, config, doc["graph"])
             if reason is None:
                 start, wall = step, state_wall
                 break
@@ -193,10 +184,14 @@ def _resume(
     return start, wall
 
 
-def _try_read(rd: RunDir, step: int, model: Any) -> tuple[str | None, float]:
+def _try_read(
+    rd: RunDir, step: int, model: Any, config: TuneConfig, graph: dict[str, Any]
+) -> tuple[str | None, float]:
     """Parse checkpoint ``step`` (weights header, state); ``(why it is damaged, wall time)``.
 
-    A checkpoint of another model raises `CheckpointMismatchError` (refused, not skipped).
+    A checkpoint of another model, or whose ``state.pt`` another run wrote (another config
+    or graph: a checkpoint folder copied between runs), raises `CheckpointMismatchError`
+    naming the file (refused, not skipped).
     """
     folder = rd.checkpoint_dir(step)
     try:
@@ -209,9 +204,38 @@ def _try_read(rd: RunDir, step: int, model: Any) -> tuple[str | None, float]:
     except _DAMAGE as err:
         return f"{F.WEIGHTS} is unreadable ({type(err).__name__})", 0.0
     try:
-        return None, float(load_torch(folder / F.STATE)["wall_time"])
+        saved = load_torch(folder / F.STATE)
+        wall = float(saved["wall_time"])
     except _DAMAGE as err:
         return f"{F.STATE} is unreadable ({type(err).__name__})", 0.0
+    other = _other_run(saved, config, graph)
+    if other:
+        raise W.CheckpointMismatchError(
+            f"{folder / F.STATE} was written by another run ({other}), not by the run in "
+            f"{rd.root}; move {folder.name} out of {rd.checkpoints} to resume from the one "
+            "before it, or start anew with another --out"
+        )
+    return None, wall
+
+
+def _other_run(saved: dict[str, Any], config: TuneConfig, graph: dict[str, Any]) -> str:
+    """How a checkpoint's state differs from this run's config and graph ("" if it does
+    not)."""
+    try:
+        recorded = TuneConfig.from_dict(json.loads(saved.get("config") or "{}"))
+    except (TypeError, ValueError):
+        return "its config is unreadable"
+    old, new = recorded.semantic_dict(), config.semantic_dict()
+    differ = [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new))
+              if old.get(k) != new.get(k)]
+    if differ:
+        return "; ".join(differ[:3])
+    senders, receivers = graph_shape(GraphSpec.from_dict(graph))
+    mask = saved.get("circuit_mask")  # [senders, receivers] (and spans, when positional)
+    if mask is not None and tuple(mask.shape[:2]) != (senders, receivers):
+        return (f"a circuit over {mask.shape[0]} x {mask.shape[1]} edges, but this model's "
+                f"graph has {senders} x {receivers}")
+    return ""
 
 
 def _check_data(rd: RunDir, existing: dict[str, Any], doc: dict[str, Any]) -> None:

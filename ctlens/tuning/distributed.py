@@ -39,6 +39,16 @@ _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken p
               "nccl communicator was aborted", "timed out")
 
 
+def check_rows_per_rank(batch_size: int, ranks: int) -> None:
+    """Refuse a global batch smaller than the number of ranks (`CircuitTuner`; `ctlens.plan`
+    plans with the same check)."""
+    if batch_size < ranks:
+        raise ValueError(
+            f"batch_size={batch_size} is smaller than the number of ranks ({ranks}); every "
+            "rank needs at least one row"
+        )
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in the process group (rank 0 of 1 without distributed)."""

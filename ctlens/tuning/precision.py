@@ -35,7 +35,10 @@ class Precision:
         model: the model to tune; mixed precision needs its parameters in fp32.
 
     Raises:
-        ValueError: mixed precision asked for a model whose weights are not fp32.
+        ValueError: mixed precision asked for a model whose weights are not fp32, or any
+            precision for float16 weights (trained directly, they overflow to NaN within
+            a step or two and lose small updates; bfloat16 has the same size and fp32's
+            range).
     """
 
     def __init__(self, precision: str, model: Any) -> None:
@@ -43,6 +46,12 @@ class Precision:
         self.name = precision
         self.device_type = first.device.type
         self.dtype = DTYPES.get(precision)
+        if first.dtype == torch.float16:
+            raise ValueError(
+                "the model's weights are float16, whose range (about +-65,504) overflows when "
+                "they are trained directly; load it with dtype='bfloat16' (same memory) or "
+                "'float32' (add precision='fp16' for float16 speed with fp32 master weights)"
+            )
         if self.dtype is not None and first.dtype != torch.float32:
             raise ValueError(
                 f"precision={precision!r} keeps fp32 master weights, but the model's weights "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,9 @@ from typing import Any
 import torch
 
 from ctlens import run_format as F
-from ctlens.files import atomic_write_text
+from ctlens.dir_lock import LOCK_NAME, DirLock
+from ctlens.files import atomic_write_text, sha256_file
+from ctlens.outputs import OutputConflictError, OutputKind, check_output_dir, is_temporary
 
 # errors that mean "this directory cannot take the write", not a bug
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -83,7 +84,7 @@ class RunDir:
     def read_run(self) -> dict[str, Any] | None:
         """``run.json`` if present; raises `RunConflictError` if it is not a ctlens run."""
         try:
-            return F.read_run_doc(self.root)
+            return F.read_run_doc(self.root, tuple(F.REQUIRED_FIELDS))
         except F.RunFormatError as err:
             raise RunConflictError(str(err)) from None
 
@@ -100,25 +101,43 @@ class RunDir:
             elif path.exists():
                 path.unlink()
 
-    def foreign_entries(self) -> list[str]:
-        """Entries of a directory without a ``run.json`` that no ctlens run wrote.
+    def own_entries(self) -> set[str]:
+        """What a ctlens run wrote here (`ctlens.outputs`' rule decides the rest).
 
-        Hidden temporaries are a run's; so is a ``checkpoints/`` holding only the start
-        weights (a run stopped before it wrote ``run.json``). Anything else, including a
-        user's own ``model/`` or ``report.html``, is foreign.
+        With a readable ``run.json``: every name a run owns that is present. Without one,
+        a ``checkpoints/`` holding only the start weights (a run stopped before it wrote
+        ``run.json``). Anything else, including a user's own ``model/`` or
+        ``report.html``, is the user's.
         """
         if not self.root.is_dir():
-            return []
-        foreign = []
-        for p in sorted(self.root.iterdir()):
-            if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
-                continue
-            if p.name == F.CHECKPOINTS and p.is_dir() and all(
-                q.name == F.INITIAL_WEIGHTS or q.name.startswith(".") for q in p.iterdir()
-            ):
-                continue
-            foreign.append(p.name + ("/" if p.is_dir() else ""))
-        return foreign
+            return set()
+        try:
+            if self.read_run() is not None:
+                return {name for name in F.OWNED if (self.root / name).exists()}
+        except RunConflictError:
+            return set()
+        partial = self.checkpoints.is_dir() and all(
+            q.name == F.INITIAL_WEIGHTS or is_temporary(q.name) for q in self.checkpoints.iterdir()
+        )
+        return {F.CHECKPOINTS} if partial else set()
+
+    def check_output(self, overwrite: bool) -> None:
+        """Refuse, by `ctlens.outputs.check_output_dir`'s rule (the delta commands' too), a
+        directory that holds the user's files (unless ``overwrite``: a run is then written
+        beside them) or a user's file where a run writes."""
+        try:
+            check_output_dir(self.root, RUN_OUTPUT, F.OWNED, (), overwrite)
+        except OutputConflictError as err:
+            raise RunConflictError(str(err)) from None
+
+    def lock(self) -> DirLock:
+        """Take the directory's lock for this process (`ctlens.dir_lock`): a second tuner on
+        the same directory stops at once, naming the process that holds it."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunConflictError(f"{self.root} is a file, not a directory; choose a directory")
+        held = DirLock(self.root, F.RUN_LOCK_HOLDER)
+        held.acquire()
+        return held
 
     # ------------------------------------------------------------------ metrics
 
@@ -167,7 +186,7 @@ class RunDir:
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
-                if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
+                if is_temporary(p.name) and p.name != LOCK_NAME:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def new_checkpoint_tmp(self) -> Path:
@@ -188,12 +207,19 @@ class RunDir:
         for old in self.checkpoint_steps()[:-keep]:
             shutil.rmtree(self.checkpoint_dir(old), ignore_errors=True)
 
-    def checkpoint_damage(self, step: int) -> str | None:
-        """Why checkpoint ``step`` fails its recorded checksums (None: intact or unrecorded)."""
+    def checkpoint_damage(self, step: int, checksummed: bool = True) -> str | None:
+        """Why checkpoint ``step`` fails its recorded checksums (None: intact).
+
+        ``checksummed``: the run records checksums (``initial_sha256`` in ``run.json``), so
+        every checkpoint it wrote has ``checksums.json`` (sealed in before the checkpoint's
+        rename): one without it was changed afterwards and is not trusted. Runs of an older
+        ctlens (False) record none, and their checkpoints pass unverified.
+        """
         folder = self.checkpoint_dir(step)
         manifest = folder / F.CHECKPOINT_CHECKSUMS
         if not manifest.is_file():
-            return None
+            return (f"{F.CHECKPOINT_CHECKSUMS} is missing, so its files cannot be verified"
+                    if checksummed else None)
         try:
             sums = json.loads(manifest.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -239,15 +265,6 @@ class RunDir:
             ) from None
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` and flush it to disk (every binary file of a run).
 
@@ -272,3 +289,7 @@ def save_torch(obj: Any, path: Path) -> None:
 
 def load_torch(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+RUN_OUTPUT = OutputKind("ctlens run", lambda root: RunDir(root).own_entries())
+"""A run directory as `ctlens.outputs` sees it."""

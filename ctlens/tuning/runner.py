@@ -163,10 +163,20 @@ class CircuitTuner:
 
         An ``out_dir`` holding this run resumes from its newest checkpoint; one holding a
         different run (other model, task or config) is refused unless ``overwrite``, which
-        removes only what a run owns (``docs/run-format.md``).
+        removes only what a run owns (``docs/run-format.md``). The directory is locked
+        for the run (`ctlens.dir_lock`): a second tuner on it stops at once.
         """
-        cfg = self.config
         rd = RunDir(Path(out_dir))
+        lock = self.world.on_main("locking the run directory", rd.lock)
+        try:
+            return self._run(rd, overwrite)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, rd: RunDir, overwrite: bool) -> RunResult:
+        """`run`, with the run directory locked."""
+        cfg = self.config
         start_step, wall_offset = self._prepare(rd, overwrite)
         parallel = self.parallel
         initial = parallel.start_weights(rd, self.model)

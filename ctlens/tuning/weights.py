@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ctlens.bridge.families import split_copies
-from ctlens.files import replace_dir
+from ctlens.outputs import replace_dir, staging_dir
 
 _SEGMENT = re.compile(r"\._original_component(?=\.|$)")
 
@@ -257,8 +256,7 @@ def export_hf(model: Any, out_dir: str | Path, tokenizer: Any | None = None) -> 
     """
     out = Path(out_dir)
     fresh = plain_hf_copy(model, device="cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         with _no_hf_progress_bar():  # one small shard: its bar only broke the tuner's lines
             fresh.save_pretrained(tmp, safe_serialization=True)

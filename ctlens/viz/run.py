@@ -16,6 +16,7 @@ from typing import Any
 
 from ctlens import run_format as F
 from ctlens.file_limits import declared_graph
+from ctlens.files import require_dir, require_file
 from ctlens.graph import Graph
 from ctlens.run_format import RunFormatError
 
@@ -26,12 +27,8 @@ def load_circuit(path: str | Path) -> Any:
     """`Circuit.load` with an error that names the file when it is missing or unreadable."""
     from ctlens.circuit import Circuit
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"circuit file {path} does not exist; pass a file written by Circuit.save "
-            "(for example RUN_DIR/circuits/step_000000.json)"
-        )
+    path = require_file(path, "circuit file", "pass a file written by Circuit.save (for "
+                        "example RUN_DIR/circuits/step_000000.json)")
     try:
         return Circuit.load(path)
     except (ValueError, KeyError, TypeError) as err:
@@ -152,12 +149,7 @@ def read_run(run_dir: str | Path) -> Run:
     Raises `RunFormatError` when a file is missing or malformed, when there are no
     snapshots, or when the snapshots do not all share the graph in run.json.
     """
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"run directory {path} does not exist (or is not a directory); pass the out_dir "
-            "given to CircuitTuner.run"
-        )
+    path = require_dir(run_dir, "run directory", "pass the out_dir given to CircuitTuner.run")
     info = _read_info(path)
     try:
         graph = declared_graph(info["graph"], str(path / F.RUN_JSON))

@@ -29,7 +29,7 @@ from ctlens.tuning import sharded_checkpoints as S
 from ctlens.tuning import weights as W
 from ctlens.tuning.checkpoint_state import CheckpointState
 from ctlens.tuning.config import TuneConfig
-from ctlens.tuning.distributed import World
+from ctlens.tuning.distributed import World, check_rows_per_rank
 from ctlens.tuning.parallel.local_shards import StartWeights
 from ctlens.tuning.rundir import RunDir
 
@@ -111,11 +111,7 @@ class Parallelism:
                 "c_attn) yet: its shards would be named after the unfused q/k/v and could not "
                 "resume unsharded; use checkpoint_format='safetensors' (the default)"
             )
-        if config.batch_size < world.size:
-            raise ValueError(
-                f"batch_size={config.batch_size} is smaller than the number of ranks "
-                f"({world.size}); every rank needs at least one row"
-            )
+        check_rows_per_rank(config.batch_size, world.size)
 
     # ------------------------------------------------------------------ processes
 
