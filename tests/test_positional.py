@@ -136,8 +136,10 @@ def test_exact_patches_one_span_at_a_time():
         assert float(exact.scores[i, j, k]) == pytest.approx(effect, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.slow  # exact patching per span: 1-2 minutes per tiny model, far more for mini-gpt2
-@pytest.mark.parametrize("name", ctlens.zoo.names())
+@pytest.mark.slow  # exact patching per span: 1-2 minutes per tiny model
+# mini-gpt2 is left out: its per-span exact patching held a core for over 17 minutes, past
+# what CI's slow stage can spend on one oracle
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_per_span_eap_tracks_per_span_exact_on_zoo_models(name):
     """Per-span EAP against per-span exact patching: its Pearson r is within 0.05 of
     position-free EAP's r with position-free exact patching (the oracle of issue 22)."""
