@@ -257,11 +257,12 @@ class CircuitDiscovery:
         """The top-N circuit of ``scores`` for step ``t`` (`CircuitSelection.select`)."""
         return self.selection.select(scores, t)
 
-    def random_circuit(self, t: int) -> Circuit:
-        """``mode="random"``: N random valid edges, seeded by ``(seed, t)``."""
+    def random_circuit(self, t: int, n: int | None = None) -> Circuit:
+        """``mode="random"``: N random valid edges (``n``, default the schedule's), seeded by
+        ``(seed, t)``."""
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (t + 1))
         noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
-        n = self.config.top_n_at(t, self.graph.n_edges)
+        n = self.config.top_n_at(t, self.graph.n_edges) if n is None else n
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
         return Circuit(self.graph, circuit.mask, None,
                        {"step": t, "top_n": n, "mode": "random"}, self.model_name)
