@@ -22,6 +22,12 @@ Methods:
 - ``exact``: really patches every edge, one forward per edge (batched over senders): the
   true M(edge ablated) - M(clean). Slow; for validating the others on small graphs.
 
+With ``spans=True`` (or a positional ``graph``) the scores are positional, ``[senders,
+receivers, spans]`` over the data's token spans (`ctlens.spans`): the sum over positions
+runs over one span's positions at a time, so summing over spans gives the position-free
+scores (exactly for ``eap`` and ``eap-ig``), and ``exact`` patches each edge at one span's
+positions only.
+
 Ablations (what a_s^ref is): ``corrupt`` (the paired corrupted prompts, or the token tensor
 given as ``reference``), ``mean`` (the per-position mean of each sender over the clean
 prompts, padding excluded, or over the TaskData / tokens given as ``reference``, or a
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -66,6 +73,7 @@ from ctlens.graph import Graph
 from ctlens.memory import AttributionFit, fit_attribution
 from ctlens.reference import Reference, check_graph, mean_activations, resolve_reference
 from ctlens.scores import EdgeScores, check_finite_scores
+from ctlens.spans import SpanOrder, span_one_hot
 from ctlens.types import Ablation, Method
 
 
@@ -80,6 +88,7 @@ def attribute(
     progress: bool = True,
     graph: Graph | None = None,
     max_memory: int | str | None = None,
+    spans: bool = False,
 ) -> EdgeScores:
     """Score every edge of ``model``'s graph on ``data``. See the module docstring.
 
@@ -101,6 +110,8 @@ def attribute(
             is kept in the model's dtype (bf16/fp16) with fp32 products, then batches are
             split, then senders are scored in groups with a pass each (`ctlens.memory`).
             Scores stay fp32.
+        spans: score per token span (positional scores over ``data.span_names``; ``data``
+            needs spans). A positional ``graph`` does the same; its spans must be the data's.
 
     Returns:
         `EdgeScores` with fp32 scores and metadata (method, ablation, examples, timings,
@@ -112,7 +123,7 @@ def attribute(
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
     if method is Method.EAP_IG and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer for eap-ig, got {steps!r}")
-    graph = check_graph(model, graph)
+    graph = positional(check_graph(model, graph), data, spans)
     data.check_vocab(model.cfg.d_vocab)
     data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
@@ -122,7 +133,7 @@ def attribute(
     fit = fit_attribution(model, graph, data.clean.shape[1], len(data), batch_size, max_memory)
     with eval_mode(model), frozen_parameters(model):
         corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
-        scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device)
+        scores = torch.zeros(graph.dense_shape, device=device)
         totals = {"clean": 0.0, "corrupt": 0.0}
         batches = list(data.batches(fit.batch_size))
         bar = tqdm(batches, desc=f"attribute ({method.value})", disable=not progress, unit="batch")
@@ -168,6 +179,22 @@ def attribute(
     return EdgeScores(scores, graph, metadata)
 
 
+def positional(graph: Graph, data: TaskData, spans: bool) -> Graph:
+    """The graph to score: ``graph`` made positional over ``data``'s spans when ``spans``;
+    a positional graph's spans checked against ``data``'s."""
+    if spans and not graph.positional:
+        if data.span_names is None:
+            raise ValueError(
+                "spans=True scores per token span, but the data has none: build it with "
+                "TaskData.from_prompts(..., template=... or spans=...), use a built-in task, "
+                "or data.with_position_spans()"
+            )
+        graph = Graph(replace(graph.spec, spans=data.span_names))
+    if graph.positional:
+        graph.check_spans(data.span_names, "the task data")
+    return graph
+
+
 # ------------------------------------------------------------------------------ passes
 
 
@@ -189,8 +216,12 @@ def _score_batch(
     metric to ``totals``)."""
     # eap-ig shifts the input by the input sender's difference: a later group keeps that row
     groups = [group, range(1)] if method is Method.EAP_IG and group.start else [group]
+    order = None
+    if graph.positional and method is not Method.EXACT:
+        assert run.batch.spans is not None
+        order = SpanOrder(run.batch.spans, graph.n_spans)
     stores, ref_logits = _reference_activations(
-        model, graph, run, ref_tokens, means, fit.buffer_dtype, groups
+        model, graph, run, ref_tokens, means, fit.buffer_dtype, groups, order
     )
     if method is Method.EXACT:
         _exact_batch(model, graph, run, stores[0], ref_logits, scores, totals, n_total)
@@ -256,15 +287,17 @@ def _reference_activations(
     means: torch.Tensor | None,
     dtype: torch.dtype,
     groups: list[range],
+    order: SpanOrder | None,
 ) -> tuple[list[SenderStore], torch.Tensor | None]:
     """``a^ref`` for the senders of each of ``groups`` (one no-grad forward for all of them
     under corrupt ablation).
 
-    Returns one `SenderStore` per group (in ``dtype``) and, under corrupt ablation, the
-    reference run's logits.
+    Returns one `SenderStore` per group (in ``dtype``; the first, which is scored,
+    positional with ``order``) and, under corrupt ablation, the reference run's logits.
     """
     b, p = run.batch.clean.shape
-    stores = [SenderStore(model, graph, b, p, dtype, g) for g in groups]
+    stores = [SenderStore(model, graph, b, p, dtype, g, order=order if k == 0 else None)
+              for k, g in enumerate(groups)]
     ref_logits = None
     if ref_tokens is not None:
         hooks = [hook for store in stores for hook in store.hooks(model, +1.0)]
@@ -356,25 +389,34 @@ def _exact_batch(
     Then, for one receiver column at a time, the batch is repeated once per chunk of
     senders, and copy c adds sender c's ``a^ref - a^clean`` to that receiver's input (on a
     grouped graph, an input of that neuron group's own, `GroupedInput`). Only the store's
-    senders (a sender chunk) are patched.
+    senders (a sender chunk) are patched. On a positional graph each sender gets one copy
+    per span, patched at that span's positions only (``scores[s, r, k]``).
     """
     batch = run.batch
     b = len(batch)
+    n_spans = max(1, graph.n_spans)
+    where = None  # [spans, b, p, 1]: 1 at each span's positions
+    if graph.positional:
+        assert batch.spans is not None
+        where = span_one_hot(batch.spans, n_spans).permute(2, 0, 1)[..., None]
     clean_logits = run(batch.clean, store.hooks(model, -1.0))
     _record_metrics(run.metric_batch, clean_logits, ref_logits, totals)
     clean_metric = run.metric_batch.metric_values(clean_logits, clean_logits)
     for column in range(graph.n_receivers):
         n_up = min(graph.upstream[column], store.stop)
-        for chunk in _chunks(range(store.first, n_up), max(1, max_copies)):
-            copies = len(chunk)
-            patch = store.expanded(chunk.start, chunk.stop)  # [copies, b, p, d]
+        for chunk in _chunks(range(store.first, n_up), max(1, max_copies // n_spans)):
+            copies = len(chunk) * n_spans
+            patch = store.expanded(chunk.start, chunk.stop)  # [senders, b, p, d]
+            if where is not None:  # copy (sender, span): the sender's patch at that span
+                patch = (patch[:, None] * where[None].to(patch.dtype)).flatten(0, 1)
             hooks = receiver_hooks(model, graph, partial(_patch_column, column, patch))
             index = torch.arange(b).repeat(copies)
             logits = run(batch.clean[index], hooks, batch[index])
             repeated = run.metric_rows(index)
             values = repeated.metric_values(logits, clean_logits.repeat(copies, 1, 1))
-            effect = (values.view(copies, b) - clean_metric[None]).sum(1)
-            scores[chunk.start : chunk.stop, column] += effect / n_total
+            effect = (values.view(copies, b) - clean_metric[None]).sum(1) / n_total
+            cells = scores[chunk.start : chunk.stop, column]
+            cells += effect.view(len(chunk), n_spans) if where is not None else effect
 
 
 def _patch_column(

@@ -26,6 +26,12 @@ Two parts:
 The products cost what the valid edges cost: a group's score with a receiver is one dot
 product over ``batch * pos * d_model``, as for any other sender; only the expansions (one
 output projection per grouped layer and product) are added.
+
+Positional scores (token spans, ``order``: a `ctlens.spans.SpanOrder`) do not sum over
+positions: ``scores[s, r, k]`` sums over span ``k``'s cells only. At its first product the
+store sorts its rows' cells by span (in place, a row at a time) and each product sorts the
+queued gradients the same way, so span ``k`` is one contiguous block of both and its scores
+one matrix product on views: the multiply-adds are those of position-free scores.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from ctlens.bridge.hooks import flat, group_gradient_hooks, receiver_hooks, send
 from ctlens.bridge.mlp_groups import group_rows, mlp_parts
 from ctlens.graph import Graph
 from ctlens.memory import default_queue
+from ctlens.spans import SpanOrder
 
-Scores = Float[torch.Tensor, "n_senders n_receivers"]
+Scores = Float[torch.Tensor, "n_senders n_receivers *spans"]
 
 
 @dataclass
@@ -72,11 +79,14 @@ class SenderStore:
         dtype: the storage dtype (fp32, or the model's low precision under a budget).
         senders: the graph rows held (a sender chunk).
         workspace_rows: group rows expanded per product (whole layers, at least one).
+        order: the batch's cells grouped by token span, for positional scores (module
+            docstring); None: position-free scores.
     """
 
     def __init__(
         self, model: Any, graph: Graph, batch: int, pos: int, dtype: torch.dtype,
         senders: range | None = None, workspace_rows: int = 256,
+        order: SpanOrder | None = None,
     ) -> None:
         senders = range(graph.n_senders) if senders is None else senders
         device = next(model.parameters()).device
@@ -105,6 +115,8 @@ class SenderStore:
         self.plain = torch.zeros(len(self.row_list), *self._row, dtype=dtype, device=device)
         self._work: torch.Tensor | None = None  # expanded group rows, reused
         self._workspace_rows = max(graph.spec.mlp_groups, workspace_rows)
+        self.order = order
+        self._sorted = False  # the plain rows' cells are in ``order`` (after the first product)
 
     # ------------------------------------------------------------------ filling
 
@@ -115,6 +127,8 @@ class SenderStore:
             lo, hi = max(rows.start, self.first), min(rows.stop, self.stop)
             if lo >= hi or lo not in self._position:
                 return
+            if self._sorted:
+                raise RuntimeError("a positional store is read-only once its cells are sorted")
             act = flat(act.detach())[:, :, lo - rows.start : hi - rows.start]
             at = self._position[lo]
             self.plain[at : at + hi - lo] += sign * act.float().permute(2, 0, 1, 3)
@@ -180,10 +194,15 @@ class SenderStore:
         """The ``input`` sender's row (the store must hold sender 0)."""
         if self.first != 0:
             raise ValueError("this store does not hold the input sender")
+        if self._sorted:
+            assert self.order is not None
+            return self.order.unsort(self.plain[0])
         return self.plain[0]
 
     def expanded(self, lo: int, hi: int) -> Float[torch.Tensor, "rows batch pos d_model"]:
         """Held graph rows ``lo .. hi`` as ``d_model``-wide rows (group rows expanded)."""
+        if self._sorted:
+            raise RuntimeError("a positional store's rows are sorted by span once scored")
         out = torch.zeros(hi - lo, *self._row, device=self.plain.device)
         a, b = bisect.bisect_left(self.row_list, lo), bisect.bisect_left(self.row_list, hi)
         out[self.rows[a:b] - lo] = self.plain[a:b].float()
@@ -203,7 +222,7 @@ class SenderStore:
 
     def score(
         self,
-        g: Float[torch.Tensor, "n columns"],
+        g: Float[torch.Tensor, "n columns"] | Float[torch.Tensor, "columns cells d_model"],
         spans: list[tuple[slice, int, int]],
         scores: Scores,
         scale: float,
@@ -214,11 +233,15 @@ class SenderStore:
 
         Grouped layers are expanded a few at a time into one reused workspace and multiplied
         with the columns that may read them (a prefix of the queue, which is ordered latest
-        layer first)."""
+        layer first). A positional store takes ``g`` as ``[columns, cells, d_model]`` in its
+        ``order`` (`EapKernel.flush`) and adds ``[s, columns, spans]`` blocks."""
         n_max = max(n for _, n, _ in spans)
         k = bisect.bisect_left(self.row_list, n_max)
+        if self.order is not None and not self._sorted:
+            self.order.sort_rows_(self.plain)
+            self._sorted = True
         if k:
-            product = _product(self.plain.view(len(self.row_list), -1)[:k], g, chunk)
+            product = self._product(self.plain[:k], g, chunk)
             for columns, n, offset in spans:
                 kk = bisect.bisect_left(self.row_list, n)
                 block = product[:kk, offset : offset + columns.stop - columns.start] * scale
@@ -253,7 +276,13 @@ class SenderStore:
             self._expand(h, self._work[start : start + size])
             start += size
         end = max(o + c.stop - c.start for c, n, o in spans if n > batch[0].rows.start)
-        product = self._work[:start] @ g[:, :end]
+        work = self._work[:start].view(start, *self._row)
+        if self.order is not None:
+            self.order.sort_rows_(work)
+            product = self.order.products(work.view(start, self._row[0] * self._row[1], -1),
+                                          g[:end])
+        else:
+            product = work.view(start, -1) @ g[:, :end]
         start = 0
         for h, size in zip(batch, sizes, strict=True):
             for columns, n, offset in spans:
@@ -264,13 +293,21 @@ class SenderStore:
             start += size
 
 
-def _product(rows: torch.Tensor, g: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """``rows @ g`` in fp32; a low-precision ``rows`` is upcast ``chunk`` rows at a time."""
-    if chunk is None:
-        return rows.float() @ g
-    return torch.cat([
-        rows[start : start + chunk].float() @ g for start in range(0, rows.shape[0], chunk)
-    ])
+    def _product(
+        self, rows: Float[torch.Tensor, "n batch pos d_model"], g: torch.Tensor, chunk: int | None
+    ) -> torch.Tensor:
+        """``rows . g`` in fp32: ``[n, columns]``, or ``[n, columns, spans]`` for a positional
+        store (`SpanOrder.products`, which upcasts a span's block at a time); a
+        low-precision position-free ``rows`` is upcast ``chunk`` rows at a time."""
+        n = rows.shape[0]
+        if self.order is not None:
+            return self.order.products(rows.view(n, self._row[0] * self._row[1], -1), g)
+        flat_rows = rows.view(n, -1)
+        if chunk is None:
+            return flat_rows.float() @ g
+        return torch.cat([
+            flat_rows[start : start + chunk].float() @ g for start in range(0, n, chunk)
+        ])
 
 
 class EapKernel:
@@ -291,7 +328,8 @@ class EapKernel:
     Args:
         graph: the model's graph.
         store: the sender differences described above (read at backward time).
-        scores: ``[n_senders, n_receivers]`` fp32 accumulator.
+        scores: ``[n_senders, n_receivers]`` fp32 accumulator (``[n_senders, n_receivers,
+            n_spans]`` for a positional store).
         passes: backward passes averaged (``eap-ig``'s steps; 1 for plain EAP).
         sign: ``-1`` when the differentiated quantity is minus the metric (a loss).
         chunk: for a low-precision store (`ctlens.memory`): sender rows upcast to fp32 per
@@ -394,7 +432,10 @@ class EapKernel:
         if not self._pending:
             return
         assert self._queue is not None
-        g = self._queue[: self._pending_width].T
+        queued = self._queue[: self._pending_width]
+        order = self.store.order
+        g = queued.T if order is None else order.sorted_cells(
+            queued.view(-1, *self.store.shape[1:]))
         spans, self._pending, self._pending_width = self._pending, [], 0
         with torch.no_grad():  # `close` flushes outside the backward, weights may need grad
             self.store.score(g, spans, self.scores, self.sign / self.passes, self.chunk)

@@ -147,13 +147,8 @@ def check_graph(model: Any, graph: Graph | None) -> Graph:
         return Graph.from_model(model)
     if not isinstance(graph, Graph):
         raise TypeError(f"graph must be a ctlens.Graph, got {type(graph).__name__}")
-    if graph.positional:
-        raise ValueError(
-            f"graph {graph!r} is positional (token spans); positional attribution and masking "
-            "are not available yet: use Graph.from_model(model) without spans"
-        )
     if not graph.belongs_to(model):
-        own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups)
+        own = Graph.from_model(model, mlp_groups=graph.spec.mlp_groups, spans=graph.spans)
         raise ValueError(f"graph {graph!r} does not belong to this model, whose graph is {own!r}")
     return graph
 

@@ -367,6 +367,8 @@ class SpanOrder:
         self.bounds = tuple(bounds)
         self.n_spans = n_spans
         self.n_cells = flat.numel()
+        self.shape: tuple[int, int] = (int(labels.shape[0]), int(labels.shape[1]))
+        self.labels = labels
 
     def sort_rows_(self, buffer: Float[torch.Tensor, "rows batch pos d"]) -> None:
         """Reorder the cells of every row of ``buffer`` in place to `perm`'s order (padding
@@ -385,7 +387,7 @@ class SpanOrder:
 
     def full_order(self, device: torch.device) -> torch.Tensor:
         """`perm`, then the padding cells: a permutation of every cell."""
-        rest = torch.ones(self.n_cells, dtype=torch.bool)
+        rest = torch.ones(self.n_cells, dtype=torch.bool, device=self.perm.device)
         rest[self.perm] = False
         return torch.cat([self.perm, rest.nonzero()[:, 0]]).to(device)
 
@@ -409,4 +411,27 @@ class SpanOrder:
     def sorted_cells(self, tensor: Float[torch.Tensor, "w batch pos d"]) -> torch.Tensor:
         """``[w, kept cells, d]``: ``tensor``'s cells in `perm`'s order (a copy)."""
         w, d = tensor.shape[0], tensor.shape[-1]
-        return tensor.reshape(w, self.n_cells, d).index_select(1, self.perm.to(tensor.device))
+        return tensor.reshape(w, self.n_cells, d)[:, self.perm.to(tensor.device)]
+
+    def natural(
+        self, cells: Float[torch.Tensor, "w kept d"]
+    ) -> Float[torch.Tensor, "w batch pos d"]:
+        """Cells in `perm`'s order (`sorted_cells`) back in ``(batch, pos)`` order; padding 0."""
+        w, d = cells.shape[0], cells.shape[-1]
+        out = cells.new_zeros(w, self.n_cells, d)
+        out[:, self.perm.to(cells.device)] = cells
+        return out.view(w, *self.shape, d)
+
+    def combine(
+        self, coefs: Float[torch.Tensor, "n_spans c n"], rows: Float[torch.Tensor, "n kept d"]
+    ) -> Float[torch.Tensor, "c kept d"]:
+        """Each span's cells of ``rows`` (in `perm`'s order) mixed by that span's
+        coefficients: ``out[:, cells of k] = coefs[k] @ rows[:, cells of k]``."""
+        n, kept, d = rows.shape
+        out = rows.new_zeros(coefs.shape[1], kept, d)
+        for k in range(self.n_spans):
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            if hi > lo:
+                block = rows[:, lo:hi].reshape(n, (hi - lo) * d)
+                out[:, lo:hi] = (coefs[k] @ block).view(-1, hi - lo, d)
+        return out

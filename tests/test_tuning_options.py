@@ -302,3 +302,38 @@ def test_cli_seed_leaves_the_task_sample_to_data_seed(tmp_path: Path, capsys) ->
     moved = data("--data-seed", "3")
     assert moved["train_sha256"] != base["train_sha256"]
     assert moved["general_sha256"] != base["general_sha256"]
+
+
+def test_the_tuner_takes_the_callers_graph_and_checks_it() -> None:
+    """A graph the caller built is used as it is (not rebuilt); one of another grouping or
+    another model is refused in one error that says what to pass."""
+    model, task = tiny_model(), toy_task()
+    graph = ctlens.Graph.from_model(model)
+    assert CircuitTuner(model, task, TuneConfig(**FAST), graph=graph).graph is graph
+    with pytest.raises(ValueError, match="1 MLP group.*Pass that graph, or none"):
+        CircuitTuner(model, task, TuneConfig(**FAST),
+                     graph=ctlens.Graph.from_model(model, mlp_groups=2))
+    with pytest.raises(ValueError, match="belongs to another model's graph"):
+        CircuitTuner(model, task, TuneConfig(**FAST),
+                     graph=ctlens.Graph.from_model(tiny_model("llama")))
+
+
+def test_cli_tune_builds_the_graph_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`ctlens tune` checks the sizes on the model's graph before building the task and
+    hands that graph to the tuner, which does not build another."""
+    from ctlens.cli import main
+
+    built = []
+    original = ctlens.Graph.from_model.__func__
+
+    def counting(cls: type, *args: object, **kwargs: object) -> ctlens.Graph:
+        built.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ctlens.Graph, "from_model", classmethod(counting))
+    argv = ["tune", "--model", "zoo:tiny-gpt2", "--steps", "1", "--batch-size", "4",
+            "--n-examples", "8", "--n-train", "16", "--eval-examples", "4",
+            "--general-examples", "6", "--top-n", "0.02", "--no-export", "--no-progress",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(built) == 1

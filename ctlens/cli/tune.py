@@ -296,7 +296,8 @@ def _tune(args: argparse.Namespace, config: TuneConfig) -> int:
     print(f"circuit-tuning ({config.mode}){inside} for {config.steps} steps into {args.out}, "
           f"evaluating every {config.eval_every}", file=sys.stderr)
     try:
-        result = CircuitTuner(model, task, config, model_name=args.model, circuit=fixed).run(
+        result = CircuitTuner(model, task, config, model_name=args.model, circuit=fixed,
+                              graph=graph).run(
             args.out, overwrite=args.overwrite
         )
     except RunWriteError as err:

@@ -117,6 +117,8 @@ def _evaluate(
     """
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a ctlens.TaskData, got {type(data).__name__}")
+    if graph.positional:  # each (edge, span) pair is patched at its span's positions
+        graph.check_spans(data.span_names, "the task data")
     data.check_vocab(model.cfg.d_vocab)
     data.check_context(getattr(model.cfg, "n_ctx", None))
     device = model_device(model)
@@ -137,6 +139,8 @@ def _evaluate(
                 with mask.paused():
                     full_logits = model(batch.clean)
                 full_total += float(batch.metric_values(full_logits, full_logits).sum())
+                if graph.positional:
+                    mask.set_spans(batch.spans)
                 ref_logits = None
                 if corrupt is not None:
                     tokens = corrupt[rows, : batch.clean.shape[1]].to(device)
@@ -235,11 +239,6 @@ def faithfulness_curve(
     """
     ablation = Ablation.parse(ablation)
     graph = getattr(scores, "graph", None)
-    if isinstance(graph, Graph) and graph.positional and graph.belongs_to(model):
-        raise ValueError(
-            "these scores are positional (token spans); faithfulness is not available for "
-            "positional circuits yet: pass scores.coarsen()"
-        )
     if not (isinstance(graph, Graph) and graph.belongs_to(model)):
         raise ValueError(
             "scores must be ctlens.EdgeScores computed on this model (their graph differs or "

@@ -37,6 +37,11 @@ receivers get one input for every group without an edge of its own in the hook's
 (``x`` in the excluded form, the ablated stream ``x - S_n + R_n`` in the kept form) and a
 `ctlens.bridge.mlp_groups.GroupedInput` for the others, so only groups whose input differs
 are normed and projected separately. The corrupt reference is recorded for every sender.
+
+Positional circuits (token spans): each excluded (edge, span) pair is ablated at its span's
+positions only; the mask needs each batch's span labels (`EdgeMask.set_spans`, or
+``spans=`` to `edge_mask`) and keeps its buffer's cells sorted by span
+(`ctlens.masking.positional`).
 """
 
 from __future__ import annotations
@@ -61,8 +66,10 @@ from ctlens.bridge.names import HookLayout
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, require_graph_of
-from ctlens.masking.plans import HookPlan, LiveSum, MaskPlan
+from ctlens.masking.plans import HookPlan, MaskPlan
+from ctlens.masking.positional import mix_rows, span_coefficients, span_constant
 from ctlens.reference import resolve_reference
+from ctlens.spans import SpanOrder
 from ctlens.types import Ablation, NodeKind
 
 
@@ -79,6 +86,8 @@ class EdgeMask:
     - `set_means(reference)` (mean ablation): recompute the per-position means from a
       `TaskData` or token ids, or take a precomputed ``[n_senders, seq, d_model]`` tensor
       from `ctlens.mean_activations`.
+    - `set_spans(labels)` (positional circuits): the ``[batch, seq]`` span labels of the
+      next forwards' tokens (`TaskData.spans`); call it again for each new batch.
     - `paused()`: a context inside which forwards run unmasked.
     """
 
@@ -87,6 +96,8 @@ class EdgeMask:
         `ctlens.faithfulness`); every circuit enforced must be of it."""
         self.model = model
         self.graph = graph
+        self._order: SpanOrder | None = None  # positional: this batch's cells by span
+        self._ref_cells: torch.Tensor | None = None  # the corrupt reference, cells by span
         self.ablation = ablation
         self.device = model_device(model)
         self.dtype = next(model.parameters()).dtype
@@ -150,6 +161,7 @@ class EdgeMask:
         with torch.no_grad(), eval_mode(self.model), self.paused(), self.model.hooks(hooks):
             logits = self.model(tokens.to(self.device))
         self._ref = buffer
+        self._ref_cells = None  # sorted by span by the next forward of a positional mask
         running = torch.zeros_like(buffer[0])
         self._ref_prefix = {}
         for start, stop in self._sender_groups:
@@ -172,6 +184,18 @@ class EdgeMask:
         assert means is not None
         self._means = means.detach().to(self.device, self.dtype)
         self._plan = self.plan(self._plan.circuit)
+
+    def set_spans(self, labels: torch.Tensor) -> None:
+        """Positional circuits: the span label of each token of the next forwards
+        (``[batch, seq]``, as `TaskData.spans`; -1 on padding)."""
+        if not self.graph.positional:
+            raise ValueError("set_spans is for positional circuits; this circuit has no spans")
+        labels = torch.as_tensor(labels, device=self.device).long()
+        if labels.ndim != 2 or bool(((labels < -1) | (labels >= self.graph.n_spans)).any()):
+            raise ValueError(f"span labels must be [batch, seq] indices into the circuit's "
+                             f"spans {list(self.graph.spans)} (-1 on padding)")
+        self._order = SpanOrder(labels, self.graph.n_spans)
+        self._ref_cells = None  # sorted again by the next forward
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -206,7 +230,7 @@ class EdgeMask:
                 f"the circuit belongs to another model's graph ({circuit.graph!r}); this "
                 f"model has {graph!r}. Use a circuit found on this model."
             )
-        excluded = graph.valid & ~circuit.mask
+        excluded = graph.dense_valid & ~circuit.mask  # [S, R] or [S, R, spans]
         groups: dict[int, HookPlan] = {}
         columns_list = [
             graph.receiver_slice(layer, kind)
@@ -217,13 +241,13 @@ class EdgeMask:
         for columns in columns_list:
             n_up = graph.upstream[columns.start]
             block = excluded[:n_up, columns]
-            dropped = block.any(1).nonzero()[:, 0]
+            dropped = block.flatten(1).any(1).nonzero()[:, 0]
             if not len(dropped):
                 groups[columns.start] = HookPlan("none", n_up, None, 0, None, None, {})
                 continue
             n_excluded = self._group_end(int(dropped.max()))
             kept = circuit.mask[:n_up, columns]
-            kept_rows = kept.any(1).nonzero()[:, 0]
+            kept_rows = kept.flatten(1).any(1).nonzero()[:, 0]
             if len(kept_rows) + 2 < n_excluded:
                 plan = self._kept_plan(n_up, kept, kept_rows)
             else:
@@ -292,31 +316,32 @@ class EdgeMask:
         return maps
 
     def _excluded_plan(self, n_up: int, block: torch.Tensor, n_rows: int) -> HookPlan:
-        coef_t = block[:n_rows].T.contiguous().to(self.device, self.dtype)
+        coef_t = span_coefficients(block[:n_rows]).contiguous().to(self.device, self.dtype)
         const = None
         if self.ablation is Ablation.MEAN and self._means is not None:
-            const = torch.einsum("cs,spd->cpd", coef_t, self._means[:n_rows])
+            const = torch.einsum("...cs,spd->...cpd", coef_t, self._means[:n_rows])
         return HookPlan("excluded", n_up, None, n_rows, coef_t, const, {})
 
     def _kept_plan(self, n_up: int, kept: torch.Tensor, rows: torch.Tensor) -> HookPlan:
-        coef_t = kept[rows].T.contiguous().to(self.device, self.dtype)
+        coef_t = span_coefficients(kept[rows]).contiguous().to(self.device, self.dtype)
         const = None
         if self.ablation is Ablation.MEAN and self._means is not None:
             means = self._means
-            const = means[:n_up].sum(0)[None] - torch.einsum("cs,spd->cpd", coef_t, means[rows])
+            const = means[:n_up].sum(0) - torch.einsum("...cs,spd->...cpd", coef_t, means[rows])
         return HookPlan("kept", n_up, rows.to(self.device), len(rows), coef_t, const, {})
 
     def _grouped_plan(self, plan: HookPlan) -> HookPlan:
         """A grouped MLP hook's plan: only the groups (columns) with an edge in its matrix
         get inputs of their own; the rest read the common input (module docstring)."""
         assert plan.coef_t is not None
-        special = plan.coef_t.any(1).nonzero()[:, 0]
-        const = None if plan.const is None else plan.const[special]
+        cols = plan.coef_t.ndim - 2  # the columns' axis (a positional plan: after the spans)
+        special = plan.coef_t.any(-1).view(-1, plan.coef_t.shape[cols]).any(0).nonzero()[:, 0]
+        const = None if plan.const is None else plan.const.index_select(cols, special)
         common = None
         if plan.kind == "kept" and self.ablation is Ablation.MEAN and self._means is not None:
             common = self._means[: plan.n_upstream].sum(0)
-        return replace(plan, coef_t=plan.coef_t[special], const=const, special=special,
-                       common=common)
+        return replace(plan, coef_t=plan.coef_t.index_select(cols, special), const=const,
+                       special=special, common=common)
 
     def _group_end(self, row: int) -> int:
         """End of the sender group (input, a layer's heads, an MLP or its neuron groups) holding
@@ -362,9 +387,9 @@ class EdgeMask:
         assert buffer is not None
         with torch.no_grad():
             if rows.start == 0 and not first_input:
-                buffer[0] += act  # the position embedding joins the token embedding
+                buffer[0] += self._cells(act[None])[0]  # the position embedding joins in
             else:
-                buffer[rows] = flat(act).permute(2, 0, 1, 3)
+                buffer[rows] = self._cells(flat(act).permute(2, 0, 1, 3))
         if act.requires_grad:
             self._parts.append((rows.start, rows.stop, act))
 
@@ -392,7 +417,16 @@ class EdgeMask:
                 )
         self._parts = []
         self._prefix = {}
-        shape = (self._plan.n_rows, b, p, self.d_model)
+        shape: tuple[int, ...] = (self._plan.n_rows, b, p, self.d_model)
+        if self.graph.positional:
+            if self._order is None or self._order.shape != (b, p):
+                got = "none" if self._order is None else list(self._order.shape)
+                raise RuntimeError(f"a positional circuit needs this forward's span labels "
+                                   f"([batch, seq] = {[b, p]}; set for {got}): call "
+                                   "mask.set_spans(batch.spans) for each batch")
+            if self._ref is not None and self._ref_cells is None:
+                self._ref_cells = self._order.sorted_cells(self._ref)
+            shape = (self._plan.n_rows, self._order.bounds[-1], self.d_model)
         old = self._buffer  # holds detached copies only, so no autograd graph needs it
         if old is None or tuple(old.shape) != shape or old.dtype != act.dtype:
             self._buffer = torch.empty(shape, device=act.device, dtype=act.dtype)
@@ -416,7 +450,7 @@ class EdgeMask:
         act = torch.einsum("bpsw,swd->bpsd", hidden, weights.to(post.dtype))  # [b, p, S, d]
         assert self._buffer is not None
         with torch.no_grad():
-            self._buffer.index_copy_(0, rows.start + chosen, act.permute(2, 0, 1, 3))
+            self._buffer.index_copy_(0, rows.start + chosen, self._cells(act.permute(2, 0, 1, 3)))
         if act.requires_grad:
             self._parts.append((rows.start, rows.stop, act))
 
@@ -448,32 +482,32 @@ class EdgeMask:
         """``coef_t @ A[rows]`` (live) and the reference constant of each of the hook's
         columns (``[cols, b, p, d]``; the constant 0.0 under zero ablation)."""
         assert self._buffer is not None and group.coef_t is not None
-        n = group.n_rows
+        ref = self._ref if self._order is None else self._ref_cells
         if group.rows is None:
-            rows = self._buffer[:n]
-            ref_rows = None if self._ref is None else self._ref[:n]
+            rows = self._buffer[: group.n_rows]
+            ref_rows = None if ref is None else ref[: group.n_rows]
         else:
             rows = self._buffer.index_select(0, group.rows)
-            ref_rows = None if self._ref is None else self._ref.index_select(0, group.rows)
+            ref_rows = None if ref is None else ref.index_select(0, group.rows)
         parts = [part for part in self._parts if part[0] in group.maps]
-        if parts and torch.is_grad_enabled():
-            maps = [group.maps[start] for start, _, _ in parts]
-            product = LiveSum.apply(group.coef_t, rows, maps, *[a for *_, a in parts])
-        else:
-            product = group.coef_t @ rows.reshape(n, b * p * self.d_model)
-        live = product.view(-1, b, p, self.d_model)  # [cols, batch, pos, d_model]
+        maps = [group.maps[start] for start, _, _ in parts]
+        live = mix_rows(group.coef_t, self._order, rows, maps, [a for *_, a in parts])
         const: torch.Tensor | float = 0.0
         if self.ablation is Ablation.CORRUPT:
             assert ref_rows is not None
             with torch.no_grad():
-                ref_flat = ref_rows.reshape(n, b * p * self.d_model).to(live.dtype)
-                const = (group.coef_t @ ref_flat).view_as(live)
+                const = mix_rows(group.coef_t, self._order, ref_rows.to(live.dtype), [], [])
                 if group.kind == "kept":
                     const = self._ref_prefix[group.n_upstream][None].to(live.dtype) - const
         elif self.ablation is Ablation.MEAN:
             assert group.const is not None
-            const = group.const[:, None, :p].to(live.dtype)
+            const = (group.const[:, None, :p] if self._order is None
+                     else span_constant(group.const, self._order.labels)).to(live.dtype)
         return live, const
+
+    def _cells(self, rows: Float[torch.Tensor, "m batch pos d_model"]) -> torch.Tensor:
+        """Sender rows as the buffer holds them: as they are, or their cells sorted by span."""
+        return rows if self._order is None else self._order.sorted_cells(rows)
 
     def _grouped_input(
         self, group: HookPlan, x: torch.Tensor, live: torch.Tensor, const: torch.Tensor | float
@@ -503,6 +537,7 @@ def edge_mask(
     ablation: str | Ablation = "mean",
     reference: TaskData | torch.Tensor | None = None,
     batch_size: int | None = 32,
+    spans: torch.Tensor | None = None,
 ) -> Iterator[EdgeMask]:
     """Inside: ``model`` computes the function with every edge outside ``circuit`` ablated.
 
@@ -522,6 +557,9 @@ def edge_mask(
             ``None`` and call ``mask.set_reference(tokens)`` before each forward.
             ``zero``: must be ``None``.
         batch_size: batch size for computing means from a `TaskData` or token ids.
+        spans: a positional circuit's span labels ``[batch, seq]`` for the first batch
+            (`TaskData.spans`), or ``None`` and call ``mask.set_spans(labels)`` before each
+            forward. Each excluded (edge, span) pair is ablated at its span's positions.
 
     Yields:
         An `EdgeMask` handle (``set_circuit``, ``set_reference``, ``set_means``,
@@ -534,6 +572,8 @@ def edge_mask(
     """
     ablation = Ablation.parse(ablation)
     mask = EdgeMask(model, circuit, ablation, circuit_graph(model, circuit))
+    if spans is not None:
+        mask.set_spans(spans)
     corrupt, means = resolve_reference(model, mask.graph, None, ablation, reference, batch_size)
     if means is not None:
         mask.set_means(means)
@@ -550,14 +590,7 @@ def circuit_graph(model: Any, circuit: Circuit) -> Graph:
     `ctlens.masking.rules.rule_openings`); nothing is rebuilt."""
     if not isinstance(circuit, Circuit):
         raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
-    graph = require_graph_of(model, circuit.graph)
-    if graph.positional:
-        raise ValueError(
-            f"the circuit is positional (token spans {list(graph.spans)}); forward masks and "
-            "faithfulness are not available for positional circuits yet: use "
-            "circuit.coarsen()"
-        )
-    return graph
+    return require_graph_of(model, circuit.graph)
 
 
 __all__ = ["EdgeMask", "circuit_graph", "edge_mask"]

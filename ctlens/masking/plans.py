@@ -45,16 +45,27 @@ class LiveSum(torch.autograd.Function):
         (coef_t,) = ctx.saved_tensors
         # under autocast the forward product (and so ``grad``) is in the autocast dtype
         rows_grad = (coef_t.T.to(grad.dtype) @ grad).view(ctx.rows_shape)  # [m, b, p, d]
-        grads: list[torch.Tensor | None] = [None, None, None]
-        for (positions, local, n_local), (shape, ndim) in zip(ctx.maps, ctx.layout, strict=True):
-            if len(local) == n_local:  # every row of this sender group was used, in order
-                g = rows_grad[positions[0] : positions[0] + n_local]
-            else:
-                g = rows_grad.new_zeros((n_local, *rows_grad.shape[1:]))
-                g[local] = rows_grad[positions]
-            g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
-            grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
-        return tuple(grads)
+        return (None, None, None, *act_grads(ctx.maps, ctx.layout, rows_grad))
+
+
+def act_grads(
+    maps: list[tuple[torch.Tensor, torch.Tensor, int]],
+    layout: list[tuple[torch.Size, int]],
+    rows_grad: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The gradient of each live sender activation from the gradient of the buffer rows a
+    product used (``rows_grad`` ``[m, b, p, d]``; ``maps``: per activation, where its rows
+    are; ``layout``: its shape and rank)."""
+    grads = []
+    for (positions, local, n_local), (shape, ndim) in zip(maps, layout, strict=True):
+        if len(local) == n_local:  # every row of this sender group was used, in order
+            g = rows_grad[positions[0] : positions[0] + n_local]
+        else:
+            g = rows_grad.new_zeros((n_local, *rows_grad.shape[1:]))
+            g[local] = rows_grad[positions]
+        g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
+        grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
+    return grads
 
 
 @dataclass(frozen=True)
@@ -100,4 +111,4 @@ class MaskPlan:
         return self.n_rows > 0 or self.n_prefix > 0
 
 
-__all__ = ["HookPlan", "LiveSum", "MaskPlan"]
+__all__ = ["HookPlan", "LiveSum", "MaskPlan", "act_grads"]

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from ctlens import run_format as F
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import Graph
+from ctlens.graph import Graph, require_graph_of
 from ctlens.scores import EdgeScores
 from ctlens.tuning import checkpoints as C
 from ctlens.tuning.checkpoint_state import CheckpointState
@@ -122,6 +122,9 @@ class CircuitTuner:
         circuit: a fixed circuit to tune inside instead of discovering one (module
             docstring); a `Circuit` of this model's graph with the config's MLP grouping, in
             modes ``gradient``, ``forward``, ``both`` and ``random``.
+        graph: the model's graph when the caller has built it already (``ctlens tune``
+            does, to check the sizes before building the task): checked against the model
+            and the config's MLP grouping, not rebuilt.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class CircuitTuner:
         model_name: str | None = None,
         extra_loss: ExtraLoss | None = None,
         circuit: Circuit | None = None,
+        graph: Graph | None = None,
     ) -> None:
         self.config = config or TuneConfig()
         if not isinstance(self.config, TuneConfig):
@@ -140,7 +144,7 @@ class CircuitTuner:
         self.model = model
         self.task = task
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
-        self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
+        self.graph = _tuning_graph(model, self.config.groups_for(d_mlp), graph)
         self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
@@ -539,6 +543,17 @@ def _check_fixed_circuit(circuit: Any, config: TuneConfig, graph: Graph) -> Circ
     if circuit.n_edges == 0:
         raise ValueError("the fixed circuit has no edges: nothing could be tuned inside it")
     return circuit
+
+
+def _tuning_graph(model: Any, mlp_groups: int, graph: Graph | None) -> Graph:
+    """The run's graph: ``graph`` when the caller passed the model's graph with the run's
+    MLP grouping (checked, not rebuilt), else the model's graph built here."""
+    if graph is None:
+        return Graph.from_model(model, mlp_groups=mlp_groups)
+    if graph.spec.mlp_groups != mlp_groups:
+        raise ValueError(f"graph= is {graph!r}; the run's config tunes on the model's graph "
+                         f"with {mlp_groups} MLP group(s). Pass that graph, or none.")
+    return require_graph_of(model, graph, what="graph passed as graph=")
 
 
 def _check_task(task: Any) -> None:
