@@ -356,6 +356,11 @@ def estimate(args: argparse.Namespace, todo: list[Condition]) -> str:
         total += seconds
         shown = ", ".join(f"{m} {s:.0f}" for m, s in sorted(per_mode.items()))
         lines.append(f"{model:22s} {len(mine):9d} {shown:>40s} {seconds / 3600:7.2f}")
+    unmeasured = [m for m in args.models.split(",") if not measured.get(m)]
+    if unmeasured:
+        lines.append(f"expected: unknown until one run of {', '.join(unmeasured)} has finished "
+                     "(`all` measures one run per model first)")
+        return "\n".join(lines)
     lines.append(f"expected: {total / 3600:.2f} h of one core, {total / 3600 / args.jobs:.2f} h "
                  f"with {args.jobs} processes (plus model loading; more if a best lr sits on a "
                  f"grid edge: up to {args.max_extend} more lrs per cell)")
