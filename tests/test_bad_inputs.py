@@ -134,7 +134,6 @@ IGNORED = [  # (TuneConfig arguments, the option that does nothing there, what i
     ({"random_match": "edges"}, "random_match='edges'", "mode='random'"),
     ({"mode": "full", "lora_rank": 4}, "lora_rank=4", "mode='lora'"),
     ({"lora_alpha": 4.0}, "lora_alpha=4.0", "mode='lora'"),
-    ({"top_n_start": 40}, "top_n_start=40", "top_n_schedule='linear'"),
 ]
 
 
@@ -152,8 +151,8 @@ def test_tune_config_refuses_an_option_that_does_nothing(
 
 def test_an_option_is_kept_where_it_applies() -> None:
     config = ctlens.TuneConfig(optimizer="sgd", momentum=0.5, mode="random",
-                               random_match="edges", top_n_start=40, top_n_schedule="linear")
-    assert (config.momentum, config.random_match, config.top_n_start) == (0.5, "edges", 40)
+                               random_match="edges")
+    assert (config.momentum, config.random_match) == (0.5, "edges")
     lora = ctlens.TuneConfig(mode="lora", lora_rank=4, lora_alpha=4.0)
     assert (lora.lora_rank, lora.lora_alpha) == (4, 4.0)
     task = ctlens.TuneConfig(discovery="task", discovery_ablation="zero", betas=(0.8, 0.99))
@@ -164,7 +163,6 @@ def test_an_option_is_kept_where_it_applies() -> None:
     (["--momentum", "0.9"], "--momentum 0.9"),  # the default, given: does nothing with AdamW
     (["--optimizer", "sgd", "--betas", "0.9", "0.999"], "--betas 0.9 0.999"),
     (["--mode", "full", "--lora-alpha", "2.5"], "--lora-alpha 2.5"),
-    (["--top-n-start", "300"], "--top-n-start 300"),
     (["--discovery", "task", "--batch-metric", "task"], "--batch-metric task"),
 ])
 def test_tune_refuses_a_flag_that_does_nothing_before_any_work(

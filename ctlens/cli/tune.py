@@ -47,8 +47,7 @@ _HELP: dict[str, str] = {
     "composition (per node kind) or edges",
     "top_n": "edges in the circuit (the final N when a schedule is used): a count, or a "
     "fraction of the valid edges such as 0.01",
-    "top_n_start": "first N of a linear or cosine --top-n-schedule (default: --top-n), a "
-    "count or a fraction",
+    "top_n_start": "first N of the schedule (default: --top-n), a count or a fraction",
     "mlp_groups": "split each MLP into this many neuron groups (nodes m{l}.n{j})",
     "mlp_group_size": "neurons per MLP group instead of --mlp-groups (the paper's Llama: 64)",
     "top_n_schedule": "N schedule from --top-n-start to --top-n",

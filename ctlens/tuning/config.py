@@ -43,7 +43,6 @@ APPLIES_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
     "random_match": ("mode", ("random",)),
     "lora_rank": ("mode", ("lora",)),
     "lora_alpha": ("mode", ("lora",)),
-    "top_n_start": ("top_n_schedule", ("linear", "cosine")),
 }
 """Options that do something only where another field has one of the values named:
 ``option: (field, values)``. Elsewhere `TuneConfig` refuses a value other than the option's
