@@ -144,6 +144,24 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
     return rows, env
 
 
+TARGETS = {
+    "edge_mask mean, top 1000 edges, 48 MLP groups (no grad)": 1.6,
+    "edge_mask mean, top 1000 edges, 48 MLP groups (with autograd)": 2.0,
+}
+"""Issue 21's targets for the grouped masked forward / plain forward ratios."""
+
+
+def verdicts(rows: list[tuple[str, float, str]]) -> str:
+    """One sentence: each targeted row's ratio, its target and met or missed."""
+    parts = []
+    for name, _, ratio in rows:
+        if name in TARGETS:
+            value = float(ratio.rstrip("x"))
+            state = "met" if value <= TARGETS[name] else "missed"
+            parts.append(f"{name}: {value:.2f}x (target <= {TARGETS[name]}x, {state})")
+    return "Targets (issue 21): " + "; ".join(parts) + "." if parts else ""
+
+
 def table(rows: list[tuple[str, float, str]], env: str) -> str:
     lines = [
         f"GPT-2-small shape (random weights), batch {BATCH} x {SEQ} tokens; {env}.",
@@ -160,6 +178,8 @@ def table(rows: list[tuple[str, float, str]], env: str) -> str:
         "only running sums, a 1000-edge circuit about one extra read of ~1000 sender "
         "outputs. On a shared machine, multi-threaded timings swing with other jobs; "
         "`--threads 1` gives steadier ratios.",
+        "",
+        verdicts(rows),
     ]
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what the lazy table serves, for type checkers and the API d
     from ctlens.circuit import Circuit
     from ctlens.data import TaskData
     from ctlens.graph import Graph, GraphSpec
+    from ctlens.learning import learn_circuit
     from ctlens.masking import edge_mask, faithfulness, faithfulness_curve, restrict_gradients
     from ctlens.model import UnsupportedModelError, load_model
     from ctlens.planner import plan
@@ -50,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "edge_mask": "ctlens.masking",
     "faithfulness": "ctlens.masking",
     "faithfulness_curve": "ctlens.masking",
+    "learn_circuit": "ctlens.learning",
     "load_model": "ctlens.model",
     "mean_activations": "ctlens.attribution",
     "plan": "ctlens.planner",
@@ -80,6 +82,7 @@ __all__ = [
     "edge_mask",
     "faithfulness",
     "faithfulness_curve",
+    "learn_circuit",
     "load_model",
     "mean_activations",
     "plan",

@@ -140,8 +140,12 @@ class SenderStore:
         hidden ``[pos, d_mlp]`` (`expanded_means` makes ``[n_senders, pos, d]`` of them)."""
         mask = mask.to(self.plain.dtype)
         count = mask.sum(0)
-        total = -torch.einsum("nbpd,bp->npd", self.plain, mask)
-        hidden = [-torch.einsum("bpm,bp->pm", h.hidden, mask) for h in self.layers]
+        self.plain *= mask[None, :, :, None]
+        total = -self.plain.sum(1)
+        hidden = []
+        for h in self.layers:
+            h.hidden *= mask[:, :, None]
+            hidden.append(-h.hidden.sum(0))
         for tensor in (total, count, *hidden):
             world.sum_(tensor)
         scale = count.clamp(min=1)
@@ -392,7 +396,8 @@ class EapKernel:
         assert self._queue is not None
         g = self._queue[: self._pending_width].T
         spans, self._pending, self._pending_width = self._pending, [], 0
-        self.store.score(g, spans, self.scores, self.sign / self.passes, self.chunk)
+        with torch.no_grad():  # `close` flushes outside the backward, weights may need grad
+            self.store.score(g, spans, self.scores, self.sign / self.passes, self.chunk)
 
     def close(self) -> None:
         """Score what is queued and remove the gradient hooks: later backward passes no

@@ -349,6 +349,27 @@ def test_discover_prints_phases_and_saves_the_circuit(
     assert ctlens.Circuit.load(out).n_edges == 7
 
 
+def test_discover_learned_prints_and_saves_the_learned_circuit(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "learned.json"
+    argv = ["discover", "--model", "zoo:tiny-gpt2", "--n", "16", "--batch-size", "16",
+            "--method", "learned", "--top", "4", "--top-n", "20", "--steps", "150",
+            "--lr", "0.3", "--threads", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "learning a circuit of 20 edges (corrupt ablation) ..." in captured.err
+    assert "top 4 edges by open probability" in captured.out
+    circuit = ctlens.Circuit.load(out)
+    learning = circuit.metadata["learning"]
+    assert circuit.n_edges == 20 and learning["steps"] == 150 and learning["lr"] == 0.3
+    assert f"faithfulness {learning['faithfulness']:.3f}" in captured.out
+    _one_line_error(capsys, ["discover", "--objective", "metric"],
+                    "--objective is for --method learned, not eap")
+    _one_line_error(capsys, ["discover", "--method", "learned", "--max-memory", "1GB"],
+                    "does not use it")
+
+
 def test_a_write_that_fails_late_is_one_line_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -75,6 +75,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "ctlens.eap_kernel", "ctlens.attribution"),
     ("ctlens.circuit",),
     ("ctlens.masking",),
+    # learned circuits: gates trained through the masked forward, checked by faithfulness
+    ("ctlens.learning",),
     # the tuner, with its parallelism strategies (one process, data parallel, FSDP)
     ("ctlens.tuning", "ctlens.tuning.parallel"),
     # scale: the planner, the HF Trainer callback, sparse deltas

@@ -103,6 +103,39 @@ def test_batch_discovery_equals_attribute(family: str) -> None:
     torch.testing.assert_close(batch, expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("family", "groups", "small_graph"),
+                         [("gpt2", 4, 256), ("llama", 4, 256), ("gpt2-3", 4, 256),
+                          ("gpt2", 4, 0), ("gpt2", 1, 0)])
+def test_batch_discovery_equals_attribute_grouped_and_queues(
+    family: str, groups: int, small_graph: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neuron groups and the kernel's queue (a small graph's receivers queued a store's
+    worth per product, the rest flushed at close; ``small_graph=0``: the default per-hook
+    products) leave batch discovery's scores equal to `ctlens.attribute` on the same
+    grouped graph, with the tuner's trainable weights. With 3 layers the columns flushed at
+    close read a grouped layer (its rows are expanded outside the backward)."""
+    from ctlens.tuning import discovery
+
+    monkeypatch.setattr(discovery, "SMALL_GRAPH", small_graph)
+    if family == "gpt2-3":
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=50, n_positions=16,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = ctlens.load_model(GPT2LMHeadModel(config).eval())
+    else:
+        model = tiny_model(family)
+    task = toy_task()
+    tuner = CircuitTuner(model, task, TuneConfig(mode="gradient", batch_size=6, top_n=30,
+                                                 mlp_groups=groups))
+    rows = tuner._global_rows(2)
+    batch = tuner.batch_scores(2).scores
+    graph = ctlens.Graph.from_model(model, mlp_groups=groups)
+    expected = ctlens.attribute(model, task.train_data[rows], method="eap", ablation="mean",
+                                batch_size=None, progress=False, graph=graph).scores
+    assert batch.shape == expected.shape and batch.abs().max() > 0
+    torch.testing.assert_close(batch, expected, atol=1e-6, rtol=1e-4)
+
+
 def test_batch_discovery_with_loss_metric_equals_attribute() -> None:
     """With ``batch_metric="loss"`` the metric is minus the target-token LM loss."""
     model, task = tiny_model(), toy_task()

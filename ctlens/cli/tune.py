@@ -7,7 +7,10 @@
     ctlens tune --model zoo:tiny-gpt2 --task agreement-flip --mode gradient --top-n 300 \\
         --every-k 1 --steps 200 --out runs/flip
 
-Running the same command again on its ``--out`` directory resumes the run.
+Running the same command again on its ``--out`` directory resumes the run. ``--circuit
+FILE`` tunes inside a fixed circuit from a file (found by any method, e.g. ``ctlens discover
+--method learned --out FILE``) instead of rediscovering; with ``--mode random``, inside one
+random circuit matched to it (``--random-match``, parameters by default).
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else physical cores "
                    "minus one, at least 1)")
+    p.add_argument("--circuit", default=None, metavar="FILE",
+                   help="tune inside this fixed circuit (a circuit file, from any method: "
+                   "ctlens discover, --method learned, an MIB import) instead of discovering "
+                   "one; the --top-n schedule, --every-k and discovery options then go unused. "
+                   "With --mode random: inside one random circuit matched to it "
+                   "(--random-match)")
     hints = typing.get_type_hints(TuneConfig)
     for field in dataclasses.fields(TuneConfig):
         _add_field(p, field, hints[field.name])
@@ -135,8 +144,16 @@ def check_tune(args: argparse.Namespace) -> None:
     """What ``ctlens tune`` can refuse before torch is imported: the model and task names,
     and (without ``--overwrite``) an ``--out`` holding a run of another model, task, config
     or, for a built-in task, size (``--n-examples``, ``--n-train``). The tuner checks the
-    same again, with the graph and the data's checksums, once they exist."""
+    same again, with the graph and the data's checksums, once they exist. Also a
+    ``--circuit`` that is no file, or given with a mode that has no circuit."""
     check_model_and_task(args)
+    if args.circuit is not None:
+        if not Path(args.circuit).is_file():
+            raise UsageError(f"--circuit {args.circuit}: no such file (a circuit JSON file, "
+                             "e.g. from ctlens discover --out)")
+        if args.mode in ("full", "lora"):
+            raise UsageError(f"--circuit fixes the circuit of modes gradient, forward, both "
+                             f"and random; --mode {args.mode} has none")
     run_json = Path(args.out) / "run.json"
     if args.overwrite or not run_json.is_file():
         return
@@ -278,6 +295,12 @@ def _tune(args: argparse.Namespace, config: TuneConfig) -> int:
         return 2
     with phase(f"loading {args.model}"):
         model = load_model(args.model, device=device)
+    fixed = None
+    if args.circuit is not None:
+        from ctlens.circuit import Circuit
+
+        with phase(f"reading the circuit {args.circuit}"):
+            fixed = Circuit.load(args.circuit, model=model)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
     config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
@@ -285,10 +308,11 @@ def _tune(args: argparse.Namespace, config: TuneConfig) -> int:
         task = load(args.task, n=args.n, seed=args.data_seed, n_train=args.n_train,
                     n_general=config.general_examples or GENERAL_ROWS,
                     tokenizer=getattr(model, "tokenizer", None))
-    print(f"circuit-tuning ({config.mode}) for {config.steps} steps into {args.out}, "
+    inside = "" if fixed is None else f" inside the {fixed.n_edges}-edge circuit of {args.circuit}"
+    print(f"circuit-tuning ({config.mode}){inside} for {config.steps} steps into {args.out}, "
           f"evaluating every {config.eval_every}", file=sys.stderr)
     try:
-        result = CircuitTuner(model, task, config, model_name=args.model).run(
+        result = CircuitTuner(model, task, config, model_name=args.model, circuit=fixed).run(
             args.out, overwrite=args.overwrite
         )
     except RunWriteError as err:

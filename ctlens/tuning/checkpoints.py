@@ -292,11 +292,20 @@ def _check_initial(rd: RunDir, model: Any, existing: dict[str, Any]) -> None:
                   "(the run's start model, by its sha256)", RunDirWarning, stacklevel=2)
 
 
+def fixed_circuit_record(circuit: Circuit | None) -> dict[str, Any]:
+    """``run.json``'s record of a run's fixed circuit (none without one): its size and a
+    fingerprint of its edges, which `same_run` compares."""
+    if circuit is None:
+        return {}
+    digest = hashlib.sha256(circuit.mask.numpy().tobytes()).hexdigest()
+    return {"fixed_circuit": {"n_edges": circuit.n_edges, "sha256": digest}}
+
+
 def same_run(old: dict[str, Any], new: dict[str, Any], config: TuneConfig) -> bool:
     """Whether ``run.json`` ``old`` describes the run ``new`` (with ``config``) resumes."""
     if old.get("model") != new["model"] or old.get("task") != new["task"]:
         return False
-    if old.get("graph") != new["graph"]:
+    if old.get("graph") != new["graph"] or old.get("fixed_circuit") != new.get("fixed_circuit"):
         return False
     try:
         old_cfg = TuneConfig.from_dict(old.get("config", {}))
@@ -308,7 +317,7 @@ def same_run(old: dict[str, Any], new: dict[str, Any], config: TuneConfig) -> bo
 def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """A short description of how two run descriptions differ."""
     parts = []
-    for key in ("model", "task", "graph"):
+    for key in ("model", "task", "graph", "fixed_circuit"):
         if old.get(key) != new.get(key):
             parts.append(f"{key}: {old.get(key)!r} vs {new.get(key)!r}")
     old_cfg, new_cfg = old.get("config", {}), new.get("config", {})

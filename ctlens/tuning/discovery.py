@@ -35,6 +35,10 @@ from ctlens.tuning.controls import MatchedControl, trainable_count
 from ctlens.tuning.distributed import World
 from ctlens.types import Ablation, Selection
 
+SMALL_GRAPH = 256
+"""Senders up to which batch discovery queues as many receiver columns as the store has rows
+(the kernel's default there is 1: a grouped layer's rows were expanded again per hook)."""
+
 Scores = Float[torch.Tensor, "n_senders n_receivers"]
 Means = Float[torch.Tensor, "n_senders seq d_model"]
 
@@ -168,7 +172,10 @@ class CircuitDiscovery:
         b, p = tokens.shape
         store = SenderStore(self.model, graph, b, p, torch.float32)
         scores = torch.zeros(graph.n_senders, graph.n_receivers, device=tokens.device)
-        kernel = EapKernel(graph, store, scores)
+        # a small graph's receivers are scored a store's worth of columns per product: the
+        # queue is no larger than the store (`SenderStore.center` works in place)
+        queue = graph.n_senders if graph.n_senders <= SMALL_GRAPH else None
+        kernel = EapKernel(graph, store, scores, queue=queue)
         hooks = [*kernel.sender_hooks(self.model, -1.0), *kernel.receiver_hooks(self.model)]
         with torch.enable_grad():
             logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
@@ -181,9 +188,10 @@ class CircuitDiscovery:
         loss: torch.Tensor,
         metric_sum: torch.Tensor | None,
         training: bool,
-    ) -> tuple[Scores, Means, bool]:
-        """Edge scores of a recorded forward, the batch means, and whether the loss's
-        backward already ran (``batch_metric="loss"`` while ``training``).
+    ) -> tuple[Scores, Means | None, bool]:
+        """Edge scores of a recorded forward, the batch means (in the forward modes, whose
+        masks read them; else None), and whether the loss's backward already ran
+        (``batch_metric="loss"`` while ``training``).
 
         Score ``(mean - a_s) . dM/dx_r``, summed over positions, averaged over the global
         batch; ``M`` is the task metric (or minus the loss). The mean is per position over
@@ -193,7 +201,8 @@ class CircuitDiscovery:
         use_loss = self.config.batch_metric == "loss" or metric_sum is None
         store = kernel.store
         mask = self.task.train_attention_mask[local].to(store.plain.device)
-        means = store.expanded_means(*store.center(mask, self.world))  # (mean - a_s), 0 at padding
+        centred = store.center(mask, self.world)  # the store holds (mean - a_s), 0 at padding
+        means = store.expanded_means(*centred) if self.config.mode.masks_forward else None
         try:
             if use_loss:
                 kernel.sign = -1.0
@@ -248,11 +257,12 @@ class CircuitDiscovery:
         """The top-N circuit of ``scores`` for step ``t`` (`CircuitSelection.select`)."""
         return self.selection.select(scores, t)
 
-    def random_circuit(self, t: int) -> Circuit:
-        """``mode="random"``: N random valid edges, seeded by ``(seed, t)``."""
+    def random_circuit(self, t: int, n: int | None = None) -> Circuit:
+        """``mode="random"``: N random valid edges (``n``, default the schedule's), seeded by
+        ``(seed, t)``."""
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (t + 1))
         noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
-        n = self.config.top_n_at(t, self.graph.n_edges)
+        n = self.config.top_n_at(t, self.graph.n_edges) if n is None else n
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
         return Circuit(self.graph, circuit.mask, None,
                        {"step": t, "top_n": n, "mode": "random"}, self.model_name)

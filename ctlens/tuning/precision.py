@@ -119,6 +119,15 @@ class Precision:
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.skipped += 1
 
+    def skipped_warning(self, steps_run: int) -> str:
+        """The warning a run ends with when it skipped steps (`skipped`) of ``steps_run``."""
+        return (
+            f"precision='fp16': {self.skipped} of the {steps_run} steps run were skipped "
+            "because float16 overflowed (their gradients or edge scores were not finite; the "
+            "loss scale backed off). If that is many, use precision='bf16' (fp32's range) or "
+            "'fp32'"
+        )
+
     def overflowed(self, scores: torch.Tensor, valid: torch.Tensor) -> bool:
         """Whether fp16 edge scores are not finite on a ``valid`` edge (an overflow, skipped:
         `skip`); always False at other precisions, where `ctlens.Circuit` refuses them."""

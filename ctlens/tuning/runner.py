@@ -16,7 +16,10 @@ steps ``t = 0 .. steps - 1``:
    ``discovery_batches`` batches of the task's discovery pairs. Scores are optionally
    smoothed by an exponential moving average across rediscoveries, then the top-N edges
    (N from the schedule) form the circuit. ``mode="random"`` draws N random valid edges
-   instead (seeded by ``(seed, t)``).
+   instead (seeded by ``(seed, t)``). A **fixed circuit** (``circuit=``, ``ctlens tune
+   --circuit FILE``: a circuit found by any method) replaces discovery: it is entered once
+   and kept (``mode="random"``: one random circuit matched to it as ``random_match`` says,
+   drawn once), and ``run.json`` records its fingerprint, so a run resumes only with it.
 3. **Update.** LM loss on the task's target tokens (+ ``metric_beta * |metric|``, + a user's
    ``extra_loss``). ``"gradient"``: `ctlens.restrict_gradients` (only circuit nodes'
    parameter slices move, frozen slices restored after every optimizer step). ``"forward"``:
@@ -117,6 +120,9 @@ class CircuitTuner:
         model_name: recorded in ``run.json`` (default: the name `load_model` gave the model).
         extra_loss: an extra loss term ``fn(logits, batch) -> scalar`` (not saved in the
             config: pass the same function when resuming).
+        circuit: a fixed circuit to tune inside instead of discovering one (module
+            docstring); a `Circuit` of this model's graph with the config's MLP grouping, in
+            modes ``gradient``, ``forward``, ``both`` and ``random``.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class CircuitTuner:
         config: TuneConfig | None = None,
         model_name: str | None = None,
         extra_loss: ExtraLoss | None = None,
+        circuit: Circuit | None = None,
     ) -> None:
         self.config = config or TuneConfig()
         if not isinstance(self.config, TuneConfig):
@@ -157,6 +164,7 @@ class CircuitTuner:
                                           self.model_name, task_world=self.parallel.task_world)
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
         self.last_loss: float | None = None
+        self.fixed_circuit = _check_fixed_circuit(circuit, self.config, self.graph)
 
     # ------------------------------------------------------------------ public API
 
@@ -242,7 +250,8 @@ class CircuitTuner:
                         last = evaluate(s)
                     if s % cfg.save_every == 0 or s == cfg.steps:
                         save(s)
-            self._warn_skipped(cfg.steps - start_step)
+            if self.precision.skipped and self.world.is_main:  # one warning, with the count
+                warnings.warn(self.precision.skipped_warning(cfg.steps - start_step), stacklevel=3)
             model_dir = None
             if cfg.export:
                 with parallel.gathered():
@@ -290,19 +299,22 @@ class CircuitTuner:
                                                "discovery": "batch", "step": step})
 
     def _random_circuit(self, t: int) -> Circuit:
-        """``mode="random"``'s circuit of step ``t``, matched as ``random_match`` says."""
+        """``mode="random"``'s circuit of step ``t``, matched as ``random_match`` says (to
+        the fixed circuit, if any, else to the one discovery selects)."""
+        fixed = self.fixed_circuit
         if self.config.random_match == "edges":
-            return self.discovery.random_circuit(t)
-        if self.config.discovery == "task":
-            scores = self.discovery.task_scores(t)
+            return self.discovery.random_circuit(t, None if fixed is None else fixed.n_edges)
+        if fixed is not None:
+            target = fixed
+        elif self.config.discovery == "task":
+            target = self.discovery.select(self.discovery.task_scores(t), t)
         else:
-            scores = self._batch_discovery(t)[0]
-        target = self.discovery.select(scores, t)
+            target = self.discovery.select(self._batch_discovery(t)[0], t)
         # the parameter rules' counts read whole parameters (every model, not only GPT-2)
         with self.parallel.gathered():
             return self.discovery.matched_random_circuit(target, t)
 
-    def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_discovery(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``"batch"`` discovery's scores and batch means on step ``step``, no update."""
         local = self._local_rows(step)
         tokens = self.task.train_tokens[local]
@@ -316,7 +328,7 @@ class CircuitTuner:
     def _scores_of(
         self, kernel: Any, local: torch.Tensor, loss: torch.Tensor,
         metric_sum: torch.Tensor | None, training: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """`CircuitDiscovery.batch_scores`. Only a backward shared with the optimizer step
         (the loss's while ``training``) goes through the loss scale (``fp16``), its scores
         unscaled; discovery's own backward runs unscaled (`ctlens.tuning.precision`)."""
@@ -338,17 +350,6 @@ class CircuitTuner:
             self._discover_next = True
         self.precision.skip(scaled)
         scheduler.step()
-
-    def _warn_skipped(self, steps_run: int) -> None:
-        """One warning with the count of steps skipped on an fp16 overflow, if any."""
-        n = self.precision.skipped
-        if n and self.world.is_main:
-            warnings.warn(
-                f"precision='fp16': {n} of the {steps_run} steps run were skipped because "
-                "float16 overflowed (their gradients or edge scores were not finite; the loss "
-                "scale backed off). If that is many, use precision='bf16' (fp32's range) or "
-                "'fp32'", stacklevel=3,
-            )
 
     # ------------------------------------------------------------------ the run directory
 
@@ -382,6 +383,7 @@ class CircuitTuner:
             "ctlens_version": __version__,
             **self.parallel.run_record(self.model),
             "data": C.data_record(self.task),
+            **C.fixed_circuit_record(self.fixed_circuit),
         }
 
     def _checkpoint_state(
@@ -450,11 +452,17 @@ class CircuitTuner:
         tokens = self.task.train_tokens[local]
         discover = cfg.uses_circuit and (t % cfg.every_k == 0 or self._discover_next)
         self._discover_next = False
+        if self.fixed_circuit is not None:  # entered once (a resumed run has it in force)
+            discover = enforcement.circuit is None
         record = False
         if discover:
             enforcement.release()
             if cfg.mode is Mode.RANDOM:
                 enforcement.enter(self._random_circuit(t))
+            elif self.fixed_circuit is not None:
+                enforcement.enter(self.fixed_circuit)
+                if cfg.mode.masks_forward:
+                    enforcement.means = self.discovery.training_means(self._global_rows(t))
             elif cfg.discovery == "task":
                 enforcement.enter(self.discovery.select(self.discovery.task_scores(t), t))
                 if cfg.mode.masks_forward:
@@ -532,6 +540,28 @@ class CircuitTuner:
                                  metric="kl")
             loss = loss + self.extra_loss(logits, batch) * len(local) / n_rows
         return loss, metric_sum
+
+
+def _check_fixed_circuit(circuit: Any, config: TuneConfig, graph: Graph) -> Circuit | None:
+    """``circuit`` if it can be the run's fixed circuit; else the error that says why."""
+    if circuit is None:
+        return None
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+    if not config.uses_circuit:
+        raise ValueError(
+            f"a fixed circuit is tuned inside in modes gradient, forward, both and random; "
+            f"mode={config.mode.value!r} has no circuit (drop the circuit, or choose a mode)"
+        )
+    if circuit.graph != graph:
+        raise ValueError(
+            f"the fixed circuit belongs to another graph ({circuit.graph!r}) than this run's "
+            f"({graph!r}); use a circuit found on this model, with the run's MLP grouping "
+            f"(the circuit has mlp_groups={circuit.graph.spec.mlp_groups})"
+        )
+    if circuit.n_edges == 0:
+        raise ValueError("the fixed circuit has no edges: nothing could be tuned inside it")
+    return circuit
 
 
 def _check_task(task: Any) -> None:
