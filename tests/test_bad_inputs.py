@@ -125,6 +125,65 @@ def test_negative_sizes_reach_their_own_check(capsys: pytest.CaptureFixture) -> 
     assert not Path("never").exists()
 
 
+# ---------------------------------------------------------------------- options that do nothing
+
+IGNORED = [  # (TuneConfig arguments, the option that does nothing there, what it needs)
+    ({"momentum": 0.5}, "momentum=0.5", "optimizer='sgd'"),
+    ({"optimizer": "sgd", "betas": (0.8, 0.99)}, "betas=(0.8,0.99)", "optimizer='adamw'"),
+    ({"discovery": "task", "batch_metric": "loss"}, "batch_metric='loss'", "discovery='batch'"),
+    ({"random_match": "edges"}, "random_match='edges'", "mode='random'"),
+    ({"mode": "full", "lora_rank": 4}, "lora_rank=4", "mode='lora'"),
+    ({"lora_alpha": 4.0}, "lora_alpha=4.0", "mode='lora'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "option", "needs"), IGNORED)
+def test_tune_config_refuses_an_option_that_does_nothing(
+    kwargs: dict, option: str, needs: str
+) -> None:
+    """``--momentum`` with AdamW and ``--betas`` with SGD used to be ignored silently."""
+    with pytest.raises(ValueError) as err:
+        ctlens.TuneConfig(**kwargs)
+    message = str(err.value)
+    assert message.startswith(f"{option} (--") and f"applies only with {needs}" in message
+    assert "\n" not in message
+
+
+def test_an_option_is_kept_where_it_applies() -> None:
+    config = ctlens.TuneConfig(optimizer="sgd", momentum=0.5, mode="random",
+                               random_match="edges")
+    assert (config.momentum, config.random_match) == (0.5, "edges")
+    lora = ctlens.TuneConfig(mode="lora", lora_rank=4, lora_alpha=4.0)
+    assert (lora.lora_rank, lora.lora_alpha) == (4, 4.0)
+    task = ctlens.TuneConfig(discovery="task", discovery_ablation="zero", betas=(0.8, 0.99))
+    assert task.betas == (0.8, 0.99)
+
+
+@pytest.mark.parametrize(("flags", "refused"), [
+    (["--momentum", "0.9"], "--momentum 0.9"),  # the default, given: does nothing with AdamW
+    (["--optimizer", "sgd", "--betas", "0.9", "0.999"], "--betas 0.9 0.999"),
+    (["--mode", "full", "--lora-alpha", "2.5"], "--lora-alpha 2.5"),
+    (["--discovery", "task", "--batch-metric", "task"], "--batch-metric task"),
+])
+def test_tune_refuses_a_flag_that_does_nothing_before_any_work(
+    flags: list[str], refused: str, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    err = _one_line(capsys, ["tune", "--out", str(out), *flags], "applies only with --")
+    assert err.split("error: ")[1].startswith(f"{refused} applies only with --"), err
+    assert "=" not in err  # the command line's spelling only
+    assert not out.exists()
+
+
+def test_an_old_run_with_an_ignored_option_still_resumes() -> None:
+    """A ``run.json`` written before the refusal holds what its run ignored: it reads as the
+    default (it changed nothing), so the run's config still loads and compares equal."""
+    old = ctlens.TuneConfig().to_dict() | {"momentum": 0.3, "lora_rank": 2}
+    assert ctlens.TuneConfig.from_dict(old) == ctlens.TuneConfig()
+    sgd = ctlens.TuneConfig(optimizer="sgd", momentum=0.3).to_dict()
+    assert ctlens.TuneConfig.from_dict(sgd).momentum == 0.3
+
+
 # ---------------------------------------------------------------------- the planner
 
 

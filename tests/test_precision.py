@@ -18,6 +18,7 @@ from tuning_toy import tiny_model, toy_task
 import ctlens
 from ctlens.tuning import RunConflictError, TuneConfig
 from ctlens.tuning import weights as W
+from ctlens.tuning.precision import INITIAL_SCALE
 from ctlens.tuning.runner import CircuitTuner
 
 FAST = dict(top_n=30, steps=4, every_k=4, batch_size=6, lr=1e-2, eval_every=2, save_every=2,
@@ -169,3 +170,77 @@ def test_fp16_resume_keeps_the_loss_scale(tmp_path: Path) -> None:
     for a, b in zip(W.real_parameters(whole.model), W.real_parameters(resumed.model),
                     strict=True):
         assert torch.equal(a, b)
+
+
+def _zoo_run(name: str, precision: str, out: Path, steps: int) -> CircuitTuner:
+    """A ``precision`` gradient run with the default ``"batch"`` discovery on zoo model
+    ``name`` (the task ``ctlens tune`` defaults to)."""
+    model = ctlens.load_model(f"zoo:{name}")
+    task = ctlens.tasks.load("agreement-flip", n=16, n_train=64, n_general=8,
+                             tokenizer=getattr(model, "tokenizer", None))
+    config = TuneConfig(precision=precision, top_n=0.02, steps=steps, batch_size=8,
+                        eval_every=steps, save_every=steps, eval_examples=8,
+                        general_examples=8, progress=False, export=False)
+    tuner = CircuitTuner(model, task, config, model_name=name)
+    tuner.run(out)
+    return tuner
+
+
+@pytest.mark.parametrize("name", ctlens.zoo.names())
+def test_fp16_batch_discovery_skips_no_step_on_a_zoo_model(
+    name: str, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """The loss scale (2^16) made discovery's metric backward overflow float16 at step 1 on
+    every zoo model ("edge scores contain NaN or inf"): discovery's own backward now runs
+    unscaled, and no step is skipped (the 2^16 scale also overflowed mini-gpt2's first
+    gradients: the first scale is `INITIAL_SCALE`; 60-step runs: the slow test below)."""
+    tuner = _zoo_run(name, "fp16", tmp_path / "r", steps=3)
+    assert tuner.precision.skipped == 0
+    assert tuner.precision.scaler.get_scale() == INITIAL_SCALE  # no gradient step backed off
+    assert not [w for w in recwarn if "fp16" in str(w.message)]
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert records[-1]["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ctlens.zoo.names())
+def test_fp16_sixty_steps_skip_none(name: str, tmp_path: Path) -> None:
+    tuner = _zoo_run(name, "fp16", tmp_path / "r", steps=60)
+    assert tuner.precision.skipped == 0
+
+
+@pytest.mark.parametrize("batch_metric", ["task", "loss"])
+def test_fp16_steps_whose_scores_overflow_are_skipped_and_counted(
+    batch_metric: str, tmp_path: Path
+) -> None:
+    """A real overflow (scores made infinite here on the second step) skips that step's
+    update, keeps the circuit in force, backs the scale off when the overflowing backward
+    was the scaled one, and ends the run with one warning naming fp16 and the count. At
+    fp32 the same scores still stop the run (not fp16's overflow: nothing to skip)."""
+    def tuner_of(precision: str) -> CircuitTuner:
+        config = TuneConfig(precision=precision, batch_metric=batch_metric,
+                            **{**FAST, "every_k": 1})
+        tuner = CircuitTuner(tiny_model(), toy_task(), config)
+        scores_of = tuner.discovery.batch_scores
+        calls = []
+
+        def overflow_on_the_second(*args: object) -> tuple:
+            scores, means, done = scores_of(*args)
+            calls.append(1)
+            return (scores * float("inf") if len(calls) == 2 else scores), means, done
+
+        tuner.discovery.batch_scores = overflow_on_the_second  # type: ignore[method-assign]
+        return tuner
+
+    tuner = tuner_of("fp16")
+    circuits: list = []
+    enter = tuner.discovery.select
+    tuner.discovery.select = lambda s, t: circuits.append(t) or enter(s, t)  # type: ignore
+    with pytest.warns(UserWarning, match=r"precision='fp16': 1 of the 4 steps run were "
+                                         r"skipped because float16 overflowed"):
+        tuner.run(tmp_path / "fp16")
+    assert tuner.precision.skipped == 1 and circuits == [0, 2, 3]  # step 1 selected nothing
+    assert tuner.precision.scaler.get_scale() == INITIAL_SCALE / (2 if batch_metric == "loss"
+                                                                  else 1)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        tuner_of("fp32").run(tmp_path / "fp32")

@@ -36,7 +36,7 @@ from ctlens.cli.support import (
 from ctlens.dir_lock import DirLock
 from ctlens.run_format import RUN_LOCK_HOLDER
 from ctlens.sizes import parse_size
-from ctlens.tuning.config import TuneConfig
+from ctlens.tuning.config import APPLIES_ONLY, TuneConfig
 
 DEFAULT_TASK = "agreement-flip"
 """``ctlens discover``'s default task (agreement) with the answers swapped: the paper's
@@ -72,7 +72,7 @@ _HELP: dict[str, str] = {
     "batch_size": "training rows per step (global, across ranks)",
     "lr": "learning rate",
     "weight_decay": "weight decay (AdamW's decoupled, or SGD's)",
-    "betas": "AdamW betas",
+    "betas": "AdamW betas (--optimizer adamw)",
     "grad_clip": "gradient-norm clipping (none: off)",
     "lr_schedule": "learning-rate decay after warm-up",
     "warmup_steps": "linear warm-up steps",
@@ -189,31 +189,44 @@ def _flags_first(key: str) -> tuple[bool, str]:
     return key not in ("model", "task"), key
 
 
+class _Given(argparse.Action):
+    """Stores the value like argparse's default action and records the option as given
+    (``args.given``), so that one given where it does nothing is refused even at its default
+    value (`TuneConfig.refuse_inapplicable`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                  values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def _add_field(p: argparse.ArgumentParser, field: dataclasses.Field, hint: Any) -> None:
     flag = "--" + field.name.replace("_", "-")
     help_text = _HELP.get(field.name, field.name)
     default = field.default.value if isinstance(field.default, Enum) else field.default
     args = typing.get_args(hint)
     words = _choices(hint)
+    given: dict[str, Any] = {"action": _Given} if field.name in APPLIES_ONLY else {}
     if hint is bool:
         p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                        help=help_text)
     elif words is not None:
-        p.add_argument(flag, choices=words, default=default, help=help_text)
+        p.add_argument(flag, choices=words, default=default, help=help_text, **given)
     elif field.name in ("top_n", "top_n_start"):
         kind = parse_size if field.name == "top_n" else _optional(parse_size)
-        p.add_argument(flag, type=kind, default=default, help=help_text)
+        p.add_argument(flag, type=kind, default=default, help=help_text, **given)
     elif field.name == "max_memory":
         p.add_argument(flag, type=memory_size, default=default, help=help_text)
     elif field.name == "betas":
         p.add_argument(flag, type=float, nargs=2, default=list(default), metavar=("B1", "B2"),
-                       help=help_text)
+                       help=help_text, **given)
     elif type(None) in args:
         inner = next(a for a in args if a is not type(None))
         note = "" if "none" in help_text else " (a number or 'none')"
-        p.add_argument(flag, type=_optional(inner), default=default, help=help_text + note)
+        p.add_argument(flag, type=_optional(inner), default=default, help=help_text + note,
+                       **given)
     else:
-        p.add_argument(flag, type=hint, default=default, help=help_text)
+        p.add_argument(flag, type=hint, default=default, help=help_text, **given)
 
 
 def _choices(hint: Any) -> list[str] | None:
@@ -240,10 +253,13 @@ def _optional(kind: type) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> TuneConfig:
-    """The `TuneConfig` described by parsed ``ctlens tune`` arguments."""
+    """The `TuneConfig` described by parsed ``ctlens tune`` arguments; an option given where
+    it does nothing (``--momentum`` with AdamW) is refused."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)}
     values["betas"] = tuple(values["betas"])
-    return TuneConfig(**values)
+    config = TuneConfig(**values)
+    config.refuse_inapplicable(getattr(args, "given", ()))  # given, though at its default
+    return config
 
 
 def run_tune(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ checkpoint only needs the step (plus the learning-rate scheduler's own state, sa
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any, Literal
@@ -34,6 +35,18 @@ _UNSHARDED_WHY = {
 OPERATIONAL_FIELDS: frozenset[str] = frozenset(
     {"progress", "keep_checkpoints", "shard", "checkpoint_format"}
 )
+
+APPLIES_ONLY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "momentum": ("optimizer", ("sgd",)),
+    "betas": ("optimizer", ("adamw",)),
+    "batch_metric": ("discovery", ("batch",)),
+    "random_match": ("mode", ("random",)),
+    "lora_rank": ("mode", ("lora",)),
+    "lora_alpha": ("mode", ("lora",)),
+}
+"""Options that do something only where another field has one of the values named:
+``option: (field, values)``. Elsewhere `TuneConfig` refuses a value other than the option's
+default, and ``ctlens tune`` refuses the flag given at all (`TuneConfig.refuse_inapplicable`)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +242,31 @@ class TuneConfig:
         _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        self.refuse_inapplicable(name for name in APPLIES_ONLY
+                                 if getattr(self, name) != defaults[name])
+
+    def refuse_inapplicable(self, names: Iterable[str]) -> None:
+        """Refuse, in one line naming the option and what it needs, any of ``names`` that
+        does nothing with this configuration (`APPLIES_ONLY`: ``momentum`` with AdamW,
+        ``betas`` with SGD, ...), instead of ignoring it silently."""
+        for name in names:
+            if name not in APPLIES_ONLY:
+                continue
+            field, values = APPLIES_ONLY[name]
+            current = str(getattr(self, field))
+            if current in values:
+                continue
+            value = getattr(self, name)
+            spelled = (f"({','.join(map(str, value))})" if isinstance(value, tuple)
+                       else repr(value))
+            typed = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            needs = " or ".join(f"{field}={v!r} ({_flag(field)} {v})" for v in values)
+            raise ValueError(
+                f"{name}={spelled} ({_flag(name)} {typed}) applies only with {needs}; with "
+                f"{field}={current!r} ({_flag(field)} {current}) it does nothing: leave it out, "
+                f"or choose {needs}"
+            )
 
     @property
     def uses_circuit(self) -> bool:
@@ -246,12 +284,18 @@ class TuneConfig:
     def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
         """Inverse of `to_dict`; unknown keys are ignored (forward compatibility), a missing
         ``random_match`` reads as ``"edges"`` and a missing ``general_examples`` as the
-        ``eval_examples`` (what runs did before each existed)."""
+        ``eval_examples`` (what runs did before each existed), and an option that did
+        nothing in the run (`APPLIES_ONLY`; written before such values were refused) reads
+        as its default."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("random_match", "edges")  # written before random_match existed
         if "eval_examples" in values:  # written before general_examples existed
             values.setdefault("general_examples", values["eval_examples"])
+        defaults = {f.name: f.default for f in fields(cls)}
+        for name, (field, allowed) in APPLIES_ONLY.items():
+            if str(values.get(field, defaults[field])) not in allowed:
+                values.pop(name, None)  # did nothing in that run (`APPLIES_ONLY`)
         return cls(**values)
 
     def semantic_dict(self) -> dict[str, Any]:
@@ -315,6 +359,11 @@ def _progress(schedule: str, step: int, total: int) -> float:
     if schedule == "linear":
         return t
     return (1.0 - math.cos(math.pi * t)) / 2.0
+
+
+def _flag(name: str) -> str:
+    """``ctlens tune``'s flag for field ``name``."""
+    return "--" + name.replace("_", "-")
 
 
 def _set(config: TuneConfig, name: str, value: Any) -> None:

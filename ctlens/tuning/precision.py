@@ -11,10 +11,15 @@ records it) under `torch.autocast`; everything else stays fp32:
 
 ``"fp16"`` scales the loss with a `torch.amp.GradScaler` on the model's device (CUDA, or
 the CPU), so small gradients do not flush to zero: gradients are unscaled before clipping,
-a step whose gradients overflow is skipped, and discovery's backward is scaled the same
-way and its scores divided by the scale (a power of two: exact). The scaler's state (scale,
-growth tracker) is saved in every checkpoint, so a resumed ``fp16`` run continues with the
-scale it had (checkpoints written before this read as the initial scale).
+and a step whose gradients overflow is skipped. ``"batch"`` discovery's own backward (of
+the task metric) runs unscaled: the metric's gradients are not small, and the scale
+would overflow float16 with them; only a backward shared with the step (the
+loss's, ``batch_metric="loss"``) is scaled, and its scores divided by the scale (a power
+of two: exact). A step whose fp16 scores still overflow is skipped like one whose
+gradients do (`skip`); `skipped` counts both, and the run warns with the count at its end.
+The scaler's state (scale, growth tracker) is saved in every checkpoint, so a resumed
+``fp16`` run continues with the scale it had (checkpoints written before this read as the
+initial scale).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from typing import Any
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+INITIAL_SCALE = 2.0**12
+"""``fp16``'s first loss scale: `torch.amp.GradScaler`'s own 2^16 overflowed the first
+step's gradients on the zoo's mini-gpt2 (a skipped step); 2^12 overflows none of the zoo
+models' 60-step runs, and the scaler still grows it where gradients stay small."""
 
 
 class Precision:
@@ -60,7 +69,9 @@ class Precision:
             )
         self.scaler: Any = None
         if precision == "fp16":
-            self.scaler = torch.amp.GradScaler(self.device_type)
+            self.scaler = torch.amp.GradScaler(self.device_type, init_scale=INITIAL_SCALE)
+        self.skipped = 0
+        """Steps of this process's run (since its start or resume) skipped on an overflow."""
 
     def state(self) -> dict[str, Any] | None:
         """The loss scaler's state for a checkpoint (``None`` without one)."""
@@ -95,5 +106,31 @@ class Precision:
         if self.scaler is None:
             optimizer.step()
         else:
+            scale = self.scaler.get_scale()
             self.scaler.step(optimizer)
             self.scaler.update()
+            self.skipped += self.scaler.get_scale() < scale  # backed off: the step was skipped
+
+    def skip(self, scaled: bool) -> None:
+        """Count a step skipped before its update because its fp16 edge scores overflowed;
+        when they came from the scaled backward (``scaled``), the scale backs off as on an
+        overflowing gradient step."""
+        if self.scaler is not None and scaled:
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        self.skipped += 1
+
+    def skipped_warning(self, steps_run: int) -> str:
+        """The warning a run ends with when it skipped steps (`skipped`) of ``steps_run``."""
+        return (
+            f"precision='fp16': {self.skipped} of the {steps_run} steps run were skipped "
+            "because float16 overflowed (their gradients or edge scores were not finite; the "
+            "loss scale backed off). If that is many, use precision='bf16' (fp32's range) or "
+            "'fp32'"
+        )
+
+    def overflowed(self, scores: torch.Tensor, valid: torch.Tensor) -> bool:
+        """Whether fp16 edge scores are not finite on a ``valid`` edge (an overflow, skipped:
+        `skip`); always False at other precisions, where `ctlens.Circuit` refuses them."""
+        return self.scaler is not None and not bool(
+            torch.isfinite(torch.where(valid, scores, 0.0)).all()
+        )

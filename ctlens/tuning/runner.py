@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,7 @@ class CircuitTuner:
         self.train_data: TaskData | None = getattr(task, "train_data", None)
         self.extra_loss = extra_loss
         self.precision = Precision(self.config.precision, model)
+        self._discover_next = False  # an fp16 overflow skipped the first discovery
         self.discovery = CircuitDiscovery(model, task, self.config, self.graph, self.world,
                                           self.model_name, task_world=self.parallel.task_world)
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
@@ -252,6 +254,8 @@ class CircuitTuner:
                         last = evaluate(s)
                     if s % cfg.save_every == 0 or s == cfg.steps:
                         save(s)
+            if self.precision.skipped and self.world.is_main:  # one warning, with the count
+                warnings.warn(self.precision.skipped_warning(cfg.steps - start_step), stacklevel=3)
             model_dir = None
             if cfg.export:
                 with parallel.gathered():
@@ -329,13 +333,27 @@ class CircuitTuner:
         self, kernel: Any, local: torch.Tensor, loss: torch.Tensor,
         metric_sum: torch.Tensor | None, training: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """`CircuitDiscovery.batch_scores` through the loss scale (``fp16``), unscaled."""
-        scale = self.precision.scale
+        """`CircuitDiscovery.batch_scores`. Only a backward shared with the optimizer step
+        (the loss's while ``training``) goes through the loss scale (``fp16``), its scores
+        unscaled; discovery's own backward runs unscaled (`ctlens.tuning.precision`)."""
+        shared = training and (self.config.batch_metric == "loss" or metric_sum is None)
         scores, means, done = self.discovery.batch_scores(
-            kernel, local, scale(loss), None if metric_sum is None else scale(metric_sum),
+            kernel, local, self.precision.scale(loss) if shared else loss, metric_sum,
             training,
         )
-        return self.precision.unscale_scores(scores), means, done
+        return self.precision.unscale_scores(scores) if shared else scores, means, done
+
+    def _skip_step(self, enforcement: Enforcement, scheduler: Any, scaled: bool) -> None:
+        """Skip this step's update: its fp16 edge scores overflowed. The circuit in force
+        before stays (with none yet, the next step discovers again), the skip is counted
+        (`Precision.skip`; the run warns at its end) and the schedule moves on."""
+        enforcement.optimizer.zero_grad(set_to_none=True)
+        if enforcement.circuit is not None:
+            enforcement.enter(enforcement.circuit)
+        else:
+            self._discover_next = True
+        self.precision.skip(scaled)
+        scheduler.step()
 
     # ------------------------------------------------------------------ the run directory
 
@@ -436,7 +454,8 @@ class CircuitTuner:
         cfg = self.config
         local = self._local_rows(t)
         tokens = self.task.train_tokens[local]
-        discover = cfg.uses_circuit and t % cfg.every_k == 0
+        discover = cfg.uses_circuit and (t % cfg.every_k == 0 or self._discover_next)
+        self._discover_next = False
         if self.fixed_circuit is not None:  # entered once (a resumed run has it in force)
             discover = enforcement.circuit is None
         record = False
@@ -455,6 +474,8 @@ class CircuitTuner:
             elif cfg.mode.masks_forward:
                 # the circuit (and its means) must be known before the masked forward
                 scores, means = self._batch_discovery(t)
+                if self.precision.overflowed(scores, self.graph.dense_valid):
+                    return self._skip_step(enforcement, scheduler, scaled=False)
                 enforcement.enter(self.discovery.select(scores, t), means)
             else:
                 record = True
@@ -473,6 +494,8 @@ class CircuitTuner:
             if kernel is not None:
                 scores, means, backward_done = self._scores_of(kernel, local, loss, metric_sum,
                                                                True)
+                if self.precision.overflowed(scores, self.graph.dense_valid):
+                    return self._skip_step(enforcement, scheduler, scaled=backward_done)
                 if not backward_done:
                     self.precision.scale(loss).backward()
                 enforcement.enter(self.discovery.select(scores, t), means)
