@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from ctlens import run_format as F
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
-from ctlens.graph import Graph, require_graph_of
+from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
 from ctlens.tuning import checkpoints as C
 from ctlens.tuning.checkpoint_state import CheckpointState
@@ -76,6 +76,7 @@ from ctlens.tuning.discovery import CircuitDiscovery
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
+from ctlens.tuning.inputs import check_fixed_circuit, check_lengths, check_task, tuning_graph
 from ctlens.tuning.parallel import parallelism
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
@@ -141,11 +142,11 @@ class CircuitTuner:
         self.config = config or TuneConfig()
         if not isinstance(self.config, TuneConfig):
             raise TypeError(f"config must be a TuneConfig, got {type(self.config).__name__}")
-        _check_task(task)
+        check_task(task)
         self.model = model
         self.task = task
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
-        self.graph = _tuning_graph(model, self.config.groups_for(d_mlp), graph)
+        self.graph = tuning_graph(model, self.config.groups_for(d_mlp), graph)
         self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
@@ -156,7 +157,7 @@ class CircuitTuner:
         vocab = model.cfg.d_vocab
         if int(task.train_tokens.max()) >= vocab or int(task.train_tokens.min()) < 0:
             raise ValueError(f"train_tokens hold ids outside the model's vocabulary of {vocab}")
-        _check_lengths(task, model.cfg.n_ctx)
+        check_lengths(task, model.cfg.n_ctx)
         self.model_name = model_name or getattr(model.cfg, "model_name", None) or "external"
         self.task_name = str(getattr(task, "name", "custom"))
         self.target_eval = getattr(task, "target_eval", None) or next(iter(task.evals))
@@ -168,7 +169,7 @@ class CircuitTuner:
                                           self.model_name, task_world=self.parallel.task_world)
         self.evaluator = Evaluator(model, task, self.config, self.graph, self.target_eval)
         self.last_loss: float | None = None
-        self.fixed_circuit = _check_fixed_circuit(circuit, self.config, self.graph)
+        self.fixed_circuit = check_fixed_circuit(circuit, self.config, self.graph)
 
     # ------------------------------------------------------------------ public API
 
@@ -544,68 +545,3 @@ class CircuitTuner:
                                  metric="kl")
             loss = loss + self.extra_loss(logits, batch) * len(local) / n_rows
         return loss, metric_sum
-
-
-def _check_fixed_circuit(circuit: Any, config: TuneConfig, graph: Graph) -> Circuit | None:
-    """``circuit`` if it can be the run's fixed circuit; else the error that says why."""
-    if circuit is None:
-        return None
-    if not isinstance(circuit, Circuit):
-        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
-    if not config.uses_circuit:
-        raise ValueError(
-            f"a fixed circuit is tuned inside in modes gradient, forward, both and random; "
-            f"mode={config.mode.value!r} has no circuit (drop the circuit, or choose a mode)"
-        )
-    if circuit.graph != graph:
-        raise ValueError(
-            f"the fixed circuit belongs to another graph ({circuit.graph!r}) than this run's "
-            f"({graph!r}); use a circuit found on this model, with the run's MLP grouping "
-            f"(the circuit has mlp_groups={circuit.graph.spec.mlp_groups})"
-        )
-    if circuit.n_edges == 0:
-        raise ValueError("the fixed circuit has no edges: nothing could be tuned inside it")
-    return circuit
-
-
-def _tuning_graph(model: Any, mlp_groups: int, graph: Graph | None) -> Graph:
-    """The run's graph: ``graph`` when the caller passed the model's graph with the run's
-    MLP grouping (checked, not rebuilt), else the model's graph built here."""
-    if graph is None:
-        return Graph.from_model(model, mlp_groups=mlp_groups)
-    if graph.spec.mlp_groups != mlp_groups:
-        raise ValueError(f"graph= is {graph!r}; the run's config tunes on the model's graph "
-                         f"with {mlp_groups} MLP group(s). Pass that graph, or none.")
-    return require_graph_of(model, graph, what="graph passed as graph=")
-
-
-def _check_task(task: Any) -> None:
-    missing = [name for name in ("discovery", "train_tokens", "train_target_mask",
-                                 "train_attention_mask", "evals") if not hasattr(task, name)]
-    if missing:
-        raise TypeError(
-            f"the task lacks {missing}; pass a ctlens.tasks.Task or an object with the "
-            "fields of ctlens.tuning.TuneTask"
-        )
-    shape = task.train_tokens.shape
-    for name in ("train_target_mask", "train_attention_mask"):
-        if getattr(task, name).shape != shape:
-            raise ValueError(f"task.{name} must have the shape of train_tokens {tuple(shape)}")
-    if not task.evals:
-        raise ValueError("the task has no evaluation sets (task.evals is empty)")
-    target = getattr(task, "target_eval", None)
-    if target is not None and target not in task.evals:
-        raise ValueError(f"task.target_eval {target!r} is not one of {list(task.evals)}")
-    if int(task.train_target_mask[:, 1:].sum()) == 0:
-        raise ValueError("task.train_target_mask selects no target tokens (column 0 never counts)")
-
-
-def _check_lengths(task: Any, n_ctx: int) -> None:
-    """Refuse token rows longer than the model's context (the embedding would fail)."""
-    for name in ("train_tokens", "general_tokens"):
-        tokens = getattr(task, name, None)
-        if tokens is not None and tokens.shape[1] > n_ctx:
-            raise ValueError(
-                f"task.{name} rows are {tokens.shape[1]} tokens long but the model's context "
-                f"is {n_ctx} tokens; shorten or split the rows (for a JSONL task, its prompts)"
-            )

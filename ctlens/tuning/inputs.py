@@ -1,0 +1,76 @@
+"""What `ctlens.tuning.CircuitTuner` accepts: its task, its graph and a fixed circuit, each
+checked once when the tuner is built, with one error that says how to fix the input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ctlens.circuit import Circuit
+from ctlens.graph import Graph, require_graph_of
+from ctlens.tuning.config import TuneConfig
+
+
+def check_fixed_circuit(circuit: Any, config: TuneConfig, graph: Graph) -> Circuit | None:
+    """``circuit`` if it can be the run's fixed circuit; else the error that says why."""
+    if circuit is None:
+        return None
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a ctlens.Circuit, got {type(circuit).__name__}")
+    if not config.uses_circuit:
+        raise ValueError(
+            f"a fixed circuit is tuned inside in modes gradient, forward, both and random; "
+            f"mode={config.mode.value!r} has no circuit (drop the circuit, or choose a mode)"
+        )
+    if circuit.graph != graph:
+        raise ValueError(
+            f"the fixed circuit belongs to another graph ({circuit.graph!r}) than this run's "
+            f"({graph!r}); use a circuit found on this model, with the run's MLP grouping "
+            f"(the circuit has mlp_groups={circuit.graph.spec.mlp_groups})"
+        )
+    if circuit.n_edges == 0:
+        raise ValueError("the fixed circuit has no edges: nothing could be tuned inside it")
+    return circuit
+
+
+def tuning_graph(model: Any, mlp_groups: int, graph: Graph | None) -> Graph:
+    """The run's graph: ``graph`` when the caller passed the model's graph with the run's
+    MLP grouping (checked, not rebuilt), else the model's graph built here."""
+    if graph is None:
+        return Graph.from_model(model, mlp_groups=mlp_groups)
+    if graph.spec.mlp_groups != mlp_groups:
+        raise ValueError(f"graph= is {graph!r}; the run's config tunes on the model's graph "
+                         f"with {mlp_groups} MLP group(s). Pass that graph, or none.")
+    return require_graph_of(model, graph, what="graph passed as graph=")
+
+
+def check_task(task: Any) -> None:
+    """Refuse a task without the fields the tuner reads, or with inconsistent ones."""
+    missing = [name for name in ("discovery", "train_tokens", "train_target_mask",
+                                 "train_attention_mask", "evals") if not hasattr(task, name)]
+    if missing:
+        raise TypeError(
+            f"the task lacks {missing}; pass a ctlens.tasks.Task or an object with the "
+            "fields of ctlens.tuning.TuneTask"
+        )
+    shape = task.train_tokens.shape
+    for name in ("train_target_mask", "train_attention_mask"):
+        if getattr(task, name).shape != shape:
+            raise ValueError(f"task.{name} must have the shape of train_tokens {tuple(shape)}")
+    if not task.evals:
+        raise ValueError("the task has no evaluation sets (task.evals is empty)")
+    target = getattr(task, "target_eval", None)
+    if target is not None and target not in task.evals:
+        raise ValueError(f"task.target_eval {target!r} is not one of {list(task.evals)}")
+    if int(task.train_target_mask[:, 1:].sum()) == 0:
+        raise ValueError("task.train_target_mask selects no target tokens (column 0 never counts)")
+
+
+def check_lengths(task: Any, n_ctx: int) -> None:
+    """Refuse token rows longer than the model's context (the embedding would fail)."""
+    for name in ("train_tokens", "general_tokens"):
+        tokens = getattr(task, name, None)
+        if tokens is not None and tokens.shape[1] > n_ctx:
+            raise ValueError(
+                f"task.{name} rows are {tokens.shape[1]} tokens long but the model's context "
+                f"is {n_ctx} tokens; shorten or split the rows (for a JSONL task, its prompts)"
+            )
