@@ -241,12 +241,16 @@ def test_cli(tmp_path, capsys):
     assert "available" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", [
+    # mini-gpt2's retraining (13-18 minutes on 2 cores) is `long`: CI's slow stage, which
+    # must end within the hour, leaves it out; `pytest -m long` runs it
+    pytest.param(name, marks=pytest.mark.long if name == "mini-gpt2" else pytest.mark.slow)
+    for name in SHIPPED
+])
 def test_retraining_reproduces_shipped_accuracies(tmp_path, name):
     """Retrain with the shipped recipe (seed, steps, threads): the same accuracies.
 
-    About 8 minutes per tiny model and 13 for mini-gpt2 on 2 idle cores. Accuracies, not
+    About 8 minutes per tiny model and 13-18 for mini-gpt2 on 2 idle cores. Accuracies, not
     bits, are compared: the bits also depend on the CPU's kernels (``scripts/zoo_check.py``
     records a bit-level check).
     """
