@@ -115,7 +115,7 @@ def run(repeats: int) -> tuple[list[tuple[str, float, str]], str]:
 
         for label, circuit in circuits.items():
             # the hooks edge_mask installs; entering them is not timed
-            mask = EdgeMask(model, circuit, Ablation.MEAN)
+            mask = EdgeMask(model, circuit, Ablation.MEAN, circuit.graph)
             mask.set_means(means[circuit.graph.spec.mlp_groups])
             hooks = mask.hooks()
 
