@@ -97,6 +97,54 @@ def sender_hooks(
     return hooks
 
 
+class EdgeHooks:
+    """What a forward rewritten at a graph's edges shares (`ctlens.masking.EdgeMask`,
+    `ctlens.learning.GatedForward`): one hook list, every sender's output then every
+    receiver's input, whose first input hook marks a new forward (``_new_forward``), and
+    `paused`. Subclasses define ``_on_sender`` and ``_on_receiver``, and ``_on_hidden``
+    when they read a grouped MLP's hidden activation (`sender_hooks`)."""
+
+    _on_hidden: HiddenCallback | None = None
+
+    def __init__(self, model: Any, graph: Graph) -> None:
+        self.model = model
+        self.graph = graph
+        self._new_forward = False
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside: forwards run plain (the hooks stay installed but do nothing)."""
+        before = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """The ``(hook_name, fn)`` pairs to install: sender outputs, then receiver inputs."""
+        first_input = HookLayout.from_model(self.model).input_hooks[0]
+        hooks: list[tuple[str, Any]] = []
+        for name, fn in sender_hooks(self.model, self.graph, self._on_sender, self._on_hidden):
+            hooks.append((name, self._marks_new_forward(fn) if name == first_input else fn))
+        return hooks + receiver_hooks(self.model, self.graph, self._on_receiver)
+
+    def _marks_new_forward(self, fn: Any) -> Any:
+        def hook(activation: torch.Tensor, hook: Any) -> Any:
+            self._new_forward = True
+            return fn(activation, hook)
+
+        return hook
+
+    def _on_sender(self, rows: slice, act: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _on_receiver(self, columns: slice, n_up: int,
+                     x: torch.Tensor) -> torch.Tensor | GroupedInput:
+        raise NotImplementedError
+
+
 def _hidden_hook(hidden: HiddenCallback, layer: int) -> Callable[..., None]:
     def hook(post: torch.Tensor, hook: Any) -> None:
         hidden(layer, post)

@@ -34,24 +34,21 @@ penalty.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
 from ctlens.bridge.hooks import (
+    EdgeHooks,
     eval_mode,
     final_logits,
     flat,
-    receiver_hooks,
     run_to_final_residual,
     sender_hooks,
 )
 from ctlens.bridge.mlp_groups import GroupedInput
-from ctlens.bridge.names import HookLayout
 from ctlens.graph import Graph
 from ctlens.types import Ablation
 
@@ -119,7 +116,7 @@ class _GatedSum(torch.autograd.Function):
         return tuple(grads)
 
 
-class GatedForward:
+class GatedForward(EdgeHooks):
     """Hooks that run a model with one gate per edge (module docstring).
 
     Install `hooks` (``with model.hooks(fwd_hooks=gated.hooks()):``), then set the gates
@@ -142,8 +139,7 @@ class GatedForward:
     ) -> None:
         if (means is None) == (ablation is Ablation.MEAN):
             raise ValueError("GatedForward takes means exactly when the ablation is 'mean'")
-        self.model = model
-        self.graph = graph
+        super().__init__(model, graph)
         self.ablation = ablation
         self.d_model = int(model.cfg.d_model)
         self._means = means
@@ -151,8 +147,6 @@ class GatedForward:
         self._gates: torch.Tensor | None = None
         self._buffer: torch.Tensor | None = None  # this forward's a^ref - a (detached)
         self._parts: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, live)
-        self._new_forward = False
-        self._paused = False
 
     # -------------------------------------------------------------- controls
 
@@ -197,34 +191,7 @@ class GatedForward:
         with self.paused():
             return final_logits(self.model, residual)
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Inside: forwards run ungated (the hooks stay installed but do nothing)."""
-        before = self._paused
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = before
-
-    def hooks(self) -> list[tuple[str, Any]]:
-        """The ``(hook_name, fn)`` pairs: sender outputs, then receiver inputs."""
-        first_input = HookLayout.from_model(self.model).input_hooks[0]
-        hooks: list[tuple[str, Any]] = []
-        for name, fn in sender_hooks(self.model, self.graph, self._on_sender):
-            if name == first_input:
-                fn = self._marks_new_forward(fn)
-            hooks.append((name, fn))
-        return hooks + receiver_hooks(self.model, self.graph, self._on_receiver)
-
     # -------------------------------------------------------------- hooks
-
-    def _marks_new_forward(self, fn: Any) -> Any:
-        def hook(activation: torch.Tensor, hook: Any) -> Any:
-            self._new_forward = True
-            return fn(activation, hook)
-
-        return hook
 
     def _reference_rows(self, rows: slice, p: int) -> torch.Tensor | None:
         """``a^ref`` of senders ``rows`` as ``[n, (batch), pos, d]`` (None for zero)."""

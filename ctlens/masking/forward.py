@@ -55,14 +55,13 @@ import torch
 from jaxtyping import Float
 
 from ctlens.bridge.hooks import (
+    EdgeHooks,
     eval_mode,
     flat,
     model_device,
-    receiver_hooks,
     sender_hooks,
 )
 from ctlens.bridge.mlp_groups import GroupedInput, mlp_parts
-from ctlens.bridge.names import HookLayout
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph, require_graph_of
@@ -73,7 +72,7 @@ from ctlens.spans import SpanOrder
 from ctlens.types import Ablation, NodeKind
 
 
-class EdgeMask:
+class EdgeMask(EdgeHooks):
     """The handle `edge_mask` yields; it holds the circuit and the ablation reference.
 
     Methods change what the installed hooks do; they never add or remove hooks.
@@ -94,8 +93,7 @@ class EdgeMask:
     def __init__(self, model: Any, circuit: Circuit, ablation: Ablation, graph: Graph) -> None:
         """``graph``: the model's graph, checked against it once by the caller (`edge_mask`,
         `ctlens.faithfulness`); every circuit enforced must be of it."""
-        self.model = model
-        self.graph = graph
+        super().__init__(model, graph)
         self._order: SpanOrder | None = None  # positional: this batch's cells by span
         self._ref_cells: torch.Tensor | None = None  # the corrupt reference, cells by span
         self.ablation = ablation
@@ -106,8 +104,6 @@ class EdgeMask:
         self._ref: Float[torch.Tensor, "n_senders batch pos d_model"] | None = None
         self._buffer: torch.Tensor | None = None  # this forward's sender outputs (detached)
         self._parts: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, live)
-        self._new_forward = False
-        self._paused = False
         self._prefix: dict[int, torch.Tensor] = {}  # n -> live sum of senders 0..n
         self._ref_prefix: dict[int, torch.Tensor] = {}  # n -> sum of reference senders 0..n
         spec = self.graph.spec
@@ -196,27 +192,6 @@ class EdgeMask:
                              f"spans {list(self.graph.spans)} (-1 on padding)")
         self._order = SpanOrder(labels, self.graph.n_spans)
         self._ref_cells = None  # sorted again by the next forward
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Inside: forwards run unmasked (the hooks stay installed but do nothing)."""
-        before = self._paused
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = before
-
-    def hooks(self) -> list[tuple[str, Any]]:
-        """The ``(hook_name, fn)`` pairs this mask needs: sender outputs, receiver inputs."""
-        first_input = HookLayout.from_model(self.model).input_hooks[0]
-        hooks: list[tuple[str, Any]] = []
-        for name, fn in sender_hooks(self.model, self.graph, self._on_sender, self._on_hidden):
-            if name == first_input:
-                fn = self._marks_new_forward(fn)
-            hooks.append((name, fn))
-        hooks += receiver_hooks(self.model, self.graph, self._on_receiver)
-        return hooks
 
     # -------------------------------------------------------------- planning
 
@@ -359,13 +334,6 @@ class EdgeMask:
         self._plan = plan
 
     # -------------------------------------------------------------- hooks
-
-    def _marks_new_forward(self, fn: Any) -> Any:
-        def hook(activation: torch.Tensor, hook: Any) -> Any:
-            self._new_forward = True
-            return fn(activation, hook)
-
-        return hook
 
     def _on_sender(self, rows: slice, act: torch.Tensor) -> None:
         plan = self._plan
