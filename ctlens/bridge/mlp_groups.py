@@ -192,13 +192,7 @@ def receiver_hooks(
 
         return hook
 
-    hooks: list[Hook] = [
-        (HookLayout.mlp_in(layer), read),
-        (HookLayout.mlp_projection_out(layer, "in"), project(0)),
-    ]
-    if parts.w_gate is not None:
-        hooks.append((HookLayout.mlp_projection_out(layer, "gate"), project(1)))
-    return hooks
+    return _input_and_projection_hooks(layer, parts, read, project)
 
 
 GradientCallback = Callable[[slice, Callable[[torch.Tensor], None]], None]
@@ -212,6 +206,21 @@ the handle and the tensor)."""
 # Norms whose input gradient `_norm_backward_` computes in closed form (the rest go through
 # autograd, `norm_backward`): HF's RMSNorms of this form compute ``w * x / rms(x)``.
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+
+
+def _input_and_projection_hooks(
+    layer: int, parts: MLPParts, read: Callable[..., Any],
+    project: Callable[[int], Callable[..., Any]],
+) -> list[Hook]:
+    """``read`` at the layer's MLP input, ``project(0)`` at its input projection's output and,
+    on a gated MLP, ``project(1)`` at the gate projection's output."""
+    hooks: list[Hook] = [
+        (HookLayout.mlp_in(layer), read),
+        (HookLayout.mlp_projection_out(layer, "in"), project(0)),
+    ]
+    if parts.w_gate is not None:
+        hooks.append((HookLayout.mlp_projection_out(layer, "gate"), project(1)))
+    return hooks
 
 
 def norm_backward(
@@ -295,13 +304,7 @@ def gradient_hooks(
 
         return hook
 
-    hooks: list[Hook] = [
-        (HookLayout.mlp_in(layer), read),
-        (HookLayout.mlp_projection_out(layer, "in"), project(0)),
-    ]
-    if parts.w_gate is not None:
-        hooks.append((HookLayout.mlp_projection_out(layer, "gate"), project(1)))
-    return hooks
+    return _input_and_projection_hooks(layer, parts, read, project)
 
 
 def _fill_group_grads(
