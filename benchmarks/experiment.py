@@ -346,17 +346,18 @@ def estimate(args: argparse.Namespace, todo: list[Condition]) -> str:
     measured = seconds_per_run(args)
     lines = [f"{'model':22s} {'runs left':>9s} {'s/run (by mode)':>40s} {'hours':>7s}"]
     total = 0.0
+    unmeasured = []
     for model in args.models.split(","):
         mine = [c for c in todo if c.model == model]
         per_mode = measured.get(model, {})
         if not per_mode:
             lines.append(f"{model:22s} {len(mine):9d} {'not measured':>40s}")
+            unmeasured.append(model)
             continue
         seconds = sum(per_mode.get(c.mode, max(per_mode.values())) for c in mine)
         total += seconds
         shown = ", ".join(f"{m} {s:.0f}" for m, s in sorted(per_mode.items()))
         lines.append(f"{model:22s} {len(mine):9d} {shown:>40s} {seconds / 3600:7.2f}")
-    unmeasured = [m for m in args.models.split(",") if not measured.get(m)]
     if unmeasured:
         lines.append(f"expected: unknown until one run of {', '.join(unmeasured)} has finished "
                      "(`all` measures one run per model first)")
