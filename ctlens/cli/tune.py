@@ -37,6 +37,7 @@ from ctlens.dir_lock import DirLock
 from ctlens.run_format import RUN_LOCK_HOLDER
 from ctlens.sizes import parse_size
 from ctlens.tuning.config import APPLIES_ONLY, TuneConfig
+from ctlens.types import Mode
 
 DEFAULT_TASK = "agreement-flip"
 """``ctlens discover``'s default task (agreement) with the answers swapped: the paper's
@@ -151,7 +152,7 @@ def check_tune(args: argparse.Namespace) -> None:
         if not Path(args.circuit).is_file():
             raise UsageError(f"--circuit {args.circuit}: no such file (a circuit JSON file, "
                              "e.g. from ctlens discover --out)")
-        if args.mode in ("full", "lora"):
+        if not Mode(args.mode).uses_circuit:
             raise UsageError(f"--circuit fixes the circuit of modes gradient, forward, both "
                              f"and random; --mode {args.mode} has none")
     run_json = Path(args.out) / "run.json"
