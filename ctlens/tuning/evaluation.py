@@ -127,13 +127,17 @@ class Evaluator:
             rd.append_metrics(record)
         return record
 
-    def metric_mean(self, data: TaskData) -> tuple[float, float | None]:
-        """Mean metric over an evaluation set and, for difference metrics, the fraction > 0."""
+    def metric_mean(self, data: TaskData, mask: Any = None) -> tuple[float, float | None]:
+        """Mean metric over an evaluation set and, for difference metrics, the fraction > 0.
+        ``mask``: the `ctlens.masking.EdgeMask` of a positional circuit in force, told each
+        batch's span labels."""
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
         values = []
         for batch in data.batches(max(32, self.config.batch_size)):
             batch = batch.trimmed()
+            if mask is not None:
+                mask.set_spans(batch.spans)
             logits = self.model(batch.clean)
             values.append(batch.metric_values(logits, logits).float().cpu())
         v = torch.cat(values)
@@ -150,8 +154,9 @@ class Evaluator:
         data = self.task.evals[self.target_eval]
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
-        with edge_mask(self.model, enforcement.circuit, ablation=Ablation.MEAN, reference=data):
-            return self.metric_mean(data)[0]
+        with edge_mask(self.model, enforcement.circuit, ablation=Ablation.MEAN,
+                       reference=data) as mask:
+            return self.metric_mean(data, mask if mask.graph.positional else None)[0]
 
     def general_loss(self) -> float:
         """Mean next-token loss on the first ``general_examples`` rows of the task's general

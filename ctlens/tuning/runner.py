@@ -76,7 +76,13 @@ from ctlens.tuning.discovery import CircuitDiscovery
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
-from ctlens.tuning.inputs import check_fixed_circuit, check_lengths, check_task, tuning_graph
+from ctlens.tuning.inputs import (
+    check_fixed_circuit,
+    check_lengths,
+    check_task,
+    task_spans,
+    tuning_graph,
+)
 from ctlens.tuning.parallel import parallelism
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
@@ -146,7 +152,8 @@ class CircuitTuner:
         self.model = model
         self.task = task
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
-        self.graph = tuning_graph(model, self.config.groups_for(d_mlp), graph)
+        self.graph = tuning_graph(model, self.config.groups_for(d_mlp), graph,
+                                  task_spans(task, self.config))
         self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
@@ -325,7 +332,7 @@ class CircuitTuner:
         tokens = self.task.train_tokens[local]
         with eval_if_training(self.model):
             with self.precision.forward():
-                logits, kernel = self.discovery.recorded_forward(tokens)
+                logits, kernel = self.discovery.recorded_forward(tokens, self._spans(local))
             loss, metric_sum = self._loss(logits.float(), local)
             scores, means, _ = self._scores_of(kernel, local, loss, metric_sum, False)
         return scores, means
@@ -441,6 +448,14 @@ class CircuitTuner:
     def _local_rows(self, step: int) -> torch.Tensor:
         return self.world.shard(self._global_rows(step))
 
+    def _spans(self, local: torch.Tensor) -> torch.Tensor | None:
+        """The span labels ``[batch, seq]`` of training rows ``local`` (positional runs; the
+        forward mask and batch discovery read them), else None."""
+        if not self.graph.positional:
+            return None
+        assert self.train_data is not None and self.train_data.spans is not None
+        return self.train_data.spans[local]
+
     # ------------------------------------------------------------------ one step
 
     def _train_step(self, t: int, enforcement: Enforcement, scheduler: Any) -> None:
@@ -482,13 +497,14 @@ class CircuitTuner:
                 record = True
         optimizer = enforcement.optimizer
         optimizer.zero_grad(set_to_none=True)
-        with eval_if_training(self.model), enforcement.forward_mask():
+        spans = self._spans(local)
+        with eval_if_training(self.model), enforcement.forward_mask(spans):
             kernel = None
             with self.precision.forward():  # the backward runs outside autocast
                 if enforcement.lora is not None:
                     logits = enforcement.lora.logits(tokens)
                 elif record:
-                    logits, kernel = self.discovery.recorded_forward(tokens)
+                    logits, kernel = self.discovery.recorded_forward(tokens, spans)
                 else:
                     logits = self.model(tokens)
             loss, metric_sum = self._loss(logits.float(), local)

@@ -1,0 +1,307 @@
+"""Circuit-tuning with positional circuits (issue 22, ``TuneConfig(spans=True)``, ``ctlens
+tune --spans``): discovery, forward masks and gradient restriction per (edge, span) pair.
+
+Oracles: `ctlens.attribute` with ``spans=True`` on the training batch (batch discovery), a
+hand-made patch at one span's positions (the training forward mask), the position-free run
+on the circuit's node set (gradient mode moves a node at any span), and the position-free
+run itself (a circuit that keeps each edge at every span or at none tunes like it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tuning_toy import ToyTask, tiny_model, toy_task
+
+import ctlens
+from ctlens import Circuit, EdgeScores, Graph
+from ctlens.cli import main as cli_main
+from ctlens.tuning import TuneConfig
+from ctlens.tuning import weights as W
+from ctlens.tuning.discovery import top_nodes_rank
+from ctlens.tuning.runner import CircuitTuner
+
+NAMES = ("early", "middle", "late")
+FAST = dict(top_n=30, steps=2, batch_size=6, lr=1e-2, eval_every=1, save_every=2,
+            eval_examples=6, progress=False)
+
+
+def spanned(data: ctlens.TaskData, seed: int) -> ctlens.TaskData:
+    """``data`` with random span labels over `NAMES` (every span used)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(NAMES), data.clean.shape, generator=gen)
+    labels[0, : len(NAMES)] = torch.arange(len(NAMES))
+    return replace(data, spans=labels, span_names=NAMES)
+
+
+def spanned_task() -> ToyTask:
+    """The toy task with spans on its discovery pairs, training rows and target set."""
+    task = toy_task()
+    train = spanned(task.train_data, seed=1)
+    return replace(task, discovery=spanned(task.discovery, seed=2), train_data=train,
+                   evals={"toy": train[:8], "other": task.evals["other"]})
+
+
+def random_circuit(graph: Graph, n: int, seed: int = 4) -> Circuit:
+    """``n`` random valid edges ((edge, span) pairs on a positional graph)."""
+    noise = torch.rand(graph.dense_shape, generator=torch.Generator().manual_seed(seed))
+    return Circuit.from_scores(EdgeScores(noise, graph), top_n=n)
+
+
+def records(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------- discovery
+
+
+@pytest.mark.parametrize(("family", "groups"), [("gpt2", 1), ("llama", 1), ("gpt2", 4)])
+def test_positional_batch_discovery_equals_attribute_with_spans(family: str, groups: int):
+    """``"batch"`` discovery on a positional run is `ctlens.attribute(..., spans=True)` on
+    the training batch with its own span labels, and sums over spans to the position-free
+    run's batch scores."""
+    model, task = tiny_model(family), spanned_task()
+    cfg = dict(mode="forward", batch_size=6, top_n=30, mlp_groups=groups)
+    tuner = CircuitTuner(model, task, TuneConfig(spans=True, **cfg))
+    assert tuner.graph.spans == NAMES and tuner.graph.spec.mlp_groups == groups
+    rows = tuner._global_rows(3)
+    batch = tuner.batch_scores(3).scores
+    expected = ctlens.attribute(model, task.train_data[rows], ablation="mean", batch_size=None,
+                                progress=False, graph=tuner.graph).scores
+    assert batch.shape == (*tuner.graph.valid.shape, 3) and batch.abs().max() > 0
+    torch.testing.assert_close(batch, expected, atol=1e-6, rtol=1e-4)
+    free = CircuitTuner(model, task, TuneConfig(**cfg)).batch_scores(3).scores
+    torch.testing.assert_close(batch.sum(-1), free, atol=1e-6, rtol=1e-4)
+
+
+def test_positional_top_nodes_ranks_pairs_like_the_position_free_edges() -> None:
+    """Scores spread evenly over the spans rank every (edge, span) pair as its edge ranks
+    position-free: a node's sum runs over all its spans."""
+    graph = Graph.from_model(tiny_model(), spans=NAMES)
+    free = Graph.from_model(tiny_model())
+    scores = torch.randn(free.valid.shape, generator=torch.Generator().manual_seed(0))
+    spread = scores[..., None].expand(graph.dense_shape) / 3
+    expected = top_nodes_rank(scores, free)[..., None].expand(graph.dense_shape) / 3
+    torch.testing.assert_close(top_nodes_rank(spread, graph), expected, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------- enforcement
+
+
+def test_training_forward_mask_is_a_hand_made_patch_at_one_span(tmp_path: Path) -> None:
+    """The training forward of a positional circuit lacking one (edge, span) pair is the
+    model with that sender's output replaced by its per-position training mean into that
+    receiver, at the batch's positions of that span only (the batch's own labels)."""
+    model, task = tiny_model(), spanned_task()
+    graph = Graph.from_model(model, spans=NAMES)
+    (s, r), k = graph.edge_index("a0.h1", "m1"), 1
+    keep = graph.dense_valid.clone()
+    keep[s, r, k] = False
+    cfg = TuneConfig(mode="forward", spans=True, **{**FAST, "steps": 1})
+    tuner = CircuitTuner(model, task, cfg, circuit=Circuit(graph, keep))
+    rows = tuner._global_rows(0)
+    tokens, real = task.train_tokens[rows], task.train_attention_mask[rows]
+    with torch.no_grad():  # the oracle, on the weights before the step
+        _, cache = model.run_with_cache(tokens)
+        head = cache["blocks.0.attn.hook_result"][:, :, 1]  # a0.h1's output
+        weight = real[..., None].float()
+        mean = (head * weight).sum(0) / weight.sum(0)
+        where = (task.train_data.spans[rows] == k)[..., None]
+
+        def patch(x: torch.Tensor, hook: object) -> torch.Tensor:
+            return x + where * (mean - head)
+
+        expected = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_in", patch)])
+        plain = model(tokens)
+    seen = []
+    loss = tuner._loss
+
+    def recording(logits: torch.Tensor, local: torch.Tensor):
+        seen.append((logits.detach().clone(), local.clone()))
+        return loss(logits, local)
+
+    tuner._loss = recording  # type: ignore[method-assign]
+    tuner.run(tmp_path / "run")
+    logits, local = seen[0]
+    assert torch.equal(local, rows)
+    assert float((plain - expected)[real].abs().max()) > 1e-3  # the patch does something
+    torch.testing.assert_close(logits[real], expected[real], atol=2e-6, rtol=1e-5)
+
+
+def test_gradient_mode_moves_a_node_in_the_circuit_at_any_span(tmp_path: Path) -> None:
+    """Gradient restriction opens a node's parameters when it is in the circuit at any
+    span: the positional run trains exactly as the position-free run on its edge set, and
+    an MLP that sends along no kept pair keeps its output weights."""
+    task = spanned_task()
+    model = tiny_model()
+    graph = Graph.from_model(model, spans=NAMES)
+    circuit = random_circuit(graph, 40)
+    counts = circuit.mask.sum(-1)
+    assert bool((counts == 1).any()) and bool((counts > 1).any())  # one span and several
+    free_graph = Graph.from_model(model)
+    coarse = Circuit(free_graph, circuit.sender_receiver_mask)
+    before = {k: v.detach().clone() for k, v in W.hf_state_dict(model).items()}
+    cfg = dict(mode="gradient", **{**FAST, "steps": 3})
+    CircuitTuner(model, task, TuneConfig(spans=True, **cfg), circuit=circuit).run(tmp_path / "p")
+    other = tiny_model()
+    CircuitTuner(other, task, TuneConfig(**cfg), circuit=coarse).run(tmp_path / "f")
+    for a, b in zip(W.real_parameters(model), W.real_parameters(other), strict=True):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in records(tmp_path / "p")[1:]] == \
+        [r["train_loss"] for r in records(tmp_path / "f")[1:]]
+    after = W.hf_state_dict(model)
+    sends = circuit.mask.any(-1).any(1)
+    moved = {layer: not torch.equal(before[key], after[key])
+             for layer in range(2) for key in [f"transformer.h.{layer}.mlp.c_proj.weight"]}
+    for layer, changed in moved.items():
+        if not sends[graph.mlp_sender(layer)]:
+            assert not changed, layer
+    assert any(moved.values())
+
+
+@pytest.mark.parametrize(("mode", "groups"), [("forward", 1), ("both", 1), ("forward", 2)])
+def test_a_circuit_at_every_span_or_none_tunes_like_the_position_free_one(
+    mode: str, groups: int, tmp_path: Path
+) -> None:
+    """The strongest oracle: a positional circuit that keeps each edge at every span or at
+    none is the position-free circuit, so the runs' losses, metrics and weights agree."""
+    task = spanned_task()
+    free_graph = Graph.from_model(tiny_model(), mlp_groups=groups)
+    graph = Graph.from_model(tiny_model(), mlp_groups=groups, spans=NAMES)
+    free = random_circuit(free_graph, 25)
+    every = Circuit(graph, free.mask[..., None].expand(graph.dense_shape).clone())
+    cfg = dict(mode=mode, mlp_groups=groups, **{**FAST, "steps": 3})
+    models = [tiny_model(), tiny_model()]
+    CircuitTuner(models[0], task, TuneConfig(**cfg), circuit=free).run(tmp_path / "f")
+    CircuitTuner(models[1], task, TuneConfig(spans=True, **cfg), circuit=every).run(
+        tmp_path / "p")
+    a, b = records(tmp_path / "f"), records(tmp_path / "p")
+    for key in ("train_loss", "target_metric", "target_metric_masked", "general_loss"):
+        torch.testing.assert_close(torch.tensor([r.get(key, 0.0) for r in b]),
+                                   torch.tensor([r.get(key, 0.0) for r in a]),
+                                   rtol=1e-5, atol=1e-6, msg=key)
+    moved = [float((x - y).abs().max()) for x, y in zip(W.real_parameters(models[0]),
+                                                          W.real_parameters(models[1]),
+                                                          strict=True)]
+    assert max(moved) < 1e-5, max(moved)
+    assert a[-1]["params_moved"] > 0
+
+
+# ---------------------------------------------------------------------- run directory
+
+
+def test_positional_run_saves_span_circuits_resumes_and_reports(tmp_path: Path) -> None:
+    """A positional run (batch discovery, forward masks) writes schema-2 circuits with the
+    span names, resumes exactly from a checkpoint, and its report has span columns."""
+    cfg = TuneConfig(mode="both", spans=True, **{**FAST, "steps": 4})
+    reference = tiny_model()
+    CircuitTuner(reference, spanned_task(), cfg).run(tmp_path / "a")
+    stopped = tiny_model()
+    tuner = CircuitTuner(stopped, spanned_task(), cfg)
+    train = tuner._train_step
+
+    def failing(t: int, *args: object) -> None:
+        if t == 2:
+            raise RuntimeError("stopped at step 2")
+        train(t, *args)
+
+    tuner._train_step = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="stopped"):
+        tuner.run(tmp_path / "b")
+    resumed = tiny_model()
+    CircuitTuner(resumed, spanned_task(), cfg).run(tmp_path / "b")
+    for a, b in zip(W.real_parameters(reference), W.real_parameters(resumed), strict=True):
+        assert torch.equal(a, b)
+    doc = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert doc["graph"]["spans"] == list(NAMES) and doc["config"]["spans"] is True
+    for record in records(tmp_path / "a")[1:]:
+        saved = json.loads((tmp_path / "a" / record["circuit_file"]).read_text())
+        assert saved["graph"]["spans"] == list(NAMES)
+        circuit = Circuit.load(tmp_path / "a" / record["circuit_file"])
+        assert circuit.spans == NAMES and circuit.n_edges == 30
+    assert [Circuit.load(tmp_path / "a" / r["circuit_file"]) for r in records(tmp_path / "a")] \
+        == [Circuit.load(tmp_path / "b" / r["circuit_file"]) for r in records(tmp_path / "b")]
+    text = ctlens.viz.write_report(tmp_path / "a").read_text(encoding="utf-8")
+    assert "This run's circuits are positional" in text
+
+
+@pytest.mark.parametrize("mode", ["random", "full"])
+def test_baselines_with_spans(mode: str, tmp_path: Path) -> None:
+    """``random`` draws (edge, span) pairs, or matches parameters on the node set kept at
+    every span; ``full`` snapshots positional monitor circuits."""
+    for match in (["edges", "parameters"] if mode == "random" else ["parameters"]):
+        extra = {"random_match": match} if mode == "random" else {}
+        cfg = TuneConfig(mode=mode, spans=True, **extra, **FAST)
+        root = tmp_path / match
+        CircuitTuner(tiny_model(), spanned_task(), cfg).run(root)
+        circuits = [Circuit.load(root / r["circuit_file"]) for r in records(root)]
+        assert all(c.spans == NAMES for c in circuits)
+        last = circuits[-1]
+        if match == "edges":
+            assert last.n_edges == 30
+        elif mode == "random":  # each drawn edge at every span
+            assert bool((last.mask.any(-1) == last.mask.all(-1)).all()) and last.n_edges > 0
+
+
+def test_cli_tune_with_spans_and_a_positional_circuit_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = ctlens.load_model("zoo:tiny-gpt2")
+    names = ctlens.tasks.load("agreement", n=4, n_train=4).discovery.span_names
+    path = random_circuit(Graph.from_model(model, spans=names), 40).save(tmp_path / "c.json")
+    base = ["tune", "--model", "zoo:tiny-gpt2", "--task", "agreement-flip", "--n-examples",
+            "8", "--n-train", "16", "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+            "--eval-examples", "4", "--no-export", "--no-progress", "--threads", "1"]
+    assert cli_main([*base, "--spans", "--circuit", str(path), "--out",
+                     str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["circuit_edges"] == 40
+    assert Circuit.load(tmp_path / "run" / "circuits" / "step_000002.json") == \
+        Circuit.load(path)
+    other = random_circuit(Graph.from_model(model, spans=("x", "y")), 10).save(
+        tmp_path / "o.json")
+    free = random_circuit(Graph.from_model(model), 10).save(tmp_path / "f.json")
+    for extra, words in (
+        (["--spans", "--circuit", str(other)], "spans ['x', 'y'] do not match the task's"),
+        (["--circuit", str(path)], "is positional (spans"),
+        (["--spans", "--circuit", str(free)], "is position-free but the run is positional"),
+        (["--spans", "--shard", "fsdp"], "not supported with shard='fsdp'"),
+    ):
+        assert cli_main([*base, *extra, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("ctlens tune: error:") and words in err, err
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_positional_tuning_refuses_what_it_cannot_do() -> None:
+    model, task = tiny_model(), spanned_task()
+    graph = Graph.from_model(model, spans=NAMES)
+    gradient = TuneConfig(mode="gradient", spans=True, **FAST)
+    with pytest.raises(ValueError, match="spans=True \\(--spans\\) is not supported with "
+                       "shard='fsdp'"):
+        TuneConfig(spans=True, shard="fsdp")
+    with pytest.raises(ValueError, match="the task's discovery data has no spans"):
+        CircuitTuner(model, toy_task(), gradient)
+    with pytest.raises(ValueError, match=r"training rows \(task.train_data\) has no spans"):
+        CircuitTuner(model, replace(task, train_data=toy_task().train_data), gradient)
+    renamed = replace(task.train_data, span_names=("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"has spans \['a', 'b', 'c'\], but its discovery"):
+        CircuitTuner(model, replace(task, train_data=renamed), gradient)
+    plain_target = replace(task, evals={"toy": toy_task().evals["toy"]})
+    CircuitTuner(model, plain_target, gradient)  # gradient mode masks no forward
+    with pytest.raises(ValueError, match="target evaluation set 'toy' has no spans"):
+        CircuitTuner(model, plain_target, replace(gradient, mode="forward"))
+    with pytest.raises(ValueError, match="is positional .* run is position-free; tune with "
+                       "spans=True"):
+        CircuitTuner(model, task, replace(gradient, spans=False),
+                     circuit=random_circuit(graph, 10))
+    with pytest.raises(ValueError, match="is position-free but the run is positional"):
+        CircuitTuner(model, task, gradient, circuit=random_circuit(Graph.from_model(model), 10))
+    with pytest.raises(ValueError, match="this TaskData has no spans"):
+        ctlens.CircuitTuningCallback(model, toy_task().discovery,
+                                     TuneConfig(discovery="task", spans=True))
