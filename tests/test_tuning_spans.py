@@ -275,6 +275,29 @@ def test_cli_tune_with_spans_and_a_positional_circuit_file(
         assert err.startswith("ctlens tune: error:") and words in err, err
 
 
+def test_a_jsonl_task_with_spans_labels_its_training_rows(tmp_path: Path) -> None:
+    """A JSONL task's training rows (prompt + answer) keep the prompt's span labels, the
+    answer going to ``other``, so ``--spans`` can tune on a user's task."""
+    lines = [{"prompt": p, "corrupt_prompt": c, "answer": a, "wrong_answer": w,
+              "spans": {"subject": [4, len(p.split(" near")[0])]}}
+             for p, c, a, w in (("the key near the doors", "the keys near the doors", "is",
+                                 "are"),
+                                ("the dogs near the cat", "the dog near the cat", "are", "is"))]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    task = ctlens.tasks.load(str(path), tokenizer=ctlens.zoo.tokenizer())
+    prompts, train = task.discovery, task.train_data
+    assert prompts.span_names == train.span_names == ("subject", "other")
+    width = prompts.clean.shape[1]
+    assert torch.equal(train.spans[:, :width], prompts.spans)
+    answers = task.train_target_mask.nonzero()
+    assert (train.spans[answers[:, 0], answers[:, 1]] == 1).all()
+    assert int((train.spans == 0).sum()) == 2  # "key", "dogs"
+    model = ctlens.load_model("zoo:tiny-gpt2")
+    tuner = CircuitTuner(model, task, TuneConfig(mode="forward", spans=True, **FAST))
+    assert tuner.graph.spans == ("subject", "other") and tuner.batch_scores(0).scores.ndim == 3
+
+
 # ---------------------------------------------------------------------- bad input
 
 
