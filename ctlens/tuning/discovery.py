@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 
 from ctlens.attribution import EapKernel, SenderStore, attribute, mean_activations
+from ctlens.bridge.hooks import model_device
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
@@ -191,7 +192,7 @@ class CircuitDiscovery:
         if graph.positional:
             if spans is None:
                 raise ValueError("a positional graph's batch discovery needs the rows' spans")
-            order = SpanOrder(spans.to(tokens.device), graph.n_spans)
+            order = SpanOrder(spans.to(model_device(self.model)), graph.n_spans)
         store = SenderStore(self.model, graph, b, p, torch.float32, order=order)
         scores = torch.zeros(graph.dense_shape, device=tokens.device)
         # a small graph's receivers are scored a store's worth of columns per product: the
