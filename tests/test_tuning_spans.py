@@ -24,7 +24,7 @@ from ctlens import Circuit, EdgeScores, Graph
 from ctlens.cli import main as cli_main
 from ctlens.tuning import TuneConfig
 from ctlens.tuning import weights as W
-from ctlens.tuning.discovery import top_nodes_rank
+from ctlens.tuning.discovery import CircuitSelection, top_nodes_rank
 from ctlens.tuning.runner import CircuitTuner
 
 FAST = dict(top_n=30, steps=2, batch_size=6, lr=1e-2, eval_every=1, save_every=2,
@@ -63,15 +63,36 @@ def test_positional_batch_discovery_equals_attribute_with_spans(family: str, gro
     torch.testing.assert_close(batch.sum(-1), free, atol=1e-6, rtol=1e-4)
 
 
+def test_positional_task_discovery_equals_attribute_with_spans() -> None:
+    """``"task"`` discovery scores the window of discovery pairs per span."""
+    model, task = tiny_model(), spanned_task()
+    cfg = TuneConfig(mode="gradient", discovery="task", discovery_ablation="corrupt",
+                     spans=True, batch_size=4, discovery_batches=2, top_n=30)
+    tuner = CircuitTuner(model, task, cfg)
+    expected = ctlens.attribute(model, task.discovery[:8], ablation="corrupt", spans=True,
+                                batch_size=4, progress=False).scores
+    got = tuner.discovery.task_scores(0)
+    assert got.shape == expected.shape == (*tuner.graph.valid.shape, 3)
+    torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-5)
+
+
 def test_positional_top_nodes_ranks_pairs_like_the_position_free_edges() -> None:
     """Scores spread evenly over the spans rank every (edge, span) pair as its edge ranks
-    position-free: a node's sum runs over all its spans."""
+    position-free: a node's sum runs over all its spans. The tuner's selection keeps the
+    top N pairs of that rank, with the plain scores."""
     graph = Graph.from_model(tiny_model(), spans=NAMES)
     free = Graph.from_model(tiny_model())
     scores = torch.randn(free.valid.shape, generator=torch.Generator().manual_seed(0))
     spread = scores[..., None].expand(graph.dense_shape) / 3
     expected = top_nodes_rank(scores, free)[..., None].expand(graph.dense_shape) / 3
     torch.testing.assert_close(top_nodes_rank(spread, graph), expected, rtol=1e-5, atol=0)
+    noisy = torch.randn(graph.dense_shape, generator=torch.Generator().manual_seed(1))
+    cfg = TuneConfig(selection="top_nodes", spans=True, top_n=40)
+    chosen = CircuitSelection(cfg, graph, None).select(noisy, 0)
+    rank = top_nodes_rank(noisy, graph)
+    valid = graph.dense_valid
+    assert chosen.n_edges == 40 and torch.equal(chosen.scores[valid], noisy[valid])
+    assert float(rank[chosen.mask].min()) >= float(rank[valid & ~chosen.mask].max())
 
 
 # ---------------------------------------------------------------------- enforcement

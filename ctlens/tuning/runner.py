@@ -40,6 +40,10 @@ gradient restriction, forward masks, the optimizer, the trainable fraction),
 This module is the loop that drives them. The run directory format is
 ``docs/run-format.md``.
 
+Positional runs (``TuneConfig(spans=True)``, ``docs/tuning.md``): the graph is the model's
+over the task's token spans, so circuits hold (edge, span) pairs; each step hands its rows'
+span labels (``train_data.spans``) to batch discovery and to the forward mask.
+
 With ``torch.distributed`` initialised, every rank takes its shard of each global batch;
 gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
@@ -99,6 +103,7 @@ class TuneTask(Protocol):
     ``train_data`` (a `TaskData` over the training rows, for ``"batch"`` discovery with the
     task metric and for ``metric_beta``), ``target_eval`` (default: the first key of
     ``evals``) and ``general_tokens`` / ``general_attention_mask`` may be ``None`` or absent.
+    A positional run (``TuneConfig.spans``) needs ``train_data.spans``.
     """
 
     discovery: TaskData
