@@ -343,7 +343,7 @@ def test_positional_tuning_refuses_what_it_cannot_do() -> None:
         TuneConfig(spans=True, shard="fsdp")
     with pytest.raises(ValueError, match="the task's discovery data has no spans"):
         CircuitTuner(model, toy_task(), gradient)
-    with pytest.raises(ValueError, match=r"training rows \(task.train_data\) has no spans"):
+    with pytest.raises(ValueError, match=r"training data \(task.train_data\) has no spans"):
         CircuitTuner(model, replace(task, train_data=toy_task().train_data), gradient)
     renamed = replace(task.train_data, span_names=("a", "b", "c"))
     with pytest.raises(ValueError, match=r"has spans \['a', 'b', 'c'\], but its discovery"):

@@ -69,12 +69,12 @@ def task_spans(task: Any, config: TuneConfig) -> tuple[str, ...]:
     if names is None:
         raise ValueError(
             "spans=True (--spans) scores per token span, but the task's discovery data has no "
-            "spans; use a built-in task, a JSONL task with a template or spans, or data built "
-            "with TaskData.from_prompts(..., template=...)"
+            "spans; use a built-in task, a JSONL task with a 'spans' field on every line, or "
+            "data built with TaskData.from_prompts(..., template=...)"
         )
     needed = []
     if config.mode.uses_circuit:
-        needed.append(("training rows (task.train_data)", getattr(task, "train_data", None)))
+        needed.append(("training data (task.train_data)", getattr(task, "train_data", None)))
     if config.mode.masks_forward:
         target = getattr(task, "target_eval", None) or next(iter(task.evals))
         needed.append((f"target evaluation set {target!r}", task.evals[target]))
