@@ -63,6 +63,33 @@ def test_positional_batch_discovery_equals_attribute_with_spans(family: str, gro
     torch.testing.assert_close(batch.sum(-1), free, atol=1e-6, rtol=1e-4)
 
 
+def test_positional_batch_discovery_with_the_loss_metric_sums_to_the_position_free() -> None:
+    """``batch_metric="loss"`` (the loss's own backward): per-span scores sum to the
+    position-free scores, which `tests/test_tuning.py` checks against `ctlens.attribute`."""
+    model, task = tiny_model(), spanned_task()
+    cfg = dict(mode="gradient", batch_metric="loss", batch_size=6, top_n=30)
+    pos = CircuitTuner(model, task, TuneConfig(spans=True, **cfg)).batch_scores(2).scores
+    free = CircuitTuner(model, task, TuneConfig(**cfg)).batch_scores(2).scores
+    assert pos.shape == (*free.shape, 3) and float(pos.abs().min(-1).values.max()) > 0
+    torch.testing.assert_close(pos.sum(-1), free, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_mode_enters_the_top_pairs_of_its_training_batch(tmp_path: Path) -> None:
+    """In gradient mode the recorded training forward scores the step's batch per span: the
+    circuit in force after step 0 is the top N (edge, span) pairs of `ctlens.attribute` with
+    spans on that batch, at the start weights."""
+    task = spanned_task()
+    cfg = TuneConfig(mode="gradient", spans=True, **{**FAST, "steps": 1})
+    tuner = CircuitTuner(tiny_model(), task, cfg)
+    rows = tuner._global_rows(0)
+    tuner.run(tmp_path / "run")
+    scores = ctlens.attribute(tiny_model(), task.train_data[rows], ablation="mean",
+                              batch_size=None, progress=False, spans=True)
+    expected = Circuit.from_scores(scores, top_n=30)
+    in_force = Circuit.load(tmp_path / "run" / records(tmp_path / "run")[1]["circuit_file"])
+    assert in_force.spans == NAMES and torch.equal(in_force.mask, expected.mask)
+
+
 def test_positional_task_discovery_equals_attribute_with_spans() -> None:
     """``"task"`` discovery scores the window of discovery pairs per span."""
     model, task = tiny_model(), spanned_task()
