@@ -262,6 +262,22 @@ def test_positional_run_saves_span_circuits_resumes_and_reports(tmp_path: Path) 
     assert "This run's circuits are positional" in text
 
 
+def test_resuming_on_other_span_labels_is_refused(tmp_path: Path) -> None:
+    """``run.json`` records a positional run's span labels: the same names on other
+    tokens is other data."""
+    from ctlens.tuning import RunConflictError
+
+    cfg = TuneConfig(mode="gradient", spans=True, **{**FAST, "steps": 1})
+    CircuitTuner(tiny_model(), spanned_task(), cfg).run(tmp_path / "run")
+    task = spanned_task()
+    labels = task.train_data.spans
+    swapped = torch.where(labels == 0, 1, torch.where(labels == 1, 0, labels))
+    moved = replace(task, train_data=replace(task.train_data, spans=swapped))
+    with pytest.raises(RunConflictError, match="spans_sha256"):
+        CircuitTuner(tiny_model(), moved, cfg).run(tmp_path / "run")
+    CircuitTuner(tiny_model(), spanned_task(), cfg).run(tmp_path / "run")  # same: resumes
+
+
 @pytest.mark.parametrize("mode", ["random", "full"])
 def test_baselines_with_spans(mode: str, tmp_path: Path) -> None:
     """``random`` draws (edge, span) pairs, or matches parameters on the node set kept at

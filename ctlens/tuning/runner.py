@@ -399,7 +399,7 @@ class CircuitTuner:
             "created": now_iso(),
             "ctlens_version": __version__,
             **self.parallel.run_record(self.model),
-            "data": C.data_record(self.task),
+            "data": C.data_record(self.task, self.graph.positional),
             **C.fixed_circuit_record(self.fixed_circuit),
         }
 
