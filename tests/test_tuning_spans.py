@@ -401,6 +401,9 @@ def test_positional_tuning_refuses_what_it_cannot_do() -> None:
                      circuit=random_circuit(graph, 10))
     with pytest.raises(ValueError, match="is position-free but the run is positional"):
         CircuitTuner(model, task, gradient, circuit=random_circuit(Graph.from_model(model), 10))
+    with pytest.raises(ValueError, match=r"graph= is positional \(spans \['early'"):
+        CircuitTuner(model, task, replace(gradient, spans=False), graph=graph)
+    assert CircuitTuner(model, task, gradient, graph=Graph.from_model(model)).graph == graph
     with pytest.raises(ValueError, match="this TaskData has no spans"):
         ctlens.CircuitTuningCallback(model, toy_task().discovery,
                                      TuneConfig(discovery="task", spans=True))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from ctlens.tuning.enforcement import Enforcement
 from ctlens.tuning.parallel.local_shards import StartWeights
 from ctlens.tuning.rundir import RunDir
 from ctlens.types import Ablation
+
+if TYPE_CHECKING:
+    from ctlens.masking.forward import EdgeMask
 
 
 class Evaluator:
@@ -127,7 +130,9 @@ class Evaluator:
             rd.append_metrics(record)
         return record
 
-    def metric_mean(self, data: TaskData, mask: Any = None) -> tuple[float, float | None]:
+    def metric_mean(
+        self, data: TaskData, mask: EdgeMask | None = None
+    ) -> tuple[float, float | None]:
         """Mean metric over an evaluation set and, for difference metrics, the fraction > 0.
         ``mask``: the `ctlens.masking.EdgeMask` of a positional circuit in force, told each
         batch's span labels."""

@@ -106,10 +106,13 @@ def tuning_graph(model: Any, mlp_groups: int, graph: Graph | None,
         raise ValueError(f"graph= is {graph!r}; the run's config tunes on the model's graph "
                          f"with {mlp_groups} MLP group(s). Pass that graph, or none.")
     graph = require_graph_of(model, graph, what="graph passed as graph=")
-    if graph.spans != spans and not graph.positional:
+    if graph.spans == spans:
+        return graph
+    if not graph.positional:  # the run's spans come from the task
         return Graph(replace(graph.spec, spans=spans))
-    check_circuit_spans(graph.spans, spans, "the graph passed as graph=")
-    return graph
+    raise ValueError(f"graph= is positional (spans {list(graph.spans)}) but the run's spans are "
+                     f"{list(spans)} (TuneConfig.spans and the task's); pass the position-free "
+                     "graph, or none")
 
 
 def check_task(task: Any) -> None:
