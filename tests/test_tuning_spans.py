@@ -10,6 +10,7 @@ run itself (a circuit that keeps each edge at every span or at none tunes like i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -382,6 +383,25 @@ def test_a_jsonl_task_with_spans_labels_its_training_rows(tmp_path: Path) -> Non
     model = ctlens.load_model("zoo:tiny-gpt2")
     tuner = CircuitTuner(model, task, TuneConfig(mode="forward", spans=True, **FAST))
     assert tuner.graph.spans == ("subject", "other") and tuner.batch_scores(0).scores.ndim == 3
+
+
+@pytest.mark.slow  # about 10 s per zoo model on one core
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "mini-gpt2"])
+def test_every_zoo_model_tunes_with_spans_and_reports(name: str, tmp_path: Path) -> None:
+    """``ctlens tune --spans`` (forward masks and gradient restriction) then ``ctlens report``
+    on each zoo model: positional snapshots with the task's spans, span columns drawn."""
+    out = tmp_path / "run"
+    argv = ["tune", "--model", f"zoo:{name}", "--task", "agreement-flip", "--spans", "--mode",
+            "both", "--top-n", "0.02", "--n-examples", "8", "--n-train", "16", "--steps", "2",
+            "--batch-size", "4", "--eval-every", "1", "--eval-examples", "4", "--no-export",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    assert cli_main(argv) == 0
+    names = ctlens.tasks.load("agreement", n=4, n_train=4).discovery.span_names
+    for record in records(out):
+        assert Circuit.load(out / record["circuit_file"]).spans == names
+    assert math.isfinite(records(out)[-1]["target_metric_masked"])
+    assert cli_main(["report", str(out)]) == 0
+    assert "circuits are positional" in (out / "report.html").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------- bad input
