@@ -104,6 +104,18 @@ def test_positional_task_discovery_equals_attribute_with_spans() -> None:
     torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-5)
 
 
+def test_trainer_callback_selects_the_tuners_positional_circuit() -> None:
+    """`ctlens.CircuitTuningCallback` with ``spans=True`` selects what the tuner's task
+    discovery selects: (edge, span) pairs over the discovery data's spans."""
+    model, task = tiny_model(), spanned_task()
+    cfg = TuneConfig(mode="gradient", discovery="task", spans=True, batch_size=4, top_n=30)
+    circuit = ctlens.CircuitTuningCallback(model, task, cfg).discover(0)
+    tuner = CircuitTuner(model, task, cfg)
+    expected = tuner.discovery.select(tuner.discovery.task_scores(0), 0)
+    assert circuit.spans == NAMES and circuit.n_edges == 30
+    assert torch.equal(circuit.mask, expected.mask)
+
+
 def test_positional_top_nodes_ranks_pairs_like_the_position_free_edges() -> None:
     """Scores spread evenly over the spans rank every (edge, span) pair as its edge ranks
     position-free: a node's sum runs over all its spans. The tuner's selection keeps the
