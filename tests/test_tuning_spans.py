@@ -301,22 +301,37 @@ def test_resuming_on_other_span_labels_is_refused(tmp_path: Path) -> None:
     CircuitTuner(tiny_model(), spanned_task(), cfg).run(tmp_path / "run")  # same: resumes
 
 
-@pytest.mark.parametrize("mode", ["random", "full"])
-def test_baselines_with_spans(mode: str, tmp_path: Path) -> None:
-    """``random`` draws (edge, span) pairs, or matches parameters on the node set kept at
-    every span; ``full`` snapshots positional monitor circuits."""
-    for match in (["edges", "parameters"] if mode == "random" else ["parameters"]):
-        extra = {"random_match": match} if mode == "random" else {}
-        cfg = TuneConfig(mode=mode, spans=True, **extra, **FAST)
-        root = tmp_path / match
-        CircuitTuner(tiny_model(), spanned_task(), cfg).run(root)
-        circuits = [Circuit.load(root / r["circuit_file"]) for r in records(root)]
-        assert all(c.spans == NAMES for c in circuits)
-        last = circuits[-1]
+@pytest.mark.parametrize("match", ["edges", "parameters", "composition"])
+def test_random_controls_with_spans(match: str, tmp_path: Path) -> None:
+    """``random`` draws N (edge, span) pairs, or nodes matched on trainable parameters to
+    the discovered circuit (never more), each drawn edge kept at every span."""
+    cfg = TuneConfig(mode="random", random_match=match, spans=True, **FAST)
+    CircuitTuner(tiny_model(), spanned_task(), cfg).run(tmp_path / "r")
+    for record in records(tmp_path / "r")[1:]:
+        circuit = Circuit.load(tmp_path / "r" / record["circuit_file"])
+        assert circuit.spans == NAMES
         if match == "edges":
-            assert last.n_edges == 30
-        elif mode == "random":  # each drawn edge at every span
-            assert bool((last.mask.any(-1) == last.mask.all(-1)).all()) and last.n_edges > 0
+            assert circuit.n_edges == 30
+            continue
+        assert bool((circuit.mask.any(-1) == circuit.mask.all(-1)).all())
+        assert 0 < record["trainable_fraction"] <= record["discovered_trainable_fraction"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_full_and_lora_snapshot_positional_monitor_circuits(mode: str, tmp_path: Path) -> None:
+    """Without a circuit to train in, the snapshots are the task's positional circuit of
+    the current weights: at step 0, the top N pairs of `ctlens.attribute` with spans."""
+    if mode == "lora":
+        pytest.importorskip("peft")
+    task = spanned_task()
+    cfg = TuneConfig(mode=mode, spans=True, **FAST)
+    CircuitTuner(tiny_model(), task, cfg).run(tmp_path / "r")
+    circuits = [Circuit.load(tmp_path / "r" / r["circuit_file"])
+                for r in records(tmp_path / "r")]
+    assert all(c.spans == NAMES and c.n_edges == 30 for c in circuits)
+    scores = ctlens.attribute(tiny_model(), task.discovery[:6], ablation="mean", batch_size=6,
+                              progress=False, spans=True)
+    assert torch.equal(circuits[0].mask, Circuit.from_scores(scores, top_n=30).mask)
 
 
 def test_two_rank_data_parallel_positional_run_matches_single_process(tmp_path: Path) -> None:
