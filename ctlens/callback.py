@@ -78,7 +78,8 @@ class CircuitTuningCallback(TrainerCallback):
         config: a `TuneConfig`; read are ``top_n`` and its schedule, ``steps`` (for the
             schedule), ``every_k``, ``batch_size``, ``discovery_batches``,
             ``discovery_ablation``, ``ema``, ``selection``, ``train_embeddings``,
-            ``train_unembedding``.
+            ``train_unembedding``, ``spans`` (positional circuits over the discovery
+            data's spans; a node moves when it is in the circuit at any span).
             Only ``mode="gradient"`` is supported (the forward pass belongs to the trainer).
 
     Attributes:
@@ -107,7 +108,8 @@ class CircuitTuningCallback(TrainerCallback):
         self.model = model
         self.data = data
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
-        self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp))
+        self.graph = Graph.from_model(model, mlp_groups=self.config.groups_for(d_mlp),
+                                      spans=data if self.config.spans else None)
         self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         self.circuit: Circuit | None = None
         self.history: list[tuple[int, int]] = []

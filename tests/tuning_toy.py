@@ -2,7 +2,8 @@
 
 ``python tests/tuning_toy.py '<json>'`` runs one `CircuitTuner` on the tiny GPT-2 with the
 toy task (used by the SIGKILL and data-parallel tests). JSON keys: ``out`` (run directory),
-``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``, and
+``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``,
+``spans`` (true: the toy task with spans, `spanned_toy_task`), and
 with ``ddp`` optionally ``fail`` (``{"rank", "step"}``: that rank raises at that step) and
 ``forbid_gather`` (true: `Sharding.gathered` and `Sharding.optimizer_state` raise).
 
@@ -110,6 +111,30 @@ def toy_task(n: int = 24, seq: int = 8, seed: int = 3) -> ToyTask:
     )
 
 
+SPAN_NAMES = ("early", "middle", "late")
+"""The spans of `spanned_toy_task` (positional runs)."""
+
+
+def spanned(data: ctlens.TaskData, seed: int) -> ctlens.TaskData:
+    """``data`` with random span labels over `SPAN_NAMES` (every span used)."""
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(SPAN_NAMES), data.clean.shape, generator=gen)
+    labels[0, : len(SPAN_NAMES)] = torch.arange(len(SPAN_NAMES))
+    return replace(data, spans=labels, span_names=SPAN_NAMES)
+
+
+def spanned_toy_task() -> ToyTask:
+    """`toy_task` with spans on its discovery pairs, training rows and target set."""
+    from dataclasses import replace
+
+    task = toy_task()
+    train = spanned(task.train_data, seed=1)
+    return replace(task, discovery=spanned(task.discovery, seed=2), train_data=train,
+                   evals={"toy": train[:8], "other": task.evals["other"]})
+
+
 def tiny_model(family: str = "gpt2", seed: int = 0):
     build = tiny_gpt2_module if family == "gpt2" else tiny_llama_module
     return ctlens.load_model(build(seed=seed))
@@ -126,8 +151,9 @@ def main(spec: dict) -> None:
     model = tiny_model(spec.get("family", "gpt2"))
     config = ctlens.TuneConfig(**spec["config"])
     ddp = spec.get("ddp")
+    make_task = spanned_toy_task if spec.get("spans") else toy_task
     if ddp is None:
-        ctlens.CircuitTuner(model, toy_task(), config).run(spec["out"])
+        ctlens.CircuitTuner(model, make_task(), config).run(spec["out"])
         return
     import torch.distributed as dist
 
@@ -136,7 +162,7 @@ def main(spec: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ddp['port']}",
                             rank=ddp["rank"], world_size=ddp["world"])
     try:
-        tuner = ctlens.CircuitTuner(model, toy_task(), config)
+        tuner = ctlens.CircuitTuner(model, make_task(), config)
         fail = spec.get("fail")  # {"rank", "step"}: that rank raises at that training step
         if fail is not None and fail["rank"] == ddp["rank"]:
             _fail_at(tuner, fail["step"])

@@ -10,7 +10,9 @@
 Running the same command again on its ``--out`` directory resumes the run. ``--circuit
 FILE`` tunes inside a fixed circuit from a file (found by any method, e.g. ``ctlens discover
 --method learned --out FILE``) instead of rediscovering; with ``--mode random``, inside one
-random circuit matched to it (``--random-match``, parameters by default).
+random circuit matched to it (``--random-match``, parameters by default). ``--spans`` makes
+the run positional (`TuneConfig`'s ``spans``); a positional ``--circuit`` file needs it, and
+its spans must be the task's.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ _HELP: dict[str, str] = {
     "of what is free on the device)",
     "ema": "moving average of scores across rediscoveries (0: off)",
     "selection": "top_n: largest |score|; top_nodes: |score| x both ends' summed |scores| (paper)",
+    "spans": "positional circuits: score, select and mask (edge, token span) pairs over the "
+    "task's spans; --top-n counts pairs",
     "optimizer": "adamw, or sgd with --momentum (the paper's official code)",
     "loss": "target: NLL of the target tokens; sequence: of every token of the row (paper)",
     "momentum": "SGD momentum (--optimizer sgd)",
@@ -133,7 +137,8 @@ def add_tune_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    "ctlens discover, --method learned, an MIB import) instead of discovering "
                    "one; the --top-n schedule, --every-k and discovery options then go unused. "
                    "With --mode random: inside one random circuit matched to it "
-                   "(--random-match)")
+                   "(--random-match). A positional circuit file (with span names) needs "
+                   "--spans and the task's spans")
     hints = typing.get_type_hints(TuneConfig)
     for field in dataclasses.fields(TuneConfig):
         _add_field(p, field, hints[field.name])
@@ -304,7 +309,8 @@ def _tune(args: argparse.Namespace, config: TuneConfig) -> int:
             fixed = Circuit.load(args.circuit, model=model)
     d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
     graph = Graph.from_model(model, mlp_groups=config.groups_for(d_mlp))
-    config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
+    if not config.spans:  # with spans N counts (edge, span) pairs: the task's spans decide
+        config.top_n_ends(graph.n_edges)  # the sizes meet the graph before any task work
     with phase(f"building task {args.task!r} ({args.n} examples, {args.n_train} training rows)"):
         task = load(args.task, n=args.n, seed=args.data_seed, n_train=args.n_train,
                     n_general=config.general_examples or GENERAL_ROWS,

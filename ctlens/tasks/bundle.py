@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 
 from ctlens.data import TaskData
+from ctlens.spans import OTHER, PADDING
 from ctlens.tasks import generators
 from ctlens.tasks.catalog import DESCRIPTIONS, names
 from ctlens.tasks.corpus import general_rows
@@ -282,6 +283,12 @@ def load_jsonl(
     attention = torch.arange(tokens.shape[1])[None, :] <= lengths[:, None]
     target_mask = torch.zeros_like(attention)
     target_mask[rows, lengths] = True
+    spans = None
+    if data.spans is not None and data.span_names is not None:
+        # the prompt's tokens keep their spans; the answer, read by no metric, is "other"
+        spans = torch.full(tokens.shape, PADDING, dtype=torch.long)
+        spans[:, : data.spans.shape[1]] = data.spans
+        spans[rows, lengths] = data.span_names.index(OTHER)
     train_data = TaskData(
         clean=tokens,
         correct=data.correct,
@@ -289,6 +296,8 @@ def load_jsonl(
         positions=data.positions,
         attention_mask=attention,
         metric=data.metric,
+        spans=spans,
+        span_names=None if spans is None else data.span_names,
     )
     evals: dict[str, TaskData] = {path.stem: data}
     general = general_mask = None

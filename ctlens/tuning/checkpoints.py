@@ -57,14 +57,20 @@ class RunDirWarning(UserWarning):
 # ---------------------------------------------------------------------- the run's data
 
 
-def data_record(task: Any) -> dict[str, Any]:
+def data_record(task: Any, positional: bool = False) -> dict[str, Any]:
     """What defines a run's data: sizes and sha256 of every tensor the tuner reads.
 
     Stored in ``run.json`` as ``data``; resuming on different data (another ``--n``,
-    ``--n-train``, seed or task file) is refused, naming the field that differs.
+    ``--n-train``, seed or task file) is refused, naming the field that differs. A
+    ``positional`` run (``TuneConfig.spans``) also records its span labels
+    (``spans_sha256``: the training rows', the discovery pairs' and the evaluation sets').
     """
     train = (task.train_tokens, task.train_target_mask, task.train_attention_mask)
     general = getattr(task, "general_tokens", None)
+    spans: dict[str, str] = {}
+    if positional:
+        sets = [getattr(task, "train_data", None), task.discovery, *task.evals.values()]
+        spans["spans_sha256"] = _digest(*[getattr(d, "spans", None) for d in sets])
     return {  # sizes first: a mismatch names the most telling field
         "n_train": int(task.train_tokens.shape[0]),
         "train_length": int(task.train_tokens.shape[1]),
@@ -75,6 +81,7 @@ def data_record(task: Any) -> dict[str, Any]:
         "discovery_sha256": _digest(*_task_tensors(task.discovery)),
         "evals_sha256": _digest(*[t for d in task.evals.values() for t in _task_tensors(d)]),
         "general_sha256": _digest(general, getattr(task, "general_attention_mask", None)),
+        **spans,
     }
 
 

@@ -87,6 +87,16 @@ class TuneConfig:
         selection: how the N edges are chosen: ``"top_n"`` (largest |score|) or
             ``"top_nodes"`` (the paper's official code: largest |score| x the sender's summed
             |scores| x the receiver's summed |scores|).
+        spans: positional circuits (``ctlens tune --spans``): edges are scored, selected and
+            (in the forward modes) masked per token span of the task (`ctlens.spans`), so a
+            circuit keeps (edge, span) pairs and ``top_n`` counts pairs. Needs spans on the
+            task's discovery data and training rows (``train_data``), with the same names.
+            Each training batch's forward mask reads that batch's span labels; the gradient
+            restriction opens a node when it is in the circuit at any span (parameters are
+            shared across positions). ``random`` draws (edge, span) pairs (``random_match=
+            "edges"``) or matches parameters on the node set, kept at every span; ``full``
+            and ``lora`` train without a circuit and snapshot positional monitor circuits.
+            Not with ``shard="fsdp"`` (untested there).
         train_embeddings / train_unembedding: let the ``input`` / ``logits`` nodes' weights
             move in gradient mode when they are in the circuit.
     Optimisation:
@@ -136,6 +146,7 @@ class TuneConfig:
     max_memory: int | str | None = None
     ema: float = 0.0
     selection: Selection = Selection.TOP_N
+    spans: bool = False
     train_embeddings: bool = False
     train_unembedding: bool = False
     optimizer: Optimizer = Optimizer.ADAMW
@@ -238,6 +249,14 @@ class TuneConfig:
                     "unsharded (shard=None; with torchrun it is then data-parallel, each rank "
                     "holding the whole model), or use mode='gradient'"
                 )
+        if self.spans is not False and self.spans is not True:
+            raise ValueError(f"spans must be True or False, got {self.spans!r}")
+        if self.spans and self.shard is not None:
+            raise ValueError(
+                "spans=True (--spans) is not supported with shard='fsdp': positional tuning "
+                "is untested on sharded parameters; run it unsharded (drop --shard), or "
+                "tune position-free"
+            )
         _choice("precision", self.precision, PRECISIONS)
         _choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if not isinstance(self.seed, int):

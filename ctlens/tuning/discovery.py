@@ -15,20 +15,29 @@ Three sources of edge scores, then one selection rule:
 optionally smooths scores by an exponential moving average across rediscoveries (its one
 piece of state, ``ema``) and keeps the top N (by ``selection``), N from the schedule by the
 one step -> N rule, `top_n_after`.
+
+On a positional graph (``TuneConfig.spans``) every source scores (edge, span) pairs,
+``[senders, receivers, spans]``: ``"batch"`` with the training rows' span labels (the
+kernel's store sorted by span, as `ctlens.attribute` does), ``"task"`` with the discovery
+data's; the means stay per position (a span's mask reads them at its own positions), and
+N counts pairs.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
 from ctlens.attribution import EapKernel, SenderStore, attribute, mean_activations
+from ctlens.bridge.hooks import model_device
 from ctlens.circuit import Circuit
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.scores import EdgeScores
+from ctlens.spans import SpanOrder
 from ctlens.tuning import weights as W
 from ctlens.tuning.config import TuneConfig
 from ctlens.tuning.controls import MatchedControl, trainable_count
@@ -39,7 +48,7 @@ SMALL_GRAPH = 256
 """Senders up to which batch discovery queues as many receiver columns as the store has rows
 (the kernel's default there is 1: a grouped layer's rows were expanded again per hook)."""
 
-Scores = Float[torch.Tensor, "n_senders n_receivers"]
+Scores = Float[torch.Tensor, "n_senders n_receivers *spans"]
 Means = Float[torch.Tensor, "n_senders seq d_model"]
 
 
@@ -72,8 +81,14 @@ def top_nodes_rank(scores: Scores, graph: Graph) -> Scores:
     """``selection="top_nodes"``: |score| x sender's summed |scores| x receiver's summed |scores|.
 
     The ranking of the paper's official code: an edge counts more when both of its ends
-    matter overall. Sums run over valid edges; invalid entries stay 0.
+    matter overall. Sums run over valid edges; invalid entries stay 0. On a positional graph
+    a node's sum runs over its edges at every span (a node is one set of parameters, shared
+    by all positions), and each (edge, span) pair is ranked by its own |score| times both.
     """
+    if graph.positional:
+        magnitude = scores.abs() * graph.dense_valid
+        return (magnitude * magnitude.sum((1, 2), keepdim=True)
+                * magnitude.sum((0, 2), keepdim=True))
     magnitude = scores.abs() * graph.valid
     return magnitude * magnitude.sum(1, keepdim=True) * magnitude.sum(0, keepdim=True)
 
@@ -166,12 +181,20 @@ class CircuitDiscovery:
 
     # ------------------------------------------------------------------ batch discovery
 
-    def recorded_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, EapKernel]:
-        """The training forward, recorded by an `EapKernel` (its store holds ``-a_s``)."""
+    def recorded_forward(
+        self, tokens: torch.Tensor, spans: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, EapKernel]:
+        """The training forward, recorded by an `EapKernel` (its store holds ``-a_s``);
+        ``spans``: the rows' ``[batch, seq]`` span labels on a positional graph."""
         graph = self.graph
         b, p = tokens.shape
-        store = SenderStore(self.model, graph, b, p, torch.float32)
-        scores = torch.zeros(graph.n_senders, graph.n_receivers, device=tokens.device)
+        order = None
+        if graph.positional:
+            if spans is None:
+                raise ValueError("a positional graph's batch discovery needs the rows' spans")
+            order = SpanOrder(spans.to(model_device(self.model)), graph.n_spans)
+        store = SenderStore(self.model, graph, b, p, torch.float32, order=order)
+        scores = torch.zeros(graph.dense_shape, device=tokens.device)
         # a small graph's receivers are scored a store's worth of columns per product: the
         # queue is no larger than the store (`SenderStore.center` works in place)
         queue = graph.n_senders if graph.n_senders <= SMALL_GRAPH else None
@@ -261,7 +284,7 @@ class CircuitDiscovery:
         """``mode="random"``: N random valid edges (``n``, default the schedule's), seeded by
         ``(seed, t)``."""
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (t + 1))
-        noise = torch.rand(self.graph.n_senders, self.graph.n_receivers, generator=gen)
+        noise = torch.rand(self.graph.dense_shape, generator=gen)  # positional: pairs
         n = self.config.top_n_at(t, self.graph.n_edges) if n is None else n
         circuit = Circuit.from_scores(EdgeScores(noise, self.graph, {}), top_n=n)
         return Circuit(self.graph, circuit.mask, None,
@@ -270,13 +293,21 @@ class CircuitDiscovery:
     def matched_random_circuit(self, target: Circuit, t: int) -> Circuit:
         """``random_match="parameters"`` / ``"composition"``: a random circuit with the
         trainable parameters of ``target`` (in total or per node kind), seeded by
-        ``(seed, t)``; its metadata records ``target``'s trainable fraction."""
+        ``(seed, t)``; its metadata records ``target``'s trainable fraction.
+
+        On a positional graph the nodes are drawn on the position-free graph (what moves
+        depends on the nodes only) and each drawn edge is kept at every span."""
         cfg = self.config
+        graph = self.graph
+        free = Graph(replace(graph.spec, spans=())) if graph.positional else graph
         if self._control is None:
-            self._control = MatchedControl(self.model, self.graph, cfg)
-        budgets = self._control.budgets(target, by_kind=cfg.random_match == "composition")
+            self._control = MatchedControl(self.model, free, cfg)
+        nodes = Circuit(free, target.sender_receiver_mask) if graph.positional else target
+        budgets = self._control.budgets(nodes, by_kind=cfg.random_match == "composition")
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (t + 1))
         circuit = self._control.draw(budgets, gen)
+        if graph.positional:
+            circuit = Circuit(graph, circuit.mask[..., None].expand(graph.dense_shape).clone())
         total = W.count_real_parameters(self.model)
         circuit.metadata = {
             "step": t, "top_n": cfg.top_n_at(t, self.graph.n_edges), "mode": "random",

@@ -8,7 +8,8 @@
   restriction is entered after the backward, so :meth:`Enforcement.mask_grads` applies it to
   the gradients already computed.
 - **forward masks** (modes ``forward``, ``both``): `ctlens.edge_mask` with mean ablation,
-  the means being those of the discovery that chose the circuit.
+  the means being those of the discovery that chose the circuit; a positional circuit's
+  mask reads each batch's span labels (`Enforcement.forward_mask`).
 - **the trainable fraction**: real parameters the optimizer may change now.
 
 The restriction itself comes from the run's parallelism
@@ -95,13 +96,18 @@ class Enforcement:
         if self._restriction is not None:
             self._restriction.after_backward()
 
-    def forward_mask(self) -> contextlib.AbstractContextManager[Any]:
-        """The training forward's edge mask (forward modes with a circuit), else a no-op."""
+    def forward_mask(
+        self, spans: torch.Tensor | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The training forward's edge mask (forward modes with a circuit), else a no-op.
+        ``spans``: the batch's ``[batch, seq]`` span labels, for a positional circuit (each
+        excluded (edge, span) pair is ablated at that batch's positions of its span)."""
         if not self.config.mode.masks_forward or self.circuit is None:
             return contextlib.nullcontext()
         from ctlens.masking import edge_mask
 
-        return edge_mask(self.model, self.circuit, ablation=Ablation.MEAN, reference=self.means)
+        return edge_mask(self.model, self.circuit, ablation=Ablation.MEAN, reference=self.means,
+                         spans=spans)
 
     def release(self) -> None:
         """Lift the gradient restriction (every parameter trainable again)."""

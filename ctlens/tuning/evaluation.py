@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from ctlens.tuning.enforcement import Enforcement
 from ctlens.tuning.parallel.local_shards import StartWeights
 from ctlens.tuning.rundir import RunDir
 from ctlens.types import Ablation
+
+if TYPE_CHECKING:
+    from ctlens.masking.forward import EdgeMask
 
 
 class Evaluator:
@@ -127,13 +130,19 @@ class Evaluator:
             rd.append_metrics(record)
         return record
 
-    def metric_mean(self, data: TaskData) -> tuple[float, float | None]:
-        """Mean metric over an evaluation set and, for difference metrics, the fraction > 0."""
+    def metric_mean(
+        self, data: TaskData, mask: EdgeMask | None = None
+    ) -> tuple[float, float | None]:
+        """Mean metric over an evaluation set and, for difference metrics, the fraction > 0.
+        ``mask``: the `ctlens.masking.EdgeMask` of a positional circuit in force, told each
+        batch's span labels."""
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
         values = []
         for batch in data.batches(max(32, self.config.batch_size)):
             batch = batch.trimmed()
+            if mask is not None:
+                mask.set_spans(batch.spans)
             logits = self.model(batch.clean)
             values.append(batch.metric_values(logits, logits).float().cpu())
         v = torch.cat(values)
@@ -150,8 +159,9 @@ class Evaluator:
         data = self.task.evals[self.target_eval]
         if self.config.eval_examples is not None:
             data = data[: self.config.eval_examples]
-        with edge_mask(self.model, enforcement.circuit, ablation=Ablation.MEAN, reference=data):
-            return self.metric_mean(data)[0]
+        with edge_mask(self.model, enforcement.circuit, ablation=Ablation.MEAN,
+                       reference=data) as mask:
+            return self.metric_mean(data, mask if mask.graph.positional else None)[0]
 
     def general_loss(self) -> float:
         """Mean next-token loss on the first ``general_examples`` rows of the task's general

@@ -40,6 +40,10 @@ gradient restriction, forward masks, the optimizer, the trainable fraction),
 This module is the loop that drives them. The run directory format is
 ``docs/run-format.md``.
 
+Positional runs (``TuneConfig(spans=True)``, ``docs/tuning.md``): the graph is the model's
+over the task's token spans, so circuits hold (edge, span) pairs; each step hands its rows'
+span labels (``train_data.spans``) to batch discovery and to the forward mask.
+
 With ``torch.distributed`` initialised, every rank takes its shard of each global batch;
 gradients, batch means and edge scores are summed across ranks
 (`ctlens.tuning.distributed`), so all ranks select the same circuit and end with identical
@@ -76,7 +80,13 @@ from ctlens.tuning.discovery import CircuitDiscovery
 from ctlens.tuning.distributed import World
 from ctlens.tuning.enforcement import Enforcement
 from ctlens.tuning.evaluation import Evaluator, eval_if_training
-from ctlens.tuning.inputs import check_fixed_circuit, check_lengths, check_task, tuning_graph
+from ctlens.tuning.inputs import (
+    check_fixed_circuit,
+    check_lengths,
+    check_task,
+    task_spans,
+    tuning_graph,
+)
 from ctlens.tuning.parallel import parallelism
 from ctlens.tuning.precision import Precision
 from ctlens.tuning.rundir import RunDir, now_iso
@@ -93,6 +103,7 @@ class TuneTask(Protocol):
     ``train_data`` (a `TaskData` over the training rows, for ``"batch"`` discovery with the
     task metric and for ``metric_beta``), ``target_eval`` (default: the first key of
     ``evals``) and ``general_tokens`` / ``general_attention_mask`` may be ``None`` or absent.
+    A positional run (``TuneConfig.spans``) needs ``train_data.spans``.
     """
 
     discovery: TaskData
@@ -146,7 +157,8 @@ class CircuitTuner:
         self.model = model
         self.task = task
         d_mlp = int(getattr(model.cfg, "d_mlp", 0) or 0)
-        self.graph = tuning_graph(model, self.config.groups_for(d_mlp), graph)
+        self.graph = tuning_graph(model, self.config.groups_for(d_mlp), graph,
+                                  task_spans(task, self.config))
         self.config.top_n_ends(self.graph.n_edges)  # a count larger than the graph: refused
         n_train = task.train_tokens.shape[0]
         self.world = World.current()
@@ -325,7 +337,7 @@ class CircuitTuner:
         tokens = self.task.train_tokens[local]
         with eval_if_training(self.model):
             with self.precision.forward():
-                logits, kernel = self.discovery.recorded_forward(tokens)
+                logits, kernel = self.discovery.recorded_forward(tokens, self._spans(local))
             loss, metric_sum = self._loss(logits.float(), local)
             scores, means, _ = self._scores_of(kernel, local, loss, metric_sum, False)
         return scores, means
@@ -387,7 +399,7 @@ class CircuitTuner:
             "created": now_iso(),
             "ctlens_version": __version__,
             **self.parallel.run_record(self.model),
-            "data": C.data_record(self.task),
+            "data": C.data_record(self.task, self.graph.positional),
             **C.fixed_circuit_record(self.fixed_circuit),
         }
 
@@ -441,6 +453,14 @@ class CircuitTuner:
     def _local_rows(self, step: int) -> torch.Tensor:
         return self.world.shard(self._global_rows(step))
 
+    def _spans(self, local: torch.Tensor) -> torch.Tensor | None:
+        """The span labels ``[batch, seq]`` of training rows ``local`` (positional runs; the
+        forward mask and batch discovery read them), else None."""
+        if not self.graph.positional:
+            return None
+        assert self.train_data is not None and self.train_data.spans is not None
+        return self.train_data.spans[local]
+
     # ------------------------------------------------------------------ one step
 
     def _train_step(self, t: int, enforcement: Enforcement, scheduler: Any) -> None:
@@ -482,13 +502,14 @@ class CircuitTuner:
                 record = True
         optimizer = enforcement.optimizer
         optimizer.zero_grad(set_to_none=True)
-        with eval_if_training(self.model), enforcement.forward_mask():
+        spans = self._spans(local)
+        with eval_if_training(self.model), enforcement.forward_mask(spans):
             kernel = None
             with self.precision.forward():  # the backward runs outside autocast
                 if enforcement.lora is not None:
                     logits = enforcement.lora.logits(tokens)
                 elif record:
-                    logits, kernel = self.discovery.recorded_forward(tokens)
+                    logits, kernel = self.discovery.recorded_forward(tokens, spans)
                 else:
                     logits = self.model(tokens)
             loss, metric_sum = self._loss(logits.float(), local)
