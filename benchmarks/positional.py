@@ -18,6 +18,13 @@ curve is placed at the position-free fractions. Results go to
 ``benchmarks/results/positional.json`` (a run of some models keeps the others') and
 ``docs/positional.md`` is written from all stored results.
 
+``python benchmarks/positional.py oracle`` (``--models`` to run some) checks issue 22's
+oracle on every zoo model: per-span EAP's Pearson r with per-span exact patching against
+position-free EAP's r with position-free exact patching (agreement, 24 discovery examples,
+as the slow test `tests/test_positional.py` does on the tiny models; exact patching per span
+takes minutes to tens of minutes a model). Its rows are stored beside the curves and shown
+on the same page.
+
 ``python benchmarks/positional.py speed`` writes the "positional" section of
 docs/benchmarks.md. On a randomly initialised GPT-2 small (12 layers, d_model 768, 12
 heads; built locally), batch 16 x 32, one thread, with the token positions as spans (32
@@ -105,6 +112,23 @@ def curves_one(model_name: str, task: str, n: int) -> dict[str, Any]:
     }
 
 
+def oracle_one(model_name: str, n: int = 24) -> dict[str, Any]:
+    """Pearson r of EAP with exact patching, position-free and per span (one thread)."""
+    torch.set_num_threads(1)
+    model = ctlens.load_model(f"zoo:{model_name}")
+    data = ctlens.tasks.load("agreement", n=n, seed=0).discovery
+    row: dict[str, Any] = {"model": model_name, "n_examples": n}
+    for key, positional in (("position-free", False), ("per span", True)):
+        eap = ctlens.attribute(model, data, progress=False, spans=positional)
+        exact, seconds = _timed(lambda p=positional: ctlens.attribute(
+            model, data, "exact", progress=False, spans=p))
+        valid = eap.graph.dense_valid
+        pair = torch.stack([eap.scores[valid], exact.scores[valid]])
+        row[key] = {"r": float(torch.corrcoef(pair)[0, 1]), "exact_seconds": seconds}
+        _say(f"{model_name} {key}: r {row[key]['r']:.3f} (exact {seconds:.0f}s)")
+    return row
+
+
 def _timed(fn: Callable[[], EdgeScores]) -> tuple[EdgeScores, float]:
     start = time.perf_counter()
     out = fn()
@@ -121,12 +145,19 @@ def _environment() -> str:
             f"{platform.processor() or platform.machine()}")
 
 
-def store(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge ``records`` into the stored results (by model and task), written atomically."""
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": []}
-    keys = {(r["model"], r["task"]) for r in records}
-    kept = [r for r in stored["results"] if (r["model"], r["task"]) not in keys]
-    stored["results"] = sorted(kept + records, key=lambda r: (r["model"], r["task"]))
+def store(records: list[dict[str, Any]], part: str = "results") -> dict[str, Any]:
+    """Merge ``records`` into the stored ``part`` (``results``: the curves, by model and
+    task; ``oracle``: by model), written atomically; the other part is kept."""
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    stored.setdefault("results", [])
+    stored.setdefault("oracle", [])
+
+    def key(r: dict[str, Any]) -> tuple[str, str]:
+        return r["model"], r.get("task", "")
+
+    keys = {key(r) for r in records}
+    kept = [r for r in stored[part] if key(r) not in keys]
+    stored[part] = sorted(kept + records, key=key)
     stored["environment"] = _environment()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS, json.dumps(stored, indent=1) + "\n")
@@ -170,7 +201,7 @@ def page(stored: dict[str, Any]) -> str:
                   "keeps the stored results of the others)."]
     for record in results:
         lines += _record_section(record)
-    lines += ["", "## What the numbers say", "", *_summary(results)]
+    lines += ["", "## What the numbers say", "", *_summary(results), *_oracle(stored)]
     return "\n".join(lines) + "\n"
 
 
@@ -194,6 +225,25 @@ def _record_section(record: dict[str, Any]) -> list[str]:
         "",
         markdown_table(["curve", "CPR", "CMD"], areas),
     ]
+
+
+def _oracle(stored: dict[str, Any]) -> list[str]:
+    """The oracle rows: per-span EAP against per-span exact patching, by model."""
+    rows = [[r["model"], str(r["n_examples"]), _num(r["position-free"]["r"]),
+             _num(r["per span"]["r"]), _num(r["per span"]["r"] - r["position-free"]["r"]),
+             "yes" if r["per span"]["r"] >= r["position-free"]["r"] - 0.05 else "no",
+             f"{r['position-free']['exact_seconds']:.0f} / {r['per span']['exact_seconds']:.0f}"]
+            for r in stored.get("oracle", [])]
+    if not rows:
+        return []
+    return ["", "## Per-span EAP against per-span exact patching", "",
+            "Pearson r of EAP scores with exact-patching scores over the valid edges "
+            "(position-free) or (edge, span) pairs (per span), agreement task, corrupt "
+            "ablation (`benchmarks/positional.py oracle`). Issue 22's oracle: per-span r "
+            "within 0.05 of position-free r.", "",
+            markdown_table(["model", "examples", "r position-free", "r per span",
+                            "difference", "within 0.05", "exact seconds (free / per span)"],
+                           rows)]
 
 
 def _num(value: float) -> str:
@@ -366,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     curves.add_argument("--tasks", default=",".join(TASKS))
     curves.add_argument("--n", type=int, default=N_EXAMPLES, help="examples per set")
     curves.add_argument("--no-report", action="store_true", help="do not write the files")
+    oracle = sub.add_parser("oracle", help="per-span EAP against per-span exact patching")
+    oracle.add_argument("--models", default=",".join(ctlens.zoo.names()),
+                        help="comma-separated zoo models")
     fast = sub.add_parser("speed", help="time and memory rows of docs/benchmarks.md")
     fast.add_argument("--repeats", type=int, default=3)
     fast.add_argument("--threads", type=int, default=1)
@@ -381,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.write(json.dumps(records, indent=1) + "\n")
             return
         atomic_write_text(PAGE, page(store(records)))
+        sys.stdout.write(f"wrote {RESULTS} and {PAGE}\n")
+    elif args.command == "oracle":
+        stored = store([oracle_one(m) for m in args.models.split(",")], part="oracle")
+        atomic_write_text(PAGE, page(stored))
         sys.stdout.write(f"wrote {RESULTS} and {PAGE}\n")
     elif args.command == "speed":
         markdown = speed(args.repeats, args.threads)

@@ -98,3 +98,18 @@ def test_positional_store_keeps_other_models(tmp_path: Path,
     stored = json.loads((tmp_path / "positional.json").read_text())
     assert [(r["model"], r["curves"][P.CURVES[0]]["faithfulness"][0])
             for r in stored["results"]] == [("tiny-gpt2", 0.1), ("tiny-llama", 0.5)]
+
+
+def test_positional_oracle_rows_are_stored_apart_and_judged_within_005(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(P, "RESULTS", tmp_path / "positional.json")
+    P.store([_positional_record("tiny-gpt2", 0.8, 0.9, 0.7)])
+    oracle = [{"model": m, "n_examples": 24,
+               "position-free": {"r": free, "exact_seconds": 10.0},
+               "per span": {"r": span, "exact_seconds": 40.0}}
+              for m, free, span in (("tiny-gpt2", 0.93, 0.945), ("mini-gpt2", 0.9, 0.84))]
+    stored = P.store(oracle, part="oracle")
+    assert [r["model"] for r in stored["results"]] == ["tiny-gpt2"]  # the curves kept
+    page = P.page(stored)
+    assert "| tiny-gpt2 | 24 | 0.930 | 0.945 | 0.015 | yes | 10 / 40 |" in page
+    assert "| mini-gpt2 | 24 | 0.900 | 0.840 | -0.060 | no | 10 / 40 |" in page
