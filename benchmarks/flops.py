@@ -71,7 +71,7 @@ def gpt2_rows() -> list[tuple[str, str, Callable[[], object], Callable[[], objec
     data = _task(model.cfg.d_vocab, 16, 32)
     grouped = Graph.from_model(model, mlp_groups=48)
     gen = torch.Generator().manual_seed(1)
-    scores = EdgeScores(torch.randn(grouped.shape, generator=gen), grouped)
+    scores = EdgeScores(torch.randn(grouped.dense_shape, generator=gen), grouped)
     mask = EdgeMask(model, Circuit.from_scores(scores, "top_n", top_n=1000), Ablation.MEAN,
                     grouped)
     mask.set_means(ctlens.mean_activations(model, data.corrupt, graph=grouped))

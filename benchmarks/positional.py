@@ -311,7 +311,7 @@ def _masked_forwards(model: Any, data: TaskData) -> dict[str, Callable[[], objec
     forwards = {}
     for name, graph in (("edge_mask", Graph.from_model(model)),
                         ("positional edge_mask", Graph.from_model(model, spans=data))):
-        scores = EdgeScores(torch.randn(graph.shape, generator=gen), graph)
+        scores = EdgeScores(torch.randn(graph.dense_shape, generator=gen), graph)
         mask = EdgeMask(model, Circuit.from_scores(scores, "top_n", top_n=1000), Ablation.MEAN,
                         graph)
         mask.set_means(means)
