@@ -64,13 +64,14 @@ from _report import (  # noqa: E402
     run_worker,
     write_section,
 )
+from masking import BATCH, SEQ, build_model  # noqa: E402
+from masking import task as random_task  # noqa: E402
 
 RESULTS = HERE / "results" / "positional.json"
 PAGE = HERE.parent / "docs" / "positional.md"
 TASKS = ("agreement", "ioi")
 N_EXAMPLES = 256
 CURVES = ("position-free", "positional, equal fraction", "positional, equal count")
-BATCH, SEQ, VOCAB = 16, 32, 50257
 TARGETS = {"time": 1.3, "memory": 1.3, "edge_mask": 1.2}
 """Issue 22's targets: positional / position-free ratios."""
 
@@ -275,23 +276,10 @@ def _summary(results: list[dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------ speed
 
 
-def _gpt2_small() -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=VOCAB,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return ctlens.load_model(GPT2LMHeadModel(config).eval())
-
-
 def _task(n: int, seed: int) -> TaskData:
-    gen = torch.Generator().manual_seed(seed)
-    return TaskData(
-        clean=torch.randint(0, VOCAB, (n, SEQ), generator=gen),
-        corrupt=torch.randint(0, VOCAB, (n, SEQ), generator=gen),
-        correct=torch.randint(0, VOCAB, (n,), generator=gen),
-        wrong=torch.randint(0, VOCAB, (n,), generator=gen),
-    ).with_position_spans()
+    """`benchmarks/masking.py`'s random task (GPT-2 vocabulary, 32 tokens), each position
+    its own span."""
+    return random_task(n, seed).with_position_spans()
 
 
 def _attributions(model: Any, data: TaskData) -> dict[str, Callable[[], object]]:
@@ -331,7 +319,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in a fresh process: interleaved timing rounds, or one call's peak
     memory."""
     torch.set_num_threads(spec["threads"])
-    model = _gpt2_small()
+    model = build_model()
     data = _task(BATCH, seed=0)
     if spec["job"] == "memory":
         op = _attributions(model, data)[spec["op"]]
