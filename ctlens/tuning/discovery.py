@@ -85,12 +85,10 @@ def top_nodes_rank(scores: Scores, graph: Graph) -> Scores:
     a node's sum runs over its edges at every span (a node is one set of parameters, shared
     by all positions), and each (edge, span) pair is ranked by its own |score| times both.
     """
-    if graph.positional:
-        magnitude = scores.abs() * graph.dense_valid
-        return (magnitude * magnitude.sum((1, 2), keepdim=True)
-                * magnitude.sum((0, 2), keepdim=True))
-    magnitude = scores.abs() * graph.valid
-    return magnitude * magnitude.sum(1, keepdim=True) * magnitude.sum(0, keepdim=True)
+    magnitude = scores.abs() * graph.dense_valid
+    spans = tuple(range(2, magnitude.ndim))  # (2,) on a positional graph, else ()
+    return (magnitude * magnitude.sum((1, *spans), keepdim=True)
+            * magnitude.sum((0, *spans), keepdim=True))
 
 
 def top_n_after(config: TuneConfig, steps_taken: int, n_edges: int | None = None) -> int:
@@ -299,9 +297,10 @@ class CircuitDiscovery:
         depends on the nodes only) and each drawn edge is kept at every span."""
         cfg = self.config
         graph = self.graph
-        free = Graph(replace(graph.spec, spans=())) if graph.positional else graph
-        if self._control is None:
+        if self._control is None:  # its graph is the position-free one: built once
+            free = Graph(replace(graph.spec, spans=())) if graph.positional else graph
             self._control = MatchedControl(self.model, free, cfg)
+        free = self._control.graph
         nodes = Circuit(free, target.sender_receiver_mask) if graph.positional else target
         budgets = self._control.budgets(nodes, by_kind=cfg.random_match == "composition")
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (t + 1))
