@@ -70,6 +70,17 @@ def _speed_task(model: Any, n: int, seq: int, seed: int = 0) -> Any:
                    target_eval="t")
 
 
+def speed_tuner(model: Any, task: Any, batch: int, top_n: int, groups: int,
+                **mode: Any) -> Any:
+    """A `CircuitTuner` for timing steps in ``mode`` (``full`` has no MLP grouping: the
+    same model's plain fine-tuning step); ``lr`` 1e-5 and a long schedule, as speed does
+    not depend on training."""
+    grouping = {} if mode["mode"] == "full" else {"mlp_groups": groups}
+    cfg = ctlens.TuneConfig(steps=10_000, batch_size=batch, lr=1e-5, top_n=top_n,
+                            progress=False, **mode, **grouping)
+    return ctlens.CircuitTuner(model, task, cfg)
+
+
 def speed(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     # (label, build, batch, seq, groups); each row loads a fresh module (seed 0)
@@ -99,10 +110,7 @@ def speed(args: argparse.Namespace) -> None:
         times: dict[str, list[float]] = {k: [] for k in configs}
         for _ in range(args.rounds):
             for key, extra in configs.items():
-                grouping = {} if extra["mode"] == "full" else {"mlp_groups": groups}
-                cfg = ctlens.TuneConfig(steps=10_000, batch_size=batch, lr=1e-5, top_n=top_n,
-                                        progress=False, **extra, **grouping)
-                tuner = ctlens.CircuitTuner(model, task, cfg)
+                tuner = speed_tuner(model, task, batch, top_n, groups, **extra)
                 times[key] += tuner.time_steps(args.steps, warmup=1)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append([label, f"{batch}x{seq}", f"{top_n}/{n_edges}",

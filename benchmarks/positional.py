@@ -53,7 +53,6 @@ import ctlens
 from ctlens import Circuit, EdgeScores, Graph, TaskData
 from ctlens.files import atomic_write_text
 from ctlens.masking import MIB_FRACTIONS, EdgeMask, curve_areas
-from ctlens.sizes import fraction_edges
 from ctlens.types import Ablation
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +89,7 @@ def curves_one(model_name: str, task: str, n: int) -> dict[str, Any]:
                                                      progress=False))
     by_fraction = ctlens.faithfulness_curve(model, held_out, free)
     positional = ctlens.faithfulness_curve(model, held_out, spans)
-    counts = [fraction_edges(f, free.graph.n_edges) for f in MIB_FRACTIONS]
+    counts = list(by_fraction.n_edges)  # the position-free sizes, as fraction_edges rounds
     distinct = sorted(set(counts))
     equal = ctlens.faithfulness_curve(model, held_out, spans,
                                       sizes=[c / spans.graph.n_edges for c in distinct])
