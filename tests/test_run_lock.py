@@ -76,23 +76,28 @@ def test_two_real_tuners_on_one_directory(tmp_path: Path) -> None:
     """A tuner running, a second one with the same flags: the second stops with one line
     and the first finishes alone, its metrics one record per evaluation."""
     out = tmp_path / "run"
-    config = {"mode": "gradient", "top_n": 30, "steps": 300, "batch_size": 6, "lr": 1e-2,
-              "eval_every": 20, "save_every": 100, "eval_examples": 6, "export": False,
+    release = tmp_path / "release"  # the first run waits before step 40 until this exists
+    config = {"mode": "gradient", "top_n": 30, "steps": 100, "batch_size": 6, "lr": 1e-2,
+              "eval_every": 20, "save_every": 50, "eval_examples": 6, "export": False,
               "progress": False}
-    first = launch({"out": str(out), "config": config})
-    deadline = time.time() + 240
-    while not (out / "metrics.jsonl").is_file():  # running: its run directory exists
-        assert first.poll() is None and time.time() < deadline, first.communicate()[0]
-        time.sleep(0.05)
-    second = launch({"out": str(out), "config": config})
-    text = second.communicate(timeout=300)[0].decode()
-    assert second.returncode != 0 and "DirLockedError" in text, text
-    assert f"pid {first.pid}" in text
-    assert first.poll() is None, "the first run ended before the second tried (make it longer)"
+    first = launch({"out": str(out), "config": config,
+                    "hold": {"step": 40, "until": str(release)}})
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").is_file():  # running: its run directory exists
+            assert first.poll() is None and time.time() < deadline, first.communicate()[0]
+            time.sleep(0.05)
+        second = launch({"out": str(out), "config": config})
+        text = second.communicate(timeout=300)[0].decode()
+        assert second.returncode != 0 and "DirLockedError" in text, text
+        assert f"pid {first.pid}" in text
+        assert first.poll() is None, first.communicate()[0]  # still held before step 40
+    finally:
+        release.touch()
     assert first.wait(timeout=300) == 0, first.communicate()[0]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
              .splitlines()]
-    assert steps == list(range(0, 301, 20))
+    assert steps == list(range(0, 101, 20))
     assert not (out / LOCK_NAME).exists()
 
 

@@ -4,6 +4,8 @@
 toy task (used by the SIGKILL and data-parallel tests). JSON keys: ``out`` (run directory),
 ``config`` (TuneConfig fields), ``threads`` (torch threads, default 1), ``family``,
 ``spans`` (true: the toy task with spans, `spanned_toy_task`), and
+``hold`` (``{"step", "until"}``: before that training step the tuner waits until the file
+``until`` exists, so a test can act while a run is certainly in progress), and
 with ``ddp`` optionally ``fail`` (``{"rank", "step"}``: that rank raises at that step) and
 ``forbid_gather`` (true: `Sharding.gathered` and `Sharding.optimizer_state` raise).
 
@@ -18,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +156,10 @@ def main(spec: dict) -> None:
     ddp = spec.get("ddp")
     make_task = spanned_toy_task if spec.get("spans") else toy_task
     if ddp is None:
-        ctlens.CircuitTuner(model, make_task(), config).run(spec["out"])
+        tuner = ctlens.CircuitTuner(model, make_task(), config)
+        if "hold" in spec:
+            _hold_at(tuner, spec["hold"]["step"], Path(spec["hold"]["until"]))
+        tuner.run(spec["out"])
         return
     import torch.distributed as dist
 
@@ -204,6 +210,18 @@ def _fail_at(tuner: ctlens.CircuitTuner, step: int) -> None:
         train(t, *args)
 
     tuner._train_step = failing  # type: ignore[method-assign]
+
+
+def _hold_at(tuner: ctlens.CircuitTuner, step: int, until: Path) -> None:
+    """Make ``tuner`` wait before its training step ``step`` until ``until`` exists."""
+    train = tuner._train_step
+
+    def holding(t: int, *args: object) -> None:
+        while t == step and not until.exists():
+            time.sleep(0.05)
+        train(t, *args)
+
+    tuner._train_step = holding  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
