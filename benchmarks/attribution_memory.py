@@ -47,7 +47,7 @@ def _setup(regime: str, quick: bool) -> tuple[Any, Any, Any, dict[str, Any]]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import ctlens
-    from ctlens.memory import bytes_per_example
+    from ctlens.memory import SenderLayout, bytes_per_example
 
     torch.manual_seed(0)
     config = GPT2Config(**(QUICK if quick else SHAPE), resid_pdrop=0.0, embd_pdrop=0.0,
@@ -68,8 +68,11 @@ def _setup(regime: str, quick: bool) -> tuple[Any, Any, Any, dict[str, Any]]:
     width = max(model.cfg.n_heads, graph.spec.mlp_groups)
     s = graph.n_senders
 
+    cfg = model.cfg
+    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, graph.spec.mlp_groups, cfg.d_mlp)
+
     def need(rows: int, item: int, chunk: int | None, queue: int | None) -> int:
-        return bytes_per_example(rows, seq, model.cfg.d_model, width, item, chunk, queue)
+        return bytes_per_example(layout, rows, seq, width, item, chunk, queue)
 
     if regime == "receivers":
         budget = batch * need(s, 4, None, 8)

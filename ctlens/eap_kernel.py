@@ -48,7 +48,8 @@ from jaxtyping import Float
 from ctlens.bridge.hooks import flat, group_gradient_hooks, receiver_hooks, sender_hooks
 from ctlens.bridge.mlp_groups import group_rows, mlp_parts
 from ctlens.graph import Graph
-from ctlens.memory import default_queue
+from ctlens.memory import WORKSPACE_ROWS, default_queue
+from ctlens.memory import workspace_rows as largest_workspace
 from ctlens.spans import SpanOrder
 
 Scores = Float[torch.Tensor, "n_senders n_receivers *spans"]
@@ -85,7 +86,7 @@ class SenderStore:
 
     def __init__(
         self, model: Any, graph: Graph, batch: int, pos: int, dtype: torch.dtype,
-        senders: range | None = None, workspace_rows: int = 256,
+        senders: range | None = None, workspace_rows: int = WORKSPACE_ROWS,
         order: SpanOrder | None = None,
     ) -> None:
         senders = range(graph.n_senders) if senders is None else senders
@@ -115,6 +116,9 @@ class SenderStore:
         self.plain = torch.zeros(len(self.row_list), *self._row, dtype=dtype, device=device)
         self._work: torch.Tensor | None = None  # expanded group rows, reused
         self._workspace_rows = max(graph.spec.mlp_groups, workspace_rows)
+        # sized once for the largest batch of layers `score` expands (`ctlens.memory`)
+        self._work_size = largest_workspace(
+            [h.rows.stop - h.rows.start for h in self.layers], self._workspace_rows)
         self.order = order
         self._sorted = False  # the plain rows' cells are in ``order`` (after the first product)
 
@@ -268,9 +272,8 @@ class SenderStore:
         columns that may read them."""
         sizes = [h.rows.stop - h.rows.start for h in batch]
         per_row = math.prod(self._row)
-        if self._work is None or self._work.shape[0] < sum(sizes):
-            self._work = torch.empty(max(sum(sizes), self._workspace_rows), per_row,
-                                     device=self.plain.device)
+        if self._work is None:
+            self._work = torch.empty(self._work_size, per_row, device=self.plain.device)
         start = 0
         for h, size in zip(batch, sizes, strict=True):
             self._expand(h, self._work[start : start + size])

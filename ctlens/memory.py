@@ -2,7 +2,9 @@
 
 Per batch, `ctlens.attribute` holds one buffer of sender activation differences
 ``[n_senders, batch, pos, d_model]`` - its largest allocation (Llama-3.1-8B, 1,057 senders,
-at 8 x 128 tokens: 17.7 GB in fp32) - and the fp32 receiver gradients that wait to be
+at 8 x 128 tokens: 17.7 GB in fp32; `SenderLayout` counts what the store holds, where a
+neuron-grouped MLP is kept as its ``d_mlp``-wide hidden activation) - and the fp32 receiver
+gradients that wait to be
 multiplied with it (`ctlens.attribution.EapKernel` queues up to a quarter of the sender
 count on large graphs, so the buffer is read a few times per backward, not once per hook).
 `fit_attribution` picks, for a budget in bytes, the first of:
@@ -86,6 +88,78 @@ class AttributionFit:
         }
 
 
+WORKSPACE_ROWS = 256
+"""Group rows `ctlens.eap_kernel.SenderStore` expands per product (at least one layer's)."""
+
+
+def workspace_rows(held: list[int], floor: int) -> int:
+    """Rows of the fp32 workspace `ctlens.eap_kernel.SenderStore` expands group rows into:
+    its grouped layers (``held`` group rows each, in order) are expanded in turn until a
+    batch holds at least ``floor`` rows (`WORKSPACE_ROWS`, or a layer's groups if more);
+    the largest batch (0: no grouped layer)."""
+    batch, most = 0, 0
+    for rows in held:
+        batch += rows
+        if batch >= floor:
+            most, batch = max(most, batch), 0
+    return max(most, batch)
+
+
+@dataclass(frozen=True)
+class SenderLayout:
+    """How attribution's sender store (`ctlens.eap_kernel.SenderStore`) holds a graph's
+    senders, for counting its bytes: input, heads and one-group MLPs as ``d_model``-wide
+    rows; each neuron-grouped MLP layer as its ``d_mlp``-wide hidden activation, its group
+    rows expanded into one fp32 workspace of whole layers (`workspace_rows`) when a product
+    needs them. The sender order is `ctlens.graph.Graph`'s: ``input``, then
+    per layer its heads and its MLP's ``mlp_groups`` nodes."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    mlp_groups: int = 1
+    d_mlp: int = 0
+
+    @property
+    def n_senders(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + self.mlp_groups)
+
+    def grouped_rows(self) -> list[range]:
+        """The sender rows of each neuron-grouped MLP layer (none on a one-group graph)."""
+        if self.mlp_groups == 1:
+            return []
+        step = self.n_heads + self.mlp_groups
+        return [range(1 + layer * step + self.n_heads, 1 + (layer + 1) * step)
+                for layer in range(self.n_layers)]
+
+    def token_bytes(self, senders: range, itemsize: int) -> int:
+        """Bytes per token (one example's position) the store holds for ``senders``, in a
+        buffer of ``itemsize`` bytes per element: `held_bytes` and the workspace."""
+        return self.held_bytes(senders, itemsize) + self.workspace_bytes(senders)
+
+    def held_bytes(self, senders: range, itemsize: int) -> int:
+        """Bytes per token of the plain rows and grouped layers' hidden activations."""
+        held = self._grouped_held(senders)
+        plain = len(senders) - sum(held)
+        return (plain * self.d_model + len(held) * self.d_mlp) * itemsize
+
+    def workspace_bytes(self, senders: range) -> int:
+        """Bytes per token of the fp32 workspace the held group rows are expanded into."""
+        floor = max(self.mlp_groups, WORKSPACE_ROWS)
+        return workspace_rows(self._grouped_held(senders), floor) * self.d_model * 4
+
+    def _grouped_held(self, senders: range) -> list[int]:
+        """Group rows of ``senders`` in each grouped layer that holds any, in order."""
+        return [n for r in self.grouped_rows()
+                if (n := min(r.stop, senders.stop) - max(r.start, senders.start)) > 0]
+
+    def largest_pass(self, senders: int | None, itemsize: int) -> int:
+        """`token_bytes` of the largest store when ``senders`` rows are scored per pass
+        (`AttributionFit.sender_groups`; None: all at once)."""
+        fit = AttributionFit(None, torch.float32, None, None, senders=senders)
+        return max(self.token_bytes(g, itemsize) for g in fit.sender_groups(self.n_senders))
+
+
 def parse_bytes(value: int | float | str, name: str = "max_memory") -> int:
     """A memory size as a number of bytes: ``8_000_000_000``, ``8e9``, ``"8GB"``,
     ``"7.5 GiB"``, ``"512MiB"`` (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; any case).
@@ -142,23 +216,29 @@ def default_queue(rows: int, chunk: int | None) -> int:
     return max(16, rows // 4) if chunk is None and rows > 256 else 1
 
 
+def gradient_bytes(d_model: int, width: int, queue: int) -> int:
+    """Bytes per token of the fp32 receiver gradients `ctlens.attribution.EapKernel` holds
+    twice (queue and concatenation: up to ``queue - 1`` columns plus one hook's ``width``)."""
+    return d_model * 2 * (queue - 1 + width) * 4
+
+
 def bytes_per_example(
-    rows: int, seq: int, d_model: int, width: int, itemsize: int, chunk: int | None,
-    queue: int | None = None,
+    layout: SenderLayout, senders: int | None, seq: int, width: int, itemsize: int,
+    chunk: int | None, queue: int | None = None,
 ) -> int:
-    """Attribution's buffer bytes per example: ``rows`` sender rows of ``itemsize`` bytes,
-    the fp32 receiver gradients `ctlens.attribution.EapKernel` holds twice (queue and
-    concatenation: up to ``queue - 1`` columns plus one hook's ``width``) and, for a
-    low-precision buffer, ``chunk`` sender rows upcast to fp32. ``queue=None``: the
-    kernel's default (`default_queue`)."""
+    """Attribution's buffer bytes per example: the sender store of the largest pass of
+    ``senders`` rows (None: all; `SenderLayout.largest_pass`) in ``itemsize`` bytes, the
+    receiver gradients (`gradient_bytes`) and, for a low-precision buffer, ``chunk`` sender
+    rows upcast to fp32. ``queue=None``: the kernel's default (`default_queue`)."""
+    rows = layout.n_senders if senders is None else senders
     queue = default_queue(rows, chunk) if queue is None else queue
-    return seq * d_model * (rows * itemsize + 2 * (queue - 1 + width) * 4 + (chunk or 0) * 4)
+    store = layout.largest_pass(senders, itemsize) + (chunk or 0) * layout.d_model * 4
+    return seq * (store + gradient_bytes(layout.d_model, width, queue))
 
 
 def fit_buffers(
-    n_senders: int,
+    layout: SenderLayout,
     seq: int,
-    d_model: int,
     width: int,
     dtype: torch.dtype,
     n_examples: int,
@@ -167,13 +247,15 @@ def fit_buffers(
 ) -> AttributionFit:
     """`fit_attribution` from shapes alone (also what `ctlens.plan` predicts with).
 
-    ``width`` is the widest receiver hook (heads, or MLP neuron groups if more); ``dtype``
-    the model's. The regimes are tried in the module docstring's order.
+    ``layout`` is the graph's sender store; ``width`` the widest receiver hook (heads, or
+    MLP neuron groups if more); ``dtype`` the model's. The regimes are tried in the module
+    docstring's order.
     """
     want = n_examples if batch_size is None else min(batch_size, n_examples)
+    n_senders, d_model = layout.n_senders, layout.d_model
 
     def need(rows: int, itemsize: int, chunk: int | None, queue: int | None = None) -> int:
-        return bytes_per_example(rows, seq, d_model, width, itemsize, chunk, queue)
+        return bytes_per_example(layout, rows, seq, width, itemsize, chunk, queue)
 
     full = default_queue(n_senders, None)
     if budget is None or want * need(n_senders, 4, None) <= budget:
@@ -223,7 +305,9 @@ def _sender_chunks(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if one(mid) <= budget else (lo, mid)
-    rows = math.ceil(n_senders / math.ceil(n_senders / lo))  # balanced groups
+    rows = math.ceil(n_senders / math.ceil(n_senders / lo))  # balanced groups ...
+    if one(rows) > budget:  # ... unless they cut grouped layers worse (group rows cost more)
+        rows = lo
     batch = min(want, budget // one(rows))
     receivers = None if default_queue(rows, chunk_of(rows)) == 1 else 1
     return AttributionFit(int(batch), buffer_dtype, chunk_of(rows), budget, receivers, rows)
@@ -243,15 +327,16 @@ def fit_attribution(
         budget = None if free is None else free // 2
     else:
         budget = parse_bytes(max_memory)
-    width = max(int(model.cfg.n_heads), graph.spec.mlp_groups)
+    spec = graph.spec
+    layout = SenderLayout(spec.n_layers, spec.n_heads, int(model.cfg.d_model), spec.mlp_groups,
+                          int(model.cfg.d_mlp))
+    width = max(layout.n_heads, layout.mlp_groups)
     dtype = next(model.parameters()).dtype
-    return fit_buffers(
-        graph.n_senders, seq, int(model.cfg.d_model), width, dtype, n_examples, batch_size,
-        budget,
-    )
+    return fit_buffers(layout, seq, width, dtype, n_examples, batch_size, budget)
 
 
 __all__ = [
-    "AttributionFit", "available_memory", "bytes_per_example", "default_queue", "fit_attribution",
-    "fit_buffers", "parse_bytes",
+    "WORKSPACE_ROWS", "AttributionFit", "SenderLayout", "available_memory", "bytes_per_example",
+    "default_queue", "fit_attribution", "fit_buffers", "gradient_bytes", "parse_bytes",
+    "workspace_rows",
 ]

@@ -9,12 +9,14 @@ weights, no memory). It adds up what the ctlens code keeps alive at its peak:
   frozen slices exact (a copy of each partly-trainable attention matrix, its bool mask and
   its gradient scale). Embeddings, unembedding and norms are frozen, as by default.
 - the **sender buffer** ``[n_senders, batch, pos, d_model]`` in fp32 that EAP, EAP-IG and
-  batch discovery fill, the fp32 **receiver gradients** queued to be multiplied with it,
-  the fp32 **score** matrix and the mean activations. For attribution with a budget, the
-  buffers are fitted exactly as `ctlens.attribute` fits them (`ctlens.memory.fit_buffers`,
-  given what the budget leaves after weights, activations and logits): fewer queued
-  receiver columns, a bf16/fp16 buffer, smaller batches or sender chunks, and the plan
-  reports that fit and the ``max_memory`` that reproduces it;
+  batch discovery fill (a neuron-grouped MLP held as its hidden activation and expanded
+  into a workspace: `ctlens.memory.SenderLayout`), the fp32 **receiver gradients** queued
+  to be multiplied with it, the fp32 **score** matrix and the mean activations. For
+  attribution with a budget, the buffers are fitted exactly as `ctlens.attribute` fits
+  them (`ctlens.memory.fit_buffers`, given what the budget leaves after weights,
+  activations and logits): fewer queued receiver columns, a bf16/fp16 buffer, smaller
+  batches or sender chunks, and the plan reports that fit and the ``max_memory`` that
+  reproduces it;
 - the **activations** autograd keeps for the backward. ctlens asks the bridge for per-head
   q/k/v inputs and per-head outputs (``[batch, pos, heads, d_model]`` tensors, normalised
   per head), and residual-width copies dominate; they are modelled per layer and token
@@ -50,9 +52,10 @@ from ctlens.file_limits import check_graph_size, graph_shape
 from ctlens.graph_spec import GraphSpec, check_mlp_groups
 from ctlens.memory import (
     AttributionFit,
-    bytes_per_example,
+    SenderLayout,
     default_queue,
     fit_buffers,
+    gradient_bytes,
     parse_bytes,
 )
 from ctlens.tuning.distributed import check_rows_per_rank
@@ -121,6 +124,10 @@ class ModelShape:
     def graph_spec(self, mlp_groups: int = 1) -> GraphSpec:
         """The spec of ctlens's graph for this shape (checked as `GraphSpec` checks)."""
         return GraphSpec(self.n_layers, self.n_heads, self.n_kv_heads, mlp_groups=mlp_groups)
+
+    def sender_layout(self, mlp_groups: int = 1) -> SenderLayout:
+        """How attribution's sender store holds this shape's graph (for its bytes)."""
+        return SenderLayout(self.n_layers, self.n_heads, self.d_model, mlp_groups, self.d_mlp)
 
 
 @dataclass
@@ -339,8 +346,8 @@ def _fit_attribution(
         if room(batch) < 1:
             return None
         try:
-            chosen = fit_buffers(n_send, seq_len, shape.d_model, width, shape.dtype, want, want,
-                                 room(batch))
+            chosen = fit_buffers(shape.sender_layout(mlp_groups), seq_len, width, shape.dtype,
+                                 want, want, room(batch))
         except ValueError:
             return None
         return chosen if (chosen.batch_size or want) <= batch else None
@@ -429,12 +436,12 @@ def _parts(
         fit = fit or AttributionFit(None, torch.float32, None, None)
         buffer_rows = n_send if fit.senders is None else fit.senders
         item = torch.empty((), dtype=fit.buffer_dtype, device="meta").element_size()
-        parts["sender buffer"] = n * d * (buffer_rows * item + 4 * (fit.chunk or 0))
+        store = s.sender_layout(mlp_groups).largest_pass(fit.senders, item)
+        parts["sender buffer"] = n * (store + d * 4 * (fit.chunk or 0))
         parts["scores"] = scores
         # the fp32 receiver gradients queued (and concatenated) for one product
         queue = fit.receivers or default_queue(buffer_rows, fit.chunk)
-        gradients = bytes_per_example(0, seq, d, max(H, mlp_groups), item, None, queue)
-        parts["receiver gradients"] = rows * gradients
+        parts["receiver gradients"] = n * gradient_bytes(d, max(H, mlp_groups), queue)
         # the metric's logits
         parts["backward transients"] = 3 * rows * positions * s.vocab * 4
         if method == "eap-ig":
@@ -448,8 +455,11 @@ def _parts(
         return parts
     parts["optimizer state"] = 2 * trainable * wb // divide
     parts["restriction state"] = s.attn_params * (2 * wb + 1) // divide
-    # batch discovery: recorded sender outputs, their deviation from the mean, scores
-    parts["sender buffer"] = 2 * n_send * n * d * 4 + n_send * seq * d * 4
+    # batch discovery: recorded sender outputs and their deviation from the mean (the
+    # store's rows, twice), the means (the same rows at each position), the workspace, scores
+    layout, senders = s.sender_layout(mlp_groups), range(n_send)
+    held = layout.held_bytes(senders, 4)
+    parts["sender buffer"] = (2 * n + seq) * held + n * layout.workspace_bytes(senders)
     parts["scores"] = 2 * scores
     return parts
 

@@ -10,7 +10,7 @@ from conftest import random_task, tiny_gpt2_module, tiny_llama_module
 import ctlens
 import ctlens.attribution as attribution_module
 from ctlens.graph import Graph
-from ctlens.memory import bytes_per_example, fit_attribution, parse_bytes
+from ctlens.memory import SenderLayout, bytes_per_example, fit_attribution, parse_bytes
 
 
 def build(family: str, dtype: torch.dtype):
@@ -27,8 +27,8 @@ def need(
     graph = Graph.from_model(model) if graph is None else graph
     cfg = model.cfg
     width = max(cfg.n_heads, graph.spec.mlp_groups)
-    rows = graph.n_senders if rows is None else rows
-    return bytes_per_example(rows, data.clean.shape[1], cfg.d_model, width, itemsize, chunk, queue)
+    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, graph.spec.mlp_groups, cfg.d_mlp)
+    return bytes_per_example(layout, rows, data.clean.shape[1], width, itemsize, chunk, queue)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -236,3 +236,45 @@ def test_one_reader_of_memory_sizes() -> None:
                                          "is not a size"):
         ctlens.plan("gpt2", budget="lots")
     assert ctlens.plan("gpt2", budget=24e9).budget_bytes == 24 * 10**9
+
+
+@pytest.mark.parametrize(("family", "groups", "senders"),
+                         [("gpt2", 1, None), ("gpt2", 8, None), ("gpt2", 128, None),
+                          ("llama", 16, None), ("gpt2", 128, 100), ("llama", 16, 7)])
+def test_sender_layout_counts_what_the_store_holds(
+    family: str, groups: int, senders: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SenderLayout.token_bytes` is the store's real allocation after scoring: its plain
+    rows, each grouped layer's hidden activation and the expansion workspace (an oracle: the
+    tensors `ctlens.attribute` allocated), and `largest_pass` the largest of a sender-chunked
+    run's stores."""
+    model = build(family, torch.float32)
+    cfg = model.cfg
+    data = random_task(n=3, seed=6)
+    graph = Graph.from_model(model, mlp_groups=groups)
+    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, groups, cfg.d_mlp)
+    assert layout.n_senders == graph.n_senders
+    assert [(r.start, r.stop) for r in layout.grouped_rows()] == (
+        [] if groups == 1 else [(graph.mlp_senders(layer).start, graph.mlp_senders(layer).stop)
+                                for layer in range(cfg.n_layers)])
+    stores = []
+    real = attribution_module.SenderStore
+
+    def record(*args, **kwargs):
+        stores.append(real(*args, **kwargs))
+        return stores[-1]
+
+    monkeypatch.setattr(attribution_module, "SenderStore", record)
+    budget = None if senders is None else need(model, data, 4, None, 1, rows=senders, graph=graph)
+    fitted = ctlens.attribute(model, data, graph=graph, batch_size=3, progress=False,
+                              max_memory=budget)
+    chunked = fitted.metadata.get("memory", {}).get("senders")
+    assert (chunked is None) == (senders is None)
+    held = []  # bytes per token of each store (batches are trimmed to their own length)
+    for store in stores:
+        work = 0 if store._work is None else store._work.nbytes
+        total = store.plain.nbytes + sum(h.hidden.nbytes for h in store.layers) + work
+        tokens = store.shape[1] * store.shape[2]
+        assert total == tokens * layout.token_bytes(range(store.first, store.stop), 4)
+        held.append(total // tokens)
+    assert max(held) == layout.largest_pass(chunked, 4)

@@ -183,7 +183,8 @@ def test_plan_cli_reads_a_model_directory(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("index", [1, 5, 7])  # llama EAP, llama forward, gpt2 tuning step
+@pytest.mark.parametrize("index", [1, 5, 7, 11, 16])  # llama EAP, llama forward, gpt2 tuning
+# step, and with MLP neuron groups llama EAP and llama tuning step
 def test_planner_within_25_percent_of_measured_cpu_peak(index: int) -> None:
     """The planner's peak against a measured one, on shapes not used to fit it."""
     import importlib.util
@@ -220,7 +221,7 @@ def test_attribution_plan_fits_as_attribute_does(dtype: str, mlp_groups: int, re
     with the ``max_memory`` the plan names: same regime, same batch, within the budget."""
     from conftest import tiny_gpt2_module
 
-    from ctlens.memory import bytes_per_example, fit_attribution
+    from ctlens.memory import SenderLayout, bytes_per_example, fit_attribution
 
     # 64 positions: the planner refuses rows longer than the model's context, as attribute does
     model = ctlens.load_model(tiny_gpt2_module(dtype=getattr(torch, dtype), n_ctx=64))
@@ -231,8 +232,11 @@ def test_attribution_plan_fits_as_attribute_does(dtype: str, mlp_groups: int, re
     fixed = free.peak_bytes - free.parts["sender buffer"] - free.parts["receiver gradients"]
     width = max(model.cfg.n_heads, mlp_groups)
 
+    cfg = model.cfg
+    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, mlp_groups, cfg.d_mlp)
+
     def per_example(rows: int, item: int, chunk: int | None, queue: int | None) -> int:
-        return bytes_per_example(rows, seq, model.cfg.d_model, width, item, chunk, queue)
+        return bytes_per_example(layout, rows, seq, width, item, chunk, queue)
 
     s, item = graph.n_senders, 2 if dtype == "bfloat16" else 4
     buffers = {  # attribution buffers that force each regime at batch 8
