@@ -92,7 +92,10 @@ def measure(repeats: int) -> tuple[list[dict[str, float]], dict[str, tuple[float
             times[name] = time.perf_counter() - start
         rounds.append(times)
         sys.stderr.write(", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + "\n")
-    counts = {name: count(ops[name]) for name in OPERATIONS}
+    counts = {name: count(ops[name]) for name in ("eap", "floor")}
+    # profiling all of TL's calls holds millions of events (24 GB): count one example
+    flops, share = count(_operations(model, data[:1], tl_examples=1)["tl"])
+    counts["tl"] = (flops * BATCH, share)
     return rounds, counts, ctlens.Graph.from_model(model).n_edges
 
 
@@ -121,8 +124,8 @@ def report(
         f"{os.getloadavg()[0]:.1f} when it finished. Median of {len(rounds)} interleaved "
         "rounds after a warm-up; TL's `attribution_patch` (edge granularity) is called once "
         "per example, over all of them. GFLOP: the matrix products of one call as "
-        "`torch.profiler` counts them; share: the part of the call's CPU time in those "
-        "products.",
+        "`torch.profiler` counts them (TL's: one example's count times "
+        f"{BATCH}); share: the part of the call's CPU time in those products.",
         "",
         markdown_table(["operation", "time", "/ TL", "target", "", "GFLOP",
                         "share in products"], [
