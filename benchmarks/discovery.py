@@ -1,7 +1,8 @@
 """Benchmark: circuit discovery methods compared on the zoo, and the speed of learning one.
 
 ``python benchmarks/discovery.py compare`` (every zoo model, a few hours on 2 cores;
-``--models`` to run some, ``--quick`` for a smoke run) compares, for every model of
+``--models`` to run some, ``--methods`` to leave out an attribution method, ``--quick`` for
+a smoke run) compares, for every model of
 ``ctlens.zoo.names()`` and the ``agreement`` and ``ioi`` tasks:
 
 - **EAP**, **EAP-IG** (5 steps) and **exact** patching score every edge once on 256
@@ -70,8 +71,9 @@ def _curve(model: Any, data: TaskData, circuits: list[Circuit]) -> list[float]:
 
 
 def compare_one(model_name: str, task: str, n: int, seeds: tuple[int, ...],
-                steps: int) -> dict[str, Any]:
-    """Every method's faithfulness curve for one zoo model and task (one thread)."""
+                steps: int, methods: tuple[str, ...] = ATTRIBUTION) -> dict[str, Any]:
+    """The faithfulness curves of the attribution ``methods`` and of learned circuits for
+    one zoo model and task (one thread)."""
     torch.set_num_threads(1)
     model = ctlens.load_model(f"zoo:{model_name}")
     bundle = ctlens.tasks.load(task, n=n, seed=0, tokenizer=model.tokenizer)
@@ -82,7 +84,7 @@ def compare_one(model_name: str, task: str, n: int, seeds: tuple[int, ...],
         "model": model_name, "task": task, "n_edges": graph.n_edges, "n_examples": n,
         "steps": steps, "fractions": list(MIB_FRACTIONS), "counts": counts, "methods": {},
     }
-    for method in ATTRIBUTION:
+    for method in methods:
         start = time.perf_counter()
         scores = ctlens.attribute(model, discovery, method=method, progress=False)
         seconds = time.perf_counter() - start
@@ -112,6 +114,7 @@ def compare_one(model_name: str, task: str, n: int, seeds: tuple[int, ...],
                      "held_out": _curve(model, held_out, circuits)})
     record["methods"]["learned"] = {"seconds": sum(sum(r["seconds"]) for r in runs) / len(runs),
                                     "runs": runs}
+    record["load"] = os.getloadavg()[0]  # the machine's load when the pair finished
     return record
 
 
@@ -127,13 +130,13 @@ def _learn(model: Any, data: TaskData, top_n: int, steps: int, seed: int) -> Cir
 
 
 def compare(pairs: list[tuple[str, str]], n: int, seeds: tuple[int, ...], steps: int,
-            jobs: int) -> list[dict[str, Any]]:
+            jobs: int, methods: tuple[str, ...] = ATTRIBUTION) -> list[dict[str, Any]]:
     """`compare_one` for every (model, task) pair, ``jobs`` processes at a time."""
     if jobs == 1:
-        return [compare_one(m, t, n, seeds, steps) for m, t in pairs]
+        return [compare_one(m, t, n, seeds, steps, methods) for m, t in pairs]
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
-        futures = [pool.submit(compare_one, m, t, n, seeds, steps) for m, t in pairs]
+        futures = [pool.submit(compare_one, m, t, n, seeds, steps, methods) for m, t in pairs]
         return [f.result() for f in futures]
 
 
@@ -205,7 +208,8 @@ def page(stored: dict[str, Any]) -> str:
         "the faithfulness curve (higher is better), CMD the area of |1 - faithfulness| "
         "(lower is better). Times: one scoring serves every size; a learned circuit is one "
         "training per size (the time column sums them). Each (model, task) pair ran in a "
-        "process of its own, one thread, two pairs at a time on two otherwise idle cores.",
+        "process of its own, one thread, on two cores (each section gives the load average "
+        "when its pair finished where it was recorded).",
         "",
         f"Environment: {stored.get('environment', '?')}.",
     ]
@@ -220,9 +224,14 @@ def page(stored: dict[str, Any]) -> str:
 
 def _record_section(record: dict[str, Any]) -> list[str]:
     methods = list(record["methods"])
+    skipped = [m for m in ATTRIBUTION if m not in methods]
+    notes = "".join([
+        f" Not run here: {', '.join(skipped)} (`--methods`)." if skipped else "",
+        f" Load average {record['load']:.1f} when it finished." if "load" in record else "",
+    ])
     lines = [
         "", f"## {record['model']}, {record['task']}", "",
-        f"{record['n_edges']} valid edges. Held-out faithfulness by circuit size:", "",
+        f"{record['n_edges']} valid edges.{notes} Held-out faithfulness by circuit size:", "",
         "| edges | " + " | ".join(methods) + " |",
         "|---:|" + "---:|" * len(methods),
     ]
@@ -429,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     compare_cmd.add_argument("--tasks", nargs="*", default=list(TASKS))
     compare_cmd.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS),
                              help="learned circuits' seeds (default: 0 1 2)")
+    compare_cmd.add_argument("--methods", nargs="*", choices=ATTRIBUTION,
+                             default=list(ATTRIBUTION),
+                             help="attribution methods to compare with learned circuits "
+                             "(default: all; exact patching takes longest)")
     compare_cmd.add_argument("--jobs", type=int, default=1,
                              help="(model, task) pairs run at once, one process and thread each")
     compare_cmd.add_argument("--quick", action="store_true",
@@ -443,10 +456,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     if args.command == "compare":
         if not args.page_only:
+            if "eap" not in args.methods:
+                parser.error("--methods must include eap: learned circuits are compared with it")
             n, seeds, steps = ((32, (0,), 150) if args.quick
                                else (N_EXAMPLES, tuple(args.seeds), DEFAULT_STEPS))
             pairs = [(m, t) for m in (args.models or ctlens.zoo.names()) for t in args.tasks]
-            records = compare(pairs, n, seeds, steps, args.jobs)
+            records = compare(pairs, n, seeds, steps, args.jobs, tuple(args.methods))
             if args.quick:
                 sys.stdout.write(json.dumps(records, indent=1) + "\n")
                 return
