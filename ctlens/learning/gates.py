@@ -23,7 +23,9 @@ shared buffer never enters the autograd graph. At ``G = 1`` every product is zer
 receiver input is returned bit for bit; at ``G = 0`` the model is the fully ablated one.
 On a graph with MLP neuron groups, a group sender is reported like a head and a grouped
 MLP's receiver hook hands every group its own gated copy of the MLP input (a
-`ctlens.bridge.mlp_groups.GroupedInput`).
+`ctlens.bridge.mlp_groups.GroupedInput`). Positional graphs (a gate per edge and token span)
+use the subclass `ctlens.learning.span_gates.SpanGatedForward`, which changes only the
+buffer's cell order (`_cells`) and the product (`_gated_sum`).
 
 Gates are hard-concrete variables (Louizos et al. 2018, as in Edge Pruning, Bhaskar et al.
 2024): `sample_gates` draws ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta)

@@ -3,7 +3,9 @@
 Edge Pruning (Bhaskar et al., NeurIPS 2024): every edge of the graph gets a hard-concrete
 gate (`ctlens.learning.gates`); with the model frozen, the gates' logits ``log_alpha`` are
 trained so the gated model's output stays close to the full model's while the expected
-number of open gates is driven to the target by a Lagrangian. The phases:
+number of open gates is driven to the target by a Lagrangian. On a positional graph
+(token spans) each (edge, span) pair gets a gate (`ctlens.learning.span_gates`), counted
+like an edge everywhere below, as `Circuit.from_scores` counts ``top_n``. The phases:
 
 1. **Check** the inputs: the data, the target size (``top_n`` as in `Circuit.from_scores`:
    a count, or a fraction of the valid edges), the steps, the objective, the reference
@@ -139,12 +141,15 @@ def learn_circuit(
         batch_size: examples per step (and per pass of the targets and faithfulness).
         lr: peak Adam learning rate of the gate logits.
         graph: the graph to learn on, e.g. ``Graph.from_model(model, mlp_groups=8)``
-            (default: one node per MLP).
+            (default: one node per MLP); a positional one, ``Graph.from_model(model,
+            spans=data)``, learns a gate per (edge, span) pair: ``data`` must carry the
+            graph's spans, and ``top_n`` counts pairs.
         progress: show a progress bar with the expected circuit size, the target and the
             faithfulness of the sampled gates.
 
     Returns:
-        A `Circuit` of exactly ``top_n`` edges whose scores are the learned open
+        A `Circuit` of ``graph`` (positional when it is) of exactly ``top_n`` edges (or
+        (edge, span) pairs) whose scores are the learned open
         probabilities; ``metadata["learning"]`` records the settings, the exact
         ``faithfulness`` of the circuit on ``data``, the final expected size, the time
         taken and a ``history`` of (step, target, expected size, objective, faithfulness).
@@ -152,7 +157,8 @@ def learn_circuit(
     Raises:
         TargetNotReachedError: the expected number of open gates ended more than
             `SIZE_TOLERANCE` (relative) above ``top_n``; use more steps or a larger lr.
-        ValueError: a bad argument, or faithfulness undefined on ``data``.
+        ValueError: a bad argument, data without a positional graph's spans, or
+            faithfulness undefined on ``data``.
     """
     start = time.perf_counter()
     ablation = Ablation.parse(ablation)
