@@ -15,9 +15,11 @@ import pytest
 import torch
 from conftest import random_task, tiny_gpt2_module, tiny_llama_module
 from test_learning import (
+    PLANTED,
     assert_state,
     mixed_state,
     model_state,
+    planted_model,
     reference_for,
     slow_gated_forward,
 )
@@ -214,6 +216,43 @@ def test_one_span_learns_the_position_free_circuit() -> None:
     a, b = pos.metadata["learning"], free.metadata["learning"]
     assert a["faithfulness"] == pytest.approx(b["faithfulness"], rel=1e-9)
     assert a["expected_edges"] == pytest.approx(b["expected_edges"], rel=1e-9)
+
+
+def planted_spans(data):
+    """``data`` with spans ``start`` (its first 3 tokens), ``end`` (its last real token, where
+    the answer is read) and ``other`` (the rest)."""
+    labels = torch.full_like(data.clean, 2)
+    labels[:, :3] = 0
+    labels[torch.arange(len(data)), data.attention_mask.sum(1) - 1] = 1
+    return replace(data, spans=labels, span_names=("start", "end", "other"))
+
+
+@pytest.mark.parametrize(
+    ("ablation", "objective", "mlp_groups"), [("corrupt", "kl", 1), ("mean", "metric", 2)]
+)
+def test_learned_span_gates_recover_a_planted_positional_circuit(ablation, objective, mlp_groups):
+    """The planted model's two heads attend uniformly, so their v inputs matter at every
+    span, while the logits read only the answer position: the positional circuit is each
+    v edge at all three spans and each logits edge at ``end`` only (checked against exact
+    per-span patching), and the learned gates find exactly those pairs."""
+    model = planted_model()
+    data = planted_spans(random_task(n=16, seq=7, seed=2))
+    graph = Graph.from_model(model, mlp_groups=mlp_groups, spans=data)
+    pairs = [(s, r, span) for s, r in PLANTED
+             for span in (("end",) if r == "logits" else graph.spans)]
+    planted = Circuit.from_edges(graph, pairs)
+    exact = ctlens.attribute(
+        model, data, method="exact", ablation=ablation, progress=False, graph=graph
+    ).scores
+    assert (exact.abs() > 1e-9).logical_and(graph.dense_valid).equal(planted.mask)
+    circuit = learn_circuit(
+        model, data, len(pairs), ablation, steps=200, lr=0.3, objective=objective,
+        graph=graph, progress=False,
+    )
+    assert circuit == planted
+    assert circuit.metadata["learning"]["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+    outside = graph.dense_valid & ~planted.mask
+    assert circuit.scores[planted.mask].min() > circuit.scores[outside].max()
 
 
 @pytest.mark.parametrize(("ablation", "mlp_groups"), [("corrupt", 1), ("mean", 2)])
