@@ -319,7 +319,7 @@ def test_bad_inputs_and_unreachable_targets_are_refused(tiny_model, task) -> Non
         (dict(lr=0.0), "lr must be a positive number"),
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(ablation="zero", reference=task.corrupt), "zero ablation takes no reference"),
-        (dict(graph=Graph.from_model(tiny_model, spans=("a", "b"))), "not per token span"),
+        (dict(graph=Graph.from_model(tiny_model, spans=("a", "b"))), "task data has no spans"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

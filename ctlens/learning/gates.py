@@ -23,7 +23,9 @@ shared buffer never enters the autograd graph. At ``G = 1`` every product is zer
 receiver input is returned bit for bit; at ``G = 0`` the model is the fully ablated one.
 On a graph with MLP neuron groups, a group sender is reported like a head and a grouped
 MLP's receiver hook hands every group its own gated copy of the MLP input (a
-`ctlens.bridge.mlp_groups.GroupedInput`).
+`ctlens.bridge.mlp_groups.GroupedInput`). Positional graphs (a gate per edge and token span)
+use the subclass `ctlens.learning.span_gates.SpanGatedForward`, which changes only the
+buffer's cell order (`_cells`) and the product (`_gated_sum`).
 
 Gates are hard-concrete variables (Louizos et al. 2018, as in Edge Pruning, Bhaskar et al.
 2024): `sample_gates` draws ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta)
@@ -130,6 +132,9 @@ class GatedForward(EdgeHooks):
         means: ``[n_senders, seq, d_model]`` per-position sender means (mean ablation).
     """
 
+    per_span = False
+    """Whether the gates have a span axis (`ctlens.learning.span_gates.SpanGatedForward`)."""
+
     def __init__(
         self,
         model: Any,
@@ -139,6 +144,11 @@ class GatedForward(EdgeHooks):
     ) -> None:
         if (means is None) == (ablation is Ablation.MEAN):
             raise ValueError("GatedForward takes means exactly when the ablation is 'mean'")
+        if graph.positional and not self.per_span:
+            raise ValueError(
+                f"GatedForward gates each edge at every position; {graph!r} is positional: "
+                "use ctlens.learning.span_gates.SpanGatedForward (a gate per edge and span)"
+            )
         super().__init__(model, graph)
         self.ablation = ablation
         self.d_model = int(model.cfg.d_model)
@@ -150,9 +160,12 @@ class GatedForward(EdgeHooks):
 
     # -------------------------------------------------------------- controls
 
-    def set_gates(self, gates: Float[torch.Tensor, "n_senders n_receivers"] | None) -> None:
-        """Gate values for the next forwards (``None``: every edge kept); may require grad."""
-        expected = (self.graph.n_senders, self.graph.n_receivers)
+    def set_gates(
+        self, gates: Float[torch.Tensor, "n_senders n_receivers *spans"] | None
+    ) -> None:
+        """Gate values for the next forwards (``None``: every edge kept); may require grad.
+        Shape `Graph.dense_shape`: a span axis last on a positional graph."""
+        expected = self.graph.dense_shape
         if gates is not None and tuple(gates.shape) != expected:
             raise ValueError(f"gates have shape {tuple(gates.shape)}, expected {expected}")
         self._gates = gates
@@ -219,10 +232,10 @@ class GatedForward(EdgeHooks):
         with torch.no_grad():
             live = flat(act).permute(2, 0, 1, 3).to(buffer.dtype)
             if rows.start == 0 and not first_call:
-                buffer[0] -= live[0]  # the position embedding joins the token embedding
+                buffer[0] -= self._cells(live)[0]  # the position embedding joins the tokens'
             else:
                 ref = self._reference_rows(rows, p)
-                buffer[rows] = -live if ref is None else ref.to(buffer.dtype) - live
+                buffer[rows] = self._cells(-live if ref is None else ref.to(buffer.dtype) - live)
         if act.requires_grad:
             self._parts.append((rows.start, rows.stop, act))
 
@@ -239,8 +252,17 @@ class GatedForward(EdgeHooks):
         self._parts = []
         # a new buffer per forward: the previous forward's backward may still read the old one
         self._buffer = torch.empty(
-            (self.graph.n_senders, b, p, self.d_model), device=act.device, dtype=act.dtype
+            (self.graph.n_senders, *self._cell_shape(b, p), self.d_model),
+            device=act.device, dtype=act.dtype,
         )
+
+    def _cell_shape(self, b: int, p: int) -> tuple[int, ...]:
+        """The buffer's cell axes for a ``[b, p]`` forward (span gates sort them by span)."""
+        return (b, p)
+
+    def _cells(self, rows: Float[torch.Tensor, "m batch pos d_model"]) -> torch.Tensor:
+        """Sender rows as the buffer holds them (span gates: their cells sorted by span)."""
+        return rows
 
     def _on_receiver(
         self, columns: slice, n_up: int, x: torch.Tensor
@@ -249,16 +271,8 @@ class GatedForward(EdgeHooks):
             return x
         assert self._buffer is not None
         b, p = x.shape[:2]
-        coef_t = (1.0 - self._gates[:n_up, columns]).T.to(x.dtype)  # [cols, n_up]
-        rows = self._buffer[:n_up].reshape(n_up, b * p * self.d_model)
         parts = [part for part in self._parts if part[0] < n_up]
-        if torch.is_grad_enabled() and (coef_t.requires_grad or parts):
-            ranges = [(start, stop) for start, stop, _ in parts]
-            shape = (b, p, self.d_model)
-            product = _GatedSum.apply(coef_t, rows, shape, ranges, *[a for *_, a in parts])
-        else:
-            product = coef_t @ rows
-        delta = product.view(-1, b, p, self.d_model)  # [cols, batch, pos, d_model]
+        delta = self._gated_sum(columns, n_up, parts, b, p, x.dtype)  # [cols, b, p, d_model]
         if x.ndim == 4:  # q, k or v inputs, one per head
             return x + delta.permute(1, 2, 0, 3)
         if len(delta) == 1:  # an MLP or the logits
@@ -266,6 +280,27 @@ class GatedForward(EdgeHooks):
         # a grouped MLP reads one input; every neuron group gets its own gated copy
         index = torch.arange(len(delta), device=x.device)
         return GroupedInput(x, index, x[:, :, None] + delta.permute(1, 2, 0, 3))
+
+    def _gated_sum(
+        self,
+        columns: slice,
+        n_up: int,
+        parts: list[tuple[int, int, torch.Tensor]],
+        b: int,
+        p: int,
+        dtype: torch.dtype,
+    ) -> Float[torch.Tensor, "cols batch pos d_model"]:
+        """``(1 - G[:n_up, columns]).T @ buffer[:n_up]``, through `_GatedSum` under autograd."""
+        assert self._gates is not None and self._buffer is not None
+        coef_t = (1.0 - self._gates[:n_up, columns]).T.to(dtype)  # [cols, n_up]
+        rows = self._buffer[:n_up].reshape(n_up, b * p * self.d_model)
+        if torch.is_grad_enabled() and (coef_t.requires_grad or parts):
+            ranges = [(start, stop) for start, stop, _ in parts]
+            shape = (b, p, self.d_model)
+            product = _GatedSum.apply(coef_t, rows, shape, ranges, *[a for *_, a in parts])
+        else:
+            product = coef_t @ rows
+        return product.view(-1, b, p, self.d_model)
 
 
 __all__ = ["BETA", "GAMMA", "ZETA", "GatedForward", "open_probability", "sample_gates"]

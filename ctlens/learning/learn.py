@@ -3,7 +3,9 @@
 Edge Pruning (Bhaskar et al., NeurIPS 2024): every edge of the graph gets a hard-concrete
 gate (`ctlens.learning.gates`); with the model frozen, the gates' logits ``log_alpha`` are
 trained so the gated model's output stays close to the full model's while the expected
-number of open gates is driven to the target by a Lagrangian. The phases:
+number of open gates is driven to the target by a Lagrangian. On a positional graph
+(token spans) each (edge, span) pair gets a gate (`ctlens.learning.span_gates`), counted
+like an edge everywhere below, as `Circuit.from_scores` counts ``top_n``. The phases:
 
 1. **Check** the inputs: the data, the target size (``top_n`` as in `Circuit.from_scores`:
    a count, or a fraction of the valid edges), the steps, the objective, the reference
@@ -66,6 +68,7 @@ from ctlens.circuit.selection import top_n_mask
 from ctlens.data import TaskData
 from ctlens.graph import Graph
 from ctlens.learning.gates import GatedForward, open_probability, sample_gates
+from ctlens.learning.span_gates import SpanGatedForward, gated_forward
 from ctlens.masking.evaluate import _check_separates, faithfulness
 from ctlens.reference import Reference, check_graph, resolve_reference
 from ctlens.sizes import CircuitSize
@@ -138,12 +141,15 @@ def learn_circuit(
         batch_size: examples per step (and per pass of the targets and faithfulness).
         lr: peak Adam learning rate of the gate logits.
         graph: the graph to learn on, e.g. ``Graph.from_model(model, mlp_groups=8)``
-            (default: one node per MLP).
+            (default: one node per MLP); a positional one, ``Graph.from_model(model,
+            spans=data)``, learns a gate per (edge, span) pair: ``data`` must carry the
+            graph's spans, and ``top_n`` counts pairs.
         progress: show a progress bar with the expected circuit size, the target and the
             faithfulness of the sampled gates.
 
     Returns:
-        A `Circuit` of exactly ``top_n`` edges whose scores are the learned open
+        A `Circuit` of ``graph`` (positional when it is) of exactly ``top_n`` edges (or
+        (edge, span) pairs) whose scores are the learned open
         probabilities; ``metadata["learning"]`` records the settings, the exact
         ``faithfulness`` of the circuit on ``data``, the final expected size, the time
         taken and a ``history`` of (step, target, expected size, objective, faithfulness).
@@ -151,17 +157,15 @@ def learn_circuit(
     Raises:
         TargetNotReachedError: the expected number of open gates ended more than
             `SIZE_TOLERANCE` (relative) above ``top_n``; use more steps or a larger lr.
-        ValueError: a bad argument, or faithfulness undefined on ``data``.
+        ValueError: a bad argument, data without a positional graph's spans, or
+            faithfulness undefined on ``data``.
     """
     start = time.perf_counter()
     ablation = Ablation.parse(ablation)
     _check_arguments(data, steps, objective, batch_size, lr)
-    if isinstance(graph, Graph) and graph.positional:
-        raise ValueError(
-            f"learn_circuit learns one gate per edge, not per token span; {graph!r} is "
-            "positional: use a graph without spans (Graph.from_model(model))"
-        )
     graph = check_graph(model, graph)
+    if graph.positional:  # a gate per (edge, span): every example needs the graph's spans
+        graph.check_spans(data.span_names, "the task data")
     n_keep = CircuitSize.of(top_n, "top_n").edges(graph.n_edges)
     data.check_vocab(model.cfg.d_vocab)
     data.check_context(getattr(model.cfg, "n_ctx", None))
@@ -171,7 +175,7 @@ def learn_circuit(
                 "ablation": ablation.value, "batch_size": batch_size, "lr": lr}
     with frozen_parameters(model), eval_mode(model):
         corrupt, means = resolve_reference(model, graph, data, ablation, reference, batch_size)
-        gated = GatedForward(model, graph, ablation, means)
+        gated = gated_forward(model, graph, ablation, means)
         with model.hooks(fwd_hooks=gated.hooks()):
             targets = _targets(gated, data, corrupt, batch_size)
             _check_separates(
@@ -181,11 +185,12 @@ def learn_circuit(
             trainer = _Trainer(gated, data, corrupt, targets, settings)
             history = trainer.run(progress)
     log_alpha = trainer.log_alpha.detach().cpu()
-    expected = float(open_probability(log_alpha)[graph.valid].sum())
+    valid = graph.dense_valid
+    expected = float(open_probability(log_alpha)[valid].sum())
     _check_reached(expected, n_keep, steps, lr)
-    mask = top_n_mask(log_alpha - log_alpha[graph.valid].min(), graph, n_keep)
+    mask = top_n_mask(log_alpha - log_alpha[valid].min(), graph, n_keep)
     circuit = Circuit(
-        graph, mask, open_probability(log_alpha) * graph.valid,
+        graph, mask, open_probability(log_alpha) * valid,
         {"method": "learned", "selection": {"method": "learned", "top_n": n_keep}},
         getattr(model.cfg, "model_name", None),
     )
@@ -250,6 +255,13 @@ def _metric(
     return indexed.metric_values(answers, full_logprobs)
 
 
+def _use_spans(gated: GatedForward, batch: TaskData) -> None:
+    """Hand a span-gated forward the span labels of ``batch`` (its next forwards' tokens)."""
+    if isinstance(gated, SpanGatedForward):
+        assert batch.spans is not None  # checked against the graph's spans on entry
+        gated.set_spans(batch.spans)
+
+
 @torch.no_grad()
 def _targets(
     gated: GatedForward, data: TaskData, corrupt: torch.Tensor | None, batch_size: int
@@ -270,7 +282,7 @@ def _targets(
             graph.n_senders, n, seq, model.cfg.d_model, device=device, dtype=param.dtype
         )
     logprobs, full, empty = [], [], []
-    closed = torch.zeros(graph.n_senders, graph.n_receivers, device=device)
+    closed = torch.zeros(graph.dense_shape, device=device)
     for offset in range(0, n, batch_size):
         rows = slice(offset, min(n, offset + batch_size))
         batch = data[rows].trimmed().to(device)
@@ -285,6 +297,7 @@ def _targets(
             gated.use_reference(ref)
             if reference is not None:
                 reference[:, rows, :p] = ref
+        _use_spans(gated, batch)
         gated.set_gates(closed)
         residual = gated.residual(batch.clean)
         gated.set_gates(None)
@@ -310,12 +323,10 @@ class _Trainer:
         self.settings = settings
         graph = gated.graph
         self.device = model_device(gated.model)
-        self.valid = graph.valid.to(self.device)
+        self.valid = graph.dense_valid.to(self.device)
         self.n_edges = graph.n_edges
         self.generator = torch.Generator().manual_seed(int(settings["seed"]))
-        init = INIT_LOG_ALPHA + 0.01 * torch.randn(
-            graph.n_senders, graph.n_receivers, generator=self.generator
-        )
+        init = INIT_LOG_ALPHA + 0.01 * torch.randn(graph.dense_shape, generator=self.generator)
         self.log_alpha = init.to(self.device).requires_grad_(True)
         self.log_multiplier = torch.zeros((), device=self.device, requires_grad=True)
         steps = int(settings["steps"])
@@ -361,6 +372,7 @@ class _Trainer:
         ref = self.reference(index, batch.clean.shape[1])
         if ref is not None:
             self.gated.use_reference(ref)
+        _use_spans(self.gated, batch)
         self.gated.set_gates(sample_gates(self.log_alpha, self.generator))
         residual = self.gated.residual(batch.clean)
         answers = _answer_logits(self.gated, residual, batch.positions_2d)
