@@ -187,11 +187,8 @@ def _curve_cell(runs: list[dict[str, Any]], index: int, which: str = "held_out")
 def page(stored: dict[str, Any]) -> str:
     """docs/discovery.md from the stored results (tables, then what wins where)."""
     results = stored["results"]
-    seeds = sorted({r["seed"] for rec in results for r in rec["methods"]["learned"]["runs"]})
     models = sorted({rec["model"] for rec in results})
     missing = [m for m in ctlens.zoo.names() if m not in models]
-    seeds_text = (f"with seed {seeds[0]}" if len(seeds) == 1
-                  else f"with seeds {', '.join(map(str, seeds))} (mean ± sd)")
     lines = [
         "# Discovery methods compared",
         "",
@@ -203,7 +200,8 @@ def page(stored: dict[str, Any]) -> str:
         "ablation, logit difference. EAP, EAP-IG (5 steps) and exact patching score every "
         "edge once; their circuit at each size is the top-|score| edges. A learned circuit "
         "(`ctlens.learn_circuit`, default settings: Edge Pruning's KL objective, 400 steps, "
-        f"batch 32, lr 0.1) is trained for each size, {seeds_text}. "
+        "batch 32, lr 0.1) is trained for each size, with the seeds its section names "
+        "(several: mean ± sd over seeds). "
         "Sizes are MIB's grid (0.1 % ... 100 % of the valid edges); CPR is the area under "
         "the faithfulness curve (higher is better), CMD the area of |1 - faithfulness| "
         "(lower is better). Times: one scoring serves every size; a learned circuit is one "
@@ -225,7 +223,10 @@ def page(stored: dict[str, Any]) -> str:
 def _record_section(record: dict[str, Any]) -> list[str]:
     methods = list(record["methods"])
     skipped = [m for m in ATTRIBUTION if m not in methods]
+    seeds = [run["seed"] for run in record["methods"]["learned"]["runs"]]
     notes = "".join([
+        f" Learned circuits: seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}.",
         f" Not run here: {', '.join(skipped)} (`--methods`)." if skipped else "",
         f" Load average {record['load']:.1f} when it finished." if "load" in record else "",
     ])
