@@ -207,6 +207,7 @@ def plan(
     safety: float = 0.1,
     vocab_positions: int = 1,
     *,
+    spans: int = 1,
     mode: Operation | None = None,
 ) -> Plan:
     """Predict the peak memory of one ctlens operation without allocating anything.
@@ -228,6 +229,8 @@ def plan(
             then recommends the largest batch size that fits.
         safety: fraction of the budget kept free for allocator overhead.
         vocab_positions: metric positions per row (attribution logits).
+        spans: token spans of a positional graph (its scores hold one edge matrix per
+            span); 1: a position-free graph.
         mode: ``operation`` under the name ``ctlens plan --mode`` gives it (give one).
 
     Raises:
@@ -244,7 +247,8 @@ def plan(
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("ranks", ranks),
-                        ("mlp_groups", mlp_groups), ("vocab_positions", vocab_positions)):
+                        ("mlp_groups", mlp_groups), ("vocab_positions", vocab_positions),
+                        ("spans", spans)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 0 <= safety < 1:
@@ -255,7 +259,7 @@ def plan(
 
     def at(batch: int, fit: AttributionFit | None = None) -> Plan:
         parts = _parts(shape, operation, method, batch, seq_len, mlp_groups, ranks,
-                       shard is not None, vocab_positions, fit)
+                       shard is not None, vocab_positions, fit, spans)
         return Plan(shape, operation, method if operation == "attribute" else None, batch,
                     seq_len, ranks, shard, parts, attribution=fit)
 
@@ -416,9 +420,10 @@ def _largest_batch(fits: Any, step: int) -> int:
 def _parts(
     s: ModelShape, operation: str, method: str, batch: int, seq: int, mlp_groups: int,
     ranks: int, shard: bool, positions: int, fit: AttributionFit | None = None,
+    spans: int = 1,
 ) -> dict[str, int]:
     """The named parts of the peak (bytes) for one device (attribution's buffers as
-    ``fit`` chooses them; default: unbudgeted)."""
+    ``fit`` chooses them; default: unbudgeted; ``spans`` score matrices)."""
     wb = s.bytes_per_param
     rows = -(-batch // ranks)  # integers throughout: a huge batch must not overflow a float
     n = rows * seq  # tokens per forward on this device
@@ -431,7 +436,7 @@ def _parts(
     H, K, d = s.n_heads, s.n_kv_heads, s.d_model
     per_token = c_qkv * (H + 2 * K) * d + c_res * d + c_mlp * s.mlp_width + c_att * H * seq
     parts["activations"] = int(n * s.n_layers * per_token * wb)
-    scores = n_send * n_recv * 4
+    scores = n_send * n_recv * spans * 4
     if operation == "attribute":
         fit = fit or AttributionFit(None, torch.float32, None, None)
         buffer_rows = n_send if fit.senders is None else fit.senders

@@ -87,6 +87,24 @@ def test_plan_parts_follow_the_formulas() -> None:
     assert groups.parts["sender buffer"] > p.parts["sender buffer"]
 
 
+def test_plan_counts_one_score_matrix_per_span(tiny_model) -> None:
+    """A positional graph's scores are ``[senders, receivers, spans]`` (the tensor
+    `ctlens.attribute` returns on it); nothing else in the plan changes."""
+    graph = ctlens.Graph.from_model(tiny_model, spans=("subject", "verb", "end"))
+    cells = graph.n_senders * graph.n_receivers * graph.n_spans
+    assert graph.dense_shape == (graph.n_senders, graph.n_receivers, graph.n_spans)
+    for operation, copies in (("attribute", 1), ("tune", 2)):  # a tuning step keeps two
+        plain = ctlens.plan(tiny_model, operation=operation, seq_len=8)
+        spanned = ctlens.plan(tiny_model, operation=operation, seq_len=8,
+                              spans=graph.n_spans)
+        assert spanned.parts["scores"] == copies * cells * 4
+        assert spanned.parts["scores"] == graph.n_spans * plain.parts["scores"]
+        assert {k: v for k, v in spanned.parts.items() if k != "scores"} == {
+            k: v for k, v in plain.parts.items() if k != "scores"}
+    with pytest.raises(ValueError, match="spans must be a positive integer"):
+        ctlens.plan(tiny_model, seq_len=8, spans=0)
+
+
 def test_tune_plan_and_fsdp_division() -> None:
     single = ctlens.plan("llama-3.2-1b", mode="tune", batch_size=8, seq_len=128)
     for key in ("gradients", "optimizer state", "restriction state", "logits"):

@@ -33,6 +33,8 @@ def add_plan_command(subparsers: Any) -> argparse.ArgumentParser:
                    "(default: the checkpoint's, float32 for a real-shape name); ctlens tune "
                    "trains fp32 weights, so plan --mode tune without it")
     p.add_argument("--mlp-groups", type=int, default=1, help="MLP neuron groups per layer")
+    p.add_argument("--spans", type=int, default=1,
+                   help="token spans of a positional graph (one score matrix each)")
     p.add_argument("--ranks", type=int, default=1, help="processes")
     p.add_argument("--shard", choices=["fsdp"], default=None,
                    help="shard weights, gradients and optimizer state across --ranks")
@@ -100,6 +102,7 @@ def run_plan(args: argparse.Namespace) -> int:
         _source(args.model), batch_size=args.batch_size, seq_len=args.seq_len,
         operation=args.operation, method=args.method, mlp_groups=args.mlp_groups,
         dtype=args.dtype, ranks=args.ranks, shard=args.shard, budget=args.budget,
+        spans=args.spans,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

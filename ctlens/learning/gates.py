@@ -149,6 +149,11 @@ class GatedForward(EdgeHooks):
                 f"GatedForward gates each edge at every position; {graph!r} is positional: "
                 "use ctlens.learning.span_gates.SpanGatedForward (a gate per edge and span)"
             )
+        if self.per_span and not graph.positional:
+            raise ValueError(
+                f"{type(self).__name__} gates (edge, span) pairs; {graph!r} has no spans: use "
+                "GatedForward, or a graph with spans (Graph.from_model(model, spans=data))"
+            )
         super().__init__(model, graph)
         self.ablation = ablation
         self.d_model = int(model.cfg.d_model)

@@ -93,29 +93,11 @@ class SpanGatedForward(GatedForward):
     that batch's span labels (`TaskData.spans`). `set_gates` takes ``[n_senders,
     n_receivers, n_spans]`` gates.
 
-    Args:
-        model: a bridge from `ctlens.load_model`.
-        graph: the model's positional graph (any ``mlp_groups``).
-        ablation: what a closed gate replaces a sender with.
-        means: ``[n_senders, seq, d_model]`` per-position sender means (mean ablation).
+    Constructed as `GatedForward` (on a positional graph, any ``mlp_groups``).
     """
 
     per_span = True
-
-    def __init__(
-        self,
-        model: Any,
-        graph: Graph,
-        ablation: Ablation,
-        means: Float[torch.Tensor, "n_senders seq d_model"] | None = None,
-    ) -> None:
-        if not graph.positional:
-            raise ValueError(
-                f"SpanGatedForward gates (edge, span) pairs; {graph!r} has no spans: use "
-                "GatedForward, or a graph with spans (Graph.from_model(model, spans=data))"
-            )
-        super().__init__(model, graph, ablation, means)
-        self._order: SpanOrder | None = None
+    _order: SpanOrder | None = None  # this batch's cells sorted by span (`set_spans`)
 
     def set_spans(self, labels: Int[torch.Tensor, "batch seq"]) -> None:
         """The span label of each token of the next forwards (``[batch, seq]``, as
