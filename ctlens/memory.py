@@ -4,10 +4,9 @@ Per batch, `ctlens.attribute` holds one buffer of sender activation differences
 ``[n_senders, batch, pos, d_model]`` - its largest allocation (Llama-3.1-8B, 1,057 senders,
 at 8 x 128 tokens: 17.7 GB in fp32; `SenderLayout` counts what the store holds, where a
 neuron-grouped MLP is kept as its ``d_mlp``-wide hidden activation) - and the fp32 receiver
-gradients that wait to be
-multiplied with it (`ctlens.attribution.EapKernel` queues up to a quarter of the sender
-count on large graphs, so the buffer is read a few times per backward, not once per hook).
-`fit_attribution` picks, for a budget in bytes, the first of:
+gradients that wait to be multiplied with it (`ctlens.attribution.EapKernel` queues up to a
+quarter of the sender count on large graphs, so the buffer is read a few times per backward,
+not once per hook). `fit_attribution` picks, for a budget in bytes, the first of:
 
 1. the fp32 buffer, full queue, at the caller's batch size (exactly an unbudgeted run);
 2. **receiver chunks**: the fp32 buffer with fewer receiver columns queued per product
