@@ -59,7 +59,7 @@ from ctlens.memory import (
     parse_bytes,
 )
 from ctlens.tuning.distributed import check_rows_per_rank
-from ctlens.types import Shard, parse_choice
+from ctlens.types import Shard, check_positive_int, parse_choice
 
 Operation = Literal["attribute", "forward", "tune"]
 OPERATIONS: tuple[str, ...] = ("attribute", "forward", "tune")
@@ -229,8 +229,7 @@ def plan(
             then recommends the largest batch size that fits.
         safety: fraction of the budget kept free for allocator overhead.
         vocab_positions: metric positions per row (attribution logits).
-        spans: token spans of a positional graph (its scores hold one edge matrix per
-            span); 1: a position-free graph.
+        spans: token spans of a positional graph (one score matrix each; 1: position-free).
         mode: ``operation`` under the name ``ctlens plan --mode`` gives it (give one).
 
     Raises:
@@ -249,8 +248,7 @@ def plan(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("ranks", ranks),
                         ("mlp_groups", mlp_groups), ("vocab_positions", vocab_positions),
                         ("spans", spans)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)
     if not 0 <= safety < 1:
         raise ValueError(f"safety must be in [0, 1), got {safety!r}")
     shape = model_shape(model, dtype)

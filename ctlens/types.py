@@ -23,6 +23,13 @@ def parse_choice(kind: type[E], value: object, name: str) -> E:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}") from None
 
 
+def check_positive_int(name: str, value: object) -> None:
+    """One ``ValueError`` naming the option ``name`` unless ``value`` is an int above 0 (a
+    bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 class Choice(str, Enum):
     """A closed set of option words that behaves as its plain strings.
 

@@ -13,7 +13,16 @@ from enum import Enum
 from typing import Any, Literal
 
 from ctlens.sizes import CircuitSize
-from ctlens.types import Ablation, Loss, Mode, Optimizer, Selection, Shard, parse_choice
+from ctlens.types import (
+    Ablation,
+    Loss,
+    Mode,
+    Optimizer,
+    Selection,
+    Shard,
+    check_positive_int,
+    parse_choice,
+)
 
 Schedule = Literal["constant", "linear", "cosine"]
 Discovery = Literal["batch", "task"]
@@ -201,7 +210,7 @@ class TuneConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         for name in ("steps", "every_k", "batch_size", "eval_every", "save_every",
                      "discovery_batches", "lora_rank", "keep_checkpoints", "mlp_groups"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         end = CircuitSize.of(self.top_n, "top_n")
         start = end if self.top_n_start is None else CircuitSize.of(self.top_n_start,
                                                                     "top_n_start")
@@ -210,7 +219,7 @@ class TuneConfig:
             _set(self, "top_n_start", start.value)
         _set(self, "_sizes", (start, end))  # the checked schedule ends (not a field)
         if self.mlp_group_size is not None:
-            _positive_int("mlp_group_size", self.mlp_group_size)
+            check_positive_int("mlp_group_size", self.mlp_group_size)
             if self.mlp_groups != 1:
                 raise ValueError(
                     f"give mlp_groups ({self.mlp_groups}) or mlp_group_size "
@@ -218,7 +227,7 @@ class TuneConfig:
                 )
         for name in ("eval_examples", "general_examples"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                check_positive_int(name, getattr(self, name))
         if self.max_memory is not None:
             from ctlens.memory import parse_bytes
 
@@ -393,11 +402,6 @@ def _set(config: TuneConfig, name: str, value: Any) -> None:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _finite(value: Any) -> bool:
