@@ -67,9 +67,7 @@ def _setup(regime: str, quick: bool) -> tuple[Any, Any, Any, dict[str, Any]]:
     )
     width = max(model.cfg.n_heads, graph.spec.mlp_groups)
     s = graph.n_senders
-
-    cfg = model.cfg
-    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, graph.spec.mlp_groups, cfg.d_mlp)
+    layout = SenderLayout.of(model, graph)
 
     def need(rows: int, item: int, chunk: int | None, queue: int | None) -> int:
         return bytes_per_example(layout, rows, seq, width, item, chunk, queue)

@@ -369,12 +369,11 @@ ATTRIBUTION_TARGET = 4  # issue 21: the largest 128-token batch on one 80 GB GPU
 def grouped_table(name: str = "llama-3.1-8b", seq: int = 128, budget: str = "80GB") -> str:
     """The planner's table for ``name`` with 64-neuron MLP groups: attribution on one GPU
     and the FSDP tuning step on 8, bf16, ``seq`` tokens per row."""
-    from ctlens.file_limits import graph_shape
     from ctlens.planner import GIB, model_shape, plan
 
     shape = model_shape(name, "bfloat16")
     groups = shape.d_mlp // GROUP_NEURONS
-    senders, receivers = graph_shape(shape.graph_spec(groups))
+    senders, receivers = shape.graph_size(groups)
     attribution = plan(name, batch_size=64, seq_len=seq, operation="attribute",
                        dtype="bfloat16", mlp_groups=groups, budget=budget)
     best = attribution.recommended_batch

@@ -53,12 +53,11 @@ def floor_operation(model: Any, data: Any) -> Callable[[], None]:
     """Two forwards and one input-only backward of the metric: what any gradient-based
     attribution of the batch must compute, with no hook, buffer or score product."""
     rows = torch.arange(len(data))
+    start: list[torch.Tensor] = []  # the residual stream's input, a leaf per clean forward
 
     def leaf(x: torch.Tensor, hook: Any) -> torch.Tensor:
         start.append(x.detach().requires_grad_(True))
         return start[-1]
-
-    start: list[torch.Tensor] = []
 
     def floor() -> None:
         start.clear()

@@ -119,6 +119,13 @@ class SenderLayout:
     mlp_groups: int = 1
     d_mlp: int = 0
 
+    @classmethod
+    def of(cls, model: Any, graph: Any) -> SenderLayout:
+        """The layout of ``graph`` (a `ctlens.graph.Graph`) on the loaded ``model``."""
+        spec = graph.spec
+        return cls(spec.n_layers, spec.n_heads, int(model.cfg.d_model), spec.mlp_groups,
+                   int(model.cfg.d_mlp))
+
     @property
     def n_senders(self) -> int:
         return 1 + self.n_layers * (self.n_heads + self.mlp_groups)
@@ -326,9 +333,7 @@ def fit_attribution(
         budget = None if free is None else free // 2
     else:
         budget = parse_bytes(max_memory)
-    spec = graph.spec
-    layout = SenderLayout(spec.n_layers, spec.n_heads, int(model.cfg.d_model), spec.mlp_groups,
-                          int(model.cfg.d_mlp))
+    layout = SenderLayout.of(model, graph)
     width = max(layout.n_heads, layout.mlp_groups)
     dtype = next(model.parameters()).dtype
     return fit_buffers(layout, seq, width, dtype, n_examples, batch_size, budget)

@@ -27,7 +27,7 @@ def need(
     graph = Graph.from_model(model) if graph is None else graph
     cfg = model.cfg
     width = max(cfg.n_heads, graph.spec.mlp_groups)
-    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, graph.spec.mlp_groups, cfg.d_mlp)
+    layout = SenderLayout.of(model, graph)
     return bytes_per_example(layout, rows, data.clean.shape[1], width, itemsize, chunk, queue)
 
 

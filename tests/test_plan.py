@@ -249,9 +249,7 @@ def test_attribution_plan_fits_as_attribute_does(dtype: str, mlp_groups: int, re
     free = ctlens.plan(model, batch_size=runs, seq_len=seq, mlp_groups=mlp_groups)
     fixed = free.peak_bytes - free.parts["sender buffer"] - free.parts["receiver gradients"]
     width = max(model.cfg.n_heads, mlp_groups)
-
-    cfg = model.cfg
-    layout = SenderLayout(cfg.n_layers, cfg.n_heads, cfg.d_model, mlp_groups, cfg.d_mlp)
+    layout = SenderLayout.of(model, graph)
 
     def per_example(rows: int, item: int, chunk: int | None, queue: int | None) -> int:
         return bytes_per_example(layout, rows, seq, width, item, chunk, queue)

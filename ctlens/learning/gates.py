@@ -77,6 +77,22 @@ def open_probability(
     return torch.sigmoid(log_alpha - _OPEN_SHIFT)
 
 
+def live_grads(
+    ranges: list[tuple[int, int]],
+    layout: list[tuple[torch.Size, int]],
+    rows_grad: Float[torch.Tensor, "n batch pos d_model"],
+) -> list[torch.Tensor]:
+    """Each live sender output's gradient from its buffer rows' (``ranges``: its rows;
+    ``layout``: its shape and rank; a ``[b, p, d]`` output has one row, a per-head one
+    ``[b, p, heads, d]`` one row per head)."""
+    grads = []
+    for (start, stop), (shape, ndim) in zip(ranges, layout, strict=True):
+        g = rows_grad[start:stop]
+        g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
+        grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
+    return grads
+
+
 class _GatedSum(torch.autograd.Function):
     """``coef_t @ rows``: ``coef_t = (1 - G)^T`` ``[cols, n]``, ``rows`` the detached buffer
     ``a^ref - a`` of the ``n`` upstream senders, flattened to ``[n, batch * pos * d]``.
@@ -111,11 +127,7 @@ class _GatedSum(torch.autograd.Function):
             return tuple(grads)
         b, p, d = ctx.shape_bpd
         rows_grad = -(coef_t.T.to(grad.dtype) @ grad).view(rows.shape[0], b, p, d)
-        for (start, stop), (shape, ndim) in zip(ctx.ranges, ctx.layout, strict=True):
-            g = rows_grad[start:stop]
-            g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
-            grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
-        return tuple(grads)
+        return (*grads, *live_grads(ctx.ranges, ctx.layout, rows_grad))
 
 
 class GatedForward(EdgeHooks):

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ctlens.graph import Graph
-from ctlens.learning.gates import GatedForward
+from ctlens.learning.gates import GatedForward, live_grads
 from ctlens.spans import SpanOrder
 from ctlens.types import Ablation
 
@@ -79,11 +79,7 @@ class _SpanGatedSum(torch.autograd.Function):
             return tuple(grads)
         back = order.combine(coef_t.transpose(1, 2).to(grad.dtype), cells)  # [n, kept, d]
         rows_grad = -order.natural(back)  # [n, batch, pos, d]
-        for (start, stop), (shape, ndim) in zip(ctx.ranges, ctx.layout, strict=True):
-            g = rows_grad[start:stop]
-            g = g[0] if ndim == 3 else g.permute(1, 2, 0, 3)
-            grads.append(g.sum_to_size(shape) if tuple(g.shape) != tuple(shape) else g)
-        return tuple(grads)
+        return (*grads, *live_grads(ctx.ranges, ctx.layout, rows_grad))
 
 
 class SpanGatedForward(GatedForward):
